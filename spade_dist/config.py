@@ -1,0 +1,360 @@
+"""Typed configuration: dataclasses, YAML loading with inheritance, dotted CLI overrides.
+
+This module is the only place that knows config keys and their defaults. Defaults follow the
+official NVlabs/SPADE options (base_options.py / train_options.py); per-dataset presets live in
+``configs/*.yaml`` and inherit from ``configs/base.yaml``.
+
+A YAML file may name a parent with ``inherit: other.yaml`` (relative to the file). Parents are merged
+first, children override. Any unknown key or badly typed value raises :class:`ConfigError` naming the
+dotted key and the file (or ``<override>``) it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong. The message names the key and the source file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["coco-stuff", "ade20k", "cityscapes", "custom"] = "custom"
+    # Training shards: a brace pattern ("d/x-train-{000000..000003}.tar"), a glob, a manifest.json
+    # path (its split named by `split`), or "pipe:..." commands separated by "::".
+    shards: str = ""
+    split: str = "train"
+    val_shards: str = ""
+    val_split: str = "val"
+    label_nc: int = 182
+    contain_dontcare_label: bool = False
+    no_instance: bool = False
+    # Official preprocessing (data/base_dataset.py).
+    preprocess_mode: Literal[
+        "resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "scale_shortside",
+        "scale_shortside_and_crop", "fixed", "none",
+    ] = "scale_width_and_crop"
+    load_size: int = 1024
+    crop_size: int = 512
+    aspect_ratio: float = 1.0
+    no_flip: bool = False
+    batch_size: int = 1  # per rank
+    num_workers: int = 2
+    shuffle_buffer: int = 64  # samples held in each worker's shuffle buffer (see docs/DATA.md)
+    seed: int = 0
+    # Corrupt samples met while training are skipped and counted; above this fraction of the
+    # samples read so far (after `corrupt_min_samples`) the run fails loudly.
+    max_corrupt_fraction: float = 0.01
+    corrupt_min_samples: int = 100
+    pin_memory: bool = True
+
+    @property
+    def semantic_nc(self) -> int:
+        return self.label_nc + int(self.contain_dontcare_label) + int(not self.no_instance)
+
+
+@dataclass
+class ModelConfig:
+    netG: Literal["spade", "pix2pixhd"] = "spade"
+    ngf: int = 64
+    ndf: int = 64
+    nef: int = 16
+    norm_G: str = "spectralspadesyncbatch3x3"
+    norm_D: str = "spectralinstance"
+    norm_E: str = "spectralinstance"
+    num_upsampling_layers: Literal["normal", "more", "most"] = "normal"
+    use_vae: bool = False
+    z_dim: int = 256
+    num_D: int = 2
+    n_layers_D: int = 4
+    init_type: Literal["xavier", "normal", "kaiming", "orthogonal", "xavier_uniform", "none"] = "xavier"
+    init_variance: float = 0.02
+    # pix2pixHD baseline generator options.
+    resnet_n_downsample: int = 4
+    resnet_n_blocks: int = 9
+    resnet_kernel_size: int = 3
+    resnet_initial_kernel_size: int = 7
+    # Fast path (see docs/PERFORMANCE.md): one conv for gamma+beta, label map resized once per
+    # resolution. Numerically equivalent and checkpoint-compatible with the reference layout.
+    fused_modulation: bool = True
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    gan_mode: Literal["hinge", "ls", "original", "w"] = "hinge"
+    lambda_feat: float = 10.0
+    lambda_vgg: float = 10.0
+    lambda_kld: float = 0.05
+    no_ganFeat_loss: bool = False
+    no_vgg_loss: bool = False
+    # Local VGG19 weights (torchvision layout); env SPADE_VGG19_WEIGHTS is used when empty.
+    vgg_weights: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0002
+    beta1: float = 0.0
+    beta2: float = 0.9
+    no_TTUR: bool = False
+    # Official schedule, in epochs: constant for `niter`, then linear decay to 0 over `niter_decay`.
+    niter: int = 50
+    niter_decay: int = 0
+    D_steps_per_G: int = 1
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accum: int = 1
+    # When > 0, the run stops after this many optimizer steps (overrides the epoch count).
+    max_steps: int = 0
+    # Global batch (per-rank batch x world size x accumulation); 0 = whatever the launch gives.
+    # When set, it must be divisible, otherwise the run fails at start.
+    global_batch_size: int = 0
+    seed: int = 0
+    deterministic: bool = False
+    ema_decay: float = 0.999
+    ema_start_step: int = 0
+    # SyncBN statistics group: "world" or "node" (ranks sharing LOCAL_WORLD_SIZE).
+    syncbn_group: Literal["world", "node"] = "world"
+    log_every: int = 10
+    sample_every: int = 200
+    num_sample_images: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    cpu_threads: int = 0  # 0 = torch default
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_minutes: float = 0.0
+    keep_last: int = 3
+    keep_every: int = 0  # milestone every K steps; 0 = none
+    async_save: bool = True
+    resume: str = "auto"  # auto | none | PATH
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    requeue_exit_code: int = 124
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["none", "subprocess", "slurm"] = "none"
+    policy: Literal["every", "newest", "every_k"] = "every"
+    every_k: int = 1
+    num_images: int = 0  # 0 = the whole validation split
+    batch_size: int = 8
+    inception_weights: str = ""  # env SPADE_INCEPTION_WEIGHTS when empty
+    device: str = "cpu"
+    cpu_threads: int = 1
+    kid_subset_size: int = 1000
+    poll_seconds: float = 5.0
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    port_base: int = 9400  # rank r listens on port_base + local_rank; 0 = a free port
+    bind: str = "127.0.0.1"
+    sd_dir: str = ""  # file_sd target directory; empty = <run_dir>/metrics
+    pushgateway: str = ""  # host:port, for short jobs
+    run_name: str = ""  # label `run`; empty = basename of run_dir
+    job_id: str = ""  # label `job_id`; empty = $SLURM_JOB_ID or "local"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+INHERIT_KEY = "inherit"
+_OVERRIDE_SOURCE = "<override>"
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """Return [(mapping, source_name)] from the root ancestor down to ``path``."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    layers: list[tuple[dict, str]] = []
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is not None:
+        parents = [parent] if isinstance(parent, str) else parent
+        for p in parents:
+            layers += _read_yaml(path.parent / p, chain + (path,))
+    layers.append((data, str(path)))
+    return layers
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key}: invalid value {value!r}; expected one of {list(choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+    if origin is list:
+        (inner,) = get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
+
+
+def _apply(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown config key '{dotted}' (known in this section: {sorted(names)})"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {value!r}")
+            _apply(current, value, source, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def parse_override(text: str) -> dict:
+    """``"model.ngf=32"`` -> ``{"model": {"ngf": 32}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"{_OVERRIDE_SOURCE}: '{text}': expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{_OVERRIDE_SOURCE}: '{text}': bad key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{_OVERRIDE_SOURCE}: {key}: cannot parse value {raw!r}: {exc}") from exc
+    nested: dict = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Cross-field checks that types cannot express."""
+    from spade_dist.models.norms import parse_spade_norm  # local: models import config
+
+    checks: list[tuple[bool, str]] = [
+        (cfg.data.label_nc > 0, f"data.label_nc must be > 0, got {cfg.data.label_nc}"),
+        (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
+        (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
+        (cfg.data.crop_size >= 8, f"data.crop_size must be >= 8, got {cfg.data.crop_size}"),
+        (cfg.data.load_size >= cfg.data.crop_size or cfg.data.preprocess_mode in ("fixed", "none", "scale_width", "scale_shortside"),
+         f"data.load_size ({cfg.data.load_size}) must be >= data.crop_size ({cfg.data.crop_size}) for {cfg.data.preprocess_mode}"),
+        (cfg.data.aspect_ratio > 0, f"data.aspect_ratio must be > 0, got {cfg.data.aspect_ratio}"),
+        (cfg.model.ngf >= 1 and cfg.model.ndf >= 1, "model.ngf and model.ndf must be >= 1"),
+        (cfg.optim.D_steps_per_G >= 1, f"optim.D_steps_per_G must be >= 1, got {cfg.optim.D_steps_per_G}"),
+        (cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}"),
+        (0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}"),
+        (cfg.train.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {cfg.train.zero_stage}"),
+        (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (cfg.eval.every_k >= 1, f"eval.every_k must be >= 1, got {cfg.eval.every_k}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {msg}")
+    try:
+        parse_spade_norm(cfg.model.norm_G)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: model.norm_G: {exc}") from exc
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load ``path`` (with its ``inherit`` chain) into a :class:`Config`, then apply overrides."""
+    cfg = Config()
+    source = "<defaults>"
+    if path is not None:
+        for mapping, source in _read_yaml(Path(path)):
+            _apply(cfg, mapping, source)
+    for text in overrides or []:
+        _apply(cfg, parse_override(text), f"{_OVERRIDE_SOURCE} '{text}'")
+    validate(cfg, str(path) if path is not None else source)
+    return cfg
+
+
+def config_from_dict(mapping: dict, source: str = "<dict>") -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. the resolved config in a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, mapping, source)
+    return cfg

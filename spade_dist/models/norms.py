@@ -1,0 +1,60 @@
+"""Normalisation factories: parse SPADE norm strings, build the param-free norm of a SPADE layer.
+
+``norm_G`` strings follow the official code: an optional ``spectral`` prefix (spectral norm on the
+residual block convolutions), then ``spade`` + param-free norm type + kernel size, e.g.
+``spectralspadesyncbatch3x3`` or ``spadeinstance5x5``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from spade_dist.models.sync_bn import SyncBatchNorm2d
+
+PARAM_FREE_NORMS = ("instance", "batch", "syncbatch")
+_SPADE_NORM_RE = re.compile(r"^(?P<spectral>spectral)?spade(?P<kind>[a-z]+?)(?P<k>\d+)x(?P<k2>\d+)$")
+
+
+@dataclass(frozen=True)
+class SpadeNormSpec:
+    spectral: bool  # spectral norm on the residual block's convolutions
+    param_free: str  # instance | batch | syncbatch
+    kernel_size: int  # kernel of the SPADE modulation convolutions
+
+    @property
+    def spade_config_str(self) -> str:
+        """The string the official SPADE layer receives (block norm minus 'spectral')."""
+        return f"spade{self.param_free}{self.kernel_size}x{self.kernel_size}"
+
+
+def parse_spade_norm(norm_G: str) -> SpadeNormSpec:
+    """Parse ``norm_G``; an unknown string or norm type raises ValueError naming it."""
+    m = _SPADE_NORM_RE.match(norm_G)
+    if not m:
+        raise ValueError(
+            f"unknown SPADE norm string '{norm_G}': expected [spectral]spade{{instance|batch|syncbatch}}KxK, "
+            "e.g. 'spectralspadesyncbatch3x3'"
+        )
+    kind = m.group("kind")
+    if kind not in PARAM_FREE_NORMS:
+        raise ValueError(
+            f"unknown param-free norm type '{kind}' in SPADE norm string '{norm_G}' "
+            f"(known: {', '.join(PARAM_FREE_NORMS)})"
+        )
+    k, k2 = int(m.group("k")), int(m.group("k2"))
+    if k != k2 or k % 2 == 0:
+        raise ValueError(f"SPADE norm string '{norm_G}': kernel must be square and odd, got {k}x{k2}")
+    return SpadeNormSpec(spectral=bool(m.group("spectral")), param_free=kind, kernel_size=k)
+
+
+def make_param_free_norm(kind: str, num_features: int) -> nn.Module:
+    """The normalisation inside a SPADE layer, without affine parameters (official semantics)."""
+    if kind == "instance":
+        return nn.InstanceNorm2d(num_features, affine=False)
+    if kind == "batch":
+        return nn.BatchNorm2d(num_features, affine=False)
+    if kind == "syncbatch":
+        return SyncBatchNorm2d(num_features, affine=False)
+    raise ValueError(f"unknown param-free norm type '{kind}' (known: {', '.join(PARAM_FREE_NORMS)})")
