@@ -1,0 +1,73 @@
+"""Run a function in N gloo processes on this machine and collect what each rank returns.
+
+    results = run_distributed(my_fn, world_size=2, args=(x,))   # [rank0_result, rank1_result]
+
+``my_fn(rank, world_size, *args)`` must be a module-level function (it is pickled for spawn). The
+process group is initialised (gloo, 127.0.0.1, a free port) before it runs and destroyed after.
+An exception in any rank fails the call with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out_dir: str, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    out = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, out)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        torch.save({"ok": False, "error": traceback.format_exc()}, out)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, args: Sequence = (), env: dict | None = None, timeout: float = 600) -> list[Any]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), out_dir, dict(env or {})))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        results = []
+        for r in range(world_size):
+            path = Path(out_dir) / f"rank{r}.pt"
+            if not path.exists():
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            payload = torch.load(path, weights_only=False)
+            if not payload["ok"]:
+                raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
+            results.append(payload["result"])
+        return results
