@@ -86,6 +86,9 @@ class ModelConfig:
     resnet_n_blocks: int = 9
     resnet_kernel_size: int = 3
     resnet_initial_kernel_size: int = 7
+    # Non-SPADE norm of the pix2pixHD generator. The official option default is 'instance', but its
+    # norm helper only works with the 'spectral' prefix, so official runs use 'spectralinstance'.
+    pix2pixhd_norm_G: str = "spectralinstance"
     # Fast path (see docs/PERFORMANCE.md): one conv for gamma+beta, label map resized once per
     # resolution. Numerically equivalent and checkpoint-compatible with the reference layout.
     fused_modulation: bool = True

@@ -1,0 +1,73 @@
+"""Residual blocks: SPADEResnetBlock (GauGAN) and the pix2pixHD ResnetBlock.
+
+SPADEResnetBlock follows the official order of operations: shortcut first (learned 1x1 conv after a
+SPADE norm when fin != fout), then norm -> leaky_relu(0.2) -> conv twice, summed. Spectral norm
+(``spectral`` prefix of ``norm_G``) wraps conv_0 / conv_1 / conv_s with
+``torch.nn.utils.spectral_norm`` so the state dict holds ``weight_orig`` / ``weight_u`` /
+``weight_v`` exactly like the released checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spade_dist.models.norms import parse_spade_norm
+from spade_dist.models.spade import SPADE, SegmapInput
+
+LEAKY_SLOPE = 0.2
+
+
+class SPADEResnetBlock(nn.Module):
+    """Args: fin/fout channels, ``norm_G`` string, ``semantic_nc`` label channels, ``fused`` SPADE path."""
+
+    def __init__(self, fin: int, fout: int, norm_G: str, semantic_nc: int, fused: bool = True) -> None:
+        super().__init__()
+        spec = parse_spade_norm(norm_G)
+        self.learned_shortcut = fin != fout
+        fmiddle = min(fin, fout)
+        self.conv_0 = nn.Conv2d(fin, fmiddle, kernel_size=3, padding=1)
+        self.conv_1 = nn.Conv2d(fmiddle, fout, kernel_size=3, padding=1)
+        if self.learned_shortcut:
+            self.conv_s = nn.Conv2d(fin, fout, kernel_size=1, bias=False)
+        if spec.spectral:
+            self.conv_0 = nn.utils.spectral_norm(self.conv_0)
+            self.conv_1 = nn.utils.spectral_norm(self.conv_1)
+            if self.learned_shortcut:
+                self.conv_s = nn.utils.spectral_norm(self.conv_s)
+        config_text = spec.spade_config_str
+        self.norm_0 = SPADE(config_text, fin, semantic_nc, fused=fused)
+        self.norm_1 = SPADE(config_text, fmiddle, semantic_nc, fused=fused)
+        if self.learned_shortcut:
+            self.norm_s = SPADE(config_text, fin, semantic_nc, fused=fused)
+
+    def forward(self, x: Tensor, seg: SegmapInput) -> Tensor:
+        x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), LEAKY_SLOPE))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), LEAKY_SLOPE))
+        return x_s + dx
+
+
+class ResnetBlock(nn.Module):
+    """pix2pixHD block: reflection pad, normed conv, activation, reflection pad, normed conv; + x."""
+
+    def __init__(
+        self,
+        dim: int,
+        norm_layer: Callable[[nn.Module], nn.Module],
+        activation: nn.Module | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        pad = (kernel_size - 1) // 2
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(pad),
+            norm_layer(nn.Conv2d(dim, dim, kernel_size=kernel_size)),
+            activation if activation is not None else nn.ReLU(False),
+            nn.ReflectionPad2d(pad),
+            norm_layer(nn.Conv2d(dim, dim, kernel_size=kernel_size)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv_block(x)

@@ -1,0 +1,144 @@
+"""SPADEGenerator (GauGAN), laid out key-for-key like the official generator.
+
+Resolution plan: the first feature map is ``(sh, sw) = (round(sw / aspect_ratio), crop // 2**k)``
+with k = 5 / 6 / 7 for ``num_upsampling_layers`` normal / more / most; every ``up`` is a nearest
+x2 upsampling. Without the VAE the network starts deterministically from the label map resized
+(nearest) to (sh, sw) through a 3x3 conv ``fc``; with the VAE ``fc`` is a Linear from z.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spade_dist.models.blocks import LEAKY_SLOPE, SPADEResnetBlock
+from spade_dist.models.spade import SegmapInput, SegmapPyramid, resize_segmap
+
+if TYPE_CHECKING:
+    from spade_dist.config import Config
+
+UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
+
+
+def latent_size(crop_size: int, aspect_ratio: float, num_upsampling_layers: str) -> tuple[int, int]:
+    """(sh, sw) of the first feature map, as the official ``compute_latent_vector_size``."""
+    if num_upsampling_layers not in UPSAMPLING_LAYERS:
+        raise ValueError(
+            f"num_upsampling_layers '{num_upsampling_layers}' not recognised (known: {', '.join(UPSAMPLING_LAYERS)})"
+        )
+    sw = crop_size // (2 ** UPSAMPLING_LAYERS[num_upsampling_layers])
+    sh = round(sw / aspect_ratio)
+    if sw < 1 or sh < 1:
+        raise ValueError(
+            f"crop_size {crop_size} with aspect_ratio {aspect_ratio} and num_upsampling_layers "
+            f"'{num_upsampling_layers}' gives an empty latent map ({sh}x{sw}); use a larger crop_size"
+        )
+    return sh, sw
+
+
+class SPADEGenerator(nn.Module):
+    """``G(semantics, z=None) -> image`` in [-1, 1], N x 3 x H x W."""
+
+    def __init__(
+        self,
+        semantic_nc: int,
+        ngf: int = 64,
+        crop_size: int = 256,
+        aspect_ratio: float = 1.0,
+        num_upsampling_layers: str = "normal",
+        use_vae: bool = False,
+        z_dim: int = 256,
+        norm_G: str = "spectralspadesyncbatch3x3",
+        fused_modulation: bool = True,
+    ) -> None:
+        super().__init__()
+        self.semantic_nc = semantic_nc
+        self.ngf = ngf
+        self.crop_size = crop_size
+        self.aspect_ratio = aspect_ratio
+        self.num_upsampling_layers = num_upsampling_layers
+        self.use_vae = use_vae
+        self.z_dim = z_dim
+        self.norm_G = norm_G
+        self.fused_modulation = fused_modulation
+        self.sh, self.sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
+        nf = ngf
+
+        def block(fin: int, fout: int) -> SPADEResnetBlock:
+            return SPADEResnetBlock(fin, fout, norm_G, semantic_nc, fused=fused_modulation)
+
+        if use_vae:
+            self.fc: nn.Module = nn.Linear(z_dim, 16 * nf * self.sh * self.sw)
+        else:
+            self.fc = nn.Conv2d(semantic_nc, 16 * nf, kernel_size=3, padding=1)
+        self.head_0 = block(16 * nf, 16 * nf)
+        self.G_middle_0 = block(16 * nf, 16 * nf)
+        self.G_middle_1 = block(16 * nf, 16 * nf)
+        self.up_0 = block(16 * nf, 8 * nf)
+        self.up_1 = block(8 * nf, 4 * nf)
+        self.up_2 = block(4 * nf, 2 * nf)
+        self.up_3 = block(2 * nf, 1 * nf)
+        final_nc = nf
+        if num_upsampling_layers == "most":
+            self.up_4 = block(1 * nf, nf // 2)
+            final_nc = nf // 2
+        self.conv_img = nn.Conv2d(final_nc, 3, kernel_size=3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "SPADEGenerator":
+        m, d = cfg.model, cfg.data
+        return cls(
+            semantic_nc=d.semantic_nc,
+            ngf=m.ngf,
+            crop_size=d.crop_size,
+            aspect_ratio=d.aspect_ratio,
+            num_upsampling_layers=m.num_upsampling_layers,
+            use_vae=m.use_vae,
+            z_dim=m.z_dim,
+            norm_G=m.norm_G,
+            fused_modulation=m.fused_modulation,
+        )
+
+    def build_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this architecture (used by checkpoint files)."""
+        return {
+            "semantic_nc": self.semantic_nc, "ngf": self.ngf, "crop_size": self.crop_size,
+            "aspect_ratio": self.aspect_ratio, "num_upsampling_layers": self.num_upsampling_layers,
+            "use_vae": self.use_vae, "z_dim": self.z_dim, "norm_G": self.norm_G,
+            "fused_modulation": self.fused_modulation,
+        }
+
+    @staticmethod
+    def _up(x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+    def forward(self, semantics: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        if semantics.dim() != 4 or semantics.shape[1] != self.semantic_nc:
+            raise ValueError(
+                f"generator expects semantics of shape N x {self.semantic_nc} x H x W "
+                f"(semantic_nc = label_nc + dontcare + instance), got {tuple(semantics.shape)}"
+            )
+        if self.use_vae:
+            if z is None:
+                z = torch.randn(semantics.shape[0], self.z_dim, dtype=semantics.dtype, device=semantics.device)
+            elif z.shape != (semantics.shape[0], self.z_dim):
+                raise ValueError(f"z must have shape ({semantics.shape[0]}, {self.z_dim}), got {tuple(z.shape)}")
+            x = self.fc(z).view(-1, 16 * self.ngf, self.sh, self.sw)
+        else:
+            x = self.fc(resize_segmap(semantics, (self.sh, self.sw)))
+
+        # Fused path: one resize per resolution shared by every SPADE layer at that resolution.
+        seg: SegmapInput = SegmapPyramid(semantics) if self.fused_modulation else semantics
+        x = self.head_0(x, seg)
+        x = self._up(x)
+        x = self.G_middle_0(x, seg)
+        if self.num_upsampling_layers in ("more", "most"):
+            x = self._up(x)
+        x = self.G_middle_1(x, seg)
+        for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.num_upsampling_layers == "most" else ()):
+            x = self._up(x)
+            x = getattr(self, name)(x, seg)
+        x = self.conv_img(F.leaky_relu(x, LEAKY_SLOPE))
+        return torch.tanh(x)
