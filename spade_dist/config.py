@@ -169,6 +169,10 @@ class EvalConfig:
     cpu_threads: int = 1
     kid_subset_size: int = 1000
     poll_seconds: float = 5.0
+    # Opt-in: let torch-fidelity download its Inception weights when no local file is configured.
+    allow_download: bool = False
+    # Where real-image reference statistics are cached; empty = $SPADE_FID_CACHE or ~/.cache/spade-dist/fid-reference.
+    reference_cache_dir: str = ""
 
 
 @dataclass

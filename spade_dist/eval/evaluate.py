@@ -1,0 +1,286 @@
+"""Evaluate one generator on the validation split: generate, extract Inception features, FID + KID.
+
+The pieces that cost something to build (the Inception network, the real-image reference) live in an
+:class:`Evaluator` built once per process; the watcher then calls :meth:`Evaluator.evaluate_checkpoint`
+for each new checkpoint. With several processes (``torch.distributed`` initialised), every rank
+generates and extracts its own part of the validation split (the eval loader gives each sample to
+exactly one rank) and the features are all-gathered before the metric, so the result equals the
+single-process one.
+
+Images are scored at the dataset's evaluation resolution (crop size x aspect ratio): the generator
+output is converted to uint8 exactly as the official code saves images (``(x + 1) / 2 * 255``,
+truncated), and torch-fidelity's extractor resizes to 299 itself.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spade_dist.config import Config
+from spade_dist.eval.fid import (
+    all_gather_features,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    kid_subset_size_used,
+)
+from spade_dist.eval.inception import (
+    build_inception,
+    extract_features,
+    resolve_inception_weights,
+    weights_identity,
+)
+from spade_dist.eval.reference_stats import (
+    ReferenceStats,
+    dataset_fingerprint,
+    evaluation_resolution,
+    load_reference,
+    preprocessing_key,
+    reference_cache_name,
+    resolve_cache_dir,
+    save_reference,
+)
+from spade_dist.labels import encode_semantics
+
+Batch = dict
+BatchesFactory = Callable[[], Iterable[Batch]]
+
+
+class CheckpointUnavailable(RuntimeError):
+    """The checkpoint vanished (pruned) or cannot be read (corrupt): the watcher skips and records it."""
+
+
+@dataclass
+class EvalResult:
+    fid: float
+    kid_mean: float
+    kid_std: float
+    kid_subset_size: int
+    num_images: int
+    resolution: list[int]  # [width, height]
+    weights_sha256: str
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        return {"fid": self.fid, "kid_mean": self.kid_mean, "kid_std": self.kid_std,
+                "kid_subset_size": self.kid_subset_size, "num_images": self.num_images,
+                "resolution": self.resolution, "weights_sha256": self.weights_sha256,
+                "seconds": round(self.seconds, 3), **self.extra}
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_batches_factory(cfg: Config, rank: int, world_size: int) -> BatchesFactory:
+    """The data engineer's eval loader over ``data.val_split`` (each sample once across ranks)."""
+    def make() -> Iterable[Batch]:
+        from spade_dist.data import build_eval_loader  # local: the data stack is heavy to import
+
+        return build_eval_loader(cfg.data, split=cfg.data.val_split, rank=rank, world_size=world_size)
+    return make
+
+
+def to_uint8_images(fake: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] -> uint8 N x 3 x H x W, as the official ``tensor2im`` saves it."""
+    return ((fake.detach().float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8).cpu()
+
+
+def _limit_per_rank(num_images: int, world_size: int) -> int:
+    return math.ceil(num_images / world_size) if num_images > 0 else 0
+
+
+def _check_resolution(images: torch.Tensor, expected: tuple[int, int], what: str) -> None:
+    height, width = images.shape[-2:]
+    if (width, height) != tuple(expected):
+        raise ValueError(f"{what} are {width}x{height} but the evaluation resolution is "
+                         f"{expected[0]}x{expected[1]} (data.crop_size / data.aspect_ratio)")
+
+
+@torch.no_grad()
+def real_features(batches: Iterable[Batch], extractor: nn.Module, resolution: tuple[int, int],
+                  limit: int = 0) -> torch.Tensor:
+    """Features of this rank's real validation images (``limit`` > 0: at most that many)."""
+    chunks: list[torch.Tensor] = []
+    seen = 0
+    for batch in batches:
+        images = batch["image"]
+        _check_resolution(images, resolution, "validation images")
+        if limit:
+            images = images[: limit - seen]
+        chunks.append(extract_features(extractor, images))
+        seen += images.shape[0]
+        if limit and seen >= limit:
+            break
+    return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
+
+
+@torch.no_grad()
+def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor: nn.Module, cfg: Config,
+                       device: Union[str, torch.device], resolution: tuple[int, int], limit: int = 0,
+                       seed: int = 0) -> torch.Tensor:
+    """Generate from this rank's validation labels and return the fakes' Inception features.
+
+    The RNG is forked and seeded (per rank), so a VAE generator's random style codes are the same
+    every time a checkpoint is scored: FID differences between steps come from the weights only.
+    """
+    rank, _ = _rank_world()
+    data = cfg.data
+    chunks: list[torch.Tensor] = []
+    seen = 0
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + rank)
+        for batch in batches:
+            label, instance = batch["label"], batch.get("instance")
+            if limit:
+                label = label[: limit - seen]
+                instance = instance[: limit - seen] if instance is not None else None
+            semantics = encode_semantics(
+                label.to(device), instance.to(device) if instance is not None else None,
+                data.label_nc, data.contain_dontcare_label, data.no_instance,
+            )
+            images = to_uint8_images(generator(semantics))
+            _check_resolution(images, resolution, "generated images")
+            chunks.append(extract_features(extractor, images))
+            seen += images.shape[0]
+            if limit and seen >= limit:
+                break
+    return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
+
+
+def load_generator(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, Config]:
+    """The EMA generator of a checkpoint step directory, or a single-file exported generator.
+
+    Any failure to read it (gone, truncated, not a checkpoint) becomes :class:`CheckpointUnavailable`
+    naming the path, which the watcher records as a skip.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointUnavailable(f"{path}: checkpoint does not exist (pruned?)")
+    try:
+        if path.is_dir():
+            from spade_dist.checkpoint import load_generator_from_checkpoint
+
+            generator, cfg = load_generator_from_checkpoint(path, use_ema=True, device=str(device))
+        else:
+            from spade_dist.models.compat import load_generator_file
+
+            generator, cfg = load_generator_file(path)
+    except CheckpointUnavailable:
+        raise
+    except (ImportError, ModuleNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pruned mid-read, truncated, corrupt: all the same to us
+        raise CheckpointUnavailable(f"{path}: cannot load the generator: {type(exc).__name__}: {exc}") from exc
+    return generator.to(device).eval(), cfg
+
+
+class Evaluator:
+    """Inception + cached real statistics, built once; scores generators against them.
+
+    ``batches_factory`` yields this rank's validation batches (the FORMATS.md batch dict); by
+    default the data engineer's eval loader. All ranks of an initialised process group must build
+    the Evaluator and call :meth:`evaluate` together.
+    """
+
+    def __init__(self, cfg: Config, device: Union[str, torch.device] = "cpu",
+                 batches_factory: Optional[BatchesFactory] = None, cache_dir: Optional[Union[str, Path]] = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank, self.world_size = _rank_world()
+        self.batches_factory = batches_factory or default_batches_factory(cfg, self.rank, self.world_size)
+        self.log = log
+        # Weights first: a missing file must fail before anything slow happens.
+        self.weights_path = resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)
+        self.extractor = build_inception(self.weights_path, self.device)
+        self.weights_sha256 = weights_identity(self.weights_path)
+        self.resolution = evaluation_resolution(cfg.data)
+        self.cache_dir = resolve_cache_dir(str(cache_dir) if cache_dir is not None else cfg.eval.reference_cache_dir)
+        self.reference = self._reference()
+
+    @property
+    def reference_cache_path(self) -> Path:
+        split = self.cfg.data.val_split
+        name = reference_cache_name(
+            self.cfg.data.dataset, split, dataset_fingerprint(self.cfg.data, split), self.resolution,
+            preprocessing_key(self.cfg.data), self.cfg.eval.num_images, self.weights_sha256,
+        )
+        return self.cache_dir / name
+
+    def _reference(self) -> ReferenceStats:
+        path = self.reference_cache_path
+        # Rank 0 decides hit or miss for everyone: ranks must agree on whether to run the collective.
+        flag = torch.tensor([int(path.is_file()) if self.rank == 0 else 0])
+        if self.world_size > 1:
+            dist.broadcast(flag, src=0)
+        if flag.item():
+            self.log(f"[eval] reference statistics from cache {path}")
+            return load_reference(path)
+        start = time.time()
+        local = real_features(self.batches_factory(), self.extractor, self.resolution,
+                              _limit_per_rank(self.cfg.eval.num_images, self.world_size))
+        features = all_gather_features(local)
+        if self.cfg.eval.num_images:
+            features = features[: self.cfg.eval.num_images]
+        if features.shape[0] < 2:
+            raise ValueError(f"validation split '{self.cfg.data.val_split}' of {self.cfg.data.val_shards} gave "
+                             f"{features.shape[0]} images; FID needs at least 2")
+        ref = ReferenceStats(features=features, stats=feature_statistics(features), meta={
+            "dataset": self.cfg.data.dataset, "split": self.cfg.data.val_split,
+            "resolution": list(self.resolution), "weights_sha256": self.weights_sha256,
+            "num_images": int(features.shape[0]), "seconds": round(time.time() - start, 3),
+        })
+        if self.rank == 0:
+            save_reference(path, ref)
+            self.log(f"[eval] reference statistics of {features.shape[0]} real images written to {path}")
+        return ref
+
+    def evaluate(self, generator: nn.Module, extra: Optional[dict] = None) -> EvalResult:
+        """FID / KID of ``generator`` (already on this evaluator's device, in eval mode)."""
+        start = time.time()
+        local = generated_features(generator, self.batches_factory(), self.extractor, self.cfg, self.device,
+                                   self.resolution, _limit_per_rank(self.cfg.eval.num_images, self.world_size),
+                                   seed=self.cfg.train.seed)
+        fake = all_gather_features(local)
+        if self.cfg.eval.num_images:
+            fake = fake[: self.cfg.eval.num_images]
+        if fake.shape[0] < 2:
+            raise ValueError(f"only {fake.shape[0]} generated images; FID needs at least 2")
+        fid = frechet_distance(feature_statistics(fake), self.reference.stats)
+        kid_mean, kid_std = kernel_inception_distance(fake, self.reference.features, self.cfg.eval.kid_subset_size)
+        return EvalResult(
+            fid=fid, kid_mean=kid_mean, kid_std=kid_std,
+            kid_subset_size=kid_subset_size_used(self.cfg.eval.kid_subset_size, fake.shape[0],
+                                                 self.reference.features.shape[0]),
+            num_images=int(fake.shape[0]), resolution=list(self.resolution), weights_sha256=self.weights_sha256,
+            seconds=time.time() - start, extra=dict(extra or {}),
+        )
+
+    def evaluate_checkpoint(self, checkpoint: Union[str, Path]) -> EvalResult:
+        """Load the EMA generator of ``checkpoint`` and score it; :class:`CheckpointUnavailable` if it can't be read."""
+        error: Optional[CheckpointUnavailable] = None
+        try:
+            generator, _ = load_generator(checkpoint, self.device)
+        except CheckpointUnavailable as exc:
+            error = exc
+        if self.world_size > 1:
+            # Every rank must skip together, or the others would wait in the feature all_gather forever.
+            failed = torch.tensor([int(error is not None)])
+            dist.all_reduce(failed)
+            if failed.item() and error is None:
+                error = CheckpointUnavailable(f"{checkpoint}: another rank could not load it")
+        if error is not None:
+            raise error
+        return self.evaluate(generator, extra={"checkpoint": str(checkpoint)})

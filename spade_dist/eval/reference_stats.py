@@ -1,0 +1,173 @@
+"""Cached Inception features of the real validation images (the "reference" FID compares against).
+
+The cache file name carries everything that changes the numbers, so a stale file can never be
+picked up (torch-fidelity's own cache name includes none of these):
+
+    ref-<dataset>-<split>-m<manifest sha256[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-w<weights sha256[:12]>.pt
+
+- the dataset manifest hash (a re-sharded or different dataset gets new statistics),
+- the evaluation resolution (the dataset's crop size and aspect ratio) and the preprocessing,
+- the sha256 of the Inception weights file (test weights vs real weights),
+- the number of images (``eval.num_images``, 0 = whole split).
+
+The file stores the features themselves (KID needs them, not just mean/covariance) plus the
+statistics, written atomically (temp file + rename) so concurrent watchers can share a cache dir.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from spade_dist.config import DataConfig
+from spade_dist.eval.fid import FeatureStatistics, feature_statistics
+
+CACHE_ENV = "SPADE_FID_CACHE"
+DEFAULT_CACHE_DIR = Path("~/.cache/spade-dist/fid-reference")
+
+
+class ReferenceStatsError(RuntimeError):
+    """Reference statistics cannot be identified or read; the message names the file or setting."""
+
+
+@dataclass
+class ReferenceStats:
+    features: torch.Tensor  # N x 2048 float32
+    stats: FeatureStatistics
+    meta: dict
+
+
+def evaluation_resolution(data_cfg: DataConfig) -> tuple[int, int]:
+    """(width, height) of evaluation images: the crop size, height from the aspect ratio.
+
+    Same rule as the official generator's latent grid (``sh = round(sw / aspect_ratio)``).
+    """
+    width = int(data_cfg.crop_size)
+    height = int(round(width / float(data_cfg.aspect_ratio)))
+    return width, height
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    width = len(lo)
+    out: list[str] = []
+    for n in range(int(lo), int(hi) + 1):
+        out += _expand_braces(pattern[: match.start()] + f"{n:0{width}d}" + pattern[match.end():])
+    return out
+
+
+def dataset_fingerprint(data_cfg: DataConfig, split: str) -> str:
+    """sha256 identifying the validation data: the manifest.json beside the shards, else the shards' bytes.
+
+    ``pipe:`` sources without a manifest cannot be identified without reading them through the
+    pipe, so they must come with a manifest (error otherwise).
+    """
+    spec = data_cfg.val_shards or data_cfg.shards
+    if not spec:
+        raise ReferenceStatsError("data.val_shards is empty: no validation data to compute FID reference statistics on")
+    first = spec.split("::")[0]
+    manifest: Optional[Path] = None
+    if first.endswith(".json"):
+        manifest = Path(first)
+    elif not first.startswith("pipe:"):
+        candidate = Path(first).parent / "manifest.json"
+        if candidate.is_file():
+            manifest = candidate
+    if manifest is not None:
+        if not manifest.is_file():
+            raise ReferenceStatsError(f"data.val_shards names a manifest that does not exist: {manifest}")
+        try:
+            info = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise ReferenceStatsError(f"{manifest}: unreadable manifest: {exc}") from exc
+        split_info = info.get("splits", {}).get(split)
+        if split_info is None:
+            raise ReferenceStatsError(f"{manifest}: no split '{split}' (has {sorted(info.get('splits', {}))})")
+        # Hash the split's entry (shard names, sizes, sha256s), not the whole file: adding a train
+        # shard must not invalidate validation statistics.
+        canonical = json.dumps({"dataset": info.get("dataset"), "label_nc": info.get("label_nc"), "split": split,
+                                "shards": split_info.get("shards")}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+    if first.startswith("pipe:"):
+        raise ReferenceStatsError(f"data.val_shards '{spec}': pipe sources need a manifest.json path to identify the data")
+    files: list[str] = []
+    for part in spec.split("::"):
+        for pattern in _expand_braces(part):
+            files += sorted(glob.glob(pattern))
+    if not files:
+        raise ReferenceStatsError(f"data.val_shards '{spec}' matches no files")
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(os.path.basename(name).encode())
+        with open(name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def preprocessing_key(data_cfg: DataConfig) -> str:
+    """Short hash of the settings that change which pixels the reference images have."""
+    fields = {k: getattr(data_cfg, k) for k in ("preprocess_mode", "load_size", "crop_size", "aspect_ratio")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def reference_cache_name(dataset: str, split: str, manifest_sha256: str, resolution: tuple[int, int],
+                         preprocess_key: str, num_images: int, weights_sha256: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset}-{split}")
+    weights = re.sub(r"[^A-Za-z0-9]", "", weights_sha256)[:12] or "unknown"
+    return (f"ref-{safe}-m{manifest_sha256[:12]}-{resolution[0]}x{resolution[1]}-p{preprocess_key}"
+            f"-n{num_images}-w{weights}.pt")
+
+
+def resolve_cache_dir(configured: str = "") -> Path:
+    """``eval.reference_cache_dir``, else ``$SPADE_FID_CACHE``, else ``~/.cache/spade-dist/fid-reference``."""
+    return Path(configured or os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def load_reference(path: Union[str, Path]) -> ReferenceStats:
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        features = payload["features"]
+        stats = FeatureStatistics(mu=np.asarray(payload["mu"]), sigma=np.asarray(payload["sigma"]),
+                                  num_samples=int(payload["num_samples"]))
+        return ReferenceStats(features=features, stats=stats, meta=dict(payload["meta"]))
+    except Exception as exc:  # noqa: BLE001 - any failure means "unusable cache file"
+        raise ReferenceStatsError(f"{path}: unreadable reference statistics ({exc}); delete it to recompute") from exc
+
+
+def save_reference(path: Union[str, Path], ref: ReferenceStats) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"features": ref.features, "mu": ref.stats.mu, "sigma": ref.stats.sigma,
+                "num_samples": ref.stats.num_samples, "meta": ref.meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_or_compute_reference(cache_path: Union[str, Path], compute_features: Callable[[], torch.Tensor],
+                              meta: dict) -> tuple[ReferenceStats, bool]:
+    """Return (reference, was_cached). ``compute_features`` runs only on a cache miss.
+
+    A cache file that exists but cannot be read is an error (never silently recomputed over: it may be
+    another process's file being written under a wrong name, which someone should look at).
+    """
+    cache_path = Path(cache_path)
+    if cache_path.is_file():
+        return load_reference(cache_path), True
+    features = compute_features()
+    ref = ReferenceStats(features=features.float().cpu(), stats=feature_statistics(features),
+                         meta={**meta, "num_images": int(features.shape[0])})
+    save_reference(cache_path, ref)
+    return ref, False
