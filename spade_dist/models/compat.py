@@ -1,0 +1,304 @@
+"""Official NVlabs/SPADE generator checkpoints in and out, and the project's single-file format.
+
+Our SPADEGenerator has the official module layout, so an official ``latest_net_G.pth`` state dict
+maps onto it one key to one key (spectral norm ``weight_orig/_u/_v``, BN running stats included).
+What this module adds is the checking: a checkpoint that does not fit the options raises
+:class:`CheckpointMismatchError` listing missing / unexpected / mis-shaped keys and naming the
+option that most likely differs, read off the checkpoint's own shapes.
+
+Project format (``save_generator_file`` / ``load_generator_file``), loadable with
+``torch.load(weights_only=True)``::
+
+    {"format": "spade-dist-generator", "version": 1, "config": Config.to_dict(), "generator": state_dict}
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from spade_dist.config import Config, config_from_dict
+from spade_dist.models.factory import build_generator
+from spade_dist.models.generator import SPADEGenerator, latent_size
+from spade_dist.models.norms import parse_spade_norm
+from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
+
+PROJECT_FORMAT = "spade-dist-generator"
+PROJECT_FORMAT_VERSION = 1
+DEFAULT_NORM_G = "spectralspadesyncbatch3x3"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints written by old PyTorch
+
+PathOrStateDict = Union[str, os.PathLike, Mapping[str, Tensor]]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the generator the options describe."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str],
+                 shape_mismatch: list[tuple[str, tuple, tuple]], likely_options: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.shape_mismatch = shape_mismatch
+        self.likely_options = likely_options
+
+
+# --------------------------------------------------------------------------------------------
+# Reading state dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Tensor], str]:
+    """Return (state dict with wrapper prefixes stripped, a name for messages)."""
+    if isinstance(path_or_state_dict, Mapping):
+        raw, source = dict(path_or_state_dict), "<state dict>"
+    else:
+        path = Path(path_or_state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"generator checkpoint not found: {path}")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+        source = str(path)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
+        if raw.get("format") == PROJECT_FORMAT:
+            raise ValueError(f"{source}: this is a spade-dist generator file; use load_generator_file() "
+                             "or 'spade-convert to-official' first")
+    state: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{source}: entry '{key}' is a {type(value).__name__}, not a tensor: not a generator state dict")
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state, source
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis of mismatches
+# --------------------------------------------------------------------------------------------
+
+
+def _likely_options(got: Mapping[str, Tensor], want: Mapping[str, Tensor], opts: dict[str, Any]) -> list[str]:
+    """Human-readable guesses of which option differs, read off the checkpoint's shapes."""
+    hints: list[str] = []
+    semantic_nc = opts["semantic_nc"]
+    fc_got, fc_want = got.get("fc.weight"), want.get("fc.weight")
+    if fc_got is not None and fc_want is not None:
+        if fc_got.dim() == 4 and fc_want.dim() != 4:
+            hints.append("use_vae: the checkpoint starts from the label map (fc is a 3x3 conv), so use_vae=False")
+        elif fc_got.dim() == 2 and fc_want.dim() != 2:
+            hints.append("use_vae: the checkpoint starts from z (fc is a Linear), so use_vae=True")
+        elif fc_got.dim() == 4:
+            ckpt_nc = fc_got.shape[1]
+            if ckpt_nc != semantic_nc:
+                extra = int(opts["contain_dontcare_label"]) + int(not opts["no_instance"])
+                hint = (f"label_nc / contain_dontcare_label / no_instance: the checkpoint takes semantic_nc={ckpt_nc} "
+                        f"input channels, the options give {semantic_nc} (label_nc {opts['label_nc']} "
+                        f"+ dontcare {int(opts['contain_dontcare_label'])} + instance {int(not opts['no_instance'])}); "
+                        f"with the same dontcare/instance settings label_nc would be {ckpt_nc - extra}")
+                if abs(ckpt_nc - semantic_nc) == 1:
+                    hint += "; a difference of 1 usually means contain_dontcare_label or no_instance differs"
+                hints.append(hint)
+            if fc_got.shape[0] != fc_want.shape[0] and fc_got.shape[0] % 16 == 0:
+                hints.append(f"ngf: the checkpoint was built with ngf={fc_got.shape[0] // 16}, the options say ngf={opts['ngf']}")
+        elif fc_got.dim() == 2:
+            if fc_got.shape[1] != fc_want.shape[1]:
+                hints.append(f"z_dim: the checkpoint's fc takes z_dim={fc_got.shape[1]}, the options say z_dim={opts['z_dim']}")
+            head = got.get("head_0.conv_0.bias")
+            ckpt_ngf = head.shape[0] // 16 if head is not None else opts["ngf"]
+            if ckpt_ngf != opts["ngf"]:
+                hints.append(f"ngf: the checkpoint was built with ngf={ckpt_ngf}, the options say ngf={opts['ngf']}")
+            elif fc_got.shape[0] != fc_want.shape[0]:
+                cells = fc_got.shape[0] // (16 * ckpt_ngf)
+                hints.append(f"crop_size / aspect_ratio / num_upsampling_layers: the checkpoint's fc makes a latent map "
+                             f"of {cells} cells, the options give {opts['sh']}x{opts['sw']}={opts['sh'] * opts['sw']}")
+    has_up4_got = any(k.startswith("up_4.") for k in got)
+    has_up4_want = any(k.startswith("up_4.") for k in want)
+    if has_up4_got and not has_up4_want:
+        hints.append("num_upsampling_layers: the checkpoint has up_4, so it was trained with 'most'")
+    elif has_up4_want and not has_up4_got:
+        hints.append(f"num_upsampling_layers: the checkpoint has no up_4, so it is 'normal' or 'more', not "
+                     f"'{opts['num_upsampling_layers']}'")
+    # norm_G: spectral prefix, param-free norm with/without running stats, SPADE kernel size.
+    spectral_got = "head_0.conv_0.weight_orig" in got
+    spectral_want = "head_0.conv_0.weight_orig" in want
+    if spectral_got != spectral_want and ("head_0.conv_0.weight" in got or spectral_got):
+        hints.append(f"norm_G: the checkpoint {'has' if spectral_got else 'has no'} spectral norm on the block convs "
+                     f"(norm_G {'with' if spectral_got else 'without'} the 'spectral' prefix)")
+    bn_got = "head_0.norm_0.param_free_norm.running_mean" in got
+    bn_want = "head_0.norm_0.param_free_norm.running_mean" in want
+    if bn_got != bn_want:
+        hints.append(f"norm_G: the checkpoint's SPADE layers {'store' if bn_got else 'store no'} BatchNorm running stats "
+                     f"({'batch/syncbatch' if bn_got else 'instance'} param-free norm)")
+    mlp_got, mlp_want = got.get("head_0.norm_0.mlp_shared.0.weight"), want.get("head_0.norm_0.mlp_shared.0.weight")
+    if mlp_got is not None and mlp_want is not None and mlp_got.dim() == 4 and mlp_got.shape[-1] != mlp_want.shape[-1]:
+        k = mlp_got.shape[-1]
+        hints.append(f"norm_G: the checkpoint's SPADE kernels are {k}x{k}, the options say {mlp_want.shape[-1]}x{mlp_want.shape[-1]}")
+    if not hints:
+        hints.append("check label_nc, contain_dontcare_label, no_instance, ngf, num_upsampling_layers, use_vae, norm_G")
+    return hints
+
+
+def check_and_load(G: nn.Module, state: Mapping[str, Tensor], source: str, opts: dict[str, Any]) -> None:
+    """Load ``state`` into ``G`` strictly; any difference -> CheckpointMismatchError with hints."""
+    want = G.state_dict()
+    missing = [k for k in want if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
+    unexpected = [k for k in state if k not in want]
+    shapes = [(k, tuple(state[k].shape), tuple(want[k].shape))
+              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        hints = _likely_options(state, want, opts)
+        lines = [f"{source}: checkpoint does not match the generator built from the options"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        if shapes:
+            shown = "; ".join(f"{k}: checkpoint {g} vs expected {w}" for k, g, w in shapes[:20])
+            lines.append(f"  shape mismatches ({len(shapes)}): {shown}{' ...' if len(shapes) > 20 else ''}")
+        lines.append("  likely option(s) that differ:")
+        lines += [f"    - {h}" for h in hints]
+        raise CheckpointMismatchError("\n".join(lines), missing, unexpected, shapes, hints)
+    full = dict(state)
+    for k in want:
+        if k not in full:  # only optional num_batches_tracked can be absent here
+            full[k] = want[k]
+    G.load_state_dict(full, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Official format
+# --------------------------------------------------------------------------------------------
+
+
+def load_official_generator(
+    path_or_state_dict: PathOrStateDict,
+    label_nc: int = 182,
+    contain_dontcare_label: bool = True,
+    no_instance: bool = False,
+    ngf: int = 64,
+    crop_size: int = 256,
+    aspect_ratio: float = 1.0,
+    num_upsampling_layers: str = "normal",
+    use_vae: bool = False,
+    z_dim: int = 256,
+    norm_G: str = DEFAULT_NORM_G,
+    fused_modulation: bool = True,
+) -> SPADEGenerator:
+    """Build our SPADEGenerator with the official options and load an official state dict into it.
+
+    Returned in eval mode: spectral norm then uses the stored u / v (no power iteration) and the
+    SPADE BatchNorms their running statistics, as the official test script does.
+    """
+    state, source = _read_state_dict(path_or_state_dict)
+    parse_spade_norm(norm_G)
+    semantic_nc = label_nc + int(contain_dontcare_label) + int(not no_instance)
+    sh, sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
+    G = SPADEGenerator(
+        semantic_nc=semantic_nc, ngf=ngf, crop_size=crop_size, aspect_ratio=aspect_ratio,
+        num_upsampling_layers=num_upsampling_layers, use_vae=use_vae, z_dim=z_dim, norm_G=norm_G,
+        fused_modulation=fused_modulation,
+    )
+    opts = {"label_nc": label_nc, "contain_dontcare_label": contain_dontcare_label, "no_instance": no_instance,
+            "ngf": ngf, "num_upsampling_layers": num_upsampling_layers, "z_dim": z_dim, "semantic_nc": semantic_nc,
+            "sh": sh, "sw": sw}
+    check_and_load(G, state, source, opts)
+    return G.eval()
+
+
+def _unwrap(G: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(G, "_orig_mod") and isinstance(G._orig_mod, nn.Module):
+            G = G._orig_mod
+        elif hasattr(G, "module") and isinstance(G.module, nn.Module):
+            G = G.module
+        else:
+            return G
+
+
+def official_state_dict(G: nn.Module) -> dict[str, Tensor]:
+    """Our SPADEGenerator's weights as the official implementation names them.
+
+    CPU copies; tensors on the ``meta`` device stay there, so shapes can be inspected without
+    allocating a 97M-parameter model.
+    """
+    G = _unwrap(G)
+    if not isinstance(G, SPADEGenerator):
+        raise TypeError(f"only SPADEGenerator has an official checkpoint format, got {type(G).__name__}")
+    return {k: (v.detach() if v.is_meta else v.detach().cpu().clone()) for k, v in G.state_dict().items()}
+
+
+def save_official_generator(G: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``latest_net_G.pth``-style weights the official code can ``load_state_dict``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(official_state_dict(G), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Project single-file format
+# --------------------------------------------------------------------------------------------
+
+
+def _check_matches_config(G: nn.Module, cfg: Config) -> None:
+    expected = type(G).from_config(cfg).build_kwargs() if isinstance(G, (SPADEGenerator, Pix2PixHDGenerator)) else None
+    if expected is None:
+        raise TypeError(f"unsupported generator type {type(G).__name__}")
+    actual = G.build_kwargs()
+    differ = {k: (actual[k], expected[k]) for k in expected if k != "fused_modulation" and actual[k] != expected[k]}
+    if differ:
+        details = ", ".join(f"{k}: generator {a!r} vs config {e!r}" for k, (a, e) in differ.items())
+        raise ValueError(f"the config does not describe this generator ({details}); fix cfg.data / cfg.model first")
+
+
+def save_generator_file(G: nn.Module, cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Save ``{"format", "version", "config", "generator"}``; the config must rebuild ``G`` exactly."""
+    G = _unwrap(G)
+    _check_matches_config(G, cfg)
+    payload = {
+        "format": PROJECT_FORMAT,
+        "version": PROJECT_FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "generator": {k: v.detach().cpu().clone() for k, v in G.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Config]:
+    """Read a project generator file -> (generator in eval mode, its Config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator file not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, Mapping) or payload.get("format") != PROJECT_FORMAT:
+        raise ValueError(f"{path}: not a spade-dist generator file (no format '{PROJECT_FORMAT}'); "
+                         "for official weights use load_official_generator or 'spade-convert from-official'")
+    if payload.get("version") != PROJECT_FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported generator file version {payload.get('version')!r} "
+                         f"(this code reads version {PROJECT_FORMAT_VERSION})")
+    for key in ("config", "generator"):
+        if key not in payload:
+            raise ValueError(f"{path}: generator file lacks the '{key}' entry")
+    cfg = config_from_dict(payload["config"], source=f"{path}:config")
+    G = build_generator(cfg, init=False)
+    state, source = _read_state_dict(payload["generator"])
+    d, m = cfg.data, cfg.model
+    opts = {"label_nc": d.label_nc, "contain_dontcare_label": d.contain_dontcare_label, "no_instance": d.no_instance,
+            "ngf": m.ngf, "num_upsampling_layers": m.num_upsampling_layers, "z_dim": m.z_dim,
+            "semantic_nc": d.semantic_nc, "sh": 0, "sw": 0}
+    check_and_load(G, state, f"{path}:generator", opts)
+    return G.eval(), cfg
