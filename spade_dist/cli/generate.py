@@ -1,0 +1,399 @@
+"""``spade-generate``: label maps + a generator checkpoint -> images and an ``index.html`` gallery.
+
+Inputs
+  --labels DIR|FILE   single-channel label PNGs (ids 0..label_nc-1, 255 = don't care)
+  --instances DIR     instance PNGs with the same stems (required when the model uses edges)
+  --images DIR        real photos with the same stems, shown beside the results (optional)
+  --checkpoint FILE   an official ``latest_net_G.pth`` (options from --preset/--config + overrides)
+                      or a project generator file (it carries its own config)
+
+Preprocessing for generation (deliberately simple and deterministic, unlike training's random
+crops): each label / instance map is resized with nearest neighbour to width ``data.crop_size`` and
+height ``round(crop_size / aspect_ratio)`` - the size the generator was built for - so ids are never
+blended. Real and style photos are resized bicubically to the same size.
+
+Outputs ``<out>/images/<key>_<k>.png`` (k = 0..num_per_label-1), ``<out>/labels/<key>.png``
+(colourised label), ``<out>/real/<key>.png`` and ``<out>/index.html``. Keys are file stems with ``.``
+replaced by ``_``, as in shards. Any user error (missing path, unreadable PNG, bad label id,
+checkpoint mismatch) exits with code 2 and a one-paragraph message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from spade_dist.config import Config, load_config
+from spade_dist.labels import LabelError, check_label_ids, encode_semantics
+from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
+
+EXIT_USAGE_ERROR = 2
+PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# PIL modes that hold one integer per pixel (P: palette indices are the ids).
+_INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+
+
+class GenerateError(ValueError):
+    """A user-facing problem with the inputs of spade-generate."""
+
+
+@dataclass
+class LabelSample:
+    key: str
+    label_path: Path
+    instance_path: Optional[Path]
+    image_path: Optional[Path]
+
+
+@dataclass
+class LoadedModel:
+    generator: torch.nn.Module
+    encoder: Optional[torch.nn.Module]
+    cfg: Config
+    source: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments and configuration
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spade-generate",
+        description="Generate images from label maps with a SPADE generator checkpoint and write an HTML gallery.",
+    )
+    parser.add_argument("--labels", required=True, type=Path, help="folder of label PNGs (or one PNG)")
+    parser.add_argument("--instances", type=Path, help="folder of instance PNGs with the same file stems")
+    parser.add_argument("--images", type=Path, help="folder of real photos with the same stems, shown beside")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="official latest_net_G.pth (needs --preset/--config) or a spade-dist generator file")
+    parser.add_argument("--encoder", type=Path,
+                        help="official latest_net_E.pth, for --style-image with an official VAE checkpoint")
+    parser.add_argument("--preset", choices=PRESETS, help="model options of an official checkpoint: configs/<preset>.yaml")
+    parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random z (VAE generators)")
+    parser.add_argument("--num-per-label", type=int, default=1, help="images per label (needs a VAE generator if > 1)")
+    parser.add_argument("--style-image", type=Path, help="photo whose style the VAE encoder extracts")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N labels (sorted by name); 0 = all")
+    parser.add_argument("overrides", nargs="*", help="config overrides for official checkpoints, e.g. model.ngf=16")
+    return parser
+
+
+def configs_dir() -> Path:
+    """``configs/`` of the source tree this package lives in."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides: Sequence[str]) -> Config:
+    if preset and config_path:
+        raise GenerateError("give either --preset or --config, not both")
+    if preset:
+        config_path = configs_dir() / f"{preset}.yaml"
+    if config_path is None:
+        raise GenerateError(
+            "an official checkpoint carries no model options: pass --preset coco_stuff|ade20k|cityscapes|custom "
+            "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
+        )
+    return load_config(config_path, list(overrides))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise GenerateError(f"--device: unknown device {name!r} ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Model loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_checkpoint(path: Path) -> object:
+    if not path.is_file():
+        raise GenerateError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, not a torch file, pickled objects
+        raise GenerateError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+
+
+def _load_encoder(state: object, cfg: Config, source: str) -> torch.nn.Module:
+    """ConvEncoder with the official layout, loaded strictly from an official ``net_E`` state dict."""
+    from spade_dist.models import build_encoder
+
+    if not isinstance(state, dict):
+        raise GenerateError(f"{source}: encoder weights must be a state dict, got {type(state).__name__}")
+    encoder = build_encoder(cfg, init=False)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    want = encoder.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
+              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        raise GenerateError(
+            f"{source}: encoder weights do not match the encoder built from the options (ngf={cfg.model.ngf}, "
+            f"crop_size={cfg.data.crop_size}, z_dim={cfg.model.z_dim}): missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
+    encoder.load_state_dict(state)
+    return encoder.eval()
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """Official or project checkpoint -> generator (eval mode), optional encoder, and its config."""
+    from spade_dist.models.compat import PROJECT_FORMAT, load_generator_file, load_official_generator
+
+    payload = _read_checkpoint(args.checkpoint)
+    source = str(args.checkpoint)
+    encoder_state: object = None
+    encoder_source = ""
+    if isinstance(payload, dict) and payload.get("format") == PROJECT_FORMAT:
+        if args.preset or args.config or args.overrides:
+            print(f"spade-generate: note: {source} carries its own config; --preset/--config/overrides are ignored",
+                  file=sys.stderr)
+        generator, cfg = load_generator_file(args.checkpoint)
+        if payload.get("encoder") is not None:
+            encoder_state, encoder_source = payload["encoder"], f"{source}:encoder"
+    else:
+        cfg = resolve_config(args.preset, args.config, args.overrides)
+        if cfg.model.netG != "spade":
+            raise GenerateError(f"official checkpoints are SPADE generators; the config says model.netG={cfg.model.netG}")
+        d, m = cfg.data, cfg.model
+        generator = load_official_generator(
+            payload, label_nc=d.label_nc, contain_dontcare_label=d.contain_dontcare_label,
+            no_instance=d.no_instance, ngf=m.ngf, crop_size=d.crop_size, aspect_ratio=d.aspect_ratio,
+            num_upsampling_layers=m.num_upsampling_layers, use_vae=m.use_vae, z_dim=m.z_dim, norm_G=m.norm_G,
+            fused_modulation=m.fused_modulation,
+        )
+    if args.encoder is not None:
+        encoder_state, encoder_source = _read_checkpoint(args.encoder), str(args.encoder)
+    encoder = _load_encoder(encoder_state, cfg, encoder_source) if encoder_state is not None else None
+    return LoadedModel(generator.eval(), encoder, cfg, source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_key(stem: str) -> str:
+    """Same rule as the shards (docs/FORMATS.md): the stem with '.' replaced by '_'."""
+    return stem.replace(".", "_")
+
+
+def _find_by_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> Optional[Path]:
+    for suffix in suffixes:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def discover_samples(labels: Path, instances: Optional[Path], images: Optional[Path], needs_instance: bool,
+                     limit: int = 0) -> list[LabelSample]:
+    for flag, folder in (("--instances", instances), ("--images", images)):
+        if folder is not None and not folder.is_dir():
+            raise GenerateError(f"{flag}: folder not found: {folder}")
+    if labels.is_file():
+        label_files = [labels]
+    elif labels.is_dir():
+        label_files = sorted(p for p in labels.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+        if not label_files:
+            raise GenerateError(f"--labels: no .png label maps in {labels}")
+    else:
+        raise GenerateError(f"--labels: path not found: {labels}")
+    if limit > 0:
+        label_files = label_files[:limit]
+    if needs_instance and instances is None:
+        raise GenerateError(
+            "this model uses the instance-edge channel (data.no_instance=false): pass --instances DIR with instance "
+            "PNGs named like the labels"
+        )
+    samples: list[LabelSample] = []
+    seen: dict[str, Path] = {}
+    for label_path in label_files:
+        key = sample_key(label_path.stem)
+        if key in seen:
+            raise GenerateError(f"labels {seen[key]} and {label_path} map to the same key '{key}'")
+        seen[key] = label_path
+        instance_path = None
+        if needs_instance and instances is not None:
+            instance_path = _find_by_stem(instances, label_path.stem, (".png",))
+            if instance_path is None:
+                raise GenerateError(f"--instances: no instance map {instances / (label_path.stem + '.png')} "
+                                    f"for label {label_path}")
+        image_path = _find_by_stem(images, label_path.stem, IMAGE_SUFFIXES) if images is not None else None
+        if images is not None and image_path is None:
+            print(f"spade-generate: note: no real image for {label_path.name} in {images}", file=sys.stderr)
+        samples.append(LabelSample(key, label_path, instance_path, image_path))
+    return samples
+
+
+def generation_size(cfg: Config) -> tuple[int, int]:
+    """(height, width) the label maps are resized to: crop_size wide, crop_size / aspect_ratio high."""
+    width = cfg.data.crop_size
+    return int(round(width / cfg.data.aspect_ratio)), width
+
+
+def read_integer_map(path: Path, size_hw: tuple[int, int], what: str) -> torch.Tensor:
+    """Single-channel PNG -> int64 1 x 1 x H x W, resized with nearest neighbour (ids never blended)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in _INTEGER_MODES:
+                raise GenerateError(
+                    f"{path}: {what} must be a single-channel integer PNG (mode L, P, I or I;16), got mode {img.mode}"
+                )
+            if img.mode == "1":
+                img = img.convert("L")
+            if img.mode.startswith("I;16"):
+                img = img.convert("I")  # PIL resizes 32-bit integer images; values kept
+            resized = img.resize((size_hw[1], size_hw[0]), Image.NEAREST)
+            array = np.array(resized, dtype=np.int64)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerateError(f"{path}: cannot read {what} PNG: {exc}") from exc
+    return torch.from_numpy(array).view(1, 1, *array.shape)
+
+
+def read_photo(path: Path, size_hw: tuple[int, int]) -> torch.Tensor:
+    """RGB photo -> uint8 3 x H x W resized bicubically (the official image interpolation)."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((size_hw[1], size_hw[0]), Image.BICUBIC)
+            array = np.array(rgb, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerateError(f"{path}: cannot read image: {exc}") from exc
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def photo_to_model_input(photo_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 3 x H x W -> float 1 x 3 x H x W in [-1, 1] (official Normalize(0.5, 0.5))."""
+    return (photo_uint8.float() / 255.0 - 0.5) / 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+def latent_codes(model: LoadedModel, count: int, style: Optional[torch.Tensor], rng: torch.Generator,
+                 device: torch.device) -> Optional[torch.Tensor]:
+    """``count`` z vectors for a VAE generator: from the style image's posterior, else N(0, 1)."""
+    if not getattr(model.generator, "use_vae", False):
+        return None
+    z_dim = model.cfg.model.z_dim
+    if style is None:
+        return torch.randn(count, z_dim, generator=rng, device=device)
+    from spade_dist.models.encoder import reparameterize
+
+    assert model.encoder is not None
+    mu, logvar = model.encoder(style.to(device))
+    return reparameterize(mu.expand(count, -1), logvar.expand(count, -1), generator=rng)
+
+
+def run(args: argparse.Namespace) -> list[GalleryRow]:
+    if args.num_per_label < 1:
+        raise GenerateError(f"--num-per-label must be >= 1, got {args.num_per_label}")
+    device = resolve_device(args.device)
+    model = load_model(args)
+    cfg = model.cfg
+    is_vae = bool(getattr(model.generator, "use_vae", False))
+    if args.num_per_label > 1 and not is_vae:
+        raise GenerateError(
+            f"--num-per-label {args.num_per_label}: this generator is deterministic (use_vae=false, no z); "
+            "only a VAE generator gives different images per label"
+        )
+    if args.style_image is not None:
+        if not is_vae:
+            raise GenerateError("--style-image needs a VAE generator (use_vae=true); this one takes no z")
+        if model.encoder is None:
+            raise GenerateError(
+                f"--style-image needs the VAE encoder, and {model.source} has none: pass --encoder latest_net_E.pth "
+                "(official) or use a spade-dist generator file that includes an 'encoder' entry"
+            )
+        if not args.style_image.is_file():
+            raise GenerateError(f"--style-image: file not found: {args.style_image}")
+
+    size_hw = generation_size(cfg)
+    samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
+    style = photo_to_model_input(read_photo(args.style_image, size_hw)).unsqueeze(0) if args.style_image else None
+
+    generator = model.generator.to(device)
+    encoder = model.encoder.to(device) if model.encoder is not None else None
+    model = LoadedModel(generator, encoder, cfg, model.source)
+    out = args.out
+    for sub in ("images", "labels", "real"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    rows: list[GalleryRow] = []
+    with torch.inference_mode():
+        for sample in samples:
+            label = read_integer_map(sample.label_path, size_hw, "label map")
+            try:
+                check_label_ids(label, cfg.data.label_nc, cfg.data.contain_dontcare_label)
+            except LabelError as exc:
+                raise GenerateError(f"{sample.label_path}: {exc}") from exc
+            instance = (read_integer_map(sample.instance_path, size_hw, "instance map")
+                        if sample.instance_path is not None else None)
+            semantics = encode_semantics(
+                label.to(device), instance.to(device) if instance is not None else None,
+                cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
+            )
+            # Per-label seed: a label's images do not depend on which other labels are in the folder.
+            rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(sample.key.encode()))
+            z = latent_codes(model, args.num_per_label, style, rng, device)
+            batch = semantics.expand(args.num_per_label, -1, -1, -1)
+            fakes = to_uint8_image(generator(batch, z=z))
+
+            cells: list[tuple[str, Path]] = []
+            label_png = save_image(colorize_labels(label, cfg.data.label_nc)[0], out / "labels" / f"{sample.key}.png")
+            cells.append(("label", label_png.relative_to(out)))
+            for k in range(args.num_per_label):
+                path = save_image(fakes[k], out / "images" / f"{sample.key}_{k}.png")
+                cells.append((f"generated {k}", path.relative_to(out)))
+            if sample.image_path is not None:
+                real_png = save_image(read_photo(sample.image_path, size_hw), out / "real" / f"{sample.key}.png")
+                cells.append(("real", real_png.relative_to(out)))
+            rows.append(GalleryRow(caption=sample.key, images=cells))
+
+    notes = [
+        f"checkpoint: {model.source}",
+        f"labels: {args.labels}; size {size_hw[1]}x{size_hw[0]} (nearest resize); seed {args.seed}; "
+        f"{args.num_per_label} image(s) per label" + (f"; style: {args.style_image}" if args.style_image else ""),
+    ]
+    write_gallery(out / "index.html", "spade-generate", rows, notes=notes)
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = run(args)
+    except (ValueError, OSError) as exc:  # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ...
+        print(f"spade-generate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    generated = len(rows) * args.num_per_label
+    print(f"spade-generate: {len(rows)} label map(s), {generated} generated image(s) -> {args.out / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Turning tensors into pictures people look at: label colours, uint8 images, PNG grids, HTML galleries.
+
+Used by ``spade-generate`` and meant for the trainer's sample gallery and ``spade-report``. Everything
+here runs on CPU copies and writes files; nothing feeds back into training.
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Official Cityscapes colours (util/util.py labelcolormap(35)), indexed by Cityscapes label id.
+_CITYSCAPES_COLORS = (
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0), (81, 0, 81),
+    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156),
+    (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
+    (0, 0, 230), (119, 11, 32), (0, 0, 142),
+)
+# The official palette overrides five COCO-Stuff classes with natural colours (ids 0-based, as stored).
+_COCO_STUFF_COLORS = {
+    105: (170, 170, 170),  # clouds
+    123: (29, 195, 49),  # grass
+    154: (54, 62, 167),  # sea
+    156: (95, 219, 255),  # sky-other
+    168: (140, 104, 47),  # tree
+}
+CITYSCAPES_LABEL_NC = 35
+COCO_STUFF_LABEL_NC = 182
+
+
+def label_palette(label_nc: int) -> torch.Tensor:
+    """uint8 ``label_nc x 3`` colour table, as the official ``labelcolormap``.
+
+    ``label_nc == 35`` (Cityscapes) uses the Cityscapes colours; every other count uses the
+    deterministic bit-interleaving palette (bits of ``id + 1`` spread over R, G, B from the most
+    significant bit down, so neighbouring ids get very different colours), with the official COCO-Stuff
+    overrides when ``label_nc == 182``.
+    """
+    if label_nc <= 0:
+        raise ValueError(f"label_nc must be > 0, got {label_nc}")
+    if label_nc == CITYSCAPES_LABEL_NC:
+        return torch.tensor(_CITYSCAPES_COLORS, dtype=torch.uint8)
+    ids = torch.arange(label_nc, dtype=torch.int64) + 1
+    rgb = torch.zeros(label_nc, 3, dtype=torch.int64)
+    for bit_round in range(7):  # 7 rounds x 3 bits cover ids up to 2^21
+        for channel in range(3):
+            rgb[:, channel] |= ((ids >> channel) & 1) << (7 - bit_round)
+        ids = ids >> 3
+    if label_nc == COCO_STUFF_LABEL_NC:
+        for class_id, color in _COCO_STUFF_COLORS.items():
+            rgb[class_id] = torch.tensor(color)
+    return rgb.to(torch.uint8)
+
+
+def colorize_labels(label: torch.Tensor, label_nc: int) -> torch.Tensor:
+    """Integer ``N x 1 x H x W`` label map -> uint8 ``N x 3 x H x W`` colour image (CPU).
+
+    Ids outside ``0 .. label_nc-1`` (255 "don't care" in particular) are drawn black.
+    """
+    if label.dim() != 4 or label.size(1) != 1:
+        raise ValueError(f"colorize_labels: expected N x 1 x H x W, got {tuple(label.shape)}")
+    palette = label_palette(label_nc)
+    ids = label.detach().to("cpu", torch.int64)[:, 0]
+    valid = (ids >= 0) & (ids < label_nc)
+    colors = palette[ids.clamp(0, label_nc - 1)]  # N x H x W x 3
+    colors[~valid] = 0
+    return colors.permute(0, 3, 1, 2).contiguous()
+
+
+def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
+    """Float image(s) in [-1, 1] (``... x C x H x W``) -> uint8 on CPU, as the official ``tensor2im``:
+    ``(x + 1) / 2 * 255``, clipped, then truncated (not rounded) so saved PNGs match the official ones."""
+    if not x.is_floating_point():
+        raise ValueError(f"to_uint8_image: expected a float tensor in [-1, 1], got dtype {x.dtype}")
+    scaled = (x.detach().to("cpu", torch.float32) + 1.0) / 2.0 * 255.0
+    return scaled.clamp(0.0, 255.0).to(torch.uint8)
+
+
+def _as_hwc_array(image: torch.Tensor, where: str) -> np.ndarray:
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.size(0) not in (1, 3):
+        raise ValueError(f"{where}: expected a uint8 tensor of shape 1|3 x H x W, got {image.dtype} {tuple(image.shape)}")
+    if image.size(0) == 1:
+        image = image.expand(3, -1, -1)
+    return image.detach().cpu().permute(1, 2, 0).numpy()
+
+
+def save_image(image: torch.Tensor, path: Union[str, Path]) -> Path:
+    """Write one uint8 ``3 x H x W`` (or ``1 x H x W``) tensor as a PNG/JPEG (by suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(_as_hwc_array(image, str(path)))).save(path)
+    return path
+
+
+def make_grid(rows: Sequence[Sequence[Optional[torch.Tensor]]], pad: int = 2) -> torch.Tensor:
+    """Tile rows of uint8 ``3 x H x W`` images into one uint8 image (black background).
+
+    Cells may differ in size: each column is as wide as its widest image and each row as tall as
+    its tallest; images sit top-left in their cell. ``None`` leaves a cell empty."""
+    if not rows or not any(rows):
+        raise ValueError("make_grid: no images given")
+    n_cols = max(len(r) for r in rows)
+    col_w = [0] * n_cols
+    row_h = [0] * len(rows)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            if image is not None:
+                _as_hwc_array(image, f"grid cell ({r}, {c})")
+                row_h[r] = max(row_h[r], image.size(1))
+                col_w[c] = max(col_w[c], image.size(2))
+    height = sum(row_h) + pad * (len(rows) + 1)
+    width = sum(col_w) + pad * (n_cols + 1)
+    canvas = torch.zeros(3, height, width, dtype=torch.uint8)
+    y = pad
+    for r, row in enumerate(rows):
+        x = pad
+        for c in range(n_cols):
+            image = row[c] if c < len(row) else None
+            if image is not None:
+                image = image.detach().cpu().expand(3, -1, -1)
+                canvas[:, y:y + image.size(1), x:x + image.size(2)] = image
+            x += col_w[c] + pad
+        y += row_h[r] + pad
+    return canvas
+
+
+def save_grid(rows: Sequence[Sequence[Optional[torch.Tensor]]], path: Union[str, Path], pad: int = 2) -> Path:
+    """:func:`make_grid` then write it as a PNG at ``path``."""
+    return save_image(make_grid(rows, pad), path)
+
+
+@dataclass
+class GalleryRow:
+    """One row of the gallery: a caption and (column header, image path) cells, left to right."""
+
+    caption: str
+    images: list[tuple[str, Union[str, Path]]] = field(default_factory=list)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so a browser or a concurrent reader never sees half a page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _image_href(image_path: Union[str, Path], html_dir: Path) -> str:
+    path = Path(image_path)
+    if path.is_absolute():
+        path = Path(os.path.relpath(path, html_dir.resolve()))
+    return urllib.parse.quote(path.as_posix())
+
+
+def write_gallery(html_path: Union[str, Path], title: str, rows: Sequence[GalleryRow],
+                  columns: Optional[Sequence[str]] = None, notes: Sequence[str] = ()) -> Path:
+    """Write a self-contained HTML page (no scripts, no external assets) showing ``rows`` of images.
+
+    Image paths are made relative to the page (absolute paths are converted), so the folder can be
+    copied or served as is. All text is HTML-escaped. ``columns`` adds a header row; ``notes`` are
+    paragraphs under the title (e.g. checkpoint and seed)."""
+    html_path = Path(html_path)
+    html_dir = html_path.parent
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1em;background:#fafafa}"
+        "table{border-collapse:collapse}td,th{padding:4px;border:1px solid #ccc;vertical-align:top;"
+        "text-align:center}img{max-width:384px;image-rendering:pixelated;display:block}"
+        ".cap{font-family:monospace;text-align:left}</style>",
+        "</head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    parts += [f"<p>{esc(note)}</p>" for note in notes]
+    parts.append("<table>")
+    if columns:
+        parts.append("<tr><th></th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+    for row in rows:
+        cells = []
+        for header, image_path in row.images:
+            href = _image_href(image_path, html_dir)
+            cells.append(
+                f'<td><a href="{esc(href)}"><img src="{esc(href)}" alt="{esc(header)}"></a>'
+                f"<div>{esc(header)}</div></td>"
+            )
+        parts.append(f'<tr><td class="cap">{esc(row.caption)}</td>' + "".join(cells) + "</tr>")
+    parts += ["</table>", "</body></html>", ""]
+    _atomic_write_text(html_path, "\n".join(parts))
+    return html_path
