@@ -1,0 +1,146 @@
+"""``spade-data`` / ``python -m data_tools``: argument parsing only; the work is in the library modules.
+
+Exit codes: 0 success, 1 bad data or failed checks (message on stderr), 2 bad command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from data_tools.layouts import LAYOUTS, DataToolsError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _byte_size(text: str) -> int:
+    """Accepts plain bytes or K/M/G suffixes (powers of 1024), e.g. 512M."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip()
+    try:
+        if text and text[-1].lower() in units:
+            return int(float(text[:-1]) * units[text[-1].lower()])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1000000, 512M, 1G)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spade-data", description="Shard, verify, inspect and synthesise "
+                                     "SPADE datasets (see docs/DATA_TOOLS.md).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shard = sub.add_parser("shard", help="write deterministic tar shards + manifest.json for one split")
+    shard.add_argument("--layout", required=True, choices=LAYOUTS)
+    shard.add_argument("--root", required=True, help="dataset root folder")
+    shard.add_argument("--out", required=True, help="output folder (shared by all splits of the dataset)")
+    shard.add_argument("--split", default="train", help="split name (default train)")
+    shard.add_argument("--name", default=None, help="shard file prefix (default: the layout name)")
+    shard.add_argument("--max-count", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    shard.add_argument("--max-size", type=_byte_size, default=None, help="bytes per shard, e.g. 1G")
+    shard.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="decode processes (output does not depend on it)")
+    shard.add_argument("--max-side", type=_positive_int, default=None,
+                       help="downscale so the longer side is at most PX (re-encodes; labels nearest)")
+    shard.add_argument("--skip-bad", action="store_true", help="skip bad samples, list them in the manifest")
+    shard.add_argument("--label-nc", type=_positive_int, default=None, help="number of classes (custom layout)")
+    dontcare = shard.add_mutually_exclusive_group()
+    dontcare.add_argument("--contain-dontcare-label", dest="dontcare", action="store_true", default=None,
+                          help="255 is a valid 'don't care' id")
+    dontcare.add_argument("--no-dontcare-label", dest="dontcare", action="store_false",
+                          help="255 is an error like any id >= label_nc")
+    shard.add_argument("--no-instance", action="store_true", help="do not store instance maps")
+    shard.add_argument("--image-dir", default=None, help="custom: image folder ({split} allowed; default {split}/images)")
+    shard.add_argument("--label-dir", default=None, help="custom: label folder (default {split}/labels)")
+    shard.add_argument("--instance-dir", default=None, help="custom: instance map folder (optional)")
+    shard.add_argument("--shard-slice", default=None, metavar="INDEX/COUNT",
+                       help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="check shards against manifest.json")
+    verify.add_argument("dir")
+    verify.add_argument("--deep", action="store_true", help="also decode and validate every sample")
+
+    stats = sub.add_parser("stats", help="class frequencies and image sizes from manifest.json")
+    stats.add_argument("dir")
+    stats.add_argument("--top", type=_positive_int, default=10, help="classes listed per split")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    synth = sub.add_parser("synth", help="generate the procedural landscape dataset (custom layout)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--count", type=_positive_int, required=True, help="training samples")
+    synth.add_argument("--val-count", type=int, default=0, help="validation samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
+
+    merge = sub.add_parser("merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
+    merge.add_argument("dir")
+    merge.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "shard":
+        from data_tools.shard import ShardSlice, shard_dataset
+        result = shard_dataset(
+            args.layout, args.root, args.out, args.split, name=args.name, max_count=args.max_count,
+            max_size=args.max_size, workers=args.workers, max_side=args.max_side, skip_bad=args.skip_bad,
+            label_nc=args.label_nc, contain_dontcare_label=args.dontcare, no_instance=args.no_instance,
+            image_dir=args.image_dir, label_dir=args.label_dir, instance_dir=args.instance_dir,
+            shard_slice=ShardSlice.parse(args.shard_slice) if args.shard_slice else None,
+            progress=not args.no_progress)
+        if "slice" in result:
+            print(f"slice {result['slice']}: {len(result['shards'])} shards of split {args.split} in {args.out}; "
+                  f"run `spade-data merge-manifest {args.out}` when all slices are done")
+        else:
+            entry = result["splits"][args.split]
+            print(f"{entry['num_samples']} samples in {len(entry['shards'])} shards -> {args.out}"
+                  f" ({len(entry['skipped'])} skipped)")
+        return 0
+    if args.command == "verify":
+        from data_tools.verify import check_directory
+        problems = check_directory(args.dir, deep=args.deep)
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        if problems:
+            print(f"{len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+            return 1
+        print(f"OK {args.dir}{' (deep)' if args.deep else ''}")
+        return 0
+    if args.command == "stats":
+        from data_tools.stats import compute_stats, format_stats
+        stats = compute_stats(args.dir, top=args.top)
+        print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+        return 0
+    if args.command == "synth":
+        from data_tools.synth import generate_synthetic
+        descriptor = generate_synthetic(args.out, args.count, seed=args.seed, size=args.size,
+                                        val_count=args.val_count)
+        print(f"{descriptor['splits']['train']} train + {descriptor['splits']['val']} val landscapes "
+              f"({descriptor['size']} px, {descriptor['label_nc']} classes) -> {args.out}")
+        return 0
+    if args.command == "merge-manifest":
+        from data_tools.manifest import merge_manifest
+        manifest = merge_manifest(Path(args.dir), splits=args.split)
+        counts = ", ".join(f"{split} {entry['num_samples']}" for split, entry in manifest["splits"].items())
+        print(f"manifest.json in {args.dir}: {counts}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except DataToolsError as err:
+        print(f"spade-data {args.command}: error: {err}", file=sys.stderr)
+        return 1
