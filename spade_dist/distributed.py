@@ -1,0 +1,204 @@
+"""Process group, device choice, rank helpers and the SyncBN statistics group.
+
+Every process derives its role from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, set by ``accelerate launch``, ``torchrun``, the ``deepspeed`` launcher or Slurm
+scripts) - there is no module-level state. The rules this module enforces:
+
+- WORLD_SIZE > 1 must end in a real process group of that size; anything else (e.g. Accelerate
+  falling back to a single-process state on a GPU-less machine) is a :class:`DistributedSetupError`,
+  never a silent run of N independent jobs.
+- gloo on CPU, NCCL on CUDA.
+- SyncBN statistics are reduced over the whole world or over the ranks of one node
+  (``train.syncbn_group``); every rank builds every node's subgroup because ``new_group`` is a
+  collective over the world.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spade_dist.models.sync_bn import set_sync_bn_group
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch environment and the process group disagree (message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // max(1, self.local_world_size)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise DistributedSetupError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def env_dist_info() -> DistInfo:
+    """Rank layout requested by the launcher (1 process when no launcher variables are set)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedSetupError(f"inconsistent launch environment: RANK={rank}, WORLD_SIZE={world}")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """``train.device``: auto -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistributedSetupError("train.device is 'cuda' but CUDA is not available on this machine")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_process_group(device: torch.device) -> DistInfo:
+    """Initialise torch.distributed from the environment when WORLD_SIZE > 1 (idempotent).
+
+    Used by the DeepSpeed backend and by torchrun launches without Accelerate; the ddp backend lets
+    Accelerate do it and then calls :func:`check_process_group`.
+    """
+    info = env_dist_info()
+    if info.world_size == 1 or (dist.is_available() and dist.is_initialized()):
+        return check_process_group(info.world_size)
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise DistributedSetupError(
+            f"WORLD_SIZE={info.world_size} but {', '.join(missing)} not set: launch with accelerate launch, "
+            "torchrun or deepspeed, which set the rendezvous address"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the launch details
+        raise DistributedSetupError(
+            f"could not create the {backend} process group (rank {info.rank} of {info.world_size}, "
+            f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}"
+        ) from exc
+    return check_process_group(info.world_size)
+
+
+def check_process_group(expected_world_size: int, launcher_processes: Optional[int] = None) -> DistInfo:
+    """Fail loudly when the launcher asked for N processes but we are not in an N-rank group.
+
+    ``launcher_processes`` is what the framework (Accelerate) believes; STACK_NOTES: on a GPU-less
+    machine an Accelerator without ``cpu=True`` reports 1 process while WORLD_SIZE says 2.
+    """
+    info = env_dist_info()
+    if launcher_processes is not None and launcher_processes != expected_world_size:
+        raise DistributedSetupError(
+            f"WORLD_SIZE={expected_world_size} but the accelerator runs {launcher_processes} process(es): this would "
+            "train independent copies. On CPU launch with `accelerate launch --multi_gpu --num_processes N` "
+            "(launch/accelerate_cpu_2proc.yaml) so that Accelerator(cpu=True) builds a gloo group"
+        )
+    if expected_world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DistributedSetupError(
+                f"WORLD_SIZE={expected_world_size} but no torch.distributed process group is initialised"
+            )
+        actual = dist.get_world_size()
+        if actual != expected_world_size:
+            raise DistributedSetupError(
+                f"WORLD_SIZE={expected_world_size} but the process group has {actual} rank(s)"
+            )
+        return DistInfo(dist.get_rank(), actual, info.local_rank, info.local_world_size)
+    return DistInfo(0, 1, 0, 1)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def any_rank_true(flag: bool, device: torch.device) -> bool:
+    """Collective OR (e.g. 'a preemption signal reached some rank'): every rank gets the same answer."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:
+    """The process group SyncBN reduces over: None (= world) or this node's subgroup.
+
+    "node" groups ranks ``[k * local_world_size, (k + 1) * local_world_size)``; all ranks create all
+    subgroups (``new_group`` must be called by every rank in the same order).
+    """
+    if kind == "world" or info.world_size == 1:
+        return None
+    if kind != "node":
+        raise DistributedSetupError(f"train.syncbn_group: unknown value {kind!r} (world | node)")
+    per_node = info.local_world_size
+    if per_node < 1 or info.world_size % per_node:
+        raise DistributedSetupError(
+            f"train.syncbn_group=node needs WORLD_SIZE ({info.world_size}) divisible by LOCAL_WORLD_SIZE ({per_node})"
+        )
+    mine: Optional[dist.ProcessGroup] = None
+    for node in range(info.world_size // per_node):
+        ranks = list(range(node * per_node, (node + 1) * per_node))
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine = group
+    return mine
+
+
+def attach_syncbn_group(module: nn.Module, kind: str, info: DistInfo) -> int:
+    """Point every SyncBatchNorm2d of ``module`` at the configured group; returns how many layers."""
+    return set_sync_bn_group(module, syncbn_group(kind, info))
+
+
+def per_rank_batch_size(configured_per_rank: int, world: int, grad_accum: int, global_batch: int) -> int:
+    """Per-rank batch for this launch.
+
+    Global batch = per-rank batch x world x accumulation. With ``train.global_batch_size`` > 0 the
+    per-rank batch is derived from it (so one config keeps its global batch on any world size) and
+    it must divide exactly; otherwise ``data.batch_size`` is used as is.
+    """
+    if global_batch <= 0:
+        return configured_per_rank
+    share = world * grad_accum
+    if global_batch % share:
+        raise DistributedSetupError(
+            f"train.global_batch_size={global_batch} is not divisible by world size {world} x "
+            f"train.grad_accum {grad_accum} = {share}"
+        )
+    return global_batch // share

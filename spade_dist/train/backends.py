@@ -1,0 +1,245 @@
+"""How gradients are reduced and optimizers applied: ``ddp`` (Accelerate) or ``deepspeed`` engines.
+
+The train step (``step.py``) only talks to the small :class:`TrainBackend` interface:
+
+- ``generator`` / ``discriminator``: the wrapped modules to call when that network is being
+  trained (DDP module or DeepSpeed engine); ``discriminator_module``: D's bare module, used with
+  frozen parameters in the G step (STACK_NOTES: calling the DDP-wrapped D there all-reduces its
+  gradients, calling the DeepSpeed engine there fails at ZeRO 0 and 2).
+- ``micro_batch(which, is_last)``: context for one accumulation micro-batch (DDP ``no_sync``
+  except on the last one).
+- ``backward(which, loss, n_micro)`` then ``apply(which, loss_finite)``: reduce, check for
+  non-finite values, step the optimizer or skip it. ``apply`` returns a 0-d float tensor, 1 when
+  the update was skipped, without a host sync on the ddp path (fused Adam's ``found_inf``).
+
+Accelerate is used for what it is good at (process group from any launcher, device placement,
+DDP wrapping); we keep our own optimizers and GradScalers because a GAN needs two of each and
+Accelerate has one scaler (and its DeepSpeed plugin cannot drive two engines, STACK_NOTES).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, ContextManager, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spade_dist.config import Config
+from spade_dist.distributed import DistInfo, DistributedSetupError, check_process_group, env_dist_info, init_process_group
+
+NETS = ("G", "D")
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def nonfinite_flag(loss_finite: torch.Tensor, params: list[nn.Parameter], reduce: bool) -> torch.Tensor:
+    """1.0 when the loss or any gradient is non-finite on any rank, else 0.0 (device tensor)."""
+    grads = _grads(params)
+    bad = ~loss_finite
+    if grads:
+        norms = torch._foreach_norm(grads)
+        bad = bad | ~torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+    flag = bad.float().reshape(1)
+    if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must take the same decision
+    return flag.reshape(())
+
+
+class TrainBackend:
+    """Interface used by the train step; see the module docstring."""
+
+    name = "base"
+    info: DistInfo
+    device: torch.device
+    generator: Callable[..., Any]
+    discriminator: Callable[..., Any]
+    generator_module: nn.Module
+    discriminator_module: nn.Module
+
+    def micro_batch(self, which: str, is_last: bool) -> ContextManager[None]:
+        raise NotImplementedError
+
+    def backward(self, which: str, loss: torch.Tensor, n_micro: int) -> None:
+        raise NotImplementedError
+
+    def apply(self, which: str, loss_finite: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def optimizer(self, which: str) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
+class DDPBackend(TrainBackend):
+    """Accelerate-initialised process group + DDP modules + our Adam/GradScaler pairs."""
+
+    name = "ddp"
+
+    def __init__(self, cfg: Config, device: torch.device, info: DistInfo, accelerator: Any) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.info = info
+        self.accelerator = accelerator
+        self.scalers: dict[str, Optional[torch.amp.GradScaler]] = {"G": None, "D": None}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.params: dict[str, list[nn.Parameter]] = {}
+
+    @classmethod
+    def setup(cls, cfg: Config) -> "DDPBackend":
+        """Create the Accelerator (and with it the process group) before any model exists."""
+        from accelerate import Accelerator
+
+        from spade_dist.distributed import resolve_device
+
+        env = env_dist_info()
+        device = resolve_device(cfg.train.device, env.local_rank)
+        # cpu=True is what turns `accelerate launch --multi_gpu` into MULTI_CPU/gloo on a GPU-less
+        # machine (STACK_NOTES); mixed precision is ours (two scalers), so Accelerate gets "no".
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        info = check_process_group(env.world_size, launcher_processes=accelerator.num_processes)
+        return cls(cfg, accelerator.device if device.type == "cuda" else device, info, accelerator)
+
+    def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
+             opt_D: torch.optim.Optimizer, scaler_G: Optional[torch.amp.GradScaler],
+             scaler_D: Optional[torch.amp.GradScaler]) -> None:
+        self.generator_module = generator
+        self.discriminator_module = discriminator
+        if self.info.world_size > 1:
+            self.generator = self.accelerator.prepare_model(generator)
+            self.discriminator = self.accelerator.prepare_model(discriminator)
+        else:
+            self.generator, self.discriminator = generator, discriminator
+        self.optimizers = {"G": opt_G, "D": opt_D}
+        self.scalers = {"G": scaler_G, "D": scaler_D}
+        self.params = {"G": [p for p in generator.parameters()], "D": [p for p in discriminator.parameters()]}
+
+    def _wrapped(self, which: str) -> Any:
+        return self.generator if which == "G" else self.discriminator
+
+    def micro_batch(self, which: str, is_last: bool) -> ContextManager[None]:
+        module = self._wrapped(which)
+        if not is_last and isinstance(module, nn.parallel.DistributedDataParallel):
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, which: str, loss: torch.Tensor, n_micro: int) -> None:
+        loss = loss / n_micro if n_micro > 1 else loss
+        scaler = self.scalers[which]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def apply(self, which: str, loss_finite: torch.Tensor) -> torch.Tensor:
+        opt = self.optimizers[which]
+        scaler = self.scalers[which]
+        if scaler is not None:
+            scaler.unscale_(opt)  # records the scaler's own inf check, used by update()
+        # DDP already averaged the gradients, so they agree on all ranks; the loss check is local
+        # and gets all-reduced inside nonfinite_flag.
+        flag = nonfinite_flag(loss_finite, self.params[which], reduce=True)
+        # Fused Adam reads found_inf on the device and leaves params, moments and its step
+        # counter untouched when it is 1: the skip costs no host synchronisation.
+        opt.grad_scale = None
+        opt.found_inf = flag.to(torch.float32)
+        opt.step()
+        if scaler is not None:
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return flag
+
+    def optimizer(self, which: str) -> torch.optim.Optimizer:
+        return self.optimizers[which]
+
+
+class DeepSpeedBackend(TrainBackend):
+    """Two DeepSpeed engines (G and D), torch Adam, ZeRO 0/1/2, fp32 master weights."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, device: torch.device, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.info = info
+        self.engines: dict[str, Any] = {}
+
+    @classmethod
+    def setup(cls, cfg: Config) -> "DeepSpeedBackend":
+        from spade_dist.distributed import resolve_device
+
+        if cfg.train.mixed_precision == "fp16":
+            raise DistributedSetupError(
+                "train.mixed_precision=fp16 is not supported with train.backend=deepspeed (the two GradScalers "
+                "live in the ddp backend); use bf16 or the ddp backend"
+            )
+        if cfg.train.grad_accum != 1:
+            raise DistributedSetupError(
+                f"train.grad_accum={cfg.train.grad_accum} is not supported with train.backend=deepspeed: a "
+                "non-finite micro-batch could not be kept out of the update; raise data.batch_size instead"
+            )
+        # The CPU shm all-reduce extension is JIT-built on first use (~45 s); keep it cached.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+        env = env_dist_info()
+        device = resolve_device(cfg.train.device, env.local_rank)
+        info = init_process_group(device)
+        return cls(cfg, device, info)
+
+    def ds_config(self, per_rank_batch: int) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": per_rank_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": self.cfg.train.zero_stage},
+            "fp16": {"enabled": False},
+            "bf16": {"enabled": False},  # autocast in the step keeps fp32 master weights
+            "gradient_clipping": 0.0,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
+             opt_D: torch.optim.Optimizer, per_rank_batch: int) -> None:
+        import deepspeed
+
+        self.generator_module = generator
+        self.discriminator_module = discriminator
+        config = self.ds_config(per_rank_batch)
+        # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build CPU FusedAdam (STACK_NOTES).
+        engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
+        engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)
+        self.engines = {"G": engine_G, "D": engine_D}
+        self.generator, self.discriminator = engine_G, engine_D
+        self._opts = {"G": opt_G, "D": opt_D}
+
+    def micro_batch(self, which: str, is_last: bool) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def backward(self, which: str, loss: torch.Tensor, n_micro: int) -> None:
+        # The skip decision must be taken before backward: a ZeRO engine reduces and partitions
+        # gradients inside backward, so there is nothing left to inspect or discard afterwards.
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self._pending_finite = bool(finite.item())  # the one host sync of this backend
+        if self._pending_finite:
+            self.engines[which].backward(loss)
+
+    def apply(self, which: str, loss_finite: torch.Tensor) -> torch.Tensor:
+        if not self._pending_finite:
+            return torch.ones((), device=self.device)
+        self.engines[which].step()
+        return torch.zeros((), device=self.device)
+
+    def optimizer(self, which: str) -> torch.optim.Optimizer:
+        return self._opts[which]
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """``requires_grad_(False)`` for the duration (D in the G step), restored afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
