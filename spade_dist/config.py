@@ -38,6 +38,9 @@ class DataConfig:
     split: str = "train"
     val_shards: str = ""
     val_split: str = "val"
+    # manifest.json of the shards; needed for pipe: URLs, optional override for patterns/globs
+    # (default: manifest.json beside the shards). See docs/DATA.md.
+    manifest: str = ""
     label_nc: int = 182
     contain_dontcare_label: bool = False
     no_instance: bool = False

@@ -1,0 +1,103 @@
+"""Decode one raw shard sample (bytes per field) into preprocessed uint8 / int64 arrays.
+
+Labels and instance maps are read as single-channel integers straight from the PNG mode
+(L -> uint8, I;16 -> uint16, I -> int32, P -> palette indices); they never pass through RGB,
+so ids such as 255 (don't care) or 16-bit instance ids survive exactly. Anything that cannot be
+decoded or does not fit together raises :class:`CorruptSample` naming the key, which the stream
+counts and skips.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+from PIL import Image
+
+from spade_dist.data.transforms import PreprocessOptions, sample_geometry, transform_ids, transform_image
+
+IMAGE_FIELDS = ("image.jpg", "image.jpeg", "image.png", "image.webp", "image.bmp", "image.tif", "image.tiff")
+LABEL_FIELD = "label.png"
+INSTANCE_FIELD = "instance.png"
+# PIL modes that hold one integer per pixel; everything else (RGB, LA, F, ...) is not an id map.
+_ID_MODES = {"L": np.uint8, "P": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "1": np.uint8}
+
+
+class CorruptSample(ValueError):
+    """One sample cannot be used (undecodable field, missing field, size mismatch)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"corrupt sample {key!r}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image: np.ndarray  # uint8 H x W x 3
+    label: np.ndarray  # int64 H x W
+    instance: np.ndarray  # int64 H x W (zeros when the dataset has none)
+
+
+def decode_id_map(data: bytes, key: str, field: str) -> np.ndarray:
+    """PNG bytes -> 2-D integer array in the PNG's own bit depth."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in _ID_MODES:
+                raise CorruptSample(key, f"{field} has mode {img.mode}; id maps must be single-channel integers")
+            array = np.asarray(img)
+    except CorruptSample:
+        raise
+    except Exception as exc:  # PIL raises many types for broken files
+        raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
+    if array.ndim != 2:
+        raise CorruptSample(key, f"{field} has shape {array.shape}; expected a single channel")
+    return array
+
+
+def decode_image(data: bytes, key: str, field: str) -> Image.Image:
+    """Image bytes -> fully loaded RGB PIL image (official: Image.open(path).convert('RGB'))."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as exc:
+        raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
+
+
+def find_image_field(sample: Mapping[str, object], key: str) -> str:
+    for field in IMAGE_FIELDS:
+        if field in sample:
+            return field
+    raise CorruptSample(key, f"no image field (expected one of {list(IMAGE_FIELDS)}; has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: random.Random,
+                  use_instance: bool) -> DecodedSample:
+    """Raw webdataset sample (``__key__`` + field bytes) -> preprocessed arrays.
+
+    ``rng`` draws the crop position and flip (seeded per sample by the caller).
+    """
+    key = str(sample["__key__"])
+    if LABEL_FIELD not in sample:
+        raise CorruptSample(key, f"no {LABEL_FIELD} field")
+    label = decode_id_map(sample[LABEL_FIELD], key, LABEL_FIELD)  # type: ignore[arg-type]
+    image_field = find_image_field(sample, key)
+    image = decode_image(sample[image_field], key, image_field)  # type: ignore[arg-type]
+    height, width = label.shape
+    if image.size != (width, height):
+        raise CorruptSample(key, f"image is {image.size[0]}x{image.size[1]} but label is {width}x{height}")
+    instance: Optional[np.ndarray] = None
+    if use_instance and INSTANCE_FIELD in sample:
+        instance = decode_id_map(sample[INSTANCE_FIELD], key, INSTANCE_FIELD)  # type: ignore[arg-type]
+        if instance.shape != label.shape:
+            raise CorruptSample(key, f"instance is {instance.shape[1]}x{instance.shape[0]} but label is {width}x{height}")
+    # Official get_params is called with the label's size; the image has the same size.
+    geo = sample_geometry(opts, width, height, rng)
+    out_label = transform_ids(label, geo)
+    out_instance = transform_ids(instance, geo) if instance is not None else np.zeros_like(out_label)
+    return DecodedSample(key, transform_image(image, geo), out_label, out_instance)

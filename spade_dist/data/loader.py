@@ -1,0 +1,213 @@
+"""The main-process side: plan the epoch, run the workers, hand batches out, track the position.
+
+Position policy (also in docs/DATA.md): a sample counts as delivered when the batch holding it is
+handed to the caller of ``__iter__``. Samples in shuffle buffers, being decoded, or in batches
+prefetched by DataLoader workers are NOT delivered; after a resume they are planned again, so
+every sample is delivered exactly once per epoch across a stop/resume -- on any world size and
+any number of workers.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from spade_dist.config import DataConfig
+from spade_dist.data.plan import (
+    EpochPlan, eval_batch_sizes, make_position, plan_fingerprint, rank_batch_sizes, split_ranges, stable_seed,
+    unpack_delivered, worker_batch_sizes,
+)
+from spade_dist.data.sources import ShardSet, ShardSourceError, eval_spec, resolve_shards
+from spade_dist.data.stream import CORRUPT_FIELD, INDEX_FIELD, READ_FIELD, ShardStream, StreamSettings, WorkerTask
+from spade_dist.data.transforms import PreprocessOptions
+
+log = logging.getLogger(__name__)
+RECENT_CORRUPT_KEYS = 10
+
+
+class CorruptRateError(RuntimeError):
+    """Too many corrupt samples: the data is broken, training on would be silently wrong."""
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is PIL/numpy; torch threads would oversubscribe the cores
+
+
+class ShardLoader:
+    """Iterable of batch dicts for one rank (see module doc and docs/DATA.md)."""
+
+    def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, world_size: int, *, train: bool,
+                 batch_size: int, preprocess: PreprocessOptions, num_workers: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.cfg = cfg
+        self.shard_set = shard_set
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.num_workers = num_workers
+        self._fingerprint = plan_fingerprint(shard_set.shards, cfg.seed, train)
+        self._epoch = 0
+        self._plan = EpochPlan(shard_set.shards, cfg.seed, 0, shuffle=train)
+        self._delivered = np.zeros(self._plan.num_samples, dtype=bool)
+        self.corrupt_samples = 0
+        self.samples_read = 0
+        self._recent_corrupt: deque[str] = deque(maxlen=RECENT_CORRUPT_KEYS)
+        if self._plan.num_samples < world_size and train:
+            raise ValueError(
+                f"{shard_set.manifest_path} split {shard_set.split!r} has {self._plan.num_samples} samples, "
+                f"fewer than the {world_size} ranks: every rank needs at least one batch")
+
+    # ---------------------------------------------------------------- epoch and position
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch (all ranks together)."""
+        return self._plan.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate. The current epoch keeps its position (so a loop calling
+        ``set_epoch(start_epoch)`` after ``load_state_dict`` resumes); another epoch starts fresh."""
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        self._plan = EpochPlan(self.shard_set.shards, self.cfg.seed, epoch, shuffle=self.train)
+        self._delivered = np.zeros(self._plan.num_samples, dtype=bool)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position: epoch + bitmap of delivered plan indices (merge ranks with merge_positions)."""
+        return make_position(self._epoch, self._delivered, self._fingerprint)
+
+    def load_state_dict(self, position: dict[str, Any]) -> None:
+        """Continue from ``position`` (usually merged over all ranks of the previous run)."""
+        if position.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                f"data position was recorded for another dataset or seed (plan {position.get('fingerprint')!r}, "
+                f"this loader's plan is {self._fingerprint!r}: {self.shard_set.manifest_path}, seed {self.cfg.seed})")
+        delivered = unpack_delivered(position)
+        if delivered.size != self._plan.num_samples:
+            raise ValueError(f"data position has {delivered.size} samples, the plan has {self._plan.num_samples}")
+        self.set_epoch(int(position["epoch"]))
+        self._delivered = delivered.copy()
+
+    # ---------------------------------------------------------------- planning
+
+    def _remaining(self) -> np.ndarray:
+        return np.flatnonzero(~self._delivered)
+
+    def _rank_layout(self) -> tuple[list[int], np.ndarray]:
+        """(this rank's batch sizes, its plan indices in order) for what is left of the epoch."""
+        remaining = self._remaining()
+        if self.train:
+            if 0 < remaining.size < self.world_size:
+                # Only after a resume onto more ranks than samples left: no equal split exists.
+                log.warning("epoch %d: %d samples left for %d ranks; they are skipped for this epoch (%s)",
+                            self._epoch, remaining.size, self.world_size,
+                            [self._plan.key_of(int(i)) for i in remaining])
+                return [], remaining[:0]
+            sizes = rank_batch_sizes(remaining.size, self.world_size, self.batch_size)
+        else:
+            sizes = eval_batch_sizes(remaining.size, self.world_size, self.batch_size)
+        ranges = split_ranges(remaining, [sum(s) for s in sizes])
+        return sizes[self.rank], ranges[self.rank]
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the next iteration (equal on all ranks when training)."""
+        if self.train and self._plan.num_samples and self._delivered.all():
+            return len(rank_batch_sizes(self._plan.num_samples, self.world_size, self.batch_size)[self.rank])
+        return len(self._rank_layout()[0])
+
+    def _settings(self) -> StreamSettings:
+        rank_sizes, rank_indices = self._rank_layout()
+        per_worker = worker_batch_sizes(rank_sizes, self.num_workers)
+        pieces = split_ranges(rank_indices, [sum(s) for s in per_worker])
+        tasks = []
+        for sizes, indices in zip(per_worker, pieces):
+            first = int(indices[0]) if indices.size else -1
+            tasks.append(WorkerTask(
+                segments=self._plan.segments(indices), batch_sizes=sizes,
+                shuffle_buffer=self.cfg.shuffle_buffer if self.train else 0,
+                shuffle_seed=stable_seed("buffer", self.cfg.seed, self._epoch, first, indices.size)))
+        return StreamSettings(self.preprocess, self.cfg.seed, self._epoch if self.train else 0,
+                              use_instance=not self.cfg.no_instance, tasks=tasks)
+
+    # ---------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.train and self._plan.num_samples and self._delivered.all():
+            self.set_epoch(self._epoch + 1)  # the previous epoch is complete: go on with the next
+        stream = ShardStream(self._settings())
+        if self.num_workers > 0:
+            batches = iter(DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
+                pin_memory=bool(self.cfg.pin_memory and torch.cuda.is_available()), persistent_workers=False))
+        else:
+            batches = iter(stream)
+        for batch in batches:
+            indices = batch.pop(INDEX_FIELD)
+            self._account(batch.pop(CORRUPT_FIELD), int(batch.pop(READ_FIELD)))
+            counted = indices[indices >= 0].numpy()
+            self._delivered[counted] = True
+            yield batch
+
+    def _account(self, corrupt: list[tuple[str, str]], read: int) -> None:
+        self.samples_read += read
+        for key, reason in corrupt:
+            self.corrupt_samples += 1
+            self._recent_corrupt.append(key)
+            log.warning("skipped corrupt sample %s (%s) in %s", key, reason, self.shard_set.manifest_path)
+        limit = self.cfg.max_corrupt_fraction
+        if corrupt and self.samples_read >= self.cfg.corrupt_min_samples \
+                and self.corrupt_samples > limit * self.samples_read:
+            raise CorruptRateError(
+                f"{self.corrupt_samples} of {self.samples_read} samples read were corrupt "
+                f"({self.corrupt_samples / self.samples_read:.2%} > data.max_corrupt_fraction {limit:.2%}); "
+                f"last corrupt keys: {list(self._recent_corrupt)} (shards of {self.shard_set.manifest_path})")
+
+
+# -------------------------------------------------------------------- builders
+
+
+def train_preprocess(cfg: DataConfig) -> PreprocessOptions:
+    return PreprocessOptions(cfg.preprocess_mode, cfg.load_size, cfg.crop_size, cfg.aspect_ratio, flip=not cfg.no_flip)
+
+
+def eval_preprocess(cfg: DataConfig) -> PreprocessOptions:
+    """Official test mode: no flip, and the dataset test defaults load at crop size (e.g. COCO:
+    load 286 for training, 256 for testing) so resize_and_crop keeps the whole resized image."""
+    load = cfg.crop_size if cfg.preprocess_mode in ("resize_and_crop", "scale_width_and_crop",
+                                                    "scale_shortside_and_crop") else cfg.load_size
+    return PreprocessOptions(cfg.preprocess_mode, load, cfg.crop_size, cfg.aspect_ratio, flip=False)
+
+
+def build_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:
+    """Training loader of one rank: shuffled per epoch, equal batch count on all ranks, resumable."""
+    shard_set = resolve_shards(cfg.shards, cfg.split, cfg.manifest)
+    return ShardLoader(cfg, shard_set, rank, world_size, train=True, batch_size=cfg.batch_size,
+                       preprocess=train_preprocess(cfg), num_workers=cfg.num_workers)
+
+
+def build_eval_loader(cfg: DataConfig, split: Optional[str] = None, rank: int = 0, world_size: int = 1,
+                      batch_size: Optional[int] = None) -> ShardLoader:
+    """Evaluation loader: no shuffle/flip, official test-mode crop, every sample once, unpadded.
+
+    Shards come from ``data.val_shards`` (else the training manifest / directory); the split is
+    ``split`` or ``data.val_split``.
+    """
+    spec = eval_spec(cfg.shards, cfg.val_shards, cfg.manifest)
+    if spec is None:
+        raise ShardSourceError(
+            f"no validation shards: set data.val_shards or data.manifest (data.shards {cfg.shards!r} names no manifest)")
+    shard_set = resolve_shards(spec, split or cfg.val_split, cfg.manifest)
+    return ShardLoader(cfg, shard_set, rank, world_size, train=False, batch_size=batch_size or cfg.batch_size,
+                       preprocess=eval_preprocess(cfg), num_workers=cfg.num_workers)
