@@ -220,6 +220,8 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
                             [{"key": p.key, "files": list(p.files), "reason": p.reason} for p in found.problems])
 
     mine = [shard for shard in plan if shard_slice is None or shard_slice.owns(shard.index)]
+    for shard in mine:  # leftovers of an interrupted writer, also beside shards that did complete
+        remove_stale_temps(out / shard.file)
     todo = [shard for shard in mine if not _sidecar_is_complete(out, shard)]
     done_samples = sum(len(s.samples) for s in mine) - sum(len(s.samples) for s in todo)
     tasks = [(str(root), sample, encode) for shard in todo for sample in shard.samples]

@@ -107,7 +107,7 @@ def make_label_map(rng: np.random.Generator, size: int) -> np.ndarray:
 
     ground = yy >= horizon[None, :]
     if rng.random() < 0.6:  # a lake, often with a beach
-        water_bottom = horizon + s * rng.uniform(0.08, 0.25) + 0.03 * s * _curve(rng, x)
+        water_bottom = horizon + s * rng.uniform(0.05, 0.18) + 0.03 * s * _curve(rng, x)
         label[ground & (yy < water_bottom[None, :])] = WATER
         if rng.random() < 0.7:
             sand_bottom = water_bottom + s * rng.uniform(0.03, 0.1) + 0.015 * s * _curve(rng, x)
@@ -121,10 +121,10 @@ def make_label_map(rng: np.random.Generator, size: int) -> np.ndarray:
         cy = rng.uniform(horizon.mean() + 0.05 * s, s)
         cx, r = rng.uniform(0, s), rng.uniform(0.02, 0.05) * s
         label[_ellipse(xx, yy, cx, cy, r * 1.3, r, wobble) & np.isin(label, (GRASS, SAND))] = ROCK
-    for _ in range(rng.integers(0, 7)):  # trees stand on the ground, crowns may cover sky and mountains
+    for _ in range(rng.integers(1, 9)):  # trees stand on the ground, crowns may cover sky and mountains
         cx = rng.uniform(0, s)
         base = horizon[min(int(cx), size - 1)] + rng.uniform(0.0, 0.35) * s
-        rx = rng.uniform(0.03, 0.07) * s
+        rx = rng.uniform(0.03, 0.08) * s
         ry = rx * rng.uniform(1.2, 2.0)
         crown = _ellipse(xx, yy, cx, base - ry, rx, ry, wobble) & (label != WATER)
         label[crown] = TREE
@@ -148,8 +148,11 @@ def make_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndarra
     return render_photo(rng, label), label
 
 
+PNG_COMPRESS_LEVEL = 3  # 2.5x faster than zlib's default 6 for ~3% larger files; output stays deterministic
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG")
+    Image.fromarray(array).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def generate_synthetic(out: Union[str, Path], count: int, seed: int = 0, size: int = 128,
