@@ -1,0 +1,20 @@
+"""Elastic checkpointing: DCP step directories with a commit marker, async saves, preemption,
+retention, resume on any world size, and single-process generator loading for export / eval.
+
+Public API (see docs/CHECKPOINTING.md):
+    CheckpointManager, GatheredState, RestoreResult        -- used by the training loop
+    find_latest, validate_step_dir, InvalidCheckpoint      -- locate / check checkpoints
+    load_generator_from_checkpoint, read_generator_state    -- export, FID, generate
+"""
+from spade_dist.checkpoint.layout import (
+    InvalidCheckpoint, checkpoints_dir, find_latest, list_step_dirs, read_marker, step_dir_name, step_of,
+    validate_step_dir,
+)
+from spade_dist.checkpoint.manager import CheckpointManager, GatheredState, RestoreResult
+from spade_dist.checkpoint.store import CheckpointReadError, StepReader
+
+__all__ = [
+    "CheckpointManager", "GatheredState", "RestoreResult", "InvalidCheckpoint", "CheckpointReadError",
+    "StepReader", "checkpoints_dir", "find_latest", "list_step_dirs", "read_marker", "step_dir_name",
+    "step_of", "validate_step_dir",
+]

@@ -1,0 +1,195 @@
+"""On-disk layout of checkpoints: step directory names, the COMMITTED marker, scanning, retention.
+
+A step directory is trusted only when its ``COMMITTED`` marker exists, parses, and every file it
+lists has the recorded size (and, when asked, sha256). The marker is written last, by rank 0, after
+every rank finished writing, via a temporary file and ``os.replace`` — so a reader never sees a
+half-written marker, and "latest" is found by scanning instead of following a symlink that could
+race with a writer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+MARKER_NAME = "COMMITTED"
+CONFIG_NAME = "config.yaml"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d{9,})$")
+
+
+class InvalidCheckpoint(RuntimeError):
+    """A step directory is not a usable checkpoint; the message says which file and why."""
+
+
+def step_dir_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"step-{step:09d}"
+
+
+def step_of(path: Path) -> Optional[int]:
+    match = _STEP_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_dir(run_dir: Union[str, Path]) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIRNAME
+
+
+def list_step_dirs(ckpt_dir: Path) -> list[Path]:
+    """All ``step-*`` directories (committed or not), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(step_of(p), p) for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_marker(step_dir: Path, step: int, world_size: int, extra: dict, with_sha256: bool = True) -> dict:
+    """Describe every file in ``step_dir`` and write the marker atomically. Returns the marker."""
+    files = {}
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name != MARKER_NAME and not path.name.endswith(".tmp"):
+            rel = path.relative_to(step_dir).as_posix()
+            entry = {"size": path.stat().st_size}
+            if with_sha256:
+                entry["sha256"] = sha256_file(path)
+            files[rel] = entry
+    marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+              "world_size": world_size, "files": files, **extra}
+    tmp = step_dir / (MARKER_NAME + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(marker, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, step_dir / MARKER_NAME)
+    _fsync_dir(step_dir)
+    return marker
+
+
+def read_marker(step_dir: Path) -> dict:
+    path = Path(step_dir) / MARKER_NAME
+    if not path.is_file():
+        raise InvalidCheckpoint(f"{step_dir}: no {MARKER_NAME} marker (save interrupted or still running)")
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidCheckpoint(f"{path}: unreadable marker: {exc}") from exc
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or "step" not in marker:
+        raise InvalidCheckpoint(f"{path}: marker lacks 'step' or 'files'")
+    return marker
+
+
+def validate_step_dir(step_dir: Path, check_sha256: bool = True) -> dict:
+    """Return the marker if every listed file is present with its size (and sha256); else raise
+    :class:`InvalidCheckpoint` naming the first bad file."""
+    step_dir = Path(step_dir)
+    marker = read_marker(step_dir)
+    for rel, entry in marker["files"].items():
+        path = step_dir / rel
+        if not path.is_file():
+            raise InvalidCheckpoint(f"{path}: listed in {MARKER_NAME} but missing")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise InvalidCheckpoint(f"{path}: size {size} != {entry.get('size')} recorded in {MARKER_NAME} (truncated?)")
+        if check_sha256 and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            raise InvalidCheckpoint(f"{path}: sha256 differs from {MARKER_NAME} (corrupt)")
+    return marker
+
+
+def is_committed(step_dir: Path) -> bool:
+    return (Path(step_dir) / MARKER_NAME).is_file()
+
+
+def resolve_resume_target(resume: str, run_dir: Union[str, Path]) -> tuple[list[Path], bool]:
+    """Turn ``resume`` (auto | none | PATH) into step directories to try, newest first.
+
+    Returns (candidates, explicit). ``explicit`` is True when the user named one step directory: it
+    must then be valid (no silent fallback to another checkpoint).
+    PATH may be a step directory, a run directory, or its ``checkpoints`` directory.
+    """
+    if resume == "none":
+        return [], False
+    if resume == "auto":
+        return list(reversed(list_step_dirs(checkpoints_dir(run_dir)))), False
+    path = Path(resume)
+    if not path.exists():
+        raise InvalidCheckpoint(f"checkpoint.resume: path does not exist: {path}")
+    if step_of(path) is not None:
+        return [path], True
+    for ckpt_dir in (path, checkpoints_dir(path)):
+        dirs = list_step_dirs(ckpt_dir)
+        if dirs:
+            return list(reversed(dirs)), False
+    raise InvalidCheckpoint(f"checkpoint.resume: {path} is neither a step-* directory nor holds any under checkpoints/")
+
+
+def find_latest(path: Union[str, Path], check_sha256: bool = False, warn=None) -> Path:
+    """The newest valid step directory under a run dir / checkpoints dir, or ``path`` itself when it
+    is a valid step directory. Invalid ones are reported through ``warn`` and skipped."""
+    candidates, explicit = resolve_resume_target(str(path), ".")
+    for step_dir in candidates:
+        try:
+            validate_step_dir(step_dir, check_sha256=check_sha256)
+            return step_dir
+        except InvalidCheckpoint as exc:
+            if explicit:
+                raise
+            if warn is not None:
+                warn(f"skipping checkpoint {step_dir}: {exc}")
+    raise InvalidCheckpoint(f"{path}: no committed checkpoint found")
+
+
+def select_prunable(committed_steps: list[int], keep_last: int, keep_every: int) -> list[int]:
+    """Steps to delete: everything but the newest ``keep_last`` and the multiples of ``keep_every``."""
+    ordered = sorted(committed_steps)
+    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep]
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete committed step directories that retention does not keep. Uncommitted directories are
+    left alone (one may be in flight); only directories older than the newest committed one can go.
+    Deletion removes the marker first, so a concurrent reader sees "not committed" rather than a
+    half-deleted checkpoint it still trusts."""
+    committed = {step_of(p): p for p in list_step_dirs(ckpt_dir) if is_committed(p)}
+    removed = []
+    for step in select_prunable(list(committed), keep_last, keep_every):
+        path = committed[step]
+        try:
+            (path / MARKER_NAME).unlink()
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -1,0 +1,386 @@
+"""CheckpointManager: when to save, asynchronous staging + writing, commit, retention, resume.
+
+The training loop hands over an ``app_state`` dict. Its values may be
+
+- objects with ``state_dict()`` / ``load_state_dict()`` whose state is the same on every rank
+  (the TrainState: models, EMA, optimizers, schedulers, scalers, step, epoch);
+- a :class:`GatheredState` around a per-rank object whose local states must be merged into one
+  global state (the data loader position: each rank knows only what it delivered);
+- plain picklable values (may contain tensors), written back into ``app_state`` on restore.
+
+Collectives: control decisions (stop flag, time trigger, position gathering, resume choice) run in
+the training thread on a private gloo group; the background writer runs DCP on a second private
+gloo group. Two groups, because two threads issuing collectives on one group could interleave
+differently on different ranks and deadlock; gloo groups also keep this working on NCCL jobs.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from spade_dist.checkpoint import layout
+from spade_dist.checkpoint.rng import capture_rng_state, restore_rng_state, rng_key, seed_derived_rng
+from spade_dist.checkpoint.store import (
+    CheckpointReadError, StepReader, build_flat_state, write_flat_state,
+)
+from spade_dist.config import CheckpointConfig
+
+log = logging.getLogger("spade_dist.checkpoint")
+
+META_KEY = "__meta__"
+
+
+class GatheredState:
+    """A per-rank stateful object whose rank-local states are merged when saving.
+
+    On save every rank's ``obj.state_dict()`` is all-gathered and ``merge(list_of_local_states)``
+    (ordered by rank) gives the global state that is stored. On restore every rank gets the global
+    state through ``obj.load_state_dict(global_state)``, whatever the new world size.
+    """
+
+    def __init__(self, obj: Any, merge: Callable[[list[Any]], Any]) -> None:
+        self.obj = obj
+        self.merge = merge
+
+
+@dataclass
+class RestoreResult:
+    step: int
+    step_dir: Path
+    saved_world_size: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class CheckpointManager:
+    """Saves and restores the training state of one run directory (see docs/CHECKPOINTING.md)."""
+
+    def __init__(
+        self,
+        run_dir: Union[str, Path],
+        cfg: CheckpointConfig,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        config_yaml: str = "",
+        seed: int = 0,
+        generator_paths: Optional[dict[str, list[str]]] = None,
+        world_size_locked: Optional[str] = None,
+        install_signal_handlers: bool = True,
+        verify_sha256_on_resume: bool = True,
+    ) -> None:
+        """
+        rank / world_size: default to the process group's (or 0 / 1 without one).
+        config_yaml: the resolved config, stored as ``config.yaml`` in every step directory.
+        seed: base seed for deriving RNG streams of ranks that have no saved state.
+        generator_paths: where the generators sit in ``app_state``, e.g.
+            ``{"ema": ["train", "G_ema"], "raw": ["train", "G"]}``; stored in the marker so that
+            :func:`load_generator_from_checkpoint` can find them without knowing the trainer.
+        world_size_locked: set when the state cannot be resharded (e.g. DeepSpeed ZeRO optimizer
+            partitions); the text is stored and resuming on another world size fails naming it.
+        """
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.distributed = _dist_active()
+        self.rank = rank if rank is not None else (dist.get_rank() if self.distributed else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if self.distributed else 1)
+        self.config_yaml = config_yaml
+        self.seed = seed
+        self.generator_paths = generator_paths or {"ema": ["train", "G_ema"], "raw": ["train", "G"]}
+        self.world_size_locked = world_size_locked
+        self.verify_sha256_on_resume = verify_sha256_on_resume
+        self.ckpt_dir = layout.checkpoints_dir(self.run_dir)
+        # Private groups (collective creation: every rank constructs the manager at the same point).
+        self._ctrl_pg = dist.new_group(backend="gloo") if self.distributed else None
+        self._io_pg = dist.new_group(backend="gloo") if self.distributed else None
+        self._thread: Optional[threading.Thread] = None
+        self._thread_error: Optional[BaseException] = None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: Optional[int] = None
+        self._stop_signal: Optional[str] = None
+        self._old_handlers: dict[int, Any] = {}
+        self.last_stall_s = 0.0  # time the training thread spent in the last save() call
+        if install_signal_handlers:
+            self._install_handlers()
+
+    # ------------------------------------------------------------------ signals / stop flag
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("CheckpointManager: signal handlers can only be installed from the main thread")
+        for name in self.cfg.signals:
+            signum = getattr(signal, name, None)
+            if not isinstance(signum, signal.Signals):
+                raise ValueError(f"checkpoint.signals: unknown signal name {name!r}")
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only set a flag: the loop reaches a step boundary, all ranks agree, then it saves.
+        self._stop_signal = signal.Signals(signum).name
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Same effect as receiving a preemption signal (for schedulers that call in-process)."""
+        self._stop_signal = reason
+
+    def should_stop(self) -> bool:
+        """Collective (call on every rank at the same step): True on all ranks if any rank got a
+        preemption signal."""
+        local = self._stop_signal is not None
+        if not self.distributed:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_pg)
+        if flag.item() and not local:
+            self._stop_signal = "peer-rank-signal"
+        return bool(flag.item())
+
+    @property
+    def stop_reason(self) -> Optional[str]:
+        return self._stop_signal
+
+    @property
+    def requeue_exit_code(self) -> int:
+        return self.cfg.requeue_exit_code
+
+    # ------------------------------------------------------------------ triggers
+    def _time_due(self) -> bool:
+        if self.cfg.every_minutes <= 0:
+            return False
+        # Rank 0's clock decides; others follow, so every rank saves at the same step.
+        due_here = self.rank == 0 and (time.monotonic() - self._last_save_time) >= self.cfg.every_minutes * 60.0
+        if not self.distributed:
+            return due_here
+        flag = torch.tensor([int(due_here)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_pg)
+        return bool(flag.item())
+
+    def maybe_save(self, step: int, app_state: dict[str, Any]) -> bool:
+        """Collective. Periodic save (asynchronous when ``checkpoint.async_save``) if ``step`` is a
+        multiple of ``every_steps`` or ``every_minutes`` elapsed since the last save."""
+        by_steps = self.cfg.every_steps > 0 and step > 0 and step % self.cfg.every_steps == 0
+        by_time = self._time_due()
+        if not (by_steps or by_time) or step == self._last_saved_step:
+            return False
+        self.save(step, app_state, blocking=not self.cfg.async_save)
+        return True
+
+    # ------------------------------------------------------------------ saving
+    def _gather(self, local: Any) -> list[Any]:
+        if not self.distributed:
+            return [local]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, local, group=self._ctrl_pg)
+        return out
+
+    def _stage(self, step: int, app_state: dict[str, Any], clone: bool) -> dict[str, Any]:
+        trees: dict[str, Any] = {}
+        for name, value in app_state.items():
+            if isinstance(value, GatheredState):
+                trees[name] = value.merge(self._gather(value.obj.state_dict()))
+            elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+                trees[name] = value.state_dict()
+            else:
+                trees[name] = value
+        meta = {"step": step, "world_size": self.world_size, "seed": self.seed,
+                "names": sorted(app_state)}
+        objects = {META_KEY: meta, rng_key(self.rank): capture_rng_state()}
+        return build_flat_state(trees, objects, clone=clone)
+
+    def save(self, step: int, app_state: dict[str, Any], blocking: bool = True) -> Path:
+        """Collective. Save ``app_state`` as ``checkpoints/step-XXXXXXXXX``.
+
+        Waits for a previous asynchronous save first (at most one in flight). ``blocking=False``
+        returns once the state is staged in CPU memory; the write and commit go on in a thread.
+        """
+        start = time.perf_counter()
+        self.wait()
+        flat = self._stage(step, app_state, clone=not blocking)
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+        step_dir = self.ckpt_dir / layout.step_dir_name(step)
+        if blocking:
+            self._write(step, step_dir, flat)
+        else:
+            self._thread = threading.Thread(target=self._write_in_thread, args=(step, step_dir, flat),
+                                            name=f"checkpoint-writer-{step}", daemon=True)
+            self._thread.start()
+        self.last_stall_s = time.perf_counter() - start
+        return step_dir
+
+    def _write_in_thread(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
+        try:
+            self._write(step, step_dir, flat)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._thread_error = exc
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self._io_pg)
+
+    def _write(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        if self.rank == 0:
+            if step_dir.exists():  # a torn earlier attempt at the same step (e.g. before a crash)
+                (step_dir / layout.MARKER_NAME).unlink(missing_ok=True)
+                shutil.rmtree(step_dir)
+            step_dir.mkdir(parents=True)
+        self._barrier()
+        write_flat_state(flat, step_dir, self._io_pg)
+        if self.rank == 0:
+            (step_dir / layout.CONFIG_NAME).write_text(self.config_yaml)
+            extra = {"generator_paths": self.generator_paths, "world_size_locked": self.world_size_locked}
+            layout.write_marker(step_dir, step, self.world_size, extra)
+            removed = layout.prune(self.ckpt_dir, self.cfg.keep_last, self.cfg.keep_every)
+            log.info("checkpoint %s committed in %.2fs%s", step_dir, time.perf_counter() - started,
+                     f"; pruned {[p.name for p in removed]}" if removed else "")
+        # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
+        # could make the launcher kill rank 0 mid-commit.
+        self._barrier()
+
+    def wait(self) -> None:
+        """Block until the in-flight asynchronous save (if any) is committed; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._thread_error is not None:
+            err, self._thread_error = self._thread_error, None
+            raise RuntimeError(f"asynchronous checkpoint save failed: {err}") from err
+
+    def close(self) -> None:
+        """Finish the in-flight save and put back the previous signal handlers."""
+        try:
+            self.wait()
+        finally:
+            for signum, handler in self._old_handlers.items():
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signum, handler)
+            self._old_handlers.clear()
+
+    # ------------------------------------------------------------------ resuming
+    def _broadcast(self, payload: Any) -> Any:
+        if not self.distributed:
+            return payload
+        box = [payload]
+        dist.broadcast_object_list(box, src=0, group=self._ctrl_pg)
+        return box[0]
+
+    def _all_ok(self, ok: bool) -> bool:
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._ctrl_pg)
+        return bool(flag.item())
+
+    def _choose(self, candidates: list[Path], explicit: bool, skipped: list[str]) -> tuple[Optional[Path], Optional[str]]:
+        """Rank 0: the newest candidate that validates; (None, error) for an invalid explicit path."""
+        for step_dir in candidates:
+            if str(step_dir) in skipped:
+                continue
+            try:
+                layout.validate_step_dir(step_dir, check_sha256=self.verify_sha256_on_resume)
+                return step_dir, None
+            except layout.InvalidCheckpoint as exc:
+                if explicit:
+                    return None, str(exc)
+                log.warning("skipping checkpoint %s: %s", step_dir, exc)
+                skipped.append(str(step_dir))
+        return None, None
+
+    def restore(self, app_state: dict[str, Any], resume: Optional[str] = None) -> Optional[RestoreResult]:
+        """Collective. Load the checkpoint chosen by ``resume`` (auto | none | PATH; default
+        ``checkpoint.resume``) into ``app_state``. Returns None when starting fresh.
+
+        Auto: the newest committed checkpoint; ones without a marker, with a file whose size /
+        sha256 differs from the marker, or that fail to load, are skipped with a warning naming
+        them, and the previous one is tried.
+        """
+        resume = resume if resume is not None else self.cfg.resume
+        explicit_step_dir = resume not in ("auto", "none") and layout.step_of(Path(resume)) is not None
+        skipped: list[str] = []
+        while True:
+            decision: tuple[Optional[str], Optional[str]] = (None, None)
+            if self.rank == 0:
+                try:
+                    candidates, explicit = layout.resolve_resume_target(resume, self.run_dir)
+                    chosen, error = self._choose(candidates, explicit, skipped)
+                    decision = (str(chosen) if chosen else None, error)
+                except layout.InvalidCheckpoint as exc:
+                    decision = (None, str(exc))
+            (chosen_str, error), skipped = self._broadcast((decision, skipped))
+            if error:
+                raise layout.InvalidCheckpoint(error)
+            if chosen_str is None:
+                if resume not in ("none", "auto"):
+                    raise layout.InvalidCheckpoint(f"checkpoint.resume={resume}: no valid checkpoint (skipped: {skipped})")
+                log.info("no checkpoint to resume from in %s; starting fresh", self.ckpt_dir)
+                return None
+            step_dir = Path(chosen_str)
+            loaded: Optional[tuple[dict, dict]] = None
+            problem = ""
+            try:
+                loaded = self._read(step_dir, app_state)
+            except CheckpointReadError as exc:
+                problem = str(exc)
+            if not self._all_ok(loaded is not None):
+                if self.rank == 0:
+                    log.warning("skipping checkpoint %s: load failed on some rank%s", step_dir,
+                                f": {problem}" if problem else "")
+                skipped.append(str(step_dir))
+                if explicit_step_dir:
+                    raise layout.InvalidCheckpoint(f"{step_dir}: cannot be loaded: {problem or 'failed on another rank'}")
+                continue
+            assert loaded is not None
+            trees, objects = loaded
+            return self._apply(step_dir, app_state, trees, objects, skipped)
+
+    def _read(self, step_dir: Path, app_state: dict[str, Any]) -> tuple[dict, dict]:
+        reader = StepReader(step_dir)
+        available = set(reader.tree_names())
+        missing = sorted(set(app_state) - available)
+        if missing:
+            raise ValueError(
+                f"{step_dir}: checkpoint has no state named {missing} (it has {sorted(available)}); "
+                "the run's configuration differs from the one that wrote it")
+        trees = reader.read_trees(sorted(app_state))
+        objects = reader.read_objects([META_KEY, rng_key(self.rank)])
+        if META_KEY not in objects:
+            raise CheckpointReadError(f"{step_dir}: no {META_KEY} entry")
+        return trees, objects
+
+    def _apply(self, step_dir: Path, app_state: dict[str, Any], trees: dict, objects: dict,
+               skipped: list[str]) -> RestoreResult:
+        meta = objects[META_KEY]
+        step, saved_ws = int(meta["step"]), int(meta["world_size"])
+        locked = layout.read_marker(step_dir).get("world_size_locked")
+        if locked and saved_ws != self.world_size:
+            raise ValueError(
+                f"{step_dir}: saved with world size {saved_ws}, resuming with {self.world_size}, but this "
+                f"checkpoint cannot be resharded: {locked}")
+        for name, value in app_state.items():
+            if isinstance(value, GatheredState):
+                value.obj.load_state_dict(trees[name])
+            elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+                value.load_state_dict(trees[name])
+            else:
+                app_state[name] = trees[name]
+        rng = objects.get(rng_key(self.rank))
+        if rng is not None:
+            restore_rng_state(rng, self.seed, step, self.rank)
+        else:
+            derived = seed_derived_rng(self.seed, step, self.rank)
+            log.info("rank %d has no saved RNG state in %s (saved by %d ranks); derived seed %d",
+                     self.rank, step_dir, saved_ws, derived)
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        log.info("resumed from %s (step %d, saved by %d ranks, now %d)", step_dir, step, saved_ws, self.world_size)
+        return RestoreResult(step=step, step_dir=step_dir, saved_world_size=saved_ws, skipped=skipped)

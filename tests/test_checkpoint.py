@@ -1,0 +1,339 @@
+"""CheckpointManager: exact resume, world-size changes, preemption, torn checkpoints, retention, async."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from spade_dist.checkpoint import (
+    CheckpointManager, InvalidCheckpoint, find_latest, list_step_dirs, read_marker, validate_step_dir,
+)
+from spade_dist.checkpoint.layout import select_prunable
+from spade_dist.config import CheckpointConfig
+from tests.checkpoint_toy_loop import NUM_SAMPLES, ToySampler, ToyTrainState, merge_positions, run
+from tests.dist_utils import run_distributed
+
+TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"
+
+
+def _cfg(**kw) -> CheckpointConfig:
+    base = dict(every_steps=0, keep_last=10, async_save=True, resume="auto")
+    base.update(kw)
+    return CheckpointConfig(**base)
+
+
+def _run_ranks(rank: int, world_size: int, run_dir: str, steps: int, cfg: CheckpointConfig, stop_at: int = -1,
+               final_save: bool = True):
+    return run(Path(run_dir), steps, rank, world_size, cfg, stop_at_step=stop_at, final_save=final_save)
+
+
+def _assert_same_params(a: dict, b: dict, tol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume, same world size
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.dist
+def test_resume_same_world_size_equals_uninterrupted(tmp_path):
+    """2 ranks: save at k=4 (async periodic save), stop, resume, run to 10 == uninterrupted 10."""
+    full = run_distributed(_run_ranks, 2, args=(str(tmp_path / "full"), 10, _cfg(resume="none")))
+    first = run_distributed(_run_ranks, 2, args=(str(tmp_path / "cut"), 10, _cfg(every_steps=4), 5))
+    assert all(r["stopped"] and r["step"] == 5 for r in first)
+    # Throw away the preemption checkpoint at 5 so resume uses the asynchronous one at 4.
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000000005")
+    second = run_distributed(_run_ranks, 2, args=(str(tmp_path / "cut"), 10, _cfg(every_steps=4)))
+    assert [r["restored"] for r in second] == [4, 4]
+    for rank in range(2):
+        _assert_same_params(full[rank]["params"], second[rank]["params"])
+        assert full[rank]["lr"] == pytest.approx(second[rank]["lr"], abs=1e-12)
+        assert full[rank]["opt"]["state"][0]["step"] == second[rank]["opt"]["state"][0]["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# world-size changes: state equality and exactly-once data
+# ----------------------------------------------------------------------------------------------
+
+
+def _epoch0_ids(results_list: list[list[dict]]) -> Counter:
+    ids: Counter = Counter()
+    for results in results_list:
+        for r in results:
+            ids.update(i for epoch, i in r["delivered"] if epoch == 0)
+    return ids
+
+
+def _check_world_size_change(tmp_path: Path, ws_before: int, stop_at: int, ws_after: int, steps_after: int) -> None:
+    run_dir = str(tmp_path / "run")
+    before = run_distributed(_run_ranks, ws_before, args=(run_dir, 100, _cfg(), stop_at)) if ws_before > 1 else \
+        [run(Path(run_dir), 100, 0, 1, _cfg(), stop_at_step=stop_at)]
+    assert all(r["stopped"] for r in before)
+    saved_dir = list_step_dirs(Path(run_dir) / "checkpoints")[-1]
+    assert read_marker(saved_dir)["world_size"] == ws_before
+    # What was saved, read back in one process: the model weights must reach every new rank.
+    from spade_dist.checkpoint import StepReader
+
+    saved = StepReader(saved_dir).read_trees(["train"])["train"]
+    after = run_distributed(_run_ranks, ws_after, args=(run_dir, steps_after, _cfg(), -1, False)) if ws_after > 1 else \
+        [run(Path(run_dir), steps_after, 0, 1, _cfg(), final_save=False)]
+    assert [r["restored"] for r in after] == [stop_at] * ws_after
+    assert [r["restored_from_ws"] for r in after] == [ws_before] * ws_after
+    # Every sample of epoch 0 exactly once across the interruption.
+    ids = _epoch0_ids([before, after])
+    assert sorted(ids) == list(range(NUM_SAMPLES)) and set(ids.values()) == {1}, ids
+    # Training continued from the saved state: a fresh process restoring the checkpoint has
+    # the saved weights, optimizer moments and scheduler position.
+    probe = ToyTrainState(seed=99)
+    probe.load_state_dict(saved)
+    assert probe.step == stop_at and probe.sched.last_epoch == stop_at
+    assert probe.opt.state_dict()["state"][0]["exp_avg_sq"].abs().sum() > 0
+    # All new ranks end with identical parameters (same restored state + all-reduced grads).
+    for r in after[1:]:
+        _assert_same_params(after[0]["params"], r["params"], tol=0)
+
+
+@pytest.mark.dist
+def test_resume_two_to_one_rank_mid_epoch(tmp_path):
+    # 2 ranks x batch 2: stop after 2 steps (8 of 24 samples); 1 rank needs 8 steps for the other 16.
+    _check_world_size_change(tmp_path, ws_before=2, stop_at=2, ws_after=1, steps_after=10)
+
+
+@pytest.mark.dist
+def test_resume_one_to_three_ranks_mid_epoch(tmp_path):
+    # 1 rank: stop after 3 steps (6 samples); 3 ranks x batch 2 take the other 18 in 3 steps.
+    _check_world_size_change(tmp_path, ws_before=1, stop_at=3, ws_after=3, steps_after=6)
+
+
+def test_restore_identical_optimizer_state_single_process(tmp_path):
+    """Saved and restored optimizer / scheduler / model state are bit-identical."""
+    state = ToyTrainState()
+    sampler = ToySampler(0, 1, 2)
+    for _ in range(3):
+        from tests.checkpoint_toy_loop import train_step
+
+        train_step(state, sampler.next_batch()[1], 1)
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    mgr.save(3, {"train": state, "extra": {"lr_table": torch.arange(3.0), "note": "x"}}, blocking=True)
+    mgr.close()
+    fresh = ToyTrainState(seed=5)
+    app = {"train": fresh, "extra": None}
+    mgr2 = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    result = mgr2.restore(app)
+    assert result.step == 3
+    assert app["extra"]["note"] == "x" and torch.equal(app["extra"]["lr_table"], torch.arange(3.0))
+    _assert_same_params(state.model.state_dict(), fresh.model.state_dict(), tol=0)
+    a, b = state.opt.state_dict(), fresh.opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for idx in a["state"]:
+        for k in a["state"][idx]:
+            assert torch.equal(a["state"][idx][k], b["state"][idx][k])
+    assert fresh.sched.state_dict()["last_epoch"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# torn checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_steps(run_dir: Path, steps: list[int]) -> ToyTrainState:
+    state = ToyTrainState()
+    mgr = CheckpointManager(run_dir, _cfg(), install_signal_handlers=False)
+    for s in steps:
+        state.step = s
+        mgr.save(s, {"train": state}, blocking=True)
+    mgr.close()
+    return state
+
+
+def test_truncated_and_markerless_newest_are_skipped(tmp_path, caplog):
+    _save_steps(tmp_path, [1, 2, 3])
+    ckpts = tmp_path / "checkpoints"
+    newest, middle = ckpts / "step-000000003", ckpts / "step-000000002"
+    (newest / "COMMITTED").unlink()  # save interrupted before the commit
+    data_file = next(p for p in middle.iterdir() if p.suffix == ".distcp")
+    data_file.write_bytes(data_file.read_bytes()[:-7])  # truncated file
+    fresh = ToyTrainState(seed=3)
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    with caplog.at_level(logging.WARNING, logger="spade_dist.checkpoint"):
+        result = mgr.restore({"train": fresh})
+    assert result.step == 1 and fresh.step == 1
+    text = caplog.text
+    assert "step-000000003" in text and "no COMMITTED marker" in text
+    assert "step-000000002" in text and "truncated" in text
+    assert [Path(p).name for p in result.skipped] == ["step-000000003", "step-000000002"]
+    assert find_latest(tmp_path).name == "step-000000001"
+
+
+def test_corrupt_bytes_same_size_detected_by_sha256(tmp_path):
+    _save_steps(tmp_path, [4])
+    step_dir = tmp_path / "checkpoints" / "step-000000004"
+    data_file = next(p for p in step_dir.iterdir() if p.suffix == ".distcp")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(InvalidCheckpoint, match="sha256"):
+        validate_step_dir(step_dir)
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    assert mgr.restore({"train": ToyTrainState()}) is None  # nothing valid left: fresh start
+
+
+def test_explicit_resume_path_must_be_valid(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    (tmp_path / "checkpoints" / "step-000000002" / "COMMITTED").unlink()
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    with pytest.raises(InvalidCheckpoint, match="step-000000002"):
+        mgr.restore({"train": ToyTrainState()}, resume=str(tmp_path / "checkpoints" / "step-000000002"))
+    with pytest.raises(InvalidCheckpoint, match="does not exist"):
+        mgr.restore({"train": ToyTrainState()}, resume=str(tmp_path / "nowhere"))
+    state = ToyTrainState()
+    assert mgr.restore({"train": state}, resume=str(tmp_path)).step == 1  # a run dir: newest valid
+    assert mgr.restore({"train": state}, resume="none") is None
+
+
+def test_missing_state_name_is_a_clear_error(tmp_path):
+    _save_steps(tmp_path, [1])
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    with pytest.raises(ValueError, match=r"no state named \['encoder'\]"):
+        mgr.restore({"train": ToyTrainState(), "encoder": ToyTrainState()})
+
+
+# ----------------------------------------------------------------------------------------------
+# retention
+# ----------------------------------------------------------------------------------------------
+
+
+def test_select_prunable_keeps_last_and_milestones():
+    assert select_prunable([1, 2, 3, 4, 5, 6], keep_last=2, keep_every=0) == [1, 2, 3, 4]
+    assert select_prunable([2, 4, 6, 8, 10, 12], keep_last=2, keep_every=4) == [2, 6]
+
+
+def test_retention_prunes_only_committed_older(tmp_path):
+    state = ToyTrainState()
+    mgr = CheckpointManager(tmp_path, _cfg(keep_last=2, keep_every=4), install_signal_handlers=False)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-000000001").mkdir(parents=True)  # torn leftover, not committed: never pruned
+    for s in [2, 3, 4, 5, 6, 7]:
+        state.step = s
+        mgr.save(s, {"train": state}, blocking=False)
+    mgr.close()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000001", "step-000000004", "step-000000006", "step-000000007"]
+    for name in ["step-000000004", "step-000000006", "step-000000007"]:
+        validate_step_dir(ckpts / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# async save
+# ----------------------------------------------------------------------------------------------
+
+
+def test_async_save_equals_sync_save_and_stages_a_copy(tmp_path):
+    big = torch.nn.Linear(512, 512)
+    state_a = {"m": big}
+    mgr = CheckpointManager(tmp_path / "a", _cfg(), install_signal_handlers=False)
+    expected = {k: v.clone() for k, v in big.state_dict().items()}
+    mgr.save(1, state_a, blocking=False)
+    with torch.no_grad():  # training goes on and mutates the parameters in place
+        big.weight.add_(1.0)
+    mgr.wait()
+    mgr_b = CheckpointManager(tmp_path / "b", _cfg(), install_signal_handlers=False)
+    big.load_state_dict(expected)
+    mgr_b.save(1, state_a, blocking=True)
+    from spade_dist.checkpoint import StepReader
+
+    got_a = StepReader(tmp_path / "a" / "checkpoints" / "step-000000001").read_trees(["m"])["m"]
+    got_b = StepReader(tmp_path / "b" / "checkpoints" / "step-000000001").read_trees(["m"])["m"]
+    for k in expected:
+        assert torch.equal(got_a[k], expected[k]) and torch.equal(got_b[k], expected[k])
+
+
+def test_async_write_error_is_reraised(tmp_path):
+    blocker = tmp_path / "run" / "checkpoints"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the checkpoints directory should be")
+    mgr = CheckpointManager(tmp_path / "run", _cfg(), install_signal_handlers=False)
+    mgr.save(1, {"m": torch.nn.Linear(2, 2)}, blocking=False)
+    with pytest.raises(RuntimeError, match="asynchronous checkpoint save failed"):
+        mgr.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# signals and preemption
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.dist
+def test_stop_flag_reaches_every_rank_at_same_step(tmp_path):
+    """A stop requested on rank 0 only: both ranks stop at the same step after a committed save."""
+    results = run_distributed(_run_ranks, 2, args=(str(tmp_path), 100, _cfg(), 3))
+    assert [r["step"] for r in results] == [3, 3] and all(r["stopped"] for r in results)
+    validate_step_dir(tmp_path / "checkpoints" / "step-000000003")
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "keys-rank0.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def test_sigusr1_commits_and_exits_with_requeue_code_then_resume_continues(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(TOY_LOOP), str(tmp_path), "--steps", "12", "--every", "100", "--sleep", "0.1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _steps_logged(tmp_path) >= 3, 60, "3 training steps")
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == CheckpointConfig().requeue_exit_code, out
+    committed = [p for p in list_step_dirs(tmp_path / "checkpoints") if (p / "COMMITTED").exists()]
+    assert len(committed) == 1
+    stop_step = read_marker(committed[0])["step"]
+    assert 3 <= stop_step < 12
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    done = json.loads((tmp_path / "DONE").read_text())
+    assert done == {"step": 12, "restored": stop_step}
+    # Samples: 12 steps x 2 = 24 = exactly one epoch, each sample once across the requeue.
+    records = [json.loads(line) for line in (tmp_path / "keys-rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    ids = Counter(i for r in records for i in r["ids"])
+    assert sorted(ids) == list(range(NUM_SAMPLES)) and set(ids.values()) == {1}
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_kill_minus_9_under_torchrun_restarts_and_finishes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=127.0.0.1:0", "--monitor-interval=0.2", str(TOY_LOOP), str(tmp_path),
+           "--steps", "9", "--every", "2", "--die-at-step", "5", "--die-rank", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "died-once").exists()
+    done = json.loads((tmp_path / "DONE").read_text())
+    assert done["step"] == 9 and done["restored"] == 4  # restarted from the newest checkpoint
+    assert find_latest(tmp_path).name == "step-000000009"
