@@ -157,7 +157,11 @@ class CheckpointConfig:
     async_save: bool = True
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    requeue_exit_code: int = 124
+    requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
+    # A file whose appearance asks all ranks to checkpoint and stop, like a preemption signal. Batch
+    # scripts create it (shared filesystem) because launchers do not forward every signal to workers.
+    # Empty = <run_dir>/STOP.
+    stop_file: str = ""
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""``spade-config``: print the resolved configuration (YAML), or selected keys for shell scripts.
+
+    spade-config --config configs/coco_stuff.yaml model.ngf=32          # whole resolved config
+    spade-config --config X --get train.backend eval.mode               # "ddp none" (one line)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from spade_dist.config import Config, ConfigError, load_config
+
+
+def get_dotted(cfg: Config, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        if not hasattr(node, part):
+            raise ConfigError(f"unknown config key '{key}'")
+        node = getattr(node, part)
+    return node
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="spade-config", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--get", nargs="+", metavar="KEY", help="print only these dotted keys, space separated")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.ngf=32")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.get:
+            print(" ".join(str(get_dotted(cfg, k)) for k in args.get))
+        else:
+            print(cfg.to_yaml(), end="")
+    except ConfigError as exc:
+        print(f"spade-config: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
