@@ -1,0 +1,426 @@
+"""Prometheus metrics of a training run: a per-rank exporter, file_sd discovery, Pushgateway helpers.
+
+Every training process owns one :class:`TrainingMetrics`. It keeps its metrics in its *own*
+``CollectorRegistry`` (never the process-global default one, so two exporters in one process — tests,
+an evaluator beside a trainer — cannot collide) and serves them from a background HTTP thread on
+``metrics.port_base + local_rank`` (``port_base: 0`` = a free port chosen by the OS).
+
+Discovery: rank 0 writes a Prometheus ``file_sd`` JSON file ``<sd_dir>/<run>-<job_id>.json`` listing
+every rank's ``host:port`` (ranks exchange their bound ports with ``all_gather_object``) and removes it
+at :meth:`TrainingMetrics.close`. Prometheus scrapes these targets with ``honor_labels: true`` so the
+labels the exporter puts on its samples (``run``, ``job_id``, ``rank``, ``node``) are kept as they are,
+while the same labels on the target give the ``up`` series of every rank.
+
+The evaluator publishes FID / KID through :class:`EvalMetrics` (its own server + its own file_sd file,
+or the Pushgateway for one-off jobs). Short jobs use :func:`push_job_metrics` / :func:`delete_job_metrics`.
+
+The trainer passes plain Python numbers: nothing here touches a tensor, so recording never forces a
+device synchronisation. Rank 0 additionally appends one JSON line per :meth:`TrainingMetrics.record_step`
+to ``<run_dir>/logs/train_metrics.jsonl`` (see docs/FORMATS.md), read by ``spade-report``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Mapping, Optional, Union
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import delete_from_gateway, push_to_gateway
+
+from spade_dist.config import MetricsConfig
+
+# Label names carried by every training sample; the dashboard and the alert rules group by them.
+TRAIN_LABELS = ("run", "job_id", "rank", "node")
+# Evaluation results belong to a run, not to a rank.
+EVAL_LABELS = ("run", "job_id")
+
+# Step-time buckets (seconds): tiny CPU test steps (ms) up to slow multi-node GPU steps (~30 s).
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
+
+TRAIN_LOG_RELPATH = Path("logs") / "train_metrics.jsonl"
+
+
+class MetricsError(RuntimeError):
+    """The exporter cannot do what the configuration asks (port taken, bad value, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_run_labels(cfg: MetricsConfig, run_dir: Union[str, Path]) -> tuple[str, str]:
+    """Return ``(run, job_id)``: config values, else the run dir's name and ``$SLURM_JOB_ID`` / "local"."""
+    run = cfg.run_name or Path(run_dir).resolve().name
+    job_id = cfg.job_id or os.environ.get("SLURM_JOB_ID", "") or "local"
+    for key, value in (("metrics.run_name", run), ("metrics.job_id", job_id)):
+        # The values become file names and label values: keep them to a safe alphabet.
+        if not value or any(c in value for c in "/\\\n\""):
+            raise MetricsError(f"{key}: invalid value {value!r} (must be non-empty, without / \\ \" or newline)")
+    return run, job_id
+
+
+def resolve_sd_dir(cfg: MetricsConfig, run_dir: Union[str, Path]) -> Path:
+    """``metrics.sd_dir``, or ``<run_dir>/metrics`` when empty."""
+    return Path(cfg.sd_dir) if cfg.sd_dir else Path(run_dir) / "metrics"
+
+
+def sd_file_name(run: str, job_id: str, suffix: str = "") -> str:
+    """One discovery file per job (and one per evaluator: ``suffix="eval"``)."""
+    return f"{run}-{job_id}{'-' + suffix if suffix else ''}.json"
+
+
+def advertised_host(bind: str, node: str) -> str:
+    """The host Prometheus should scrape: the bind address, or the node name for a wildcard bind."""
+    return node if bind in ("", "0.0.0.0", "::") else bind
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temp file + rename so Prometheus never reads a half-written target file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _start_server(registry: CollectorRegistry, port: int, bind: str, who: str, config_key: str):
+    """Start the HTTP thread; a taken port becomes a :class:`MetricsError` naming port and config key."""
+    if not 0 <= port <= 65535:
+        raise MetricsError(f"{who}: port {port} out of range 0..65535 (from {config_key})")
+    try:
+        server, thread = start_http_server(port, addr=bind, registry=registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise MetricsError(
+                f"{who}: port {port} on {bind} is already in use (set by {config_key}; "
+                f"choose a free range or 0 for OS-chosen ports)"
+            ) from exc
+        raise MetricsError(f"{who}: cannot listen on {bind}:{port} ({config_key}): {exc}") from exc
+    return server, thread
+
+
+def _stop_server(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def push_job_metrics(gateway: str, job: str, registry: CollectorRegistry,
+                     grouping: Optional[Mapping[str, str]] = None, timeout: float = 10.0) -> None:
+    """Replace the Pushgateway group ``job`` (+ ``grouping``) with ``registry``'s metrics.
+
+    For short jobs (sharding, one-off evaluation) that end before Prometheus could scrape them.
+    ``gateway`` is ``host:port`` (``metrics.pushgateway``).
+    """
+    if not gateway:
+        raise MetricsError("push_job_metrics: no gateway given (metrics.pushgateway is empty)")
+    try:
+        push_to_gateway(gateway, job=job, registry=registry, grouping_key=dict(grouping or {}), timeout=timeout)
+    except OSError as exc:
+        raise MetricsError(f"cannot push job {job!r} to Pushgateway {gateway} (metrics.pushgateway): {exc}") from exc
+
+
+def delete_job_metrics(gateway: str, job: str, grouping: Optional[Mapping[str, str]] = None,
+                       timeout: float = 10.0) -> None:
+    """Delete the group a job pushed, so finished jobs don't linger on the Pushgateway forever."""
+    if not gateway:
+        raise MetricsError("delete_job_metrics: no gateway given (metrics.pushgateway is empty)")
+    try:
+        delete_from_gateway(gateway, job=job, grouping_key=dict(grouping or {}), timeout=timeout)
+    except OSError as exc:
+        raise MetricsError(f"cannot delete job {job!r} from Pushgateway {gateway} (metrics.pushgateway): {exc}") from exc
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Training exporter
+# --------------------------------------------------------------------------------------------
+
+
+class TrainingMetrics:
+    """Per-rank training metrics. Construct on every rank; all methods are no-ops when disabled.
+
+    ``record_step`` covers the ``steps`` optimizer steps since the previous call (default 1):
+    ``images`` is the number of images *this rank* processed in them, ``data_seconds`` /
+    ``compute_seconds`` the time spent waiting for data / computing. Loss values, learning rates and
+    gradient norms are the latest Python floats (call ``.item()`` only on logging steps).
+    """
+
+    def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], rank: int = 0, local_rank: int = 0,
+                 world_size: int = 1, node: Optional[str] = None, process_group: Any = None) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self.run_dir = Path(run_dir)
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.node = node or socket.gethostname()
+        self.process_group = process_group
+        self.run, self.job_id = resolve_run_labels(cfg, run_dir)
+        self.sd_dir = resolve_sd_dir(cfg, run_dir)
+        self.sd_path = self.sd_dir / sd_file_name(self.run, self.job_id)
+        self.port: Optional[int] = None
+        self._server: Any = None
+        self._log: Optional[IO[str]] = None
+        self._wrote_sd_file = False
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._labels = {"run": self.run, "job_id": self.job_id, "rank": str(rank), "node": self.node}
+        self._build_metrics()
+
+    # -- metric definitions ------------------------------------------------------------------
+    def _build_metrics(self) -> None:
+        reg, names = self.registry, list(TRAIN_LABELS)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, names + list(extra), registry=reg)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, names, registry=reg)
+
+        self._step = gauge("spade_step", "Last optimizer step completed.")
+        self._epoch = gauge("spade_epoch", "Current epoch.")
+        self._samples = counter("spade_samples", "Images processed by this rank.")
+        self._throughput = gauge("spade_images_per_second", "Images per second of this rank over the last interval.")
+        self._step_seconds = Histogram(
+            "spade_step_seconds", "Time per optimizer step, split into waiting for data and computing.",
+            names + ["phase"], buckets=STEP_SECONDS_BUCKETS, registry=reg)
+        self._loss = gauge("spade_loss", "Latest value of each loss term.", ("term",))
+        self._lr = gauge("spade_learning_rate", "Current learning rate per network.", ("net",))
+        self._grad_norm = gauge("spade_grad_norm", "Latest total gradient L2 norm per network.", ("net",))
+        self._nonfinite = counter("spade_nonfinite_steps_skipped", "Optimizer steps skipped for a non-finite loss or gradient.")
+        self._corrupt = counter("spade_corrupt_samples_skipped", "Corrupt samples skipped by the loader.")
+        self._memory = gauge("spade_device_memory_bytes", "Device memory allocated by this rank.")
+        self._ckpt_seconds = gauge("spade_checkpoint_save_seconds", "Duration of the last checkpoint save.")
+        self._ckpt_bytes = gauge("spade_checkpoint_bytes", "Size of the last checkpoint written by this rank.")
+        self._ckpt_last = gauge("spade_checkpoint_last_success_timestamp_seconds",
+                                "Unix time of the last successful checkpoint save (0 = none yet).")
+        self._ckpt_saves = Counter("spade_checkpoint_saves", "Checkpoint saves by result.",
+                                   names + ["result"], registry=reg)
+        self._heartbeat = gauge("spade_heartbeat_timestamp_seconds", "Unix time the training loop last reported.")
+        self._start_time = gauge("spade_start_time_seconds", "Unix time this training process started.")
+        self._world = gauge("spade_world_size", "Number of ranks of the job.")
+
+        lab = self._labels
+        # Create every label-less child now so each series exists (value 0) from the first scrape:
+        # rate()/increase() and the alert rules then have data even before the first event.
+        for metric in (self._step, self._epoch, self._samples, self._throughput, self._nonfinite, self._corrupt,
+                       self._memory, self._ckpt_seconds, self._ckpt_bytes, self._ckpt_last, self._heartbeat,
+                       self._start_time, self._world):
+            metric.labels(**lab)
+        for phase in ("data", "compute"):
+            self._step_seconds.labels(**lab, phase=phase)
+        for result in ("success", "failure"):
+            self._ckpt_saves.labels(**lab, result=result)
+        now = time.time()
+        self._start_time.labels(**lab).set(now)
+        self._heartbeat.labels(**lab).set(now)
+        self._world.labels(**lab).set(self.world_size)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start serving; rank 0 writes the file_sd target file listing every rank.
+
+        Collective when a process group is initialised (all ranks must call it).
+        """
+        if not self.enabled or self._server is not None:
+            return
+        port = self.cfg.port_base + self.local_rank if self.cfg.port_base else 0
+        who = f"metrics exporter of rank {self.rank} (local rank {self.local_rank})"
+        self._server, _ = _start_server(self.registry, port, self.cfg.bind, who, "metrics.port_base")
+        self.port = self._server.server_port
+        mine = {"target": f"{advertised_host(self.cfg.bind, self.node)}:{self.port}", "labels": dict(self._labels)}
+        everyone = self._gather(mine)
+        if self.rank == 0:
+            groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
+            write_json_atomic(self.sd_path, groups)
+            self._wrote_sd_file = True
+            log_path = self.run_dir / TRAIN_LOG_RELPATH
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_path, "a", buffering=1)  # line-buffered: readers see whole lines
+
+    def _gather(self, mine: dict) -> list[dict]:
+        import torch.distributed as dist  # local: keeps `import spade_dist.metrics` light for short jobs
+
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            out: list[Any] = [None] * dist.get_world_size(self.process_group)
+            dist.all_gather_object(out, mine, group=self.process_group)
+            return sorted(out, key=lambda t: int(t["labels"]["rank"]))
+        return [mine]
+
+    def close(self) -> None:
+        """Stop the server, close the log, and (rank 0) remove the discovery file. Idempotent."""
+        if self._wrote_sd_file:
+            self.sd_path.unlink(missing_ok=True)
+            self._wrote_sd_file = False
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._server is not None:
+            _stop_server(self._server)
+            self._server = None
+
+    def __enter__(self) -> "TrainingMetrics":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- recording ---------------------------------------------------------------------------------
+    def _beat(self) -> None:
+        self._heartbeat.labels(**self._labels).set(time.time())
+
+    def record_step(self, step: int, epoch: int, images: int, data_seconds: float, compute_seconds: float,
+                    losses: Optional[Mapping[str, float]] = None, lrs: Optional[Mapping[str, float]] = None,
+                    grad_norms: Optional[Mapping[str, float]] = None, steps: int = 1) -> None:
+        """Record ``steps`` optimizer steps ending at ``step`` (see the class docstring)."""
+        if not self.enabled:
+            return
+        if steps < 1:
+            raise MetricsError(f"record_step: steps must be >= 1, got {steps}")
+        lab = self._labels
+        self._step.labels(**lab).set(step)
+        self._epoch.labels(**lab).set(epoch)
+        self._samples.labels(**lab).inc(images)
+        total = data_seconds + compute_seconds
+        per_rank_rate = images / total if total > 0 else 0.0
+        self._throughput.labels(**lab).set(per_rank_rate)
+        # Only interval sums are known: each step of the interval is observed at the interval mean.
+        for phase, seconds in (("data", data_seconds), ("compute", compute_seconds)):
+            child = self._step_seconds.labels(**lab, phase=phase)
+            for _ in range(steps):
+                child.observe(seconds / steps)
+        for term, value in (losses or {}).items():
+            self._loss.labels(**lab, term=term).set(value)
+        for net, value in (lrs or {}).items():
+            self._lr.labels(**lab, net=net).set(value)
+        for net, value in (grad_norms or {}).items():
+            self._grad_norm.labels(**lab, net=net).set(value)
+        self._beat()
+        if self._log is not None:
+            record = {
+                "step": step, "epoch": epoch, "time": round(time.time(), 3),
+                # Every rank runs the same per-rank batch (a requirement of SyncBN), so rank 0's rate
+                # times the world size is the job's throughput.
+                "images_per_sec": per_rank_rate * self.world_size,
+                "data_wait_share": data_seconds / total if total > 0 else 0.0,
+                "losses": {k: (float(v) if _finite(v) else None) for k, v in (losses or {}).items()},
+                "lr": {k: float(v) for k, v in (lrs or {}).items()},
+                "grad_norms": {k: (float(v) if _finite(v) else None) for k, v in (grad_norms or {}).items()},
+            }
+            self._log.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def record_nonfinite_skip(self, n: int = 1) -> None:
+        """Count ``n`` optimizer steps that were skipped because a loss or gradient was not finite."""
+        if self.enabled:
+            self._nonfinite.labels(**self._labels).inc(n)
+            self._beat()
+
+    def record_corrupt(self, n: int = 1) -> None:
+        """Count ``n`` corrupt samples the loader skipped."""
+        if self.enabled and n:
+            self._corrupt.labels(**self._labels).inc(n)
+
+    def record_device_memory(self, num_bytes: int) -> None:
+        """Device memory in use (e.g. ``torch.cuda.memory_allocated()``; RSS on CPU)."""
+        if self.enabled:
+            self._memory.labels(**self._labels).set(num_bytes)
+
+    def record_checkpoint(self, seconds: float, bytes: int, success: bool = True) -> None:  # noqa: A002 - API name
+        """One checkpoint save finished (or failed) after ``seconds``; ``bytes`` written by this rank."""
+        if not self.enabled:
+            return
+        lab = self._labels
+        self._ckpt_saves.labels(**lab, result="success" if success else "failure").inc()
+        if success:
+            self._ckpt_seconds.labels(**lab).set(seconds)
+            self._ckpt_bytes.labels(**lab).set(bytes)
+            self._ckpt_last.labels(**lab).set(time.time())
+        self._beat()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation results
+# --------------------------------------------------------------------------------------------
+
+
+class EvalMetrics:
+    """FID / KID of a run, published by the evaluator (``spade-eval watch`` / ``once``).
+
+    Mode follows the config: with ``metrics.pushgateway`` set, every :meth:`record` pushes the group
+    ``job="spade-eval", run, job_id`` (for one-off jobs that exit before a scrape); otherwise
+    :meth:`start` serves on a free port and writes its own file_sd file ``<run>-<job_id>-eval.json``
+    beside the trainer's, so the same Prometheus job discovers it.
+    """
+
+    PUSH_JOB = "spade-eval"
+
+    def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], node: Optional[str] = None,
+                 best_fid: Optional[float] = None) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self.node = node or socket.gethostname()
+        self.run, self.job_id = resolve_run_labels(cfg, run_dir)
+        self.sd_path = resolve_sd_dir(cfg, run_dir) / sd_file_name(self.run, self.job_id, "eval")
+        self.push_mode = bool(cfg.pushgateway)
+        self.port: Optional[int] = None
+        self._server: Any = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._labels = {"run": self.run, "job_id": self.job_id}
+        names = list(EVAL_LABELS)
+        reg = self.registry
+        self._fid = Gauge("spade_eval_fid", "FID of the last evaluated checkpoint.", names, registry=reg)
+        self._kid = Gauge("spade_eval_kid", "KID (mean over subsets) of the last evaluated checkpoint.", names, registry=reg)
+        self._kid_std = Gauge("spade_eval_kid_std", "KID standard deviation over subsets.", names, registry=reg)
+        self._best = Gauge("spade_eval_best_fid", "Lowest FID of the run so far.", names, registry=reg)
+        self._step = Gauge("spade_eval_step", "Training step of the last evaluated checkpoint.", names, registry=reg)
+        self._seconds = Gauge("spade_eval_seconds", "Duration of the last evaluation.", names, registry=reg)
+        self._last = Gauge("spade_eval_last_timestamp_seconds", "Unix time of the last finished evaluation.", names, registry=reg)
+        self.best_fid = best_fid  # a resumed watcher passes best.json's FID
+
+    def start(self) -> None:
+        """Serve mode: start the server and write the evaluator's discovery file."""
+        if not self.enabled or self.push_mode or self._server is not None:
+            return
+        self._server, _ = _start_server(self.registry, 0, self.cfg.bind, "evaluator metrics exporter", "metrics.bind")
+        self.port = self._server.server_port
+        target = f"{advertised_host(self.cfg.bind, self.node)}:{self.port}"
+        write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}])
+
+    def record(self, step: int, fid: float, kid_mean: float, kid_std: float = 0.0, seconds: float = 0.0) -> None:
+        """Publish one evaluation result; the best FID is the minimum seen (or passed in at start)."""
+        if not self.enabled:
+            return
+        if self.best_fid is None or fid < self.best_fid:
+            self.best_fid = fid
+        lab = self._labels
+        self._fid.labels(**lab).set(fid)
+        self._kid.labels(**lab).set(kid_mean)
+        self._kid_std.labels(**lab).set(kid_std)
+        self._best.labels(**lab).set(self.best_fid)
+        self._step.labels(**lab).set(step)
+        self._seconds.labels(**lab).set(seconds)
+        self._last.labels(**lab).set(time.time())
+        if self.push_mode:
+            push_job_metrics(self.cfg.pushgateway, self.PUSH_JOB, self.registry, self._labels)
+
+    def close(self, delete_pushed: bool = False) -> None:
+        """Stop serving and remove the discovery file; optionally delete the pushed group."""
+        if self._server is not None:
+            _stop_server(self._server)
+            self._server = None
+            self.sd_path.unlink(missing_ok=True)
+        if delete_pushed and self.enabled and self.push_mode:
+            delete_job_metrics(self.cfg.pushgateway, self.PUSH_JOB, self._labels)

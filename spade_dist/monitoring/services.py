@@ -1,0 +1,178 @@
+"""Start and stop a real Prometheus and Pushgateway on 127.0.0.1 (free ports, temp dirs), no systemd.
+
+Used by the end-to-end tests and by the quickstart:
+
+    with start_pushgateway(workdir) as gw:            # gw.address == "127.0.0.1:PORT"
+        ...
+    with start_prometheus(config_path, workdir) as prom:
+        prom.query("up")                               # -> list of result dicts
+
+``python -m spade_dist.monitoring.services --config prometheus.yml --workdir DIR`` runs Prometheus
+(and, with ``--pushgateway``, a Pushgateway) in the foreground until interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional, Union
+
+
+class ServiceError(RuntimeError):
+    """A service binary is missing, did not become ready, or answered an error."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ServiceError(f"'{name}' not found on PATH; install it with launch/install_services.sh")
+    return path
+
+
+class Service:
+    """A child process listening on ``host:port``; stop() terminates it (then kills after 10 s)."""
+
+    def __init__(self, name: str, argv: list[str], host: str, port: int, log_path: Path) -> None:
+        self.name, self.host, self.port, self.log_path = name, host, port, log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, path: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise ServiceError(f"{self.name} not ready at {self.url}{path} after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Prometheus(Service):
+    """A Prometheus server with small helpers for its HTTP API."""
+
+    def api(self, endpoint: str, params: Optional[dict] = None) -> Any:
+        query = "?" + urllib.parse.urlencode(params) if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{endpoint}{query}", timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as exc:
+            raise ServiceError(f"Prometheus /api/v1/{endpoint} {params}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+        if body.get("status") != "success":
+            raise ServiceError(f"Prometheus /api/v1/{endpoint} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """Instant query; returns the result list (empty when no series match)."""
+        data = self.api("query", {"query": expr})
+        return data["result"] if data["resultType"] in ("vector", "matrix") else [data["result"]]
+
+
+def start_prometheus(config: Union[str, Path], workdir: Union[str, Path], port: int = 0,
+                     host: str = "127.0.0.1", ready_timeout: float = 30.0) -> Prometheus:
+    """Start ``prometheus`` with ``config``; TSDB and log under ``workdir``; wait until ready."""
+    workdir = Path(workdir)
+    (workdir / "tsdb").mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    argv = [_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address={host}:{port}", "--web.enable-lifecycle", "--log.level=warn"]
+    prom = Prometheus("prometheus", argv, host, port, workdir / "prometheus.log")
+    try:
+        prom.wait_ready("/-/ready", ready_timeout)
+    except BaseException:
+        prom.stop()
+        raise
+    return prom
+
+
+def start_pushgateway(workdir: Union[str, Path], port: int = 0, host: str = "127.0.0.1",
+                      ready_timeout: float = 30.0) -> Service:
+    """Start ``prometheus-pushgateway`` (in-memory, no persistence file); wait until ready."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    argv = [_binary("prometheus-pushgateway"), f"--web.listen-address={host}:{port}", "--log.level=warn"]
+    gw = Service("pushgateway", argv, host, port, workdir / "pushgateway.log")
+    try:
+        gw.wait_ready("/-/ready", ready_timeout)
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--config", required=True, help="prometheus.yml to load")
+    parser.add_argument("--workdir", required=True, help="directory for the TSDB and logs")
+    parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument("--pushgateway", action="store_true", help="also start a Pushgateway")
+    parser.add_argument("--pushgateway-port", type=int, default=9091)
+    args = parser.parse_args(argv)
+    services: list[Service] = []
+    try:
+        if args.pushgateway:
+            services.append(start_pushgateway(args.workdir, args.pushgateway_port))
+            print(f"pushgateway: {services[-1].url}", flush=True)
+        services.append(start_prometheus(args.config, args.workdir, args.port))
+        print(f"prometheus: {services[-1].url}", flush=True)
+        while all(s.proc.poll() is None for s in services):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for s in reversed(services):
+            s.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
