@@ -206,9 +206,9 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
     spec: DatasetSpec = found.spec
     if found.problems and not skip_bad:
         problem = found.problems[0]
-        more = f" (and {len(found.problems) - 1} more)" if len(found.problems) > 1 else ""
-        raise DataToolsError(f"sample {problem.key!r}: {problem.reason} under {root}{more}; "
-                             "use --skip-bad to skip such samples")
+        more = f" (and {len(found.problems) - 1} more such samples)" if len(found.problems) > 1 else ""
+        raise DataToolsError(f"sample {problem.key!r} ({', '.join(str(root / f) for f in problem.files)}): "
+                             f"{problem.reason}{more}; use --skip-bad to skip such samples")
     if not found.samples:
         raise DataToolsError(f"no samples found for split {split!r} under {root} (layout {layout})")
 
