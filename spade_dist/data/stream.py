@@ -115,15 +115,17 @@ def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tupl
             "use a cropping preprocess_mode or batch_size 1")
     n = len(samples)
     h, w = samples[0].label.shape
-    image = torch.empty((n, 3, h, w), dtype=torch.uint8)
-    label = torch.empty((n, 1, h, w), dtype=torch.int64)
-    instance = torch.empty((n, 1, h, w), dtype=torch.int64)
+    # numpy buffers filled in place: one copy per sample, HWC -> CHW done by the assignment.
+    image = np.empty((n, 3, h, w), dtype=np.uint8)
+    label = np.empty((n, 1, h, w), dtype=np.int64)
+    instance = np.empty((n, 1, h, w), dtype=np.int64)
     for i, s in enumerate(samples):
-        image[i].copy_(torch.from_numpy(np.ascontiguousarray(s.image)).permute(2, 0, 1))
-        label[i, 0].copy_(torch.from_numpy(s.label))
-        instance[i, 0].copy_(torch.from_numpy(s.instance))
+        image[i] = s.image.transpose(2, 0, 1)
+        label[i, 0] = s.label
+        instance[i, 0] = s.instance
     return {
-        "image": image, "label": label, "instance": instance, "key": [s.key for s in samples],
+        "image": torch.from_numpy(image), "label": torch.from_numpy(label), "instance": torch.from_numpy(instance),
+        "key": [s.key for s in samples],
         INDEX_FIELD: torch.tensor(indices, dtype=torch.int64), CORRUPT_FIELD: corrupt, READ_FIELD: read,
     }
 

@@ -76,6 +76,8 @@ def _scaled_size(opts: PreprocessOptions, w: int, h: int) -> tuple[int, int]:
         short, long = min(w, h), max(w, h)
         if short == opts.load_size:
             return w, h
+        # Official quirk kept on purpose: the short side keeps its ORIGINAL length, only the
+        # long side becomes load_size * long / short (base_dataset.__scale_shortside).
         long = int(opts.load_size * long / short)
         return (short, long) if w == short else (long, short)
     if mode == "fixed":
