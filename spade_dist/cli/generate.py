@@ -129,6 +129,11 @@ def _read_checkpoint(path: Path) -> object:
     if not path.is_file():
         raise GenerateError(f"checkpoint not found: {path}")
     try:
+        # mmap: for an official checkpoint this read only sniffs the format; compat reads it again.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; retry plainly
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, not a torch file, pickled objects
         raise GenerateError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
@@ -178,7 +183,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
             raise GenerateError(f"official checkpoints are SPADE generators; the config says model.netG={cfg.model.netG}")
         d, m = cfg.data, cfg.model
         generator = load_official_generator(
-            payload, label_nc=d.label_nc, contain_dontcare_label=d.contain_dontcare_label,
+            args.checkpoint, label_nc=d.label_nc, contain_dontcare_label=d.contain_dontcare_label,
             no_instance=d.no_instance, ngf=m.ngf, crop_size=d.crop_size, aspect_ratio=d.aspect_ratio,
             num_upsampling_layers=m.num_upsampling_layers, use_vae=m.use_vae, z_dim=m.z_dim, norm_G=m.norm_G,
             fused_modulation=m.fused_modulation,
@@ -253,8 +258,12 @@ def generation_size(cfg: Config) -> tuple[int, int]:
     return int(round(width / cfg.data.aspect_ratio)), width
 
 
-def read_integer_map(path: Path, size_hw: tuple[int, int], what: str) -> torch.Tensor:
-    """Single-channel PNG -> int64 1 x 1 x H x W, resized with nearest neighbour (ids never blended)."""
+def read_integer_map(path: Path, size_hw: tuple[int, int], what: str,
+                     check_ids: Optional[tuple[int, bool]] = None) -> torch.Tensor:
+    """Single-channel PNG -> int64 1 x 1 x H x W, resized with nearest neighbour (ids never blended).
+
+    ``check_ids=(label_nc, contain_dontcare_label)`` validates the ids at full resolution, before the
+    resize could drop a small region holding a bad id."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -266,6 +275,12 @@ def read_integer_map(path: Path, size_hw: tuple[int, int], what: str) -> torch.T
                 img = img.convert("L")
             if img.mode.startswith("I;16"):
                 img = img.convert("I")  # PIL resizes 32-bit integer images; values kept
+            if check_ids is not None:
+                full = torch.from_numpy(np.array(img, dtype=np.int64))
+                try:
+                    check_label_ids(full.view(1, 1, *full.shape), *check_ids)
+                except LabelError as exc:
+                    raise GenerateError(f"{path}: {exc}") from exc
             resized = img.resize((size_hw[1], size_hw[0]), Image.NEAREST)
             array = np.array(resized, dtype=np.int64)
     except (UnidentifiedImageError, OSError) as exc:
@@ -346,11 +361,8 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
     rows: list[GalleryRow] = []
     with torch.inference_mode():
         for sample in samples:
-            label = read_integer_map(sample.label_path, size_hw, "label map")
-            try:
-                check_label_ids(label, cfg.data.label_nc, cfg.data.contain_dontcare_label)
-            except LabelError as exc:
-                raise GenerateError(f"{sample.label_path}: {exc}") from exc
+            label = read_integer_map(sample.label_path, size_hw, "label map",
+                                     check_ids=(cfg.data.label_nc, cfg.data.contain_dontcare_label))
             instance = (read_integer_map(sample.instance_path, size_hw, "instance map")
                         if sample.instance_path is not None else None)
             semantics = encode_semantics(

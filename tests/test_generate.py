@@ -1,0 +1,253 @@
+"""Visualisation helpers and spade-generate end to end on the COCO-Stuff sample (tiny generators)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spade_dist.cli.generate import main
+from spade_dist.config import load_config
+from spade_dist.models import build_encoder, build_generator
+from spade_dist.models.compat import save_generator_file, save_official_generator
+from spade_dist.visualize import (
+    GalleryRow,
+    colorize_labels,
+    label_palette,
+    make_grid,
+    save_grid,
+    to_uint8_image,
+    write_gallery,
+)
+
+TINY = ["model.ngf=8", "data.crop_size=32", "data.load_size=32"]
+
+
+# ------------------------------------------------------------------------------------------------
+# visualize
+# ------------------------------------------------------------------------------------------------
+
+
+def test_label_palette_official_colours() -> None:
+    palette = label_palette(150)
+    # bit interleaving of id + 1: 1 -> R msb, 2 -> G msb, 3 -> R+G, 4 -> B msb, 9 -> R msb + R next bit
+    assert palette[:4].tolist() == [[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert palette[8].tolist() == [192, 0, 0]
+    assert label_palette(35)[7].tolist() == [128, 64, 128]  # Cityscapes road
+    coco = label_palette(182)
+    assert coco[156].tolist() == [95, 219, 255] and coco[123].tolist() == [29, 195, 49]  # sky-other, grass
+    assert coco[0].tolist() == palette[0].tolist()
+
+
+def test_colorize_labels_maps_ids_and_dontcare_to_black() -> None:
+    label = torch.tensor([[[[0, 1], [2, 255]]]])
+    colors = colorize_labels(label, 150)
+    assert colors.dtype == torch.uint8 and colors.shape == (1, 3, 2, 2)
+    assert colors[0, :, 0, 0].tolist() == [128, 0, 0]
+    assert colors[0, :, 1, 0].tolist() == [128, 128, 0]
+    assert colors[0, :, 1, 1].tolist() == [0, 0, 0]
+
+
+def test_to_uint8_image_matches_official_tensor2im() -> None:
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 6)
+    # (x + 1) / 2 * 255, clipped, truncated: 0 -> 127 (127.5 truncated)
+    assert to_uint8_image(x).flatten().tolist() == [0, 0, 127, 254, 255, 255]
+    with pytest.raises(ValueError, match="float"):
+        to_uint8_image(torch.zeros(3, 2, 2, dtype=torch.uint8))
+
+
+def test_save_grid_tiles_mixed_sizes(tmp_path: Path) -> None:
+    red = torch.zeros(3, 4, 6, dtype=torch.uint8)
+    red[0] = 255
+    gray = torch.full((1, 2, 2), 100, dtype=torch.uint8)
+    grid = make_grid([[red, gray], [None, red]], pad=1)
+    assert grid.shape == (3, 1 + 4 + 1 + 4 + 1, 1 + 6 + 1 + 6 + 1)
+    assert grid[:, 1, 1].tolist() == [255, 0, 0]
+    assert grid[:, 1, 8].tolist() == [100, 100, 100]
+    assert grid[:, 6, 1].tolist() == [0, 0, 0]  # the empty cell
+    path = save_grid([[red, gray], [None, red]], tmp_path / "g.png", pad=1)
+    assert np.array(Image.open(path)).shape == (11, 15, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        make_grid([[torch.zeros(3, 2, 2)]])
+
+
+def test_write_gallery_escapes_text_and_uses_relative_paths(tmp_path: Path) -> None:
+    image = tmp_path / "imgs" / "a b.png"
+    image.parent.mkdir()
+    image.write_bytes(b"")
+    page = write_gallery(
+        tmp_path / "index.html", "<script>alert(1)</script>",
+        [GalleryRow(caption='key "&" <b>', images=[("gen <0>", image)])],
+        columns=["x<y"], notes=["seed <7>"],
+    )
+    text = page.read_text()
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "key &quot;&amp;&quot; &lt;b&gt;" in text and "gen &lt;0&gt;" in text and "x&lt;y" in text
+    assert 'src="imgs/a%20b.png"' in text
+    assert str(tmp_path) not in text
+
+
+# ------------------------------------------------------------------------------------------------
+# spade-generate
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    """A tiny COCO-Stuff generator (ngf 8, 32 px, 182 classes + don't care + instance) in official format."""
+    torch.manual_seed(0)
+    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", TINY)
+    path = tmp_path_factory.mktemp("ckpt") / "latest_net_G.pth"
+    save_official_generator(build_generator(cfg), path)
+    return path
+
+
+def _args(sample: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["--labels", str(sample / "val_label"), "--instances", str(sample / "val_inst"),
+            "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+
+
+def test_generate_coco_sample_with_official_checkpoint(coco_sample: Path, official_checkpoint: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    rc = main(_args(coco_sample, official_checkpoint, out, "--images", str(coco_sample / "val_img"),
+                    "--preset", "coco_stuff", "--device", "cpu", *TINY))
+    assert rc == 0, capsys.readouterr().err
+    keys = sorted(p.stem for p in (coco_sample / "val_label").glob("*.png"))
+    assert len(keys) == 8
+    for key in keys:
+        generated = np.array(Image.open(out / "images" / f"{key}_0.png"))
+        assert generated.shape == (32, 32, 3) and generated.dtype == np.uint8
+        assert generated.std() > 0, "a generator output should not be a flat image"
+        assert np.array(Image.open(out / "labels" / f"{key}.png")).shape == (32, 32, 3)
+        assert np.array(Image.open(out / "real" / f"{key}.png")).shape == (32, 32, 3)
+    html = (out / "index.html").read_text()
+    for key in keys:
+        for src in (f"labels/{key}.png", f"images/{key}_0.png", f"real/{key}.png"):
+            assert f'src="{src}"' in html
+    # the same checkpoint + seed gives the same images
+    again = tmp_path / "again"
+    assert main(_args(coco_sample, official_checkpoint, again, "--preset", "coco_stuff", "--limit", "1", *TINY)) == 0
+    assert np.array_equal(np.array(Image.open(again / "images" / f"{keys[0]}_0.png")),
+                          np.array(Image.open(out / "images" / f"{keys[0]}_0.png")))
+
+
+def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and err.startswith("spade-generate: error:")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_bad_paths_give_clear_errors(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "no_such_dir"
+    _expect_error(["--labels", str(missing), "--instances", str(coco_sample / "val_inst"), "--checkpoint",
+                   str(official_checkpoint), "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY],
+                  capsys, "--labels", str(missing))
+    _expect_error(_args(coco_sample, tmp_path / "missing.pth", tmp_path / "o", "--preset", "coco_stuff", *TINY),
+                  capsys, "checkpoint not found", "missing.pth")
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", *TINY), capsys, "--preset")
+    # the model needs instance edges
+    _expect_error(["--labels", str(coco_sample / "val_label"), "--checkpoint", str(official_checkpoint),
+                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY], capsys, "--instances")
+
+
+def test_unreadable_and_rgb_label_pngs(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    labels, instances = tmp_path / "labels", tmp_path / "inst"
+    labels.mkdir()
+    instances.mkdir()
+    Image.new("L", (8, 8)).save(instances / "bad.png")
+    argv = ["--labels", str(labels), "--instances", str(instances), "--checkpoint", str(official_checkpoint),
+            "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY]
+    (labels / "bad.png").write_bytes(b"not a png at all")
+    _expect_error(argv, capsys, "bad.png", "cannot read")
+    Image.new("RGB", (8, 8)).save(labels / "bad.png")
+    _expect_error(argv, capsys, "bad.png", "mode RGB")
+
+
+def test_label_id_beyond_label_nc_names_file_and_ids(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    labels, instances = tmp_path / "labels", tmp_path / "inst"
+    labels.mkdir()
+    instances.mkdir()
+    key = "000000000139"
+    array = np.array(Image.open(coco_sample / "val_label" / f"{key}.png"))
+    array[0, 0] = 190  # a single pixel: must be caught before the resize to 32 px could drop it
+    array[5, 5] = 200
+    Image.fromarray(array).save(labels / f"{key}.png")
+    shutil.copy(coco_sample / "val_inst" / f"{key}.png", instances / f"{key}.png")
+    _expect_error(["--labels", str(labels), "--instances", str(instances), "--checkpoint", str(official_checkpoint),
+                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY],
+                  capsys, f"{key}.png", "190, 200", "label_nc=182")
+
+
+def test_checkpoint_mismatch_propagates_compat_message(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *TINY,
+                        "model.ngf=16"), capsys, "does not match", "ngf")
+    not_a_checkpoint = tmp_path / "junk.pth"
+    not_a_checkpoint.write_bytes(b"junk")
+    _expect_error(_args(coco_sample, not_a_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *TINY),
+                  capsys, "junk.pth", "cannot read")
+
+
+def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, repo_root: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(1)
+    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", TINY + ["model.use_vae=true", "model.z_dim=16"])
+    project_file = tmp_path / "generator.pt"
+    save_generator_file(build_generator(cfg), cfg, project_file)
+    out = tmp_path / "vae"
+    # no --preset: the project file carries its config
+    assert main(_args(coco_sample, project_file, out, "--num-per-label", "2", "--limit", "2", "--seed", "3")) == 0
+    first = np.array(Image.open(out / "images" / "000000000139_0.png"))
+    second = np.array(Image.open(out / "images" / "000000000139_1.png"))
+    assert not np.array_equal(first, second), "two random z per label should give two different images"
+    assert len(list((out / "images").glob("*.png"))) == 4
+    _expect_error(_args(coco_sample, project_file, tmp_path / "o", "--style-image",
+                        str(coco_sample / "val_img" / "000000000139.jpg")), capsys, "encoder", "--encoder")
+
+
+def test_num_per_label_needs_a_vae(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff",
+                        "--num-per-label", "2", *TINY), capsys, "deterministic")
+
+
+def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    # The official encoder layout needs crop_size 256. To keep the generator cheap on CPU this test uses
+    # 4 hand-drawn classes (custom preset) and aspect ratio 4 (256 x 64 output).
+    options = ["data.label_nc=4", "data.aspect_ratio=4.0", "model.ngf=8", "model.use_vae=true", "model.z_dim=16"]
+    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
+    torch.manual_seed(2)
+    save_official_generator(build_generator(cfg), tmp_path / "G.pth")
+    torch.save(build_encoder(cfg).state_dict(), tmp_path / "E.pth")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    scene = np.zeros((40, 40), dtype=np.uint8)
+    scene[20:, :] = 1
+    scene[5:15, 5:30] = 3
+    Image.fromarray(scene).save(labels / "scene.png")
+    style = coco_sample / "val_img" / "000000000785.jpg"
+    base = ["--labels", str(labels), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom", *options,
+            "--style-image", str(style)]
+    runs = []
+    for name in ("a", "b"):
+        rc = main(base + ["--out", str(tmp_path / name), "--encoder", str(tmp_path / "E.pth")])
+        assert rc == 0, capsys.readouterr().err
+        runs.append(np.array(Image.open(tmp_path / name / "images" / "scene_0.png")))
+    assert runs[0].shape == (64, 256, 3)
+    assert np.array_equal(runs[0], runs[1]), "same seed + style image -> same image"
+    # an encoder file that does not fit the options
+    torch.save({"layer1.weight": torch.zeros(1)}, tmp_path / "bad_E.pth")
+    _expect_error(base + ["--out", str(tmp_path / "c"), "--encoder", str(tmp_path / "bad_E.pth")],
+                  capsys, "bad_E.pth", "encoder weights do not match")
