@@ -1,0 +1,1 @@
+"""Monitoring helpers: Grafana dashboard generator, local Prometheus / Pushgateway services."""

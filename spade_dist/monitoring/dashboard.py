@@ -1,0 +1,211 @@
+"""Grafana dashboard for spade-dist runs, generated from code.
+
+The checked-in ``configs/monitoring/grafana/spade_dist.json`` is this module's output (a test compares
+them): edit the panels here, then regenerate with
+
+    python -m spade_dist.monitoring.dashboard --write
+
+Plain dicts rather than a builder library: the JSON is what Grafana imports, so writing it directly
+keeps every field visible and the output byte-stable. The dashboard has a ``datasource`` variable
+(any Prometheus data source) plus ``run`` and ``job_id`` variables fed by ``label_values`` queries, so
+it imports as is. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` must match
+the scrape job name in ``configs/monitoring/prometheus.yml``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+TRAIN_SCRAPE_JOB = "spade-train"
+DASHBOARD_UID = "spade-dist-training"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "configs" / "monitoring" / "grafana" / "spade_dist.json"
+
+_SEL = 'run="$run", job_id="$job_id"'
+_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+_RATE = "[$__rate_interval]"
+
+
+def _target(expr: str, legend: str, ref: str) -> dict[str, Any]:
+    return {"datasource": _DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref}
+
+
+def _panel(panel_id: int, title: str, kind: str, grid: tuple[int, int, int, int], unit: str,
+           targets: list[tuple[str, str]], description: str = "") -> dict[str, Any]:
+    x, y, w, h = grid
+    return {
+        "id": panel_id,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": _DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}}
+        if kind == "timeseries" else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+        "targets": [_target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)],
+    }
+
+
+def _row(panel_id: int, title: str, y: int) -> dict[str, Any]:
+    return {"id": panel_id, "type": "row", "title": title, "collapsed": False,
+            "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []}
+
+
+def _variable(name: str, label: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name, "label": label, "type": "query", "datasource": _DATASOURCE,
+        "definition": query, "query": {"query": query, "refId": f"{name}-query"},
+        "refresh": 2, "sort": 1, "includeAll": False, "multi": False,
+        "current": {}, "options": [], "hide": 0,
+    }
+
+
+def build_dashboard() -> dict[str, Any]:
+    """The dashboard as a dict, ready for ``json.dumps`` and Grafana's import."""
+    s = _SEL
+    panels: list[dict[str, Any]] = []
+    ids = iter(range(1, 1000))
+
+    panels.append(_row(next(ids), "Progress", 0))
+    panels += [
+        _panel(next(ids), "Throughput", "timeseries", (0, 1, 12, 8), "short", [
+            (f"sum(rate(spade_samples_total{{{s}}}{_RATE}))", "images/s (job)"),
+            (f"spade_images_per_second{{{s}}}", "rank {{rank}} (last interval)"),
+        ], "Images per second over all ranks (from the samples counter) and per rank."),
+        _panel(next(ids), "Step time breakdown", "timeseries", (12, 1, 12, 8), "s", [
+            (f"histogram_quantile(0.5, sum by (le, phase) (rate(spade_step_seconds_bucket{{{s}}}{_RATE})))", "p50 {{phase}}"),
+            (f"histogram_quantile(0.95, sum by (le, phase) (rate(spade_step_seconds_bucket{{{s}}}{_RATE})))", "p95 {{phase}}"),
+            (f'sum(rate(spade_step_seconds_sum{{{s}, phase="data"}}{_RATE})) / sum(rate(spade_step_seconds_sum{{{s}}}{_RATE}))',
+             "data-wait share"),
+        ], "Per-step seconds waiting for data vs computing; the share is data wait / total step time."),
+        _panel(next(ids), "Step", "stat", (0, 9, 6, 4), "short", [
+            (f"max(spade_step{{{s}}})", "step"),
+        ]),
+        _panel(next(ids), "Epoch", "stat", (6, 9, 6, 4), "short", [
+            (f"max(spade_epoch{{{s}}})", "epoch"),
+        ]),
+        _panel(next(ids), "Ranks", "stat", (12, 9, 6, 4), "short", [
+            (f"max(spade_world_size{{{s}}})", "world size"),
+        ]),
+        _panel(next(ids), "Skipped steps and samples", "stat", (18, 9, 6, 4), "short", [
+            (f"sum(spade_nonfinite_steps_skipped_total{{{s}}})", "non-finite steps"),
+            (f"sum(spade_corrupt_samples_skipped_total{{{s}}})", "corrupt samples"),
+        ]),
+    ]
+    panels.append(_row(next(ids), "Optimisation", 13))
+    panels += [
+        _panel(next(ids), "Losses", "timeseries", (0, 14, 12, 8), "short", [
+            (f"avg by (term) (spade_loss{{{s}}})", "{{term}}"),
+        ], "Latest value of each loss term, averaged over ranks."),
+        _panel(next(ids), "Learning rate", "timeseries", (12, 14, 6, 8), "short", [
+            (f"max by (net) (spade_learning_rate{{{s}}})", "{{net}}"),
+        ]),
+        _panel(next(ids), "Gradient norm", "timeseries", (18, 14, 6, 8), "short", [
+            (f"max by (net) (spade_grad_norm{{{s}}})", "{{net}}"),
+        ]),
+    ]
+    panels.append(_row(next(ids), "Evaluation", 22))
+    panels += [
+        _panel(next(ids), "FID", "timeseries", (0, 23, 12, 8), "short", [
+            (f"max(spade_eval_fid{{{s}}})", "FID (last checkpoint)"),
+            (f"max(spade_eval_best_fid{{{s}}})", "best FID"),
+        ], "Published by the FID evaluator (spade-eval)."),
+        _panel(next(ids), "KID", "timeseries", (12, 23, 12, 8), "short", [
+            (f"max(spade_eval_kid{{{s}}})", "KID"),
+        ]),
+    ]
+    panels.append(_row(next(ids), "Checkpoints", 31))
+    panels += [
+        _panel(next(ids), "Checkpoint age", "stat", (0, 32, 8, 6), "s", [
+            (f"time() - max(spade_checkpoint_last_success_timestamp_seconds{{{s}}} > 0)", "age"),
+        ], "Seconds since the newest successful checkpoint."),
+        _panel(next(ids), "Checkpoint save time", "timeseries", (8, 32, 8, 6), "s", [
+            (f"max(spade_checkpoint_save_seconds{{{s}}})", "save seconds"),
+        ]),
+        _panel(next(ids), "Checkpoint size", "timeseries", (16, 32, 8, 6), "bytes", [
+            (f"sum(spade_checkpoint_bytes{{{s}}})", "bytes (all ranks)"),
+        ]),
+    ]
+    panels.append(_row(next(ids), "Health", 38))
+    panels += [
+        _panel(next(ids), "Rank targets up", "timeseries", (0, 39, 8, 8), "short", [
+            (f'up{{job="{TRAIN_SCRAPE_JOB}", {s}, rank!=""}}', "rank {{rank}} ({{node}})"),
+        ], "1 = Prometheus scrapes the rank's exporter."),
+        _panel(next(ids), "Heartbeat age", "timeseries", (8, 39, 8, 8), "s", [
+            (f"time() - spade_heartbeat_timestamp_seconds{{{s}}}", "rank {{rank}}"),
+        ], "Seconds since each rank's training loop last reported."),
+        _panel(next(ids), "Device memory", "timeseries", (16, 39, 8, 8), "bytes", [
+            (f"spade_device_memory_bytes{{{s}}}", "rank {{rank}}"),
+        ]),
+    ]
+    return {
+        "uid": DASHBOARD_UID,
+        "title": "spade-dist training",
+        "tags": ["spade-dist", "training"],
+        "timezone": "utc",
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {"list": [
+            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+             "current": {}, "options": [], "hide": 0, "refresh": 1, "includeAll": False, "multi": False},
+            _variable("run", "Run", "label_values(spade_step, run)"),
+            _variable("job_id", "Job", 'label_values(spade_step{run="$run"}, job_id)'),
+        ]},
+        "panels": panels,
+    }
+
+
+def dashboard_json() -> str:
+    """The exact text of the checked-in dashboard file."""
+    return json.dumps(build_dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+def panel_expressions(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(panel title, PromQL)`` for every query target of every panel (rows included)."""
+    def walk(panels: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                yield panel["title"], target["expr"]
+            yield from walk(panel.get("panels", []))
+    yield from walk(dashboard.get("panels", []))
+
+
+_LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
+
+
+def variable_selectors(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(variable, series selector, label)`` of every ``label_values(selector, label)`` variable."""
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        match = _LABEL_VALUES.match(var["query"]["query"])
+        if match is None:
+            raise ValueError(f"dashboard variable {var['name']}: unsupported query {var['query']['query']!r}")
+        yield var["name"], match["selector"], match["label"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate the spade-dist Grafana dashboard JSON.")
+    parser.add_argument("--write", action="store_true", help=f"write {DEFAULT_OUTPUT} (default: print)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    text = dashboard_json()
+    if args.write:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Per-rank exporter: metric names/labels, ports, taken-port error, file_sd discovery, jsonl log, EvalMetrics."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from spade_dist.config import MetricsConfig
+from spade_dist.metrics import EvalMetrics, MetricsError, TrainingMetrics, resolve_run_labels
+from tests.dist_utils import free_port, run_distributed
+
+
+def scrape(port: int) -> dict[str, list]:
+    """{sample name: [(labels, value), ...]} from an exporter's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def make_cfg(**kw) -> MetricsConfig:
+    return MetricsConfig(**{"enabled": True, "port_base": 0, "run_name": "toy", "job_id": "42", **kw})
+
+
+def test_metric_names_labels_and_values(tmp_path: Path) -> None:
+    m = TrainingMetrics(make_cfg(), run_dir=tmp_path / "run", rank=0, local_rank=0, world_size=2, node="n1")
+    m.start()
+    try:
+        m.record_step(step=10, epoch=1, images=8, data_seconds=0.5, compute_seconds=1.5,
+                      losses={"GAN": 1.25, "D_real": 0.5}, lrs={"G": 1e-4, "D": 4e-4}, grad_norms={"G": 3.0})
+        m.record_step(step=20, epoch=1, images=16, data_seconds=1.0, compute_seconds=3.0, steps=10)
+        m.record_nonfinite_skip()
+        m.record_corrupt(3)
+        m.record_device_memory(123456)
+        m.record_checkpoint(seconds=2.5, bytes=4096, success=True)
+        m.record_checkpoint(seconds=9.0, bytes=0, success=False)
+        samples = scrape(m.port)
+    finally:
+        m.close()
+
+    const = {"run": "toy", "job_id": "42", "rank": "0", "node": "n1"}
+
+    def value(name: str, **extra: str) -> float:
+        matches = [v for labels, v in samples[name] if labels == {**const, **extra}]
+        assert len(matches) == 1, (name, extra, samples.get(name))
+        return matches[0]
+
+    assert value("spade_step") == 20
+    assert value("spade_epoch") == 1
+    assert value("spade_samples_total") == 24
+    assert value("spade_images_per_second") == pytest.approx(16 / 4.0)
+    assert value("spade_step_seconds_count", phase="data") == 11
+    assert value("spade_step_seconds_sum", phase="data") == pytest.approx(1.5)
+    assert value("spade_step_seconds_sum", phase="compute") == pytest.approx(4.5)
+    assert value("spade_step_seconds_bucket", phase="compute", le="0.5") == 10  # the 10 steps of 0.3 s
+    assert value("spade_loss", term="GAN") == 1.25
+    assert value("spade_loss", term="D_real") == 0.5
+    assert value("spade_learning_rate", net="D") == 4e-4
+    assert value("spade_grad_norm", net="G") == 3.0
+    assert value("spade_nonfinite_steps_skipped_total") == 1
+    assert value("spade_corrupt_samples_skipped_total") == 3
+    assert value("spade_device_memory_bytes") == 123456
+    # The failed save counts as a failure and leaves the last success untouched.
+    assert value("spade_checkpoint_save_seconds") == 2.5
+    assert value("spade_checkpoint_bytes") == 4096
+    assert value("spade_checkpoint_last_success_timestamp_seconds") > 1e9
+    assert value("spade_checkpoint_saves_total", result="success") == 1
+    assert value("spade_checkpoint_saves_total", result="failure") == 1
+    assert value("spade_heartbeat_timestamp_seconds") >= value("spade_start_time_seconds")
+    assert value("spade_world_size") == 2
+    # Every spade_ metric carries the four identity labels; nothing leaks into the default registry.
+    for name, rows in samples.items():
+        assert name.startswith("spade_"), name
+        for labels, _ in rows:
+            assert {k: labels[k] for k in const} == const, (name, labels)
+
+
+def test_serves_on_port_base_plus_local_rank(tmp_path: Path) -> None:
+    port = free_port()
+    m = TrainingMetrics(make_cfg(port_base=port - 1), run_dir=tmp_path, rank=3, local_rank=1, world_size=1)
+    with m:
+        assert m.port == port
+        assert "spade_step" in scrape(port)
+    with pytest.raises(OSError):  # closed: nothing listens any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_port_taken_names_port_and_config_key(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        m = TrainingMetrics(make_cfg(port_base=port), run_dir=tmp_path, rank=0, local_rank=0, world_size=1)
+        with pytest.raises(MetricsError, match=rf"port {port} on 127\.0\.0\.1 is already in use.*metrics\.port_base"):
+            m.start()
+        m.close()
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_disabled_is_a_no_op(tmp_path: Path) -> None:
+    m = TrainingMetrics(make_cfg(enabled=False), run_dir=tmp_path, rank=0, local_rank=0, world_size=1)
+    m.start()
+    m.record_step(step=1, epoch=0, images=1, data_seconds=0.1, compute_seconds=0.1, losses={"GAN": 1.0})
+    m.record_checkpoint(seconds=1.0, bytes=1)
+    m.close()
+    assert m.port is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_default_from_run_dir_and_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "977")
+    assert resolve_run_labels(MetricsConfig(), tmp_path / "my-run") == ("my-run", "977")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert resolve_run_labels(MetricsConfig(), tmp_path / "my-run") == ("my-run", "local")
+    with pytest.raises(MetricsError, match="metrics.job_id"):
+        resolve_run_labels(MetricsConfig(job_id='a"b'), tmp_path)
+
+
+def test_single_rank_sd_file_and_train_log(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    m = TrainingMetrics(make_cfg(), run_dir=run_dir, rank=0, local_rank=0, world_size=1, node="n1")
+    m.start()
+    sd_file = run_dir / "metrics" / "toy-42.json"
+    groups = json.loads(sd_file.read_text())
+    assert groups == [{"targets": [f"127.0.0.1:{m.port}"],
+                       "labels": {"run": "toy", "job_id": "42", "rank": "0", "node": "n1"}}]
+    m.record_step(step=5, epoch=0, images=4, data_seconds=1.0, compute_seconds=3.0,
+                  losses={"GAN": 2.0, "D_fake": float("nan")}, lrs={"G": 1e-4, "D": 4e-4})
+    m.close()
+    assert not sd_file.exists()
+    lines = (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["step"] == 5 and rec["epoch"] == 0
+    assert rec["images_per_sec"] == pytest.approx(1.0)
+    assert rec["data_wait_share"] == pytest.approx(0.25)
+    assert rec["losses"] == {"GAN": 2.0, "D_fake": None}  # non-finite -> null: the file stays valid JSON
+    assert rec["lr"] == {"G": 1e-4, "D": 4e-4}
+
+
+def _two_rank_sd(rank: int, world_size: int, run_dir: str) -> dict:
+    m = TrainingMetrics(make_cfg(), run_dir=run_dir, rank=rank, local_rank=rank, world_size=world_size,
+                        node=f"node{rank}")
+    m.start()
+    import torch.distributed as dist
+
+    dist.barrier()
+    sd_file = Path(run_dir) / "metrics" / "toy-42.json"
+    groups = json.loads(sd_file.read_text())
+    served = scrape(m.port)["spade_world_size"][0][0]
+    m.record_step(step=1, epoch=0, images=2, data_seconds=0.1, compute_seconds=0.3)
+    dist.barrier()
+    m.close()
+    dist.barrier()
+    return {"port": m.port, "groups": groups, "served_labels": served, "exists_after": sd_file.exists(),
+            "log_exists": (Path(run_dir) / "logs" / "train_metrics.jsonl").exists()}
+
+
+@pytest.mark.dist
+def test_two_ranks_share_one_sd_file(tmp_path: Path) -> None:
+    results = run_distributed(_two_rank_sd, world_size=2, args=(str(tmp_path / "run"),))
+    ports = [r["port"] for r in results]
+    assert ports[0] != ports[1]
+    expected = [{"targets": [f"127.0.0.1:{ports[r]}"],
+                 "labels": {"run": "toy", "job_id": "42", "rank": str(r), "node": f"node{r}"}} for r in range(2)]
+    assert results[0]["groups"] == expected and results[1]["groups"] == expected
+    assert results[1]["served_labels"] == {"run": "toy", "job_id": "42", "rank": "1", "node": "node1"}
+    assert not results[0]["exists_after"]
+    assert results[0]["log_exists"]
+
+
+def test_eval_metrics_serve_mode_publishes_and_tracks_best(tmp_path: Path) -> None:
+    em = EvalMetrics(make_cfg(), run_dir=tmp_path / "run", node="evalnode")
+    em.start()
+    sd_file = tmp_path / "run" / "metrics" / "toy-42-eval.json"
+    assert json.loads(sd_file.read_text()) == [{"targets": [f"127.0.0.1:{em.port}"],
+                                               "labels": {"run": "toy", "job_id": "42", "role": "eval"}}]
+    em.record(step=100, fid=50.0, kid_mean=0.05, kid_std=0.01, seconds=3.0)
+    em.record(step=200, fid=60.0, kid_mean=0.06)
+    samples = scrape(em.port)
+    em.close()
+    assert not sd_file.exists()
+    labels = {"run": "toy", "job_id": "42"}
+    assert samples["spade_eval_fid"] == [(labels, 60.0)]
+    assert samples["spade_eval_best_fid"] == [(labels, 50.0)]
+    assert samples["spade_eval_kid"] == [(labels, 0.06)]
+    assert samples["spade_eval_step"] == [(labels, 200.0)]
