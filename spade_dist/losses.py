@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from spade_dist.config import LossConfig
 
 GAN_MODES = ("hinge", "ls", "original", "w")
 VGG_WEIGHTS_ENV = "SPADE_VGG19_WEIGHTS"
@@ -267,6 +270,14 @@ class VGGLoss(nn.Module):
             term = weight * F.l1_loss(fx, fy)
             total = term if total is None else total + term
         return total
+
+
+def build_vgg_loss(loss_cfg: "LossConfig") -> Optional[VGGLoss]:
+    """The perceptual loss the config asks for: None when ``loss.no_vgg_loss``, else loaded from
+    ``loss.vgg_weights`` / ``$SPADE_VGG19_WEIGHTS`` (a missing file fails here, at start-up, not mid-run)."""
+    if loss_cfg.no_vgg_loss:
+        return None
+    return VGGLoss.from_file(loss_cfg.vgg_weights or None)
 
 
 def save_random_vgg19_weights(path: Union[str, Path], seed: int = 0) -> Path:

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from spade_dist.config import LossConfig
 from spade_dist.losses import (
     VGG19,
     VGG_WEIGHTS_ENV,
     GANLoss,
     MissingVGGWeightsError,
     VGGLoss,
+    build_vgg_loss,
     feature_matching_loss,
     kld_loss,
     save_random_vgg19_weights,
@@ -159,6 +161,14 @@ def test_vgg_loss_shape_positivity_and_gradient(vgg_weights: Path) -> None:
 def test_vgg_weights_from_environment(vgg_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(VGG_WEIGHTS_ENV, str(vgg_weights))
     assert isinstance(VGGLoss.from_file(""), VGGLoss)
+
+
+def test_build_vgg_loss_from_config(vgg_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(VGG_WEIGHTS_ENV, raising=False)
+    assert build_vgg_loss(LossConfig(no_vgg_loss=True)) is None
+    assert isinstance(build_vgg_loss(LossConfig(vgg_weights=str(vgg_weights))), VGGLoss)
+    with pytest.raises(MissingVGGWeightsError, match="loss.vgg_weights"):
+        build_vgg_loss(LossConfig())
 
 
 def test_missing_vgg_weights_error_says_how_to_provide_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
