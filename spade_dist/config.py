@@ -327,7 +327,7 @@ def parse_override(text: str) -> dict:
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
-    from spade_dist.models.norms import parse_spade_norm  # local: models import config
+    from spade_dist.models.norms import parse_nonspade_norm, parse_spade_norm  # local: models import config
 
     checks: list[tuple[bool, str]] = [
         (cfg.data.label_nc > 0, f"data.label_nc must be > 0, got {cfg.data.label_nc}"),
@@ -352,6 +352,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         parse_spade_norm(cfg.model.norm_G)
     except ValueError as exc:
         raise ConfigError(f"{source}: model.norm_G: {exc}") from exc
+    # D / E / pix2pixHD norms, checked up front so the error names the key.
+    for key in ("norm_D", "norm_E", "pix2pixhd_norm_G"):
+        try:
+            parse_nonspade_norm(getattr(cfg.model, key))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: model.{key}: {exc}") from exc
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:

@@ -310,3 +310,10 @@ def test_factory_builds_from_config() -> None:
     assert isinstance(P, Pix2PixHDGenerator)
     with torch.no_grad():
         assert P(_seg(1, 7, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_config_rejects_unknown_discriminator_norm_naming_the_key() -> None:
+    from spade_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model\.norm_D.*spectralgroup"):
+        load_config(None, ["model.norm_D=spectralgroup"])
