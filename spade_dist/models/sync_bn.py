@@ -35,8 +35,12 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         if input.dim() != 4:
             raise ValueError(f"SyncBatchNorm2d expects N x C x H x W input, got shape {tuple(input.shape)}")
         distributed = self.training and _group_size(self.process_group) > 1
-        if input.is_cuda or not distributed:
+        if input.is_cuda:
             return super().forward(input)
+        if not distributed:
+            # Plain BN. nn.SyncBatchNorm.forward itself raises on CPU whenever a process group is
+            # initialised, even one of a single rank (e.g. a 1-process torchrun launch).
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)
         return self._forward_gathered(input)
 
     def _forward_gathered(self, x: torch.Tensor) -> torch.Tensor:

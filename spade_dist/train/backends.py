@@ -107,9 +107,11 @@ class DDPBackend(TrainBackend):
              scaler_D: Optional[torch.amp.GradScaler]) -> None:
         self.generator_module = generator
         self.discriminator_module = discriminator
-        if self.info.world_size > 1:
+        if self.info.world_size > 1 and self.device.type == "cuda":
             self.generator = self.accelerator.prepare_model(generator)
             self.discriminator = self.accelerator.prepare_model(discriminator)
+        elif self.info.world_size > 1:
+            self.generator, self.discriminator = CpuDDP(generator), CpuDDP(discriminator)
         else:
             self.generator, self.discriminator = generator, discriminator
         self.optimizers = {"G": opt_G, "D": opt_D}
@@ -150,6 +152,23 @@ class DDPBackend(TrainBackend):
 
     def optimizer(self, which: str) -> torch.optim.Optimizer:
         return self.optimizers[which]
+
+
+class CpuDDP(nn.parallel.DistributedDataParallel):
+    """DDP for CPU/gloo modules that contain the project's SyncBatchNorm2d.
+
+    torch's DDP refuses any ``nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only work
+    with GPU modules") because the stock layer has no CPU kernel. SyncBatchNorm2d subclasses it for
+    state-dict and CUDA compatibility but synchronizes on gloo itself, so the check is lifted for it
+    (and only for it: a stock nn.SyncBatchNorm is still rejected).
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        from spade_dist.models.sync_bn import SyncBatchNorm2d
+
+        for layer in module.modules():
+            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm2d):
+                raise ValueError(f"{type(layer).__name__}: stock nn.SyncBatchNorm cannot run on CPU; use SyncBatchNorm2d")
 
 
 class DeepSpeedBackend(TrainBackend):
