@@ -1,0 +1,125 @@
+"""Monitoring configs: promtool checks, dashboard JSON == generator, Pushgateway push/delete (real binary)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.parser import text_string_to_metric_families
+
+from spade_dist.config import MetricsConfig
+from spade_dist.metrics import EvalMetrics, MetricsError, delete_job_metrics, push_job_metrics
+from spade_dist.monitoring.dashboard import (TRAIN_SCRAPE_JOB, build_dashboard, dashboard_json, panel_expressions,
+                                             variable_selectors)
+from spade_dist.monitoring.services import start_pushgateway
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which("promtool")
+    if binary is None:
+        raise FileNotFoundError("promtool not on PATH: run launch/install_services.sh")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_check_config(repo_root: Path) -> None:
+    res = promtool("check", "config", str(repo_root / "configs/monitoring/prometheus.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_check_rules(repo_root: Path) -> None:
+    res = promtool("check", "rules", str(repo_root / "configs/monitoring/alerts.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 rules found" in res.stdout
+
+
+def test_promtool_test_rules(repo_root: Path) -> None:
+    res = promtool("test", "rules", str(repo_root / "configs/monitoring/alerts_test.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_alert_has_a_unit_test(repo_root: Path) -> None:
+    rules = yaml.safe_load((repo_root / "configs/monitoring/alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((repo_root / "configs/monitoring/alerts_test.yml").read_text())
+    firing = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
+    quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
+    assert alerts == {"SpadeTrainingStalled", "SpadeRankTargetDown", "SpadeNonFiniteStepsRising",
+                      "SpadeFIDRegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate"}
+    assert alerts == firing == quiet
+
+
+def test_promtool_test_rules_fails_on_a_broken_rule(repo_root: Path, tmp_path: Path) -> None:
+    # Guards the guard: a threshold raised so the alert cannot fire must make the unit tests fail.
+    text = (repo_root / "configs/monitoring/alerts.yml").read_text()
+    assert "> 900" in text
+    (tmp_path / "alerts.yml").write_text(text.replace("> 900", "> 90000"))
+    shutil.copy(repo_root / "configs/monitoring/alerts_test.yml", tmp_path / "alerts_test.yml")
+    res = promtool("test", "rules", str(tmp_path / "alerts_test.yml"))
+    assert res.returncode != 0 and "SpadeTrainingStalled" in res.stdout + res.stderr
+
+
+def test_scrape_config_matches_the_dashboard(repo_root: Path) -> None:
+    cfg = yaml.safe_load((repo_root / "configs/monitoring/prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    train = jobs[TRAIN_SCRAPE_JOB]
+    assert train["honor_labels"] is True and train["file_sd_configs"]
+    assert jobs["pushgateway"]["honor_labels"] is True
+    assert cfg["rule_files"] == ["alerts.yml"]
+
+
+def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:
+    checked_in = (repo_root / "configs/monitoring/grafana/spade_dist.json").read_text()
+    assert checked_in == dashboard_json(), "regenerate: python -m spade_dist.monitoring.dashboard --write"
+
+
+def test_dashboard_structure() -> None:
+    d = build_dashboard()
+    names = [v["name"] for v in d["templating"]["list"]]
+    assert names == ["datasource", "run", "job_id"]
+    assert [v[0] for v in variable_selectors(d)] == ["run", "job_id"]
+    titles = {p["title"] for p in d["panels"]}
+    for needed in ("Throughput", "Step time breakdown", "Losses", "Learning rate", "FID", "KID", "Checkpoint age",
+                   "Checkpoint save time", "Checkpoint size", "Rank targets up", "Heartbeat age", "Device memory"):
+        assert needed in titles
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    for title, expr in panel_expressions(d):
+        assert 'run="$run"' in expr and 'job_id="$job_id"' in expr, (title, expr)
+
+
+def _gateway_samples(address: str) -> list:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("spade_")]
+
+
+@pytest.mark.e2e
+def test_pushgateway_push_and_delete(tmp_path: Path) -> None:
+    with start_pushgateway(tmp_path / "gw") as gw:
+        registry = CollectorRegistry()
+        Gauge("spade_shard_samples", "Samples written by a shard job.", registry=registry).set(21)
+        push_job_metrics(gw.address, "spade-data-shard", registry, {"dataset": "coco-stuff"})
+        rows = [(s.name, s.labels, s.value) for s in _gateway_samples(gw.address)]
+        assert ("spade_shard_samples", {"job": "spade-data-shard", "dataset": "coco-stuff", "instance": ""}, 21.0) in rows
+        delete_job_metrics(gw.address, "spade-data-shard", {"dataset": "coco-stuff"})
+        assert _gateway_samples(gw.address) == []
+
+        # One-off evaluation: EvalMetrics pushes each result when metrics.pushgateway is set.
+        cfg = MetricsConfig(enabled=True, pushgateway=gw.address, run_name="toy", job_id="9")
+        em = EvalMetrics(cfg, run_dir=tmp_path / "run")
+        em.start()  # push mode: no server, no discovery file
+        assert em.port is None and not (tmp_path / "run").exists()
+        em.record(step=300, fid=42.5, kid_mean=0.02)
+        fids = [s for s in _gateway_samples(gw.address) if s.name == "spade_eval_fid"]
+        assert [(s.labels, s.value) for s in fids] == [({"job": "spade-eval", "run": "toy", "job_id": "9",
+                                                         "instance": ""}, 42.5)]
+        em.close(delete_pushed=True)
+        assert _gateway_samples(gw.address) == []
+        address = gw.address
+    with pytest.raises(MetricsError, match="metrics.pushgateway"):
+        push_job_metrics(address, "spade-data-shard", registry, timeout=2)
