@@ -156,13 +156,15 @@ class ShardLoader:
         for batch in batches:
             indices = batch.pop(INDEX_FIELD)
             self._account(batch.pop(CORRUPT_FIELD), int(batch.pop(READ_FIELD)))
-            counted = indices[indices >= 0].numpy()
-            self._delivered[counted] = True
+            if self.train:  # evaluation passes are always complete: no position to keep
+                self._delivered[indices[indices >= 0].numpy()] = True
             yield batch
 
-    def _account(self, corrupt: list[tuple[str, str]], read: int) -> None:
+    def _account(self, corrupt: list[tuple[str, str, int]], read: int) -> None:
         self.samples_read += read
-        for key, reason in corrupt:
+        for key, reason, index in corrupt:
+            if self.train:  # consumed: a resume must not retry (and re-count) it
+                self._delivered[index] = True
             self.corrupt_samples += 1
             self._recent_corrupt.append(key)
             log.warning("skipped corrupt sample %s (%s) in %s", key, reason, self.shard_set.manifest_path)

@@ -104,7 +104,7 @@ def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) 
     yield from buffer
 
 
-def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tuple[str, str]], read: int,
+def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tuple[str, str, int]], read: int,
             ) -> dict[str, Any]:
     """Stack decoded samples into the batch dict of docs/FORMATS.md (+ the private fields)."""
     shapes = {s.label.shape for s in samples}
@@ -144,7 +144,7 @@ class ShardStream(IterableDataset):
             return iter(())
         return self._run(self.settings.tasks[worker])
 
-    def _decoded(self, task: WorkerTask, corrupt: list[tuple[str, str]]) -> Iterator[tuple[DecodedSample, int]]:
+    def _decoded(self, task: WorkerTask, corrupt: list[tuple[str, str, int]]) -> Iterator[tuple[DecodedSample, int]]:
         s = self.settings
         rng = random.Random(task.shuffle_seed)
 
@@ -157,16 +157,16 @@ class ShardStream(IterableDataset):
         for sample in _shuffled(raw(), task.shuffle_buffer, rng):
             key = sample["__key__"]
             if sample.get("__missing__"):
-                corrupt.append((key, "listed in the manifest but missing from the shard"))
+                corrupt.append((key, "listed in the manifest but missing from the shard", sample["__index__"]))
                 continue
             try:
                 sample_rng = random.Random(stable_seed("sample", s.seed, s.epoch, key))
                 yield decode_sample(sample, s.preprocess, sample_rng, s.use_instance), sample["__index__"]
             except CorruptSample as exc:
-                corrupt.append((key, exc.reason))
+                corrupt.append((key, exc.reason, sample["__index__"]))
 
     def _run(self, task: WorkerTask) -> Iterator[dict[str, Any]]:
-        corrupt: list[tuple[str, str]] = []
+        corrupt: list[tuple[str, str, int]] = []  # (key, reason, plan index), reported with the next batch
         last_good: Optional[DecodedSample] = None
         source = self._decoded(task, corrupt)
         for size in task.batch_sizes:
