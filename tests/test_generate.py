@@ -1,7 +1,10 @@
 """Visualisation helpers and spade-generate end to end on the COCO-Stuff sample (tiny generators)."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +254,18 @@ def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path
     torch.save({"layer1.weight": torch.zeros(1)}, tmp_path / "bad_E.pth")
     _expect_error(base + ["--out", str(tmp_path / "c"), "--encoder", str(tmp_path / "bad_E.pth")],
                   capsys, "bad_E.pth", "encoder weights do not match")
+
+
+def test_console_script_exit_code_and_message(official_checkpoint: Path, tmp_path: Path) -> None:
+    """The installed `spade-generate` entry point: a user error is exit code 2, one message, no traceback."""
+    script = Path(sys.executable).parent / "spade-generate"
+    assert script.is_file(), f"console script missing: {script} (pip install -e . declares it)"
+    missing = tmp_path / "no_labels_here"
+    proc = subprocess.run(
+        [str(script), "--labels", str(missing), "--checkpoint", str(official_checkpoint), "--out", str(tmp_path / "o"),
+         "--preset", "coco_stuff", *TINY],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("spade-generate: error: --labels: path not found") and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
