@@ -123,10 +123,16 @@ def plan_shards(root: Path, samples: Sequence[SourceSample], name: str, split: s
     return plan
 
 
-def _sidecar_is_complete(out: Path, shard: PlannedShard) -> bool:
-    """True when the shard's record matches the plan and the tar on disk is the one recorded."""
+def _sidecar_is_complete(out: Path, shard: PlannedShard, skip_bad: bool) -> bool:
+    """True when the shard's record matches the plan and the tar on disk is the one recorded.
+
+    A shard that skipped bad samples is only reused under ``--skip-bad``: without it the bad samples
+    must be decoded again so that the run fails and names them.
+    """
     record = manifest_lib.read_sidecar(out, shard.file)
     if record is None or record.get("fingerprint") != shard.fingerprint:
+        return False
+    if record["skipped"] and not skip_bad:
         return False
     tar_path = out / shard.file
     if record["samples"] == 0:
@@ -172,7 +178,7 @@ def _write_shard(out: Path, root: Path, shard: PlannedShard,
 def _encode_all(tasks: list[tuple[str, SourceSample, EncodeOptions]],
                 workers: int) -> Iterator[Union[SampleRecord, BadSample]]:
     """Results in task order whatever the worker count (ordered imap), so output is worker-independent."""
-    if workers <= 1:
+    if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield encode_sample(*task)
         return
@@ -222,7 +228,7 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
     mine = [shard for shard in plan if shard_slice is None or shard_slice.owns(shard.index)]
     for shard in mine:  # leftovers of an interrupted writer, also beside shards that did complete
         remove_stale_temps(out / shard.file)
-    todo = [shard for shard in mine if not _sidecar_is_complete(out, shard)]
+    todo = [shard for shard in mine if not _sidecar_is_complete(out, shard, skip_bad)]
     done_samples = sum(len(s.samples) for s in mine) - sum(len(s.samples) for s in todo)
     tasks = [(str(root), sample, encode) for shard in todo for sample in shard.samples]
     bar = tqdm(total=sum(len(s.samples) for s in mine), initial=done_samples, unit="img", file=sys.stderr,

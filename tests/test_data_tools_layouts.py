@@ -249,6 +249,19 @@ def test_bad_input_fails_with_the_path_or_is_skipped_and_listed(case: str, tmp_p
     assert verify_shards(out, deep=True) == []
 
 
+def test_shards_that_skipped_samples_are_not_reused_without_skip_bad(tmp_path: Path) -> None:
+    root = _custom_root(tmp_path)
+    _rgb_label(root)
+    out = tmp_path / "out"
+    options = {"image_dir": "imgs", "label_dir": "labs", "label_nc": 4, "progress": False}
+    assert shard_dataset("custom", root, out, skip_bad=True, **options)["splits"]["train"]["num_samples"] == 2
+    with pytest.raises(DataToolsError, match="has mode RGB"):
+        shard_dataset("custom", root, out, **options)
+    with pytest.raises(DataToolsError, match="no label"):  # pairing problems fail before any shard too
+        (root / "labs" / "s1.png").unlink()
+        shard_dataset("custom", root, out, **options)
+
+
 def test_failed_run_resumes_after_the_bad_file_is_fixed(tmp_path: Path) -> None:
     root = _custom_root(tmp_path)
     _id_too_large(root)
