@@ -144,3 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DataToolsError as err:
         print(f"spade-data {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Output piped into e.g. `head` that exited: not an error of ours; silence the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
