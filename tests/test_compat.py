@@ -255,3 +255,25 @@ def test_spade_convert_cli_round_trip(tmp_path: Path, repo_root: Path, capsys) -
     assert convert_main(bad) == 2
     assert "label_nc" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_pix2pixhd_generator_file_round_trip_and_no_official_format(tmp_path: Path, repo_root: Path) -> None:
+    cfg = load_config(repo_root / "configs" / "custom.yaml",
+                      TINY + ["model.netG=pix2pixhd", "model.resnet_n_downsample=2", "model.resnet_n_blocks=1"])
+    G = build_generator(cfg).eval()
+    save_generator_file(G, cfg, tmp_path / "p.pt")
+    G2, _ = load_generator_file(tmp_path / "p.pt")
+    seg = _semantics(1, 5, 2, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(G(seg), G2(seg))
+    with pytest.raises(TypeError, match="Pix2PixHDGenerator"):
+        official_state_dict(G2)
+    assert convert_main(["to-official", "--checkpoint", str(tmp_path / "p.pt"), "--out", str(tmp_path / "o.pth")]) == 2
+
+
+def test_project_file_loader_rejects_other_files(tmp_path: Path) -> None:
+    torch.save({"format": "something-else"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a spade-dist generator file"):
+        load_generator_file(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_generator_file(tmp_path / "missing.pt")
