@@ -178,6 +178,21 @@ def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointCo
             "restored": restored.step if restored else None, "restored_from_ws": restored.saved_world_size if restored else None}
 
 
+def init_process_group_restart_safe(rank: int, world_size: int) -> None:
+    """gloo process group whose store keys are private to this torchrun restart attempt.
+
+    torchrun (c10d rendezvous) keeps its store across ``--max-restarts`` attempts; gloo's
+    rendezvous keys ("default_pg/...", and those of every ``new_group``) from the killed attempt
+    are still there, so the restarted ranks read dead peers' addresses and fail with "Connection
+    refused". Prefixing the store with the restart count gives every attempt fresh keys.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, use_libuv=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                            rank=rank, world_size=world_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -191,7 +206,7 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:
-        dist.init_process_group("gloo")
+        init_process_group_restart_safe(rank, world_size)
     cfg = CheckpointConfig(every_steps=args.every, keep_last=2, async_save=True, resume="auto")
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep,

@@ -335,5 +335,7 @@ def test_kill_minus_9_under_torchrun_restarts_and_finishes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "died-once").exists()
     done = json.loads((tmp_path / "DONE").read_text())
-    assert done["step"] == 9 and done["restored"] == 4  # restarted from the newest checkpoint
+    # Restarted from the newest committed checkpoint: 4, or 2 when rank 1 died while the
+    # asynchronous save of step 4 was still being written (that one is then skipped as torn).
+    assert done["step"] == 9 and done["restored"] in (2, 4)
     assert find_latest(tmp_path).name == "step-000000009"
