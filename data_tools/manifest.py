@@ -184,6 +184,21 @@ def merge_manifest(out: Path, splits: Optional[Sequence[str]] = None) -> dict:
     return manifest
 
 
+def drop_split(out: Path, split: str) -> None:
+    """Remove ``split`` from ``out/manifest.json`` (the file itself when no split is left)."""
+    manifest_file = out / MANIFEST_NAME
+    if not manifest_file.is_file():
+        return
+    manifest = _load_json(manifest_file)
+    if split not in manifest.get("splits", {}):
+        return
+    del manifest["splits"][split]
+    if manifest["splits"]:
+        write_json_atomic(manifest_file, manifest)
+    else:
+        manifest_file.unlink(missing_ok=True)
+
+
 def load_manifest(directory: Path) -> dict:
     """Read ``directory/manifest.json`` with a clear error when it is absent or malformed."""
     path = Path(directory) / MANIFEST_NAME

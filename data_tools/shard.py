@@ -73,22 +73,29 @@ def shard_file_name(name: str, split: str, index: int) -> str:
     return f"{name}-{split}-{index:06d}.tar"
 
 
-def _estimated_bytes(root: Path, sample: SourceSample) -> int:
-    """Tar bytes of a sample when files are stored verbatim (exact then, except for meta.json length)."""
+def _source_stats(root: Path, sample: SourceSample) -> tuple[int, list[list[int]]]:
+    """(tar bytes of the sample stored verbatim, [[size, mtime_ns] per source file]).
+
+    The byte estimate is exact when files are stored verbatim, except for meta.json's length. The
+    sizes and mtimes go into the shard fingerprint so that a resumed run notices edited sources.
+    """
     total = member_tar_bytes(META_ESTIMATE_BYTES)
+    stamps = []
     for rel in sample.files():
         try:
-            total += member_tar_bytes((root / rel).stat().st_size)
+            stat = (root / rel).stat()
         except OSError as err:
             raise DataToolsError(f"cannot stat {root / rel}: {err}") from None
-    return total
+        total += member_tar_bytes(stat.st_size)
+        stamps.append([stat.st_size, stat.st_mtime_ns])
+    return total, stamps
 
 
 def plan_shards(root: Path, samples: Sequence[SourceSample], name: str, split: str,
                 max_count: int, max_size: Optional[int], encode: EncodeOptions) -> list[PlannedShard]:
     """Cut the sorted samples into shards of at most ``max_count`` samples and ``max_size`` bytes.
 
-    Sizes come from the source files (see ``_estimated_bytes``); a single sample larger than the
+    Sizes come from the source files (see ``_source_stats``); a single sample larger than the
     limit still gets its own shard. The fingerprint covers everything that determines the shard's
     bytes, so a resumed run only trusts a finished shard made from the same inputs and options.
     """
@@ -100,16 +107,16 @@ def plan_shards(root: Path, samples: Sequence[SourceSample], name: str, split: s
         budget = (max_size // TAR_RECORD) * TAR_RECORD - 2 * TAR_BLOCK
         if budget <= 0:
             raise DataToolsError(f"--max-size must be at least {TAR_RECORD} bytes, got {max_size}")
-    groups: list[list[tuple[SourceSample, int]]] = []
-    current: list[tuple[SourceSample, int]] = []
+    groups: list[list[tuple[SourceSample, list[list[int]]]]] = []
+    current: list[tuple[SourceSample, list[list[int]]]] = []
     current_bytes = 0
     for sample in samples:
-        size = _estimated_bytes(root, sample)
+        size, stamps = _source_stats(root, sample)
         full = len(current) >= max_count or (budget is not None and current and current_bytes + size > budget)
         if full:
             groups.append(current)
             current, current_bytes = [], 0
-        current.append((sample, size))
+        current.append((sample, stamps))
         current_bytes += size
     if current:
         groups.append(current)
@@ -117,7 +124,7 @@ def plan_shards(root: Path, samples: Sequence[SourceSample], name: str, split: s
     plan = []
     for index, group in enumerate(groups):
         identity = {"name": name, "split": split, "encode": asdict(encode),
-                    "samples": [[asdict(s), size] for s, size in group]}
+                    "samples": [[asdict(s), stamps] for s, stamps in group]}
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         plan.append(PlannedShard(index, shard_file_name(name, split, index), tuple(s for s, _ in group), fingerprint))
     return plan
@@ -153,6 +160,8 @@ def _write_shard(out: Path, root: Path, shard: PlannedShard,
                for b in results if isinstance(b, BadSample)]
     tar_path = out / shard.file
     remove_stale_temps(tar_path)
+    # The old record must not vouch for the new tar while it is being replaced.
+    manifest_lib.sidecar_path(out, shard.file).unlink(missing_ok=True)
     if records:
         write_tar_atomic(tar_path, (member for record in records for member in record.members))
         size, digest = tar_path.stat().st_size, sha256_file(tar_path)
@@ -230,6 +239,10 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
         remove_stale_temps(out / shard.file)
     todo = [shard for shard in mine if not _sidecar_is_complete(out, shard, skip_bad)]
     done_samples = sum(len(s.samples) for s in mine) - sum(len(s.samples) for s in todo)
+    if todo:
+        # Shards of this split are about to change: the manifest must stop listing the split until
+        # it is assembled again, so a failed or interrupted run never leaves a stale entry behind.
+        manifest_lib.drop_split(out, split)
     tasks = [(str(root), sample, encode) for shard in todo for sample in shard.samples]
     bar = tqdm(total=sum(len(s.samples) for s in mine), initial=done_samples, unit="img", file=sys.stderr,
                desc=f"shard {name}-{split}", disable=not progress, dynamic_ncols=True)

@@ -262,6 +262,21 @@ def test_shards_that_skipped_samples_are_not_reused_without_skip_bad(tmp_path: P
         shard_dataset("custom", root, out, **options)
 
 
+def test_a_failed_reshard_removes_the_split_from_the_manifest(tmp_path: Path, coco_sample: Path) -> None:
+    root = _custom_root(tmp_path)
+    out = tmp_path / "out"
+    options = {"image_dir": "imgs", "label_dir": "labs", "label_nc": 4, "max_count": 1, "progress": False}
+    shard_dataset("custom", root, out, **options)
+    shard_dataset("custom", root, out, "val", image_dir="imgs", label_dir="labs", label_nc=4, progress=False)
+    _id_too_large(root)
+    with pytest.raises(DataToolsError, match="s1.png"):
+        shard_dataset("custom", root, out, **options)
+    assert list(json.loads((out / "manifest.json").read_text())["splits"]) == ["val"]
+    with pytest.raises(DataToolsError, match="s1.png"):
+        shard_dataset("custom", root, out, "val", image_dir="imgs", label_dir="labs", label_nc=4, progress=False)
+    assert not (out / "manifest.json").exists()
+
+
 def test_failed_run_resumes_after_the_bad_file_is_fixed(tmp_path: Path) -> None:
     root = _custom_root(tmp_path)
     _id_too_large(root)

@@ -269,3 +269,32 @@ def test_console_script_exit_code_and_message(official_checkpoint: Path, tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("spade-generate: error: --labels: path not found") and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_generate_from_shards_through_eval_loader(repo_root: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from tests.shard_fixtures import write_shards
+
+    # 8 classes + don't care + 16-bit instances, as the format contract writes them
+    manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=8)
+    options = ["data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false",
+               "data.crop_size=32", "data.load_size=32", "model.ngf=8"]
+    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
+    torch.manual_seed(4)
+    save_official_generator(build_generator(cfg), tmp_path / "G.pth")
+    out = tmp_path / "out"
+    rc = main(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+               "--out", str(out), *options])
+    assert rc == 0, capsys.readouterr().err
+    keys = sorted(p.stem[:-2] for p in (out / "images").glob("*_0.png"))
+    assert keys == ["val_00002", "val_00003", "val_00004"]
+    for key in keys:
+        assert np.array(Image.open(out / "images" / f"{key}_0.png")).shape == (32, 32, 3)
+        assert np.array(Image.open(out / "real" / f"{key}.png")).shape == (32, 32, 3)
+    assert 'src="real/val_00002.png"' in (out / "index.html").read_text()
+    # a label id the model does not know names the sample
+    _expect_error(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+                   "--out", str(tmp_path / "o"), *options, "data.contain_dontcare_label=false",
+                   "data.label_nc=9"], capsys, "does not match")
+    _expect_error(["--shards", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "G.pth"), "--preset",
+                   "custom", "--out", str(tmp_path / "o"), *options], capsys, "nowhere")
