@@ -292,9 +292,9 @@ def test_generate_from_shards_through_eval_loader(repo_root: Path, tmp_path: Pat
         assert np.array(Image.open(out / "images" / f"{key}_0.png")).shape == (32, 32, 3)
         assert np.array(Image.open(out / "real" / f"{key}.png")).shape == (32, 32, 3)
     assert 'src="real/val_00002.png"' in (out / "index.html").read_text()
-    # a label id the model does not know names the sample
+    # same channel count (9 classes, no don't care): the checkpoint loads, but 255 is now a bad id
     _expect_error(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
                    "--out", str(tmp_path / "o"), *options, "data.contain_dontcare_label=false",
-                   "data.label_nc=9"], capsys, "does not match")
+                   "data.label_nc=9"], capsys, "sample 'val_00002'", "label_nc=9", ": 255")
     _expect_error(["--shards", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "G.pth"), "--preset",
                    "custom", "--out", str(tmp_path / "o"), *options], capsys, "nowhere")

@@ -4,13 +4,16 @@ Inputs
   --labels DIR|FILE   single-channel label PNGs (ids 0..label_nc-1, 255 = don't care)
   --instances DIR     instance PNGs with the same stems (required when the model uses edges)
   --images DIR        real photos with the same stems, shown beside the results (optional)
+  --shards SPEC       instead of --labels: a shard split (``--split``, default data.val_split) read
+                      through the project's eval loader, real photos included
   --checkpoint FILE   an official ``latest_net_G.pth`` (options from --preset/--config + overrides)
                       or a project generator file (it carries its own config)
 
 Preprocessing for generation (deliberately simple and deterministic, unlike training's random
 crops): each label / instance map is resized with nearest neighbour to width ``data.crop_size`` and
 height ``round(crop_size / aspect_ratio)`` - the size the generator was built for - so ids are never
-blended. Real and style photos are resized bicubically to the same size.
+blended. Real and style photos are resized bicubically to the same size. Shards go through the eval
+loader instead, i.e. the official test-mode preprocessing of the config (no flip, load size = crop).
 
 Outputs ``<out>/images/<key>_<k>.png`` (k = 0..num_per_label-1), ``<out>/labels/<key>.png``
 (colourised label), ``<out>/real/<key>.png`` and ``<out>/index.html``. Keys are file stems with ``.``
@@ -20,11 +23,12 @@ checkpoint mismatch) exits with code 2 and a one-paragraph message on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spade-generate",
         description="Generate images from label maps with a SPADE generator checkpoint and write an HTML gallery.",
     )
-    parser.add_argument("--labels", required=True, type=Path, help="folder of label PNGs (or one PNG)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", type=Path, help="folder of label PNGs (or one PNG)")
+    source.add_argument("--shards", help="shards as data.val_shards takes them (manifest.json, folder, pattern)")
+    parser.add_argument("--split", help="split of --shards (default: the config's data.val_split)")
+    parser.add_argument("--manifest", type=Path, help="manifest.json of --shards when it is not beside them")
     parser.add_argument("--instances", type=Path, help="folder of instance PNGs with the same file stems")
     parser.add_argument("--images", type=Path, help="folder of real photos with the same stems, shown beside")
     parser.add_argument("--checkpoint", required=True, type=Path,
@@ -324,6 +332,47 @@ def latent_codes(model: LoadedModel, count: int, style: Optional[torch.Tensor], 
     return reparameterize(mu.expand(count, -1), logvar.expand(count, -1), generator=rng)
 
 
+@dataclass
+class GenerationInput:
+    """One label map ready for the generator, with what the gallery shows beside it."""
+
+    key: str
+    label: torch.Tensor  # int64 1 x 1 x H x W
+    instance: Optional[torch.Tensor]  # int64 1 x 1 x H x W, or None
+    real: Optional[torch.Tensor]  # uint8 3 x H x W, or None
+    source: str  # for error messages
+
+
+def folder_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationInput]:
+    """Label / instance / photo files -> inputs resized to the generation size (see module doc)."""
+    size_hw = generation_size(cfg)
+    samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
+    for sample in samples:
+        label = read_integer_map(sample.label_path, size_hw, "label map",
+                                 check_ids=(cfg.data.label_nc, cfg.data.contain_dontcare_label))
+        instance = (read_integer_map(sample.instance_path, size_hw, "instance map")
+                    if sample.instance_path is not None else None)
+        real = read_photo(sample.image_path, size_hw) if sample.image_path is not None else None
+        yield GenerationInput(sample.key, label, instance, real, str(sample.label_path))
+
+
+def shard_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationInput]:
+    """Samples of a shard split through the project's eval loader (official test-mode preprocessing:
+    no flip, resize to crop size), one at a time, real photo included."""
+    from spade_dist.data import build_eval_loader
+
+    data_cfg = dataclasses.replace(cfg.data, val_shards=args.shards, batch_size=1, num_workers=0, pin_memory=False)
+    if args.manifest is not None:
+        data_cfg = dataclasses.replace(data_cfg, manifest=str(args.manifest))
+    loader = build_eval_loader(data_cfg, split=args.split or cfg.data.val_split, batch_size=1)
+    for count, batch in enumerate(loader):
+        if args.limit and count >= args.limit:
+            break
+        key = batch["key"][0]
+        yield GenerationInput(key, batch["label"], None if cfg.data.no_instance else batch["instance"],
+                              batch["image"][0], f"{args.shards} sample '{key}'")
+
+
 def run(args: argparse.Namespace) -> list[GalleryRow]:
     if args.num_per_label < 1:
         raise GenerateError(f"--num-per-label must be >= 1, got {args.num_per_label}")
@@ -348,8 +397,8 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
             raise GenerateError(f"--style-image: file not found: {args.style_image}")
 
     size_hw = generation_size(cfg)
-    samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
     style = photo_to_model_input(read_photo(args.style_image, size_hw)).unsqueeze(0) if args.style_image else None
+    inputs = shard_inputs(args, cfg) if args.shards else folder_inputs(args, cfg)
 
     generator = model.generator.to(device)
     encoder = model.encoder.to(device) if model.encoder is not None else None
@@ -360,35 +409,37 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
 
     rows: list[GalleryRow] = []
     with torch.inference_mode():
-        for sample in samples:
-            label = read_integer_map(sample.label_path, size_hw, "label map",
-                                     check_ids=(cfg.data.label_nc, cfg.data.contain_dontcare_label))
-            instance = (read_integer_map(sample.instance_path, size_hw, "instance map")
-                        if sample.instance_path is not None else None)
-            semantics = encode_semantics(
-                label.to(device), instance.to(device) if instance is not None else None,
-                cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
-            )
+        for item in inputs:
+            try:
+                semantics = encode_semantics(
+                    item.label.to(device), item.instance.to(device) if item.instance is not None else None,
+                    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
+                )
+            except LabelError as exc:
+                raise GenerateError(f"{item.source}: {exc}") from exc
             # Per-label seed: a label's images do not depend on which other labels are in the folder.
-            rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(sample.key.encode()))
+            rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(item.key.encode()))
             z = latent_codes(model, args.num_per_label, style, rng, device)
             batch = semantics.expand(args.num_per_label, -1, -1, -1)
             fakes = to_uint8_image(generator(batch, z=z))
 
             cells: list[tuple[str, Path]] = []
-            label_png = save_image(colorize_labels(label, cfg.data.label_nc)[0], out / "labels" / f"{sample.key}.png")
+            label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
             cells.append(("label", label_png.relative_to(out)))
             for k in range(args.num_per_label):
-                path = save_image(fakes[k], out / "images" / f"{sample.key}_{k}.png")
+                path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")
                 cells.append((f"generated {k}", path.relative_to(out)))
-            if sample.image_path is not None:
-                real_png = save_image(read_photo(sample.image_path, size_hw), out / "real" / f"{sample.key}.png")
+            if item.real is not None:
+                real_png = save_image(item.real, out / "real" / f"{item.key}.png")
                 cells.append(("real", real_png.relative_to(out)))
-            rows.append(GalleryRow(caption=sample.key, images=cells))
+            rows.append(GalleryRow(caption=item.key, images=cells))
+    if not rows:
+        raise GenerateError(f"no samples to generate from ({args.shards or args.labels})")
 
+    source = f"shards: {args.shards} (split {args.split or cfg.data.val_split})" if args.shards else f"labels: {args.labels}"
     notes = [
         f"checkpoint: {model.source}",
-        f"labels: {args.labels}; size {size_hw[1]}x{size_hw[0]} (nearest resize); seed {args.seed}; "
+        f"{source}; size {size_hw[1]}x{size_hw[0]}; seed {args.seed}; "
         f"{args.num_per_label} image(s) per label" + (f"; style: {args.style_image}" if args.style_image else ""),
     ]
     write_gallery(out / "index.html", "spade-generate", rows, notes=notes)
@@ -397,9 +448,13 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from spade_dist.data import CorruptRateError
+    from spade_dist.data.stream import ShardError
+
     try:
         rows = run(args)
-    except (ValueError, OSError) as exc:  # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ...
+    # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ShardSourceError, file errors, bad shards
+    except (ValueError, OSError, CorruptRateError, ShardError) as exc:
         print(f"spade-generate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE_ERROR
     generated = len(rows) * args.num_per_label
