@@ -297,8 +297,9 @@ def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Confi
     G = build_generator(cfg, init=False)
     state, source = _read_state_dict(payload["generator"])
     d, m = cfg.data, cfg.model
+    sh, sw = getattr(G, "sh", 0), getattr(G, "sw", 0)  # latent size: SPADE generator only
     opts = {"label_nc": d.label_nc, "contain_dontcare_label": d.contain_dontcare_label, "no_instance": d.no_instance,
             "ngf": m.ngf, "num_upsampling_layers": m.num_upsampling_layers, "z_dim": m.z_dim,
-            "semantic_nc": d.semantic_nc, "sh": 0, "sw": 0}
+            "semantic_nc": d.semantic_nc, "sh": sh, "sw": sw}
     check_and_load(G, state, f"{path}:generator", opts)
     return G.eval(), cfg
