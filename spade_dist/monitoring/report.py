@@ -1,0 +1,293 @@
+"""A self-contained HTML report of a run for people without Grafana (``spade-report --run-dir R``).
+
+Reads what the run directory already holds (docs/FORMATS.md):
+- ``logs/train_metrics.jsonl`` (written by rank 0's TrainingMetrics): losses, throughput, data-wait share;
+- ``eval/metrics.jsonl`` and ``eval/best.json`` (the FID evaluator): FID / KID over steps;
+- ``samples/step-*.png`` (the trainer's sample grids): the latest ones, embedded;
+- ``DONE`` and ``config.yaml`` when present.
+
+Plots are inline SVG generated here and images are base64 data URIs, so the one HTML file can be
+mailed or attached to a ticket as is (no matplotlib dependency, nothing fetched by the browser).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from spade_dist.metrics import TRAIN_LOG_RELPATH
+
+EVAL_LOG_RELPATH = Path("eval") / "metrics.jsonl"
+SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
+
+Point = tuple[float, float]
+
+
+class ReportError(ValueError):
+    """The run directory cannot be reported on; the message names the file / line / value."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file. A truncated *last* line (a writer mid-append) is ignored; any
+    other bad line is an error naming the file and line number."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ReportError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or "step" not in record:
+            raise ReportError(f"{path}:{number}: expected a JSON object with a 'step' key, got {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# SVG line charts
+# --------------------------------------------------------------------------------------------
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi] (1/2/5 x 10^k steps)."""
+    if hi <= lo:
+        hi = lo + (abs(lo) if lo else 1.0)
+    raw = (hi - lo) / max(count - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks, v = [], start
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 12))
+        v += step
+    if ticks[-1] < hi:
+        ticks.append(round(v, 12))
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.2g}"
+    return f"{v:.4g}"
+
+
+@dataclass
+class Chart:
+    title: str
+    x_label: str
+    y_label: str
+    series: dict[str, list[Point]] = field(default_factory=dict)
+
+    def has_data(self) -> bool:
+        return any(self.series.values())
+
+
+def svg_line_chart(chart: Chart, width: int = 640, height: int = 300) -> str:
+    """An inline SVG line chart with axes, ticks and a legend; non-finite points are left out."""
+    left, right, top, bottom = 64, 16, 28, 48
+    legend_h = 18 * ((len(chart.series) + 2) // 3)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    total_h = height + legend_h
+    points = [p for pts in chart.series.values() for p in pts]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
+           f'viewBox="0 0 {width} {total_h}" role="img" aria-label="{e(chart.title)}">',
+           f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{e(chart.title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    for t in xt:
+        x = sx(t)
+        out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#eee"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
+    for t in yt:
+        y = sy(t)
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 34}" text-anchor="middle" font-size="12">{e(chart.x_label)}</text>')
+    out.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" font-size="12" '
+               f'transform="rotate(-90 14 {top + plot_h / 2})">{e(chart.y_label)}</text>')
+    for i, (name, pts) in enumerate(chart.series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        if len(pts) == 1:
+            out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
+        elif pts:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
+        lx, ly = left + (i % 3) * (plot_w / 3), height + 4 + 18 * (i // 3)
+        out.append(f'<rect x="{lx:.1f}" y="{ly}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{lx + 16:.1f}" y="{ly + 10}" font-size="12">{e(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def _series(records: Sequence[dict[str, Any]], key: str, sub: Optional[str] = None) -> list[Point]:
+    pts = []
+    for r in records:
+        value = r.get(key)
+        if sub is not None:
+            value = value.get(sub) if isinstance(value, dict) else None
+        y, x = _number(value), _number(r.get("step"))
+        if x is not None and y is not None:
+            pts.append((x, y))
+    return pts
+
+
+def training_charts(train: Sequence[dict[str, Any]]) -> list[Chart]:
+    terms = sorted({t for r in train for t in (r.get("losses") or {})})
+    nets = sorted({n for r in train for n in (r.get("lr") or {})})
+    return [
+        Chart("Losses", "step", "loss", {t: _series(train, "losses", t) for t in terms}),
+        Chart("Throughput", "step", "images / s (all ranks)", {"images/s": _series(train, "images_per_sec")}),
+        Chart("Data-wait share", "step", "fraction of step time", {"data wait": _series(train, "data_wait_share")}),
+        Chart("Learning rate", "step", "lr", {n: _series(train, "lr", n) for n in nets}),
+    ]
+
+
+def eval_charts(evals: Sequence[dict[str, Any]]) -> list[Chart]:
+    return [Chart("FID", "step", "FID (lower is better)", {"FID": _series(evals, "fid")}),
+            Chart("KID", "step", "KID", {"KID": _series(evals, "kid_mean")})]
+
+
+def latest_samples(run_dir: Path, count: int) -> list[tuple[int, Path]]:
+    found = []
+    for path in (run_dir / "samples").glob("step-*.png"):
+        match = SAMPLE_PATTERN.match(path.name)
+        if match:
+            found.append((int(match[1]), path))
+    return sorted(found)[-count:][::-1]
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+    rows = [("Run directory", str(run_dir))]
+    done = run_dir / "DONE"
+    if done.is_file():
+        try:
+            info = json.loads(done.read_text() or "{}")
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{done}: not valid JSON ({exc.msg})") from exc
+        rows.append(("Status", f"finished at step {info.get('step', '?')}"))
+    else:
+        rows.append(("Status", "running or interrupted (no DONE marker)"))
+    if train:
+        last = train[-1]
+        rows.append(("Last logged step", f"{last['step']} (epoch {last.get('epoch', '?')})"))
+        rates = [p[1] for p in _series(train, "images_per_sec")]
+        if rates:
+            rows.append(("Images / s (mean of logged steps)", f"{sum(rates) / len(rates):.4g}"))
+        losses = {k: v for k, v in (last.get("losses") or {}).items()}
+        if losses:
+            rows.append(("Last losses", ", ".join(f"{k} {_fmt(v) if _number(v) is not None else 'non-finite'}"
+                                                  for k, v in sorted(losses.items()))))
+    best_path = run_dir / "eval" / "best.json"
+    if best_path.is_file():
+        try:
+            best = json.loads(best_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{best_path}: not valid JSON ({exc.msg})") from exc
+        rows.append(("Best FID", f"{_fmt(best.get('fid', float('nan')))} at step {best.get('step', '?')}"))
+    elif evals:
+        best = min((r for r in evals if _number(r.get("fid")) is not None), key=lambda r: r["fid"], default=None)
+        if best is not None:
+            rows.append(("Best FID", f"{_fmt(best['fid'])} at step {best['step']}"))
+    return rows
+
+
+def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
+    """The report's HTML text for ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory not found: {run_dir}")
+    train = read_jsonl(run_dir / TRAIN_LOG_RELPATH)
+    evals = sorted(read_jsonl(run_dir / EVAL_LOG_RELPATH), key=lambda r: r["step"])
+    samples = latest_samples(run_dir, num_samples)
+    if not train and not evals and not samples:
+        raise ReportError(f"{run_dir}: nothing to report: no {TRAIN_LOG_RELPATH}, no {EVAL_LOG_RELPATH}, "
+                          f"no samples/step-*.png")
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>spade-dist report: {e(run_dir.name)}</title>",
+        "<style>body{font-family:sans-serif;margin:24px;max-width:1400px}"
+        "table{border-collapse:collapse}td{padding:2px 12px 2px 0;vertical-align:top}"
+        ".charts{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0 0 16px 0}"
+        "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}</style>",
+        "</head><body>", f"<h1>Run {e(run_dir.name)}</h1>", "<table>",
+    ]
+    parts += [f"<tr><td><b>{e(k)}</b></td><td>{e(v)}</td></tr>" for k, v in _summary_rows(run_dir, train, evals)]
+    parts.append("</table>")
+
+    parts.append("<h2>Training</h2>")
+    if train:
+        charts = [c for c in training_charts(train) if c.has_data()]
+        parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
+    else:
+        parts.append(f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) in this run directory.</p>")
+
+    parts.append("<h2>Evaluation</h2>")
+    if evals:
+        charts = [c for c in eval_charts(evals) if c.has_data()]
+        parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
+    else:
+        parts.append(f"<p>No evaluation results ({e(str(EVAL_LOG_RELPATH))}) yet.</p>")
+
+    parts.append("<h2>Latest samples</h2>")
+    if samples:
+        parts.append("<p>Label | EMA generator | real image, per row.</p>")
+        for step, path in samples:
+            parts.append(f'<figure><figcaption>step {step}</figcaption>'
+                         f'<img src="{_data_uri(path)}" alt="samples at step {step}"></figure>')
+    else:
+        parts.append("<p>No sample grids (samples/step-*.png) yet.</p>")
+    parts.append(f"<p><small>Generated by spade-report at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</small></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dir: Union[str, Path], output: Optional[Union[str, Path]] = None, num_samples: int = 4) -> Path:
+    """Write the report (default ``<run_dir>/report.html``) and return its path."""
+    text = build_report(run_dir, num_samples)
+    out = Path(output) if output else Path(run_dir) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
