@@ -34,7 +34,7 @@ from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOp
                                 discover)
 from data_tools.records import BadSample, EncodeOptions, SampleRecord, encode_sample, encode_sample_task
 from data_tools.tario import (TAR_BLOCK, TAR_RECORD, member_tar_bytes, remove_stale_temps, sha256_file,
-                              write_json_atomic, write_tar_atomic)
+                              write_tar_atomic)
 
 META_ESTIMATE_BYTES = 400  # meta.json payload assumed by the size plan (one 512-byte block)
 

@@ -36,7 +36,7 @@ class Problem:
         return f"[{self.split}] {where}: {self.message}"
 
 
-def _decode(payload: bytes, role: str) -> Image.Image:
+def _decode(payload: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(payload))
     image.load()
     return image
@@ -51,11 +51,11 @@ def _check_sample(key: str, fields: dict[str, bytes], manifest: dict) -> list[st
     if "label.png" not in fields:
         return [f"no label.png member (members: {sorted(fields)})"]
     try:
-        image = _decode(fields[image_fields[0]], "image")
+        image = _decode(fields[image_fields[0]])
     except Exception as err:
         return [f"{image_fields[0]} does not decode: {err}"]
     try:
-        label = _decode(fields["label.png"], "label")
+        label = _decode(fields["label.png"])
     except Exception as err:
         return [f"label.png does not decode: {err}"]
     if label.mode not in ID_MAP_MODES or label.mode == "P":
@@ -75,7 +75,7 @@ def _check_sample(key: str, fields: dict[str, bytes], manifest: dict) -> list[st
             errors.append("no instance.png member although the manifest says the dataset has instance maps")
         else:
             try:
-                instance = _decode(fields["instance.png"], "instance")
+                instance = _decode(fields["instance.png"])
                 if instance.size != image.size:
                     errors.append(f"image is {image.size[0]}x{image.size[1]} but instance map is "
                                   f"{instance.size[0]}x{instance.size[1]}")
