@@ -250,6 +250,16 @@ def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path
         runs.append(np.array(Image.open(tmp_path / name / "images" / "scene_0.png")))
     assert runs[0].shape == (64, 256, 3)
     assert np.array_equal(runs[0], runs[1]), "same seed + style image -> same image"
+    # a project generator file may carry the encoder itself (an "encoder" entry, official layout)
+    save_generator_file(build_generator(cfg), cfg, tmp_path / "project.pt")
+    payload = torch.load(tmp_path / "project.pt", weights_only=True)
+    payload["encoder"] = torch.load(tmp_path / "E.pth", weights_only=True)
+    torch.save(payload, tmp_path / "project.pt")
+    rc = main(["--labels", str(labels), "--checkpoint", str(tmp_path / "project.pt"), "--style-image", str(style),
+               "--num-per-label", "2", "--out", str(tmp_path / "p")])
+    assert rc == 0, capsys.readouterr().err
+    styled = [np.array(Image.open(tmp_path / "p" / "images" / f"scene_{k}.png")) for k in range(2)]
+    assert styled[0].shape == (64, 256, 3) and not np.array_equal(styled[0], styled[1])
     # an encoder file that does not fit the options
     torch.save({"layer1.weight": torch.zeros(1)}, tmp_path / "bad_E.pth")
     _expect_error(base + ["--out", str(tmp_path / "c"), "--encoder", str(tmp_path / "bad_E.pth")],
