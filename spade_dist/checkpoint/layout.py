@@ -142,14 +142,14 @@ def resolve_resume_target(resume: str, run_dir: Union[str, Path]) -> tuple[list[
         return list(reversed(list_step_dirs(checkpoints_dir(run_dir)))), False
     path = Path(resume)
     if not path.exists():
-        raise InvalidCheckpoint(f"checkpoint.resume: path does not exist: {path}")
+        raise InvalidCheckpoint(f"checkpoint path does not exist: {path}")
     if step_of(path) is not None:
         return [path], True
     for ckpt_dir in (path, checkpoints_dir(path)):
         dirs = list_step_dirs(ckpt_dir)
         if dirs:
             return list(reversed(dirs)), False
-    raise InvalidCheckpoint(f"checkpoint.resume: {path} is neither a step-* directory nor holds any under checkpoints/")
+    raise InvalidCheckpoint(f"{path}: no checkpoint here (neither a step-* directory nor a directory holding step-* under itself or checkpoints/)")
 
 
 def find_latest(path: Union[str, Path], check_sha256: bool = False, warn=None) -> Path:

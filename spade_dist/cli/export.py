@@ -1,0 +1,52 @@
+"""``spade-export``: one generator file out of a training checkpoint.
+
+    spade-export --checkpoint RUN_DIR | RUN_DIR/checkpoints/step-000001234 --out G.pt [--raw] [--official latest_net_G.pth]
+
+A run directory means its newest committed checkpoint. The default is the EMA generator (what the
+samples and FID use); ``--raw`` takes the trained weights instead. ``--out`` writes the project's
+single-file format (weights + resolved config, ``torch.load(weights_only=True)``-loadable, read by
+``spade-generate`` and ``spade-eval``); ``--official`` additionally writes ``latest_net_G.pth``-style
+weights for the official NVlabs/SPADE code (SPADE generators only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from spade_dist.checkpoint.generator import load_generator_from_checkpoint
+from spade_dist.checkpoint.layout import InvalidCheckpoint
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spade-export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="step directory, or a run directory (newest committed checkpoint)")
+    ap.add_argument("--out", help="project generator file to write (e.g. G.pt)")
+    ap.add_argument("--raw", action="store_true", help="export the raw generator instead of the EMA one")
+    ap.add_argument("--official", help="also write official-format weights (latest_net_G.pth)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.out and not args.official:
+        print("spade-export: give --out and/or --official", file=sys.stderr)
+        return 2
+    from spade_dist.models.compat import save_generator_file, save_official_generator
+
+    try:
+        G, cfg = load_generator_from_checkpoint(args.checkpoint, use_ema=not args.raw)
+        if args.out:
+            save_generator_file(G, cfg, args.out)
+            print(f"spade-export: wrote {'raw' if args.raw else 'EMA'} generator to {args.out}")
+        if args.official:
+            save_official_generator(G, args.official)
+            print(f"spade-export: wrote official-format weights to {args.official}")
+    except (FileNotFoundError, InvalidCheckpoint, KeyError, ValueError, TypeError) as exc:
+        print(f"spade-export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
