@@ -25,8 +25,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 from tqdm import tqdm
 
 from data_tools import manifest as manifest_lib
@@ -153,31 +154,59 @@ def _relative_reason(reason: str, root: Path) -> str:
     return reason.replace(f"{root}{os.sep}", "")
 
 
-def _write_shard(out: Path, root: Path, shard: PlannedShard,
-                 results: list[Union[SampleRecord, BadSample]]) -> dict:
-    records = [r for r in results if isinstance(r, SampleRecord)]
-    skipped = [{"key": b.key, "files": list(b.files), "reason": _relative_reason(b.reason, root)}
-               for b in results if isinstance(b, BadSample)]
+def _bad_sample_error(bad: BadSample, root: Path) -> DataToolsError:
+    return DataToolsError(f"bad sample {bad.key!r} ({', '.join(str(root / f) for f in bad.files)}): "
+                          f"{bad.reason}; use --skip-bad to skip such samples")
+
+
+def _write_shard(out: Path, root: Path, shard: PlannedShard, results: Iterator[Union[SampleRecord, BadSample]],
+                 skip_bad: bool, on_sample: Callable[[], None]) -> dict:
+    """Stream the shard's results into its tar (one sample in memory at a time), then write its record.
+
+    A bad sample without ``skip_bad`` raises from inside the tar writer, which deletes the temp file:
+    the shard then has neither a tar nor a record.
+    """
     tar_path = out / shard.file
     remove_stale_temps(tar_path)
     # The old record must not vouch for the new tar while it is being replaced.
     manifest_lib.sidecar_path(out, shard.file).unlink(missing_ok=True)
-    if records:
-        write_tar_atomic(tar_path, (member for record in records for member in record.members))
+    keys: list[str] = []
+    widths: list[int] = []
+    heights: list[int] = []
+    histogram: Optional[np.ndarray] = None
+    skipped: list[dict] = []
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        nonlocal histogram
+        for _ in shard.samples:
+            result = next(results)
+            on_sample()
+            if isinstance(result, BadSample):
+                if not skip_bad:
+                    raise _bad_sample_error(result, root)
+                skipped.append({"key": result.key, "files": list(result.files),
+                                "reason": _relative_reason(result.reason, root)})
+                continue
+            keys.append(result.key)
+            widths.append(result.width)
+            heights.append(result.height)
+            counts = np.asarray(result.histogram, dtype=np.int64)
+            histogram = counts if histogram is None else histogram + counts
+            yield from result.members
+
+    write_tar_atomic(tar_path, members())
+    if keys:
         size, digest = tar_path.stat().st_size, sha256_file(tar_path)
     else:
         # Every sample of this shard was bad and skipped: no empty tar; the manifest leaves it out.
         tar_path.unlink(missing_ok=True)
         size, digest = 0, ""
-    histogram = [0] * len(records[0].histogram) if records else []
-    for record in records:
-        histogram = [a + b for a, b in zip(histogram, record.histogram)]
     sidecar = {
         "file": shard.file, "index": shard.index, "fingerprint": shard.fingerprint,
-        "samples": len(records), "bytes": size, "sha256": digest, "keys": [r.key for r in records],
-        "class_histogram": histogram,
-        "width": manifest_lib.size_summary([r.width for r in records]),
-        "height": manifest_lib.size_summary([r.height for r in records]),
+        "samples": len(keys), "bytes": size, "sha256": digest, "keys": keys,
+        "class_histogram": [int(c) for c in histogram] if histogram is not None else [],
+        "width": manifest_lib.size_summary(widths),
+        "height": manifest_lib.size_summary(heights),
         "skipped": skipped,
     }
     manifest_lib.write_sidecar(out, shard.file, sidecar)
@@ -191,9 +220,12 @@ def _encode_all(tasks: list[tuple[str, SourceSample, EncodeOptions]],
         for task in tasks:
             yield encode_sample(*task)
         return
+    # imap submits everything at once; windows bound how many decoded samples (with their bytes)
+    # can pile up when the writer is slower than the decoders.
+    window = workers * 16
     with multiprocessing.get_context().Pool(workers) as pool:
-        # Small chunks keep memory bounded (each result carries the sample's bytes).
-        yield from pool.imap(encode_sample_task, tasks, chunksize=2)
+        for start in range(0, len(tasks), window):
+            yield from pool.imap(encode_sample_task, tasks[start:start + window], chunksize=2)
 
 
 def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], split: str = "train",
@@ -249,16 +281,7 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
     results = _encode_all(tasks, workers)
     try:
         for shard in todo:
-            batch = []
-            for _ in shard.samples:
-                result = next(results)
-                if isinstance(result, BadSample) and not skip_bad:
-                    raise DataToolsError(
-                        f"bad sample {result.key!r} ({', '.join(str(root / f) for f in result.files)}): "
-                        f"{result.reason}; use --skip-bad to skip such samples")
-                batch.append(result)
-                bar.update(1)
-            _write_shard(out, root, shard, batch)
+            _write_shard(out, root, shard, results, skip_bad, on_sample=lambda: bar.update(1))
     finally:
         bar.close()
         results.close()  # terminates the pool if we stopped early

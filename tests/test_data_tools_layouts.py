@@ -286,6 +286,7 @@ def test_failed_run_resumes_after_the_bad_file_is_fixed(tmp_path: Path) -> None:
         shard_dataset("custom", root, out, **options)
     first = (out / "custom-train-000000.tar").stat()
     assert not (out / "custom-train-000001.tar").exists() and not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp-*")) and not (out / "_parts" / "custom-train-000001.tar.json").exists()
     _save(root / "labs" / "s1.png", _ids([0, 3]))
     manifest = shard_dataset("custom", root, out, **options)
     assert manifest["splits"]["train"]["num_samples"] == 3
