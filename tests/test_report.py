@@ -121,6 +121,18 @@ def test_report_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
         build_report(run_dir)
 
 
+def test_resumed_run_keeps_the_rerun_values(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    make_finished_run(run_dir)
+    log = run_dir / "logs" / "train_metrics.jsonl"
+    lines = log.read_text().splitlines()
+    rerun = json.loads(lines[-1])
+    rerun["step"] = STEPS[-3]  # the requeued job resumed from an older checkpoint
+    log.write_text("\n".join(lines + [json.dumps(rerun)]) + "\n")
+    charts = svgs(build_report(run_dir))
+    assert polyline_lengths(charts["Throughput"]) == [len(STEPS)]  # one point per step, no doubling back
+
+
 def test_nice_ticks_cover_the_range() -> None:
     assert nice_ticks(0, 100) == [0, 25, 50, 75, 100]
     ticks = nice_ticks(0.013, 0.087)

@@ -56,6 +56,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def latest_per_step(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, the last one written, in step order: a resumed run appends to the same
+    log and repeats the steps after its checkpoint; the rerun's values are the ones that count."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def _number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -236,8 +243,8 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory not found: {run_dir}")
-    train = read_jsonl(run_dir / TRAIN_LOG_RELPATH)
-    evals = sorted(read_jsonl(run_dir / EVAL_LOG_RELPATH), key=lambda r: r["step"])
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
     samples = latest_samples(run_dir, num_samples)
     if not train and not evals and not samples:
         raise ReportError(f"{run_dir}: nothing to report: no {TRAIN_LOG_RELPATH}, no {EVAL_LOG_RELPATH}, "
