@@ -170,7 +170,10 @@ def load_generator(checkpoint: Union[str, Path], device: Union[str, torch.device
         raise CheckpointUnavailable(f"{path}: checkpoint does not exist (pruned?)")
     try:
         if path.is_dir():
-            from spade_dist.checkpoint import load_generator_from_checkpoint
+            try:
+                from spade_dist.checkpoint import load_generator_from_checkpoint
+            except ImportError:  # older package __init__ that does not re-export it
+                from spade_dist.checkpoint.generator import load_generator_from_checkpoint
 
             generator, cfg = load_generator_from_checkpoint(path, use_ema=True, device=str(device))
         else:
@@ -268,11 +271,15 @@ class Evaluator:
             seconds=time.time() - start, extra=dict(extra or {}),
         )
 
-    def evaluate_checkpoint(self, checkpoint: Union[str, Path]) -> EvalResult:
-        """Load the EMA generator of ``checkpoint`` and score it; :class:`CheckpointUnavailable` if it can't be read."""
+    def load_checkpoint(self, checkpoint: Union[str, Path]) -> tuple[nn.Module, Config]:
+        """The EMA generator of ``checkpoint`` (and its config) on this evaluator's device.
+
+        Raises :class:`CheckpointUnavailable` on every rank when any rank cannot read it.
+        """
         error: Optional[CheckpointUnavailable] = None
+        loaded: Optional[tuple[nn.Module, Config]] = None
         try:
-            generator, _ = load_generator(checkpoint, self.device)
+            loaded = load_generator(checkpoint, self.device)
         except CheckpointUnavailable as exc:
             error = exc
         if self.world_size > 1:
@@ -283,4 +290,10 @@ class Evaluator:
                 error = CheckpointUnavailable(f"{checkpoint}: another rank could not load it")
         if error is not None:
             raise error
+        assert loaded is not None
+        return loaded
+
+    def evaluate_checkpoint(self, checkpoint: Union[str, Path]) -> EvalResult:
+        """Load the EMA generator of ``checkpoint`` and score it; :class:`CheckpointUnavailable` if it can't be read."""
+        generator, _ = self.load_checkpoint(checkpoint)
         return self.evaluate(generator, extra={"checkpoint": str(checkpoint)})

@@ -1,0 +1,168 @@
+"""``spade-eval``: FID / KID of checkpoints (see docs/EVALUATION.md).
+
+    spade-eval once  --checkpoint CKPT [--config C] [--set eval.num_images=500 ...] [--out result.json]
+    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [--set ...]
+
+CKPT is a checkpoint step directory (``R/checkpoints/step-XXXXXXXXX``) or a single-file generator
+(``spade-export`` / ``eval/best_generator.pt``). ``watch`` reads ``R/config.yaml`` unless ``--config``
+is given. Under ``torchrun`` / ``srun`` with several processes, generation and feature extraction are
+split across the ranks (gloo on CPU, NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spade-eval", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
+    common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
+                                                    "$SPADE_INCEPTION_WEIGHTS)")
+    once = sub.add_parser("once", parents=[common], help="evaluate one checkpoint and print JSON")
+    once.add_argument("--checkpoint", required=True)
+    once.add_argument("--out", help="also write the JSON result to this file")
+    watch = sub.add_parser("watch", parents=[common], help="follow a run's checkpoints until it is done")
+    watch.add_argument("--run-dir", required=True)
+    watch.add_argument("--policy", choices=["every", "newest", "every_k"], help="default: eval.policy")
+    watch.add_argument("--every-k", type=int, help="default: eval.every_k")
+    watch.add_argument("--poll-seconds", type=float, help="default: eval.poll_seconds")
+    watch.add_argument("--parent-pid", type=int, help="stop when this process (the trainer) is gone")
+    watch.add_argument("--wait-config-seconds", type=float, default=600.0,
+                       help="how long to wait for the run's config.yaml to appear")
+    return ap
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    if args.inception_weights:
+        overrides.append(f"eval.inception_weights={args.inception_weights}")
+    if args.device:
+        overrides.append(f"eval.device={args.device}")
+    merged = cfg.to_dict()
+    for text in overrides:
+        merged = _merge(merged, parse_override(text))
+    return config_from_dict(merged, source="<spade-eval overrides>")
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the launcher's process group when there is one; returns (rank, world, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return rank, world, device
+
+
+def _set_threads(cfg: Config) -> None:
+    threads = int(os.environ.get("SPADE_EVAL_CPU_THREADS", "0") or cfg.eval.cpu_threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _wait_for(path: Path, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not path.is_file():
+        if time.time() > deadline:
+            raise ConfigError(f"{path} did not appear within {seconds:.0f}s; pass --config")
+        time.sleep(1.0)
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from spade_dist.eval.evaluate import Evaluator, load_generator
+    from spade_dist.eval.inception import resolve_inception_weights
+
+    if args.config:
+        cfg = _with_overrides(load_config(args.config), args)
+        resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)  # fail fast
+        generator = None
+    else:
+        generator, cfg = load_generator(args.checkpoint, "cpu")
+        cfg = _with_overrides(cfg, args)
+    _set_threads(cfg)
+    rank, _, device = _init_distributed(cfg.eval.device)
+    evaluator = Evaluator(cfg, device=device, log=(print if rank == 0 else (lambda _: None)))
+    if generator is None:
+        result = evaluator.evaluate_checkpoint(args.checkpoint)
+    else:
+        result = evaluator.evaluate(generator.to(evaluator.device).eval(), extra={"checkpoint": str(args.checkpoint)})
+    if rank == 0:
+        text = json.dumps(result.to_record(), sort_keys=True)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from spade_dist.eval.evaluate import Evaluator
+    from spade_dist.eval.watcher import EvalWatcher, best_record, read_records
+    from spade_dist.metrics import EvalMetrics
+
+    run_dir = Path(args.run_dir)
+    config_path = Path(args.config) if args.config else run_dir / "config.yaml"
+    if not args.config:
+        _wait_for(config_path, args.wait_config_seconds)
+    cfg = _with_overrides(load_config(config_path), args)
+    _set_threads(cfg)
+    rank, _, device = _init_distributed(cfg.eval.device)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda _: None)
+    evaluator = Evaluator(cfg, device=device, log=log)  # fails here, at start, without Inception weights
+    metrics = None
+    if rank == 0 and cfg.metrics.enabled:
+        best = best_record(read_records(run_dir / "eval" / "metrics.jsonl"))
+        metrics = EvalMetrics(cfg.metrics, run_dir, best_fid=best["fid"] if best else None)
+        metrics.start()
+    watcher = EvalWatcher(
+        run_dir, evaluator, policy=args.policy or cfg.eval.policy,
+        every_k=args.every_k if args.every_k is not None else cfg.eval.every_k,
+        poll_seconds=args.poll_seconds if args.poll_seconds is not None else cfg.eval.poll_seconds,
+        parent_pid=args.parent_pid, metrics=metrics, log=log,
+    )
+    try:
+        records = watcher.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    log(f"[eval] run finished; {sum(r.get('status') == 'ok' for r in records)} checkpoints scored, "
+        f"{sum(r.get('status') == 'skipped' for r in records)} skipped")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return cmd_once(args) if args.command == "once" else cmd_watch(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"spade-eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

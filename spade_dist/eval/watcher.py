@@ -1,0 +1,233 @@
+"""The evaluation follower: score a run's committed checkpoints as they appear, without blocking training.
+
+State lives only in the run directory, so a restarted watcher resumes exactly:
+
+- ``eval/metrics.jsonl``: one line per checkpoint handled, ``status`` ``ok`` (step, fid, kid_mean,
+  kid_std, kid_subset_size, num_images, resolution, weights_sha256, seconds, checkpoint, time) or
+  ``skipped`` (step, reason, checkpoint, time). Steps listed here are never evaluated again.
+- ``eval/best.json``: the ``ok`` line with the lowest FID; ``eval/best_generator.pt``: that EMA generator
+  (``spade_dist.models.compat.save_generator_file`` format).
+- ``eval/fid.html``: the FID curve for the gallery.
+
+Policies: ``every`` scores every committed checkpoint in step order; ``newest`` only the newest one
+not yet scored (older unscored ones are passed over); ``every_k`` every K-th committed checkpoint the
+watcher sees after the last scored one. Whatever the policy, the last checkpoint of a finished run is
+scored. The watcher stops once the run's ``DONE`` marker exists and every committed checkpoint it should
+score is done, or when the training process it follows (``parent_pid``) is gone.
+
+With several ranks (``torch.distributed`` initialised), rank 0 decides what to score and broadcasts it;
+only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch.distributed as dist
+
+from spade_dist.eval.evaluate import CheckpointUnavailable, Evaluator
+from spade_dist.eval.report import write_fid_page
+
+EVAL_DIRNAME = "eval"
+METRICS_NAME = "metrics.jsonl"
+BEST_NAME = "best.json"
+BEST_GENERATOR_NAME = "best_generator.pt"
+FID_PAGE_NAME = "fid.html"
+DONE_NAME = "DONE"
+MARKER_NAME = "COMMITTED"  # docs/FORMATS.md: written last into checkpoints/step-XXXXXXXXX/
+POLICIES = ("every", "newest", "every_k")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    path: Path
+
+
+def committed_checkpoints(run_dir: Union[str, Path]) -> list[CheckpointRef]:
+    """Committed step directories of a run, oldest first (the FORMATS.md layout)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for entry in ckpt_dir.iterdir():
+        name = entry.name
+        if name.startswith("step-") and name[5:].isdigit() and (entry / MARKER_NAME).is_file():
+            found.append(CheckpointRef(int(name[5:]), entry))
+    return sorted(found, key=lambda ref: ref.step)
+
+
+def read_records(metrics_path: Path) -> list[dict]:
+    """metrics.jsonl lines; a torn last line (the watcher was killed mid-write) is ignored."""
+    if not metrics_path.is_file():
+        return []
+    records = []
+    lines = metrics_path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{metrics_path}:{number}: not a JSON line: {exc}") from exc
+    return records
+
+
+def best_record(records: list[dict]) -> Optional[dict]:
+    ok = [r for r in records if r.get("status") == "ok"]
+    return min(ok, key=lambda r: (r["fid"], r["step"])) if ok else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EvalWatcher:
+    """Follows ``run_dir``'s checkpoints with an :class:`Evaluator`; :meth:`run` until the run is done."""
+
+    def __init__(self, run_dir: Union[str, Path], evaluator: Evaluator, policy: str = "every", every_k: int = 1,
+                 poll_seconds: float = 5.0, parent_pid: Optional[int] = None, metrics=None,
+                 log: Callable[[str], None] = print) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"eval.policy: unknown policy {policy!r}; expected one of {list(POLICIES)}")
+        if every_k < 1:
+            raise ValueError(f"eval.every_k must be >= 1, got {every_k}")
+        self.run_dir = Path(run_dir)
+        self.eval_dir = self.run_dir / EVAL_DIRNAME
+        self.metrics_path = self.eval_dir / METRICS_NAME
+        self.evaluator = evaluator
+        self.policy = policy
+        self.every_k = every_k
+        self.poll_seconds = poll_seconds
+        self.parent_pid = parent_pid
+        self.metrics = metrics  # spade_dist.metrics.EvalMetrics or None
+        self.log = log
+        self.rank = evaluator.rank
+        self.world_size = evaluator.world_size
+        self.records = read_records(self.metrics_path) if self.rank == 0 else []
+        self._seen_since_last: set[int] = set()  # every_k: checkpoints passed over since the last score
+
+    # ---------------------------------------------------------------- decisions (rank 0)
+
+    @property
+    def done_steps(self) -> set[int]:
+        return {int(r["step"]) for r in self.records}
+
+    def run_finished(self) -> bool:
+        if (self.run_dir / DONE_NAME).exists():
+            return True
+        return self.parent_pid is not None and not _process_alive(self.parent_pid)
+
+    def select(self, finished: bool) -> list[CheckpointRef]:
+        """What to score now, per the policy (the final checkpoint of a finished run always)."""
+        done = self.done_steps
+        last_done = max(done) if done else -1
+        committed = committed_checkpoints(self.run_dir)
+        if self.policy == "every":
+            chosen = [c for c in committed if c.step not in done]
+        else:
+            newer = [c for c in committed if c.step > last_done]
+            if self.policy == "newest":
+                chosen = newer[-1:]
+            else:
+                chosen = []
+                for ref in newer:
+                    self._seen_since_last.add(ref.step)
+                    if len(self._seen_since_last) >= self.every_k:
+                        chosen.append(ref)
+                        self._seen_since_last = set()
+        if finished and committed and committed[-1].step not in done and committed[-1] not in chosen:
+            chosen.append(committed[-1])
+        return chosen
+
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ---------------------------------------------------------------- actions
+
+    def _append(self, record: dict) -> None:
+        self.records.append(record)
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _write_best(self, record: dict, generator, generator_cfg) -> None:
+        from spade_dist.models.compat import save_generator_file
+
+        save_generator_file(generator, generator_cfg, self.eval_dir / BEST_GENERATOR_NAME)
+        tmp = self.eval_dir / (BEST_NAME + ".tmp")
+        tmp.write_text(json.dumps({**record, "generator": BEST_GENERATOR_NAME}, indent=1, sort_keys=True))
+        os.replace(tmp, self.eval_dir / BEST_NAME)
+
+    def evaluate_one(self, ref: CheckpointRef) -> dict:
+        """Score one checkpoint and record the outcome; a vanished or unreadable one is recorded as skipped."""
+        start = time.time()
+        try:
+            generator, generator_cfg = self.evaluator.load_checkpoint(ref.path)
+            result = self.evaluator.evaluate(generator, extra={"checkpoint": str(ref.path)})
+        except CheckpointUnavailable as exc:
+            record = {"step": ref.step, "status": "skipped", "reason": str(exc), "checkpoint": str(ref.path),
+                      "time": time.time(), "seconds": round(time.time() - start, 3)}
+            if self.rank == 0:
+                self._append(record)
+                self.log(f"[eval] step {ref.step}: skipped: {exc}")
+            return record
+        record = {"step": ref.step, "status": "ok", **result.to_record(), "time": time.time()}
+        if self.rank == 0:
+            previous_best = best_record(self.records)
+            self._append(record)
+            if previous_best is None or record["fid"] < previous_best["fid"]:
+                self._write_best(record, generator, generator_cfg)
+            if self.metrics is not None:
+                self.metrics.record(ref.step, record["fid"], record["kid_mean"], record["kid_std"], record["seconds"])
+            self.log(f"[eval] step {ref.step}: FID {record['fid']:.4f} KID {record['kid_mean']:.5f} "
+                     f"({record['num_images']} images, {record['seconds']:.1f}s)")
+        return record
+
+    def _write_page(self) -> None:
+        write_fid_page(self.eval_dir / FID_PAGE_NAME, self.records, best_record(self.records), self.run_dir.name)
+
+    def poll(self) -> tuple[int, bool]:
+        """One round: score what the policy selects now. Returns (number handled, run finished)."""
+        finished = self.run_finished() if self.rank == 0 else False
+        chosen = self.select(finished) if self.rank == 0 else []
+        finished, chosen = self._broadcast((finished, chosen))
+        for ref in chosen:
+            self.evaluate_one(ref)
+        if chosen and self.rank == 0:
+            self._write_page()
+        return len(chosen), finished
+
+    def run(self, max_polls: Optional[int] = None) -> list[dict]:
+        """Poll until the run is finished and nothing is left to score; returns all records."""
+        polls = 0
+        while True:
+            handled, finished = self.poll()
+            polls += 1
+            if finished and handled == 0:
+                break
+            if max_polls is not None and polls >= max_polls:
+                break
+            if handled == 0:
+                time.sleep(self.poll_seconds)
+        if self.rank == 0:
+            self._write_page()
+        return self.records

@@ -1,0 +1,175 @@
+"""The evaluation watcher over a run directory with real checkpoints of tiny generators.
+
+Real pieces throughout: COCO-Stuff val photos sharded by data_tools, the data engineer's eval loader,
+checkpoints written by CheckpointManager (DCP step dirs + COMMITTED), the EMA generator loaded by
+``load_generator_from_checkpoint``, and Inception test weights calibrated on the same photos.
+Images are 32x32 (upscaled to 299 by the extractor - that is the cost), 8 validation images.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_tools.shard import shard_dataset
+from spade_dist.checkpoint import CheckpointManager
+from spade_dist.config import CheckpointConfig, Config, load_config
+from spade_dist.data import build_eval_loader
+from spade_dist.eval.evaluate import Evaluator
+from spade_dist.eval.inception import make_test_inception_weights
+from spade_dist.eval.watcher import CheckpointRef, EvalWatcher, committed_checkpoints, read_records
+from spade_dist.models.compat import load_generator_file, save_generator_file
+from spade_dist.models.factory import build_generator
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory: pytest.TempPathFactory, coco_sample: Path, repo_root: Path) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("eval")
+    shard_dataset("coco-stuff", coco_sample, root / "shards", "val", max_count=1000, workers=1, progress=False)
+    overrides = [
+        f"data.val_shards={root / 'shards' / 'manifest.json'}", "data.load_size=32", "data.crop_size=32",
+        "data.num_workers=0", "data.batch_size=4", "data.pin_memory=false", "model.ngf=8",
+        "model.norm_G=spectralspadebatch3x3", f"eval.inception_weights={root / 'inception.pth'}",
+        f"eval.reference_cache_dir={root / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.2",
+    ]
+    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", overrides)
+    photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
+    make_test_inception_weights(root / "inception.pth", photos, seed=0)
+    evaluator = Evaluator(cfg, log=lambda _: None)
+    return SimpleNamespace(root=root, cfg=cfg, evaluator=evaluator, overrides=overrides)
+
+
+def _generator(cfg: Config, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_generator(cfg).eval()
+
+
+def _save_checkpoint(run_dir: Path, cfg: Config, step: int, seed: int) -> torch.nn.Module:
+    """A real checkpoint whose EMA generator differs from the raw one; returns the EMA generator."""
+    raw, ema = _generator(cfg, seed), _generator(cfg, seed + 1000)
+    manager = CheckpointManager(run_dir, CheckpointConfig(keep_last=100, async_save=False), rank=0, world_size=1,
+                                config_yaml=cfg.to_yaml(), install_signal_handlers=False)
+    manager.save(step, {"train": {"G": raw.state_dict(), "G_ema": ema.state_dict()}})
+    manager.close()
+    return ema
+
+
+def _truncate_a_data_file(step_dir: Path) -> None:
+    data_file = max((p for p in step_dir.rglob("*") if p.is_file() and p.suffix == ".distcp"),
+                    key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+
+
+@pytest.mark.slow
+def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleNamespace, tmp_path: Path) -> None:
+    cfg, run_dir = eval_setup.cfg, tmp_path / "run"
+    emas = {step: _save_checkpoint(run_dir, cfg, step, seed=step) for step in (10, 20, 30)}
+    _truncate_a_data_file(run_dir / "checkpoints" / "step-000000020")
+    (run_dir / "DONE").write_text(json.dumps({"step": 30}))
+
+    records = EvalWatcher(run_dir, eval_setup.evaluator, policy="every", poll_seconds=0.1, log=lambda _: None).run()
+
+    on_disk = read_records(run_dir / "eval" / "metrics.jsonl")
+    assert on_disk == records
+    assert [(r["step"], r["status"]) for r in on_disk] == [(10, "ok"), (20, "skipped"), (30, "ok")]
+    assert "step-000000020" in on_disk[1]["reason"]
+    for r in (on_disk[0], on_disk[2]):
+        assert r["num_images"] == 8 and r["resolution"] == [32, 32] and r["fid"] > 0
+        assert r["weights_sha256"] == eval_setup.evaluator.weights_sha256
+        assert r["seconds"] > 0 and r["checkpoint"].endswith(f"step-{r['step']:09d}")
+        assert set(r) >= {"kid_mean", "kid_std"}
+    best = json.loads((run_dir / "eval" / "best.json").read_text())
+    best_ok = min((r for r in on_disk if r["status"] == "ok"), key=lambda r: r["fid"])
+    assert best["step"] == best_ok["step"] and best["fid"] == best_ok["fid"]
+    # The exported best generator is that checkpoint's EMA generator (not the raw one).
+    exported, _ = load_generator_file(run_dir / "eval" / "best_generator.pt")
+    for name, tensor in emas[best["step"]].state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=0, atol=0)
+    page = (run_dir / "eval" / "fid.html").read_text()
+    assert "<svg" in page and "step 30" in page
+
+    # Restart with a new checkpoint: only the new one is scored, nothing is redone.
+    _save_checkpoint(run_dir, cfg, 40, seed=40)
+    (run_dir / "DONE").write_text(json.dumps({"step": 40}))
+    EvalWatcher(run_dir, eval_setup.evaluator, policy="every", poll_seconds=0.1, log=lambda _: None).run()
+    after = read_records(run_dir / "eval" / "metrics.jsonl")
+    assert after[:3] == on_disk
+    assert [(r["step"], r["status"]) for r in after[3:]] == [(40, "ok")]
+
+
+def test_checkpoint_pruned_before_it_is_read_is_skipped(eval_setup: SimpleNamespace, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _save_checkpoint(run_dir, eval_setup.cfg, 5, seed=5)
+    (ref,) = committed_checkpoints(run_dir)
+    shutil.rmtree(ref.path)  # retention pruned it between the scan and the read
+    watcher = EvalWatcher(run_dir, eval_setup.evaluator, log=lambda _: None)
+    record = watcher.evaluate_one(ref)
+    assert record["status"] == "skipped" and "does not exist" in record["reason"]
+    assert read_records(run_dir / "eval" / "metrics.jsonl") == [record]
+
+
+def _committed(run_dir: Path, *steps: int) -> None:
+    for step in steps:
+        step_dir = run_dir / "checkpoints" / f"step-{step:09d}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / "COMMITTED").write_text("{}")
+
+
+def test_policies_select_the_documented_checkpoints(tmp_path: Path) -> None:
+    fake_evaluator = SimpleNamespace(rank=0, world_size=1)
+    _committed(tmp_path, 100, 200, 300)
+    (tmp_path / "checkpoints" / "step-000000400").mkdir()  # not committed: never selected
+
+    every = EvalWatcher(tmp_path, fake_evaluator, policy="every")
+    every.records = [{"step": 200, "status": "ok", "fid": 1.0}]
+    assert [c.step for c in every.select(finished=False)] == [100, 300]
+
+    newest = EvalWatcher(tmp_path, fake_evaluator, policy="newest")
+    assert [c.step for c in newest.select(finished=False)] == [300]
+
+    every_2 = EvalWatcher(tmp_path, fake_evaluator, policy="every_k", every_k=2)
+    assert [c.step for c in every_2.select(finished=False)] == [200]
+    every_2.records = [{"step": 200, "status": "ok", "fid": 1.0}]
+    assert every_2.select(finished=False) == []  # 300 is the first of the next two
+    # A finished run always gets its last checkpoint scored.
+    assert [c.step for c in every_2.select(finished=True)] == [300]
+
+    with pytest.raises(ValueError, match="unknown policy 'sometimes'"):
+        EvalWatcher(tmp_path, fake_evaluator, policy="sometimes")
+
+
+def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, tmp_path: Path, repo_root: Path) -> None:
+    cfg = eval_setup.cfg
+    save_generator_file(_generator(cfg, 7), cfg, tmp_path / "G.pt")
+    direct = eval_setup.evaluator.evaluate(load_generator_file(tmp_path / "G.pt")[0])
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spade_dist.cli.eval", "once", "--checkpoint", str(tmp_path / "G.pt"),
+         "--out", str(out)] + [a for o in eval_setup.overrides for a in ("--set", o)],
+        cwd=repo_root, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 8 and result["checkpoint"] == str(tmp_path / "G.pt")
+    assert result["fid"] == pytest.approx(direct.fid, rel=1e-6)
+
+
+def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: SimpleNamespace, tmp_path: Path,
+                                                              repo_root: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(eval_setup.cfg.to_yaml())
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SPADE_INCEPTION_WEIGHTS"}
+    env["TORCH_HOME"] = str(tmp_path / "torch-home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir),
+         "--set", "eval.inception_weights="], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 2
+    assert "SPADE_INCEPTION_WEIGHTS" in proc.stderr and "eval.inception_weights" in proc.stderr
