@@ -110,6 +110,7 @@ class CheckpointManager:
         self._last_saved_step: Optional[int] = None
         self._stop_signal: Optional[str] = None
         self._old_handlers: dict[int, Any] = {}
+        self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
         if install_signal_handlers:
             self._install_handlers()
@@ -194,7 +195,7 @@ class CheckpointManager:
         meta = {"step": step, "world_size": self.world_size, "seed": self.seed,
                 "names": sorted(app_state)}
         objects = {META_KEY: meta, rng_key(self.rank): capture_rng_state()}
-        return build_flat_state(trees, objects, clone=clone)
+        return build_flat_state(trees, objects, clone=clone, buffers=self._staging_buffers)
 
     def save(self, step: int, app_state: dict[str, Any], blocking: bool = True) -> Path:
         """Collective. Save ``app_state`` as ``checkpoints/step-XXXXXXXXX``.
