@@ -1,0 +1,53 @@
+"""``spade-train``: the main training job.
+
+    spade-train --config configs/quickstart.yaml [dotted.key=value ...] [--resume auto|PATH|none]
+
+Launch it with any of (see docs/TRAINING.md):
+    accelerate launch --config_file launch/accelerate_cpu_2proc.yaml -m spade_dist.cli.train --config X
+    torchrun --nproc_per_node 2 -m spade_dist.cli.train --config X
+    deepspeed --hostfile H --module spade_dist.cli.train --config X train.backend=deepspeed
+
+Exit codes: 0 finished, 2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
+(124) stopped by a preemption signal after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from spade_dist.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="spade-train", description="Distributed SPADE / GauGAN training")
+    parser.add_argument("--config", required=True, help="YAML config (may inherit from another)")
+    parser.add_argument("--resume", default=None, help="auto | none | PATH (default: checkpoint.resume)")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from spade_dist.data import ShardSourceError
+    from spade_dist.distributed import DistributedSetupError
+    from spade_dist.losses import MissingVGGWeightsError
+    from spade_dist.train.loop import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError) as exc:
+        print(f"spade-train: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The training loop: data -> step -> log / samples / checkpoint / metrics / eval hooks.
+
+Reads top to bottom in :func:`train`. Every rank runs the same code; what a rank does beyond the
+step (write files, print, start the evaluator) follows from ``rank == 0``. Collectives happen at the
+same points on every rank: the step itself, ``ckpt.maybe_save`` / ``ckpt.should_stop`` after each
+step, and the final save.
+
+Host synchronisation: loss values stay device tensors and are read only on logging steps; the
+stop-flag all-reduce of the checkpoint manager is one tiny gloo collective per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from spade_dist.config import Config
+from spade_dist.distributed import DistributedSetupError, attach_syncbn_group, per_rank_batch_size
+from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
+from spade_dist.train.samples import SampleWriter
+from spade_dist.train.state import TrainState, build_train_state
+from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+
+log = logging.getLogger("spade_dist.train")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or preempted) call of :func:`train` reports."""
+
+    step: int
+    epoch: int
+    run_dir: Path
+    stopped_early: bool  # preemption signal: checkpoint written, exit with the requeue code
+    exit_code: int
+    nonfinite_skips: int
+
+
+class ProgressMeter:
+    """Accumulates wall time split into data wait / compute and formats the progress line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.data_s = 0.0
+        self.images = 0
+        self.steps = 0
+
+    def line(self, state: TrainState, result: StepResult, world: int) -> tuple[str, dict[str, float]]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        losses = {k: float(v) for k, v in result.losses.items()}  # the host sync of a logging step
+        lr_G, lr_D = state.lrs()
+        terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        text = (
+            f"step {state.step} epoch {state.epoch} | {self.images * world / elapsed:.1f} img/s | {terms} | "
+            f"lr G {lr_G:.2e} D {lr_D:.2e} | data wait {100.0 * self.data_s / elapsed:.0f}% | "
+            f"nonfinite skips {state.nonfinite_skips}"
+        )
+        return text, losses
+
+
+def setup_backend(cfg: Config) -> TrainBackend:
+    """Process group first (Accelerate or DeepSpeed), so SyncBN groups can be made before models."""
+    return DeepSpeedBackend.setup(cfg) if cfg.train.backend == "deepspeed" else DDPBackend.setup(cfg)
+
+
+def write_run_files(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
+
+
+def start_evaluator(cfg: Config, run_dir: Path) -> Optional[subprocess.Popen]:
+    """``eval.mode: subprocess``: the FID watcher follows the checkpoints in its own process."""
+    if cfg.eval.mode != "subprocess":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("spade_dist.cli.eval") is None:
+        raise DistributedSetupError("eval.mode=subprocess but spade_dist.cli.eval (spade-eval) is not installed")
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.eval.cpu_threads))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # the watcher is a single-process job, not a member of our group
+    cmd = [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir)]
+    log.info("starting evaluator: %s", " ".join(cmd))
+    return subprocess.Popen(cmd, env=env, stdout=open(run_dir / "eval.log", "ab"), stderr=subprocess.STDOUT)
+
+
+def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
+    """Group the loader's batches by ``grad_accum``; a trailing partial group ends the epoch."""
+    group: list[dict[str, Any]] = []
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        meter.data_s += time.perf_counter() - t0
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
+    """Run (or continue) the training job described by ``cfg``. Call on every rank."""
+    from spade_dist.checkpoint import CheckpointManager, GatheredState
+    from spade_dist.data import build_train_loader, merge_positions
+    from spade_dist.losses import VGGLoss
+    from spade_dist.metrics import TrainingMetrics
+
+    if cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # --- 1. processes, devices, batch geometry --------------------------------------------------
+    backend = setup_backend(cfg)
+    info, device = backend.info, backend.device
+    per_rank = per_rank_batch_size(cfg.data.batch_size, info.world_size, cfg.train.grad_accum, cfg.train.global_batch_size)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank))
+    run_dir = Path(cfg.train.run_dir)
+
+    # --- 2. data (fails early on a missing dataset, before models are built) ---------------------
+    loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
+    steps_per_epoch = len(loader) // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"data.shards={cfg.data.shards!r}: {len(loader)} batch(es) per rank, fewer than train.grad_accum "
+            f"{cfg.train.grad_accum}: nothing to train on"
+        )
+
+    # --- 3. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
+    torch.manual_seed(cfg.train.seed)
+    state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
+    attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
+    if isinstance(backend, DeepSpeedBackend):
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
+    else:
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
+    vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(cfg.loss.vgg_weights or None).to(device)
+    losses = LossSet.from_config(cfg, vgg)
+    torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
+
+    # --- 4. run directory, resume, hooks ---------------------------------------------------------
+    if info.is_main:
+        write_run_files(run_dir, cfg)
+    ckpt = CheckpointManager(
+        run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
+        seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
+        world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
+                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
+    )
+    app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
+    restored = ckpt.restore(app_state, resume)
+    if restored is not None and info.is_main:
+        print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
+    metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
+    metrics.start()
+    samples = SampleWriter(run_dir, cfg)
+    evaluator = start_evaluator(cfg, run_dir) if info.is_main else None
+    max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
+    if info.is_main:
+        print(f"[spade-train] {backend.name} on {info.world_size} x {device} | global batch "
+              f"{per_rank * info.world_size * cfg.train.grad_accum} | {steps_per_epoch} steps/epoch | "
+              f"to step {max_steps} | run dir {run_dir}", flush=True)
+
+    # --- 5. the loop ------------------------------------------------------------------------------
+    meter = ProgressMeter()
+    stopped_early = False
+    skips_logged = 0
+    last_saved_step = -1
+    corrupt_logged = 0
+    try:
+        while state.step < max_steps and not stopped_early:
+            for group in micro_batches(loader, cfg.train.grad_accum, meter):
+                if info.is_main:
+                    samples.offer(group[0])
+                micro = [prepare_batch(b, cfg, device) for b in group]
+                result = train_step(backend, losses, micro, state.step, cfg)
+                state.nonfinite_skips_t += result.skipped_G + result.skipped_D
+                state.step += 1
+                state.ema.update(state.generator, state.step)
+                meter.images += sum(m.real.shape[0] for m in micro)
+                meter.steps += 1
+
+                if state.step % cfg.train.log_every == 0 or state.step == max_steps:
+                    text, loss_values = meter.line(state, result, info.world_size)
+                    if info.is_main:
+                        print(f"[spade-train] {text}", flush=True)
+                    elapsed = time.perf_counter() - meter.started
+                    lr_G, lr_D = state.lrs()
+                    metrics.record_step(state.step, state.epoch, images=meter.images, data_seconds=meter.data_s,
+                                        compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
+                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps)
+                    skips = state.nonfinite_skips
+                    metrics.record_nonfinite_skip(skips - skips_logged)
+                    metrics.record_corrupt(loader.corrupt_samples - corrupt_logged)
+                    skips_logged, corrupt_logged = skips, loader.corrupt_samples
+                    meter.reset()
+                if info.is_main and (state.step % cfg.train.sample_every == 0 or state.step == max_steps):
+                    samples.write(state.step, state.ema_generator, device)
+
+                if ckpt.maybe_save(state.step, app_state):
+                    last_saved_step = state.step
+                if ckpt.should_stop():
+                    stopped_early = True
+                    break
+                if state.step >= max_steps:
+                    break
+            else:
+                state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
+                loader.set_epoch(state.epoch)
+
+        # --- 6. the end: final save, DONE ---------------------------------------------------------
+        if last_saved_step != state.step:
+            ckpt.save(state.step, app_state, blocking=True)
+        ckpt.wait()  # an asynchronous save of this very step must be committed before DONE
+        if stopped_early:
+            if info.is_main:
+                print(f"[spade-train] stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
+                      f"exit {ckpt.requeue_exit_code} (requeue)", flush=True)
+        elif info.is_main:
+            (run_dir / "DONE").write_text(json.dumps({"step": state.step, "time": time.time()}) + "\n")
+            print(f"[spade-train] done at step {state.step}; samples: {run_dir / 'samples' / 'index.html'}; "
+                  f"checkpoints: {run_dir / 'checkpoints'}", flush=True)
+    finally:
+        ckpt.close()
+        metrics.close()
+        if evaluator is not None and stopped_early:
+            evaluator.terminate()  # the requeued job starts its own; a finished run's watcher exits on DONE
+    return TrainResult(step=state.step, epoch=state.epoch, run_dir=run_dir, stopped_early=stopped_early,
+                       exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)
