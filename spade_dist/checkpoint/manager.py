@@ -79,6 +79,7 @@ class CheckpointManager:
         world_size_locked: Optional[str] = None,
         install_signal_handlers: bool = True,
         verify_sha256_on_resume: bool = True,
+        on_commit: Optional[Callable[[int, Path, float], None]] = None,
     ) -> None:
         """
         rank / world_size: default to the process group's (or 0 / 1 without one).
@@ -100,6 +101,10 @@ class CheckpointManager:
         self.generator_paths = generator_paths or {"ema": ["train", "G_ema"], "raw": ["train", "G"]}
         self.world_size_locked = world_size_locked
         self.verify_sha256_on_resume = verify_sha256_on_resume
+        # Called on every rank once a save is committed: (step, step_dir, seconds the write took).
+        # The trainer feeds it to its metrics (spade_checkpoint_*); for async saves it runs in the
+        # writer thread.
+        self.on_commit = on_commit
         self.ckpt_dir = layout.checkpoints_dir(self.run_dir)
         # Private groups (collective creation: every rank constructs the manager at the same point).
         self._ctrl_pg = dist.new_group(backend="gloo") if self.distributed else None
@@ -247,6 +252,8 @@ class CheckpointManager:
         # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
         # could make the launcher kill rank 0 mid-commit.
         self._barrier()
+        if self.on_commit is not None:
+            self.on_commit(step, step_dir, time.perf_counter() - started)
 
     def wait(self) -> None:
         """Block until the in-flight asynchronous save (if any) is committed; re-raise its error."""
