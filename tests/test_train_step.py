@@ -102,7 +102,7 @@ def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_sta
     backend = (DeepSpeedBackend if backend_name == "deepspeed" else DDPBackend).setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=backend_name == "ddp", dtype=torch.float64)
     if backend_name == "deepspeed":
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per)
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per, float64_communication=True)
     else:
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
     vgg = VGGLoss.from_file(vgg_path).double()

@@ -96,9 +96,21 @@ class DDPBackend(TrainBackend):
 
         env = env_dist_info()
         device = resolve_device(cfg.train.device, env.local_rank)
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if env.world_size > 1 and not os.environ.get(v)]
+        if missing and not (dist.is_available() and dist.is_initialized()):
+            raise DistributedSetupError(
+                f"WORLD_SIZE={env.world_size} but {', '.join(missing)} not set, so no process group can be formed: "
+                "launch with accelerate launch, torchrun or deepspeed (they set the rendezvous address)"
+            )
         # cpu=True is what turns `accelerate launch --multi_gpu` into MULTI_CPU/gloo on a GPU-less
         # machine (STACK_NOTES); mixed precision is ours (two scalers), so Accelerate gets "no".
-        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        try:
+            accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        except (RuntimeError, ValueError) as exc:
+            raise DistributedSetupError(
+                f"could not form the process group of WORLD_SIZE={env.world_size} (rank {env.rank}, "
+                f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}"
+            ) from exc
         info = check_process_group(env.world_size, launcher_processes=accelerator.num_processes)
         return cls(cfg, accelerator.device if device.type == "cuda" else device, info, accelerator)
 
@@ -216,15 +228,24 @@ class DeepSpeedBackend(TrainBackend):
         }
 
     def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
-             opt_D: torch.optim.Optimizer, per_rank_batch: int) -> None:
+             opt_D: torch.optim.Optimizer, per_rank_batch: int, float64_communication: bool = False) -> None:
+        """Build the two engines. ``float64_communication`` is for float64 verification runs only:
+        DeepSpeed all-reduces gradients in fp32 unless told otherwise and its config accepts no
+        fp64, so fp64 gradients would be rounded to fp32 on the wire."""
         import deepspeed
 
         self.generator_module = generator
         self.discriminator_module = discriminator
         config = self.ds_config(per_rank_batch)
+        patch: ContextManager[None] = contextlib.nullcontext()
+        if float64_communication:
+            config["communication_data_type"] = "fp64"
+            config["zero_optimization"]["reduce_scatter"] = False  # ZeRO-2 reduce-scatter takes <= fp32
+            patch = _deepspeed_accepts_fp64_communication()
         # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build CPU FusedAdam (STACK_NOTES).
-        engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
-        engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)
+        with patch:
+            engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
+            engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)
         self.engines = {"G": engine_G, "D": engine_D}
         self.generator, self.discriminator = engine_G, engine_D
         self._opts = {"G": opt_G, "D": opt_D}
@@ -250,6 +271,25 @@ class DeepSpeedBackend(TrainBackend):
 
     def optimizer(self, which: str) -> torch.optim.Optimizer:
         return self._opts[which]
+
+
+@contextlib.contextmanager
+def _deepspeed_accepts_fp64_communication() -> Iterator[None]:
+    """Let DeepSpeed's config parser map ``communication_data_type: fp64`` to torch.float64."""
+    import deepspeed.runtime.config as ds_config
+
+    original = ds_config.get_communication_data_type
+
+    def parse(param_dict: dict, *args: Any, **kwargs: Any) -> Optional[torch.dtype]:
+        if str(param_dict.get("communication_data_type", "")).lower() == "fp64" and not args and not kwargs:
+            return torch.float64
+        return original(param_dict, *args, **kwargs)
+
+    ds_config.get_communication_data_type = parse
+    try:
+        yield
+    finally:
+        ds_config.get_communication_data_type = original
 
 
 @contextlib.contextmanager
