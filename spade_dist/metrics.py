@@ -142,6 +142,23 @@ def delete_job_metrics(gateway: str, job: str, grouping: Optional[Mapping[str, s
         raise MetricsError(f"cannot delete job {job!r} from Pushgateway {gateway} (metrics.pushgateway): {exc}") from exc
 
 
+def directory_bytes(path: Union[str, Path]) -> int:
+    """Total size of the files under ``path`` (a checkpoint step directory)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def device_memory_bytes(device: Any) -> int:
+    """Memory this process holds on ``device``: CUDA's allocator counter (a host-side number, no
+    synchronisation), or the resident set size of the process on CPU."""
+    import torch  # local: keeps `import spade_dist.metrics` light for short jobs
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -203,7 +220,7 @@ class TrainingMetrics:
         self._corrupt = counter("spade_corrupt_samples_skipped", "Corrupt samples skipped by the loader.")
         self._memory = gauge("spade_device_memory_bytes", "Device memory allocated by this rank.")
         self._ckpt_seconds = gauge("spade_checkpoint_save_seconds", "Duration of the last checkpoint save.")
-        self._ckpt_bytes = gauge("spade_checkpoint_bytes", "Size of the last checkpoint written by this rank.")
+        self._ckpt_bytes = gauge("spade_checkpoint_bytes", "Size of the last committed checkpoint (all ranks' files).")
         self._ckpt_last = gauge("spade_checkpoint_last_success_timestamp_seconds",
                                 "Unix time of the last successful checkpoint save (0 = none yet).")
         self._ckpt_saves = Counter("spade_checkpoint_saves", "Checkpoint saves by result.",
@@ -339,7 +356,7 @@ class TrainingMetrics:
             self._memory.labels(**self._labels).set(num_bytes)
 
     def record_checkpoint(self, seconds: float, bytes: int, success: bool = True) -> None:  # noqa: A002 - API name
-        """One checkpoint save finished (or failed) after ``seconds``; ``bytes`` written by this rank."""
+        """One checkpoint save finished (or failed) after ``seconds``; ``bytes`` = its total size."""
         if not self.enabled:
             return
         lab = self._labels
@@ -349,6 +366,56 @@ class TrainingMetrics:
             self._ckpt_bytes.labels(**lab).set(bytes)
             self._ckpt_last.labels(**lab).set(time.time())
         self._beat()
+
+    def record_checkpoint_commit(self, step: int, step_dir: Union[str, Path], seconds: float) -> None:
+        """``CheckpointManager(on_commit=...)`` hook: a committed step directory, measured on disk."""
+        if self.enabled:
+            self.record_checkpoint(seconds=seconds, bytes=directory_bytes(step_dir), success=True)
+
+
+class GradNormTracker:
+    """Total gradient L2 norm per network, captured right before each optimizer step.
+
+    The backends zero the gradients right after stepping, so the loop cannot read them afterwards;
+    an optimizer step pre-hook sees them all-reduced (DDP) and unscaled (fp16). The hook only
+    computes when armed (the loop arms it before a logging step), so other steps pay nothing, and it
+    keeps a device tensor: :meth:`collect` does the one host read on the logging step. Under
+    DeepSpeed ZeRO 1/2 the client optimizer only holds this rank's gradient partition: do not
+    arm it there (its norm would not be the network's).
+    """
+
+    def __init__(self, optimizers: Mapping[str, Any]) -> None:
+        self._armed = False
+        self._norms: dict[str, Any] = {}
+        self._handles = [opt.register_step_pre_hook(self._hook(name)) for name, opt in optimizers.items()]
+
+    def _hook(self, name: str):
+        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+            if not self._armed:
+                return
+            import torch
+
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                self._norms[name] = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        return hook
+
+    def arm(self) -> None:
+        """Capture the norms of the next optimizer steps (until :meth:`collect`)."""
+        self._armed = True
+
+    def collect(self) -> dict[str, float]:
+        """``{net: norm}`` of the steps since :meth:`arm` (the last one per network); disarms."""
+        out = {name: float(norm) for name, norm in self._norms.items()}
+        self._norms.clear()
+        self._armed = False
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 # --------------------------------------------------------------------------------------------

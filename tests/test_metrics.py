@@ -192,3 +192,53 @@ def test_eval_metrics_serve_mode_publishes_and_tracks_best(tmp_path: Path) -> No
     assert samples["spade_eval_best_fid"] == [(labels, 50.0)]
     assert samples["spade_eval_kid"] == [(labels, 0.06)]
     assert samples["spade_eval_step"] == [(labels, 200.0)]
+
+
+def test_grad_norm_tracker_reads_grads_before_they_are_zeroed_only_when_armed() -> None:
+    import torch
+
+    from spade_dist.metrics import GradNormTracker
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    tracker = GradNormTracker({"G": opt})
+
+    def step() -> float:
+        net(torch.randn(4, 3)).pow(2).sum().backward()
+        expected = float(torch.cat([p.grad.flatten() for p in net.parameters()]).norm())
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # as the backends do: nothing left to read afterwards
+        return expected
+
+    step()
+    assert tracker.collect() == {}  # not armed: nothing computed
+    tracker.arm()
+    expected = step()
+    assert tracker.collect() == {"G": pytest.approx(expected, rel=1e-6)}
+    step()
+    assert tracker.collect() == {}  # collect() disarmed it
+    tracker.close()
+    tracker.arm()
+    step()
+    assert tracker.collect() == {}
+
+
+def test_checkpoint_commit_hook_and_device_memory(tmp_path: Path) -> None:
+    from spade_dist.metrics import device_memory_bytes
+
+    step_dir = tmp_path / "run" / "checkpoints" / "step-000000003"
+    (step_dir / "sub").mkdir(parents=True)
+    (step_dir / "a.bin").write_bytes(b"x" * 100)
+    (step_dir / "sub" / "b.bin").write_bytes(b"y" * 28)
+    m = TrainingMetrics(make_cfg(), run_dir=tmp_path / "run", rank=1, local_rank=0, world_size=2, node="n1")
+    m.start()
+    try:
+        m.record_checkpoint_commit(3, step_dir, 1.5)
+        m.record_device_memory(device_memory_bytes("cpu"))
+        samples = scrape(m.port)
+    finally:
+        m.close()
+    assert samples["spade_checkpoint_bytes"][0][1] == 128
+    assert samples["spade_checkpoint_save_seconds"][0][1] == 1.5
+    assert samples["spade_device_memory_bytes"][0][1] > 10 * 2**20  # a Python process with torch loaded

@@ -126,7 +126,7 @@ def build_dashboard() -> dict[str, Any]:
             (f"max(spade_checkpoint_save_seconds{{{s}}})", "save seconds"),
         ]),
         _panel(next(ids), "Checkpoint size", "timeseries", (16, 32, 8, 6), "bytes", [
-            (f"sum(spade_checkpoint_bytes{{{s}}})", "bytes (all ranks)"),
+            (f"max(spade_checkpoint_bytes{{{s}}})", "bytes (all ranks' files)"),
         ]),
     ]
     panels.append(_row(next(ids), "Health", 38))
