@@ -9,6 +9,7 @@ any number of workers.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections import deque
 from typing import Any, Iterator, Optional
 
@@ -31,6 +32,14 @@ RECENT_CORRUPT_KEYS = 10
 
 class CorruptRateError(RuntimeError):
     """Too many corrupt samples: the data is broken, training on would be silently wrong."""
+
+
+def _worker_start_method() -> Optional[str]:
+    """Fork workers where the OS can: new workers are planned every epoch, and a process started
+    by spawn (torchrun/accelerate children, our gloo tests) would otherwise spawn its workers too,
+    re-importing torch in each one (tens of seconds per epoch on a loaded node). The workers only
+    decode with PIL/numpy and never touch CUDA, so forking a CUDA/NCCL process is safe here."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _worker_init(_: int) -> None:
@@ -150,7 +159,8 @@ class ShardLoader:
         if self.num_workers > 0:
             batches = iter(DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                pin_memory=bool(self.cfg.pin_memory and torch.cuda.is_available()), persistent_workers=False))
+                pin_memory=bool(self.cfg.pin_memory and torch.cuda.is_available()), persistent_workers=False,
+                multiprocessing_context=_worker_start_method()))
         else:
             batches = iter(stream)
         for batch in batches:
