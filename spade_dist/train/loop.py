@@ -120,7 +120,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     from spade_dist.checkpoint import CheckpointManager, GatheredState
     from spade_dist.data import build_train_loader, merge_positions
     from spade_dist.losses import VGGLoss
-    from spade_dist.metrics import TrainingMetrics
+    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
 
     if cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -171,6 +171,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
     metrics.start()
+    ckpt.on_commit = metrics.record_checkpoint_commit
+    # Gradient norms for the metrics, read before the backend zeroes the gradients (not under ZeRO
+    # 1/2, where an optimizer holds only this rank's partition).
+    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
+        backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
     evaluator = start_evaluator(cfg, run_dir) if info.is_main else None
     max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
@@ -191,6 +196,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 if info.is_main:
                     samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
+                if grad_norms is not None and ((state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == max_steps):
+                    grad_norms.arm()
                 result = train_step(backend, losses, micro, state.step, cfg)
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
@@ -206,7 +213,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                     lr_G, lr_D = state.lrs()
                     metrics.record_step(state.step, state.epoch, images=meter.images, data_seconds=meter.data_s,
                                         compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
-                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps)
+                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps,
+                                        grad_norms=grad_norms.collect() if grad_norms is not None else None)
+                    metrics.record_device_memory(device_memory_bytes(device))
                     skips = state.nonfinite_skips
                     metrics.record_nonfinite_skip(skips - skips_logged)
                     metrics.record_corrupt(loader.corrupt_samples - corrupt_logged)
