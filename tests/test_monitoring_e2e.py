@@ -1,5 +1,11 @@
-"""THE monitoring test: a real Prometheus discovers a real 2-rank CPU training run through its file_sd file,
-and every PromQL expression of the Grafana dashboard and of the alert rules returns data over the HTTP API.
+"""THE monitoring test: a real Prometheus discovers a real 2-rank CPU ``spade-train`` run (gloo, synchronized
+BN) through its file_sd file, and every PromQL expression of the Grafana dashboard and of the alert rules
+returns data over the HTTP API.
+
+The two training processes are started the way a launcher (torchrun, srun) starts them: one process per
+rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The run trains until the test
+sends SIGUSR1 (the preemption signal): it checkpoints, removes its discovery file and exits with the
+requeue code. An EvalMetrics publisher stands in for the FID watcher (real FID needs Inception weights).
 
 The expressions are read from the checked-in dashboard JSON and alerts.yml, never retyped here. Alert
 expressions have the form ``<signal> <op> <threshold>`` (see alerts.yml): a healthy run must not fire
@@ -10,8 +16,11 @@ a window holding many 1 s scrapes.
 from __future__ import annotations
 
 import json
+import os
 import re
-import threading
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +28,11 @@ from typing import Any
 import pytest
 import yaml
 
-from spade_dist.config import MetricsConfig
+from spade_dist.config import MetricsConfig, load_config
 from spade_dist.metrics import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
 from spade_dist.monitoring.services import Prometheus, start_prometheus
-from tests.dist_utils import run_distributed
-from tests.monitoring_job import train_with_metrics
+from tests.dist_utils import free_port
 
 RUN, JOB_ID = "e2e-run", "4242"
 RATE_INTERVAL = "20s"
@@ -75,51 +83,78 @@ def _empty(prom: Prometheus, queries: list[tuple[str, str]]) -> list[tuple[str, 
     return [(what, expr) for what, expr in queries if not prom.query(expr)]
 
 
+def make_shards(repo_root: Path, out: Path) -> Path:
+    """A tiny synthetic dataset, sharded by the project's own tools (as the quickstart does)."""
+    spade_data = [sys.executable, "-m", "data_tools"]
+    subprocess.run(spade_data + ["synth", "--out", str(out / "raw"), "--count", "16", "--val-count", "4",
+                                 "--seed", "0", "--size", "32"], check=True, cwd=repo_root, capture_output=True)
+    subprocess.run(spade_data + ["shard", "--layout", "custom", "--root", str(out / "raw"), "--out", str(out / "shards"),
+                                 "--split", "train", "--no-progress"], check=True, cwd=repo_root, capture_output=True)
+    return out / "shards" / "manifest.json"
+
+
+def start_training(repo_root: Path, tmp_path: Path, manifest: Path, run_dir: Path, sd_dir: Path) -> list[subprocess.Popen]:
+    overrides = [
+        f"data.shards={manifest}", "data.val_shards=", f"train.run_dir={run_dir}", "train.max_steps=100000",
+        "train.log_every=1", "train.sample_every=1000000", "train.cpu_threads=1", "model.ngf=8", "model.ndf=8",
+        "data.batch_size=2", "data.load_size=32", "data.num_workers=0", "checkpoint.every_steps=3",
+        "checkpoint.async_save=false", "metrics.enabled=true", "metrics.port_base=0", "metrics.bind=127.0.0.1",
+        f"metrics.sd_dir={sd_dir}", f"metrics.job_id='{JOB_ID}'",  # quoted: YAML would read 4242 as an int
+    ]
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        log = open(tmp_path / f"train-rank{rank}.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
+             "--resume", "none", *overrides], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- rank {r} ---\n" + (tmp_path / f"train-rank{r}.log").read_text(errors="replace")[-3000:]
+                     for r in range(2))
+
+
 @pytest.mark.e2e
 @pytest.mark.dist
-def test_prometheus_discovers_two_rank_run_and_every_expression_has_data(repo_root: Path, tmp_path: Path) -> None:
-    sd_dir, run_dir, stop_file = tmp_path / "sd", tmp_path / "runs" / RUN, tmp_path / "STOP"
+def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data(repo_root: Path, tmp_path: Path) -> None:
+    sd_dir, run_dir = tmp_path / "sd", tmp_path / "runs" / RUN
     sd_dir.mkdir()
     prom_cfg = tmp_path / "prometheus.yml"
     write_test_prometheus_config(repo_root, sd_dir, prom_cfg)
     dashboard = json.loads((repo_root / "configs/monitoring/grafana/spade_dist.json").read_text())
     alerts = alert_signals(repo_root / "configs/monitoring/alerts.yml")
     queries = dashboard_queries(dashboard) + [(f"alert {name} signal", signal) for name, _, signal in alerts]
-
-    metrics_cfg = MetricsConfig(enabled=True, port_base=0, bind="127.0.0.1", sd_dir=str(sd_dir), job_id=JOB_ID)
-    outcome: dict[str, Any] = {}
-
-    def run_job() -> None:
-        try:
-            outcome["results"] = run_distributed(
-                train_with_metrics, world_size=2, args=(str(run_dir), metrics_cfg, str(stop_file), 150.0), timeout=240)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            outcome["error"] = exc
+    manifest = make_shards(repo_root, tmp_path / "data")
+    requeue_code = load_config(repo_root / "configs/quickstart.yaml").checkpoint.requeue_exit_code
 
     with start_prometheus(prom_cfg, tmp_path / "prom") as prom:
-        evaluator = EvalMetrics(metrics_cfg, run_dir=run_dir)  # the FID watcher beside the run
+        # The FID watcher beside the run (same run / job labels, its own discovery file).
+        evaluator = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(sd_dir), job_id=JOB_ID), run_dir=run_dir)
         evaluator.start()
-        job = threading.Thread(target=run_job, daemon=True)
-        job.start()
+        procs = start_training(repo_root, tmp_path, manifest, run_dir, sd_dir)
         try:
             sd_file = sd_dir / f"{RUN}-{JOB_ID}.json"
-            deadline = time.monotonic() + 60
-            while not sd_file.exists() and "error" not in outcome and time.monotonic() < deadline:
+            deadline = time.monotonic() + 120
+            while not sd_file.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert sd_file.exists(), f"no file_sd file from the run: {outcome.get('error')}"
+            assert sd_file.exists(), "no file_sd file from spade-train:\n" + _logs(tmp_path)
             targets = json.loads(sd_file.read_text())
             assert [g["labels"]["rank"] for g in targets] == ["0", "1"]
 
-            evaluator.record(step=5, fid=80.0, kid_mean=0.08, kid_std=0.01, seconds=1.0)
-            evaluator.record(step=10, fid=70.0, kid_mean=0.07, kid_std=0.01, seconds=1.0)
+            evaluator.record(step=3, fid=80.0, kid_mean=0.08, kid_std=0.01, seconds=1.0)
+            evaluator.record(step=6, fid=70.0, kid_mean=0.07, kid_std=0.01, seconds=1.0)
 
             # Poll (targets are applied every ~5 s; rates need a few scrapes): every query must get data.
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 120
             missing = queries
-            while missing and time.monotonic() < deadline and "error" not in outcome:
+            while missing and time.monotonic() < deadline and all(p.poll() is None for p in procs):
                 time.sleep(2)
                 missing = _empty(prom, missing)
-            assert "error" not in outcome, outcome.get("error")
+            assert all(p.poll() is None for p in procs), "spade-train exited early:\n" + _logs(tmp_path)
             assert not missing, "expressions without data:\n" + "\n".join(f"{w}: {e}" for w, e in missing)
 
             # Both ranks and the evaluator were discovered and are up.
@@ -135,9 +170,9 @@ def test_prometheus_discovers_two_rank_run_and_every_expression_has_data(repo_ro
             for name, expr, _signal in alerts:
                 assert prom.query(expr) == [], f"alert {name} fires on a healthy run: {expr}"
             rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+            assert {r["name"] for r in rules} == {name for name, _, _ in alerts}
             # Rules are evaluated every second here; by now each has run many times.
             assert all(not r["lastEvaluation"].startswith("0001-") for r in rules), rules
-            assert {r["name"] for r in rules} == {name for name, _, _ in alerts}
             assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
 
             # Labels the dashboard relies on came through honor_labels unchanged (no exported_* copies).
@@ -145,15 +180,19 @@ def test_prometheus_discovers_two_rank_run_and_every_expression_has_data(repo_ro
             assert sorted(r["metric"]["rank"] for r in steps) == ["0", "1"]
             assert not any(k.startswith("exported_") for r in steps for k in r["metric"])
         finally:
-            stop_file.touch()
-            job.join(240)
+            for p in procs:  # the preemption signal: checkpoint, clean up, exit with the requeue code
+                if p.poll() is None:
+                    p.send_signal(signal.SIGUSR1)
+            codes = []
+            for p in procs:
+                try:
+                    codes.append(p.wait(120))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    codes.append(p.wait())
             evaluator.close()
 
-    assert not job.is_alive(), "training job did not stop"
-    assert "error" not in outcome, outcome.get("error")
-    results = outcome["results"]
-    assert not any(r["timed_out"] for r in results), "the job ran into its own time limit"
-    assert results[0]["steps"] == results[1]["steps"] > 5
+    assert codes == [requeue_code, requeue_code], f"exit codes {codes}:\n" + _logs(tmp_path)
     assert list(sd_dir.iterdir()) == [], "discovery files must be removed when the job and evaluator exit"
-    log_lines = (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()
-    assert len(log_lines) == results[0]["steps"]
+    records = [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # log_every=1
