@@ -31,6 +31,7 @@ import yaml
 from spade_dist.config import MetricsConfig, load_config
 from spade_dist.metrics import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
+from spade_dist.monitoring.report import write_report
 from spade_dist.monitoring.services import Prometheus, start_prometheus
 from tests.dist_utils import free_port
 
@@ -196,3 +197,8 @@ def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data
     assert list(sd_dir.iterdir()) == [], "discovery files must be removed when the job and evaluator exit"
     records = [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # log_every=1
+    assert all(set(r["grad_norms"]) == {"G", "D"} for r in records)
+    # The report for people without Grafana, from the same real run directory.
+    page = write_report(run_dir).read_text()
+    for chart in ("Losses", "Throughput", "Data-wait share", "Learning rate"):
+        assert f'aria-label="{chart}"' in page

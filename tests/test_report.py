@@ -72,6 +72,15 @@ def test_report_of_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert polyline_lengths(charts["FID"]) == [4]
     assert polyline_lengths(charts["Learning rate"]) == [10, 10]
     assert "KLD&lt;x&gt;" in page and "KLD<x>" not in page  # names are escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    for title, svg in charts.items():  # every drawn point lies inside its plot frame
+        frame = next(svg.iter(f"{ns}rect"))
+        x0, y0 = float(frame.get("x")), float(frame.get("y"))
+        x1, y1 = x0 + float(frame.get("width")), y0 + float(frame.get("height"))
+        for line in svg.iter(f"{ns}polyline"):
+            for point in line.get("points").split():
+                x, y = map(float, point.split(","))
+                assert x0 - 0.1 <= x <= x1 + 0.1 and y0 - 0.1 <= y <= y1 + 0.1, (title, point)
 
     assert "finished at step 100" in page
     assert "65 at step 75" in page  # best FID from eval/best.json
