@@ -1,0 +1,65 @@
+"""End to end: a short CPU training run with ``eval.mode: subprocess`` gets its checkpoints scored
+while it trains; the best is the lowest FID; a restarted watcher redoes nothing and exits on DONE."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spade_dist.config import load_config
+from spade_dist.data import build_eval_loader
+from spade_dist.eval.inception import make_test_inception_weights
+from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
+from spade_dist.eval.watcher import committed_checkpoints, read_records
+from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.e2e
+def test_training_with_subprocess_eval(tmp_path: Path) -> None:
+    manifest = make_synthetic_shards(tmp_path / "data", count=16, val_count=4)
+    run_dir = tmp_path / "run"
+    weights = tmp_path / "inception.pth"
+    overrides = TINY_OVERRIDES + [
+        f"data.shards={manifest}", f"data.val_shards={manifest}", f"train.run_dir={run_dir}",
+        "train.max_steps=48", "train.sample_every=1000", "checkpoint.every_steps=12", "checkpoint.keep_last=10",
+        "checkpoint.async_save=false", "eval.mode=subprocess", f"eval.inception_weights={weights}",
+        f"eval.reference_cache_dir={tmp_path / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.5",
+    ]
+    cfg = load_config(REPO_ROOT / "configs" / "quickstart.yaml", overrides)
+    photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
+    make_test_inception_weights(weights, photos, seed=0)
+
+    run_cli([PYTHON, "-m", "spade_dist.cli.train", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml")]
+            + overrides, env=cli_env(), timeout=600)
+    done = json.loads((run_dir / "DONE").read_text())
+    steps = [c.step for c in committed_checkpoints(run_dir)]
+    assert steps == [12, 24, 36, 48]
+
+    # The trainer's watcher keeps going after training and stops by itself once all are scored.
+    metrics_path = run_dir / "eval" / "metrics.jsonl"
+    _wait_for(lambda: len(read_records(metrics_path)) == len(steps), 400, "the watcher to score every checkpoint")
+    records = read_records(metrics_path)
+    assert [r["step"] for r in records] == steps and all(r["status"] == "ok" for r in records)
+    assert all(r["num_images"] == 4 and r["resolution"] == [32, 32] for r in records)
+    # Scored while training ran: the first result came before the run wrote DONE.
+    assert records[0]["time"] < done["time"]
+    best = json.loads((run_dir / "eval" / "best.json").read_text())
+    assert best["fid"] == min(r["fid"] for r in records)
+    assert (run_dir / "eval" / "best_generator.pt").is_file()
+    assert "<svg" in (run_dir / "eval" / "fid.html").read_text()
+
+    # A restarted watcher (e.g. after a crash) finds everything done and exits without new lines.
+    proc = start_eval_watcher(cfg, run_dir)
+    assert stop_eval_watcher(proc, timeout=300) == 0
+    assert read_records(metrics_path) == records
