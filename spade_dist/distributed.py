@@ -80,6 +80,30 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def elastic_restart_attempt() -> int:
+    """torchrun's restart count when its agent hosts the rendezvous store, else 0."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return 0
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_restart_store(world_size: int) -> dict:
+    """``store=`` kwargs for ``dist.init_process_group`` on a torchrun restart; ``{}`` otherwise.
+
+    (Added by the checkpoint engineer.) torchrun ``--max-restarts`` keeps its agent's rendezvous
+    store across attempts, and gloo's connection keys of the killed attempt ("default_pg/...", and
+    those of every ``new_group``) are still in it: restarted ranks read dead peers' addresses and
+    fail with "Connection refused". Prefixing the store with TORCHELASTIC_RESTART_COUNT gives each
+    attempt fresh keys (tests/test_checkpoint_train_e2e.py kills a rank with -9 to prove it).
+    """
+    attempt = elastic_restart_attempt()
+    if attempt == 0:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=PROCESS_GROUP_TIMEOUT)
+    return {"store": dist.PrefixStore(f"spade-restart-{attempt}", store)}
+
+
 def init_process_group(device: torch.device) -> DistInfo:
     """Initialise torch.distributed from the environment when WORLD_SIZE > 1 (idempotent).
 
@@ -99,7 +123,8 @@ def init_process_group(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=PROCESS_GROUP_TIMEOUT,
+                                **elastic_restart_store(info.world_size))
     except Exception as exc:  # noqa: BLE001 - re-raised with the launch details
         raise DistributedSetupError(
             f"could not create the {backend} process group (rank {info.rank} of {info.world_size}, "

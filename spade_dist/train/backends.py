@@ -27,7 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from spade_dist.config import Config
-from spade_dist.distributed import DistInfo, DistributedSetupError, check_process_group, env_dist_info, init_process_group
+from spade_dist.distributed import (
+    DistInfo, DistributedSetupError, check_process_group, elastic_restart_attempt, env_dist_info, init_process_group,
+)
 
 NETS = ("G", "D")
 
@@ -105,6 +107,8 @@ class DDPBackend(TrainBackend):
         # cpu=True is what turns `accelerate launch --multi_gpu` into MULTI_CPU/gloo on a GPU-less
         # machine (STACK_NOTES); mixed precision is ours (two scalers), so Accelerate gets "no".
         try:
+            if env.world_size > 1 and not dist.is_initialized() and elastic_restart_attempt() > 0:
+                init_process_group(device)  # torchrun restart: fresh store keys; Accelerator adopts the group
             accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
         except (RuntimeError, ValueError) as exc:
             raise DistributedSetupError(

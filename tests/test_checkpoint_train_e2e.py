@@ -1,0 +1,158 @@
+"""Checkpointing with the real pieces: the data loader's position across world-size changes, and
+``spade-train`` under SIGUSR1 and under ``torchrun --max-restarts=1`` with a rank killed by -9."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
+from spade_dist.config import CheckpointConfig, DataConfig
+from tests.dist_utils import run_distributed
+from tests.shard_fixtures import write_shards
+
+NUM_SAMPLES = 24  # 4 shards x 6
+
+
+def _data_cfg(manifest: Path) -> DataConfig:
+    return DataConfig(shards=str(manifest), label_nc=8, contain_dontcare_label=True, load_size=16, crop_size=16,
+                      preprocess_mode="resize_and_crop", batch_size=2, num_workers=0, shuffle_buffer=4)
+
+
+def _loader_leg(rank: int, world_size: int, manifest: str, run_dir: str, batches: int, save: bool) -> dict:
+    """Restore (if any), take ``batches`` batches (all if < 0) of the epoch, optionally save."""
+    from spade_dist.data import build_train_loader, merge_positions
+
+    loader = build_train_loader(_data_cfg(Path(manifest)), rank=rank, world_size=world_size)
+    app = {"data": GatheredState(loader, merge_positions), "meta": {"note": "loader only"}}
+    ckpt = CheckpointManager(run_dir, CheckpointConfig(every_steps=0), rank=rank, world_size=world_size,
+                             install_signal_handlers=False)
+    restored = ckpt.restore(app)
+    keys: list[str] = []
+    epoch = loader.epoch
+    for i, batch in enumerate(loader):  # a batch counts as delivered once handed out: stop right after
+        keys += batch["key"]
+        if i + 1 == batches:
+            break
+    if save:
+        ckpt.save(len(keys), app, blocking=False)  # asynchronous, as periodic saves are
+    ckpt.close()
+    return {"keys": keys, "epoch": epoch, "restored": restored.step if restored else None}
+
+
+def _exactly_once_across(tmp_path: Path, ws_before: int, batches_before: int, ws_after: int) -> None:
+    manifest = write_shards(tmp_path / "shards", [6, 6, 6, 6], size=(16, 16))
+    run_dir = str(tmp_path / "run")
+    before = run_distributed(_loader_leg, ws_before, args=(str(manifest), run_dir, batches_before, True))
+    after = run_distributed(_loader_leg, ws_after, args=(str(manifest), run_dir, -1, False))
+    assert all(r["epoch"] == 0 for r in before + after)
+    assert all(r["restored"] is not None for r in after)
+    delivered = Counter(k for r in before + after for k in r["keys"])
+    assert len(delivered) == NUM_SAMPLES and set(delivered.values()) == {1}, delivered
+    assert sum(len(r["keys"]) for r in before) == ws_before * batches_before * 2
+
+
+@pytest.mark.dist
+def test_real_loader_two_to_one_rank_every_sample_once(tmp_path):
+    _exactly_once_across(tmp_path, ws_before=2, batches_before=2, ws_after=1)
+
+
+@pytest.mark.dist
+def test_real_loader_one_to_three_ranks_every_sample_once(tmp_path):
+    _exactly_once_across(tmp_path, ws_before=1, batches_before=3, ws_after=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# spade-train
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_overrides(manifest: Path, run_dir: Path, max_steps: int) -> list[str]:
+    return [
+        f"data.shards={manifest}", "data.val_shards=", "data.label_nc=8", "data.contain_dontcare_label=true",
+        "data.no_instance=false", "data.load_size=32", "data.crop_size=32", "data.batch_size=2",
+        "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.num_D=1", "model.n_layers_D=2",
+        "train.log_every=1", "train.sample_every=100000", "train.cpu_threads=1", "checkpoint.every_steps=2",
+        f"train.run_dir={run_dir}", f"train.max_steps={max_steps}",
+    ]
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before '{text}':\n{path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for '{text}' in {path}")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.e2e
+def test_spade_train_sigusr1_requeue_then_resume_to_the_end(repo_root, tmp_path):
+    manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
+           *_train_overrides(manifest, run_dir, max_steps=9)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _wait_for_text(log, "step 3 epoch", proc, 240)
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=240)
+    text = log.read_text()
+    assert rc == CheckpointConfig().requeue_exit_code, text[-3000:]
+    assert "stopped by SIGUSR1" in text
+    stop_dir = find_latest(run_dir)
+    stop_step = read_marker(stop_dir)["step"]
+    assert 3 <= stop_step < 9 and not (run_dir / "DONE").exists()
+    with open(log, "ab") as fh:
+        rerun = subprocess.run(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert rerun.returncode == 0, text[-3000:]
+    assert f"resumed from {stop_dir} (step {stop_step}" in text
+    assert (run_dir / "DONE").exists() and '"step": 9' in (run_dir / "DONE").read_text()
+    assert find_latest(run_dir).name == "step-000000009"
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_spade_train_kill_minus_9_under_torchrun_restarts_and_completes(repo_root, tmp_path):
+    manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
+    run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=127.0.0.1:0", "--monitor-interval=0.2", "-m", "spade_dist.cli.train",
+           "--config", str(repo_root / "configs/quickstart.yaml"), *_train_overrides(manifest, run_dir, max_steps=10)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _wait_for_text(log, "step 5 epoch", proc, 300)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        rc = proc.wait(timeout=400)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "resumed from" in text
+    done = (run_dir / "DONE").read_text()
+    assert '"step": 10' in done
+    assert find_latest(run_dir).name == "step-000000010"
+    # The restarted workers continued from a committed checkpoint of the first attempt.
+    resumed_line = next(line for line in text.splitlines() if "resumed from" in line)
+    assert "step-00000000" in resumed_line
