@@ -16,7 +16,7 @@ from spade_dist.config import MetricsConfig
 from spade_dist.metrics import EvalMetrics, MetricsError, delete_job_metrics, push_job_metrics
 from spade_dist.monitoring.dashboard import (TRAIN_SCRAPE_JOB, build_dashboard, dashboard_json, panel_expressions,
                                              variable_selectors)
-from spade_dist.monitoring.services import start_pushgateway
+from spade_dist.monitoring.services import render_prometheus_config, start_pushgateway
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -70,6 +70,21 @@ def test_scrape_config_matches_the_dashboard(repo_root: Path) -> None:
     assert train["honor_labels"] is True and train["file_sd_configs"]
     assert jobs["pushgateway"]["honor_labels"] is True
     assert cfg["rule_files"] == ["alerts.yml"]
+
+
+def test_rendered_local_config_is_valid(tmp_path: Path) -> None:
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    out = render_prometheus_config(sd_dir, tmp_path / "p.yml", scrape_interval="1s", pushgateway="127.0.0.1:9999")
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["global"]["scrape_interval"] == "1s" and cfg["global"]["scrape_timeout"] == "1s"
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert jobs[TRAIN_SCRAPE_JOB]["file_sd_configs"][0]["files"] == [str(sd_dir.resolve() / "*.json")]
+    assert jobs["pushgateway"]["static_configs"] == [{"targets": ["127.0.0.1:9999"]}]
+    res = promtool("check", "config", str(out))  # also loads the rule files by their absolute paths
+    assert res.returncode == 0 and "SUCCESS: 1 rule files found" in res.stdout, res.stdout + res.stderr
+    no_gateway = yaml.safe_load(render_prometheus_config(sd_dir, tmp_path / "q.yml").read_text())
+    assert [j["job_name"] for j in no_gateway["scrape_configs"]] == [TRAIN_SCRAPE_JOB]
 
 
 def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:

@@ -32,7 +32,7 @@ from spade_dist.config import MetricsConfig, load_config
 from spade_dist.metrics import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
 from spade_dist.monitoring.report import write_report
-from spade_dist.monitoring.services import Prometheus, start_prometheus
+from spade_dist.monitoring.services import Prometheus, render_prometheus_config, start_prometheus
 from tests.dist_utils import free_port
 
 RUN, JOB_ID = "e2e-run", "4242"
@@ -65,19 +65,6 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     for name, selector, _label in variable_selectors(dashboard):
         out.append((f"variable {name}", selector.replace("$run", RUN)))
     return out
-
-
-def write_test_prometheus_config(repo_root: Path, sd_dir: Path, out: Path) -> None:
-    """The shipped prometheus.yml with test timings, this test's sd dir and absolute rule paths."""
-    cfg = yaml.safe_load((repo_root / "configs/monitoring/prometheus.yml").read_text())
-    cfg["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
-    cfg["rule_files"] = [str(repo_root / "configs/monitoring" / f) for f in cfg["rule_files"]]
-    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-    train = jobs[TRAIN_SCRAPE_JOB]
-    train["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
-    # No Pushgateway runs in this test; its static target would only add a down target.
-    cfg["scrape_configs"] = [train]
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def _empty(prom: Prometheus, queries: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -124,8 +111,8 @@ def _logs(tmp_path: Path) -> str:
 def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data(repo_root: Path, tmp_path: Path) -> None:
     sd_dir, run_dir = tmp_path / "sd", tmp_path / "runs" / RUN
     sd_dir.mkdir()
-    prom_cfg = tmp_path / "prometheus.yml"
-    write_test_prometheus_config(repo_root, sd_dir, prom_cfg)
+    # The shipped prometheus.yml with 1 s scrapes, this test's sd dir, no Pushgateway job.
+    prom_cfg = render_prometheus_config(sd_dir, tmp_path / "prometheus.yml", scrape_interval="1s")
     dashboard = json.loads((repo_root / "configs/monitoring/grafana/spade_dist.json").read_text())
     alerts = alert_signals(repo_root / "configs/monitoring/alerts.yml")
     queries = dashboard_queries(dashboard) + [(f"alert {name} signal", signal) for name, _, signal in alerts]

@@ -8,8 +8,8 @@ them): edit the panels here, then regenerate with
 Plain dicts rather than a builder library: the JSON is what Grafana imports, so writing it directly
 keeps every field visible and the output byte-stable. The dashboard has a ``datasource`` variable
 (any Prometheus data source) plus ``run`` and ``job_id`` variables fed by ``label_values`` queries, so
-it imports as is. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` must match
-the scrape job name in ``configs/monitoring/prometheus.yml``.
+it imports as is. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` is the
+scrape job name of ``configs/monitoring/prometheus.yml`` (a test checks they agree).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-TRAIN_SCRAPE_JOB = "spade-train"
+from spade_dist.monitoring.services import TRAIN_SCRAPE_JOB
+
 DASHBOARD_UID = "spade-dist-training"
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "configs" / "monitoring" / "grafana" / "spade_dist.json"
 

@@ -7,8 +7,9 @@ Used by the end-to-end tests and by the quickstart:
     with start_prometheus(config_path, workdir) as prom:
         prom.query("up")                               # -> list of result dicts
 
-``python -m spade_dist.monitoring.services --config prometheus.yml --workdir DIR`` runs Prometheus
-(and, with ``--pushgateway``, a Pushgateway) in the foreground until interrupted.
+``python -m spade_dist.monitoring.services --sd-dir RUN_DIR/metrics --workdir DIR --pushgateway`` runs
+Prometheus with the shipped scrape config and alert rules pointed at a run's discovery directory (and a
+Pushgateway) in the foreground until interrupted; ``--config FILE`` loads a config of your own instead.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Union
+
+import yaml
+
+MONITORING_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "monitoring"
+TRAIN_SCRAPE_JOB = "spade-train"  # the job name in configs/monitoring/prometheus.yml
 
 
 class ServiceError(RuntimeError):
@@ -116,6 +122,43 @@ class Prometheus(Service):
         return data["result"] if data["resultType"] in ("vector", "matrix") else [data["result"]]
 
 
+def render_prometheus_config(sd_dir: Union[str, Path], out: Union[str, Path], scrape_interval: str = "15s",
+                             pushgateway: Optional[str] = None,
+                             base: Union[str, Path] = MONITORING_CONFIGS / "prometheus.yml") -> Path:
+    """Write the shipped ``prometheus.yml`` adapted to one machine: file_sd reading ``sd_dir``, rule
+    files as absolute paths, the given scrape/evaluation interval, and the Pushgateway job pointed at
+    ``pushgateway`` (``host:port``) or dropped when None. Returns ``out``."""
+    base = Path(base)
+    cfg = yaml.safe_load(base.read_text())
+    cfg["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
+    if _seconds(scrape_interval) < 10:
+        cfg["global"]["scrape_timeout"] = scrape_interval
+    cfg["rule_files"] = [str((base.parent / f).resolve()) for f in cfg.get("rule_files", [])]
+    jobs = []
+    for job in cfg["scrape_configs"]:
+        if job["job_name"] == TRAIN_SCRAPE_JOB:
+            job["file_sd_configs"] = [{"files": [str(Path(sd_dir).resolve() / "*.json")],
+                                       "refresh_interval": scrape_interval}]
+        elif job["job_name"] == "pushgateway":
+            if pushgateway is None:
+                continue
+            job["static_configs"] = [{"targets": [pushgateway]}]
+        jobs.append(job)
+    cfg["scrape_configs"] = jobs
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if duration.endswith(unit) and duration[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(duration[: -len(unit)]) * units[unit]
+    raise ServiceError(f"unsupported Prometheus duration {duration!r} (use e.g. 1s, 15s, 1m)")
+
+
 def start_prometheus(config: Union[str, Path], workdir: Union[str, Path], port: int = 0,
                      host: str = "127.0.0.1", ready_timeout: float = 30.0) -> Prometheus:
     """Start ``prometheus`` with ``config``; TSDB and log under ``workdir``; wait until ready."""
@@ -151,24 +194,34 @@ def start_pushgateway(workdir: Union[str, Path], port: int = 0, host: str = "127
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C.")
-    parser.add_argument("--config", required=True, help="prometheus.yml to load")
-    parser.add_argument("--workdir", required=True, help="directory for the TSDB and logs")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sd-dir", type=Path, help="a run's discovery directory (metrics.sd_dir, default RUN_DIR/metrics)")
+    source.add_argument("--config", type=Path, help="a prometheus.yml of your own")
+    parser.add_argument("--workdir", required=True, type=Path, help="directory for the TSDB, logs and generated config")
     parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument("--scrape-interval", default="5s")
     parser.add_argument("--pushgateway", action="store_true", help="also start a Pushgateway")
     parser.add_argument("--pushgateway-port", type=int, default=9091)
     args = parser.parse_args(argv)
     services: list[Service] = []
     try:
+        gateway = None
         if args.pushgateway:
             services.append(start_pushgateway(args.workdir, args.pushgateway_port))
+            gateway = services[-1].address
             print(f"pushgateway: {services[-1].url}", flush=True)
-        services.append(start_prometheus(args.config, args.workdir, args.port))
-        print(f"prometheus: {services[-1].url}", flush=True)
+        config = args.config or render_prometheus_config(args.sd_dir, args.workdir / "prometheus.yml",
+                                                         args.scrape_interval, gateway)
+        services.append(start_prometheus(config, args.workdir, args.port))
+        print(f"prometheus: {services[-1].url}  (config {config})", flush=True)
         while all(s.proc.poll() is None for s in services):
             time.sleep(1)
         return 1
     except KeyboardInterrupt:
         return 0
+    except ServiceError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
     finally:
         for s in reversed(services):
             s.stop()
