@@ -135,3 +135,18 @@ def test_position_from_other_dataset_or_seed_is_refused(tmp_path: Path) -> None:
     position = build_train_loader(tiny_cfg(str(tmp_path))).state_dict()
     with pytest.raises(ValueError, match="another dataset or seed"):
         build_train_loader(tiny_cfg(str(tmp_path), seed=99)).load_state_dict(position)
+
+
+def test_resize_backends_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
+    samples = [(f"j{i}", make_sample(f"j{i}", 30, 20, seed=i, jpeg=True)) for i in range(3)]
+    write_tar(tmp_path / "j-train-000000.tar", samples)
+    write_manifest(tmp_path, "j", {"train": [("j-train-000000.tar", [k for k, _ in samples])]})
+    batches = {}
+    for backend in ("pil", "torch"):
+        cfg = tiny_cfg(str(tmp_path), load_size=24, crop_size=16, batch_size=3, resize_backend=backend)
+        (batches[backend],) = list(build_train_loader(cfg))
+    pil, fast = batches["pil"], batches["torch"]
+    assert pil["key"] == fast["key"]
+    assert torch.equal(pil["label"], fast["label"]) and torch.equal(pil["instance"], fast["instance"])
+    assert fast["image"].dtype == torch.uint8 and fast["image"].shape == (3, 3, 16, 16)
+    assert (pil["image"].int() - fast["image"].int()).abs().float().mean() < 2.0

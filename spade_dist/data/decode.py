@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 
-from spade_dist.data.transforms import PreprocessOptions, sample_geometry, transform_ids, transform_image
+from spade_dist.data.transforms import (
+    PreprocessOptions, sample_geometry, transform_ids, transform_image, transform_image_torch,
+)
 
 IMAGE_FIELDS = ("image.jpg", "image.jpeg", "image.png", "image.webp", "image.bmp", "image.tif", "image.tiff")
 LABEL_FIELD = "label.png"
@@ -37,9 +40,9 @@ class CorruptSample(ValueError):
 @dataclass
 class DecodedSample:
     key: str
-    image: np.ndarray  # uint8 H x W x 3
-    label: np.ndarray  # int64 H x W
-    instance: np.ndarray  # int64 H x W (zeros when the dataset has none)
+    image: np.ndarray  # uint8 3 x H x W (may be a strided view)
+    label: np.ndarray  # integer H x W in the PNG's dtype
+    instance: Optional[np.ndarray]  # integer H x W, None when the dataset has none
 
 
 def decode_id_map(data: bytes, key: str, field: str) -> np.ndarray:
@@ -77,7 +80,7 @@ def find_image_field(sample: Mapping[str, object], key: str) -> str:
 
 
 def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: random.Random,
-                  use_instance: bool) -> DecodedSample:
+                  use_instance: bool, resize_backend: str = "pil") -> DecodedSample:
     """Raw webdataset sample (``__key__`` + field bytes) -> preprocessed arrays.
 
     ``rng`` draws the crop position and flip (seeded per sample by the caller).
@@ -86,11 +89,11 @@ def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: ra
     if LABEL_FIELD not in sample:
         raise CorruptSample(key, f"no {LABEL_FIELD} field")
     label = decode_id_map(sample[LABEL_FIELD], key, LABEL_FIELD)  # type: ignore[arg-type]
-    image_field = find_image_field(sample, key)
-    image = decode_image(sample[image_field], key, image_field)  # type: ignore[arg-type]
     height, width = label.shape
-    if image.size != (width, height):
-        raise CorruptSample(key, f"image is {image.size[0]}x{image.size[1]} but label is {width}x{height}")
+    image_field = find_image_field(sample, key)
+    pil = decode_image(sample[image_field], key, image_field)  # type: ignore[arg-type]
+    if pil.size != (width, height):
+        raise CorruptSample(key, f"image is {pil.size[0]}x{pil.size[1]} but label is {width}x{height}")
     instance: Optional[np.ndarray] = None
     if use_instance and INSTANCE_FIELD in sample:
         instance = decode_id_map(sample[INSTANCE_FIELD], key, INSTANCE_FIELD)  # type: ignore[arg-type]
@@ -98,6 +101,11 @@ def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: ra
             raise CorruptSample(key, f"instance is {instance.shape[1]}x{instance.shape[0]} but label is {width}x{height}")
     # Official get_params is called with the label's size; the image has the same size.
     geo = sample_geometry(opts, width, height, rng)
-    out_label = transform_ids(label, geo)
-    out_instance = transform_ids(instance, geo) if instance is not None else np.zeros_like(out_label)
-    return DecodedSample(key, transform_image(image, geo), out_label, out_instance)
+    if resize_backend == "torch":
+        # H x W x 3 memory seen as 3 x H x W is already the channels-last layout torch's uint8
+        # kernel wants: one copy (np.array: PIL's buffer is read-only), no reorder.
+        image = transform_image_torch(torch.from_numpy(np.array(pil)).permute(2, 0, 1), geo)
+    else:
+        image = transform_image(pil, geo)
+    return DecodedSample(key, image, transform_ids(label, geo),
+                         transform_ids(instance, geo) if instance is not None else None)

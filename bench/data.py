@@ -1,0 +1,241 @@
+"""Input pipeline throughput: spade_dist.data (tar shards) vs the official folder loader.
+
+The baseline does what NVlabs/SPADE's Pix2pixDataset does per sample: PIL-open the label,
+image and instance files, build the torchvision transform pipeline (Resize, crop, flip,
+ToTensor, Normalize for the image; NEAREST + ToTensor * 255 for label / instance), and batch
+with a torch DataLoader. Ours streams the same samples from tar shards through
+build_train_loader. Both run with the same number of workers, batch size and preprocessing,
+in the same process, alternating ours / baseline per repeat so machine load hits both alike.
+
+Datasets: a synthetic landscape set generated here (640x480 JPEG photos + 8-bit label and
+instance PNGs, COCO settings: resize_and_crop, load 286, crop 256) and the COCO-Stuff sample
+(../shared/datasets/coco_stuff_sample, same settings).
+
+    .venv/bin/python bench/data.py [--count 160] [--workers 1 2] [--repeats 3]
+
+Progress goes to stderr; the last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from spade_dist.config import DataConfig  # noqa: E402
+from spade_dist.data import build_train_loader  # noqa: E402
+
+COCO_SAMPLE = REPO_ROOT.parent / "shared" / "datasets" / "coco_stuff_sample"
+LOAD_SIZE, CROP_SIZE, LABEL_NC = 286, 256, 182
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def write_synthetic(root: Path, count: int, width: int = 640, height: int = 480, seed: int = 0) -> tuple[Path, Path, Path]:
+    """Procedural landscapes: sky / mountain / water / grass bands with wavy borders, class
+    colours with texture noise (so JPEG sizes are photo-like), instance map = connected bands."""
+    img_dir, lab_dir, inst_dir = root / "img", root / "label", root / "inst"
+    for d in (img_dir, lab_dir, inst_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours = np.array([[120, 170, 235], [110, 100, 90], [40, 90, 160], [70, 150, 60], [200, 190, 140]], np.float32)
+    ys = np.arange(height)[:, None]
+    xs = np.arange(width)[None, :]
+    for i in range(count):
+        borders = sorted(rng.uniform(0.2, 0.9, 3) * height)
+        label = np.zeros((height, width), np.uint8)
+        for cls, base in enumerate(borders, start=1):
+            wave = base + 25 * np.sin(xs / rng.uniform(30, 90) + rng.uniform(0, 6)) + 10 * np.sin(xs / 11.0)
+            label[ys >= wave] = cls
+        label[rng.integers(0, height, 40), rng.integers(0, width, 40)] = 255  # sparse don't-care pixels
+        texture = rng.normal(0, 18, (height, width, 3)).astype(np.float32)
+        shade = (1.0 - 0.3 * ys / height)[..., None]
+        image = np.clip(colours[np.minimum(label, 4)] * shade + texture, 0, 255).astype(np.uint8)
+        key = f"synth_{i:06d}"
+        Image.fromarray(image).save(img_dir / f"{key}.jpg", quality=90)
+        Image.fromarray(label).save(lab_dir / f"{key}.png")
+        Image.fromarray((label * 10 + 1).astype(np.uint8)).save(inst_dir / f"{key}.png")
+    return img_dir, lab_dir, inst_dir
+
+
+def write_shards_from_folders(img_dir: Path, lab_dir: Path, inst_dir: Path, out: Path, name: str,
+                              per_shard: int) -> Path:
+    """Shards in the docs/FORMATS.md layout (original bytes, fixed tar metadata) + manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted(p.stem for p in lab_dir.glob("*.png"))
+    shards = []
+    for start in range(0, len(keys), per_shard):
+        chunk = keys[start:start + per_shard]
+        file = f"{name}-train-{start // per_shard:06d}.tar"
+        with tarfile.open(out / file, "w", format=tarfile.GNU_FORMAT) as tar:
+            for key in chunk:
+                with Image.open(lab_dir / f"{key}.png") as im:
+                    width, height = im.size
+                members = {
+                    "image.jpg": (img_dir / f"{key}.jpg").read_bytes(),
+                    "instance.png": (inst_dir / f"{key}.png").read_bytes(),
+                    "label.png": (lab_dir / f"{key}.png").read_bytes(),
+                    "meta.json": json.dumps({"key": key, "width": width, "height": height}).encode(),
+                }
+                for field in sorted(members):
+                    info = tarfile.TarInfo(f"{key}.{field}")
+                    info.size, info.mtime, info.mode = len(members[field]), 0, 0o644
+                    tar.addfile(info, io.BytesIO(members[field]))
+        shards.append({"file": file, "samples": len(chunk), "keys": chunk})
+    manifest = {"format_version": 1, "name": name, "dataset": "custom", "label_nc": LABEL_NC,
+                "contain_dontcare_label": True, "dontcare": 255, "instance": True,
+                "splits": {"train": {"num_samples": len(keys), "shards": shards}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+class OfficialFolderDataset(Dataset):
+    """Pix2pixDataset.__getitem__ as the official code does it (training mode)."""
+
+    def __init__(self, img_dir: Path, lab_dir: Path, inst_dir: Path) -> None:
+        self.keys = sorted(p.stem for p in lab_dir.glob("*.png"))
+        self.img_dir, self.lab_dir, self.inst_dir = img_dir, lab_dir, inst_dir
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def _params() -> dict[str, Any]:
+        x = random.randint(0, max(0, LOAD_SIZE - CROP_SIZE))
+        y = random.randint(0, max(0, LOAD_SIZE - CROP_SIZE))
+        return {"crop_pos": (x, y), "flip": random.random() > 0.5}
+
+    @staticmethod
+    def _transform(params: dict[str, Any], method: int, normalize: bool) -> Callable:
+        x, y = params["crop_pos"]
+        steps = [
+            transforms.Resize([LOAD_SIZE, LOAD_SIZE], interpolation=transforms.InterpolationMode(
+                {Image.BICUBIC: "bicubic", Image.NEAREST: "nearest"}[method])),
+            transforms.Lambda(lambda img: img.crop((x, y, x + CROP_SIZE, y + CROP_SIZE))),
+            transforms.Lambda(lambda img: img.transpose(Image.FLIP_LEFT_RIGHT) if params["flip"] else img),
+            transforms.ToTensor(),
+        ]
+        if normalize:
+            steps.append(transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+        return transforms.Compose(steps)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key = self.keys[index]
+        label = Image.open(self.lab_dir / f"{key}.png")
+        params = self._params()
+        transform_label = self._transform(params, Image.NEAREST, normalize=False)
+        label_tensor = transform_label(label) * 255.0
+        image = Image.open(self.img_dir / f"{key}.jpg").convert("RGB")
+        image_tensor = self._transform(params, Image.BICUBIC, normalize=True)(image)
+        instance = Image.open(self.inst_dir / f"{key}.png")
+        instance_tensor = (transform_label(instance) * 255).long()
+        return {"label": label_tensor, "instance": instance_tensor, "image": image_tensor, "path": key}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _drain(batches: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    for batch in batches:
+        count += len(batch["image"])
+    return count
+
+
+def time_ours(shard_dir: Path, workers: int, batch: int, epochs: int) -> float:
+    cfg = DataConfig(shards=str(shard_dir), preprocess_mode="resize_and_crop", load_size=LOAD_SIZE,
+                     crop_size=CROP_SIZE, batch_size=batch, num_workers=workers, shuffle_buffer=16,
+                     label_nc=LABEL_NC, pin_memory=False)
+    loader = build_train_loader(cfg)
+    start = time.perf_counter()
+    n = 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        n += _drain(loader)
+    return n / (time.perf_counter() - start)
+
+
+def time_baseline(folders: tuple[Path, Path, Path], workers: int, batch: int, epochs: int) -> float:
+    loader = DataLoader(OfficialFolderDataset(*folders), batch_size=batch, shuffle=True, num_workers=workers,
+                        drop_last=False)
+    start = time.perf_counter()
+    n = sum(_drain(loader) for _ in range(epochs))
+    return n / (time.perf_counter() - start)
+
+
+def compare(name: str, folders: tuple[Path, Path, Path], shard_dir: Path, workers_list: list[int], batch: int,
+            epochs: int, repeats: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for workers in workers_list:
+        ours, base = [], []
+        for r in range(repeats):
+            ours.append(time_ours(shard_dir, workers, batch, epochs))
+            base.append(time_baseline(folders, workers, batch, epochs))
+            print(f"[{name}] workers={workers} repeat={r}: ours {ours[-1]:.1f} samples/s, "
+                  f"baseline {base[-1]:.1f} samples/s", file=sys.stderr, flush=True)
+        o, b = statistics.median(ours), statistics.median(base)
+        result[f"workers_{workers}"] = {
+            "ours_samples_per_s": round(o, 2), "baseline_samples_per_s": round(b, 2), "ratio": round(o / b, 3),
+            "ours_per_worker": round(o / max(1, workers), 2), "baseline_per_worker": round(b / max(1, workers), 2),
+            "ours_all": [round(v, 2) for v in ours], "baseline_all": [round(v, 2) for v in base],
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=160, help="synthetic samples")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=1, help="official COCO batch per GPU is 1")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the synthetic set per measurement")
+    parser.add_argument("--coco-epochs", type=int, default=6, help="passes over the 13 COCO train samples")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-shard", type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    report: dict[str, Any] = {
+        "bench": "data", "settings": {"preprocess_mode": "resize_and_crop", "load_size": LOAD_SIZE,
+                                      "crop_size": CROP_SIZE, "batch_size": args.batch, "repeats": args.repeats,
+                                      "statistic": "median samples/s"},
+        "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()[0],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        folders = write_synthetic(tmp_path / "synth", args.count)
+        shards = write_shards_from_folders(*folders, tmp_path / "synth_shards", "synth", args.per_shard)
+        report["synthetic"] = {"samples": args.count, "size": "640x480 jpeg", **compare(
+            "synthetic", folders, shards, args.workers, args.batch, args.epochs, args.repeats)}
+        if COCO_SAMPLE.is_dir():
+            coco = (COCO_SAMPLE / "train_img", COCO_SAMPLE / "train_label", COCO_SAMPLE / "train_inst")
+            coco_shards = write_shards_from_folders(*coco, tmp_path / "coco_shards", "coco-stuff", 5)
+            report["coco_stuff_sample"] = {"samples": 13, **compare(
+                "coco", coco, coco_shards, args.workers, args.batch, args.coco_epochs, args.repeats)}
+        else:
+            report["coco_stuff_sample"] = {"error": f"not found at {COCO_SAMPLE}"}
+    report["load_average_end"] = os.getloadavg()[0]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
