@@ -339,3 +339,46 @@ def test_kill_minus_9_under_torchrun_restarts_and_finishes(tmp_path):
     # asynchronous save of step 4 was still being written (that one is then skipped as torn).
     assert done["step"] == 9 and done["restored"] in (2, 4)
     assert find_latest(tmp_path).name == "step-000000009"
+
+
+# ----------------------------------------------------------------------------------------------
+# rank-partitioned state (DeepSpeed ZeRO optimizer shards)
+# ----------------------------------------------------------------------------------------------
+
+
+class _RankShard:
+    """Same keys on every rank, different values: what a ZeRO-partitioned optimizer state is."""
+
+    def __init__(self, value: float) -> None:
+        self.shard = torch.full((3,), value)
+
+    def state_dict(self):
+        return {"shard": self.shard}
+
+    def load_state_dict(self, state):
+        self.shard = state["shard"]
+
+
+def _locked_leg(rank: int, world_size: int, run_dir: str, save: bool):
+    mgr = CheckpointManager(run_dir, _cfg(), rank=rank, world_size=world_size, install_signal_handlers=False,
+                            world_size_locked="test ZeRO partitions")
+    obj = _RankShard(float(rank + 1) if save else -1.0)
+    if save:
+        mgr.save(1, {"opt": obj}, blocking=False)
+        mgr.close()
+        return None
+    try:
+        mgr.restore({"opt": obj})
+        return obj.shard.tolist()
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        mgr.close()
+
+
+@pytest.mark.dist
+def test_world_size_locked_state_is_stored_per_rank_and_refuses_resharding(tmp_path):
+    run_distributed(_locked_leg, 2, args=(str(tmp_path), True))
+    assert run_distributed(_locked_leg, 2, args=(str(tmp_path), False)) == [[1.0] * 3, [2.0] * 3]
+    (message,) = run_distributed(_locked_leg, 1, args=(str(tmp_path), False))
+    assert "world size 2" in message and "test ZeRO partitions" in message and "step-000000001" in message

@@ -61,7 +61,10 @@ def read_generator_state(step_dir: Union[str, Path], use_ema: bool = True) -> tu
     if which not in paths:
         raise KeyError(f"{step_dir}: {layout.MARKER_NAME} names no '{which}' generator (has {sorted(paths)})")
     gen_path = list(paths[which])
-    state = StepReader(step_dir).read_tree(gen_path[0], select=_select(gen_path, step_dir))
+    # Rank-partitioned checkpoints (world_size_locked) hold one copy per rank; generators are
+    # replicated, so rank 0's is the one.
+    tree_name = f"{gen_path[0]}__rank0" if marker.get("world_size_locked") else gen_path[0]
+    state = StepReader(step_dir).read_tree(tree_name, select=_select(gen_path, step_dir))
     return state, read_checkpoint_config(step_dir), step_dir
 
 

@@ -197,6 +197,10 @@ class CheckpointManager:
                 trees[name] = value.state_dict()
             else:
                 trees[name] = value
+        if self.world_size_locked:
+            # Rank-partitioned state (ZeRO optimizer shards) shares key names across ranks; DCP
+            # would keep one rank's copy. Store every rank's trees under its own name instead.
+            trees = {self._stored_name(name, self.rank): tree for name, tree in trees.items()}
         meta = {"step": step, "world_size": self.world_size, "seed": self.seed,
                 "names": sorted(app_state)}
         objects = {META_KEY: meta, rng_key(self.rank): capture_rng_state()}
@@ -351,15 +355,28 @@ class CheckpointManager:
             trees, objects = loaded
             return self._apply(step_dir, app_state, trees, objects, skipped)
 
+    @staticmethod
+    def _stored_name(name: str, rank: Optional[int]) -> str:
+        return name if rank is None else f"{name}__rank{rank}"
+
     def _read(self, step_dir: Path, app_state: dict[str, Any]) -> tuple[dict, dict]:
+        marker = layout.read_marker(step_dir)
+        locked, saved_ws = marker.get("world_size_locked"), marker.get("world_size")
+        if locked and saved_ws != self.world_size:
+            raise ValueError(
+                f"{step_dir}: saved with world size {saved_ws}, resuming with {self.world_size}, but this "
+                f"checkpoint cannot be resharded: {locked}. Resume on {saved_ws} ranks, or pick an older "
+                "checkpoint / a configuration without partitioned state (e.g. train.zero_stage=0)")
         reader = StepReader(step_dir)
         available = set(reader.tree_names())
-        missing = sorted(set(app_state) - available)
+        stored = {name: self._stored_name(name, self.rank if locked else None) for name in app_state}
+        missing = sorted(n for n, s in stored.items() if s not in available)
         if missing:
             raise ValueError(
                 f"{step_dir}: checkpoint has no state named {missing} (it has {sorted(available)}); "
                 "the run's configuration differs from the one that wrote it")
-        trees = reader.read_trees(sorted(app_state))
+        by_stored = reader.read_trees(sorted(stored.values()))
+        trees = {name: by_stored[s] for name, s in stored.items()}
         objects = reader.read_objects([META_KEY, rng_key(self.rank)])
         if META_KEY not in objects:
             raise CheckpointReadError(f"{step_dir}: no {META_KEY} entry")
@@ -369,11 +386,6 @@ class CheckpointManager:
                skipped: list[str]) -> RestoreResult:
         meta = objects[META_KEY]
         step, saved_ws = int(meta["step"]), int(meta["world_size"])
-        locked = layout.read_marker(step_dir).get("world_size_locked")
-        if locked and saved_ws != self.world_size:
-            raise ValueError(
-                f"{step_dir}: saved with world size {saved_ws}, resuming with {self.world_size}, but this "
-                f"checkpoint cannot be resharded: {locked}")
         for name, value in app_state.items():
             if isinstance(value, GatheredState):
                 value.obj.load_state_dict(trees[name])
