@@ -27,14 +27,20 @@ else
 fi
 
 overrides=("data.shards=$DATA/shards/manifest.json" "data.val_shards=$DATA/shards/manifest.json" "train.run_dir=$RUN_DIR")
+# Per-rank Prometheus exporters on free ports (discovery file in $RUN_DIR/metrics while training) and
+# the training log behind spade-report (docs/MONITORING.md).
+overrides+=("metrics.enabled=true" "metrics.port_base=0")
 if [ -n "${QUICKSTART_STEPS:-}" ]; then overrides+=("train.max_steps=$QUICKSTART_STEPS"); fi
 
 echo "[quickstart] training: 2 CPU processes (accelerate launch, gloo, synchronized BN)"
 OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file launch/accelerate_cpu_2proc.yaml \
   -m spade_dist.cli.train --config configs/quickstart.yaml --resume none "${overrides[@]}" "$@"
 
+.venv/bin/spade-report --run-dir "$RUN_DIR" >/dev/null
+
 echo
 echo "[quickstart] finished. Everything is in $RUN_DIR:"
+echo "  report          : $RUN_DIR/report.html   (losses, throughput, FID, latest samples)"
 echo "  resolved config : $RUN_DIR/config.yaml"
 echo "  sample grids    : $RUN_DIR/samples/step-*.png   (colourised label | EMA fake | real)"
 echo "  gallery         : $RUN_DIR/samples/index.html"
