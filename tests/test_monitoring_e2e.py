@@ -35,7 +35,7 @@ from spade_dist.monitoring.report import write_report
 from spade_dist.monitoring.services import Prometheus, render_prometheus_config, start_prometheus
 from tests.dist_utils import free_port
 
-RUN, JOB_ID = "e2e-run", "4242"
+RUN, JOB_ID, EVAL_JOB_ID = "e2e-run", "4242", "4243"
 RATE_INTERVAL = "20s"
 _THRESHOLD = re.compile(r"^(?P<signal>.+?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?P<threshold>[0-9.eE+-]+)\s*$", re.S)
 
@@ -120,8 +120,8 @@ def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data
     requeue_code = load_config(repo_root / "configs/quickstart.yaml").checkpoint.requeue_exit_code
 
     with start_prometheus(prom_cfg, tmp_path / "prom") as prom:
-        # The FID watcher beside the run (same run / job labels, its own discovery file).
-        evaluator = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(sd_dir), job_id=JOB_ID), run_dir=run_dir)
+        # The FID watcher, as its own (Slurm) job: same run label, another job_id, its own discovery file.
+        evaluator = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(sd_dir), job_id=EVAL_JOB_ID), run_dir=run_dir)
         evaluator.start()
         procs = start_training(repo_root, tmp_path, manifest, run_dir, sd_dir)
         try:

@@ -108,14 +108,17 @@ def build_dashboard() -> dict[str, Any]:
             (f"max by (net) (spade_grad_norm{{{s}}})", "{{net}}"),
         ]),
     ]
+    # FID belongs to the run, not to one job: the evaluator may run as its own Slurm job (another
+    # job_id) and a requeued training job keeps evaluating the same run.
+    r = 'run="$run"'
     panels.append(_row(next(ids), "Evaluation", 22))
     panels += [
         _panel(next(ids), "FID", "timeseries", (0, 23, 12, 8), "short", [
-            (f"max(spade_eval_fid{{{s}}})", "FID (last checkpoint)"),
-            (f"max(spade_eval_best_fid{{{s}}})", "best FID"),
-        ], "Published by the FID evaluator (spade-eval)."),
+            (f"max(spade_eval_fid{{{r}}})", "FID (last checkpoint)"),
+            (f"max(spade_eval_best_fid{{{r}}})", "best FID"),
+        ], "Published by the FID evaluator (spade-eval), whichever job runs it."),
         _panel(next(ids), "KID", "timeseries", (12, 23, 12, 8), "short", [
-            (f"max(spade_eval_kid{{{s}}})", "KID"),
+            (f"max(spade_eval_kid{{{r}}})", "KID"),
         ]),
     ]
     panels.append(_row(next(ids), "Checkpoints", 31))
