@@ -192,6 +192,7 @@ class TrainingMetrics:
         self._server: Any = None
         self._log: Optional[IO[str]] = None
         self._wrote_sd_file = False
+        self._sd_groups: list[dict] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"run": self.run, "job_id": self.job_id, "rank": str(rank), "node": self.node}
         self._build_metrics()
@@ -260,8 +261,8 @@ class TrainingMetrics:
         mine = {"target": f"{advertised_host(self.cfg.bind, self.node)}:{self.port}", "labels": dict(self._labels)}
         everyone = self._gather(mine)
         if self.rank == 0:
-            groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
-            write_json_atomic(self.sd_path, groups)
+            self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
+            write_json_atomic(self.sd_path, self._sd_groups)
             self._wrote_sd_file = True
             log_path = self.run_dir / TRAIN_LOG_RELPATH
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +327,9 @@ class TrainingMetrics:
         for net, value in (grad_norms or {}).items():
             self._grad_norm.labels(**lab, net=net).set(value)
         self._beat()
+        if self._wrote_sd_file and not self.sd_path.exists():
+            # Refresh: someone cleaned the shared discovery directory while the job is alive.
+            write_json_atomic(self.sd_path, self._sd_groups)
         if self._log is not None:
             record = {
                 "step": step, "epoch": epoch, "time": round(time.time(), 3),

@@ -133,10 +133,13 @@ def test_single_rank_sd_file_and_train_log(tmp_path: Path) -> None:
                        "labels": {"run": "toy", "job_id": "42", "rank": "0", "node": "n1"}}]
     m.record_step(step=5, epoch=0, images=4, data_seconds=1.0, compute_seconds=3.0,
                   losses={"GAN": 2.0, "D_fake": float("nan")}, lrs={"G": 1e-4, "D": 4e-4})
+    sd_file.unlink()  # a cleanup of the shared directory while the job runs: the next log step restores it
+    m.record_step(step=6, epoch=0, images=4, data_seconds=1.0, compute_seconds=3.0)
+    assert json.loads(sd_file.read_text()) == groups
     m.close()
     assert not sd_file.exists()
     lines = (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2
     rec = json.loads(lines[0])
     assert rec["step"] == 5 and rec["epoch"] == 0
     assert rec["images_per_sec"] == pytest.approx(1.0)
