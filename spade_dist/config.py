@@ -53,10 +53,10 @@ class DataConfig:
     crop_size: int = 512
     aspect_ratio: float = 1.0
     no_flip: bool = False
-    # Image resize: "pil" = the official PIL BICUBIC call, bit-exact; "torch" = torch's uint8
-    # antialiased bicubic, ~3x faster resize, within ~1 level of PIL on photos (not bit-exact;
-    # docs/DATA.md). Labels and instance maps are bit-exact either way.
-    resize_backend: Literal["pil", "torch"] = "pil"
+    # Image resampling: "exact" = the official full JPEG decode + PIL BICUBIC, bit-exact; "fast" =
+    # JPEG DCT-domain downscale (PIL draft) while it stays >= the resize target, then torch's
+    # uint8 antialiased bicubic: not bit-exact (docs/DATA.md). Labels/instances exact either way.
+    image_resample: Literal["exact", "fast"] = "exact"
     batch_size: int = 1  # per rank
     num_workers: int = 2
     shuffle_buffer: int = 64  # samples held in each worker's shuffle buffer (see docs/DATA.md)

@@ -70,7 +70,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: 
     assert loader.corrupt_samples == 2
     assert np.unpackbits(np.frombuffer(loader.state_dict()["delivered"], np.uint8), count=11).all()
     assert "k100x" in caplog.text and "cannot be decoded" in caplog.text
-    assert "k101x" in caplog.text and "image is 12x10 but label is 12x9" in caplog.text
+    assert "k101x" in caplog.text and "instance is 12x10 but label is 12x9" in caplog.text
     assert all(len(b["key"]) >= 1 for b in batches)
 
 
@@ -137,15 +137,15 @@ def test_position_from_other_dataset_or_seed_is_refused(tmp_path: Path) -> None:
         build_train_loader(tiny_cfg(str(tmp_path), seed=99)).load_state_dict(position)
 
 
-def test_resize_backends_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
+def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
     samples = [(f"j{i}", make_sample(f"j{i}", 30, 20, seed=i, jpeg=True)) for i in range(3)]
     write_tar(tmp_path / "j-train-000000.tar", samples)
     write_manifest(tmp_path, "j", {"train": [("j-train-000000.tar", [k for k, _ in samples])]})
     batches = {}
-    for backend in ("pil", "torch"):
-        cfg = tiny_cfg(str(tmp_path), load_size=24, crop_size=16, batch_size=3, resize_backend=backend)
+    for backend in ("exact", "fast"):
+        cfg = tiny_cfg(str(tmp_path), load_size=24, crop_size=16, batch_size=3, image_resample=backend)
         (batches[backend],) = list(build_train_loader(cfg))
-    pil, fast = batches["pil"], batches["torch"]
+    pil, fast = batches["exact"], batches["fast"]
     assert pil["key"] == fast["key"]
     assert torch.equal(pil["label"], fast["label"]) and torch.equal(pil["instance"], fast["instance"])
     assert fast["image"].dtype == torch.uint8 and fast["image"].shape == (3, 3, 16, 16)

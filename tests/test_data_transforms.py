@@ -102,8 +102,8 @@ def test_modes_match_official_pipeline(mode: str, size: tuple[int, int]) -> None
 
 
 @pytest.mark.parametrize("mode", ["resize_and_crop", "scale_width", "fixed", "none"])
-def test_torch_resize_backend_is_close_to_pil_on_photo_like_images(mode: str) -> None:
-    """resize_backend="torch" is not bit-exact (rounding of the separable passes); on smooth,
+def test_fast_resample_is_close_to_pil_on_photo_like_images(mode: str) -> None:
+    """image_resample="fast" is not bit-exact (rounding of the separable passes); on smooth,
     photo-like content it stays within a level or two of PIL (docs/DATA.md has the numbers)."""
     w, h = 75, 53
     yy, xx = np.mgrid[0:h, 0:w]

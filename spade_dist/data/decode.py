@@ -62,10 +62,23 @@ def decode_id_map(data: bytes, key: str, field: str) -> np.ndarray:
     return array
 
 
-def decode_image(data: bytes, key: str, field: str) -> Image.Image:
-    """Image bytes -> fully loaded RGB PIL image (official: Image.open(path).convert('RGB'))."""
+def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, int],
+                 draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
+    """Image bytes -> fully loaded RGB PIL image (official: Image.open(path).convert('RGB')).
+
+    ``expected_size`` (the label's) is checked from the header, before any pixel is decoded.
+    ``draft_size`` lets a JPEG decode directly at 1/2, 1/4 or 1/8 scale (DCT domain) as long as
+    the result stays at least that large -- only for image_resample="fast": not bit-exact.
+    """
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises many types for broken files
+        raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
+    if img.size != expected_size:
+        raise CorruptSample(key, f"image is {img.size[0]}x{img.size[1]} but label is {expected_size[0]}x{expected_size[1]}")
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as exc:
@@ -80,28 +93,29 @@ def find_image_field(sample: Mapping[str, object], key: str) -> str:
 
 
 def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: random.Random,
-                  use_instance: bool, resize_backend: str = "pil") -> DecodedSample:
+                  use_instance: bool, image_resample: str = "exact") -> DecodedSample:
     """Raw webdataset sample (``__key__`` + field bytes) -> preprocessed arrays.
 
-    ``rng`` draws the crop position and flip (seeded per sample by the caller).
+    ``rng`` draws the crop position and flip (seeded per sample by the caller);
+    ``image_resample`` is data.image_resample ("exact" or "fast").
     """
     key = str(sample["__key__"])
     if LABEL_FIELD not in sample:
         raise CorruptSample(key, f"no {LABEL_FIELD} field")
     label = decode_id_map(sample[LABEL_FIELD], key, LABEL_FIELD)  # type: ignore[arg-type]
     height, width = label.shape
-    image_field = find_image_field(sample, key)
-    pil = decode_image(sample[image_field], key, image_field)  # type: ignore[arg-type]
-    if pil.size != (width, height):
-        raise CorruptSample(key, f"image is {pil.size[0]}x{pil.size[1]} but label is {width}x{height}")
     instance: Optional[np.ndarray] = None
     if use_instance and INSTANCE_FIELD in sample:
         instance = decode_id_map(sample[INSTANCE_FIELD], key, INSTANCE_FIELD)  # type: ignore[arg-type]
         if instance.shape != label.shape:
             raise CorruptSample(key, f"instance is {instance.shape[1]}x{instance.shape[0]} but label is {width}x{height}")
-    # Official get_params is called with the label's size; the image has the same size.
+    # Official get_params is called with the label's size; the image must have the same size.
     geo = sample_geometry(opts, width, height, rng)
-    if resize_backend == "torch":
+    image_field = find_image_field(sample, key)
+    fast = image_resample == "fast"
+    pil = decode_image(sample[image_field], key, image_field, (width, height),  # type: ignore[arg-type]
+                       draft_size=(geo.resized_w, geo.resized_h) if fast else None)
+    if fast:
         # H x W x 3 memory seen as 3 x H x W is already the channels-last layout torch's uint8
         # kernel wants: one copy (np.array: PIL's buffer is read-only), no reorder.
         image = transform_image_torch(torch.from_numpy(np.array(pil)).permute(2, 0, 1), geo)

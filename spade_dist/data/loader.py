@@ -147,7 +147,7 @@ class ShardLoader:
                 segments=self._plan.segments(indices), batch_sizes=sizes,
                 shuffle_buffer=self.cfg.shuffle_buffer if self.train else 0,
                 shuffle_seed=stable_seed("buffer", self.cfg.seed, self._epoch, first, indices.size)))
-        return StreamSettings(self.preprocess, self.cfg.resize_backend, self.cfg.seed, self._epoch if self.train else 0,
+        return StreamSettings(self.preprocess, self.cfg.image_resample, self.cfg.seed, self._epoch if self.train else 0,
                               use_instance=not self.cfg.no_instance, tasks=tasks)
 
     # ---------------------------------------------------------------- iteration

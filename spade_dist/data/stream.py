@@ -45,7 +45,7 @@ class WorkerTask:
 @dataclass
 class StreamSettings:
     preprocess: PreprocessOptions
-    resize_backend: str
+    image_resample: str
     seed: int
     epoch: int  # for per-sample crop/flip seeds
     use_instance: bool
@@ -166,7 +166,7 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 sample_rng = random.Random(stable_seed("sample", s.seed, s.epoch, key))
-                yield (decode_sample(sample, s.preprocess, sample_rng, s.use_instance, s.resize_backend),
+                yield (decode_sample(sample, s.preprocess, sample_rng, s.use_instance, s.image_resample),
                        sample["__index__"])
             except CorruptSample as exc:
                 corrupt.append((key, exc.reason, sample["__index__"]))
