@@ -6,12 +6,14 @@ ToTensor, Normalize for the image; NEAREST + ToTensor * 255 for label / instance
 with a torch DataLoader. Ours streams the same samples from tar shards through
 build_train_loader. Both run with the same number of workers, batch size and preprocessing,
 in the same process, alternating ours / baseline per repeat so machine load hits both alike.
+"ours" uses the default data.image_resample=exact (bit-exact official pixels); "ours_fast" uses
+image_resample=fast (JPEG draft + torch uint8 bicubic, not bit-exact).
 
-Datasets: a synthetic landscape set generated here (640x480 JPEG photos + 8-bit label and
-instance PNGs, COCO settings: resize_and_crop, load 286, crop 256) and the COCO-Stuff sample
-(../shared/datasets/coco_stuff_sample, same settings).
+Datasets, both at COCO settings (resize_and_crop, load 286, crop 256): the project's synthetic
+landscapes (data_tools synth, 512x512 PNG photos, 8-bit labels, no instance maps) and the
+COCO-Stuff sample (../shared/datasets/coco_stuff_sample: JPEG photos, label + instance PNGs).
 
-    .venv/bin/python bench/data.py [--count 160] [--workers 1 2] [--repeats 3]
+    .venv/bin/python bench/data.py [--count 96] [--size 512] [--workers 1 2] [--repeats 3]
 
 Progress goes to stderr; the last stdout line is one JSON object.
 """
@@ -28,7 +30,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from spade_dist.config import DataConfig  # noqa: E402
 from spade_dist.data import build_train_loader  # noqa: E402
+from data_tools.synth import generate_synthetic  # noqa: E402
 
 COCO_SAMPLE = REPO_ROOT.parent / "shared" / "datasets" / "coco_stuff_sample"
 LOAD_SIZE, CROP_SIZE, LABEL_NC = 286, 256, 182
@@ -49,34 +52,21 @@ LOAD_SIZE, CROP_SIZE, LABEL_NC = 286, 256, 182
 # ----------------------------------------------------------------------------- datasets
 
 
-def write_synthetic(root: Path, count: int, width: int = 640, height: int = 480, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Procedural landscapes: sky / mountain / water / grass bands with wavy borders, class
-    colours with texture noise (so JPEG sizes are photo-like), instance map = connected bands."""
-    img_dir, lab_dir, inst_dir = root / "img", root / "label", root / "inst"
-    for d in (img_dir, lab_dir, inst_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    colours = np.array([[120, 170, 235], [110, 100, 90], [40, 90, 160], [70, 150, 60], [200, 190, 140]], np.float32)
-    ys = np.arange(height)[:, None]
-    xs = np.arange(width)[None, :]
-    for i in range(count):
-        borders = sorted(rng.uniform(0.2, 0.9, 3) * height)
-        label = np.zeros((height, width), np.uint8)
-        for cls, base in enumerate(borders, start=1):
-            wave = base + 25 * np.sin(xs / rng.uniform(30, 90) + rng.uniform(0, 6)) + 10 * np.sin(xs / 11.0)
-            label[ys >= wave] = cls
-        label[rng.integers(0, height, 40), rng.integers(0, width, 40)] = 255  # sparse don't-care pixels
-        texture = rng.normal(0, 18, (height, width, 3)).astype(np.float32)
-        shade = (1.0 - 0.3 * ys / height)[..., None]
-        image = np.clip(colours[np.minimum(label, 4)] * shade + texture, 0, 255).astype(np.uint8)
-        key = f"synth_{i:06d}"
-        Image.fromarray(image).save(img_dir / f"{key}.jpg", quality=90)
-        Image.fromarray(label).save(lab_dir / f"{key}.png")
-        Image.fromarray((label * 10 + 1).astype(np.uint8)).save(inst_dir / f"{key}.png")
-    return img_dir, lab_dir, inst_dir
+def write_synthetic(root: Path, count: int, size: int) -> tuple[Path, Path, None]:
+    """The project's embedded synthetic landscapes (data_tools synth: size x size PNG photos,
+    8-bit labels, no instance maps), in the custom folder layout."""
+    generate_synthetic(root, count, seed=0, size=size)
+    return root / "train" / "images", root / "train" / "labels", None
 
 
-def write_shards_from_folders(img_dir: Path, lab_dir: Path, inst_dir: Path, out: Path, name: str,
+def _image_path(img_dir: Path, key: str) -> Path:
+    for ext in (".jpg", ".png"):
+        if (img_dir / f"{key}{ext}").is_file():
+            return img_dir / f"{key}{ext}"
+    raise FileNotFoundError(f"no image for {key} in {img_dir}")
+
+
+def write_shards_from_folders(img_dir: Path, lab_dir: Path, inst_dir: Optional[Path], out: Path, name: str,
                               per_shard: int) -> Path:
     """Shards in the docs/FORMATS.md layout (original bytes, fixed tar metadata) + manifest."""
     out.mkdir(parents=True, exist_ok=True)
@@ -89,19 +79,21 @@ def write_shards_from_folders(img_dir: Path, lab_dir: Path, inst_dir: Path, out:
             for key in chunk:
                 with Image.open(lab_dir / f"{key}.png") as im:
                     width, height = im.size
+                image_path = _image_path(img_dir, key)
                 members = {
-                    "image.jpg": (img_dir / f"{key}.jpg").read_bytes(),
-                    "instance.png": (inst_dir / f"{key}.png").read_bytes(),
+                    f"image{image_path.suffix}": image_path.read_bytes(),
                     "label.png": (lab_dir / f"{key}.png").read_bytes(),
                     "meta.json": json.dumps({"key": key, "width": width, "height": height}).encode(),
                 }
+                if inst_dir is not None:
+                    members["instance.png"] = (inst_dir / f"{key}.png").read_bytes()
                 for field in sorted(members):
                     info = tarfile.TarInfo(f"{key}.{field}")
                     info.size, info.mtime, info.mode = len(members[field]), 0, 0o644
                     tar.addfile(info, io.BytesIO(members[field]))
         shards.append({"file": file, "samples": len(chunk), "keys": chunk})
     manifest = {"format_version": 1, "name": name, "dataset": "custom", "label_nc": LABEL_NC,
-                "contain_dontcare_label": True, "dontcare": 255, "instance": True,
+                "contain_dontcare_label": True, "dontcare": 255, "instance": inst_dir is not None,
                 "splits": {"train": {"num_samples": len(keys), "shards": shards}}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
@@ -113,7 +105,7 @@ def write_shards_from_folders(img_dir: Path, lab_dir: Path, inst_dir: Path, out:
 class OfficialFolderDataset(Dataset):
     """Pix2pixDataset.__getitem__ as the official code does it (training mode)."""
 
-    def __init__(self, img_dir: Path, lab_dir: Path, inst_dir: Path) -> None:
+    def __init__(self, img_dir: Path, lab_dir: Path, inst_dir: Optional[Path]) -> None:
         self.keys = sorted(p.stem for p in lab_dir.glob("*.png"))
         self.img_dir, self.lab_dir, self.inst_dir = img_dir, lab_dir, inst_dir
 
@@ -146,10 +138,13 @@ class OfficialFolderDataset(Dataset):
         params = self._params()
         transform_label = self._transform(params, Image.NEAREST, normalize=False)
         label_tensor = transform_label(label) * 255.0
-        image = Image.open(self.img_dir / f"{key}.jpg").convert("RGB")
+        image = Image.open(_image_path(self.img_dir, key)).convert("RGB")
         image_tensor = self._transform(params, Image.BICUBIC, normalize=True)(image)
-        instance = Image.open(self.inst_dir / f"{key}.png")
-        instance_tensor = (transform_label(instance) * 255).long()
+        if self.inst_dir is None:  # official no_instance
+            instance_tensor = torch.zeros(1)
+        else:
+            instance = Image.open(self.inst_dir / f"{key}.png")
+            instance_tensor = (transform_label(instance) * 255).long()
         return {"label": label_tensor, "instance": instance_tensor, "image": image_tensor, "path": key}
 
 
@@ -163,10 +158,12 @@ def _drain(batches: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def time_ours(shard_dir: Path, workers: int, batch: int, epochs: int) -> float:
+def time_ours(shard_dir: Path, workers: int, batch: int, epochs: int, image_resample: str,
+              no_instance: bool) -> float:
     cfg = DataConfig(shards=str(shard_dir), preprocess_mode="resize_and_crop", load_size=LOAD_SIZE,
                      crop_size=CROP_SIZE, batch_size=batch, num_workers=workers, shuffle_buffer=16,
-                     label_nc=LABEL_NC, pin_memory=False)
+                     label_nc=LABEL_NC, pin_memory=False, image_resample=image_resample,
+                     no_instance=no_instance)
     loader = build_train_loader(cfg)
     start = time.perf_counter()
     n = 0
@@ -176,7 +173,7 @@ def time_ours(shard_dir: Path, workers: int, batch: int, epochs: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def time_baseline(folders: tuple[Path, Path, Path], workers: int, batch: int, epochs: int) -> float:
+def time_baseline(folders: tuple[Path, Path, Optional[Path]], workers: int, batch: int, epochs: int) -> float:
     loader = DataLoader(OfficialFolderDataset(*folders), batch_size=batch, shuffle=True, num_workers=workers,
                         drop_last=False)
     start = time.perf_counter()
@@ -184,28 +181,37 @@ def time_baseline(folders: tuple[Path, Path, Path], workers: int, batch: int, ep
     return n / (time.perf_counter() - start)
 
 
-def compare(name: str, folders: tuple[Path, Path, Path], shard_dir: Path, workers_list: list[int], batch: int,
+def compare(name: str, folders: tuple[Path, Path, Optional[Path]], shard_dir: Path, workers_list: list[int], batch: int,
             epochs: int, repeats: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for workers in workers_list:
-        ours, base = [], []
+        ours, fast, base = [], [], []
         for r in range(repeats):
-            ours.append(time_ours(shard_dir, workers, batch, epochs))
+            no_instance = folders[2] is None
+            ours.append(time_ours(shard_dir, workers, batch, epochs, "exact", no_instance))
+            fast.append(time_ours(shard_dir, workers, batch, epochs, "fast", no_instance))
             base.append(time_baseline(folders, workers, batch, epochs))
-            print(f"[{name}] workers={workers} repeat={r}: ours {ours[-1]:.1f} samples/s, "
-                  f"baseline {base[-1]:.1f} samples/s", file=sys.stderr, flush=True)
-        o, b = statistics.median(ours), statistics.median(base)
+            print(f"[{name}] workers={workers} repeat={r}: ours(exact) {ours[-1]:.1f}, "
+                  f"ours(fast) {fast[-1]:.1f}, baseline {base[-1]:.1f} samples/s",
+                  file=sys.stderr, flush=True)
+        o, f, b = statistics.median(ours), statistics.median(fast), statistics.median(base)
+        per = max(1, workers)
         result[f"workers_{workers}"] = {
-            "ours_samples_per_s": round(o, 2), "baseline_samples_per_s": round(b, 2), "ratio": round(o / b, 3),
-            "ours_per_worker": round(o / max(1, workers), 2), "baseline_per_worker": round(b / max(1, workers), 2),
-            "ours_all": [round(v, 2) for v in ours], "baseline_all": [round(v, 2) for v in base],
+            "ours_samples_per_s": round(o, 2), "ours_fast_samples_per_s": round(f, 2),
+            "baseline_samples_per_s": round(b, 2),
+            "ratio": round(o / b, 3), "ratio_fast": round(f / b, 3),
+            "ours_per_worker": round(o / per, 2), "ours_fast_per_worker": round(f / per, 2),
+            "baseline_per_worker": round(b / per, 2),
+            "runs": {"ours": [round(v, 2) for v in ours], "ours_fast": [round(v, 2) for v in fast],
+                     "baseline": [round(v, 2) for v in base]},
         }
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--count", type=int, default=160, help="synthetic samples")
+    parser.add_argument("--count", type=int, default=96, help="synthetic samples")
+    parser.add_argument("--size", type=int, default=512, help="synthetic image side (px)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=1, help="official COCO batch per GPU is 1")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the synthetic set per measurement")
@@ -222,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        folders = write_synthetic(tmp_path / "synth", args.count)
+        folders = write_synthetic(tmp_path / "synth", args.count, args.size)
         shards = write_shards_from_folders(*folders, tmp_path / "synth_shards", "synth", args.per_shard)
-        report["synthetic"] = {"samples": args.count, "size": "640x480 jpeg", **compare(
+        report["synthetic"] = {"samples": args.count, "size": f"{args.size}x{args.size} png, no instance maps", **compare(
             "synthetic", folders, shards, args.workers, args.batch, args.epochs, args.repeats)}
         if COCO_SAMPLE.is_dir():
             coco = (COCO_SAMPLE / "train_img", COCO_SAMPLE / "train_label", COCO_SAMPLE / "train_inst")
