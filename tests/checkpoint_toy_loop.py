@@ -5,7 +5,6 @@ RNG state matters), Adam (optimizer state), an lr scheduler, a per-rank sampler 
 merged across ranks, preemption signals and crashes. Run as a script (also under torchrun):
 
     python tests/checkpoint_toy_loop.py RUN_DIR --steps 12 [--every 3] [--sleep 0.05]
-        [--die-at-step 5 --die-rank 1]   # SIGKILL itself once (a marker file prevents repeats)
 """
 from __future__ import annotations
 
@@ -127,7 +126,7 @@ def train_step(state: ToyTrainState, ids: list[int], world_size: int) -> None:
 
 
 def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointConfig, batch_size: int = 2,
-        sleep: float = 0.0, die_at_step: int = -1, die_rank: int = 0, stop_at_step: int = -1,
+        sleep: float = 0.0, stop_at_step: int = -1,
         final_save: bool = True) -> dict[str, Any]:
     """Train to ``steps`` (resuming per ``cfg.resume``); returns final params and delivered keys.
 
@@ -155,11 +154,6 @@ def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointCo
                 fh.write(json.dumps({"step": state.step, "epoch": epoch, "ids": ids}) + "\n")
             if sleep:
                 time.sleep(sleep)
-            if state.step == die_at_step and rank == die_rank:
-                flag = Path(run_dir) / "died-once"
-                if not flag.exists():
-                    flag.write_text("x")
-                    os.kill(os.getpid(), 9)
             if state.step == stop_at_step and rank == 0:
                 ckpt.request_stop("test")
             ckpt.maybe_save(state.step, app)
@@ -178,39 +172,23 @@ def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointCo
             "restored": restored.step if restored else None, "restored_from_ws": restored.saved_world_size if restored else None}
 
 
-def init_process_group_restart_safe(rank: int, world_size: int) -> None:
-    """gloo process group whose store keys are private to this torchrun restart attempt.
-
-    torchrun (c10d rendezvous) keeps its store across ``--max-restarts`` attempts; gloo's
-    rendezvous keys ("default_pg/...", and those of every ``new_group``) from the killed attempt
-    are still there, so the restarted ranks read dead peers' addresses and fail with "Connection
-    refused". Prefixing the store with the restart count gives every attempt fresh keys.
-    """
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, use_libuv=True)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
-                            rank=rank, world_size=world_size)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--sleep", type=float, default=0.0)
-    parser.add_argument("--die-at-step", type=int, default=-1)
-    parser.add_argument("--die-rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:
-        init_process_group_restart_safe(rank, world_size)
+        from spade_dist.distributed import elastic_restart_store
+
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, **elastic_restart_store(world_size))
     cfg = CheckpointConfig(every_steps=args.every, keep_last=2, async_save=True, resume="auto")
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep,
-                 die_at_step=args.die_at_step, die_rank=args.die_rank)
+    result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep)
     if result["stopped"]:
         if dist.is_initialized():
             dist.destroy_process_group()

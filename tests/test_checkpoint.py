@@ -23,7 +23,7 @@ from spade_dist.config import CheckpointConfig
 from tests.checkpoint_toy_loop import NUM_SAMPLES, ToySampler, ToyTrainState, merge_positions, run
 from tests.dist_utils import run_distributed
 
-TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"
+TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"  # also runs under torchrun by hand
 
 
 def _cfg(**kw) -> CheckpointConfig:
@@ -323,22 +323,20 @@ def test_sigusr1_commits_and_exits_with_requeue_code_then_resume_continues(tmp_p
     assert sorted(ids) == list(range(NUM_SAMPLES)) and set(ids.values()) == {1}
 
 
-@pytest.mark.dist
-@pytest.mark.e2e
-def test_kill_minus_9_under_torchrun_restarts_and_finishes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", "--monitor-interval=0.2", str(TOY_LOOP), str(tmp_path),
-           "--steps", "9", "--every", "2", "--die-at-step", "5", "--die-rank", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "died-once").exists()
-    done = json.loads((tmp_path / "DONE").read_text())
-    # Restarted from the newest committed checkpoint: 4, or 2 when rank 1 died while the
-    # asynchronous save of step 4 was still being written (that one is then skipped as torn).
-    assert done["step"] == 9 and done["restored"] in (2, 4)
-    assert find_latest(tmp_path).name == "step-000000009"
+def test_every_minutes_trigger_and_no_double_save(tmp_path):
+    state = ToyTrainState()
+    mgr = CheckpointManager(tmp_path, _cfg(every_steps=0, every_minutes=0.5 / 60), install_signal_handlers=False)
+    assert not mgr.maybe_save(1, {"train": state})  # 0.5 s not yet elapsed since start
+    time.sleep(0.6)
+    assert mgr.maybe_save(2, {"train": state})
+    assert not mgr.maybe_save(2, {"train": state})  # same step: never saved twice
+    mgr.close()
+    assert [p.name for p in list_step_dirs(tmp_path / "checkpoints")] == ["step-000000002"]
+
+
+def test_unknown_signal_name_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        CheckpointManager(tmp_path, _cfg(signals=["SIGNOPE"]))
 
 
 # ----------------------------------------------------------------------------------------------
