@@ -150,3 +150,22 @@ def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
     assert torch.equal(pil["label"], fast["label"]) and torch.equal(pil["instance"], fast["instance"])
     assert fast["image"].dtype == torch.uint8 and fast["image"].shape == (3, 3, 16, 16)
     assert (pil["image"].int() - fast["image"].int()).abs().float().mean() < 2.0
+
+
+def test_resume_with_fewer_samples_left_than_ranks_moves_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_shards(tmp_path, [4])
+    cfg = tiny_cfg(str(tmp_path), batch_size=3)
+    first = build_train_loader(cfg)
+    it = iter(first)
+    delivered = next(it)["key"]  # 3 of 4 delivered
+    it.close()
+    position = first.state_dict()
+    on_two = [build_train_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    with caplog.at_level(logging.WARNING, logger="spade_dist.data"):
+        for loader in on_two:
+            loader.load_state_dict(position)
+            assert len(loader) == 0
+            keys = [k for b in loader for k in b["key"]]  # epoch 0 retired -> epoch 1 in full
+            assert loader.epoch == 1 and len(keys) == 2
+    left = ({f"train_{i:05d}" for i in range(4)} - set(delivered)).pop()
+    assert left in caplog.text and "skipped for this epoch" in caplog.text

@@ -119,11 +119,7 @@ class ShardLoader:
         remaining = self._remaining()
         if self.train:
             if 0 < remaining.size < self.world_size:
-                # Only after a resume onto more ranks than samples left: no equal split exists.
-                log.warning("epoch %d: %d samples left for %d ranks; they are skipped for this epoch (%s)",
-                            self._epoch, remaining.size, self.world_size,
-                            [self._plan.key_of(int(i)) for i in remaining])
-                return [], remaining[:0]
+                return [], remaining[:0]  # no equal split exists; __iter__ retires them (docs/DATA.md)
             sizes = rank_batch_sizes(remaining.size, self.world_size, self.batch_size)
         else:
             sizes = eval_batch_sizes(remaining.size, self.world_size, self.batch_size)
@@ -153,8 +149,17 @@ class ShardLoader:
     # ---------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.train and self._plan.num_samples and self._delivered.all():
-            self.set_epoch(self._epoch + 1)  # the previous epoch is complete: go on with the next
+        if self.train:
+            remaining = self._remaining()
+            if 0 < remaining.size < self.world_size:
+                # Only after a resume onto more ranks than samples left in the epoch: no split
+                # gives every rank a batch, so these few samples are retired for this epoch.
+                log.warning("epoch %d: %d samples left for %d ranks are skipped for this epoch: %s",
+                            self._epoch, remaining.size, self.world_size,
+                            [self._plan.key_of(int(i)) for i in remaining])
+                self._delivered[remaining] = True
+            if self._plan.num_samples and self._delivered.all():
+                self.set_epoch(self._epoch + 1)  # the previous epoch is complete: go on with the next
         stream = ShardStream(self._settings())
         if self.num_workers > 0:
             batches = iter(DataLoader(
