@@ -60,10 +60,16 @@ def _raw_samples(segment: Segment) -> Iterator[dict[str, Any]]:
     """Undecoded samples of ``segment`` in tar order; wanted keys missing from the tar come out
     as ``{"__key__": key, "__missing__": True}`` so they are counted as corrupt, not lost."""
     wanted = segment.wanted
+    started: set[str] = set()
 
     def select(fname: str) -> bool:
         prefix, _ = tariterators.base_plus_ext(fname)
-        return prefix in wanted
+        if prefix in wanted:
+            started.add(prefix)
+            return True
+        # The first member after the range is let through: group_by_keys emits the range's last
+        # sample only when it sees the next key, and we can then stop without scanning the rest.
+        return len(started) == len(wanted)
 
     seen: set[str] = set()
     try:
@@ -74,6 +80,8 @@ def _raw_samples(segment: Segment) -> Iterator[dict[str, Any]]:
     try:
         for sample in tariterators.group_by_keys(files):
             key = sample["__key__"]
+            if key not in wanted:
+                continue  # the sentinel sample after the range (see select)
             if key in seen:
                 raise ShardError(f"shard {segment.url}: key {key!r} appears twice")
             seen.add(key)
