@@ -198,3 +198,16 @@ def test_spade_train_save_resume_equals_uninterrupted(repo_root, tmp_path):
     assert full.keys() == resumed.keys() and any(".opt_G." in k for k in full)
     worst = max(((full[k].double() - resumed[k].double()).abs().max().item(), k) for k in full if full[k].numel())
     assert worst[0] <= 1e-6, worst
+
+
+@pytest.mark.e2e
+def test_spade_train_bad_resume_path_is_a_one_line_error(repo_root, tmp_path):
+    manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
+    missing = tmp_path / "run" / "checkpoints" / "step-000000004"
+    cmd = [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
+           "--resume", str(missing), *_train_overrides(manifest, tmp_path / "run", max_steps=6)]
+    proc = subprocess.run(cmd, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"spade-train: error: checkpoint path does not exist: {missing}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -28,6 +28,11 @@ class InvalidCheckpoint(RuntimeError):
     """A step directory is not a usable checkpoint; the message says which file and why."""
 
 
+class CheckpointIncompatibleError(ValueError):
+    """A valid checkpoint that this run cannot continue from (different state names, or
+    partitioned state on another world size); the message names the checkpoint and the fix."""
+
+
 def step_dir_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")

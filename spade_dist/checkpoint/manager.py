@@ -363,7 +363,7 @@ class CheckpointManager:
         marker = layout.read_marker(step_dir)
         locked, saved_ws = marker.get("world_size_locked"), marker.get("world_size")
         if locked and saved_ws != self.world_size:
-            raise ValueError(
+            raise layout.CheckpointIncompatibleError(
                 f"{step_dir}: saved with world size {saved_ws}, resuming with {self.world_size}, but this "
                 f"checkpoint cannot be resharded: {locked}. Resume on {saved_ws} ranks, or pick an older "
                 "checkpoint / a configuration without partitioned state (e.g. train.zero_stage=0)")
@@ -372,7 +372,7 @@ class CheckpointManager:
         stored = {name: self._stored_name(name, self.rank if locked else None) for name in app_state}
         missing = sorted(n for n, s in stored.items() if s not in available)
         if missing:
-            raise ValueError(
+            raise layout.CheckpointIncompatibleError(
                 f"{step_dir}: checkpoint has no state named {missing} (it has {sorted(available)}); "
                 "the run's configuration differs from the one that wrote it")
         by_stored = reader.read_trees(sorted(stored.values()))

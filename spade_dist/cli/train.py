@@ -35,6 +35,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from spade_dist.checkpoint import CheckpointIncompatibleError, InvalidCheckpoint
     from spade_dist.data import ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.losses import MissingVGGWeightsError
@@ -43,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume)
-    except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError) as exc:
+    except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError,
+            InvalidCheckpoint, CheckpointIncompatibleError) as exc:  # --resume PATH invalid / unusable
         print(f"spade-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return result.exit_code
