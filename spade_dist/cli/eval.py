@@ -73,7 +73,8 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        # Slurm's --gpus-per-task may leave each task a single visible GPU: wrap around.
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, torch.cuda.device_count())}"
     return rank, world, device
 
 
