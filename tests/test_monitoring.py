@@ -140,3 +140,31 @@ def test_pushgateway_push_and_delete(tmp_path: Path) -> None:
         address = gw.address
     with pytest.raises(MetricsError, match="metrics.pushgateway"):
         push_job_metrics(address, "spade-data-shard", registry, timeout=2)
+
+
+@pytest.mark.e2e
+def test_prometheus_scrapes_pushed_eval_results_with_their_labels(tmp_path: Path) -> None:
+    """A one-off evaluation pushes; the shipped config's pushgateway job keeps job/run/job_id as pushed."""
+    import time
+
+    from spade_dist.monitoring.services import start_prometheus
+
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    with start_pushgateway(tmp_path / "gw") as gw:
+        cfg_path = render_prometheus_config(sd_dir, tmp_path / "prometheus.yml", scrape_interval="1s",
+                                            pushgateway=gw.address)
+        em = EvalMetrics(MetricsConfig(enabled=True, pushgateway=gw.address, run_name="toy", job_id="77"),
+                         run_dir=tmp_path / "run")
+        em.record(step=500, fid=33.5, kid_mean=0.01)
+        with start_prometheus(cfg_path, tmp_path / "prom") as prom:
+            deadline = time.monotonic() + 60
+            result: list = []
+            while not result and time.monotonic() < deadline:
+                time.sleep(1)
+                result = prom.query('spade_eval_fid{run="toy"}')
+        em.close(delete_pushed=True)
+    assert len(result) == 1, result
+    labels = result[0]["metric"]
+    assert labels["job"] == "spade-eval" and labels["job_id"] == "77" and float(result[0]["value"][1]) == 33.5
+    assert not any(k.startswith("exported_") for k in labels), labels
