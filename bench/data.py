@@ -15,7 +15,10 @@ COCO-Stuff sample (../shared/datasets/coco_stuff_sample: JPEG photos, label + in
 
     .venv/bin/python bench/data.py [--count 96] [--size 512] [--workers 1 2] [--repeats 3]
 
-Progress goes to stderr; the last stdout line is one JSON object.
+Reported per dataset and worker count (medians over repeats): samples/s of wall time (and per
+worker), and samples per CPU-second of the whole pipeline (main process + its workers) -- the
+per-worker cost, which is robust to other jobs sharing the machine. Progress goes to stderr; the
+last stdout line is one JSON object.
 """
 from __future__ import annotations
 
@@ -158,52 +161,70 @@ def _drain(batches: Iterable[dict[str, Any]]) -> int:
     return count
 
 
+def _measure(run: Callable[[], int]) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second). CPU time counts this process and its
+    finished children -- the DataLoader workers, joined at the end of each pass -- so it measures
+    the work per sample and is far less sensitive than wall time to other jobs on the machine."""
+    t0, c0 = time.perf_counter(), os.times()
+    n = run()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    cpu = (c1.user + c1.system + c1.children_user + c1.children_system) - \
+          (c0.user + c0.system + c0.children_user + c0.children_system)
+    return n / wall, n / max(cpu, 1e-9)
+
+
 def time_ours(shard_dir: Path, workers: int, batch: int, epochs: int, image_resample: str,
-              no_instance: bool) -> float:
+              no_instance: bool) -> tuple[float, float]:
     cfg = DataConfig(shards=str(shard_dir), preprocess_mode="resize_and_crop", load_size=LOAD_SIZE,
                      crop_size=CROP_SIZE, batch_size=batch, num_workers=workers, shuffle_buffer=16,
                      label_nc=LABEL_NC, pin_memory=False, image_resample=image_resample,
                      no_instance=no_instance)
     loader = build_train_loader(cfg)
-    start = time.perf_counter()
-    n = 0
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        n += _drain(loader)
-    return n / (time.perf_counter() - start)
+
+    def run() -> int:
+        n = 0
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            n += _drain(loader)
+        return n
+    return _measure(run)
 
 
-def time_baseline(folders: tuple[Path, Path, Optional[Path]], workers: int, batch: int, epochs: int) -> float:
+def time_baseline(folders: tuple[Path, Path, Optional[Path]], workers: int, batch: int,
+                  epochs: int) -> tuple[float, float]:
     loader = DataLoader(OfficialFolderDataset(*folders), batch_size=batch, shuffle=True, num_workers=workers,
                         drop_last=False)
-    start = time.perf_counter()
-    n = sum(_drain(loader) for _ in range(epochs))
-    return n / (time.perf_counter() - start)
+    return _measure(lambda: sum(_drain(loader) for _ in range(epochs)))
 
 
 def compare(name: str, folders: tuple[Path, Path, Optional[Path]], shard_dir: Path, workers_list: list[int], batch: int,
             epochs: int, repeats: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for workers in workers_list:
-        ours, fast, base = [], [], []
+        runs: dict[str, list[tuple[float, float]]] = {"ours": [], "ours_fast": [], "baseline": []}
+        no_instance = folders[2] is None
         for r in range(repeats):
-            no_instance = folders[2] is None
-            ours.append(time_ours(shard_dir, workers, batch, epochs, "exact", no_instance))
-            fast.append(time_ours(shard_dir, workers, batch, epochs, "fast", no_instance))
-            base.append(time_baseline(folders, workers, batch, epochs))
-            print(f"[{name}] workers={workers} repeat={r}: ours(exact) {ours[-1]:.1f}, "
-                  f"ours(fast) {fast[-1]:.1f}, baseline {base[-1]:.1f} samples/s",
-                  file=sys.stderr, flush=True)
-        o, f, b = statistics.median(ours), statistics.median(fast), statistics.median(base)
+            runs["ours"].append(time_ours(shard_dir, workers, batch, epochs, "exact", no_instance))
+            runs["ours_fast"].append(time_ours(shard_dir, workers, batch, epochs, "fast", no_instance))
+            runs["baseline"].append(time_baseline(folders, workers, batch, epochs))
+            print(f"[{name}] workers={workers} repeat={r}: " + ", ".join(
+                f"{k} {v[-1][0]:.1f}/s wall {v[-1][1]:.1f}/cpu-s" for k, v in runs.items()),
+                file=sys.stderr, flush=True)
+        wall = {k: statistics.median(x[0] for x in v) for k, v in runs.items()}
+        cpu = {k: statistics.median(x[1] for x in v) for k, v in runs.items()}
         per = max(1, workers)
         result[f"workers_{workers}"] = {
-            "ours_samples_per_s": round(o, 2), "ours_fast_samples_per_s": round(f, 2),
-            "baseline_samples_per_s": round(b, 2),
-            "ratio": round(o / b, 3), "ratio_fast": round(f / b, 3),
-            "ours_per_worker": round(o / per, 2), "ours_fast_per_worker": round(f / per, 2),
-            "baseline_per_worker": round(b / per, 2),
-            "runs": {"ours": [round(v, 2) for v in ours], "ours_fast": [round(v, 2) for v in fast],
-                     "baseline": [round(v, 2) for v in base]},
+            "ours_samples_per_s": round(wall["ours"], 2), "ours_fast_samples_per_s": round(wall["ours_fast"], 2),
+            "baseline_samples_per_s": round(wall["baseline"], 2),
+            "ours_per_worker": round(wall["ours"] / per, 2), "ours_fast_per_worker": round(wall["ours_fast"] / per, 2),
+            "baseline_per_worker": round(wall["baseline"] / per, 2),
+            "ratio": round(wall["ours"] / wall["baseline"], 3),
+            "ratio_fast": round(wall["ours_fast"] / wall["baseline"], 3),
+            "ours_samples_per_cpu_s": round(cpu["ours"], 2), "ours_fast_samples_per_cpu_s": round(cpu["ours_fast"], 2),
+            "baseline_samples_per_cpu_s": round(cpu["baseline"], 2),
+            "cpu_ratio": round(cpu["ours"] / cpu["baseline"], 3),
+            "cpu_ratio_fast": round(cpu["ours_fast"] / cpu["baseline"], 3),
+            "runs_wall": {k: [round(x[0], 2) for x in v] for k, v in runs.items()},
         }
     return result
 

@@ -11,9 +11,10 @@ from spade_dist.data.decode import CorruptSample
 from spade_dist.data.loader import CorruptRateError, ShardLoader, build_eval_loader, build_train_loader
 from spade_dist.data.plan import merge_positions
 from spade_dist.data.sources import ShardSourceError, resolve_shards
+from spade_dist.data.stream import ShardError
 from spade_dist.data.transforms import PREPROCESS_MODES, PreprocessOptions
 
 __all__ = [
     "build_train_loader", "build_eval_loader", "merge_positions", "ShardLoader", "CorruptRateError",
-    "CorruptSample", "ShardSourceError", "resolve_shards", "PREPROCESS_MODES", "PreprocessOptions",
+    "CorruptSample", "ShardSourceError", "ShardError", "resolve_shards", "PREPROCESS_MODES", "PreprocessOptions",
 ]

@@ -201,5 +201,8 @@ class ShardStream(IterableDataset):
             corrupt.clear()
             read_now = sum(1 for i in indices if i >= 0) + len(reported)
             yield collate(samples, indices, reported, read_now)
-        for _ in source:  # the planned sizes account for every sample, so this is only corrupt tails
-            raise RuntimeError("worker produced more samples than planned (plan/manifest mismatch)")
+        # The planned sizes add up to the worker's whole range, so the loop above consumed it all;
+        # a sample left over means the plan and the shards disagree.
+        for decoded, _ in source:
+            raise RuntimeError(f"worker got more samples than planned (first extra: {decoded.key}); "
+                               "the shards do not match their manifest")
