@@ -250,16 +250,26 @@ class TrainingMetrics:
     def start(self) -> None:
         """Start serving; rank 0 writes the file_sd target file listing every rank.
 
-        Collective when a process group is initialised (all ranks must call it).
+        Collective when a process group is initialised (all ranks must call it). A rank that cannot
+        listen makes *every* rank raise the same :class:`MetricsError` (rather than leaving the
+        others waiting in the exchange forever).
         """
         if not self.enabled or self._server is not None:
             return
         port = self.cfg.port_base + self.local_rank if self.cfg.port_base else 0
         who = f"metrics exporter of rank {self.rank} (local rank {self.local_rank})"
-        self._server, _ = _start_server(self.registry, port, self.cfg.bind, who, "metrics.port_base")
-        self.port = self._server.server_port
-        mine = {"target": f"{advertised_host(self.cfg.bind, self.node)}:{self.port}", "labels": dict(self._labels)}
+        mine: dict[str, Any] = {"labels": dict(self._labels)}
+        try:
+            self._server, _ = _start_server(self.registry, port, self.cfg.bind, who, "metrics.port_base")
+            self.port = self._server.server_port
+            mine["target"] = f"{advertised_host(self.cfg.bind, self.node)}:{self.port}"
+        except MetricsError as exc:
+            mine["error"] = str(exc)
         everyone = self._gather(mine)
+        errors = [t["error"] for t in everyone if "error" in t]
+        if errors:
+            self.close()
+            raise MetricsError("; ".join(errors))
         if self.rank == 0:
             self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
             write_json_atomic(self.sd_path, self._sd_groups)

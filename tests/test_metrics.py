@@ -179,6 +179,30 @@ def test_two_ranks_share_one_sd_file(tmp_path: Path) -> None:
     assert results[0]["log_exists"]
 
 
+def _two_rank_port_taken(rank: int, world_size: int, run_dir: str, port_base: int) -> str:
+    m = TrainingMetrics(make_cfg(port_base=port_base), run_dir=run_dir, rank=rank, local_rank=rank,
+                        world_size=world_size)
+    try:
+        m.start()
+    except MetricsError as exc:
+        return str(exc)
+    return "started"
+
+
+@pytest.mark.dist
+def test_taken_port_on_one_rank_fails_every_rank(tmp_path: Path) -> None:
+    with socket.socket() as blocker:  # held by this process while both ranks start
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        results = run_distributed(_two_rank_port_taken, world_size=2, args=(str(tmp_path / "run"), port - 1), timeout=120)
+    # Rank 1 (port_base + 1) hit the taken port; rank 0 gets the same error instead of waiting forever.
+    for message in results:
+        assert f"rank 1 (local rank 1): port {port} on 127.0.0.1 is already in use" in message
+        assert "metrics.port_base" in message
+    assert not (tmp_path / "run" / "metrics").exists()
+
+
 def test_eval_metrics_serve_mode_publishes_and_tracks_best(tmp_path: Path) -> None:
     em = EvalMetrics(make_cfg(), run_dir=tmp_path / "run", node="evalnode")
     em.start()
