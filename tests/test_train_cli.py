@@ -77,3 +77,26 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
     assert "model:" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "DONE").read_text())["step"] == 4
     assert (run_dir / "checkpoints" / "step-000000004" / "COMMITTED").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_torchrun_and_deepspeed_launchers(tmp_path, manifest, launcher):
+    run_dir = tmp_path / "run"
+    bin_dir = Path(PYTHON).parent
+    port = str(free_port())
+    if launcher == "torchrun":
+        head = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", "spade_dist.cli.train"]
+        extra = []
+    else:
+        head = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "spade_dist.cli.train"]
+        extra = ["train.backend=deepspeed", "train.zero_stage=1"]
+    proc = run_cli(head + ["--config", "configs/quickstart.yaml", "--resume", "none", f"data.shards={manifest}",
+                           f"train.run_dir={run_dir}", "train.max_steps=2", "train.sample_every=2", *TINY_OVERRIDES, *extra],
+                   timeout=480)
+    out = proc.stdout + proc.stderr
+    backend = "deepspeed" if launcher == "deepspeed" else "ddp"
+    assert f"{backend} on 2 x cpu" in out
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 2
+    assert (run_dir / "samples" / "step-000000002.png").is_file()
