@@ -150,3 +150,14 @@ def test_decode_sample_size_mismatch_and_garbage() -> None:
     with pytest.raises(CorruptSample, match="'b'.*image.jpg cannot be decoded"):
         decode_sample({"__key__": "b", "image.jpg": b"not a jpeg", "label.png": good_label},
                       opts, random.Random(0), use_instance=True)
+
+
+def test_truncated_png_maps_and_images_are_corrupt() -> None:
+    label = png_bytes(np.full((40, 50), 7, dtype=np.uint8))
+    np.testing.assert_array_equal(decode_id_map(label, "k", "label.png"), np.full((40, 50), 7))
+    with pytest.raises(CorruptSample, match="'t'.*label.png cannot be decoded"):
+        decode_id_map(label[:-20], "t", "label.png")
+    rgb = png_bytes(np.full((40, 50, 3), 9, dtype=np.uint8))
+    with pytest.raises(CorruptSample, match="'u'.*image.png cannot be decoded"):
+        decode_sample({"__key__": "u", "image.png": rgb[:-20], "label.png": label}, PreprocessOptions("crop", 32, 32),
+                      random.Random(0), use_instance=False)
