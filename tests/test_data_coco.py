@@ -34,3 +34,18 @@ def test_coco_sample_shards_stream_with_exact_labels(coco_sample: Path, tmp_path
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[2:] == batch["label"].shape[2:]
         seen += 1
     assert seen == 8
+
+
+def test_jpeg_and_png_fast_decoders_give_pil_pixels(coco_sample: Path) -> None:
+    """decode_image / decode_id_map use libjpeg-turbo (simplejpeg) and libspng (pyspng); the
+    pixels must be those of the official PIL decode, or the exact mode would not be exact."""
+    from spade_dist.data.decode import decode_id_map, decode_image
+
+    for path in sorted((coco_sample / "val_img").glob("*.jpg")):
+        data = path.read_bytes()
+        reference = Image.open(path).convert("RGB")
+        ours = decode_image(data, path.stem, "image.jpg", reference.size)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+        label_path = coco_sample / "val_label" / f"{path.stem}.png"
+        np.testing.assert_array_equal(decode_id_map(label_path.read_bytes(), path.stem, "label.png"),
+                                      np.asarray(Image.open(label_path)))
