@@ -128,7 +128,9 @@ class ShardLoader:
 
     def __len__(self) -> int:
         """Batches this rank yields in the next iteration (equal on all ranks when training)."""
-        if self.train and self._plan.num_samples and self._delivered.all():
+        if self.train and self._remaining().size < self.world_size:
+            # The current epoch is done (or only has samples __iter__ will retire): the next
+            # iteration runs the next epoch in full.
             return len(rank_batch_sizes(self._plan.num_samples, self.world_size, self.batch_size)[self.rank])
         return len(self._rank_layout()[0])
 
