@@ -49,19 +49,33 @@ def _assert_same_params(a: dict, b: dict, tol: float = 1e-6) -> None:
 
 
 @pytest.mark.dist
+def _same_world_size_legs(rank: int, world_size: int, tmp: str) -> dict:
+    """Uninterrupted run, interrupted run, resumed run: in the same processes (spawning is slow)."""
+    import torch.distributed as dist
+
+    tmp_path = Path(tmp)
+    full = run(tmp_path / "full", 10, rank, world_size, _cfg(resume="none"))
+    # A stop requested on rank 0 only must stop both ranks at step 5 after a committed save.
+    first = run(tmp_path / "cut", 10, rank, world_size, _cfg(every_steps=4), stop_at_step=5)
+    stop_committed = (tmp_path / "cut" / "checkpoints" / "step-000000005" / "COMMITTED").exists()
+    dist.barrier()
+    if rank == 0:  # throw the preemption checkpoint away so resume uses the asynchronous one at 4
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000000005")
+    dist.barrier()
+    second = run(tmp_path / "cut", 10, rank, world_size, _cfg(every_steps=4))
+    return {"full": full, "first": first, "second": second, "stop_committed": stop_committed}
+
+
+@pytest.mark.dist
 def test_resume_same_world_size_equals_uninterrupted(tmp_path):
     """2 ranks: save at k=4 (async periodic save), stop, resume, run to 10 == uninterrupted 10."""
-    full = run_distributed(_run_ranks, 2, args=(str(tmp_path / "full"), 10, _cfg(resume="none")))
-    first = run_distributed(_run_ranks, 2, args=(str(tmp_path / "cut"), 10, _cfg(every_steps=4), 5))
-    assert all(r["stopped"] and r["step"] == 5 for r in first)
-    # Throw away the preemption checkpoint at 5 so resume uses the asynchronous one at 4.
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000000005")
-    second = run_distributed(_run_ranks, 2, args=(str(tmp_path / "cut"), 10, _cfg(every_steps=4)))
-    assert [r["restored"] for r in second] == [4, 4]
-    for rank in range(2):
-        _assert_same_params(full[rank]["params"], second[rank]["params"])
-        assert full[rank]["lr"] == pytest.approx(second[rank]["lr"], abs=1e-12)
-        assert full[rank]["opt"]["state"][0]["step"] == second[rank]["opt"]["state"][0]["step"]
+    results = run_distributed(_same_world_size_legs, 2, args=(str(tmp_path),))
+    for rank, r in enumerate(results):
+        assert r["first"]["stopped"] and r["first"]["step"] == 5 and r["stop_committed"]
+        assert r["second"]["restored"] == 4
+        _assert_same_params(r["full"]["params"], r["second"]["params"])
+        assert r["full"]["lr"] == pytest.approx(r["second"]["lr"], abs=1e-12)
+        assert r["full"]["opt"]["state"][0]["step"] == r["second"]["opt"]["state"][0]["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,14 +289,6 @@ def test_async_write_error_is_reraised(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.dist
-def test_stop_flag_reaches_every_rank_at_same_step(tmp_path):
-    """A stop requested on rank 0 only: both ranks stop at the same step after a committed save."""
-    results = run_distributed(_run_ranks, 2, args=(str(tmp_path), 100, _cfg(), 3))
-    assert [r["step"] for r in results] == [3, 3] and all(r["stopped"] for r in results)
-    validate_step_dir(tmp_path / "checkpoints" / "step-000000003")
-
-
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -361,10 +367,10 @@ def _locked_leg(rank: int, world_size: int, run_dir: str, save: bool):
     mgr = CheckpointManager(run_dir, _cfg(), rank=rank, world_size=world_size, install_signal_handlers=False,
                             world_size_locked="test ZeRO partitions")
     obj = _RankShard(float(rank + 1) if save else -1.0)
-    if save:
+    if save:  # save, then restore into a fresh object on the same world size
         mgr.save(1, {"opt": obj}, blocking=False)
-        mgr.close()
-        return None
+        mgr.wait()
+        obj = _RankShard(-1.0)
     try:
         mgr.restore({"opt": obj})
         return obj.shard.tolist()
@@ -376,7 +382,6 @@ def _locked_leg(rank: int, world_size: int, run_dir: str, save: bool):
 
 @pytest.mark.dist
 def test_world_size_locked_state_is_stored_per_rank_and_refuses_resharding(tmp_path):
-    run_distributed(_locked_leg, 2, args=(str(tmp_path), True))
-    assert run_distributed(_locked_leg, 2, args=(str(tmp_path), False)) == [[1.0] * 3, [2.0] * 3]
+    assert run_distributed(_locked_leg, 2, args=(str(tmp_path), True)) == [[1.0] * 3, [2.0] * 3]
     (message,) = run_distributed(_locked_leg, 1, args=(str(tmp_path), False))
     assert "world size 2" in message and "test ZeRO partitions" in message and "step-000000001" in message

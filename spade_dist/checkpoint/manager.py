@@ -246,16 +246,22 @@ class CheckpointManager:
             step_dir.mkdir(parents=True)
         self._barrier()
         write_flat_state(flat, step_dir, self._io_pg)
+        commit_error: Optional[BaseException] = None
         if self.rank == 0:
-            (step_dir / layout.CONFIG_NAME).write_text(self.config_yaml)
-            extra = {"generator_paths": self.generator_paths, "world_size_locked": self.world_size_locked}
-            layout.write_marker(step_dir, step, self.world_size, extra)
-            removed = layout.prune(self.ckpt_dir, self.cfg.keep_last, self.cfg.keep_every)
-            log.info("checkpoint %s committed in %.2fs%s", step_dir, time.perf_counter() - started,
-                     f"; pruned {[p.name for p in removed]}" if removed else "")
+            try:
+                (step_dir / layout.CONFIG_NAME).write_text(self.config_yaml)
+                extra = {"generator_paths": self.generator_paths, "world_size_locked": self.world_size_locked}
+                layout.write_marker(step_dir, step, self.world_size, extra)
+                removed = layout.prune(self.ckpt_dir, self.cfg.keep_last, self.cfg.keep_every)
+                log.info("checkpoint %s committed in %.2fs%s", step_dir, time.perf_counter() - started,
+                         f"; pruned {[p.name for p in removed]}" if removed else "")
+            except BaseException as exc:  # noqa: BLE001 - raised after the barrier, so no rank hangs in it
+                commit_error = exc
         # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
         # could make the launcher kill rank 0 mid-commit.
         self._barrier()
+        if commit_error is not None:
+            raise commit_error
         if self.on_commit is not None:
             self.on_commit(step, step_dir, time.perf_counter() - started)
 
