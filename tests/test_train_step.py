@@ -81,12 +81,12 @@ def tiny_config(*extra: str):
     ])
 
 
-def global_batch(n: int) -> dict:
+def global_batch(n: int, crop: int = CROP) -> dict:
     g = torch.Generator().manual_seed(7)
     return {
-        "image": torch.randint(0, 256, (n, 3, CROP, CROP), generator=g, dtype=torch.uint8),
-        "label": torch.randint(0, LABEL_NC, (n, 1, CROP, CROP), generator=g),
-        "instance": torch.randint(0, 3, (n, 1, CROP, CROP), generator=g),
+        "image": torch.randint(0, 256, (n, 3, crop, crop), generator=g, dtype=torch.uint8),
+        "label": torch.randint(0, LABEL_NC, (n, 1, crop, crop), generator=g),
+        "instance": torch.randint(0, 3, (n, 1, crop, crop), generator=g),
         "key": [f"k{i}" for i in range(n)],
     }
 
@@ -175,22 +175,28 @@ def _single_backend(*extra: str):
 def test_nonfinite_loss_is_skipped_and_counted(precision):
     from spade_dist.train.step import prepare_batch, train_step
 
-    cfg, backend, state, losses = _single_backend(f"train.mixed_precision={precision}")
+    cfg, backend, state, losses = _single_backend(f"train.mixed_precision='{precision}'")
     mb = prepare_batch(global_batch(B), cfg, backend.device)
     before_G = [p.detach().clone() for p in state.generator_side.parameters()]
     before_D = [p.detach().clone() for p in state.discriminator.parameters()]
-    adam_steps = [s["step"].clone() for s in state.opt_G.state.values()]
 
     def poison_G(which: str, loss: torch.Tensor):
         return loss * float("nan") if which == "G" else None
 
     result = train_step(backend, losses, [mb], 0, cfg, loss_hook=poison_G)
-    assert float(result.skipped_G) == 1.0 and float(result.skipped_D) == 0.0
+    assert float(result.skipped_G) == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before_G, state.generator_side.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(before_D, state.discriminator.parameters()))
-    assert [s["step"] for s in state.opt_G.state.values()] == adam_steps
-    # A clean step afterwards applies normally (the poisoned one left no stale gradients).
-    clean = train_step(backend, losses, [mb], 1, cfg)
+    assert all(float(s["step"]) == 0 for s in state.opt_G.state.values())  # Adam's step count untouched
+    if precision == "no":
+        # fp32: the clean D update went through. (fp16: GradScaler's first steps may overflow and be
+        # skipped too, while it backs off from its initial scale - also correct.)
+        assert float(result.skipped_D) == 0.0
+        assert any(not torch.equal(a, b) for a, b in zip(before_D, state.discriminator.parameters()))
+    # Clean steps afterwards apply normally (the poisoned one left no stale gradients).
+    for step in range(1, 20):
+        clean = train_step(backend, losses, [mb], step, cfg)
+        if float(clean.skipped_G) == 0.0:
+            break
     assert float(clean.skipped_G) == 0.0
     assert all(torch.isfinite(p).all() for p in state.generator_side.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before_G, state.generator_side.parameters()))
@@ -219,14 +225,18 @@ def test_d_steps_per_g_skips_generator_on_off_steps():
 
 
 def test_grad_accumulation_equals_big_batch():
-    """2 micro-batches of B == 1 batch of 2B (no BN coupling: batch norm off for this check)."""
+    """2 micro-batches of B == 1 batch of 2B. Batch-coupled pieces are switched off for this check:
+    instance norm instead of BN (it needs a 2x2 latent map, so 64 px) and no spectral norm (each
+    forward call runs one power iteration, so 2 micro-batches iterate twice)."""
     from spade_dist.train.step import prepare_batch, train_step
 
     results = []
     for accum in (1, 2):
-        cfg, backend, state, losses = _single_backend("model.norm_G=spectralspadeinstance3x3", f"train.grad_accum={accum}")
-        state.generator_side.double(); state.discriminator.double()
-        full = global_batch(2 * B)
+        cfg, backend, state, losses = _single_backend("model.norm_G=spadeinstance3x3", "model.norm_D=instance", f"train.grad_accum={accum}",
+                                                      "data.crop_size=64", "data.load_size=64")
+        state.generator_side.double()
+        state.discriminator.double()
+        full = global_batch(2 * B, crop=64)
         if accum == 1:
             micro = [prepare_batch(full, cfg, backend.device, torch.float64)]
         else:
