@@ -114,6 +114,8 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._last_saved_step: Optional[int] = None
         self._stop_signal: Optional[str] = None
+        self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run_dir / "STOP"
+        self._stop_file_checked = float("-inf")
         self._old_handlers: dict[int, Any] = {}
         self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
@@ -141,7 +143,7 @@ class CheckpointManager:
     def should_stop(self) -> bool:
         """Collective (call on every rank at the same step): True on all ranks if any rank got a
         preemption signal."""
-        local = self._stop_signal is not None
+        local = self._stop_signal is not None or self._stop_file_present()
         if not self.distributed:
             return local
         flag = torch.tensor([int(local)], dtype=torch.int32)
@@ -149,6 +151,22 @@ class CheckpointManager:
         if flag.item() and not local:
             self._stop_signal = "peer-rank-signal"
         return bool(flag.item())
+
+    def _stop_file_present(self) -> bool:
+        """The stop file (``checkpoint.stop_file``, default ``<run_dir>/STOP``) acts like a signal.
+
+        Batch scripts create it on preemption because launchers (accelerate, torchrun, deepspeed, srun)
+        do not forward every signal to every worker on every node. Checked at most once a second so a
+        shared filesystem is not hammered with a stat per step.
+        """
+        now = time.monotonic()
+        if now - self._stop_file_checked < 1.0:
+            return False
+        self._stop_file_checked = now
+        if self.stop_file.exists():
+            self._stop_signal = f"stop-file:{self.stop_file}"
+            return True
+        return False
 
     @property
     def stop_reason(self) -> Optional[str]:
