@@ -211,3 +211,32 @@ def test_spade_train_bad_resume_path_is_a_one_line_error(repo_root, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"spade-train: error: checkpoint path does not exist: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_spade_train_two_ranks_then_one_rank_continues_the_run(repo_root, tmp_path):
+    """torchrun 2 ranks to step 2 (mid-epoch: 12 samples, 3 steps/epoch), then 1 process to step 5."""
+    manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    base = ["-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml")]
+    two = subprocess.run([str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                          "--rdzv-endpoint=127.0.0.1:0", *base, *_train_overrides(manifest, run_dir, max_steps=2)],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert read_marker(find_latest(run_dir))["world_size"] == 2
+    from spade_dist.checkpoint import StepReader
+
+    saved = StepReader(find_latest(run_dir)).read_trees(["data"])["data"]
+    assert saved["epoch"] == 0  # 8 of 12 samples delivered: mid-epoch
+    one = subprocess.run([sys.executable, *base, *_train_overrides(manifest, run_dir, max_steps=5)],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    out = one.stdout + one.stderr
+    assert one.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step-000000002 (step 2, epoch 0)" in out
+    assert "saved by 2 ranks, now 1" in out
+    # 1 rank x batch 2: the 4 samples left of epoch 0 take steps 3-4, step 5 opens epoch 1.
+    assert "step 4 epoch 0" in out and "step 5 epoch 1" in out
+    assert '"step": 5' in (run_dir / "DONE").read_text()
