@@ -2,7 +2,6 @@
 ``spade-train`` under SIGUSR1 and under ``torchrun --max-restarts=1`` with a rank killed by -9."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 MARKER_NAME = "COMMITTED"
@@ -157,7 +157,8 @@ def resolve_resume_target(resume: str, run_dir: Union[str, Path]) -> tuple[list[
     raise InvalidCheckpoint(f"{path}: no checkpoint here (neither a step-* directory nor a directory holding step-* under itself or checkpoints/)")
 
 
-def find_latest(path: Union[str, Path], check_sha256: bool = False, warn=None) -> Path:
+def find_latest(path: Union[str, Path], check_sha256: bool = False,
+                warn: Optional[Callable[[str], None]] = None) -> Path:
     """The newest valid step directory under a run dir / checkpoints dir, or ``path`` itself when it
     is a valid step directory. Invalid ones are reported through ``warn`` and skipped."""
     candidates, explicit = resolve_resume_target(str(path), ".")
