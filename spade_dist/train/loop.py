@@ -13,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,9 @@ from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
 
 log = logging.getLogger("spade_dist.train")
+
+# How long a finished run waits for its evaluation watcher to score the remaining checkpoints.
+EVAL_DRAIN_SECONDS = 1800.0
 
 
 @dataclass
@@ -82,22 +82,6 @@ def write_run_files(run_dir: Path, cfg: Config) -> None:
     (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
 
 
-def start_evaluator(cfg: Config, run_dir: Path) -> Optional[subprocess.Popen]:
-    """``eval.mode: subprocess``: the FID watcher follows the checkpoints in its own process."""
-    if cfg.eval.mode != "subprocess":
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("spade_dist.cli.eval") is None:
-        raise DistributedSetupError("eval.mode=subprocess but spade_dist.cli.eval (spade-eval) is not installed")
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.eval.cpu_threads))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)  # the watcher is a single-process job, not a member of our group
-    cmd = [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir)]
-    log.info("starting evaluator: %s", " ".join(cmd))
-    return subprocess.Popen(cmd, env=env, stdout=open(run_dir / "eval.log", "ab"), stderr=subprocess.STDOUT)
-
-
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
     """Group the loader's batches by ``grad_accum``; a trailing partial group ends the epoch."""
     group: list[dict[str, Any]] = []
@@ -119,6 +103,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) the training job described by ``cfg``. Call on every rank."""
     from spade_dist.checkpoint import CheckpointManager, GatheredState
     from spade_dist.data import build_train_loader, merge_positions
+    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
     from spade_dist.losses import VGGLoss
     from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
 
@@ -177,7 +162,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
-    evaluator = start_evaluator(cfg, run_dir) if info.is_main else None
+    # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
+    evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
     max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
     if info.is_main:
         print(f"[spade-train] {backend.name} on {info.world_size} x {device} | global batch "
@@ -250,7 +236,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     finally:
         ckpt.close()
         metrics.close()
-        if evaluator is not None and stopped_early:
-            evaluator.terminate()  # the requeued job starts its own; a finished run's watcher exits on DONE
+        if evaluator is not None:
+            # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
+            # failed: stop it now; a requeued job starts its own.
+            finished = not stopped_early and (run_dir / "DONE").exists()
+            stop_eval_watcher(evaluator, timeout=EVAL_DRAIN_SECONDS if finished else 0.0)
     return TrainResult(step=state.step, epoch=state.epoch, run_dir=run_dir, stopped_early=stopped_early,
                        exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)
