@@ -149,6 +149,9 @@ class TrainConfig:
     num_sample_images: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
+    # ({"step", "epoch", "keys"}), e.g. to prove exactly-once data delivery across preemptions.
+    log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
 
 

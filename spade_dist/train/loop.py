@@ -99,6 +99,22 @@ def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterato
             group = []
 
 
+class KeyAuditLog:
+    """``train.log_keys``: this rank's sample keys per step, appended (survives requeues)."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        path = run_dir / "logs" / f"keys-rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        self._file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) the training job described by ``cfg``. Call on every rank."""
     from spade_dist.checkpoint import CheckpointManager, GatheredState
@@ -162,6 +178,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
+    key_log = KeyAuditLog(run_dir, info.rank) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
     max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
@@ -188,6 +205,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
+                if key_log is not None:
+                    key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]])
                 meter.images += sum(m.real.shape[0] for m in micro)
                 meter.steps += 1
 
@@ -236,6 +255,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     finally:
         ckpt.close()
         metrics.close()
+        if key_log is not None:
+            key_log.close()
         if evaluator is not None:
             # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
             # failed: stop it now; a requeued job starts its own.
