@@ -3,14 +3,16 @@
 Real pieces throughout: COCO-Stuff val photos sharded by data_tools, the data engineer's eval loader,
 checkpoints written by CheckpointManager (DCP step dirs + COMMITTED), the EMA generator loaded by
 ``load_generator_from_checkpoint``, and Inception test weights calibrated on the same photos.
-Images are 32x32 (upscaled to 299 by the extractor - that is the cost), 8 validation images.
+Images are 32x32 (upscaled to 299 by the extractor - that is the cost), 6 of the 8 validation images.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +21,13 @@ import torch
 
 from data_tools.shard import shard_dataset
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.config import CheckpointConfig, Config, load_config
+from spade_dist.config import CheckpointConfig, Config, MetricsConfig, load_config
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
-from spade_dist.eval.watcher import CheckpointRef, EvalWatcher, committed_checkpoints, read_records
+from spade_dist.eval.watcher import EvalWatcher, committed_checkpoints, read_records
 from spade_dist.models.compat import load_generator_file, save_generator_file
+from spade_dist.metrics import EvalMetrics
 from spade_dist.models.factory import build_generator
 
 
@@ -37,6 +40,7 @@ def eval_setup(tmp_path_factory: pytest.TempPathFactory, coco_sample: Path, repo
         "data.num_workers=0", "data.batch_size=4", "data.pin_memory=false", "model.ngf=8",
         "model.norm_G=spectralspadebatch3x3", f"eval.inception_weights={root / 'inception.pth'}",
         f"eval.reference_cache_dir={root / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.2",
+        "eval.num_images=6",  # of the 8 val photos: exercises the limit, and saves time
     ]
     cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", overrides)
     photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
@@ -50,9 +54,12 @@ def _generator(cfg: Config, seed: int) -> torch.nn.Module:
     return build_generator(cfg).eval()
 
 
-def _save_checkpoint(run_dir: Path, cfg: Config, step: int, seed: int) -> torch.nn.Module:
+def _save_checkpoint(run_dir: Path, cfg: Config, step: int, seed: int, nan_ema: bool = False) -> torch.nn.Module:
     """A real checkpoint whose EMA generator differs from the raw one; returns the EMA generator."""
     raw, ema = _generator(cfg, seed), _generator(cfg, seed + 1000)
+    if nan_ema:  # a diverged run
+        with torch.no_grad():
+            ema.fc.weight.fill_(float("nan"))
     manager = CheckpointManager(run_dir, CheckpointConfig(keep_last=100, async_save=False), rank=0, world_size=1,
                                 config_yaml=cfg.to_yaml(), install_signal_handlers=False)
     manager.save(step, {"train": {"G": raw.state_dict(), "G_ema": ema.state_dict()}})
@@ -80,7 +87,7 @@ def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleN
     assert [(r["step"], r["status"]) for r in on_disk] == [(10, "ok"), (20, "skipped"), (30, "ok")]
     assert "step-000000020" in on_disk[1]["reason"]
     for r in (on_disk[0], on_disk[2]):
-        assert r["num_images"] == 8 and r["resolution"] == [32, 32] and r["fid"] > 0
+        assert r["num_images"] == 6 and r["resolution"] == [32, 32] and r["fid"] > 0
         assert r["weights_sha256"] == eval_setup.evaluator.weights_sha256
         assert r["seconds"] > 0 and r["checkpoint"].endswith(f"step-{r['step']:09d}")
         assert set(r) >= {"kid_mean", "kid_std"}
@@ -94,13 +101,26 @@ def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleN
     page = (run_dir / "eval" / "fid.html").read_text()
     assert "<svg" in page and "step 30" in page
 
-    # Restart with a new checkpoint: only the new one is scored, nothing is redone.
+    # Restart with a new checkpoint: only the new one is scored, nothing is redone. This time the
+    # results are also served for Prometheus (the monitoring engineer's EvalMetrics).
     _save_checkpoint(run_dir, cfg, 40, seed=40)
     (run_dir / "DONE").write_text(json.dumps({"step": 40}))
-    EvalWatcher(run_dir, eval_setup.evaluator, policy="every", poll_seconds=0.1, log=lambda _: None).run()
+    metrics = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(tmp_path / "sd")), run_dir, best_fid=best["fid"])
+    metrics.start()
+    try:
+        EvalWatcher(run_dir, eval_setup.evaluator, policy="every", poll_seconds=0.1, metrics=metrics,
+                    log=lambda _: None).run()
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.close()
     after = read_records(run_dir / "eval" / "metrics.jsonl")
     assert after[:3] == on_disk
     assert [(r["step"], r["status"]) for r in after[3:]] == [(40, "ok")]
+    samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+               if line.startswith("spade_eval_")}
+    assert samples["spade_eval_step"] == 40
+    assert samples["spade_eval_fid"] == pytest.approx(after[3]["fid"])
+    assert samples["spade_eval_best_fid"] == pytest.approx(min(best["fid"], after[3]["fid"]))
 
 
 def test_checkpoint_pruned_before_it_is_read_is_skipped(eval_setup: SimpleNamespace, tmp_path: Path) -> None:
@@ -112,6 +132,14 @@ def test_checkpoint_pruned_before_it_is_read_is_skipped(eval_setup: SimpleNamesp
     record = watcher.evaluate_one(ref)
     assert record["status"] == "skipped" and "does not exist" in record["reason"]
     assert read_records(run_dir / "eval" / "metrics.jsonl") == [record]
+
+
+def test_diverged_checkpoint_is_skipped_not_scored(eval_setup: SimpleNamespace, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _save_checkpoint(run_dir, eval_setup.cfg, 7, seed=7, nan_ema=True)
+    (ref,) = committed_checkpoints(run_dir)
+    record = EvalWatcher(run_dir, eval_setup.evaluator, log=lambda _: None).evaluate_one(ref)
+    assert record["status"] == "skipped" and "NaN" in record["reason"] and "step-000000007" in record["reason"]
 
 
 def _committed(run_dir: Path, *steps: int) -> None:
@@ -152,12 +180,14 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "once", "--checkpoint", str(tmp_path / "G.pt"),
          "--out", str(out)] + [a for o in eval_setup.overrides for a in ("--set", o)],
-        cwd=repo_root, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        cwd=repo_root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["num_images"] == 8 and result["checkpoint"] == str(tmp_path / "G.pt")
-    assert result["fid"] == pytest.approx(direct.fid, rel=1e-6)
+    assert result["num_images"] == 6 and result["checkpoint"] == str(tmp_path / "G.pt")
+    # Another process may pick other CPU kernels (alignment): float32 features agree to ~1e-6, and FID of
+    # 6 samples in 2048 dimensions amplifies that a little.
+    assert result["fid"] == pytest.approx(direct.fid, rel=1e-4)
 
 
 def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: SimpleNamespace, tmp_path: Path,
@@ -165,7 +195,7 @@ def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: Simple
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(eval_setup.cfg.to_yaml())
-    env = {k: v for k, v in __import__("os").environ.items() if k != "SPADE_INCEPTION_WEIGHTS"}
+    env = {k: v for k, v in os.environ.items() if k != "SPADE_INCEPTION_WEIGHTS"}
     env["TORCH_HOME"] = str(tmp_path / "torch-home")
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir),

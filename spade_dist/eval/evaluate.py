@@ -57,6 +57,10 @@ class CheckpointUnavailable(RuntimeError):
     """The checkpoint vanished (pruned) or cannot be read (corrupt): the watcher skips and records it."""
 
 
+class NonFiniteGeneration(CheckpointUnavailable):
+    """The generator produced NaN/inf (a diverged run): no meaningful score; recorded as skipped."""
+
+
 @dataclass
 class EvalResult:
     fid: float
@@ -150,7 +154,11 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
                 label.to(device), instance.to(device) if instance is not None else None,
                 data.label_nc, data.contain_dontcare_label, data.no_instance,
             )
-            images = to_uint8_images(generator(semantics))
+            output = generator(semantics)
+            if not torch.isfinite(output).all():
+                # uint8 conversion would silently turn NaN into 0 and give a (meaningless) score.
+                raise NonFiniteGeneration("the generator output NaN/inf (diverged weights?)")
+            images = to_uint8_images(output)
             _check_resolution(images, resolution, "generated images")
             chunks.append(extract_features(extractor, images))
             seen += images.shape[0]
@@ -253,9 +261,22 @@ class Evaluator:
     def evaluate(self, generator: nn.Module, extra: Optional[dict] = None) -> EvalResult:
         """FID / KID of ``generator`` (already on this evaluator's device, in eval mode)."""
         start = time.time()
-        local = generated_features(generator, self.batches_factory(), self.extractor, self.cfg, self.device,
-                                   self.resolution, _limit_per_rank(self.cfg.eval.num_images, self.world_size),
-                                   seed=self.cfg.train.seed)
+        where = (extra or {}).get("checkpoint", "generator")
+        error: Optional[NonFiniteGeneration] = None
+        try:
+            local = generated_features(generator, self.batches_factory(), self.extractor, self.cfg, self.device,
+                                       self.resolution, _limit_per_rank(self.cfg.eval.num_images, self.world_size),
+                                       seed=self.cfg.train.seed)
+        except NonFiniteGeneration as exc:
+            error, local = exc, torch.zeros(0, 2048)
+        if self.world_size > 1:
+            # All ranks give up together; otherwise the healthy ones would wait in the gather forever.
+            failed = torch.tensor([int(error is not None)])
+            dist.all_reduce(failed)
+            if failed.item() and error is None:
+                error = NonFiniteGeneration("another rank's generator output NaN/inf")
+        if error is not None:
+            raise NonFiniteGeneration(f"{where}: {error}") from error
         fake = all_gather_features(local)
         if self.cfg.eval.num_images:
             fake = fake[: self.cfg.eval.num_images]
