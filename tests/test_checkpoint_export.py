@@ -19,7 +19,7 @@ GEN_PATHS = {"ema": ["train", "ema", "model"], "raw": ["train", "generator"]}
 def _tiny_cfg():
     return load_config(overrides=[
         "model.ngf=8", "model.ndf=8", "data.label_nc=4", "data.crop_size=32", "data.load_size=32",
-        "model.norm_G=spectralspadebatch3x3", "model.num_D=1", "model.n_layers_D=2",
+        "model.norm_G=spectralspadebatch3x3", "model.num_D=1", "model.n_layers_D=2", "data.no_instance=true",
     ])
 
 
@@ -82,3 +82,21 @@ def test_spade_export_bad_checkpoint_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spade_dist.cli.export", "--checkpoint", str(tmp_path),
                            "--out", str(tmp_path / "G.pt")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no checkpoint here" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def test_spade_generate_accepts_a_run_directory(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from spade_dist.cli.generate import main as generate_main
+
+    _checkpointed_run(tmp_path / "run")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 4).astype(np.uint8)).save(labels / "a.png")
+    out = tmp_path / "out"
+    assert generate_main(["--labels", str(labels), "--checkpoint", str(tmp_path / "run"), "--out", str(out),
+                          "--device", "cpu"]) == 0
+    assert (out / "images" / "a_0.png").is_file()
+    assert generate_main(["--labels", str(labels), "--checkpoint", str(tmp_path / "labels"), "--out", str(out),
+                          "--device", "cpu"]) == 2  # a directory without checkpoints

@@ -7,7 +7,8 @@ Inputs
   --shards SPEC       instead of --labels: a shard split (``--split``, default data.val_split) read
                       through the project's eval loader, real photos included
   --checkpoint FILE   an official ``latest_net_G.pth`` (options from --preset/--config + overrides)
-                      or a project generator file (it carries its own config)
+                      or a project generator file (it carries its own config), or a training run /
+                      checkpoint step directory (its EMA generator and config)
 
 Preprocessing for generation (deliberately simple and deterministic, unlike training's random
 crops): each label / instance map is resized with nearest neighbour to width ``data.crop_size`` and
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instances", type=Path, help="folder of instance PNGs with the same file stems")
     parser.add_argument("--images", type=Path, help="folder of real photos with the same stems, shown beside")
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="official latest_net_G.pth (needs --preset/--config) or a spade-dist generator file")
+                        help="official latest_net_G.pth (needs --preset/--config), a spade-dist generator file, "
+                             "or a run / checkpoint step directory")
     parser.add_argument("--encoder", type=Path,
                         help="official latest_net_E.pth, for --style-image with an official VAE checkpoint")
     parser.add_argument("--preset", choices=PRESETS, help="model options of an official checkpoint: configs/<preset>.yaml")
@@ -174,6 +176,15 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     """Official or project checkpoint -> generator (eval mode), optional encoder, and its config."""
     from spade_dist.models.compat import PROJECT_FORMAT, load_generator_file, load_official_generator
 
+    if args.checkpoint.is_dir():  # a training run dir (newest committed) or a step dir: its EMA generator
+        from spade_dist.checkpoint import load_generator_from_checkpoint
+
+        try:
+            generator, cfg = load_generator_from_checkpoint(args.checkpoint, use_ema=True)
+        except (FileNotFoundError, RuntimeError, KeyError, ValueError) as exc:
+            raise GenerateError(f"{args.checkpoint}: cannot load a generator from this checkpoint: {exc}") from exc
+        encoder = _load_encoder(_read_checkpoint(args.encoder), cfg, str(args.encoder)) if args.encoder else None
+        return LoadedModel(generator.eval(), encoder, cfg, str(args.checkpoint))
     payload = _read_checkpoint(args.checkpoint)
     source = str(args.checkpoint)
     encoder_state: object = None
