@@ -55,3 +55,10 @@ def test_slurm_script_checks_settings_and_reports_missing_weights(tmp_path: Path
                                 capture_output=True, text=True, timeout=120)
     assert no_weights.returncode == 2, no_weights.stdout + no_weights.stderr
     assert "SPADE_INCEPTION_WEIGHTS" in no_weights.stderr
+
+
+def test_spade_eval_once_missing_checkpoint_is_a_one_line_error(tmp_path: Path, repo_root: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spade_dist.cli.eval", "once", "--checkpoint", str(tmp_path / "nope")],
+                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"spade-eval: error: {tmp_path / 'nope'}: checkpoint does not exist (pruned?)"
