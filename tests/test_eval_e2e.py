@@ -2,6 +2,7 @@
 while it trains; the best is the lowest FID; a restarted watcher redoes nothing and exits on DONE."""
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,16 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.5)
+
+
+def _lock_is_free(path: Path) -> bool:
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
 
 
 @pytest.mark.e2e
@@ -59,7 +70,9 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
     assert (run_dir / "eval" / "best_generator.pt").is_file()
     assert "<svg" in (run_dir / "eval" / "fid.html").read_text()
 
-    # A restarted watcher (e.g. after a crash) finds everything done and exits without new lines.
+    # The trainer's watcher exits by itself (its lock on the run is released) ...
+    _wait_for(lambda: _lock_is_free(run_dir / "eval" / "watcher.lock"), 120, "the trainer's watcher to exit")
+    # ... and a restarted watcher (e.g. after a crash) finds everything done and exits without new lines.
     proc = start_eval_watcher(cfg, run_dir)
     assert stop_eval_watcher(proc, timeout=300) == 0
     assert read_records(metrics_path) == records

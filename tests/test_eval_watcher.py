@@ -25,7 +25,7 @@ from spade_dist.config import CheckpointConfig, Config, MetricsConfig, load_conf
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
-from spade_dist.eval.watcher import EvalWatcher, committed_checkpoints, read_records
+from spade_dist.eval.watcher import EvalWatcher, WatcherBusy, committed_checkpoints, read_records
 from spade_dist.models.compat import load_generator_file, save_generator_file
 from spade_dist.metrics import EvalMetrics
 from spade_dist.models.factory import build_generator
@@ -140,6 +140,20 @@ def test_diverged_checkpoint_is_skipped_not_scored(eval_setup: SimpleNamespace, 
     (ref,) = committed_checkpoints(run_dir)
     record = EvalWatcher(run_dir, eval_setup.evaluator, log=lambda _: None).evaluate_one(ref)
     assert record["status"] == "skipped" and "NaN" in record["reason"] and "step-000000007" in record["reason"]
+
+
+def test_a_second_watcher_on_the_same_run_refuses(tmp_path: Path) -> None:
+    fake_evaluator = SimpleNamespace(rank=0, world_size=1)
+    first = EvalWatcher(tmp_path, fake_evaluator)
+    held = first._acquire_lock()
+    try:
+        with pytest.raises(WatcherBusy, match=f"pid {os.getpid()}.*not starting a second one"):
+            EvalWatcher(tmp_path, fake_evaluator).run()
+    finally:
+        held.close()
+    # Released (as when the first watcher's process ends): a new watcher runs; nothing committed, DONE -> exits.
+    (tmp_path / "DONE").write_text("{}")
+    assert EvalWatcher(tmp_path, fake_evaluator, poll_seconds=0.01).run() == []
 
 
 def _committed(run_dir: Path, *steps: int) -> None:

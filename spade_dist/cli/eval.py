@@ -157,10 +157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from spade_dist.eval.evaluate import CheckpointUnavailable
     from spade_dist.eval.reference_stats import ReferenceStatsError
+    from spade_dist.eval.watcher import WatcherBusy
 
     try:
         return cmd_once(args) if args.command == "once" else cmd_watch(args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy) as exc:
         print(f"spade-eval: error: {exc}", file=sys.stderr)
         return 2
     finally:

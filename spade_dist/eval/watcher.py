@@ -20,6 +20,7 @@ only rank 0 writes files.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -37,9 +38,14 @@ METRICS_NAME = "metrics.jsonl"
 BEST_NAME = "best.json"
 BEST_GENERATOR_NAME = "best_generator.pt"
 FID_PAGE_NAME = "fid.html"
+LOCK_NAME = "watcher.lock"
 DONE_NAME = "DONE"
 MARKER_NAME = "COMMITTED"  # docs/FORMATS.md: written last into checkpoints/step-XXXXXXXXX/
 POLICIES = ("every", "newest", "every_k")
+
+
+class WatcherBusy(RuntimeError):
+    """Another watcher already follows this run directory (two would write every line twice)."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,45 @@ class EvalWatcher:
             self._write_page()
         return len(chosen), finished
 
+    def _acquire_lock(self):
+        """An exclusive flock on eval/watcher.lock, released by the kernel when this process ends."""
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.eval_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise WatcherBusy(f"another watcher (pid {owner}) already follows {self.run_dir} "
+                              f"(lock {self.eval_dir / LOCK_NAME}); not starting a second one") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
     def run(self, max_polls: Optional[int] = None) -> list[dict]:
-        """Poll until the run is finished and nothing is left to score; returns all records."""
+        """Poll until the run is finished and nothing is left to score; returns all records.
+
+        Raises :class:`WatcherBusy` (on every rank) when another watcher holds the run's lock.
+        """
+        lock, busy = None, None
+        if self.rank == 0:
+            try:
+                lock = self._acquire_lock()
+            except WatcherBusy as exc:
+                busy = str(exc)
+        busy = self._broadcast(busy)
+        if busy is not None:
+            raise WatcherBusy(busy)
+        try:
+            return self._run(max_polls)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _run(self, max_polls: Optional[int]) -> list[dict]:
         polls = 0
         while True:
             handled, finished = self.poll()
