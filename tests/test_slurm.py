@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import subprocess
 import time
 from pathlib import Path
@@ -51,3 +52,94 @@ def test_shard_array_job_equals_single_process(cluster, coco_sample, tmp_path):
     for name in single_files:
         assert (single / name).read_bytes() == (array / name).read_bytes(), name
     assert json.loads(manifest.read_text())["splits"]["train"]["num_samples"] == 13
+
+
+# ----------------------------------------------------------------------------------------------
+# slurm/train_gaugan.sh: 2 nodes x 1 CPU rank (gloo, synchronized BN)
+# ----------------------------------------------------------------------------------------------
+
+STEPS_PER_EPOCH = 8  # 32 training samples / (2 ranks x batch 2)
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory):
+    from tests.train_fixtures import make_synthetic_shards
+
+    return make_synthetic_shards(tmp_path_factory.mktemp("slurm_data"), count=32, val_count=4, size=32)
+
+
+def _train_env(manifest: Path, run_dir: Path, max_steps: int, extra: str = "") -> dict:
+    overrides = (
+        f"data.shards={manifest} data.val_shards= model.ngf=8 model.ndf=8 model.n_layers_D=2 data.batch_size=2 "
+        f"data.num_workers=0 data.load_size=32 data.crop_size=32 train.log_every=1 train.sample_every=4 "
+        f"train.max_steps={max_steps} train.log_keys=true metrics.enabled=true metrics.port_base=0 {extra}"
+    )
+    return {"CONFIG": "configs/quickstart.yaml", "RUN_DIR": str(run_dir), "SPADE_DEVICE": "cpu",
+            "OVERRIDES": overrides, "OMP_NUM_THREADS": "1"}
+
+
+def _submit_training(cluster: SlurmCluster, env: dict, out: Path) -> str:
+    return cluster.sbatch("-N2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}",
+                          "slurm/train_gaugan.sh", env=env)
+
+
+def _keys_by_epoch(run_dir: Path) -> dict[int, Counter]:
+    by_epoch: dict[int, Counter] = {}
+    for path in sorted((run_dir / "logs").glob("keys-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            by_epoch.setdefault(rec["epoch"], Counter()).update(rec["keys"])
+    return by_epoch
+
+
+def test_train_two_nodes_to_completion(cluster, train_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = _submit_training(cluster, _train_env(train_shards, run_dir, 6, "checkpoint.every_steps=3"), tmp_path / "train.out")
+    state = cluster.wait(job, timeout=400)
+    log = (tmp_path / "train.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "nodes=2" in log and "world=2" in log and "training finished" in log
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 6
+    assert {p.name for p in (run_dir / "checkpoints").glob("step-*")} >= {"step-000000006"}
+    assert (run_dir / "samples" / "index.html").exists() and list((run_dir / "samples").glob("step-*.png"))
+    # Both ranks trained (keys audit per rank) and the discovery file is gone after the run.
+    assert {p.name for p in (run_dir / "logs").glob("keys-rank*.jsonl")} == {"keys-rank0.jsonl", "keys-rank1.jsonl"}
+    assert not list((run_dir / "metrics").glob("*.json"))
+
+
+def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    max_steps = STEPS_PER_EPOCH + 4  # the interruption falls in epoch 0, the run ends in epoch 1
+    out = tmp_path / "train.out"
+    job = _submit_training(cluster, _train_env(train_shards, run_dir, max_steps, "checkpoint.every_steps=100"), out)
+    # Wait until training is under way (a few steps logged), then signal the batch shell as Slurm does
+    # before the time limit (--signal=B:USR1@...).
+    deadline = time.monotonic() + 300
+    metrics_log = run_dir / "logs" / "train_metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics_log.exists() and len(metrics_log.read_text().splitlines()) >= 3:
+            break
+        assert cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()[-3000:]
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"training did not start: {out.read_text()[-3000:]}")
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    # The job is requeued (SLURM_RESTART_COUNT=1), resumes from the preemption checkpoint and finishes.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if cluster.job_field(job, "Restarts") == "1" and cluster.job_state(job) == "COMPLETED":
+            break
+        assert cluster.job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()[-4000:]
+        time.sleep(1)
+    log = out.read_text()
+    assert cluster.job_state(job) == "COMPLETED", log[-4000:]
+    assert "restart=0" in log and "restart=1" in log, log[-4000:]
+    assert "requeueing job" in log and "stopped by stop-file" in log, log[-4000:]
+    assert "resumed from" in log and "training finished" in log
+    assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
+    preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
+    assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
+    # Every sample of the interrupted epoch was used exactly once across the two job runs.
+    keys = _keys_by_epoch(run_dir)
+    assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
+    assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
