@@ -73,20 +73,27 @@ def dataset_fingerprint(data_cfg: DataConfig, split: str) -> str:
     ``pipe:`` sources without a manifest cannot be identified without reading them through the
     pipe, so they must come with a manifest (error otherwise).
     """
-    spec = data_cfg.val_shards or data_cfg.shards
+    from spade_dist.data.sources import eval_spec  # the loader's own rule for where val data comes from
+
+    spec = eval_spec(data_cfg.shards, data_cfg.val_shards, data_cfg.manifest)
     if not spec:
-        raise ReferenceStatsError("data.val_shards is empty: no validation data to compute FID reference statistics on")
+        raise ReferenceStatsError("no validation data to compute FID reference statistics on: set data.val_shards "
+                                  "or data.manifest")
     first = spec.split("::")[0]
     manifest: Optional[Path] = None
-    if first.endswith(".json"):
+    if data_cfg.manifest:
+        manifest = Path(data_cfg.manifest)
+    elif first.endswith(".json"):
         manifest = Path(first)
+    elif Path(first).is_dir():
+        manifest = Path(first) / "manifest.json"
     elif not first.startswith("pipe:"):
         candidate = Path(first).parent / "manifest.json"
         if candidate.is_file():
             manifest = candidate
     if manifest is not None:
         if not manifest.is_file():
-            raise ReferenceStatsError(f"data.val_shards names a manifest that does not exist: {manifest}")
+            raise ReferenceStatsError(f"manifest {manifest} (from data.manifest / data.val_shards) does not exist")
         try:
             info = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
