@@ -196,6 +196,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     try:
         while state.step < max_steps and not stopped_early:
             for group in micro_batches(loader, cfg.train.grad_accum, meter):
+                if loader.epoch != state.epoch:
+                    # Resumed from a checkpoint taken after the last batch of an epoch: the loader
+                    # moved on to the next epoch by itself; the lr schedule follows it.
+                    state.set_epoch(loader.epoch)
                 if info.is_main:
                     samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
