@@ -68,7 +68,7 @@ def committed_checkpoints(run_dir: Union[str, Path]) -> list[CheckpointRef]:
 
 
 def read_records(metrics_path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn last line (the watcher was killed mid-write) is ignored."""
+    """metrics.jsonl lines; a torn line (the watcher was killed mid-write) is ignored."""
     if not metrics_path.is_file():
         return []
     records = []
@@ -77,11 +77,13 @@ def read_records(metrics_path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except ValueError as exc:
-            if number == len(lines):
-                continue
-            raise ValueError(f"{metrics_path}:{number}: not a JSON line: {exc}") from exc
+            record = json.loads(line)
+        except ValueError:
+            # Only a kill mid-write produces this (the next append starts a fresh line): skip it.
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{metrics_path}:{number}: not an evaluation record: {line[:200]}")
+        records.append(record)
     return records
 
 
@@ -170,8 +172,13 @@ class EvalWatcher:
     def _append(self, record: dict) -> None:
         self.records.append(record)
         self.eval_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(self.metrics_path, "a+b") as fh:
+            # A watcher killed mid-write leaves a torn last line: end it, so this record stays its own line.
+            torn = False
+            if fh.seek(0, os.SEEK_END) > 0:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            fh.write((("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -199,9 +206,10 @@ class EvalWatcher:
         record = {"step": ref.step, "status": "ok", **result.to_record(), "time": time.time()}
         if self.rank == 0:
             previous_best = best_record(self.records)
-            self._append(record)
+            # best.json before the line: killed in between, the restart re-scores this step and rewrites it.
             if previous_best is None or record["fid"] < previous_best["fid"]:
                 self._write_best(record, generator, generator_cfg)
+            self._append(record)
             if self.metrics is not None:
                 self.metrics.record(ref.step, record["fid"], record["kid_mean"], record["kid_std"], record["seconds"])
             self.log(f"[eval] step {ref.step}: FID {record['fid']:.4f} KID {record['kid_mean']:.5f} "
