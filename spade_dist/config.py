@@ -100,6 +100,9 @@ class ModelConfig:
     # resolution. Numerically equivalent and checkpoint-compatible with the reference layout.
     fused_modulation: bool = True
     channels_last: bool = False
+    # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot
+    # label map runs as a gather of weight columns (exact up to float rounding, same parameters).
+    onehot_gather: bool = True
 
 
 @dataclass

@@ -52,8 +52,15 @@ class SPADEGenerator(nn.Module):
         z_dim: int = 256,
         norm_G: str = "spectralspadesyncbatch3x3",
         fused_modulation: bool = True,
+        onehot_channels: int = 0,
     ) -> None:
         super().__init__()
+        # Leading channels of `semantics` that are one-hot (label_nc + dontcare): with the fused
+        # path their SPADE convolutions run as gathers (onehot_conv.py). A speed setting, not an
+        # architecture one: not in build_kwargs, 0 = dense convolutions (any label map).
+        if not 0 <= onehot_channels <= semantic_nc:
+            raise ValueError(f"onehot_channels must be in [0, semantic_nc={semantic_nc}], got {onehot_channels}")
+        self.onehot_channels = onehot_channels
         self.semantic_nc = semantic_nc
         self.ngf = ngf
         self.crop_size = crop_size
@@ -99,6 +106,7 @@ class SPADEGenerator(nn.Module):
             z_dim=m.z_dim,
             norm_G=m.norm_G,
             fused_modulation=m.fused_modulation,
+            onehot_channels=(d.label_nc + int(d.contain_dontcare_label)) if m.onehot_gather else 0,
         )
 
     def build_kwargs(self) -> dict:
@@ -130,7 +138,7 @@ class SPADEGenerator(nn.Module):
             x = self.fc(resize_segmap(semantics, (self.sh, self.sw)))
 
         # Fused path: one resize per resolution shared by every SPADE layer at that resolution.
-        seg: SegmapInput = SegmapPyramid(semantics) if self.fused_modulation else semantics
+        seg: SegmapInput = SegmapPyramid(semantics, self.onehot_channels) if self.fused_modulation else semantics
         x = self.head_0(x, seg)
         x = self._up(x)
         x = self.G_middle_0(x, seg)

@@ -14,13 +14,14 @@ Two numerically equivalent forward paths:
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spade_dist.models.norms import make_param_free_norm, parse_spade_norm
+from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
 
 # Width of the hidden embedding of the label map; hard-coded in the official implementation.
 SPADE_HIDDEN = 128
@@ -33,11 +34,53 @@ class SegmapPyramid:
     maps and there is no shared state between calls or processes.
     """
 
-    def __init__(self, segmap: Tensor) -> None:
+    def __init__(self, segmap: Tensor, onehot_channels: int = 0) -> None:
         if segmap.dim() != 4:
             raise ValueError(f"label map must be N x C x H x W, got shape {tuple(segmap.shape)}")
+        if not 0 <= onehot_channels <= segmap.shape[1]:
+            raise ValueError(f"onehot_channels must be in [0, {segmap.shape[1]}], got {onehot_channels}")
         self.segmap = segmap
         self._by_size: dict[tuple[int, int], Tensor] = {}
+        # Gather path (onehot_conv.py): the first `onehot_channels` channels are one one-hot group,
+        # every remaining channel (the instance-edge map) a binary group of its own.
+        self.onehot_channels = onehot_channels
+        self.class_counts: list[int] = (
+            [onehot_channels] + [1] * (segmap.shape[1] - onehot_channels) if onehot_channels else []
+        )
+        self._indices_by_size: dict[tuple[int, int], list[Tensor]] = {}
+        self._full_indices: Optional[list[Tensor]] = None
+
+    @property
+    def gather(self) -> bool:
+        """Whether SPADE layers compute ``mlp_shared``'s first conv as a gather.
+
+        True when built with ``onehot_channels`` and the map really is one-hot there (binary in
+        the other channels). A map that is not (e.g. soft labels) silently takes the dense path,
+        so the generator stays correct for any input; the check costs one host sync per forward.
+        """
+        if self.onehot_channels == 0:
+            return False
+        if self._full_indices is None:
+            bounds = [0]
+            for count in self.class_counts:
+                bounds.append(bounds[-1] + count)
+            try:
+                self._full_indices = [onehot_index(self.segmap[:, lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+            except NotOneHotError:
+                self.onehot_channels, self.class_counts = 0, []
+                return False
+        return True
+
+    def indices_at(self, size: tuple[int, int]) -> list[Tensor]:
+        """Per group, the N x H x W class-index map at ``size`` (computed once at full size)."""
+        if not self.gather or self._full_indices is None:
+            raise RuntimeError("indices_at needs a one-hot label map and onehot_channels > 0 (check .gather first)")
+        key = (int(size[0]), int(size[1]))
+        cached = self._indices_by_size.get(key)
+        if cached is None:
+            cached = [resize_index(index, key) for index in self._full_indices]
+            self._indices_by_size[key] = cached
+        return cached
 
     def at(self, size: tuple[int, int]) -> Tensor:
         key = (int(size[0]), int(size[1]))
@@ -86,17 +129,26 @@ class SPADE(nn.Module):
     def forward(self, x: Tensor, segmap: SegmapInput) -> Tensor:
         normalized = self.param_free_norm(x)
         size = (x.shape[2], x.shape[3])
-        seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size)
-        actv = self.mlp_shared(seg)
+        if self.fused and isinstance(segmap, SegmapPyramid) and segmap.gather:
+            # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
+            first = self.mlp_shared[0]
+            actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
+        else:
+            seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size)
+            actv = self.mlp_shared(seg)
         if self.fused:
             gamma, beta = self._gamma_beta_fused(actv)
-        else:
-            gamma, beta = self.mlp_gamma(actv), self.mlp_beta(actv)
+            # One fused multiply-add pass instead of two (same roundings as the reference order).
+            return torch.addcmul(beta, normalized, 1 + gamma)
+        gamma, beta = self.mlp_gamma(actv), self.mlp_beta(actv)
         return normalized * (1 + gamma) + beta
 
     def _gamma_beta_fused(self, actv: Tensor) -> tuple[Tensor, Tensor]:
-        # The concatenation is rebuilt every call from the live parameters, so gradients flow to
-        # mlp_gamma / mlp_beta and the state dict stays the official one.
+        """(gamma, beta) from one convolution.
+
+        The concatenation is rebuilt every call from the live parameters, so gradients flow to
+        mlp_gamma / mlp_beta and the state dict stays the official one.
+        """
         weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight], dim=0)
         bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias], dim=0)
         both = F.conv2d(actv, weight, bias, padding=self.kernel_size // 2)
