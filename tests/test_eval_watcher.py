@@ -156,7 +156,7 @@ def test_a_second_watcher_on_the_same_run_refuses(tmp_path: Path) -> None:
     assert EvalWatcher(tmp_path, fake_evaluator, poll_seconds=0.01).run() == []
 
 
-def test_torn_line_from_a_killed_watcher_is_ignored_and_ended(tmp_path: Path) -> None:
+def test_torn_line_from_a_killed_watcher_is_ignored_and_cut(tmp_path: Path) -> None:
     metrics = tmp_path / "eval" / "metrics.jsonl"
     metrics.parent.mkdir()
     metrics.write_text('{"step": 1, "status": "ok", "fid": 2.0}\n{"step": 2, "sta')
@@ -165,7 +165,8 @@ def test_torn_line_from_a_killed_watcher_is_ignored_and_ended(tmp_path: Path) ->
     watcher._append({"step": 2, "status": "skipped", "reason": "x"})
     watcher._append({"step": 3, "status": "skipped", "reason": "y"})
     assert [r["step"] for r in read_records(metrics)] == [1, 2, 3]
-    assert metrics.read_text().count("\n") == 4  # the torn fragment ended; no blank lines added
+    assert metrics.read_text().count("\n") == 3  # the torn fragment was cut off, no blank lines added
+    assert '"sta\n' not in metrics.read_text()
 
 
 def _committed(run_dir: Path, *steps: int) -> None:

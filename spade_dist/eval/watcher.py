@@ -68,7 +68,7 @@ def committed_checkpoints(run_dir: Union[str, Path]) -> list[CheckpointRef]:
 
 
 def read_records(metrics_path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn line (the watcher was killed mid-write) is ignored."""
+    """metrics.jsonl lines; a torn last line (the watcher was killed mid-write) is ignored."""
     if not metrics_path.is_file():
         return []
     records = []
@@ -78,9 +78,10 @@ def read_records(metrics_path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
-            # Only a kill mid-write produces this (the next append starts a fresh line): skip it.
-            continue
+        except ValueError as exc:
+            if number == len(lines):
+                continue  # torn by a kill mid-write; the next append cuts it off
+            raise ValueError(f"{metrics_path}:{number}: not a JSON line: {exc}") from exc
         if not isinstance(record, dict) or "step" not in record:
             raise ValueError(f"{metrics_path}:{number}: not an evaluation record: {line[:200]}")
         records.append(record)
@@ -172,15 +173,21 @@ class EvalWatcher:
     def _append(self, record: dict) -> None:
         self.records.append(record)
         self.eval_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a+b") as fh:
-            # A watcher killed mid-write leaves a torn last line: end it, so this record stays its own line.
-            torn = False
-            if fh.seek(0, os.SEEK_END) > 0:
-                fh.seek(-1, os.SEEK_END)
-                torn = fh.read(1) != b"\n"
-            fh.write((("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n").encode())
+        self._drop_torn_tail()
+        with open(self.metrics_path, "ab") as fh:
+            fh.write((json.dumps(record, sort_keys=True) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line torn by a kill mid-write (we hold the run's lock: no other writer), so the
+        file only ever holds whole lines plus, at worst, one torn last line - what readers expect."""
+        if not self.metrics_path.is_file():
+            return
+        with open(self.metrics_path, "r+b") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
 
     def _write_best(self, record: dict, generator, generator_cfg) -> None:
         from spade_dist.models.compat import save_generator_file
