@@ -1,0 +1,251 @@
+"""Images/s of one full GauGAN training iteration: reference mode vs the project's fast path.
+
+Both modes run IN THE SAME PROCESS on the same batch, from the same initial weights, with the
+project's real step code (``spade_dist.train.step.train_step``: G step with GAN + feature matching
++ VGG losses and its Adam update, then the D step with a fresh no-grad fake and its update).
+Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hits both alike.
+
+- reference: how the official code runs - eager fp32, channels-first, separate gamma/beta convs
+  (``model.fused_modulation=false``), the label map resized in every SPADE layer, dense
+  ``mlp_shared`` convolutions, and every loss read with ``.item()`` after every step (host syncs
+  for logging).
+- fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
+  one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop).
+
+The last output line is one JSON object: images/s of both, ``ratio`` (fast / reference), peak
+memory per mode (CPU: sampled RSS high-water while that mode runs, plus the process
+``ru_maxrss``; CUDA: ``max_memory_allocated``), FLOPs per image counted with
+``torch.utils.flop_counter.FlopCounterMode`` during the warm-up iteration (the fast path's count
+is lower: gathers are not multiply-adds), the loss difference between the modes at the first
+iteration (same weights, same batch) and machine info.
+
+    python bench/train_step.py --config configs/coco_stuff.yaml --batch 1 --warmup 1 --iters 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from spade_dist.config import Config, load_config  # noqa: E402
+from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
+from spade_dist.train.backends import DDPBackend  # noqa: E402
+from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
+from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
+
+REFERENCE_OVERRIDES = [
+    "model.fused_modulation=false", "model.onehot_gather=false", "model.channels_last=false",
+    "train.mixed_precision='no'", "train.compile=false",
+]
+
+
+class RssPeak:
+    """Highest resident set size seen while active, sampled every few ms from /proc/self/statm."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> "RssPeak":
+        self._stop.clear()
+        self.peak = max(self.peak, self._rss())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+
+
+def synthetic_batch(cfg: Config, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A loader-format batch (docs/FORMATS.md) with blocky label / instance regions like real maps."""
+    g = torch.Generator().manual_seed(seed)
+    crop = cfg.data.crop_size
+    h, w = round(crop / cfg.data.aspect_ratio), crop
+    coarse = (batch, 1, max(h // 16, 1), max(w // 16, 1))
+    label = torch.randint(0, cfg.data.label_nc, coarse, generator=g)
+    if cfg.data.contain_dontcare_label:
+        label = torch.where(torch.rand(coarse, generator=g) < 0.05, torch.full_like(label, 255), label)
+    instance = torch.randint(0, 20, coarse, generator=g)
+    up = torch.nn.functional.interpolate
+    return {
+        "image": torch.randint(0, 256, (batch, 3, h, w), generator=g, dtype=torch.uint8),
+        "label": up(label.float(), size=(h, w), mode="nearest").long(),
+        "instance": up(instance.float(), size=(h, w), mode="nearest").long(),
+    }
+
+
+class Mode:
+    """One variant: its config, networks, optimizers and backend (world size 1)."""
+
+    def __init__(self, name: str, cfg: Config, vgg: Optional[VGGLoss], host_sync_logging: bool, seed: int) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.host_sync_logging = host_sync_logging
+        torch.manual_seed(seed)  # same initial weights in both modes
+        self.backend = DDPBackend.setup(cfg)
+        self.state: TrainState = build_train_state(cfg, self.backend.device, fused_adam=True)
+        self.backend.wrap(self.state.generator_side, self.state.discriminator, self.state.opt_G, self.state.opt_D,
+                          self.state.scaler_G, self.state.scaler_D)
+        self.losses = LossSet.from_config(cfg, vgg)
+        self.times: list[float] = []
+        self.peak_bytes = 0
+        self.step = 0
+
+    def iteration(self, mb: MicroBatch) -> dict[str, float]:
+        """One full iteration; returns the losses only in reference mode (that is its host sync)."""
+        result = train_step(self.backend, self.losses, [mb], self.step, self.cfg)
+        self.step += 1
+        if self.host_sync_logging:
+            return {k: v.item() for k, v in result.losses.items()}
+        return {}
+
+    def sync(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
+
+def count_flops(mode: Mode, mb: MicroBatch) -> tuple[int, dict[str, float]]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = train_step(mode.backend, mode.losses, [mb], mode.step, mode.cfg)
+    mode.step += 1
+    return counter.get_total_flops(), {k: float(v) for k, v in result.losses.items()}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "coco_stuff.yaml"))
+    p.add_argument("--batch", type=int, default=1, help="per-rank batch (data.batch_size)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per mode")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode (the first counts FLOPs)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights, same cost)")
+    p.add_argument("--fast-override", action="append", default=[], help="dotted override for the fast mode only")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for both modes, e.g. model.ngf=32")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
+        p.error(f"--batch and --iters must be >= 1 and --warmup >= 0 (got {args.batch}, {args.iters}, {args.warmup})")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = [f"data.batch_size={args.batch}"] + list(args.overrides)
+    ref_cfg = load_config(args.config, common + REFERENCE_OVERRIDES)
+    fast_cfg = load_config(args.config, common + list(args.fast_override))
+    if fast_cfg.train.mixed_precision != "no" and fast_cfg.train.device == "cpu":
+        raise SystemExit("bench: mixed precision on CPU is not a fast path here (no bf16 hardware); leave it 'no'")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vgg: Optional[VGGLoss] = None
+        if not ref_cfg.loss.no_vgg_loss:
+            path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
+            vgg = VGGLoss.from_file(path)
+        modes = [Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0),
+                 Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0)]
+        device = modes[0].backend.device
+        if vgg is not None:
+            vgg.to(device)
+        raw = synthetic_batch(ref_cfg, args.batch)
+        batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
+
+        flops: dict[str, int] = {}
+        first_losses: dict[str, dict[str, float]] = {}
+        for m in modes:  # first warm-up iteration: FLOPs and the losses of identical starting points
+            if args.no_flops:
+                first_losses[m.name] = {k: float(v) for k, v in train_step(m.backend, m.losses, [batches[m.name]], m.step, m.cfg).losses.items()}
+                m.step += 1
+            else:
+                flops[m.name], first_losses[m.name] = count_flops(m, batches[m.name])
+        for _ in range(max(args.warmup - 1, 0)):
+            for m in modes:
+                m.iteration(batches[m.name])
+        for i in range(args.iters):
+            order = modes if i % 2 == 0 else modes[::-1]  # ABBA interleaving
+            for m in order:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with RssPeak() as rss:
+                    m.sync()
+                    start = time.perf_counter()
+                    m.iteration(batches[m.name])
+                    m.sync()
+                    m.times.append(time.perf_counter() - start)
+                m.peak_bytes = max(m.peak_bytes, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak)
+
+    loss_diff = {
+        k: abs(first_losses["fast"][k] - v) / max(abs(v), 1e-12) for k, v in first_losses["reference"].items()
+    }
+    out: dict[str, Any] = {"benchmark": "train_step", "config": str(args.config), "overrides": args.overrides,
+                           "fast_overrides": args.fast_override, "batch": args.batch, "iters": args.iters,
+                           "warmup": args.warmup, "crop_size": ref_cfg.data.crop_size, "ngf": ref_cfg.model.ngf,
+                           "semantic_nc": ref_cfg.data.semantic_nc}
+    for m in modes:
+        med = statistics.median(m.times)
+        out[m.name] = {
+            "images_per_s": args.batch / med, "median_s": med, "times_s": [round(t, 4) for t in m.times],
+            "peak_memory_bytes": m.peak_bytes, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled",
+        }
+        if m.name in flops:
+            out[m.name]["flops_per_image"] = flops[m.name] / args.batch
+            out[m.name]["achieved_gflops"] = flops[m.name] / med / 1e9
+    out["ratio"] = out["fast"]["images_per_s"] / out["reference"]["images_per_s"]
+    out["first_iteration_loss_rel_diff"] = loss_diff
+    out["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["machine"] = machine_info(device)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
