@@ -75,6 +75,8 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
     if device == "cuda":
         # Slurm's --gpus-per-task may leave each task a single visible GPU: wrap around.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, torch.cuda.device_count())}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # NCCL collectives use the current device
     return rank, world, device
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from spade_dist.config import Config
 from spade_dist.eval.fid import (
     all_gather_features,
+    collective_device,
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,
@@ -233,7 +234,7 @@ class Evaluator:
     def _reference(self) -> ReferenceStats:
         path = self.reference_cache_path
         # Rank 0 decides hit or miss for everyone: ranks must agree on whether to run the collective.
-        flag = torch.tensor([int(path.is_file()) if self.rank == 0 else 0])
+        flag = torch.tensor([int(path.is_file()) if self.rank == 0 else 0], device=collective_device())
         if self.world_size > 1:
             dist.broadcast(flag, src=0)
         if flag.item():
@@ -271,7 +272,7 @@ class Evaluator:
             error, local = exc, torch.zeros(0, 2048)
         if self.world_size > 1:
             # All ranks give up together; otherwise the healthy ones would wait in the gather forever.
-            failed = torch.tensor([int(error is not None)])
+            failed = torch.tensor([int(error is not None)], device=collective_device())
             dist.all_reduce(failed)
             if failed.item() and error is None:
                 error = NonFiniteGeneration("another rank's generator output NaN/inf")
@@ -305,7 +306,7 @@ class Evaluator:
             error = exc
         if self.world_size > 1:
             # Every rank must skip together, or the others would wait in the feature all_gather forever.
-            failed = torch.tensor([int(error is not None)])
+            failed = torch.tensor([int(error is not None)], device=collective_device())
             dist.all_reduce(failed)
             if failed.item() and error is None:
                 error = CheckpointUnavailable(f"{checkpoint}: another rank could not load it")

@@ -81,6 +81,13 @@ def kid_subset_size_used(subset_size: int, num_a: int, num_b: int) -> int:
     return min(int(subset_size), num_a, num_b)
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_features(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's N_r x D features in rank order (ranks may hold different N_r).
 
@@ -90,7 +97,9 @@ def all_gather_features(local: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
     world = dist.get_world_size()
-    device = local.device
+    result_device = local.device
+    device = collective_device()
+    local = local.to(device)
     count = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
@@ -99,4 +108,4 @@ def all_gather_features(local: torch.Tensor) -> torch.Tensor:
     padded[: local.shape[0]] = local
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0).to(result_device)
