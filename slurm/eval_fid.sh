@@ -16,11 +16,12 @@
 # Exit codes: 0 done (the run finished and every checkpoint was handled), 4 bad settings, 2 spade-eval
 # refused its input (e.g. no Inception weights: the message says how to provide them), else its code.
 #
+# Resources: one GPU by default (override with sbatch --gpus-per-node=N for N tasks, or
+# --gpus-per-node=0 for a CPU job, which then uses --cpus-per-task threads per task).
 #SBATCH --job-name=gaugan-fid
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --gpus-per-task=1
-#SBATCH --cpus-per-task=8
+#SBATCH --gpus-per-node=1
 #SBATCH --time=72:00:00
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -48,7 +49,11 @@ mkdir -p "$RUN_DIR/eval" || exit $EXIT_BAD_SETTINGS
 
 DEVICE=${SPADE_DEVICE:-auto}
 if [ "$DEVICE" = auto ]; then
-  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || [ -n "${SLURM_JOB_GPUS:-}" ]; then DEVICE=gpu; else DEVICE=cpu; fi
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || [ -n "${SLURM_JOB_GPUS:-}" ] || [ -n "${SLURM_STEP_GPUS:-}" ]; then
+    DEVICE=gpu
+  else
+    DEVICE=cpu
+  fi
 fi
 case "$DEVICE" in
   gpu) EVAL_DEVICE=cuda ;;
