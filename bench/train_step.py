@@ -106,13 +106,14 @@ def synthetic_batch(cfg: Config, batch: int, seed: int = 0) -> dict[str, torch.T
 class Mode:
     """One variant: its config, networks, optimizers and backend (world size 1)."""
 
-    def __init__(self, name: str, cfg: Config, vgg: Optional[VGGLoss], host_sync_logging: bool, seed: int) -> None:
+    def __init__(self, name: str, cfg: Config, vgg: Optional[VGGLoss], host_sync_logging: bool, seed: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.name = name
         self.cfg = cfg
         self.host_sync_logging = host_sync_logging
         torch.manual_seed(seed)  # same initial weights in both modes
         self.backend = DDPBackend.setup(cfg)
-        self.state: TrainState = build_train_state(cfg, self.backend.device, fused_adam=True)
+        self.state: TrainState = build_train_state(cfg, self.backend.device, fused_adam=True, dtype=dtype)
         self.backend.wrap(self.state.generator_side, self.state.discriminator, self.state.opt_G, self.state.opt_D,
                           self.state.scaler_G, self.state.scaler_D)
         self.losses = LossSet.from_config(cfg, vgg)

@@ -1,0 +1,157 @@
+"""The fast path computes what the reference mode computes (equality within tolerance, not speed).
+
+Tolerances: float64 runs compare to 1e-10 (only summation order differs, so any real bug shows up
+as an O(1) difference); the full-iteration check (the benchmark's two modes) runs one real iteration
+in float64 and compares the updated parameters to 1e-9 relative.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spade_dist.config import load_config
+from spade_dist.labels import encode_semantics
+from spade_dist.models.generator import SPADEGenerator
+from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
+from spade_dist.models.spade import SPADE, SegmapPyramid
+
+LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _semantics(n: int, h: int, w: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Blocky label map with don't-care pixels and instance edges, encoded like the training step."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, LABEL_NC, (n, 1, h // 4, w // 4), generator=g)
+    label = torch.where(torch.rand(label.shape, generator=g) < 0.1, torch.full_like(label, 255), label)
+    instance = torch.randint(0, 4, (n, 1, h // 4, w // 4), generator=g)
+    label = F.interpolate(label.float(), size=(h, w), mode="nearest").long()
+    instance = F.interpolate(instance.float(), size=(h, w), mode="nearest").long()
+    return encode_semantics(label, instance, LABEL_NC, True, False, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_onehot_conv_equals_dense_conv_forward_and_weight_gradient(kernel: int) -> None:
+    seg = _semantics(2, 16, 12)
+    groups = [LABEL_NC + 1, 1]
+    indices = [onehot_index(seg[:, :LABEL_NC + 1]), onehot_index(seg[:, LABEL_NC + 1:])]
+    weight = torch.randn(7, seg.shape[1], kernel, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 7, 16, 12, dtype=torch.float64)
+
+    dense = F.conv2d(seg, weight, bias, padding=kernel // 2)
+    gw_dense, gb_dense = torch.autograd.grad((dense * upstream).sum(), (weight, bias))
+    fast = onehot_conv2d(indices, groups, weight, bias)
+    gw_fast, gb_fast = torch.autograd.grad((fast * upstream).sum(), (weight, bias))
+
+    assert fast.shape == dense.shape
+    assert (fast - dense).abs().max().item() < 1e-10
+    assert (gw_fast - gw_dense).abs().max().item() < 1e-10
+    assert (gb_fast - gb_dense).abs().max().item() < 1e-10
+    assert gw_dense.abs().max().item() > 1e-3  # the comparison is not between two zeros
+
+
+def test_onehot_index_rejects_maps_that_are_not_onehot_and_resizes_like_the_label_map() -> None:
+    seg = _semantics(1, 16, 16)
+    group = seg[:, :LABEL_NC + 1]
+    index = onehot_index(group)
+    assert torch.equal(index, group.argmax(dim=1))
+    empty = group.clone()
+    empty[:, :, 0, 0] = 0
+    assert onehot_index(empty)[0, 0, 0].item() == LABEL_NC + 1  # an empty pixel reads the zero row
+    for bad in (group * 0.5, group + group.roll(1, dims=1), -group):
+        with pytest.raises(NotOneHotError, match="not one-hot"):
+            onehot_index(bad)
+    small = F.interpolate(group, size=(5, 7), mode="nearest")
+    assert torch.equal(resize_index(index, (5, 7)), small.argmax(dim=1))
+
+
+def test_spade_fast_path_equals_reference_path() -> None:
+    torch.manual_seed(0)
+    ref = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=False).double()
+    fast = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=True).double()
+    fast.load_state_dict(ref.state_dict())  # the same, official, parameter layout
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    seg = _semantics(2, 32, 32)
+    upstream = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    pyramid = SegmapPyramid(seg, onehot_channels=LABEL_NC + 1)
+    out_ref, out_fast = ref(x, seg), fast(x, pyramid)
+    assert pyramid.gather  # really took the gather path
+    assert (out_ref - out_fast).abs().max().item() < 1e-10
+    grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref.parameters()))
+    grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast.parameters()))
+    for (name, _), a, b in zip(ref.named_parameters(), grads_ref, grads_fast):
+        assert (a - b).abs().max().item() < 1e-10, name
+
+
+def _generators(use_vae: bool = False) -> tuple[SPADEGenerator, SPADEGenerator]:
+    kwargs = dict(semantic_nc=LABEL_NC + 2, ngf=4, crop_size=64, norm_G="spectralspadebatch3x3", use_vae=use_vae, z_dim=8)
+    torch.manual_seed(0)
+    ref = SPADEGenerator(fused_modulation=False, **kwargs).double()
+    fast = SPADEGenerator(fused_modulation=True, onehot_channels=LABEL_NC + 1, **kwargs).double()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_generator_fast_path_outputs_and_gradients_equal_reference() -> None:
+    ref, fast = _generators()
+    seg = _semantics(2, 64, 64)
+    upstream = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out_ref, out_fast = ref(seg), fast(seg)
+    assert (out_ref - out_fast).abs().max().item() < 1e-10
+    grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref.parameters()))
+    grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast.parameters()))
+    for (name, _), a, b in zip(ref.named_parameters(), grads_ref, grads_fast):
+        assert (a - b).abs().max().item() < 1e-10, name
+    assert set(fast.build_kwargs()) == set(ref.build_kwargs())  # checkpoint files unchanged
+
+
+def test_generator_fast_path_falls_back_to_dense_for_soft_label_maps() -> None:
+    ref, fast = _generators()
+    soft = torch.softmax(torch.randn(1, LABEL_NC + 2, 64, 64, dtype=torch.float64), dim=1)
+    assert (ref(soft) - fast(soft)).abs().max().item() < 1e-10
+
+
+def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
+    """The benchmark's two modes, one real iteration each (G + D steps, VGG loss): same update."""
+    from bench.train_step import REFERENCE_OVERRIDES, Mode, synthetic_batch
+    from spade_dist.losses import VGGLoss, save_random_vgg19_weights
+    from spade_dist.train.step import prepare_batch
+
+    common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4", "model.n_layers_D=2"]
+    ref_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common + REFERENCE_OVERRIDES)
+    fast_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common)
+    assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather  # defaults are the fast path
+    # float64: Adam's first step is ~lr * sign(grad), so in fp32 a gradient that is zero up to
+    # rounding (e.g. a bias followed by batch norm) could flip sign between modes; fp64 keeps the
+    # comparison about the computation, not about rounding.
+    f64 = torch.float64
+    vgg = VGGLoss.from_file(save_random_vgg19_weights(tmp_path / "vgg19.pth", seed=0)).double()
+    ref = Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0, dtype=f64)
+    fast = Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0, dtype=f64)
+    raw = synthetic_batch(ref_cfg, 1)
+    losses = ref.iteration(prepare_batch(raw, ref_cfg, torch.device("cpu"), f64))
+    assert set(losses) == {"GAN", "GAN_Feat", "VGG", "D_Fake", "D_real"}
+    fast.iteration(prepare_batch(raw, fast_cfg, torch.device("cpu"), f64))
+    moved = 0.0
+    start = Mode("start", ref_cfg, vgg, host_sync_logging=False, seed=0, dtype=f64)
+    for net in ("generator", "discriminator"):
+        a = getattr(ref.state, net).state_dict()
+        b = getattr(fast.state, net).state_dict()
+        s = getattr(start.state, net).state_dict()
+        for key, value in a.items():
+            if torch.is_floating_point(value):
+                scale = max(value.abs().max().item(), 1.0)  # updates are ~lr = 2e-4: 1e-9 is far below one
+                assert (value - b[key]).abs().max().item() <= 1e-9 * scale, f"{net}.{key}"
+                moved = max(moved, (value - s[key]).abs().max().item())
+    assert moved > 1e-5  # the iteration really updated the networks
