@@ -92,12 +92,37 @@ def _keys_by_epoch(run_dir: Path) -> dict[int, Counter]:
     return by_epoch
 
 
-def test_train_two_nodes_to_completion(cluster, train_shards, tmp_path):
+def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_path):
+    import torch
+
+    from spade_dist.config import load_config
+    from spade_dist.data import build_eval_loader
+    from spade_dist.eval.inception import make_test_inception_weights
+
     run_dir = tmp_path / "run"
-    job = _submit_training(cluster, _train_env(train_shards, run_dir, 6, "checkpoint.every_steps=3"), tmp_path / "train.out")
+    weights = tmp_path / "inception.pth"
+    eval_overrides = (f"data.val_shards={train_shards} eval.mode=slurm eval.inception_weights={weights} "
+                      f"eval.reference_cache_dir={tmp_path / 'cache'} eval.kid_subset_size=4 eval.poll_seconds=0.5 "
+                      "checkpoint.every_steps=3 checkpoint.keep_last=5 checkpoint.async_save=false")
+    cfg = load_config(REPO_ROOT / "configs" / "quickstart.yaml", [f"data.val_shards={train_shards}", "data.load_size=32",
+                                                                   "data.crop_size=32"])
+    make_test_inception_weights(weights, torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")]), seed=0)
+    env = _train_env(train_shards, run_dir, 6, "")
+    env["OVERRIDES"] = env["OVERRIDES"].replace("data.val_shards= ", "") + " " + eval_overrides
+    job = _submit_training(cluster, env, tmp_path / "train.out")
     state = cluster.wait(job, timeout=400)
     log = (tmp_path / "train.out").read_text()
     assert state == "COMPLETED", log[-4000:]
+    # The FID watcher was submitted once, with a dependency on the training job, and scored its checkpoints.
+    eval_job = (run_dir / "eval" / "slurm_job_id").read_text().strip()
+    assert f"submitted FID watcher job {eval_job}" in log
+    eval_state = cluster.wait(eval_job, timeout=400)
+    eval_log = "\n".join(p.read_text() for p in (run_dir / "eval").glob("slurm-*.out"))
+    assert eval_state == "COMPLETED", eval_log[-4000:]
+    records = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    scored = sorted(r["step"] for r in records if r.get("fid") is not None)
+    assert scored == [3, 6], records
+    assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (3, 6)
     assert "nodes=2" in log and "world=2" in log and "training finished" in log
     assert json.loads((run_dir / "DONE").read_text())["step"] == 6
     assert {p.name for p in (run_dir / "checkpoints").glob("step-*")} >= {"step-000000006"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import time
 from dataclasses import dataclass
@@ -78,7 +79,10 @@ def setup_backend(cfg: Config) -> TrainBackend:
 def write_run_files(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # Atomic: an FID watcher job may start with the run and read config.yaml at any moment.
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, run_dir / "config.yaml")
     (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
 
 

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Train GauGAN on a Slurm cluster:   sbatch slurm/train_gaugan.sh
+#
+# Settings (environment variables; `sbatch --export=ALL,CONFIG=...` or exported before sbatch):
+#   CONFIG        YAML config (default configs/coco_stuff.yaml)
+#   RUN_DIR       run directory on the shared filesystem (default runs/$SLURM_JOB_NAME)
+#   OVERRIDES     dotted overrides, space separated (e.g. "data.batch_size=4 model.ngf=32");
+#                 arguments after the script name are appended to them
+#   LAUNCHER      accelerate | deepspeed | auto (default auto: deepspeed when train.backend is deepspeed)
+#   NPROC_PER_NODE processes per node (default: GPUs per node, or 1 in CPU mode)
+#   SPADE_DEVICE  gpu | cpu | auto (auto: cpu when the job has no GPUs, e.g. sbatch --gpus-per-node=0)
+#   MASTER_PORT   rendezvous port on the head node (default 29500 + job id % 1000)
+#   SPADE_ENV     a file to source first (e.g. a venv's bin/activate); default: .venv/bin/activate
+#   SUBMIT_EVAL   1 to submit slurm/eval_fid.sh on first start (default: when eval.mode is slurm)
+#   EVAL_CPUS     CPUs of the FID watcher job in CPU mode (default 1)
+#
+# CPU mode (a test cluster without GPUs):
+#   SPADE_DEVICE=cpu sbatch --gpus-per-node=0 slurm/train_gaugan.sh
+#
+# Exit codes of this script (and so of the job):
+#   0   training finished (RUN_DIR/DONE exists)
+#   3   preempted / time limit: a checkpoint was committed and the job was requeued
+#   4   bad settings (missing config, ...)
+#   other: the training processes failed with that code (see the log)
+#
+#SBATCH --job-name=gaugan
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -uo pipefail
+
+EXIT_DONE=0
+EXIT_REQUEUED=3
+EXIT_BAD_SETTINGS=4
+
+log() { echo "[train_gaugan $(date -u +%H:%M:%S)] $*"; }
+
+# sbatch runs a copy of the script from the spool dir: use the submit dir as the project root.
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}" || exit $EXIT_BAD_SETTINGS
+ROOT=$(pwd)
+SPADE_ENV=${SPADE_ENV:-$ROOT/.venv/bin/activate}
+# shellcheck disable=SC1090
+[ -f "$SPADE_ENV" ] && . "$SPADE_ENV"
+
+CONFIG=${CONFIG:-configs/coco_stuff.yaml}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-gaugan}}
+OVERRIDES="${OVERRIDES:-} $*"
+RESTART_COUNT=${SLURM_RESTART_COUNT:-0}
+NNODES=${SLURM_JOB_NUM_NODES:-1}
+if [ ! -f "$CONFIG" ]; then
+  log "config not found: $CONFIG"
+  exit $EXIT_BAD_SETTINGS
+fi
+mkdir -p "$RUN_DIR"
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+
+# Resolve the effective settings through the project's own config loader (one source of truth).
+read -r BACKEND EVAL_MODE REQUEUE_RC < <(python -m spade_dist.cli.show_config --config "$CONFIG" \
+    --get train.backend eval.mode checkpoint.requeue_exit_code -- $OVERRIDES) || {
+  log "invalid config $CONFIG with overrides '$OVERRIDES'"; exit $EXIT_BAD_SETTINGS; }
+
+GPUS=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+GPUS=${GPUS##*:}  # "gpu:8" -> 8
+DEVICE=${SPADE_DEVICE:-auto}
+if [ "$DEVICE" = auto ]; then
+  if [ "${GPUS:-0}" -gt 0 ] 2>/dev/null; then DEVICE=gpu; else DEVICE=cpu; fi
+fi
+if [ "$DEVICE" = cpu ]; then
+  NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+  export ACCELERATE_USE_CPU=1
+  DEVICE_OVERRIDE="train.device=cpu"
+else
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}
+  DEVICE_OVERRIDE="train.device=cuda"
+fi
+LAUNCHER=${LAUNCHER:-auto}
+[ "$LAUNCHER" = auto ] && { [ "$BACKEND" = deepspeed ] && LAUNCHER=deepspeed || LAUNCHER=accelerate; }
+
+# Head node: the first host of the allocation; its address as Slurm knows it (NodeAddr).
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}
+MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
+STOP_FILE="$RUN_DIR/STOP"
+rm -f "$STOP_FILE"
+
+log "job ${SLURM_JOB_ID:-?} restart=$RESTART_COUNT nodes=$NNODES ($SLURM_JOB_NODELIST) head=$HEAD_NODE/$HEAD_ADDR:$MASTER_PORT"
+log "launcher=$LAUNCHER device=$DEVICE procs/node=$NPROC_PER_NODE world=$WORLD_SIZE run_dir=$RUN_DIR config=$CONFIG"
+
+# The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
+SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}
+if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$RUN_DIR/eval/slurm_job_id" ]; then
+  mkdir -p "$RUN_DIR/eval"
+  # The watcher reads the run's resolved RUN_DIR/config.yaml (overrides included): CONFIG is cleared
+  # so that this script's own CONFIG (the unresolved preset) does not leak into its environment.
+  EVAL_EXTRA=()
+  # CPU mode: no GPU and few CPUs for the watcher (EVAL_CPUS, default 1).
+  [ "$DEVICE" = cpu ] && EVAL_EXTRA+=(--gpus-per-node=0 --cpus-per-task="${EVAL_CPUS:-1}")
+  eval_job=$(RUN_DIR="$RUN_DIR" sbatch --parsable --dependency="after:${SLURM_JOB_ID}" \
+    --output="$RUN_DIR/eval/slurm-%j.out" "${EVAL_EXTRA[@]}" --export=ALL,RUN_DIR="$RUN_DIR",CONFIG=,SPADE_ENV="$SPADE_ENV" \
+    slurm/eval_fid.sh) && echo "$eval_job" > "$RUN_DIR/eval/slurm_job_id" && log "submitted FID watcher job $eval_job"
+fi
+
+# Preemption / time limit: Slurm signals this batch shell (--signal=B:USR1@...). The training processes
+# watch RUN_DIR/STOP (any launcher, any node, shared filesystem): they agree on a step, checkpoint
+# synchronously and exit with the "requeue me" code. We also forward the signal to the step.
+PREEMPTED=0
+on_preempt() {
+  log "preemption signal: asking the training processes to checkpoint and stop"
+  PREEMPTED=1
+  touch "$STOP_FILE"
+}
+trap on_preempt USR1 TERM
+
+TRAIN_ARGS=(--config "$CONFIG" --resume auto train.run_dir="$RUN_DIR" "$DEVICE_OVERRIDE" checkpoint.stop_file="$STOP_FILE" $OVERRIDES)
+if [ "$LAUNCHER" = deepspeed ]; then
+  LAUNCH='deepspeed --no_ssh --node_rank=$SLURM_NODEID --num_nodes='"$NNODES"' --num_gpus='"$NPROC_PER_NODE"' \
+    --master_addr='"$HEAD_ADDR"' --master_port='"$MASTER_PORT"' --module spade_dist.cli.train'
+else
+  MULTI=""
+  [ "$WORLD_SIZE" -gt 1 ] && MULTI="--multi_gpu"
+  LAUNCH='accelerate launch '"$MULTI"' --num_machines='"$NNODES"' --machine_rank=$SLURM_NODEID \
+    --num_processes='"$WORLD_SIZE"' --main_process_ip='"$HEAD_ADDR"' --main_process_port='"$MASTER_PORT"' \
+    --same_network -m spade_dist.cli.train'
+fi
+# One launcher per node; each starts NPROC_PER_NODE processes. Run srun in the background so the
+# trap can fire while we wait.
+srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  bash -c "$LAUNCH"' "$@"' _ "${TRAIN_ARGS[@]}" &
+SRUN_PID=$!
+while true; do
+  wait $SRUN_PID
+  rc=$?
+  # `wait` returns > 128 when interrupted by a trapped signal while the step still runs.
+  if kill -0 $SRUN_PID 2>/dev/null; then continue; fi
+  break
+done
+
+if [ -f "$RUN_DIR/DONE" ] && [ $rc -eq 0 ]; then
+  log "training finished"
+  rm -f "$STOP_FILE"
+  exit $EXIT_DONE
+fi
+if [ $rc -eq "$REQUEUE_RC" ] || [ $PREEMPTED -eq 1 ]; then
+  log "checkpoint committed (exit $rc); requeueing job $SLURM_JOB_ID"
+  rm -f "$STOP_FILE"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit $EXIT_REQUEUED
+fi
+log "training failed with exit code $rc"
+exit $rc
