@@ -108,6 +108,7 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory, coco_sample: Path) ->
     return make_test_inception_weights(path, _photos(coco_sample)[:8], seed=0)
 
 
+@pytest.mark.slow
 def test_inception_features_real_photos_identical_zero_shifted_larger(test_weights: Path, coco_sample: Path) -> None:
     photos = _photos(coco_sample)[8:16]
     extractor = build_inception(test_weights)
