@@ -2,7 +2,7 @@
 
 On CUDA tensors this is exactly ``torch.nn.SyncBatchNorm`` (NCCL). PyTorch's implementation refuses
 CPU tensors, so for CPU / gloo we compute the same statistics ourselves: each rank contributes
-(count, mean, M2) per channel, one differentiable ``all_gather`` brings every rank's triple, and the
+(count, mean, M2) per channel, one differentiable all-gather (functional collectives) brings every rank's triple, and the
 triples are combined with the parallel-variance formula (Chan et al.) - numerically stable, unlike
 ``E[x^2] - E[x]^2``. Autograd flows through the gather, so input gradients include the cross-rank
 terms, as in the CUDA kernel. Normalisation uses the biased variance; running_var the unbiased one.
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,7 +53,8 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         local_m2 = ((xs - local_mean.view(1, -1, 1, 1)) ** 2).sum(dim=dims)
         count = torch.full((1,), float(local_count), dtype=xs.dtype, device=xs.device)
         packed = torch.cat([count, local_mean, local_m2])
-        gathered = torch.stack(dist_fn.all_gather(packed, group=self.process_group or dist.group.WORLD))
+        group = self.process_group or dist.group.WORLD
+        gathered = all_gather_tensor_autograd(packed.unsqueeze(0), gather_dim=0, group=group)
         counts = gathered[:, :1]  # world x 1
         means = gathered[:, 1 : 1 + channels]
         m2s = gathered[:, 1 + channels :]
