@@ -41,9 +41,10 @@ def _rank(rank: int, world: int, config: str, overrides: list[str], batch: int, 
     cfg = load_config(config, SMALL_DEFAULTS + [f"data.batch_size={batch}"] + overrides)
     mode = Mode("fast", cfg, None, host_sync_logging=False, seed=0)
     mb = prepare_batch(synthetic_batch(cfg, batch, seed=rank), cfg, torch.device("cpu"))
-    # Accelerate's multi-CPU setup resets torch's thread count (to the core count) when the backend
-    # is built: ranks x threads would oversubscribe the cores and time-slice OpenMP spin-waits
-    # (measured 10-20x slower steps), so pin one thread per rank again, after setup.
+    # Accelerate's multi-CPU setup resets torch's thread count (cores / local ranks, unless
+    # OMP_NUM_THREADS is set) when the backend is built. On this loaded 2-core machine 2 threads
+    # per process made steps 10-20x slower (OpenMP spin-waits time-sliced), so pin one thread per
+    # rank again after setup: the timing then depends on this script, not on Accelerate.
     torch.set_num_threads(1)
     step_times = []
     for i in range(warmup + iters):

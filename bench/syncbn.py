@@ -51,9 +51,10 @@ def _rank(rank: int, world: int, config: str, overrides: list[str], batch: int, 
     }
     modes = {name: Mode(name, cfg, None, host_sync_logging=False, seed=0) for name, cfg in cfgs.items()}
     raw = synthetic_batch(cfgs["plain"], batch, seed=rank)
-    # Accelerate's multi-CPU setup resets torch's thread count (to the core count) when the backend
-    # is built: ranks x threads would oversubscribe the cores and time-slice OpenMP spin-waits
-    # (measured 10-20x slower steps), so pin one thread per rank again, after setup.
+    # Accelerate's multi-CPU setup resets torch's thread count (cores / local ranks, unless
+    # OMP_NUM_THREADS is set) when the backend is built. On this loaded 2-core machine 2 threads
+    # per process made steps 10-20x slower (OpenMP spin-waits time-sliced), so pin one thread per
+    # rank again after setup: the timing then depends on this script, not on Accelerate.
     torch.set_num_threads(1)
     batches = {name: prepare_batch(raw, cfg, torch.device("cpu")) for name, cfg in cfgs.items()}
     times: dict[str, list[float]] = {name: [] for name in modes}
