@@ -115,6 +115,7 @@ class _OneHotConv(torch.autograd.Function):
         ctx.save_for_backward(*indices)
         ctx.class_counts = class_counts
         ctx.weight_shape = weight.shape
+        ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
         return out.reshape(n, h, w, c_out).permute(0, 3, 1, 2)
 
@@ -124,6 +125,8 @@ class _OneHotConv(torch.autograd.Function):
         c_out, _, k, _ = ctx.weight_shape
         n, h, w = indices[0].shape
         pad = k // 2
+        # Accumulate in the weight's dtype (fp32 under autocast): thousands of terms per class.
+        grad_out = grad_out.to(ctx.weight_dtype)
         g = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))  # N x H+2p x W+2p x C
         # Offset (ky, kx) reads the neighbour at (ky - p, kx - p), so the gradient collected at pixel
         # q for that offset is grad_out at q - (ky - p, kx - p): padded rows starting at 2p - ky.
