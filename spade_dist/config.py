@@ -299,6 +299,23 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
 
 
+@dataclass(frozen=True)
+class _OverrideValue:
+    """A command-line value: its raw text and its YAML reading. String keys take the raw text, so
+    ``train.mixed_precision=no`` stays "no" (YAML would read false) and ``metrics.job_id=1234`` a string."""
+
+    raw: str
+    parsed: Any
+
+
+def _is_string_annotation(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in get_args(tp))
+    return False
+
+
 def _apply(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -309,6 +326,9 @@ def _apply(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
                 f"{source}: unknown config key '{dotted}' (known in this section: {sorted(names)})"
             )
         current = getattr(obj, key)
+        if isinstance(value, _OverrideValue):
+            string_key = _is_string_annotation(hints[key]) and not isinstance(value.parsed, str)
+            value = value.raw if string_key else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {value!r}")
@@ -329,7 +349,7 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{_OVERRIDE_SOURCE}: {key}: cannot parse value {raw!r}: {exc}") from exc
-    nested: dict = value
+    nested: Any = _OverrideValue(raw.strip(), value) if not isinstance(value, (dict, list)) else value
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested

@@ -1,0 +1,43 @@
+"""Config loading: presets, inheritance, overrides, and errors that name the key and the file."""
+import pytest
+
+from spade_dist.config import ConfigError, load_config
+
+
+def test_presets_load_with_official_defaults(repo_root):
+    coco = load_config(repo_root / "configs" / "coco_stuff.yaml")
+    assert (coco.data.label_nc, coco.data.semantic_nc, coco.data.crop_size, coco.data.load_size) == (182, 184, 256, 286)
+    assert (coco.model.ngf, coco.model.ndf, coco.model.z_dim, coco.model.norm_G) == (64, 64, 256, "spectralspadesyncbatch3x3")
+    assert (coco.optim.lr, coco.optim.beta1, coco.optim.beta2) == (0.0002, 0.0, 0.9)
+    assert (coco.loss.lambda_feat, coco.loss.lambda_vgg, coco.loss.lambda_kld) == (10.0, 10.0, 0.05)
+    assert load_config(repo_root / "configs" / "ade20k.yaml").data.semantic_nc == 151
+    city = load_config(repo_root / "configs" / "cityscapes.yaml")
+    assert (city.data.semantic_nc, city.model.num_upsampling_layers, city.data.aspect_ratio) == (36, "more", 2.0)
+
+
+def test_overrides_keep_strings_as_written(repo_root):
+    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml",
+                      ["train.mixed_precision=no", "metrics.job_id=1234", "model.ngf=32", "data.no_flip=true",
+                       "metrics.run_name='007'"])
+    assert cfg.train.mixed_precision == "no" and cfg.metrics.job_id == "1234" and cfg.metrics.run_name == "007"
+    assert cfg.model.ngf == 32 and cfg.data.no_flip is True
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  ngff: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.ngff"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"<override>.*train\.nope"):
+        load_config(None, ["train.nope=1"])
+
+
+def test_bad_value_names_key_and_file(tmp_path, repo_root):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"inherit: {repo_root / 'configs' / 'coco_stuff.yaml'}\nmodel:\n  ngf: many\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml.*model\.ngf.*integer"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"model\.num_upsampling_layers.*'lots'"):
+        load_config(None, ["model.num_upsampling_layers=lots"])
+    with pytest.raises(ConfigError, match=r"norm_G.*spadefoo3x3"):
+        load_config(None, ["model.norm_G=spadefoo3x3"])
