@@ -7,13 +7,13 @@ never sees a half-written shard or manifest under its final name.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
 from typing import Any, Iterable
+from spade_dist.files import sha256_file  # noqa: F401 - re-exported
 
 # GNU format: no PAX headers (which could carry host-dependent fields), long member names allowed.
 TAR_FORMAT = tarfile.GNU_FORMAT
@@ -84,18 +84,6 @@ def write_json_atomic(final: Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed so multi-GB shards do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(chunk_bytes)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

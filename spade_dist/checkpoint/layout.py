@@ -8,7 +8,6 @@ race with a writer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
+from spade_dist.files import sha256_file  # noqa: F401 - re-exported
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 MARKER_NAME = "COMMITTED"
@@ -54,17 +54,6 @@ def list_step_dirs(ckpt_dir: Path) -> list[Path]:
         return []
     found = [(step_of(p), p) for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None]
     return [p for _, p in sorted(found)]
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,7 +16,6 @@ training mode, which makes the features informative enough for "shifted set -> l
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from spade_dist.files import sha256_file  # noqa: F401 - re-exported
 
 INCEPTION_ENV = "SPADE_INCEPTION_WEIGHTS"
 FEATURE_LAYER = "2048"  # torch-fidelity's layer for FID and KID
@@ -66,14 +66,6 @@ def resolve_inception_weights(configured: str = "", allow_download: bool = False
         f"{INCEPTION_ENV} to a local copy of torch-fidelity's {TORCH_FIDELITY_FILE}, place it at {hub_file}, "
         "or set eval.allow_download: true to let torch-fidelity download it (needs network)."
     )
-
-
-def sha256_file(path: Union[str, Path], chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_identity(path: Optional[Path]) -> str:
