@@ -49,7 +49,8 @@ from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
 
 REFERENCE_OVERRIDES = [
-    "model.fused_modulation=false", "model.onehot_gather=false", "model.channels_last=false",
+    "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
+    "model.channels_last=false",
     "train.mixed_precision='no'", "train.compile=false",
 ]
 
@@ -101,6 +102,42 @@ def synthetic_batch(cfg: Config, batch: int, seed: int = 0) -> dict[str, torch.T
         "label": up(label.float(), size=(h, w), mode="nearest").long(),
         "instance": up(instance.float(), size=(h, w), mode="nearest").long(),
     }
+
+
+COCO_SAMPLE = REPO_ROOT.parent / "shared" / "datasets" / "coco_stuff_sample"
+
+
+def coco_sample_batch(cfg: Config, batch: int, root: Path) -> dict[str, torch.Tensor]:
+    """A loader-format batch of REAL label maps: the first ``batch`` training triples of the
+    COCO-Stuff sample, through the project's own training preprocessing (seeded crop, no flip).
+
+    The cost of the region path depends on how much of a label map lies near a region border
+    (region_modulation.py); real maps, not random blocks, are what a training run sees.
+    """
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from spade_dist.data.transforms import PreprocessOptions, sample_geometry, transform_ids, transform_image
+
+    labels = sorted((root / "train_label").glob("*.png"))
+    if len(labels) < batch:
+        raise SystemExit(f"bench: {root / 'train_label'} has {len(labels)} label maps, --batch {batch} needs that many")
+    d = cfg.data
+    opts = PreprocessOptions(d.preprocess_mode, d.load_size, d.crop_size, d.aspect_ratio, flip=False)
+    images, label_maps, instance_maps = [], [], []
+    for i, label_path in enumerate(labels[:batch]):
+        key = label_path.stem
+        label = np.asarray(Image.open(label_path))
+        geo = sample_geometry(opts, label.shape[1], label.shape[0], random.Random(i))
+        with Image.open(root / "train_img" / f"{key}.jpg") as photo:
+            images.append(torch.from_numpy(np.ascontiguousarray(transform_image(photo.convert("RGB"), geo))))
+        label_maps.append(torch.from_numpy(transform_ids(label, geo).astype(np.int64)))
+        instance = np.asarray(Image.open(root / "train_inst" / f"{key}.png"))
+        instance_maps.append(torch.from_numpy(transform_ids(instance, geo).astype(np.int64)))
+    return {"image": torch.stack(images), "label": torch.stack(label_maps).unsqueeze(1),
+            "instance": torch.stack(instance_maps).unsqueeze(1)}
 
 
 class Mode:
@@ -170,6 +207,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights, same cost)")
     p.add_argument("--fast-override", action="append", default=[], help="dotted override for the fast mode only")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--labels", choices=("auto", "coco-sample", "blocks"), default="auto",
+                   help="label maps: the real COCO-Stuff sample (--labels-dir; 'auto' = when present and the config "
+                        "has COCO's 182 labels) or random 16-px blocks (a pessimistic case for the region path)")
+    p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both modes, e.g. model.ngf=32")
     args = p.parse_args(argv)
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
@@ -197,7 +238,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         device = modes[0].backend.device
         if vgg is not None:
             vgg.to(device)
-        raw = synthetic_batch(ref_cfg, args.batch)
+        labels = args.labels
+        if labels == "auto":
+            coco_like = ref_cfg.data.label_nc == 182 and not ref_cfg.data.no_instance
+            labels = "coco-sample" if coco_like and Path(args.labels_dir).is_dir() else "blocks"
+        raw = (coco_sample_batch(ref_cfg, args.batch, Path(args.labels_dir)) if labels == "coco-sample"
+               else synthetic_batch(ref_cfg, args.batch))
         batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
 
         flops: dict[str, int] = {}
@@ -230,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "train_step", "config": str(args.config), "overrides": args.overrides,
                            "fast_overrides": args.fast_override, "batch": args.batch, "iters": args.iters,
                            "warmup": args.warmup, "crop_size": ref_cfg.data.crop_size, "ngf": ref_cfg.model.ngf,
-                           "semantic_nc": ref_cfg.data.semantic_nc}
+                           "semantic_nc": ref_cfg.data.semantic_nc, "labels": labels}
     for m in modes:
         med = statistics.median(m.times)
         out[m.name] = {

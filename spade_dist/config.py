@@ -103,6 +103,10 @@ class ModelConfig:
     # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot
     # label map runs as a gather of weight columns (exact up to float rounding, same parameters).
     onehot_gather: bool = True
+    # Fast path (docs/PERFORMANCE.md): with onehot_gather, each SPADE layer's gamma/beta maps are
+    # computed once per uniform label region and convolved only near region borders
+    # (models/region_modulation.py; exact up to float rounding, same parameters).
+    region_modulation: bool = True
 
 
 @dataclass

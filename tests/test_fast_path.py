@@ -124,14 +124,14 @@ def test_generator_fast_path_falls_back_to_dense_for_soft_label_maps() -> None:
 
 def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
     """The benchmark's two modes, one real iteration each (G + D steps, VGG loss): same update."""
-    from bench.train_step import REFERENCE_OVERRIDES, Mode, synthetic_batch
+    from bench.train_step import COCO_SAMPLE, REFERENCE_OVERRIDES, Mode, coco_sample_batch
     from spade_dist.losses import VGGLoss, save_random_vgg19_weights
     from spade_dist.train.step import prepare_batch
 
     common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4", "model.n_layers_D=2"]
     ref_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common + REFERENCE_OVERRIDES)
     fast_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common)
-    assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather  # defaults are the fast path
+    assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather and fast_cfg.model.region_modulation
     # float64: Adam's first step is ~lr * sign(grad), so in fp32 a gradient that is zero up to
     # rounding (e.g. a bias followed by batch norm) could flip sign between modes; fp64 keeps the
     # comparison about the computation, not about rounding.
@@ -139,7 +139,7 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
     vgg = VGGLoss.from_file(save_random_vgg19_weights(tmp_path / "vgg19.pth", seed=0)).double()
     ref = Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0, dtype=f64)
     fast = Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0, dtype=f64)
-    raw = synthetic_batch(ref_cfg, 1)
+    raw = coco_sample_batch(ref_cfg, 1, COCO_SAMPLE)  # real label map: region path with uniform regions
     losses = ref.iteration(prepare_batch(raw, ref_cfg, torch.device("cpu"), f64))
     assert set(losses) == {"GAN", "GAN_Feat", "VGG", "D_Fake", "D_real"}
     fast.iteration(prepare_batch(raw, fast_cfg, torch.device("cpu"), f64))

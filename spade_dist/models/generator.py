@@ -53,6 +53,7 @@ class SPADEGenerator(nn.Module):
         norm_G: str = "spectralspadesyncbatch3x3",
         fused_modulation: bool = True,
         onehot_channels: int = 0,
+        region_modulation: bool = False,
     ) -> None:
         super().__init__()
         # Leading channels of `semantics` that are one-hot (label_nc + dontcare): with the fused
@@ -61,6 +62,7 @@ class SPADEGenerator(nn.Module):
         if not 0 <= onehot_channels <= semantic_nc:
             raise ValueError(f"onehot_channels must be in [0, semantic_nc={semantic_nc}], got {onehot_channels}")
         self.onehot_channels = onehot_channels
+        self.region_modulation = region_modulation  # speed setting too (region_modulation.py)
         self.semantic_nc = semantic_nc
         self.ngf = ngf
         self.crop_size = crop_size
@@ -107,6 +109,7 @@ class SPADEGenerator(nn.Module):
             norm_G=m.norm_G,
             fused_modulation=m.fused_modulation,
             onehot_channels=(d.label_nc + int(d.contain_dontcare_label)) if m.onehot_gather else 0,
+            region_modulation=m.region_modulation,
         )
 
     def build_kwargs(self) -> dict:
@@ -138,7 +141,7 @@ class SPADEGenerator(nn.Module):
             x = self.fc(resize_segmap(semantics, (self.sh, self.sw)))
 
         # Fused path: one resize per resolution shared by every SPADE layer at that resolution.
-        seg: SegmapInput = SegmapPyramid(semantics, self.onehot_channels) if self.fused_modulation else semantics
+        seg: SegmapInput = SegmapPyramid(semantics, self.onehot_channels, self.region_modulation) if self.fused_modulation else semantics
         x = self.head_0(x, seg)
         x = self._up(x)
         x = self.G_middle_0(x, seg)

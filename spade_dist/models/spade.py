@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from spade_dist.models.norms import make_param_free_norm, parse_spade_norm
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
+from spade_dist.models.region_modulation import RegionLayout, build_region_layout, region_gamma_beta
 
 # Width of the hidden embedding of the label map; hard-coded in the official implementation.
 SPADE_HIDDEN = 128
@@ -34,7 +35,7 @@ class SegmapPyramid:
     maps and there is no shared state between calls or processes.
     """
 
-    def __init__(self, segmap: Tensor, onehot_channels: int = 0) -> None:
+    def __init__(self, segmap: Tensor, onehot_channels: int = 0, region_modulation: bool = False) -> None:
         if segmap.dim() != 4:
             raise ValueError(f"label map must be N x C x H x W, got shape {tuple(segmap.shape)}")
         if not 0 <= onehot_channels <= segmap.shape[1]:
@@ -49,6 +50,9 @@ class SegmapPyramid:
         )
         self._indices_by_size: dict[tuple[int, int], list[Tensor]] = {}
         self._full_indices: Optional[list[Tensor]] = None
+        # Region path (region_modulation.py): gamma/beta per uniform label region; needs the gather.
+        self.region_modulation = region_modulation
+        self._layouts: dict[tuple[int, int, int], RegionLayout] = {}
 
     @property
     def gather(self) -> bool:
@@ -81,6 +85,15 @@ class SegmapPyramid:
             cached = [resize_index(index, key) for index in self._full_indices]
             self._indices_by_size[key] = cached
         return cached
+
+    def region_layout_at(self, size: tuple[int, int], kernel_size: int) -> RegionLayout:
+        """Where the label map is uniform at ``size`` (built once, shared by the SPADE layers there)."""
+        key = (int(size[0]), int(size[1]), int(kernel_size))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = build_region_layout(self.indices_at(size), self.class_counts, kernel_size)
+            self._layouts[key] = layout
+        return layout
 
     def at(self, size: tuple[int, int]) -> Tensor:
         key = (int(size[0]), int(size[1]))
@@ -129,9 +142,16 @@ class SPADE(nn.Module):
     def forward(self, x: Tensor, segmap: SegmapInput) -> Tensor:
         normalized = self.param_free_norm(x)
         size = (x.shape[2], x.shape[3])
+        first = self.mlp_shared[0]
+        if self.fused and isinstance(segmap, SegmapPyramid) and segmap.region_modulation and segmap.gather:
+            # Both convolutions per uniform label region, exact convolution only near borders.
+            weight, bias = self._gamma_beta_weights()
+            both = region_gamma_beta(segmap.region_layout_at(size, self.kernel_size), first.weight, first.bias,
+                                     weight, bias)
+            gamma, beta = both.split(self.mlp_gamma.out_channels, dim=1)
+            return torch.addcmul(beta.to(normalized.dtype), normalized, 1 + gamma.to(normalized.dtype))
         if self.fused and isinstance(segmap, SegmapPyramid) and segmap.gather:
             # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
-            first = self.mlp_shared[0]
             actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
         else:
             seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size)
@@ -143,13 +163,17 @@ class SPADE(nn.Module):
         gamma, beta = self.mlp_gamma(actv), self.mlp_beta(actv)
         return normalized * (1 + gamma) + beta
 
+    def _gamma_beta_weights(self) -> tuple[Tensor, Tensor]:
+        """mlp_gamma and mlp_beta stacked as one convolution with 2C outputs."""
+        return (torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight], dim=0),
+                torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias], dim=0))
+
     def _gamma_beta_fused(self, actv: Tensor) -> tuple[Tensor, Tensor]:
         """(gamma, beta) from one convolution.
 
         The concatenation is rebuilt every call from the live parameters, so gradients flow to
         mlp_gamma / mlp_beta and the state dict stays the official one.
         """
-        weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight], dim=0)
-        bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias], dim=0)
+        weight, bias = self._gamma_beta_weights()
         both = F.conv2d(actv, weight, bias, padding=self.kernel_size // 2)
         return both.split(self.mlp_gamma.out_channels, dim=1)
