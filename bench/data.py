@@ -62,6 +62,23 @@ def write_synthetic(root: Path, count: int, size: int) -> tuple[Path, Path, None
     return root / "train" / "images", root / "train" / "labels", None
 
 
+def replicate_folders(root: Path, out: Path, copies: int) -> tuple[Path, Path, Path]:
+    """The COCO-Stuff sample's 13 train triples, each ``copies`` times under distinct keys
+    (symlinks). Both loaders start their workers once per epoch; a real COCO-Stuff epoch holds
+    118k samples, so a 13-sample epoch would mostly time worker start-up, not per-sample work."""
+    dirs = {sub: out / sub for sub in ("train_img", "train_label", "train_inst")}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+    for copy in range(copies):
+        for label in sorted((root / "train_label").glob("*.png")):
+            key = label.stem
+            (dirs["train_label"] / f"c{copy:02d}_{key}.png").symlink_to(label)
+            (dirs["train_inst"] / f"c{copy:02d}_{key}.png").symlink_to(root / "train_inst" / f"{key}.png")
+            image = _image_path(root / "train_img", key)
+            (dirs["train_img"] / f"c{copy:02d}_{key}{image.suffix}").symlink_to(image)
+    return dirs["train_img"], dirs["train_label"], dirs["train_inst"]
+
+
 def _image_path(img_dir: Path, key: str) -> Path:
     for ext in (".jpg", ".png"):
         if (img_dir / f"{key}{ext}").is_file():
@@ -236,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=1, help="official COCO batch per GPU is 1")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the synthetic set per measurement")
-    parser.add_argument("--coco-epochs", type=int, default=6, help="passes over the 13 COCO train samples")
+    parser.add_argument("--coco-epochs", type=int, default=1, help="passes over the (replicated) COCO train samples")
+    parser.add_argument("--coco-copies", type=int, default=8,
+                        help="the 13 COCO train triples appear this many times per epoch (under distinct keys)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-shard", type=int, default=32)
     args = parser.parse_args(argv)
@@ -254,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         report["synthetic"] = {"samples": args.count, "size": f"{args.size}x{args.size} png, no instance maps", **compare(
             "synthetic", folders, shards, args.workers, args.batch, args.epochs, args.repeats)}
         if COCO_SAMPLE.is_dir():
-            coco = (COCO_SAMPLE / "train_img", COCO_SAMPLE / "train_label", COCO_SAMPLE / "train_inst")
-            coco_shards = write_shards_from_folders(*coco, tmp_path / "coco_shards", "coco-stuff", 5)
-            report["coco_stuff_sample"] = {"samples": 13, **compare(
+            coco = replicate_folders(COCO_SAMPLE, tmp_path / "coco", args.coco_copies)
+            coco_shards = write_shards_from_folders(*coco, tmp_path / "coco_shards", "coco-stuff", args.per_shard)
+            report["coco_stuff_sample"] = {"samples": 13 * args.coco_copies, "copies_of_each": args.coco_copies, **compare(
                 "coco", coco, coco_shards, args.workers, args.batch, args.coco_epochs, args.repeats)}
         else:
             report["coco_stuff_sample"] = {"error": f"not found at {COCO_SAMPLE}"}

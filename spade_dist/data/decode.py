@@ -89,10 +89,12 @@ def decode_id_map(data: bytes, key: str, field: str) -> np.ndarray:
 
 
 def _decode_jpeg_turbo(data: bytes, key: str, expected_size: tuple[int, int],
-                       draft_size: Optional[tuple[int, int]]) -> Optional[Image.Image]:
-    """JPEG through simplejpeg (libjpeg-turbo, accurate IDCT and fancy upsampling: the same
-    pixels as PIL's decoder, ~30% faster without PIL's chunked feeding). None for colour spaces
-    it does not convert like PIL (CMYK, YCCK): the caller falls back to PIL."""
+                       draft_size: Optional[tuple[int, int]]) -> Optional[np.ndarray]:
+    """JPEG through simplejpeg (libjpeg-turbo) -> H x W x 3 uint8, accurate IDCT and fancy
+    upsampling: the same pixels as PIL's decoder, ~30% faster without PIL's chunked feeding.
+    (The fast integer IDCT was measured and not taken, not even for image_resample="fast": 14%
+    faster decoding for a mean error of 1.2 levels on the COCO-Stuff sample photos.) None for
+    colour spaces it does not convert like PIL (CMYK, YCCK): the caller falls back to PIL."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -103,12 +105,24 @@ def _decode_jpeg_turbo(data: bytes, key: str, expected_size: tuple[int, int],
         return None
     try:
         if draft_size is not None:  # DCT-domain downscale, still >= the resize target (fast mode)
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=draft_size[0], min_height=draft_size[1])
-        else:
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=draft_size[0], min_height=draft_size[1])
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError as exc:
         raise CorruptSample(key, f"image cannot be decoded: {exc}") from exc
-    return Image.fromarray(pixels, "RGB")
+
+
+def _decode_png_rgb(data: bytes, key: str, field: str, expected_size: tuple[int, int]) -> Optional[np.ndarray]:
+    """8-bit RGB PNG through libspng -> H x W x 3 uint8 (lossless: the same pixels as PIL, faster);
+    None for any other PNG kind or format."""
+    header = png_header(data)
+    if header is None or header[2:] != (8, PNG_RGB):
+        return None
+    if header[:2] != expected_size:
+        raise CorruptSample(key, f"image is {header[0]}x{header[1]} but label is {expected_size[0]}x{expected_size[1]}")
+    try:
+        return pyspng.load(data).reshape(header[1], header[0], 3)
+    except Exception as exc:
+        raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
 
 
 def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, int],
@@ -119,18 +133,10 @@ def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, in
     ``draft_size`` lets a JPEG decode directly at 1/2, 1/4 or 1/8 scale (DCT domain) as long as
     the result stays at least that large -- only for image_resample="fast": not bit-exact.
     """
-    if data[:2] == JPEG_SOI:
-        decoded = _decode_jpeg_turbo(data, key, expected_size, draft_size)
-        if decoded is not None:
-            return decoded
-    header = png_header(data)
-    if header is not None and header[2:] == (8, PNG_RGB):  # libspng: faster, lossless, same pixels
-        if header[:2] != expected_size:
-            raise CorruptSample(key, f"image is {header[0]}x{header[1]} but label is {expected_size[0]}x{expected_size[1]}")
-        try:
-            return Image.fromarray(pyspng.load(data).reshape(header[1], header[0], 3), "RGB")
-        except Exception as exc:
-            raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
+    pixels = _decode_jpeg_turbo(data, key, expected_size, draft_size) if data[:2] == JPEG_SOI else \
+        _decode_png_rgb(data, key, field, expected_size)
+    if pixels is not None:
+        return Image.fromarray(pixels, "RGB")
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises many types for broken files
@@ -144,6 +150,17 @@ def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, in
         return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as exc:
         raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
+
+
+def decode_image_fast(data: bytes, key: str, field: str, expected_size: tuple[int, int],
+                      draft_size: tuple[int, int]) -> np.ndarray:
+    """image_resample="fast": H x W x 3 uint8 straight from the decoder (no PIL image and its two
+    copies in between); other formats through :func:`decode_image`."""
+    pixels = _decode_jpeg_turbo(data, key, expected_size, draft_size) if data[:2] == JPEG_SOI else \
+        _decode_png_rgb(data, key, field, expected_size)
+    if pixels is None:
+        pixels = np.array(decode_image(data, key, field, expected_size, draft_size))
+    return pixels
 
 
 def find_image_field(sample: Mapping[str, object], key: str) -> str:
@@ -173,14 +190,13 @@ def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: ra
     # Official get_params is called with the label's size; the image must have the same size.
     geo = sample_geometry(opts, width, height, rng)
     image_field = find_image_field(sample, key)
-    fast = image_resample == "fast"
-    pil = decode_image(sample[image_field], key, image_field, (width, height),  # type: ignore[arg-type]
-                       draft_size=(geo.resized_w, geo.resized_h) if fast else None)
-    if fast:
+    data = sample[image_field]
+    if image_resample == "fast":
+        pixels = decode_image_fast(data, key, image_field, (width, height), (geo.resized_w, geo.resized_h))  # type: ignore[arg-type]
         # H x W x 3 memory seen as 3 x H x W is already the channels-last layout torch's uint8
-        # kernel wants: one copy (np.array: PIL's buffer is read-only), no reorder.
-        image = transform_image_torch(torch.from_numpy(np.array(pil)).permute(2, 0, 1), geo)
+        # kernel wants: no reorder.
+        image = transform_image_torch(torch.from_numpy(pixels).permute(2, 0, 1), geo)
     else:
-        image = transform_image(pil, geo)
+        image = transform_image(decode_image(data, key, image_field, (width, height)), geo)  # type: ignore[arg-type]
     return DecodedSample(key, image, transform_ids(label, geo),
                          transform_ids(instance, geo) if instance is not None else None)

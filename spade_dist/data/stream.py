@@ -124,22 +124,23 @@ def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tupl
             "use a cropping preprocess_mode or batch_size 1")
     n = len(samples)
     h, w = samples[0].label.shape
-    # numpy buffers filled in place: one copy per sample (crop/flip views and the int64
-    # widening of label ids are resolved by the assignment itself).
+    # numpy buffers filled in place: one copy per sample (crop/flip views are resolved by the
+    # assignment). Id maps keep their narrow PNG dtype (uint8 for 8-bit maps) for the trip to
+    # the main process -- plain pickled numpy, a third of the int64 bytes and no shared-memory
+    # file per tensor -- where ShardLoader widens them to the int64 of docs/FORMATS.md.
     image = np.empty((n, 3, h, w), dtype=np.uint8)
-    label = np.empty((n, 1, h, w), dtype=np.int64)
-    instance = np.empty((n, 1, h, w), dtype=np.int64)
+    label = np.empty((n, 1, h, w), dtype=np.result_type(*(s.label.dtype for s in samples)))
+    instance_maps = [s.instance for s in samples if s.instance is not None]
+    instance = np.zeros((n, 1, h, w), dtype=np.result_type(np.uint8, *(m.dtype for m in instance_maps)))
     for i, s in enumerate(samples):
         image[i] = s.image
         label[i, 0] = s.label
-        if s.instance is None:
-            instance[i, 0] = 0
-        else:
+        if s.instance is not None:
             instance[i, 0] = s.instance
     return {
-        "image": torch.from_numpy(image), "label": torch.from_numpy(label), "instance": torch.from_numpy(instance),
+        "image": image, "label": label, "instance": instance,
         "key": [s.key for s in samples],
-        INDEX_FIELD: torch.tensor(indices, dtype=torch.int64), CORRUPT_FIELD: corrupt, READ_FIELD: read,
+        INDEX_FIELD: np.asarray(indices, dtype=np.int64), CORRUPT_FIELD: corrupt, READ_FIELD: read,
     }
 
 
