@@ -17,6 +17,7 @@ def test_train_step_bench_reports_both_modes_flops_and_ratio(capsys) -> None:
         torch.set_num_threads(threads)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(out))  # the last line is the whole result
+    assert out["labels"] == "coco-sample"  # real label maps from ../shared (the CI has them too)
     ref, fast = out["reference"], out["fast"]
     assert out["ratio"] == fast["images_per_s"] / ref["images_per_s"]
     assert ref["images_per_s"] == 1 / ref["median_s"] and len(ref["times_s"]) == 1
