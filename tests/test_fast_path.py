@@ -103,17 +103,21 @@ def _generators(use_vae: bool = False) -> tuple[SPADEGenerator, SPADEGenerator]:
     return ref, fast
 
 
-def test_generator_fast_path_outputs_and_gradients_equal_reference() -> None:
-    ref, fast = _generators()
-    seg = _semantics(2, 64, 64)
-    upstream = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+def assert_same_outputs_and_gradients(ref: torch.nn.Module, fast: torch.nn.Module, seg: torch.Tensor) -> None:
+    """Both generators (same weights) give the same image and parameter gradients (fp64, 1e-10)."""
     out_ref, out_fast = ref(seg), fast(seg)
     assert (out_ref - out_fast).abs().max().item() < 1e-10
+    upstream = torch.randn_like(out_ref)
     grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref.parameters()))
     grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast.parameters()))
     for (name, _), a, b in zip(ref.named_parameters(), grads_ref, grads_fast):
         assert (a - b).abs().max().item() < 1e-10, name
-    assert set(fast.build_kwargs()) == set(ref.build_kwargs())  # checkpoint files unchanged
+    assert set(fast.build_kwargs()) == set(ref.build_kwargs())  # speed settings: checkpoint files unchanged
+
+
+def test_generator_fast_path_outputs_and_gradients_equal_reference() -> None:
+    ref, fast = _generators()
+    assert_same_outputs_and_gradients(ref, fast, _semantics(2, 64, 64))
 
 
 def test_generator_fast_path_falls_back_to_dense_for_soft_label_maps() -> None:

@@ -10,15 +10,8 @@ from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import onehot_index
 from spade_dist.models.region_modulation import build_region_layout, region_gamma_beta
 from spade_dist.models.spade import SPADE, SegmapPyramid
-from tests.test_fast_path import LABEL_NC, _semantics
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_fast_path import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
+from tests.test_fast_path import LABEL_NC, _semantics, assert_same_outputs_and_gradients
 
 
 def _regions(n: int, h: int, w: int, block: int, seed: int = 0) -> torch.Tensor:
@@ -97,14 +90,7 @@ def test_spade_and_generator_region_path_equal_reference() -> None:
     fast_g = SPADEGenerator(fused_modulation=True, onehot_channels=LABEL_NC + 1, region_modulation=True, **kwargs).double()
     fast_g.load_state_dict(ref_g.state_dict())
     for seg in (_semantics(2, 64, 64), _regions(2, 64, 64, block=16)):
-        upstream = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-        out_ref, out_fast = ref_g(seg), fast_g(seg)
-        assert (out_ref - out_fast).abs().max().item() < 1e-10
-        grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref_g.parameters()))
-        grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast_g.parameters()))
-        for (name, _), a, b in zip(ref_g.named_parameters(), grads_ref, grads_fast):
-            assert (a - b).abs().max().item() < 1e-10, name
-    assert set(fast_g.build_kwargs()) == set(ref_g.build_kwargs())  # a speed setting: checkpoint files unchanged
+        assert_same_outputs_and_gradients(ref_g, fast_g, seg)
 
 
 def test_region_gamma_beta_rejects_mismatched_weights() -> None:
