@@ -172,10 +172,16 @@ def test_resume_with_fewer_samples_left_than_ranks_moves_on(tmp_path: Path, capl
     assert left in caplog.text and "skipped for this epoch" in caplog.text
 
 
-def test_label_and_16bit_instance_ids_survive_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_label_and_16bit_instance_ids_survive_end_to_end(tmp_path: Path, workers: int) -> None:
+    """Also through a worker process, where id maps travel in their narrow PNG dtype and are
+    widened to the batch format's int64 in the main process."""
     write_shards(tmp_path, [3], size=(10, 10))
-    cfg = tiny_cfg(str(tmp_path), preprocess_mode="crop", load_size=10, crop_size=10, no_flip=True, batch_size=3)
+    cfg = tiny_cfg(str(tmp_path), preprocess_mode="crop", load_size=10, crop_size=10, no_flip=True, batch_size=3,
+                   num_workers=workers)
     (batch,) = list(build_train_loader(cfg))
+    assert batch["image"].dtype == torch.uint8
+    assert batch["label"].dtype == batch["instance"].dtype == torch.int64
     for i, key in enumerate(batch["key"]):
         members = make_sample(key, 10, 10, seed=int(key.split("_")[1]))
         label = np.asarray(Image.open(io.BytesIO(members["label.png"])))
