@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_single_autograd
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,7 +54,7 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         count = torch.full((1,), float(local_count), dtype=xs.dtype, device=xs.device)
         packed = torch.cat([count, local_mean, local_m2])
         group = self.process_group or dist.group.WORLD
-        gathered = all_gather_tensor_autograd(packed.unsqueeze(0), gather_dim=0, group=group)
+        gathered = all_gather_single_autograd(packed.unsqueeze(0), gather_dim=0, group=group)
         counts = gathered[:, :1]  # world x 1
         means = gathered[:, 1 : 1 + channels]
         m2s = gathered[:, 1 + channels :]
