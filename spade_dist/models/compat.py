@@ -193,11 +193,14 @@ def load_official_generator(
     z_dim: int = 256,
     norm_G: str = DEFAULT_NORM_G,
     fused_modulation: bool = True,
+    label_fast_paths: bool = True,
 ) -> SPADEGenerator:
     """Build our SPADEGenerator with the official options and load an official state dict into it.
 
     Returned in eval mode: spectral norm then uses the stored u / v (no power iteration) and the
     SPADE BatchNorms their running statistics, as the official test script does.
+    ``label_fast_paths`` (with ``fused_modulation``) turns on the exact one-hot gather and region
+    paths of the SPADE layers (docs/MODELS.md), as ``model.onehot_gather`` / ``region_modulation`` do.
     """
     state, source = _read_state_dict(path_or_state_dict)
     parse_spade_norm(norm_G)
@@ -207,6 +210,8 @@ def load_official_generator(
         semantic_nc=semantic_nc, ngf=ngf, crop_size=crop_size, aspect_ratio=aspect_ratio,
         num_upsampling_layers=num_upsampling_layers, use_vae=use_vae, z_dim=z_dim, norm_G=norm_G,
         fused_modulation=fused_modulation,
+        onehot_channels=label_nc + int(contain_dontcare_label) if label_fast_paths else 0,
+        region_modulation=label_fast_paths,
     )
     opts = {"label_nc": label_nc, "contain_dontcare_label": contain_dontcare_label, "no_instance": no_instance,
             "ngf": ngf, "num_upsampling_layers": num_upsampling_layers, "z_dim": z_dim, "semantic_nc": semantic_nc,
