@@ -71,7 +71,7 @@ def resize_index(index: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(as_float, size=size, mode="nearest").squeeze(1).long()
 
 
-def _shifted_indices(indices: list[Tensor], class_counts: list[int], kernel_size: int) -> Tensor:
+def shifted_indices(indices: list[Tensor], class_counts: list[int], kernel_size: int) -> Tensor:
     """(N*H*W) x (groups*k*k) row indices into the (group, offset, class) table.
 
     Table rows per group and offset: one per class plus a zero row (empty pixel and padding).
@@ -90,6 +90,18 @@ def _shifted_indices(indices: list[Tensor], class_counts: list[int], kernel_size
     return torch.stack(columns, dim=-1).reshape(n * h * w, len(columns))
 
 
+def gather_table(weight: Tensor, class_counts: list[int]) -> Tensor:
+    """The (group, offset, class) table of weight columns that :func:`shifted_indices` rows index:
+    per group and offset one row per class plus a zero row (empty pixel and padding)."""
+    c_out, _, k, _ = weight.shape
+    tables, start = [], 0
+    for count in class_counts:
+        table = weight[:, start:start + count].permute(2, 3, 1, 0).reshape(k * k, count, c_out)
+        tables.append(F.pad(table, (0, 0, 0, 1)).reshape(k * k * (count + 1), c_out))
+        start += count
+    return torch.cat(tables)
+
+
 class _OneHotConv(torch.autograd.Function):
     """Gather forward (embedding_bag), scatter-add weight gradient (index_add over wide rows).
 
@@ -103,13 +115,7 @@ class _OneHotConv(torch.autograd.Function):
     def forward(ctx, weight: Tensor, bias: Optional[Tensor], class_counts: list[int], *indices: Tensor) -> Tensor:  # type: ignore[override]
         c_out, _, k, _ = weight.shape
         n, h, w = indices[0].shape
-        tables = []
-        start = 0
-        for count in class_counts:
-            table = weight[:, start:start + count].permute(2, 3, 1, 0).reshape(k * k, count, c_out)
-            tables.append(F.pad(table, (0, 0, 0, 1)).reshape(k * k * (count + 1), c_out))
-            start += count
-        out = F.embedding_bag(_shifted_indices(list(indices), class_counts, k), torch.cat(tables), mode="sum")
+        out = F.embedding_bag(shifted_indices(list(indices), class_counts, k), gather_table(weight, class_counts), mode="sum")
         if bias is not None:
             out.add_(bias)  # row-broadcast on the pixel-major result: one cheap pass
         ctx.save_for_backward(*indices)

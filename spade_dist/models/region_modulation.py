@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spade_dist.models.onehot_conv import _shifted_indices
+from spade_dist.models.onehot_conv import gather_table, shifted_indices
 
 
 @dataclass
@@ -136,7 +136,7 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     no_code = torch.full_like(flat, num_codes)
     u1_code = torch.where(u1.reshape(-1), flat, no_code).view(n, h, w)
     boundary1 = (~u1).reshape(-1).nonzero().squeeze(1)
-    gather_rows = _shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    gather_rows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
     return RegionLayout(
         shape=(n, h, w), kernel_size=kernel_size, class_counts=list(class_counts), num_codes=num_codes,
         code=flat, code_columns=code_columns,
@@ -145,17 +145,6 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
         boundary=(~u2).reshape(-1).nonzero().squeeze(1),
         boundary1=boundary1, gather_rows=gather_rows,
     )
-
-
-def _gather_table(weight: Tensor, class_counts: list[int]) -> Tensor:
-    """onehot_conv's (group, offset, class) table of weight columns, a zero row per offset."""
-    c_out, _, k, _ = weight.shape
-    tables, start = [], 0
-    for count in class_counts:
-        table = weight[:, start:start + count].permute(2, 3, 1, 0).reshape(k * k, count, c_out)
-        tables.append(F.pad(table, (0, 0, 0, 1)).reshape(k * k * (count + 1), c_out))
-        start += count
-    return torch.cat(tables)
 
 
 class _RegionGammaBeta(torch.autograd.Function):
@@ -172,7 +161,7 @@ class _RegionGammaBeta(torch.autograd.Function):
         # at the pixels whose window is not uniform.
         act = F.embedding(layout.code, code_act)
         if layout.boundary1.numel():
-            table = _gather_table(shared_weight, layout.class_counts)
+            table = gather_table(shared_weight, layout.class_counts)
             act[layout.boundary1] = F.relu(F.embedding_bag(layout.gather_rows, table, mode="sum") + shared_bias)
         act_padded = F.pad(act.view(n, h, w, hidden), (0, 0, r, r, r, r)).view(-1, hidden)
         out = F.embedding(layout.code, code_gb)
