@@ -125,18 +125,18 @@ def _decode_png_rgb(data: bytes, key: str, field: str, expected_size: tuple[int,
         raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
 
 
-def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, int],
-                 draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
-    """Image bytes -> fully loaded RGB PIL image (official: Image.open(path).convert('RGB')).
+def _decode_native(data: bytes, key: str, field: str, expected_size: tuple[int, int],
+                   draft_size: Optional[tuple[int, int]]) -> Optional[np.ndarray]:
+    """H x W x 3 uint8 through libjpeg-turbo (JPEG) or libspng (8-bit RGB PNG); None for what
+    only PIL decodes."""
+    if data[:2] == JPEG_SOI:
+        return _decode_jpeg_turbo(data, key, expected_size, draft_size)
+    return _decode_png_rgb(data, key, field, expected_size)
 
-    ``expected_size`` (the label's) is checked from the header, before any pixel is decoded.
-    ``draft_size`` lets a JPEG decode directly at 1/2, 1/4 or 1/8 scale (DCT domain) as long as
-    the result stays at least that large -- only for image_resample="fast": not bit-exact.
-    """
-    pixels = _decode_jpeg_turbo(data, key, expected_size, draft_size) if data[:2] == JPEG_SOI else \
-        _decode_png_rgb(data, key, field, expected_size)
-    if pixels is not None:
-        return Image.fromarray(pixels, "RGB")
+
+def _decode_pil(data: bytes, key: str, field: str, expected_size: tuple[int, int],
+                draft_size: Optional[tuple[int, int]]) -> Image.Image:
+    """Any format PIL reads -> fully loaded RGB PIL image."""
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises many types for broken files
@@ -152,14 +152,27 @@ def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, in
         raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
 
 
+def decode_image(data: bytes, key: str, field: str, expected_size: tuple[int, int],
+                 draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
+    """Image bytes -> fully loaded RGB PIL image (official: Image.open(path).convert('RGB')).
+
+    ``expected_size`` (the label's) is checked from the header, before any pixel is decoded.
+    ``draft_size`` lets a JPEG decode directly at 1/2, 1/4 or 1/8 scale (DCT domain) as long as
+    the result stays at least that large -- only for image_resample="fast": not bit-exact.
+    """
+    pixels = _decode_native(data, key, field, expected_size, draft_size)
+    if pixels is not None:
+        return Image.fromarray(pixels, "RGB")
+    return _decode_pil(data, key, field, expected_size, draft_size)
+
+
 def decode_image_fast(data: bytes, key: str, field: str, expected_size: tuple[int, int],
                       draft_size: tuple[int, int]) -> np.ndarray:
     """image_resample="fast": H x W x 3 uint8 straight from the decoder (no PIL image and its two
-    copies in between); other formats through :func:`decode_image`."""
-    pixels = _decode_jpeg_turbo(data, key, expected_size, draft_size) if data[:2] == JPEG_SOI else \
-        _decode_png_rgb(data, key, field, expected_size)
+    copies in between); formats only PIL reads go through it."""
+    pixels = _decode_native(data, key, field, expected_size, draft_size)
     if pixels is None:
-        pixels = np.array(decode_image(data, key, field, expected_size, draft_size))
+        pixels = np.array(_decode_pil(data, key, field, expected_size, draft_size))
     return pixels
 
 
