@@ -102,6 +102,19 @@ def gather_table(weight: Tensor, class_counts: list[int]) -> Tensor:
     return torch.cat(tables)
 
 
+def weight_from_table(table: Tensor, class_counts: list[int], kernel_size: int) -> Tensor:
+    """Inverse of :func:`gather_table`: (rows x C_out) -> C_out x sum(K_i) x k x k, zero rows
+    dropped (e.g. a weight gradient accumulated row-wise into the table)."""
+    k = kernel_size
+    parts, start = [], 0
+    for count in class_counts:
+        rows = k * k * (count + 1)
+        block = table[start:start + rows].view(k, k, count + 1, table.shape[1])[:, :, :count]
+        parts.append(block.permute(3, 2, 0, 1))
+        start += rows
+    return torch.cat(parts, dim=1)
+
+
 class _OneHotConv(torch.autograd.Function):
     """Gather forward (embedding_bag), scatter-add weight gradient (index_add over wide rows).
 

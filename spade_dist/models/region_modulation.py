@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spade_dist.models.onehot_conv import gather_table, shifted_indices
+from spade_dist.models.onehot_conv import gather_table, shifted_indices, weight_from_table
 
 
 @dataclass
@@ -54,30 +54,31 @@ class RegionLayout:
     u1_code_padded: Tensor  # N x H+2r x W+2r: code where U1, num_codes elsewhere / outside
     u2_key: Tensor  # N*H*W: code where U2, num_codes elsewhere
     boundary: Tensor  # flat positions not in U2 (gamma/beta convolved explicitly)
+    boundary_patches: Tensor  # len(boundary) x k*k padded positions of their neighbours p + o
     boundary1: Tensor  # flat positions not in U1 (activation gathered explicitly)
+    boundary1_padded: Tensor  # padded positions of the boundary1 pixels themselves
+    boundary1_grad_patches: Tensor  # len(boundary1) x k*k padded positions q - o (mirrored offsets)
     gather_rows: Tensor  # len(boundary1) x groups*k*k rows of the onehot_conv table
 
     @property
     def radius(self) -> int:
         return self.kernel_size // 2
 
-    def padded_base(self, flat: Tensor) -> Tensor:
-        """Padded position of the top-left neighbour (offset (-r, -r)) of each flat position."""
-        n, h, w = self.shape
-        r = self.radius
-        b, rest = flat.div(h * w, rounding_mode="floor"), flat.remainder(h * w)
-        y, x = rest.div(w, rounding_mode="floor"), rest.remainder(w)
-        return (b * (h + 2 * r) + y) * (w + 2 * r) + x
 
-    def offsets(self, device: torch.device, transposed: bool = False) -> Tensor:
-        """Padded-grid steps of the k*k offsets in (ky, kx) order; ``transposed`` walks the
-        mirrored offsets (pixel q reading grad at q - o)."""
-        n, h, w = self.shape
-        k, wp = self.kernel_size, w + 2 * self.radius
-        ky, kx = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
-        if transposed:
-            ky, kx = (k - 1) - ky, (k - 1) - kx
-        return (ky * wp + kx).reshape(-1)
+def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
+    """Padded position of the top-left neighbour (offset (-r, -r)) of each flat position."""
+    b, rest = flat.div(h * w, rounding_mode="floor"), flat.remainder(h * w)
+    y, x = rest.div(w, rounding_mode="floor"), rest.remainder(w)
+    return (b * (h + 2 * r) + y) * (w + 2 * r) + x
+
+
+def _offsets(k: int, padded_width: int, device: torch.device, mirrored: bool) -> Tensor:
+    """Padded-grid steps of the k*k offsets in (ky, kx) order from the top-left neighbour;
+    ``mirrored`` walks them backwards (pixel q reading the gradient at q - o)."""
+    ky, kx = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
+    if mirrored:
+        ky, kx = (k - 1) - ky, (k - 1) - kx
+    return (ky * padded_width + kx).reshape(-1)
 
 
 def _to_channels_first(pixel_major: Tensor, n: int, h: int, w: int) -> Tensor:
@@ -135,15 +136,22 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     flat = code.reshape(-1)
     no_code = torch.full_like(flat, num_codes)
     u1_code = torch.where(u1.reshape(-1), flat, no_code).view(n, h, w)
+    boundary = (~u2).reshape(-1).nonzero().squeeze(1)
     boundary1 = (~u1).reshape(-1).nonzero().squeeze(1)
-    gather_rows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    # Neighbour tables, built once here and shared by every SPADE layer at this resolution in both passes.
+    wp = w + 2 * r
+    base1 = _padded_base(boundary1, h, w, r)
     return RegionLayout(
         shape=(n, h, w), kernel_size=kernel_size, class_counts=list(class_counts), num_codes=num_codes,
         code=flat, code_columns=code_columns,
         u1_code_padded=F.pad(u1_code, (r, r, r, r), value=num_codes),
         u2_key=torch.where(u2.reshape(-1), flat, no_code),
-        boundary=(~u2).reshape(-1).nonzero().squeeze(1),
-        boundary1=boundary1, gather_rows=gather_rows,
+        boundary=boundary,
+        boundary_patches=_padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :],
+        boundary1=boundary1,
+        boundary1_padded=base1 + r * wp + r,
+        boundary1_grad_patches=base1[:, None] + _offsets(kernel_size, wp, device, True)[None, :],
+        gather_rows=shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1),
     )
 
 
@@ -166,8 +174,7 @@ class _RegionGammaBeta(torch.autograd.Function):
         act_padded = F.pad(act.view(n, h, w, hidden), (0, 0, r, r, r, r)).view(-1, hidden)
         out = F.embedding(layout.code, code_gb)
         if layout.boundary.numel():
-            neighbours = layout.padded_base(layout.boundary)[:, None] + layout.offsets(act.device)[None, :]
-            patches = act_padded.index_select(0, neighbours.reshape(-1)).view(-1, k * k * hidden)
+            patches = act_padded.index_select(0, layout.boundary_patches.reshape(-1)).view(-1, k * k * hidden)
             weight_matrix = gb_weight.permute(2, 3, 1, 0).reshape(k * k * hidden, c2)
             out.index_copy_(0, layout.boundary, torch.addmm(gb_bias, patches, weight_matrix))
         ctx.layout = layout
@@ -190,8 +197,7 @@ class _RegionGammaBeta(torch.autograd.Function):
         per_code = grad_flat.new_zeros(num_codes + 1, c2).index_add_(0, layout.u2_key, grad_flat)[:num_codes]
         grad_gb_weight = (per_code.t() @ code_act)[:, :, None, None].expand(c2, hidden, k, k).clone()
         if layout.boundary.numel():
-            neighbours = layout.padded_base(layout.boundary)[:, None] + layout.offsets(grad.device)[None, :]
-            patches = act_padded.index_select(0, neighbours.reshape(-1)).view(-1, k * k * hidden)
+            patches = act_padded.index_select(0, layout.boundary_patches.reshape(-1)).view(-1, k * k * hidden)
             from_patches = grad_flat.index_select(0, layout.boundary).t() @ patches  # 2C x (k*k*hidden)
             grad_gb_weight += from_patches.view(c2, k, k, hidden).permute(0, 3, 1, 2)
 
@@ -210,21 +216,14 @@ class _RegionGammaBeta(torch.autograd.Function):
         # mask, then the onehot_conv table's scatter-add over each offset's class.
         if layout.boundary1.numel():
             grad_padded = F.pad(grad, (0, 0, r, r, r, r)).view(-1, c2)
-            base = layout.padded_base(layout.boundary1)
-            neighbours = base[:, None] + layout.offsets(grad.device, transposed=True)[None, :]
-            grad_act = grad_padded.index_select(0, neighbours.reshape(-1)).view(-1, k * k * c2) @ transposed_weight
-            grad_pre = grad_act * (act_padded.index_select(0, base + r * (w + 2 * r) + r) > 0)
+            grad_patches = grad_padded.index_select(0, layout.boundary1_grad_patches.reshape(-1))
+            grad_act = grad_patches.view(-1, k * k * c2) @ transposed_weight
+            grad_pre = grad_act * (act_padded.index_select(0, layout.boundary1_padded) > 0)
             grad_shared_bias += grad_pre.sum(dim=0)
             table_grad = grad_pre.new_zeros(sum(k * k * (count + 1) for count in layout.class_counts), hidden)
             for column in range(layout.gather_rows.shape[1]):
                 table_grad.index_add_(0, layout.gather_rows[:, column], grad_pre)
-            parts, start = [], 0
-            for count in layout.class_counts:
-                rows = k * k * (count + 1)
-                block = table_grad[start:start + rows].view(k, k, count + 1, hidden)[:, :, :count]
-                parts.append(block.permute(3, 2, 0, 1))
-                start += rows
-            grad_shared_weight += torch.cat(parts, dim=1)
+            grad_shared_weight += weight_from_table(table_grad, layout.class_counts, k)
         return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias
 
 
