@@ -2,6 +2,7 @@
 browser (Debian's chromium driven by Playwright) against a tiny VAE generator in a run directory."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -137,6 +138,56 @@ def test_batcher_runs_queued_requests_in_one_forward(repo_root: Path) -> None:
     assert (results[1].image.int() - single.image.int()).abs().max() <= 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_cuda_equals_spade_generate_on_cuda(repo_root: Path, tmp_path: Path) -> None:
+    from spade_dist.models.compat import save_generator_file
+    from spade_dist.serve.model import ModelSpec, load_served_model
+
+    cfg = _tiny_cfg(repo_root)
+    torch.manual_seed(3)
+    save_generator_file(build_generator(cfg), cfg, tmp_path / "G.pt")
+    Image.fromarray(_scene()).save(tmp_path / "scene.png")
+    served = load_served_model(ModelSpec(checkpoint=tmp_path / "G.pt"), torch.device("cuda"))
+    assert next(served.model.generator.parameters()).is_cuda
+    batcher = Batcher(lambda: served)
+    batcher.start()
+    try:
+        label = torch.from_numpy(_scene().astype(np.int64)).view(1, 1, SIZE, SIZE)
+        image = batcher.submit(GenerationRequest(label=label, seed=4, key="scene")).result(timeout=300).image
+    finally:
+        batcher.stop()
+    assert generate_main(["--labels", str(tmp_path / "scene.png"), "--checkpoint", str(tmp_path / "G.pt"),
+                          "--seed", "4", "--device", "cuda", "--out", str(tmp_path / "gen")]) == 0
+    expected = np.array(Image.open(tmp_path / "gen" / "images" / "scene_0.png").convert("RGB"))
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
+
+
+def test_holder_follows_committed_checkpoints_and_refuses_corrupt_ones(repo_root: Path, tmp_path: Path) -> None:
+    from spade_dist.serve.model import ModelHolder, ModelSpec, load_served_model
+
+    cfg = _tiny_cfg(repo_root)
+    run_dir = tmp_path / "run"
+    _save_checkpoint(run_dir, cfg, step=1, seed=1)
+    spec = ModelSpec(checkpoint=run_dir)
+    logged: list[str] = []
+    holder = ModelHolder(spec, load_served_model(spec, torch.device("cpu")), log=logged.append)
+    assert holder.get().step == 1 and not holder.poll()
+    # a step directory without its marker (a save in flight) is not looked at
+    (run_dir / "checkpoints" / "step-000000005").mkdir()
+    assert not holder.poll() and holder.last_error is None
+    # a committed step whose data no longer matches the marker's sha256 is refused once, not served
+    _save_checkpoint(run_dir, cfg, step=2, seed=2)
+    data = max((run_dir / "checkpoints" / "step-000000002").rglob("*.distcp"), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert not holder.poll() and holder.get().step == 1
+    assert "sha256" in holder.last_error and "step-000000002" in holder.last_error
+    assert not holder.poll() and len(logged) == 1, "a refused step is reported once"
+    _save_checkpoint(run_dir, cfg, step=3, seed=3)
+    assert holder.poll() and holder.get().step == 3 and holder.last_error is None
+
+
 # ------------------------------------------------------------------------------------------------
 # The CLI
 # ------------------------------------------------------------------------------------------------
@@ -179,30 +230,21 @@ class Server:
             return exc.code, json.loads(exc.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("serve")
-    manifest = write_shards(root / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
-                            instance=False)
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "class_names": CLASS_NAMES}))
-    cfg = _tiny_cfg(repo_root, manifest)
-    run_dir = root / "run"
-    _save_checkpoint(run_dir, cfg, step=1, seed=1)
-    proc = subprocess.Popen(
-        [str(SERVE), "--checkpoint", str(run_dir), "--port", "0", "--device", "cpu", "--poll-seconds", "0.5",
-         "--shards", str(manifest), "--split", "val", "--max-upload-bytes", str(256 * 1024)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+@contextlib.contextmanager
+def _serving(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run ``spade-serve ARGS --port 0`` until the block ends; yields the process and the URL it prints."""
+    proc = subprocess.Popen([str(SERVE), *args, "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     try:
-        for line in proc.stdout:  # the server prints its URL once it listens and the model is loaded
+        for line in proc.stdout:  # printed once the model is loaded and the port listens
             lines.append(line)
             match = re.search(r"open (http://\S+/)", line)
             if match:
                 break
         else:
             raise AssertionError("spade-serve exited before serving:\n" + "".join(lines))
-        yield Server(proc, match.group(1), run_dir, cfg)
+        yield proc, match.group(1)
     finally:
         proc.terminate()
         try:
@@ -213,18 +255,43 @@ def server(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def page(server: Server):
+def server(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve")
+    manifest = write_shards(root / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
+                            instance=False)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "class_names": CLASS_NAMES}))
+    cfg = _tiny_cfg(repo_root, manifest)
+    run_dir = root / "run"
+    _save_checkpoint(run_dir, cfg, step=1, seed=1)
+    with _serving("--checkpoint", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
+                  "--max-upload-bytes", str(256 * 1024)) as (proc, url):
+        yield Server(proc, url, run_dir, cfg)
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.is_file(), f"{CHROMIUM} missing: launch/install_services.sh installs Debian's chromium"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 700})
-        page.set_default_timeout(120_000)
-        page.goto(server.url)
-        page.wait_for_selector("body[data-ready='1']")
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server: Server):
+    page = _open(browser, server.url)
+    yield page
+    page.close()
 
 
 def _wait_current_image(page) -> None:
@@ -254,6 +321,7 @@ def _brush(page, name: str) -> None:
     page.locator(".brush", has_text=name).click()
 
 
+@pytest.mark.e2e
 def test_page_draw_two_regions_shows_an_image_that_follows_them(page, server: Server) -> None:
     assert [b.strip() for b in page.locator(".brush").all_inner_texts()] == [f"{i} {n}" for i, n in enumerate(CLASS_NAMES)]
     page.locator("#brush-size").fill("16")
@@ -280,6 +348,7 @@ def test_page_draw_two_regions_shows_an_image_that_follows_them(page, server: Se
     assert (ids[62] == 0).all() and (ids[46] == 2).all()
 
 
+@pytest.mark.e2e
 def test_uploaded_label_map_gives_spade_generates_image(page, server: Server, tmp_path: Path) -> None:
     page.locator("#new-style").click()
     seed = int(page.evaluate("() => window.spadeServe.seed()"))
@@ -307,6 +376,7 @@ def test_uploaded_label_map_gives_spade_generates_image(page, server: Server, tm
     page.wait_for_function("() => document.getElementById('result').dataset.key === 'val_00003'")
 
 
+@pytest.mark.e2e
 def test_malformed_or_oversized_upload_shows_an_error_and_the_page_keeps_working(page, server: Server,
                                                                                  tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
@@ -335,6 +405,7 @@ def test_malformed_or_oversized_upload_shows_an_error_and_the_page_keeps_working
     assert status == 400 and body["error"].startswith("malformed request"), body
 
 
+@pytest.mark.e2e
 def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
     _wait_current_image(page)
     before = _image(page)
@@ -344,3 +415,41 @@ def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
     page.wait_for_function("() => document.getElementById('result').dataset.step === '2'")
     _wait_current_image(page)
     assert not np.array_equal(_image(page), before), "step 2's generator should give another image"
+
+
+@pytest.mark.e2e
+def test_official_checkpoint_with_encoder_and_style_image(browser, repo_root: Path, coco_sample: Path,
+                                                          tmp_path: Path) -> None:
+    """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
+    inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
+    spade-generate's image for the same map, photo and seed."""
+    from spade_dist.models import build_encoder
+    from spade_dist.models.compat import save_official_generator
+
+    options = ["data.label_nc=4", "data.aspect_ratio=4.0", "model.ngf=8", "model.use_vae=true", "model.z_dim=16"]
+    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
+    torch.manual_seed(5)
+    save_official_generator(build_generator(cfg), tmp_path / "G.pth")
+    torch.save(build_encoder(cfg).state_dict(), tmp_path / "E.pth")
+    scene = tmp_path / "scene.png"
+    Image.fromarray(_scene(64, 256)).save(scene)
+    style = coco_sample / "val_img" / "000000000785.jpg"
+    model = ["--checkpoint", str(tmp_path / "G.pth"), "--encoder", str(tmp_path / "E.pth"), "--preset", "custom",
+             *options]
+    with _serving(*model) as (_, url):
+        page = _open(browser, url)
+        assert page.locator("#style-box").is_visible()
+        page.locator("#upload-labels").set_input_files(str(scene))
+        page.wait_for_function("() => document.getElementById('result').dataset.key === 'scene'")
+        page.locator("#new-style").click()
+        seed = int(page.evaluate("() => window.spadeServe.seed()"))
+        page.locator("#upload-style").set_input_files(str(style))
+        page.wait_for_function(f"() => document.getElementById('result').dataset.seed === '{seed}'"
+                               " && document.getElementById('result').dataset.style === '000000000785.jpg'")
+        _wait_current_image(page)
+        served = _image(page)
+        page.close()
+    assert generate_main(["--labels", str(scene), *model, "--style-image", str(style), "--seed", str(seed),
+                          "--out", str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    expected = np.array(Image.open(tmp_path / "gen" / "images" / "scene_0.png").convert("RGB"))
+    assert served.shape == (64, 256, 3) and np.array_equal(served, expected)

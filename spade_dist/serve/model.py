@@ -103,6 +103,7 @@ class ModelHolder:
         self._lock = threading.Lock()
         self._log = log
         self.last_error: Optional[str] = None
+        self._failed: Optional[Path] = None  # newest step that failed to load: not re-hashed every poll
 
     def get(self) -> ServedModel:
         with self._lock:
@@ -110,33 +111,38 @@ class ModelHolder:
 
     def poll(self) -> bool:
         """Load the run's newest committed step if it is newer than the served one. Returns True on a
-        swap. A checkpoint that fails to load (pruned meanwhile, corrupt) is reported and the current
-        model stays; the next poll tries again."""
+        swap. A checkpoint that fails to load (pruned meanwhile, corrupt) is reported (``last_error``,
+        shown in the page) and the current model stays until a newer step is committed."""
         if not self.spec.follows_run:
             return False
         current = self.get()
         try:
             latest = newest_committed_step(self.spec.checkpoint)
             step = layout.step_of(latest)
-            if current.step is not None and step is not None and step <= current.step:
+            if (current.step is not None and step is not None and step <= current.step) or latest == self._failed:
                 return False
+        except (ValueError, OSError) as exc:  # no committed checkpoint left (pruned, directory gone)
+            return self._report(f"cannot list the checkpoints of {self.spec.checkpoint}: {exc}")
+        try:
             served = _load(self.spec, verified(latest), step, current.device)
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
-            message = f"cannot load a newer checkpoint of {self.spec.checkpoint}: {exc}"
-            if message != self.last_error:
-                self._log(message)
-            self.last_error = message
-            return False
+            self._failed = latest
+            return self._report(f"cannot load {latest}: {exc}")
         if served.size_hw != current.size_hw or served.model.cfg.data.label_nc != current.model.cfg.data.label_nc:
-            self.last_error = (f"{latest}: label_nc / size differ from the served model; restart spade-serve to "
-                               "serve it")
-            self._log(self.last_error)
-            return False
+            self._failed = latest
+            return self._report(f"{latest}: label_nc / size differ from the served model; restart spade-serve "
+                                "to serve it")
         with self._lock:
             self._served = served
         self.last_error = None
         self._log(f"serving {latest} (step {step})")
         return True
+
+    def _report(self, message: str) -> bool:
+        if message != self.last_error:
+            self._log(message)
+        self.last_error = message
+        return False
 
 
 class Follower:

@@ -126,6 +126,7 @@ async function generate() {
   const version = state.version;
   const seed = state.seed;
   const key = state.key;
+  const styleName = state.styleFile ? state.styleFile.name : "";
   const form = labelsForm();
   form.append("seed", String(seed));
   form.append("key", key);
@@ -145,6 +146,7 @@ async function generate() {
       img.dataset.seed = String(seed);
       img.dataset.key = key;
       img.dataset.version = String(version);
+      img.dataset.style = styleName;
       img.src = state.imageUrl;
       $("download-image").href = state.imageUrl;
       $("status").textContent = (step ? `step ${step} · ` : "") + `seed ${seed} · key ${key}` +
