@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -89,7 +90,15 @@ def read_samples(cfg: Config, opts: ServeOptions, size_hw: tuple[int, int]) -> l
     return samples
 
 
-def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
+def _print(message: str) -> None:
+    print(message, flush=True)  # flushed: the URL line is what scripts (and the tests) wait for
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(opts: ServeOptions, log: Callable[[str], None] = _print, warn: Callable[[str], None] = _warn) -> None:
     """Run the server until interrupted. Problems the user can fix raise before the port is served:
     :class:`ServeError`, ``GenerateError`` (checkpoint, preset, device) and the data readers' errors."""
     import uvicorn
@@ -107,7 +116,7 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = print) -> None:
         cfg = served.model.cfg
         samples = read_samples(cfg, opts, served.size_hw)
         names = class_names(cfg.data.label_nc, _manifests(cfg, opts))
-        holder = ModelHolder(opts.spec, served, log=lambda m: log(f"spade-serve: {m}"))
+        holder = ModelHolder(opts.spec, served, log=lambda m: warn(f"spade-serve: {m}"))
         batcher = Batcher(holder.get, max_batch=opts.max_batch)
         app = create_app(holder, batcher, names, samples, opts.max_upload_bytes)
     except BaseException:
