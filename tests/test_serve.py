@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -423,19 +422,13 @@ def test_official_checkpoint_with_encoder_and_style_image(browser, repo_root: Pa
     """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
     inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
     spade-generate's image for the same map, photo and seed."""
-    from spade_dist.models import build_encoder
-    from spade_dist.models.compat import save_official_generator
+    from tests.model_fixtures import OFFICIAL_VAE_OPTIONS, write_official_vae
 
-    options = ["data.label_nc=4", "data.aspect_ratio=4.0", "model.ngf=8", "model.use_vae=true", "model.z_dim=16"]
-    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
-    torch.manual_seed(5)
-    save_official_generator(build_generator(cfg), tmp_path / "G.pth")
-    torch.save(build_encoder(cfg).state_dict(), tmp_path / "E.pth")
+    generator, encoder = write_official_vae(repo_root, tmp_path, seed=5)
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
-    model = ["--checkpoint", str(tmp_path / "G.pth"), "--encoder", str(tmp_path / "E.pth"), "--preset", "custom",
-             *options]
+    model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "custom", *OFFICIAL_VAE_OPTIONS]
     with _serving(*model) as (_, url):
         page = _open(browser, url)
         assert page.locator("#style-box").is_visible()
