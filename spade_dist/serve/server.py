@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = _print, warn: Callabl
     if opts.max_upload_bytes < 1024:
         raise ServeError(f"--max-upload-bytes must be >= 1024, got {opts.max_upload_bytes}")
     sock = bind_socket(opts.host, opts.port)
+    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        warn(f"spade-serve: warning: listening on {opts.host}: anyone who reaches this address can use the page "
+             "(it has no authentication)")
     try:
         device = resolve_device(opts.device)
         served = load_served_model(opts.spec, device)
