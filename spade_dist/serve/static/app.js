@@ -260,7 +260,7 @@ async function downloadLabels(event) {
   const url = URL.createObjectURL(await response.blob());
   const link = document.createElement("a");
   link.href = url;
-  link.download = `${state.key}.png`;
+  link.download = `${state.key.replace(/[^A-Za-z0-9_.-]/g, "_")}.png`;  // keys come from files and shards
   document.body.append(link);
   link.click();
   link.remove();
