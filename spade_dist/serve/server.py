@@ -128,7 +128,7 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = _print, warn: Callabl
         raise
     follower = Follower(holder, opts.poll_seconds)
     host, port = sock.getsockname()[:2]
-    url = f"http://{host}:{port}/"
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"  # IPv6 literals in brackets
     step = f"step {served.step}" if served.step is not None else "a generator file"
     log(f"spade-serve: {served.source} ({step}) on {device}; open {url}")
     batcher.start()
