@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the end-to-end tests start by themselves (no systemd is used):
-# Slurm (slurm-wlm, munge), Prometheus (prometheus, promtool) and the Pushgateway.
+# Slurm (slurm-wlm, munge), Prometheus (prometheus, promtool), the Pushgateway, and the headless
+# browser of the spade-serve tests (chromium, chromium-driver; Playwright drives /usr/bin/chromium).
 set -euo pipefail
 need=()
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
@@ -8,6 +9,8 @@ command -v munged >/dev/null || need+=(munge)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v prometheus-pushgateway >/dev/null || need+=(prometheus-pushgateway)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO=sudo

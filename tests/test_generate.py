@@ -14,7 +14,7 @@ from PIL import Image
 
 from spade_dist.cli.generate import main
 from spade_dist.config import load_config
-from spade_dist.models import build_encoder, build_generator
+from spade_dist.models import build_generator
 from spade_dist.models.compat import save_generator_file, save_official_generator
 from spade_dist.visualize import (
     GalleryRow,
@@ -227,13 +227,10 @@ def test_num_per_label_needs_a_vae(coco_sample: Path, official_checkpoint: Path,
 
 def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
-    # The official encoder layout needs crop_size 256. To keep the generator cheap on CPU this test uses
-    # 4 hand-drawn classes (custom preset) and aspect ratio 4 (256 x 64 output).
-    options = ["data.label_nc=4", "data.aspect_ratio=4.0", "model.ngf=8", "model.use_vae=true", "model.z_dim=16"]
+    from tests.model_fixtures import OFFICIAL_VAE_OPTIONS as options, write_official_vae
+
+    write_official_vae(repo_root, tmp_path, seed=2)
     cfg = load_config(repo_root / "configs" / "custom.yaml", options)
-    torch.manual_seed(2)
-    save_official_generator(build_generator(cfg), tmp_path / "G.pth")
-    torch.save(build_encoder(cfg).state_dict(), tmp_path / "E.pth")
     labels = tmp_path / "labels"
     labels.mkdir()
     scene = np.zeros((40, 40), dtype=np.uint8)

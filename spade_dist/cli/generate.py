@@ -29,7 +29,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -277,18 +277,21 @@ def generation_size(cfg: Config) -> tuple[int, int]:
     return int(round(width / cfg.data.aspect_ratio)), width
 
 
-def read_integer_map(path: Path, size_hw: tuple[int, int], what: str,
-                     check_ids: Optional[tuple[int, bool]] = None) -> torch.Tensor:
+def read_integer_map(path: Union[Path, BinaryIO], size_hw: tuple[int, int], what: str,
+                     check_ids: Optional[tuple[int, bool]] = None, name: Optional[str] = None) -> torch.Tensor:
     """Single-channel PNG -> int64 1 x 1 x H x W, resized with nearest neighbour (ids never blended).
 
+    ``path`` may be an open binary file (an upload); ``name`` is then what error messages call it.
     ``check_ids=(label_nc, contain_dontcare_label)`` validates the ids at full resolution, before the
     resize could drop a small region holding a bad id."""
+    if name is None:
+        name = str(path)
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode not in _INTEGER_MODES:
                 raise GenerateError(
-                    f"{path}: {what} must be a single-channel integer PNG (mode L, P, I or I;16), got mode {img.mode}"
+                    f"{name}: {what} must be a single-channel integer PNG (mode L, P, I or I;16), got mode {img.mode}"
                 )
             if img.mode == "1":
                 img = img.convert("L")
@@ -299,22 +302,23 @@ def read_integer_map(path: Path, size_hw: tuple[int, int], what: str,
                 try:
                     check_label_ids(full.view(1, 1, *full.shape), *check_ids)
                 except LabelError as exc:
-                    raise GenerateError(f"{path}: {exc}") from exc
+                    raise GenerateError(f"{name}: {exc}") from exc
             resized = img.resize((size_hw[1], size_hw[0]), Image.NEAREST)
             array = np.array(resized, dtype=np.int64)
     except (UnidentifiedImageError, OSError) as exc:
-        raise GenerateError(f"{path}: cannot read {what} PNG: {exc}") from exc
+        raise GenerateError(f"{name}: cannot read {what} PNG: {exc}") from exc
     return torch.from_numpy(array).view(1, 1, *array.shape)
 
 
-def read_photo(path: Path, size_hw: tuple[int, int]) -> torch.Tensor:
-    """RGB photo -> uint8 3 x H x W resized bicubically (the official image interpolation)."""
+def read_photo(path: Union[Path, BinaryIO], size_hw: tuple[int, int], name: Optional[str] = None) -> torch.Tensor:
+    """RGB photo (a path or an open binary file called ``name``) -> uint8 3 x H x W resized bicubically
+    (the official image interpolation)."""
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB").resize((size_hw[1], size_hw[0]), Image.BICUBIC)
             array = np.array(rgb, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
-        raise GenerateError(f"{path}: cannot read image: {exc}") from exc
+        raise GenerateError(f"{name or path}: cannot read image: {exc}") from exc
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -326,6 +330,12 @@ def photo_to_model_input(photo_uint8: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Generation
 # ------------------------------------------------------------------------------------------------
+
+
+def label_seed(seed: int, key: str) -> int:
+    """Seed of one label map's z draws. Per label (its key mixed in), so a label's images do not depend
+    on which other labels are generated with it; ``spade-serve`` uses the same rule."""
+    return seed * 1_000_003 + zlib.crc32(key.encode())
 
 
 def latent_codes(model: LoadedModel, count: int, style: Optional[torch.Tensor], rng: torch.Generator,
@@ -428,8 +438,7 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
                 )
             except LabelError as exc:
                 raise GenerateError(f"{item.source}: {exc}") from exc
-            # Per-label seed: a label's images do not depend on which other labels are in the folder.
-            rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(item.key.encode()))
+            rng = torch.Generator(device=device).manual_seed(label_seed(args.seed, item.key))
             z = latent_codes(model, args.num_per_label, style, rng, device)
             batch = semantics.expand(args.num_per_label, -1, -1, -1)
             fakes = to_uint8_image(generator(batch, z=z))

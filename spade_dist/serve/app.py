@@ -1,0 +1,158 @@
+"""The ``spade-serve`` web application: a FastAPI app over a :class:`ModelHolder` and a :class:`Batcher`,
+plus the static page in ``static/``.
+
+HTTP API (all errors are JSON ``{"error": message}`` with a 4xx status; the page shows the message):
+
+- ``GET /api/info``: classes (id, name, colour), generation size, served step / source, VAE / encoder.
+- ``POST /api/generate`` (multipart): ``labels`` raw uint16 ids at the generation size, ``width``,
+  ``height``, ``seed``, ``key``, optional ``style`` photo -> ``image/png``, headers ``X-Step``,
+  ``X-Batch-Size``.
+- ``POST /api/labelmap`` (multipart ``file``): a label PNG (ids or palette colours) -> ids JSON.
+- ``GET /api/samples`` / ``GET /api/samples/{index}``: keys of the shard samples / one sample's ids.
+- ``POST /api/labelmap.png`` (multipart ``labels``, ``width``, ``height``): ids -> palette PNG download.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from spade_dist.cli.generate import sample_key
+from spade_dist.serve.batcher import Batcher, GenerationRequest
+from spade_dist.serve.inputs import (RequestError, decode_canvas, decode_label_upload, decode_style_upload,
+                                     ids_payload, image_png, label_png)
+from spade_dist.serve.model import ModelHolder
+from spade_dist.visualize import label_palette
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Longest a request waits for its image; a tiny CPU model takes well under a second, a large one on a
+# busy CPU several seconds per batch.
+GENERATE_TIMEOUT_S = 300.0
+# Seeds the page sends (the "new style" button draws 31-bit ones); spade-generate's --seed takes the same.
+MAX_SEED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A label map the page can pick: from a shard set (keys are untrusted text, used only as text)."""
+
+    key: str
+    label: torch.Tensor  # int64 1 x 1 x H x W at the generation size
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise RequestError(f"{what}: upload larger than {limit} bytes (--max-upload-bytes)")
+    return data
+
+
+def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], samples: list[Sample],
+               max_upload_bytes: int) -> FastAPI:
+    app = FastAPI(title="spade-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):  # refuse before the body is spooled anywhere
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+            return _error(413, f"request of {length} bytes is larger than --max-upload-bytes {max_upload_bytes}")
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return _error(400, f"malformed request: {problems}")
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:  # the page shows it; the server lives on
+        return _error(500, f"server error: {type(exc).__name__}: {exc}")
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/api/info")
+    def info() -> dict:
+        served = holder.get()
+        cfg = served.model.cfg
+        palette = label_palette(cfg.data.label_nc).tolist()
+        height, width = served.size_hw
+        return {
+            "classes": [{"id": i, "name": class_names[i], "color": palette[i]} for i in range(cfg.data.label_nc)],
+            "contain_dontcare_label": cfg.data.contain_dontcare_label,
+            "width": width, "height": height,
+            "step": served.step, "source": served.source,
+            "use_vae": served.use_vae, "has_encoder": served.model.encoder is not None,
+            "follows_run": holder.spec.follows_run, "checkpoint_error": holder.last_error,
+            "num_samples": len(samples), "max_upload_bytes": max_upload_bytes,
+        }
+
+    @app.post("/api/generate")
+    async def generate(labels: UploadFile = File(...), width: int = Form(...), height: int = Form(...),
+                       seed: int = Form(0), key: str = Form("canvas"),
+                       style: Optional[UploadFile] = File(None)) -> Response:
+        served = holder.get()
+        cfg = served.model.cfg
+        label = decode_canvas(await _read_upload(labels, max_upload_bytes, "label map"), width, height,
+                              served.size_hw, cfg.data.label_nc, cfg.data.contain_dontcare_label)
+        style_image = None
+        if style is not None:
+            if not served.use_vae:
+                raise RequestError("this generator is deterministic (use_vae=false): a style image has no effect")
+            style_image = decode_style_upload(await _read_upload(style, max_upload_bytes, "style image"),
+                                              style.filename or "style image", served.size_hw)
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed {seed} is out of range 0..{MAX_SEED}")
+        request = GenerationRequest(label=label, seed=seed, key=key[:200], style=style_image)
+        result = await asyncio.wait_for(asyncio.wrap_future(batcher.submit(request)), GENERATE_TIMEOUT_S)
+        headers = {"X-Step": "" if result.step is None else str(result.step), "X-Batch-Size": str(result.batch_size),
+                   "Cache-Control": "no-store"}
+        return Response(image_png(result.image), media_type="image/png", headers=headers)
+
+    @app.post("/api/labelmap")
+    async def upload_labelmap(file: UploadFile = File(...)) -> dict:
+        served = holder.get()
+        cfg = served.model.cfg
+        name = Path(file.filename or "label map").name
+        label = decode_label_upload(await _read_upload(file, max_upload_bytes, name), name, served.size_hw,
+                                    cfg.data.label_nc, cfg.data.contain_dontcare_label)
+        return ids_payload(label, key=sample_key(Path(name).stem))
+
+    @app.post("/api/labelmap.png")
+    async def export_labelmap(labels: UploadFile = File(...), width: int = Form(...),
+                              height: int = Form(...)) -> Response:
+        served = holder.get()
+        cfg = served.model.cfg
+        label = decode_canvas(await _read_upload(labels, max_upload_bytes, "label map"), width, height,
+                              served.size_hw, cfg.data.label_nc, cfg.data.contain_dontcare_label)
+        return Response(label_png(label, cfg.data.label_nc), media_type="image/png",
+                        headers={"Content-Disposition": 'attachment; filename="labels.png"'})
+
+    @app.get("/api/samples")
+    def sample_keys() -> dict:
+        return {"keys": [s.key for s in samples]}
+
+    @app.get("/api/samples/{index}")
+    def sample(index: int) -> dict:
+        if not 0 <= index < len(samples):
+            raise RequestError(f"no sample {index} (there are {len(samples)})")
+        return ids_payload(samples[index].label, key=samples[index].key)
+
+    return app
