@@ -13,7 +13,6 @@ from data_tools.cli import main
 from data_tools.layouts import DataToolsError, LayoutOptions, check_layout
 
 W, H = 8, 6
-COCO_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "coco_stuff_sample"
 
 
 def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
@@ -174,8 +173,8 @@ def test_check_layout_cli_exit_codes(tmp_path: Path, capsys) -> None:
     assert "dataset root not found" in capsys.readouterr().err
 
 
-def test_check_layout_on_the_real_coco_stuff_sample(capsys) -> None:
-    assert main(["check-layout", "--layout", "coco-stuff", "--root", str(COCO_SAMPLE)]) == 0
+def test_check_layout_on_the_real_coco_stuff_sample(coco_sample: Path, capsys) -> None:
+    assert main(["check-layout", "--layout", "coco-stuff", "--root", str(coco_sample)]) == 0
     out = capsys.readouterr().out
     assert "OK coco-stuff train: 13 samples, label_nc 182" in out
     assert "OK coco-stuff val: 8 samples" in out

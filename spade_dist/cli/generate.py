@@ -40,7 +40,7 @@ from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
 EXIT_USAGE_ERROR = 2
-PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom")
+PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom", "coco_stuff_512", "ade20k_512", "cityscapes_1024x512")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -112,7 +112,7 @@ def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides
         config_path = configs_dir() / f"{preset}.yaml"
     if config_path is None:
         raise GenerateError(
-            "an official checkpoint carries no model options: pass --preset coco_stuff|ade20k|cityscapes|custom "
+            f"an official checkpoint carries no model options: pass --preset {'|'.join(PRESETS)} "
             "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
         )
     return load_config(config_path, list(overrides))
