@@ -152,23 +152,13 @@ def _read_checkpoint(path: Path) -> object:
 def _load_encoder(state: object, cfg: Config, source: str) -> torch.nn.Module:
     """ConvEncoder with the official layout, loaded strictly from an official ``net_E`` state dict."""
     from spade_dist.models import build_encoder
+    from spade_dist.models.compat import load_encoder_state
 
-    if not isinstance(state, dict):
-        raise GenerateError(f"{source}: encoder weights must be a state dict, got {type(state).__name__}")
     encoder = build_encoder(cfg, init=False)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    want = encoder.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
-              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shapes:
-        raise GenerateError(
-            f"{source}: encoder weights do not match the encoder built from the options (ngf={cfg.model.ngf}, "
-            f"crop_size={cfg.data.crop_size}, z_dim={cfg.model.z_dim}): missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
-        )
-    encoder.load_state_dict(state)
+    try:
+        load_encoder_state(encoder, state, source, cfg)
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from exc
     return encoder.eval()
 
 
