@@ -202,6 +202,10 @@ class EvalConfig:
     allow_download: bool = False
     # Where real-image reference statistics are cached; empty = $SPADE_FID_CACHE or ~/.cache/spade-dist/fid-reference.
     reference_cache_dir: str = ""
+    # How images reach the Inception network (docs/EVALUATION.md): "torch-fidelity" = TF1-style resize to
+    # 299 (torch-fidelity's default); "pytorch-fid" = PyTorch bilinear resize and 2x/255-1 scaling, as
+    # the pytorch-fid package does (the SPADE paper's FIDs). Part of the reference-statistics cache key.
+    fid_protocol: Literal["torch-fidelity", "pytorch-fid"] = "torch-fidelity"
 
 
 @dataclass
