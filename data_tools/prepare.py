@@ -84,7 +84,12 @@ def _encode_png(inst: np.ndarray) -> bytes:
 
 def write_instance_map(task: InstanceTask) -> str:
     """Pool entry point: build and atomically write one instance map; returns its file name."""
-    write_bytes_atomic(task.out, _encode_png(instance_map(_read_label(task.label), task.annotations)))
+    label = _read_label(task.label)
+    try:
+        inst = instance_map(label, task.annotations)
+    except (ValueError, TypeError) as err:  # odd coordinate count, non-numeric coordinates
+        raise DataToolsError(f"{task.out.name}: bad polygon in the annotation file ({err})") from None
+    write_bytes_atomic(task.out, _encode_png(inst))
     return task.out.name
 
 

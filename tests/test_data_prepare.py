@@ -109,6 +109,13 @@ def test_prepare_errors_name_the_file(tmp_path: Path, capsys) -> None:
     assert "label map not found" in capsys.readouterr().err
     assert _prepare(tmp_path / "nope.json", images, labels, tmp_path / "coco") == 1
     assert "annotation file not found" in capsys.readouterr().err
+    # a polygon with an odd number of coordinates names the output map
+    broken = json.loads(ann.read_text())
+    broken["annotations"][0]["segmentation"] = [[1, 1, 4]]
+    ann.write_text(json.dumps(broken))
+    (labels / "000000000002.png").write_bytes((labels / "000000000001.png").read_bytes())
+    assert _prepare(ann, images, labels, tmp_path / "fresh", "--workers", "1") == 1
+    assert "000000000001.png: bad polygon in the annotation file" in capsys.readouterr().err
     # a root whose {split}_img already points elsewhere is refused rather than silently re-pointed
     other = tmp_path / "other"
     other.mkdir()
