@@ -135,8 +135,8 @@ def _shard_file_stats(directory: Path, shards: list) -> list:
     stats: list = []
     for entry in shards:
         name = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(name, str):
-            continue
+        if not isinstance(name, str) or Path(name).name != name:
+            continue  # shard entries are plain file names beside the manifest; nothing else is looked up
         try:
             st = (directory / name).stat()
             stats.append([name, st.st_size, st.st_mtime_ns])
