@@ -81,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
 
+    prepare = sub.add_parser("prepare", help="arrange a downloaded dataset into its shard layout "
+                             "(COCO-Stuff: instance maps from the annotation JSON)")
+    prepare.add_argument("dataset", choices=("coco-stuff",))
+    prepare.add_argument("--annotations", required=True, help="instances_{train,val}2017.json")
+    prepare.add_argument("--images", required=True, help="downloaded image folder, e.g. train2017/")
+    prepare.add_argument("--labels", required=True, help="label folder, e.g. stuffthingmaps_trainval2017/train2017/")
+    prepare.add_argument("--root", required=True, help="dataset root to create ({split}_img, _label, _inst)")
+    prepare.add_argument("--split", default="train", help="split name (default train)")
+    prepare.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+                         help="processes writing instance maps")
+    prepare.add_argument("--limit", type=_positive_int, default=None,
+                         help="only the first N images of the annotation file")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = sub.add_parser("check-layout", help="check a dataset folder against a layout without sharding")
+    check.add_argument("--layout", required=True, choices=LAYOUTS)
+    check.add_argument("--root", required=True, help="dataset root folder")
+    check.add_argument("--split", action="append", default=None, help="split to check (repeatable; default train and val)")
+
     merge = sub.add_parser("merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
     merge.add_argument("dir")
     merge.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
@@ -126,6 +145,18 @@ def _run(args: argparse.Namespace) -> int:
                                         val_count=args.val_count)
         print(f"{descriptor['splits']['train']} train + {descriptor['splits']['val']} val landscapes "
               f"({descriptor['size']} px, {descriptor['label_nc']} classes) -> {args.out}")
+        return 0
+    if args.command == "prepare":
+        from data_tools.prepare import prepare_coco_stuff
+        result = prepare_coco_stuff(args.annotations, args.images, args.labels, args.root, args.split,
+                                    workers=args.workers, progress=not args.no_progress, limit=args.limit)
+        print(f"{result.written} instance maps written, {result.skipped} already present -> "
+              f"{result.root}/{args.split}_inst")
+        return 0
+    if args.command == "check-layout":
+        from data_tools.layouts import LayoutOptions, check_layout
+        for split in args.split or ["train", "val"]:
+            print(check_layout(args.layout, Path(args.root), split, LayoutOptions()))
         return 0
     if args.command == "merge-manifest":
         from data_tools.manifest import merge_manifest

@@ -7,6 +7,7 @@ Nothing here decodes pixels; that is ``records.py``'s job.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -116,9 +117,29 @@ def _index_by_key(files: list[Path], root: Path, strip_suffix: str, role: str) -
     return index
 
 
+def _near_misses(path: Path) -> str:
+    """Why ``path`` is missing, from what is there: a misnamed folder or an archive's extra folder level."""
+    existing = path
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    missing = path.relative_to(existing)
+    wanted = missing.parts[0]
+    folders = sorted(d.name for d in existing.iterdir() if d.is_dir())
+    # Unzipping e.g. leftImg8bit_trainvaltest.zip into its own folder adds a level: root/X/leftImg8bit/...
+    for folder in folders:
+        if (existing / folder / missing).is_dir():
+            return (f"; it is at {existing / folder / missing}: the download was unpacked one folder "
+                    f"deeper, move {existing / folder / wanted} to {existing / wanted}")
+    close = [f for f in folders if f.lower() == wanted.lower()] or difflib.get_close_matches(wanted, folders, n=1)
+    if close:
+        return f"; misnamed? {existing / close[0]} exists, the layout expects {existing / wanted}"
+    return f"; {existing} has {', '.join(folders[:12]) if folders else 'no folders'}"
+
+
 def _require_dir(path: Path, what: str, hint: str = "") -> Path:
     if not path.is_dir():
-        raise DataToolsError(f"{what} folder not found: {path}{(' (' + hint + ')') if hint else ''}")
+        raise DataToolsError(f"{what} folder not found: {path}{_near_misses(path)}"
+                             f"{(' (' + hint + ')') if hint else ''}")
     return path
 
 
@@ -197,6 +218,9 @@ def discover_cityscapes(root: Path, split: str, options: LayoutOptions) -> Disco
     gt_files = _list_files(gt_dir, MAP_EXTENSIONS, True)
     images = _index_by_key(image_files, root, "_leftImg8bit", "image")
     labels = _index_by_key(gt_files, root, "_gtFine_labelIds", "label")
+    if images and not labels:
+        raise DataToolsError(f"no *_gtFine_labelIds.png under {gt_dir} (is it gtCoarse, or only *_color.png?); "
+                             "the label maps come from gtFine_trainvaltest.zip")
     instances = _index_by_key(gt_files, root, "_gtFine_instanceIds", "instance") if spec.instance else None
     return Discovery(spec, *_pair(root, images, labels, instances))
 
@@ -261,3 +285,20 @@ def discover(layout: str, root: Path, split: str, options: LayoutOptions) -> Dis
     finder = {"coco-stuff": discover_coco_stuff, "ade20k": discover_ade20k,
               "cityscapes": discover_cityscapes, "custom": discover_custom}[layout]
     return finder(root.resolve(), split, options)
+
+
+def check_layout(layout: str, root: Path, split: str, options: LayoutOptions) -> str:
+    """Check that ``split`` of a download is complete for ``layout``; returns a one-line summary.
+
+    Raises :class:`DataToolsError` naming the missing or misnamed folder, or the first unpaired files.
+    """
+    found = discover(layout, root, split, options)
+    if found.problems:
+        shown = "; ".join(f"{p.key}: {p.reason}" for p in found.problems[:3])
+        more = f" (and {len(found.problems) - 3} more)" if len(found.problems) > 3 else ""
+        raise DataToolsError(f"{layout} {split} under {root}: {len(found.problems)} unpaired sample(s): {shown}{more}")
+    if not found.samples:
+        raise DataToolsError(f"{layout} {split} under {root}: the folders exist but hold no samples")
+    first = found.samples[0]
+    return (f"OK {layout} {split}: {len(found.samples)} samples, label_nc {found.spec.label_nc}, "
+            f"e.g. {', '.join(first.files())}")

@@ -72,18 +72,23 @@ def dumps_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def write_json_atomic(final: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``final`` via a temp file + rename (readers see old or new, never half)."""
+def write_bytes_atomic(final: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``final`` via a temp file + rename (readers see old or new, never half)."""
     tmp = temp_name(final)
     try:
         with open(tmp, "wb") as handle:
-            handle.write(dumps_json(obj))
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(final: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``final`` via a temp file + rename (readers see old or new, never half)."""
+    write_bytes_atomic(final, dumps_json(obj))
 
 
 def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

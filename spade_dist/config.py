@@ -11,6 +11,7 @@ dotted key and the file (or ``<override>``) it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,13 @@ class TrainConfig:
     # ({"step", "epoch", "keys"}), e.g. to prove exactly-once data delivery across preemptions.
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
+    # Fine-tuning: start G (and E when the file has one) from an official latest_net_G.pth (read with
+    # this config's model options; latest_net_E.pth beside it is the encoder) or a spade-dist generator
+    # file (spade-export / spade-convert). D and the optimizers start fresh. Only used when the run
+    # starts without a checkpoint; a resumed run continues from its checkpoint. Empty = from scratch.
+    init_generator: str = ""
+    # Optional sha256 the init_generator file must have (a download that changed is refused).
+    init_generator_sha256: str = ""
 
 
 @dataclass
@@ -194,6 +202,10 @@ class EvalConfig:
     allow_download: bool = False
     # Where real-image reference statistics are cached; empty = $SPADE_FID_CACHE or ~/.cache/spade-dist/fid-reference.
     reference_cache_dir: str = ""
+    # How images reach the Inception network (docs/EVALUATION.md): "torch-fidelity" = TF1-style resize to
+    # 299 (torch-fidelity's default); "pytorch-fid" = PyTorch bilinear resize and 2x/255-1 scaling, as
+    # the pytorch-fid package does (the SPADE paper's FIDs). Part of the reference-statistics cache key.
+    fid_protocol: Literal["torch-fidelity", "pytorch-fid"] = "torch-fidelity"
 
 
 @dataclass
@@ -378,6 +390,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (cfg.train.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {cfg.train.zero_stage}"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.eval.every_k >= 1, f"eval.every_k must be >= 1, got {cfg.eval.every_k}"),
+        (not cfg.train.init_generator_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", cfg.train.init_generator_sha256),
+         f"train.init_generator_sha256 must be 64 hex digits, got {cfg.train.init_generator_sha256!r}"),
+        (not cfg.train.init_generator_sha256 or cfg.train.init_generator,
+         "train.init_generator_sha256 is set but train.init_generator is empty"),
+        (not cfg.train.init_generator or cfg.model.netG == "spade",
+         f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -238,15 +238,20 @@ def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path
     scene[5:15, 5:30] = 3
     Image.fromarray(scene).save(labels / "scene.png")
     style = coco_sample / "val_img" / "000000000785.jpg"
-    base = ["--labels", str(labels), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom", *options,
-            "--style-image", str(style)]
+    other_style = coco_sample / "val_img" / "000000001268.jpg"
+    base = ["--labels", str(labels), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom", *options]
     runs = []
-    for name in ("a", "b"):
-        rc = main(base + ["--out", str(tmp_path / name), "--encoder", str(tmp_path / "E.pth")])
+    for name, photo in (("a", style), ("b", style), ("other", other_style)):
+        rc = main(base + ["--style-image", str(photo), "--out", str(tmp_path / name),
+                          "--encoder", str(tmp_path / "E.pth")])
         assert rc == 0, capsys.readouterr().err
         runs.append(np.array(Image.open(tmp_path / name / "images" / "scene_0.png")))
     assert runs[0].shape == (64, 256, 3)
     assert np.array_equal(runs[0], runs[1]), "same seed + style image -> same image"
+    # same seed, another style photo: the style (not the noise) changes the image, clearly
+    difference = np.abs(runs[0].astype(int) - runs[2].astype(int))
+    assert difference.max() > 8 and (difference > 0).mean() > 0.01, "a different style image -> a different image"
+    base += ["--style-image", str(style)]
     # a project generator file may carry the encoder itself (an "encoder" entry, official layout)
     save_generator_file(build_generator(cfg), cfg, tmp_path / "project.pt")
     payload = torch.load(tmp_path / "project.pt", weights_only=True)

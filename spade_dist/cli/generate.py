@@ -40,7 +40,7 @@ from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
 EXIT_USAGE_ERROR = 2
-PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom")
+PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom", "coco_stuff_512", "ade20k_512", "cityscapes_1024x512")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -112,7 +112,7 @@ def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides
         config_path = configs_dir() / f"{preset}.yaml"
     if config_path is None:
         raise GenerateError(
-            "an official checkpoint carries no model options: pass --preset coco_stuff|ade20k|cityscapes|custom "
+            f"an official checkpoint carries no model options: pass --preset {'|'.join(PRESETS)} "
             "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
         )
     return load_config(config_path, list(overrides))
@@ -152,23 +152,13 @@ def _read_checkpoint(path: Path) -> object:
 def _load_encoder(state: object, cfg: Config, source: str) -> torch.nn.Module:
     """ConvEncoder with the official layout, loaded strictly from an official ``net_E`` state dict."""
     from spade_dist.models import build_encoder
+    from spade_dist.models.compat import load_encoder_state
 
-    if not isinstance(state, dict):
-        raise GenerateError(f"{source}: encoder weights must be a state dict, got {type(state).__name__}")
     encoder = build_encoder(cfg, init=False)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    want = encoder.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
-              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shapes:
-        raise GenerateError(
-            f"{source}: encoder weights do not match the encoder built from the options (ngf={cfg.model.ngf}, "
-            f"crop_size={cfg.data.crop_size}, z_dim={cfg.model.z_dim}): missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
-        )
-    encoder.load_state_dict(state)
+    try:
+        load_encoder_state(encoder, state, source, cfg)
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from exc
     return encoder.eval()
 
 

@@ -9,7 +9,8 @@ single-process one.
 
 Images are scored at the dataset's evaluation resolution (crop size x aspect ratio): the generator
 output is converted to uint8 exactly as the official code saves images (``(x + 1) / 2 * 255``,
-truncated), and torch-fidelity's extractor resizes to 299 itself.
+truncated), and the extractor resizes to 299 as ``eval.fid_protocol`` says (torch-fidelity's TF1-style
+resize, or pytorch-fid's PyTorch bilinear one).
 """
 from __future__ import annotations
 
@@ -73,12 +74,13 @@ class EvalResult:
     weights_sha256: str
     seconds: float
     extra: dict = field(default_factory=dict)
+    fid_protocol: str = "torch-fidelity"
 
     def to_record(self) -> dict:
         return {"fid": self.fid, "kid_mean": self.kid_mean, "kid_std": self.kid_std,
                 "kid_subset_size": self.kid_subset_size, "num_images": self.num_images,
                 "resolution": self.resolution, "weights_sha256": self.weights_sha256,
-                "seconds": round(self.seconds, 3), **self.extra}
+                "fid_protocol": self.fid_protocol, "seconds": round(self.seconds, 3), **self.extra}
 
 
 def _rank_world() -> tuple[int, int]:
@@ -216,7 +218,7 @@ class Evaluator:
         self.log = log
         # Weights first: a missing file must fail before anything slow happens.
         self.weights_path = resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)
-        self.extractor = build_inception(self.weights_path, self.device)
+        self.extractor = build_inception(self.weights_path, self.device, cfg.eval.fid_protocol)
         self.weights_sha256 = weights_identity(self.weights_path)
         self.resolution = evaluation_resolution(cfg.data)
         self.cache_dir = resolve_cache_dir(str(cache_dir) if cache_dir is not None else cfg.eval.reference_cache_dir)
@@ -227,7 +229,7 @@ class Evaluator:
         split = self.cfg.data.val_split
         name = reference_cache_name(
             self.cfg.data.dataset, split, dataset_fingerprint(self.cfg.data, split), self.resolution,
-            preprocessing_key(self.cfg.data), self.cfg.eval.num_images, self.weights_sha256,
+            preprocessing_key(self.cfg.data), self.cfg.eval.num_images, self.weights_sha256, self.cfg.eval.fid_protocol,
         )
         return self.cache_dir / name
 
@@ -252,6 +254,7 @@ class Evaluator:
         ref = ReferenceStats(features=features, stats=feature_statistics(features), meta={
             "dataset": self.cfg.data.dataset, "split": self.cfg.data.val_split,
             "resolution": list(self.resolution), "weights_sha256": self.weights_sha256,
+            "fid_protocol": self.cfg.eval.fid_protocol, "image_resample": self.cfg.data.image_resample,
             "num_images": int(features.shape[0]), "seconds": round(time.time() - start, 3),
         })
         if self.rank == 0:
@@ -290,7 +293,7 @@ class Evaluator:
             kid_subset_size=kid_subset_size_used(self.cfg.eval.kid_subset_size, fake.shape[0],
                                                  self.reference.features.shape[0]),
             num_images=int(fake.shape[0]), resolution=list(self.resolution), weights_sha256=self.weights_sha256,
-            seconds=time.time() - start, extra=dict(extra or {}),
+            seconds=time.time() - start, extra=dict(extra or {}), fid_protocol=self.cfg.eval.fid_protocol,
         )
 
     def load_checkpoint(self, checkpoint: Union[str, Path]) -> tuple[nn.Module, Config]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from spade_dist.files import sha256_file  # noqa: F401 - re-exported
@@ -30,6 +31,8 @@ INCEPTION_ENV = "SPADE_INCEPTION_WEIGHTS"
 FEATURE_LAYER = "2048"  # torch-fidelity's layer for FID and KID
 EXTRACTOR_NAME = "inception-v3-compat"
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
+FID_PROTOCOLS = ("torch-fidelity", "pytorch-fid")  # eval.fid_protocol
+INPUT_SIZE = 299  # InceptionV3's input side
 
 
 class InceptionWeightsError(FileNotFoundError):
@@ -73,13 +76,55 @@ def weights_identity(path: Optional[Path]) -> str:
     return sha256_file(path) if path is not None else f"torch-fidelity:{TORCH_FIDELITY_FILE}"
 
 
-def build_inception(weights_path: Optional[Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """torch-fidelity's InceptionV3 returning the 2048-d pool features; uint8 N x 3 x H x W in, float32 out."""
+def pytorch_fid_input(images_uint8: torch.Tensor) -> torch.Tensor:
+    """What pytorch-fid's InceptionV3 feeds its first block: the image as torchvision's ``ToTensor``
+    gives it (uint8 / 255), resized to 299 x 299 with ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (no antialiasing), then scaled to [-1, 1] with ``2 x - 1``."""
+    x = images_uint8.float().div(255)
+    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+class PytorchFidProtocol(nn.Module):
+    """torch-fidelity's FID Inception fed pytorch-fid's input (:func:`pytorch_fid_input`).
+
+    Both packages port the same TF Inception graph (2015-12-05) and differ in the front end:
+    torch-fidelity resizes like TF1 and normalises with (x - 128) / 128, pytorch-fid resizes with
+    PyTorch's bilinear interpolation and normalises with 2 x / 255 - 1 (the protocol behind the SPADE
+    paper's FIDs). torch-fidelity's ``forward`` accepts only uint8 and always runs its own front end,
+    so a pre-hook on its first convolution replaces that front end's output with pytorch-fid's input:
+    the same weights and layers, without a second copy of the network code.
+    """
+
+    def __init__(self, extractor: FeatureExtractorInceptionV3) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = pytorch_fid_input(images_uint8)
+        handle = self.extractor.Conv2d_1a_3x3.register_forward_pre_hook(lambda _module, _args: (x,))
+        try:
+            placeholder = torch.zeros((x.shape[0], 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=x.device)
+            return self.extractor(placeholder)
+        finally:
+            handle.remove()
+
+
+def build_inception(weights_path: Optional[Path], device: Union[str, torch.device] = "cpu",
+                    protocol: str = "torch-fidelity") -> nn.Module:
+    """The FID Inception returning the 2048-d pool features; uint8 N x 3 x H x W in, float32 out.
+
+    ``protocol`` (``eval.fid_protocol``) chooses the resize to 299 and the input scaling:
+    ``torch-fidelity`` (TF1-style) or ``pytorch-fid`` (:class:`PytorchFidProtocol`).
+    """
+    if protocol not in FID_PROTOCOLS:
+        raise ValueError(f"unknown FID protocol {protocol!r} (known: {', '.join(FID_PROTOCOLS)})")
     extractor = FeatureExtractorInceptionV3(
         EXTRACTOR_NAME, [FEATURE_LAYER],
         feature_extractor_weights_path=str(weights_path) if weights_path is not None else None,
     )
-    return extractor.to(device).eval()
+    net: nn.Module = PytorchFidProtocol(extractor) if protocol == "pytorch-fid" else extractor
+    return net.to(device).eval()
 
 
 @torch.no_grad()

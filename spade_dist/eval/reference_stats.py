@@ -3,12 +3,15 @@
 The cache file name carries everything that changes the numbers, so a stale file can never be
 picked up (torch-fidelity's own cache name includes none of these):
 
-    ref-<dataset>-<split>-m<manifest sha256[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-w<weights sha256[:12]>.pt
+    ref-<dataset>-<split>-m<data hash[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-w<weights sha256[:12]>-<protocol>.pt
 
-- the dataset manifest hash (a re-sharded or different dataset gets new statistics),
+- the data hash: the manifest's split entry plus each shard file's size and mtime (a re-sharded,
+  different or replaced dataset gets new statistics),
 - the evaluation resolution (the dataset's crop size and aspect ratio) and the preprocessing,
+  ``data.image_resample`` included,
 - the sha256 of the Inception weights file (test weights vs real weights),
-- the number of images (``eval.num_images``, 0 = whole split).
+- the number of images (``eval.num_images``, 0 = whole split),
+- ``eval.fid_protocol`` (how images are resized to 299).
 
 The file stores the features themselves (KID needs them, not just mean/covariance) plus the
 statistics, written atomically (temp file + rename) so concurrent watchers can share a cache dir.
@@ -102,9 +105,12 @@ def dataset_fingerprint(data_cfg: DataConfig, split: str) -> str:
         if split_info is None:
             raise ReferenceStatsError(f"{manifest}: no split '{split}' (has {sorted(info.get('splits', {}))})")
         # Hash the split's entry (shard names, sizes, sha256s), not the whole file: adding a train
-        # shard must not invalidate validation statistics.
+        # shard must not invalidate validation statistics. The shard files' own size and mtime join
+        # it, so shards replaced under an unchanged manifest are noticed without reading their bytes.
         canonical = json.dumps({"dataset": info.get("dataset"), "label_nc": info.get("label_nc"), "split": split,
-                                "shards": split_info.get("shards")}, sort_keys=True)
+                                "shards": split_info.get("shards"),
+                                "files": _shard_file_stats(manifest.parent, split_info.get("shards") or [])},
+                               sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
     if first.startswith("pipe:"):
         raise ReferenceStatsError(f"data.val_shards '{spec}': pipe sources need a manifest.json path to identify the data")
@@ -123,18 +129,38 @@ def dataset_fingerprint(data_cfg: DataConfig, split: str) -> str:
     return digest.hexdigest()
 
 
+def _shard_file_stats(directory: Path, shards: list) -> list:
+    """[name, size, mtime_ns] of each listed shard file beside the manifest ("missing" when absent,
+    e.g. shards read through pipe: commands); a rewritten file changes its size or mtime."""
+    stats: list = []
+    for entry in shards:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name:
+            continue  # shard entries are plain file names beside the manifest; nothing else is looked up
+        try:
+            st = (directory / name).stat()
+            stats.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            stats.append([name, "missing"])
+    return stats
+
+
 def preprocessing_key(data_cfg: DataConfig) -> str:
-    """Short hash of the settings that change which pixels the reference images have."""
-    fields = {k: getattr(data_cfg, k) for k in ("preprocess_mode", "load_size", "crop_size", "aspect_ratio")}
+    """Short hash of the settings that change which pixels the reference images have
+    (``image_resample``: the fast decode path gives slightly different pixels than the exact one)."""
+    fields = {k: getattr(data_cfg, k)
+              for k in ("preprocess_mode", "load_size", "crop_size", "aspect_ratio", "image_resample")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def reference_cache_name(dataset: str, split: str, manifest_sha256: str, resolution: tuple[int, int],
-                         preprocess_key: str, num_images: int, weights_sha256: str) -> str:
+                         preprocess_key: str, num_images: int, weights_sha256: str,
+                         fid_protocol: str = "torch-fidelity") -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset}-{split}")
     weights = re.sub(r"[^A-Za-z0-9]", "", weights_sha256)[:12] or "unknown"
+    protocol = re.sub(r"[^A-Za-z0-9-]", "", fid_protocol)
     return (f"ref-{safe}-m{manifest_sha256[:12]}-{resolution[0]}x{resolution[1]}-p{preprocess_key}"
-            f"-n{num_images}-w{weights}.pt")
+            f"-n{num_images}-w{weights}-{protocol}.pt")
 
 
 def resolve_cache_dir(configured: str = "") -> Path:

@@ -13,8 +13,10 @@ Project format (``save_generator_file`` / ``load_generator_file``), loadable wit
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -301,10 +303,107 @@ def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Confi
     cfg = config_from_dict(payload["config"], source=f"{path}:config")
     G = build_generator(cfg, init=False)
     state, source = _read_state_dict(payload["generator"])
+    check_and_load(G, state, f"{path}:generator", _config_options(cfg, G))
+    return G.eval(), cfg
+
+
+def _config_options(cfg: Config, G: nn.Module) -> dict[str, Any]:
+    """The options :func:`check_and_load` names in its diagnosis, from a Config."""
     d, m = cfg.data, cfg.model
     sh, sw = getattr(G, "sh", 0), getattr(G, "sw", 0)  # latent size: SPADE generator only
-    opts = {"label_nc": d.label_nc, "contain_dontcare_label": d.contain_dontcare_label, "no_instance": d.no_instance,
+    return {"label_nc": d.label_nc, "contain_dontcare_label": d.contain_dontcare_label, "no_instance": d.no_instance,
             "ngf": m.ngf, "num_upsampling_layers": m.num_upsampling_layers, "z_dim": m.z_dim,
             "semantic_nc": d.semantic_nc, "sh": sh, "sw": sw}
-    check_and_load(G, state, f"{path}:generator", opts)
-    return G.eval(), cfg
+
+
+def load_encoder_state(encoder: nn.Module, state: object, source: str, cfg: Config) -> None:
+    """Load an official ``net_E`` state dict (``module.`` prefixes allowed) into ``encoder``, strictly."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source}: encoder weights must be a state dict, got {type(state).__name__}")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    want = encoder.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
+              for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{source}: encoder weights do not match the encoder built from the options (ngf={cfg.model.ngf}, "
+            f"crop_size={cfg.data.crop_size}, z_dim={cfg.model.z_dim}): missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
+    encoder.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class GeneratorInit:
+    """Where a fine-tuning run's generator (and encoder) came from; recorded in the run directory."""
+
+    path: str
+    format: str  # "official" (latest_net_G.pth state dict) or "spade-dist" (generator file)
+    sha256: str
+    encoder: str  # the file / entry the encoder came from; "" = fresh (or no encoder)
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def official_encoder_path(generator_path: Path) -> Path:
+    """``latest_net_G.pth`` -> ``latest_net_E.pth``: the official code saves netE beside netG."""
+    return generator_path.with_name(generator_path.name.replace("net_G", "net_E"))
+
+
+def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, path: Union[str, os.PathLike],
+                             expected_sha256: str = "") -> GeneratorInit:
+    """Load weights into the freshly built ``G`` (and ``E``) of ``cfg`` from an official
+    ``latest_net_G.pth`` or a spade-dist generator file, checked like :func:`load_official_generator` /
+    :func:`load_generator_file`. The encoder comes from ``latest_net_E.pth`` beside an official file or
+    the generator file's ``encoder`` entry, when present; otherwise ``E`` keeps its fresh weights.
+    ``expected_sha256`` (when given) must be the file's sha256.
+    """
+    from spade_dist.files import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator file not found: {path}")
+    digest = sha256_file(path)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise ValueError(f"{path}: sha256 {digest} differs from the expected {expected_sha256}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt file, not a torch file, pickled objects
+        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+    encoder_state: object = None
+    encoder_source = ""
+    G = _unwrap(G)
+    if isinstance(payload, Mapping) and payload.get("format") == PROJECT_FORMAT:
+        file_G, file_cfg = load_generator_file(path)
+        try:
+            _check_matches_config(G, file_cfg)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        G.load_state_dict(file_G.state_dict())
+        fmt = "spade-dist"
+        if payload.get("encoder") is not None:
+            encoder_state, encoder_source = payload["encoder"], f"{path}:encoder"
+    else:
+        if not isinstance(payload, Mapping):
+            raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(payload).__name__}")
+        try:
+            state, _ = _read_state_dict(payload)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        check_and_load(G, state, str(path), _config_options(cfg, G))
+        fmt = "official"
+        sibling = official_encoder_path(path)
+        if E is not None and sibling != path and sibling.is_file():
+            encoder_source = str(sibling)
+            try:
+                encoder_state = torch.load(sibling, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"{sibling}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+    if E is not None and encoder_state is not None:
+        load_encoder_state(_unwrap(E), encoder_state, encoder_source, cfg)
+    else:
+        encoder_source = ""
+    return GeneratorInit(str(path), fmt, digest, encoder_source)

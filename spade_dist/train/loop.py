@@ -23,6 +23,7 @@ import torch
 
 from spade_dist.config import Config
 from spade_dist.distributed import DistributedSetupError, attach_syncbn_group, per_rank_batch_size
+from spade_dist.models.compat import GeneratorInit
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
@@ -84,6 +85,18 @@ def write_run_files(run_dir: Path, cfg: Config) -> None:
     tmp.write_text(cfg.to_yaml())
     os.replace(tmp, run_dir / "config.yaml")
     (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
+
+
+INIT_GENERATOR_FILE = "init_generator.json"
+
+
+def record_init_generator(run_dir: Path, init: GeneratorInit) -> None:
+    """A fine-tuning run's starting point (path, format, sha256, encoder), in the log and the run dir."""
+    from spade_dist.metrics import write_json_atomic
+
+    write_json_atomic(run_dir / INIT_GENERATOR_FILE, init.to_dict())
+    print(f"[spade-train] generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
+          f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh", flush=True)
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
@@ -178,6 +191,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     restored = ckpt.restore(app_state, resume)
     if restored is not None and info.is_main:
         print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
+    elif state.init_from is not None and info.is_main:
+        record_init_generator(run_dir, state.init_from)
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit

@@ -19,8 +19,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from spade_dist.config import Config
+from spade_dist.config import Config, ConfigError
 from spade_dist.models import build_discriminator, build_encoder, build_generator, reparameterize
+from spade_dist.models.compat import GeneratorInit, init_generator_from_file
 from spade_dist.train.ema import EMAGenerator
 from spade_dist.train.schedule import EpochLinearDecay, lr_and_betas, make_adam
 
@@ -63,6 +64,8 @@ class TrainState:
     epoch: int = 0
     # Device tensor so counting a skip never forces a host sync; read it with `nonfinite_skips`.
     nonfinite_skips_t: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    # train.init_generator: where G started (None = official init); not part of the saved state.
+    init_from: Optional[GeneratorInit] = None
 
     @property
     def generator(self) -> nn.Module:
@@ -143,6 +146,7 @@ def build_train_state(cfg: Config, device: torch.device, fused_adam: bool,
     netG = build_generator(cfg).to(device=device, dtype=dtype)
     netE = build_encoder(cfg).to(device=device, dtype=dtype) if cfg.model.use_vae else None
     netD = build_discriminator(cfg).to(device=device, dtype=dtype)
+    init_from = init_generator(netG, netE, cfg) if cfg.train.init_generator else None
     side = GeneratorSide(netG, netE)
     if cfg.model.channels_last:
         side.to(memory_format=torch.channels_last)
@@ -163,4 +167,13 @@ def build_train_state(cfg: Config, device: torch.device, fused_adam: bool,
         scaler_G=torch.amp.GradScaler(device.type) if fp16 else None,
         scaler_D=torch.amp.GradScaler(device.type) if fp16 else None,
         nonfinite_skips_t=torch.zeros((), device=device),
+        init_from=init_from,
     )
+
+
+def init_generator(netG: nn.Module, netE: Optional[nn.Module], cfg: Config) -> GeneratorInit:
+    """``train.init_generator``: G (and E) from the file, before the EMA copy and the optimizers exist."""
+    try:
+        return init_generator_from_file(netG, netE, cfg, cfg.train.init_generator, cfg.train.init_generator_sha256)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointMismatchError is a ValueError
+        raise ConfigError(f"train.init_generator: {exc}") from exc  # the messages name the file
