@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spade_dist.distributed import DistributedSetupError, check_process_group, per_rank_batch_size
+from spade_dist.distributed import DistributedSetupError, batch_geometry, check_process_group
 from tests.dist_utils import free_port
 from tests.train_fixtures import PYTHON, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli
 
@@ -51,11 +51,16 @@ def test_single_process_accelerator_under_world_size_2_is_an_error():
         check_process_group(2, launcher_processes=1)
 
 
-def test_per_rank_batch_from_global_batch():
-    assert per_rank_batch_size(3, world=2, grad_accum=2, global_batch=16) == 4
-    assert per_rank_batch_size(3, world=2, grad_accum=1, global_batch=0) == 3
+def test_batch_geometry_keeps_the_global_batch_by_the_chosen_factor():
+    assert batch_geometry(3, 2, world=2, global_batch=16, absorb="per_rank_batch") == (4, 2)
+    assert batch_geometry(3, 1, world=2, global_batch=0, absorb="per_rank_batch") == (3, 1)
+    # An elastic resize 2 -> 1 ranks with the accumulation absorbing it: per-rank batch 4 stays.
+    assert batch_geometry(4, 1, world=2, global_batch=16, absorb="grad_accum") == (4, 2)
+    assert batch_geometry(4, 1, world=1, global_batch=16, absorb="grad_accum") == (4, 4)
     with pytest.raises(DistributedSetupError, match="not divisible"):
-        per_rank_batch_size(1, world=3, grad_accum=1, global_batch=16)
+        batch_geometry(1, 1, world=3, global_batch=16, absorb="per_rank_batch")
+    with pytest.raises(DistributedSetupError, match=r"world size 3 x data.batch_size 4 = 12 \(train.elastic_batch=grad_accum"):
+        batch_geometry(4, 1, world=3, global_batch=16, absorb="grad_accum")
 
 
 @pytest.mark.e2e
