@@ -48,6 +48,12 @@ if [[ ! -x "$torchrun" ]]; then
     exit 2
 fi
 
+# torchrun's c10d rendezvous shares its agent's TCP store with the workers by default; in torch 2.14
+# a node joining a running job then hangs the next round (the staying rank-0 agent does not publish
+# MASTER_ADDR for it; pytorch/pytorch#135712 for the restart side). Without sharing, rank 0's worker
+# hosts a fresh store on a fresh port every round, so no keys of an earlier round can be read either.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 exec "$torchrun" \
     --nnodes="$nnodes" \
     --nproc-per-node="${SPADE_NPROC_PER_NODE:-1}" \

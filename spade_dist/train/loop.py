@@ -89,7 +89,13 @@ def write_run_files(run_dir: Path, cfg: Config) -> None:
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
-    """Group the loader's batches by ``grad_accum``; a trailing partial group ends the epoch."""
+    """Group the loader's batches by ``grad_accum``.
+
+    A trailing partial group is one (smaller) update of its own, not dropped: the loader counts
+    its samples as delivered, and after a resume on another world size the batches left of an
+    epoch rarely divide by the accumulation, so dropping would lose samples of the epoch. Every
+    rank gets the same number of batches, so every rank has the same groups.
+    """
     group: list[dict[str, Any]] = []
     it = iter(loader)
     while True:
@@ -97,12 +103,19 @@ def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterato
         try:
             batch = next(it)
         except StopIteration:
+            if group:
+                yield group
             return
         meter.data_s += time.perf_counter() - t0
         group.append(batch)
         if len(group) == grad_accum:
             yield group
             group = []
+
+
+def updates(batches: int, grad_accum: int) -> int:
+    """Optimizer steps over ``batches`` loader batches (:func:`micro_batches`' groups)."""
+    return -(-batches // grad_accum)
 
 
 class KeyAuditLog:
@@ -127,7 +140,7 @@ class KeyAuditLog:
         self._file.close()
 
 
-def last_step(cfg: Config, state: TrainState, loader: Any, steps_per_epoch: int) -> int:
+def last_step(cfg: Config, state: TrainState, loader: Any, steps_per_epoch: int, grad_accum: int) -> int:
     """The step this (re)start trains to: ``train.max_steps``, else the end of the last epoch.
 
     In epochs (``optim.niter + optim.niter_decay``), the end is counted from where the run stands
@@ -140,7 +153,7 @@ def last_step(cfg: Config, state: TrainState, loader: Any, steps_per_epoch: int)
     epoch = loader.pending_epoch()
     if epoch >= epochs:
         return state.step
-    return state.step + len(loader) // cfg.train.grad_accum + (epochs - epoch - 1) * steps_per_epoch
+    return state.step + updates(len(loader), grad_accum) + (epochs - epoch - 1) * steps_per_epoch
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
@@ -168,18 +181,14 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     # follows it by train.global_batch_size / train.elastic_batch.
     per_rank, grad_accum = batch_geometry(cfg.data.batch_size, cfg.train.grad_accum, info.world_size,
                                           cfg.train.global_batch_size, cfg.train.elastic_batch)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank),
-                              train=dataclasses.replace(cfg.train, grad_accum=grad_accum))
+    # The accumulation stays a local value: with train.elastic_batch=grad_accum the config keeps
+    # train.grad_accum=1 (validated), so the resolved config.yaml stays loadable.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank))
     run_dir = Path(cfg.train.run_dir)
 
     # --- 2. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
-    steps_per_epoch = len(loader) // cfg.train.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"data.shards={cfg.data.shards!r}: {len(loader)} batch(es) per rank, fewer than train.grad_accum "
-            f"{cfg.train.grad_accum}: nothing to train on"
-        )
+    steps_per_epoch = updates(len(loader), grad_accum)
 
     # --- 3. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
     torch.manual_seed(cfg.train.seed)
@@ -222,7 +231,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     key_log = KeyAuditLog(run_dir, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
-    max_steps = last_step(cfg, state, loader, steps_per_epoch)
+    max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
     if info.is_main:
         job = elastic_job_id()
         print(f"[spade-train] {backend.name} on {info.world_size} x {device} | global batch "
@@ -238,7 +247,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     corrupt_logged = 0
     try:
         while state.step < max_steps and not stopped_early:
-            for group in micro_batches(loader, cfg.train.grad_accum, meter):
+            for group in micro_batches(loader, grad_accum, meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
                     # moved on to the next epoch by itself; the lr schedule follows it.
