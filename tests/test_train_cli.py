@@ -63,6 +63,45 @@ def test_batch_geometry_keeps_the_global_batch_by_the_chosen_factor():
         batch_geometry(4, 1, world=3, global_batch=16, absorb="grad_accum")
 
 
+class _Loader:
+    """The two things the loop asks a loader about the rest of the run."""
+
+    def __init__(self, batches_left: int, pending_epoch: int) -> None:
+        self.batches_left, self._pending = batches_left, pending_epoch
+
+    def __len__(self) -> int:
+        return self.batches_left
+
+    def __iter__(self):
+        return iter(range(self.batches_left))
+
+    def pending_epoch(self) -> int:
+        return self._pending
+
+
+def test_trailing_partial_accumulation_group_is_an_update_of_its_own():
+    from spade_dist.train.loop import ProgressMeter, micro_batches, updates
+
+    groups = list(micro_batches(_Loader(5, 0), 2, ProgressMeter()))
+    assert groups == [[0, 1], [2, 3], [4]] and updates(5, 2) == 3
+
+
+def test_last_step_counts_epochs_from_where_a_resized_run_stands():
+    from types import SimpleNamespace
+
+    from spade_dist.config import load_config
+    from spade_dist.train.loop import last_step
+
+    cfg = load_config(None, ["optim.niter=1", "optim.niter_decay=2", "train.max_steps=0"])  # 3 epochs
+    # Saved at step 4 on 2 ranks mid-epoch 0; now 1 rank: 7 batches left of epoch 0, 12 steps per epoch.
+    assert last_step(cfg, SimpleNamespace(step=4), _Loader(7, 0), steps_per_epoch=12, grad_accum=1) == 4 + 7 + 2 * 12
+    # Saved after the last batch of epoch 1: the loader goes on with epoch 2, the last one.
+    assert last_step(cfg, SimpleNamespace(step=9), _Loader(12, 2), steps_per_epoch=12, grad_accum=2) == 9 + 6
+    assert last_step(cfg, SimpleNamespace(step=30), _Loader(12, 3), steps_per_epoch=12, grad_accum=1) == 30
+    fixed = load_config(None, ["train.max_steps=50"])
+    assert last_step(fixed, SimpleNamespace(step=4), _Loader(7, 0), steps_per_epoch=12, grad_accum=1) == 50
+
+
 @pytest.mark.e2e
 @pytest.mark.dist
 def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
