@@ -167,7 +167,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
-    # ({"step", "epoch", "keys"}), e.g. to prove exactly-once data delivery across preemptions.
+    # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
+    # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
 

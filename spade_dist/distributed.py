@@ -28,7 +28,6 @@ from torch import nn
 from spade_dist.models.sync_bn import set_sync_bn_group
 
 
-
 class DistributedSetupError(RuntimeError):
     """The launch environment and the process group disagree (message says how to fix it)."""
 

@@ -22,9 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
-from spade_dist.distributed import (
-    DistributedSetupError, attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id,
-)
+from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
