@@ -26,7 +26,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-: "${SPADE_RDZV_ENDPOINT:?set SPADE_RDZV_ENDPOINT=host:port (the rendezvous store, same on every node)}"
+if [[ ! "${SPADE_RDZV_ENDPOINT:-}" =~ ^[^:[:space:]]+:[0-9]+$ ]]; then
+    echo "launch/elastic.sh: SPADE_RDZV_ENDPOINT=${SPADE_RDZV_ENDPOINT:-}: expected host:port (the rendezvous store, the same on every node)" >&2
+    exit 2
+fi
 nnodes="${SPADE_NNODES:-1:2}"
 if [[ ! "$nnodes" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]]; then
     echo "launch/elastic.sh: SPADE_NNODES=$nnodes: expected MIN:MAX (e.g. 1:2)" >&2

@@ -22,7 +22,6 @@ from spade_dist.config import OptimConfig
 from tests.dist_utils import child_pids, free_port
 from tests.shard_fixtures import write_shards
 
-pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
 SHARDS = [6, 6, 6, 6]
 NUM_SAMPLES = sum(SHARDS)  # 24: 6 steps per epoch on 2 ranks, 12 on 1 (batch 2 per rank)
@@ -163,6 +162,21 @@ def _start_pair(repo_root: Path, tmp_path: Path, *extra: str):
     return run_dir, endpoint, args
 
 
+@pytest.mark.parametrize("env, message", [
+    ({}, "SPADE_RDZV_ENDPOINT=: expected host:port"),
+    ({"SPADE_RDZV_ENDPOINT": "head:29400", "SPADE_NNODES": "2-4"}, "SPADE_NNODES=2-4: expected MIN:MAX"),
+    ({"SPADE_RDZV_ENDPOINT": "head:29400", "SPADE_MAX_RESTARTS": "many"}, "SPADE_MAX_RESTARTS=many: expected a whole number"),
+    ({"SPADE_RDZV_ENDPOINT": "head:29400", "SPADE_TORCHRUN": "/nonexistent/torchrun"}, "torchrun not found at /nonexistent/torchrun"),
+])
+def test_launch_script_rejects_bad_settings_with_exit_2(repo_root, env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPADE_")}
+    proc = subprocess.run([str(repo_root / "launch" / "elastic.sh"), "--config", "x.yaml"], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
 def test_node_killed_mid_epoch_survivor_finishes_at_world_size_one(repo_root, tmp_path):
     """Default batch policy: the per-rank batch is kept, the global batch halves with the world."""
     run_dir, endpoint, args = _start_pair(repo_root, tmp_path)
@@ -186,6 +200,8 @@ def test_node_killed_mid_epoch_survivor_finishes_at_world_size_one(repo_root, tm
     _check_lr_schedule(text + other.text())
 
 
+@pytest.mark.e2e
+@pytest.mark.dist
 def test_node_joins_and_the_run_goes_on_at_world_size_two(repo_root, tmp_path):
     """train.global_batch_size=4 kept by gradient accumulation: 2 per rank x 2 on one node, x 1 on two."""
     run_dir, endpoint, args = _start_pair(repo_root, tmp_path, "train.global_batch_size=4", "train.elastic_batch=grad_accum",
