@@ -143,9 +143,19 @@ class TrainConfig:
     grad_accum: int = 1
     # When > 0, the run stops after this many optimizer steps (overrides the epoch count).
     max_steps: int = 0
-    # Global batch (per-rank batch x world size x accumulation); 0 = whatever the launch gives.
-    # When set, it must be divisible, otherwise the run fails at start.
+    # Global batch (per-rank batch x world size x accumulation); 0 = whatever the launch gives
+    # (the per-rank batch is kept and the global batch follows the world size, also after an
+    # elastic resize). When set, it must be divisible, otherwise the run fails at start.
     global_batch_size: int = 0
+    # Which factor absorbs the world size when global_batch_size > 0 (read at every (re)start, so
+    # an elastic resize keeps the global batch): "per_rank_batch" derives data.batch_size,
+    # "grad_accum" keeps data.batch_size and derives the accumulation (train.grad_accum must stay 1).
+    elastic_batch: Literal["per_rank_batch", "grad_accum"] = "per_rank_batch"
+    # Timeout of every collective (world group, checkpoint control / writer groups, rendezvous
+    # store): how long survivors wait for a lost peer before failing so that the launcher can
+    # re-form the group. Must exceed the longest wait of a healthy rank on the slowest one
+    # (checkpoint write, resume validation, sample writing, first compiled step).
+    collective_timeout_s: float = 120.0
     seed: int = 0
     deterministic: bool = False
     ema_decay: float = 0.999
@@ -158,7 +168,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
-    # ({"step", "epoch", "keys"}), e.g. to prove exactly-once data delivery across preemptions.
+    # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
+    # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
     # Fine-tuning: start G (and E when the file has one) from an official latest_net_G.pth (read with
@@ -386,6 +397,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (cfg.model.ngf >= 1 and cfg.model.ndf >= 1, "model.ngf and model.ndf must be >= 1"),
         (cfg.optim.D_steps_per_G >= 1, f"optim.D_steps_per_G must be >= 1, got {cfg.optim.D_steps_per_G}"),
         (cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}"),
+        (cfg.train.collective_timeout_s > 0,
+         f"train.collective_timeout_s must be > 0, got {cfg.train.collective_timeout_s}"),
+        (cfg.train.elastic_batch != "grad_accum" or cfg.train.global_batch_size > 0,
+         "train.elastic_batch=grad_accum needs train.global_batch_size > 0 (the global batch to keep)"),
+        (cfg.train.elastic_batch != "grad_accum" or cfg.train.grad_accum == 1,
+         f"train.grad_accum={cfg.train.grad_accum}: with train.elastic_batch=grad_accum the accumulation is "
+         "derived from train.global_batch_size; leave train.grad_accum at 1"),
+        (cfg.train.elastic_batch != "grad_accum" or cfg.train.backend != "deepspeed",
+         "train.elastic_batch=grad_accum is not supported with train.backend=deepspeed (no gradient accumulation)"),
         (0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}"),
         (cfg.train.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {cfg.train.zero_stage}"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),

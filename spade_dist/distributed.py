@@ -11,6 +11,8 @@ scripts) - there is no module-level state. The rules this module enforces:
 - SyncBN statistics are reduced over the whole world or over the ranks of one node
   (``train.syncbn_group``); every rank builds every node's subgroup because ``new_group`` is a
   collective over the world.
+- Every collective has the same timeout, ``train.collective_timeout_s`` (torch's default is 30
+  minutes): an elastic job must notice a lost peer quickly to re-form at the new size.
 """
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 from spade_dist.models.sync_bn import set_sync_bn_group
-
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 class DistributedSetupError(RuntimeError):
@@ -80,34 +80,64 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def elastic_restart_attempt() -> int:
-    """torchrun's restart count when its agent hosts the rendezvous store, else 0."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return 0
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+def collective_timeout(seconds: float) -> timedelta:
+    """``train.collective_timeout_s`` as the ``timeout=`` of process groups and stores."""
+    return timedelta(seconds=seconds)
 
 
-def elastic_restart_store(world_size: int) -> dict:
-    """``store=`` kwargs for ``dist.init_process_group`` on a torchrun restart; ``{}`` otherwise.
+def elastic_job_id() -> str:
+    """torchrun's rendezvous id (``--rdzv-id``, env TORCHELASTIC_RUN_ID), "" outside torchrun.
 
-    (Added by the checkpoint engineer.) torchrun ``--max-restarts`` keeps its agent's rendezvous
-    store across attempts, and gloo's connection keys of the killed attempt ("default_pg/...", and
-    those of every ``new_group``) are still in it: restarted ranks read dead peers' addresses and
-    fail with "Connection refused". Prefixing the store with TORCHELASTIC_RESTART_COUNT gives each
-    attempt fresh keys (tests/test_checkpoint_train_e2e.py kills a rank with -9 to prove it).
+    The same for every (re)start of one elastic job: restarted workers (after a failure or a
+    membership change) are recognisable as the same job by it.
     """
-    attempt = elastic_restart_attempt()
-    if attempt == 0:
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def elastic_restart_attempt() -> int:
+    """torchrun's failure-restart count (TORCHELASTIC_RESTART_COUNT), 0 outside torchrun.
+
+    torchrun does not count membership changes (a node joining): those restart the workers with
+    the same count.
+    """
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def elastic_store_prefix(world_size: int) -> str:
+    """Key prefix for this (re)start in torchrun's shared rendezvous store; "" when not shared.
+
+    torchrun (c10d rendezvous) hands its workers its own store (TORCHELASTIC_USE_AGENT_STORE) and
+    keeps it across restarts; gloo's connection keys of an earlier attempt ("default_pg/...", and
+    those of every ``new_group``) are still in it, so restarted ranks would read dead peers'
+    addresses and fail with "Connection refused". The restart count alone does not separate
+    attempts: a node joining restarts the workers without counting. Within one restart count,
+    though, only joins happen (a lost node fails the survivors' collectives, which counts), and
+    each join makes the world larger, so (restart count, world size) names every attempt once.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return ""
+    return f"spade-restart-{elastic_restart_attempt()}-world-{world_size}"
+
+
+def elastic_restart_store(world_size: int, timeout: timedelta) -> dict:
+    """``store=`` kwargs for ``dist.init_process_group`` under torchrun's shared store; ``{}`` otherwise.
+
+    (tests/test_checkpoint_train_e2e.py kills a rank with -9 and tests/test_elastic.py removes and
+    adds a node to prove it; see :func:`elastic_store_prefix`.)
+    """
+    prefix = elastic_store_prefix(world_size)
+    if not prefix:
         return {}
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=PROCESS_GROUP_TIMEOUT)
-    return {"store": dist.PrefixStore(f"spade-restart-{attempt}", store)}
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(prefix, store)}
 
 
-def init_process_group(device: torch.device) -> DistInfo:
+def init_process_group(device: torch.device, timeout: timedelta) -> DistInfo:
     """Initialise torch.distributed from the environment when WORLD_SIZE > 1 (idempotent).
 
-    Used by the DeepSpeed backend and by torchrun launches without Accelerate; the ddp backend lets
+    Used by the DeepSpeed backend, by torchrun launches without Accelerate, and by the ddp backend
+    under torchrun's shared store (Accelerate adopts the group); otherwise the ddp backend lets
     Accelerate do it and then calls :func:`check_process_group`.
     """
     info = env_dist_info()
@@ -123,8 +153,8 @@ def init_process_group(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=PROCESS_GROUP_TIMEOUT,
-                                **elastic_restart_store(info.world_size))
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                **elastic_restart_store(info.world_size, timeout))
     except Exception as exc:  # noqa: BLE001 - re-raised with the launch details
         raise DistributedSetupError(
             f"could not create the {backend} process group (rank {info.rank} of {info.world_size}, "
@@ -207,23 +237,34 @@ def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:
 
 
 def attach_syncbn_group(module: nn.Module, kind: str, info: DistInfo) -> int:
-    """Point every SyncBatchNorm2d of ``module`` at the configured group; returns how many layers."""
-    return set_sync_bn_group(module, syncbn_group(kind, info))
+    """Point every SyncBatchNorm2d of ``module`` at the configured group of this launch's world.
+
+    Returns how many ranks the statistics are reduced over. Called at every (re)start, so after an
+    elastic resize the groups are those of the new world.
+    """
+    group = syncbn_group(kind, info)
+    set_sync_bn_group(module, group)
+    return info.world_size if group is None else dist.get_world_size(group)
 
 
-def per_rank_batch_size(configured_per_rank: int, world: int, grad_accum: int, global_batch: int) -> int:
-    """Per-rank batch for this launch.
+def batch_geometry(per_rank: int, grad_accum: int, world: int, global_batch: int, absorb: str) -> tuple[int, int]:
+    """(per-rank batch, gradient accumulation) for this launch's world size.
 
-    Global batch = per-rank batch x world x accumulation. With ``train.global_batch_size`` > 0 the
-    per-rank batch is derived from it (so one config keeps its global batch on any world size) and
-    it must divide exactly; otherwise ``data.batch_size`` is used as is.
+    Global batch = per-rank batch x world x accumulation. ``global_batch`` 0: both as configured
+    (the global batch follows the world size). ``global_batch`` > 0 is kept on any world size, so
+    also across elastic resizes; ``absorb`` (``train.elastic_batch``) says which factor changes:
+    ``per_rank_batch`` -> ``global_batch / (world x grad_accum)``, ``grad_accum`` ->
+    ``global_batch / (world x per_rank)``. Either must divide exactly.
     """
     if global_batch <= 0:
-        return configured_per_rank
-    share = world * grad_accum
+        return per_rank, grad_accum
+    if absorb == "grad_accum":
+        share, fixed = world * per_rank, f"data.batch_size {per_rank}"
+    else:
+        share, fixed = world * grad_accum, f"train.grad_accum {grad_accum}"
     if global_batch % share:
         raise DistributedSetupError(
-            f"train.global_batch_size={global_batch} is not divisible by world size {world} x "
-            f"train.grad_accum {grad_accum} = {share}"
+            f"train.global_batch_size={global_batch} is not divisible by world size {world} x {fixed} = {share} "
+            f"(train.elastic_batch={absorb})"
         )
-    return global_batch // share
+    return (per_rank, global_batch // share) if absorb == "grad_accum" else (global_batch // share, grad_accum)

@@ -178,8 +178,10 @@ class TrainingMetrics:
     """
 
     def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], rank: int = 0, local_rank: int = 0,
-                 world_size: int = 1, node: Optional[str] = None, process_group: Any = None) -> None:
+                 world_size: int = 1, node: Optional[str] = None, process_group: Any = None,
+                 restarts: int = 0) -> None:
         self.cfg = cfg
+        self.restarts = restarts
         self.enabled = cfg.enabled
         self.run_dir = Path(run_dir)
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
@@ -228,14 +230,17 @@ class TrainingMetrics:
                                    names + ["result"], registry=reg)
         self._heartbeat = gauge("spade_heartbeat_timestamp_seconds", "Unix time the training loop last reported.")
         self._start_time = gauge("spade_start_time_seconds", "Unix time this training process started.")
-        self._world = gauge("spade_world_size", "Number of ranks of the job.")
+        self._world = gauge("spade_world_size", "Number of ranks of the job (this (re)start's; elastic jobs change it).")
+        self._restarts = gauge("spade_run_restarts",
+                               "Times the run resumed from its own checkpoints (requeues, torchrun restarts, "
+                               "elastic membership changes).")
 
         lab = self._labels
         # Create every label-less child now so each series exists (value 0) from the first scrape:
         # rate()/increase() and the alert rules then have data even before the first event.
         for metric in (self._step, self._epoch, self._samples, self._throughput, self._nonfinite, self._corrupt,
                        self._memory, self._ckpt_seconds, self._ckpt_bytes, self._ckpt_last, self._heartbeat,
-                       self._start_time, self._world):
+                       self._start_time, self._world, self._restarts):
             metric.labels(**lab)
         for phase in ("data", "compute"):
             self._step_seconds.labels(**lab, phase=phase)
@@ -245,6 +250,7 @@ class TrainingMetrics:
         self._start_time.labels(**lab).set(now)
         self._heartbeat.labels(**lab).set(now)
         self._world.labels(**lab).set(self.world_size)
+        self._restarts.labels(**lab).set(self.restarts)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -183,9 +183,13 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:
+        from datetime import timedelta
+
         from spade_dist.distributed import elastic_restart_store
 
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, **elastic_restart_store(world_size))
+        timeout = timedelta(seconds=120)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout,
+                                **elastic_restart_store(world_size, timeout))
     cfg = CheckpointConfig(every_steps=args.every, keep_last=2, async_save=True, resume="auto")
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep)

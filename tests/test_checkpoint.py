@@ -385,3 +385,28 @@ def test_world_size_locked_state_is_stored_per_rank_and_refuses_resharding(tmp_p
     assert run_distributed(_locked_leg, 2, args=(str(tmp_path), True)) == [[1.0] * 3, [2.0] * 3]
     (message,) = run_distributed(_locked_leg, 1, args=(str(tmp_path), False))
     assert "world size 2" in message and "test ZeRO partitions" in message and "step-000000001" in message
+
+
+def _hung_peer(rank: int, world_size: int, run_dir: str) -> dict:
+    from datetime import timedelta
+
+    ckpt = CheckpointManager(run_dir, CheckpointConfig(every_steps=0), rank=rank, world_size=world_size,
+                             install_signal_handlers=False, timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(8)  # alive with its sockets open, but never joins the collective (a hung node)
+        return {}
+    started = time.monotonic()
+    try:
+        ckpt.should_stop()
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - started}
+    return {"error": None}
+
+
+@pytest.mark.dist
+def test_control_collectives_fail_after_the_configured_timeout_not_torchs_default(tmp_path):
+    """train.collective_timeout_s reaches the manager's private groups: a survivor waiting for a hung
+    peer fails after 2 s (torch's default would be 30 minutes), so a launcher can re-form the group."""
+    rank0, _ = run_distributed(_hung_peer, 2, args=(str(tmp_path / "run"),))
+    assert rank0["error"] is not None and "imed out" in rank0["error"], rank0
+    assert rank0["seconds"] < 7, rank0  # before the peer would have joined (8 s)

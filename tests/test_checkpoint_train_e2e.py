@@ -15,7 +15,7 @@ import torch
 
 from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
 from spade_dist.config import CheckpointConfig, DataConfig
-from tests.dist_utils import run_distributed
+from tests.dist_utils import child_pids, run_distributed
 from tests.shard_fixtures import write_shards
 
 NUM_SAMPLES = 24  # 4 shards x 6
@@ -95,13 +95,6 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"timed out waiting for '{text}' in {path}")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 @pytest.mark.e2e
 def test_spade_train_sigusr1_requeue_then_resume_to_the_end(repo_root, tmp_path):
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
@@ -142,7 +135,7 @@ def test_spade_train_kill_minus_9_under_torchrun_restarts_and_completes(repo_roo
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _wait_for_text(log, "step 5 epoch", proc, 300)
-        workers = _children(proc.pid)
+        workers = child_pids(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         rc = proc.wait(timeout=400)

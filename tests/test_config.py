@@ -41,3 +41,16 @@ def test_bad_value_names_key_and_file(tmp_path, repo_root):
         load_config(None, ["model.num_upsampling_layers=lots"])
     with pytest.raises(ConfigError, match=r"norm_G.*spadefoo3x3"):
         load_config(None, ["model.norm_G=spadefoo3x3"])
+
+
+def test_elastic_batch_and_collective_timeout_are_validated():
+    with pytest.raises(ConfigError, match=r"train\.elastic_batch=grad_accum needs train\.global_batch_size > 0"):
+        load_config(None, ["train.elastic_batch=grad_accum"])
+    with pytest.raises(ConfigError, match=r"train\.grad_accum=2: with train\.elastic_batch=grad_accum"):
+        load_config(None, ["train.elastic_batch=grad_accum", "train.global_batch_size=8", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match=r"train\.elastic_batch.*'both'"):
+        load_config(None, ["train.elastic_batch=both"])
+    with pytest.raises(ConfigError, match=r"train\.collective_timeout_s must be > 0"):
+        load_config(None, ["train.collective_timeout_s=0"])
+    cfg = load_config(None, ["train.elastic_batch=grad_accum", "train.global_batch_size=8", "train.collective_timeout_s=5"])
+    assert (cfg.train.elastic_batch, cfg.train.collective_timeout_s) == ("grad_accum", 5.0)

@@ -30,7 +30,7 @@ def make_cfg(**kw) -> MetricsConfig:
 
 
 def test_metric_names_labels_and_values(tmp_path: Path) -> None:
-    m = TrainingMetrics(make_cfg(), run_dir=tmp_path / "run", rank=0, local_rank=0, world_size=2, node="n1")
+    m = TrainingMetrics(make_cfg(), run_dir=tmp_path / "run", rank=0, local_rank=0, world_size=2, node="n1", restarts=3)
     m.start()
     try:
         m.record_step(step=10, epoch=1, images=8, data_seconds=0.5, compute_seconds=1.5,
@@ -75,6 +75,7 @@ def test_metric_names_labels_and_values(tmp_path: Path) -> None:
     assert value("spade_checkpoint_saves_total", result="failure") == 1
     assert value("spade_heartbeat_timestamp_seconds") >= value("spade_start_time_seconds")
     assert value("spade_world_size") == 2
+    assert value("spade_run_restarts") == 3
     # Every spade_ metric carries the four identity labels; nothing leaks into the default registry.
     for name, rows in samples.items():
         assert name.startswith("spade_"), name

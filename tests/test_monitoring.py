@@ -34,7 +34,7 @@ def test_promtool_check_config(repo_root: Path) -> None:
 def test_promtool_check_rules(repo_root: Path) -> None:
     res = promtool("check", "rules", str(repo_root / "configs/monitoring/alerts.yml"))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "6 rules found" in res.stdout
+    assert "7 rules found" in res.stdout
 
 
 def test_promtool_test_rules(repo_root: Path) -> None:
@@ -49,7 +49,7 @@ def test_every_alert_has_a_unit_test(repo_root: Path) -> None:
     firing = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
     assert alerts == {"SpadeTrainingStalled", "SpadeRankTargetDown", "SpadeNonFiniteStepsRising",
-                      "SpadeFIDRegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate"}
+                      "SpadeFIDRegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate", "SpadeRunShrank"}
     assert alerts == firing == quiet
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spade_dist.distributed import DistributedSetupError, check_process_group, per_rank_batch_size
+from spade_dist.distributed import DistributedSetupError, batch_geometry, check_process_group
 from tests.dist_utils import free_port
 from tests.train_fixtures import PYTHON, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli
 
@@ -51,11 +51,55 @@ def test_single_process_accelerator_under_world_size_2_is_an_error():
         check_process_group(2, launcher_processes=1)
 
 
-def test_per_rank_batch_from_global_batch():
-    assert per_rank_batch_size(3, world=2, grad_accum=2, global_batch=16) == 4
-    assert per_rank_batch_size(3, world=2, grad_accum=1, global_batch=0) == 3
+def test_batch_geometry_keeps_the_global_batch_by_the_chosen_factor():
+    assert batch_geometry(3, 2, world=2, global_batch=16, absorb="per_rank_batch") == (4, 2)
+    assert batch_geometry(3, 1, world=2, global_batch=0, absorb="per_rank_batch") == (3, 1)
+    # An elastic resize 2 -> 1 ranks with the accumulation absorbing it: per-rank batch 4 stays.
+    assert batch_geometry(4, 1, world=2, global_batch=16, absorb="grad_accum") == (4, 2)
+    assert batch_geometry(4, 1, world=1, global_batch=16, absorb="grad_accum") == (4, 4)
     with pytest.raises(DistributedSetupError, match="not divisible"):
-        per_rank_batch_size(1, world=3, grad_accum=1, global_batch=16)
+        batch_geometry(1, 1, world=3, global_batch=16, absorb="per_rank_batch")
+    with pytest.raises(DistributedSetupError, match=r"world size 3 x data.batch_size 4 = 12 \(train.elastic_batch=grad_accum"):
+        batch_geometry(4, 1, world=3, global_batch=16, absorb="grad_accum")
+
+
+class _Loader:
+    """The two things the loop asks a loader about the rest of the run."""
+
+    def __init__(self, batches_left: int, pending_epoch: int) -> None:
+        self.batches_left, self._pending = batches_left, pending_epoch
+
+    def __len__(self) -> int:
+        return self.batches_left
+
+    def __iter__(self):
+        return iter(range(self.batches_left))
+
+    def pending_epoch(self) -> int:
+        return self._pending
+
+
+def test_trailing_partial_accumulation_group_is_an_update_of_its_own():
+    from spade_dist.train.loop import ProgressMeter, micro_batches, updates
+
+    groups = list(micro_batches(_Loader(5, 0), 2, ProgressMeter()))
+    assert groups == [[0, 1], [2, 3], [4]] and updates(5, 2) == 3
+
+
+def test_last_step_counts_epochs_from_where_a_resized_run_stands():
+    from types import SimpleNamespace
+
+    from spade_dist.config import load_config
+    from spade_dist.train.loop import last_step
+
+    cfg = load_config(None, ["optim.niter=1", "optim.niter_decay=2", "train.max_steps=0"])  # 3 epochs
+    # Saved at step 4 on 2 ranks mid-epoch 0; now 1 rank: 7 batches left of epoch 0, 12 steps per epoch.
+    assert last_step(cfg, SimpleNamespace(step=4), _Loader(7, 0), steps_per_epoch=12, grad_accum=1) == 4 + 7 + 2 * 12
+    # Saved after the last batch of epoch 1: the loader goes on with epoch 2, the last one.
+    assert last_step(cfg, SimpleNamespace(step=9), _Loader(12, 2), steps_per_epoch=12, grad_accum=2) == 9 + 6
+    assert last_step(cfg, SimpleNamespace(step=30), _Loader(12, 3), steps_per_epoch=12, grad_accum=1) == 30
+    fixed = load_config(None, ["train.max_steps=50"])
+    assert last_step(fixed, SimpleNamespace(step=4), _Loader(7, 0), steps_per_epoch=12, grad_accum=1) == 50
 
 
 @pytest.mark.e2e

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -80,6 +81,7 @@ class CheckpointManager:
         install_signal_handlers: bool = True,
         verify_sha256_on_resume: bool = True,
         on_commit: Optional[Callable[[int, Path, float], None]] = None,
+        timeout: Optional[timedelta] = None,
     ) -> None:
         """
         rank / world_size: default to the process group's (or 0 / 1 without one).
@@ -90,6 +92,9 @@ class CheckpointManager:
             :func:`load_generator_from_checkpoint` can find them without knowing the trainer.
         world_size_locked: set when the state cannot be resharded (e.g. DeepSpeed ZeRO optimizer
             partitions); the text is stored and resuming on another world size fails naming it.
+        timeout: of the private gloo groups' collectives (the trainer passes
+            ``train.collective_timeout_s``, so a lost peer fails them as quickly as the world
+            group's); None = torch's default.
         """
         self.run_dir = Path(run_dir)
         self.cfg = cfg
@@ -107,8 +112,8 @@ class CheckpointManager:
         self.on_commit = on_commit
         self.ckpt_dir = layout.checkpoints_dir(self.run_dir)
         # Private groups (collective creation: every rank constructs the manager at the same point).
-        self._ctrl_pg = dist.new_group(backend="gloo") if self.distributed else None
-        self._io_pg = dist.new_group(backend="gloo") if self.distributed else None
+        self._ctrl_pg = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
+        self._io_pg = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self._last_save_time = time.monotonic()

@@ -143,6 +143,13 @@ class ShardLoader:
         ranges = split_ranges(remaining, [sum(s) for s in sizes])
         return sizes[self.rank], ranges[self.rank]
 
+    def pending_epoch(self) -> int:
+        """The epoch the next iteration runs: the current one, or the next when the current one has
+        nothing left for this world size (complete, or only samples ``__iter__`` retires)."""
+        if self.train and self._remaining().size < self.world_size:
+            return self._epoch + 1
+        return self._epoch
+
     def __len__(self) -> int:
         """Batches this rank yields in the next iteration (equal on all ranks when training)."""
         if self.train and self._remaining().size < self.world_size:

@@ -88,9 +88,11 @@ def build_dashboard() -> dict[str, Any]:
         _panel(next(ids), "Epoch", "stat", (6, 9, 6, 4), "short", [
             (f"max(spade_epoch{{{s}}})", "epoch"),
         ]),
-        _panel(next(ids), "Ranks", "stat", (12, 9, 6, 4), "short", [
+        _panel(next(ids), "Ranks and restarts", "stat", (12, 9, 6, 4), "short", [
             (f"max(spade_world_size{{{s}}})", "world size"),
-        ]),
+            (f"max(spade_run_restarts{{{s}}})", "restarts"),
+        ], "Ranks of the current (re)start (an elastic job changes it) and how often the run resumed "
+           "from its checkpoints."),
         _panel(next(ids), "Skipped steps and samples", "stat", (18, 9, 6, 4), "short", [
             (f"sum(spade_nonfinite_steps_skipped_total{{{s}}})", "non-finite steps"),
             (f"sum(spade_corrupt_samples_skipped_total{{{s}}})", "corrupt samples"),

@@ -28,7 +28,8 @@ from torch import nn
 
 from spade_dist.config import Config
 from spade_dist.distributed import (
-    DistInfo, DistributedSetupError, check_process_group, elastic_restart_attempt, env_dist_info, init_process_group,
+    DistInfo, DistributedSetupError, check_process_group, collective_timeout, elastic_store_prefix, env_dist_info,
+    init_process_group,
 )
 
 NETS = ("G", "D")
@@ -92,7 +93,7 @@ class DDPBackend(TrainBackend):
     @classmethod
     def setup(cls, cfg: Config) -> "DDPBackend":
         """Create the Accelerator (and with it the process group) before any model exists."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator, InitProcessGroupKwargs
 
         from spade_dist.distributed import resolve_device
 
@@ -106,10 +107,12 @@ class DDPBackend(TrainBackend):
             )
         # cpu=True is what turns `accelerate launch --multi_gpu` into MULTI_CPU/gloo on a GPU-less
         # machine (STACK_NOTES); mixed precision is ours (two scalers), so Accelerate gets "no".
+        timeout = collective_timeout(cfg.train.collective_timeout_s)
         try:
-            if env.world_size > 1 and not dist.is_initialized() and elastic_restart_attempt() > 0:
-                init_process_group(device)  # torchrun restart: fresh store keys; Accelerator adopts the group
-            accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+            if env.world_size > 1 and not dist.is_initialized() and elastic_store_prefix(env.world_size):
+                init_process_group(device, timeout)  # torchrun's shared store: fresh keys; Accelerator adopts the group
+            accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no",
+                                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
         except (RuntimeError, ValueError) as exc:
             raise DistributedSetupError(
                 f"could not form the process group of WORLD_SIZE={env.world_size} (rank {env.rank}, "
@@ -216,7 +219,7 @@ class DeepSpeedBackend(TrainBackend):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
         env = env_dist_info()
         device = resolve_device(cfg.train.device, env.local_rank)
-        info = init_process_group(device)
+        info = init_process_group(device, collective_timeout(cfg.train.collective_timeout_s))
         return cls(cfg, device, info)
 
     def ds_config(self, per_rank_batch: int) -> dict:

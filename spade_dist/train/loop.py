@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
-from spade_dist.distributed import DistributedSetupError, attach_syncbn_group, per_rank_batch_size
+from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
@@ -100,7 +100,13 @@ def record_init_generator(run_dir: Path, init: GeneratorInit) -> None:
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
-    """Group the loader's batches by ``grad_accum``; a trailing partial group ends the epoch."""
+    """Group the loader's batches by ``grad_accum``.
+
+    A trailing partial group is one (smaller) update of its own, not dropped: the loader counts
+    its samples as delivered, and after a resume on another world size the batches left of an
+    epoch rarely divide by the accumulation, so dropping would lose samples of the epoch. Every
+    rank gets the same number of batches, so every rank has the same groups.
+    """
     group: list[dict[str, Any]] = []
     it = iter(loader)
     while True:
@@ -108,6 +114,8 @@ def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterato
         try:
             batch = next(it)
         except StopIteration:
+            if group:
+                yield group
             return
         meter.data_s += time.perf_counter() - t0
         group.append(batch)
@@ -116,20 +124,47 @@ def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterato
             group = []
 
 
-class KeyAuditLog:
-    """``train.log_keys``: this rank's sample keys per step, appended (survives requeues)."""
+def updates(batches: int, grad_accum: int) -> int:
+    """Optimizer steps over ``batches`` loader batches (:func:`micro_batches`' groups)."""
+    return -(-batches // grad_accum)
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+
+class KeyAuditLog:
+    """``train.log_keys``: this rank's sample keys per step, appended (survives requeues).
+
+    Each record also names the (re)start that wrote it: ``resumed_from`` (the checkpoint step it
+    resumed from, 0 for a fresh start) and ``world_size``. Steps after the checkpoint the next
+    (re)start resumed from were never committed; an audit drops them (docs/ELASTIC.md).
+    """
+
+    def __init__(self, run_dir: Path, rank: int, resumed_from: int, world_size: int) -> None:
         path = run_dir / "logs" / f"keys-rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a")
+        self._start = {"resumed_from": resumed_from, "world_size": world_size}
 
     def write(self, step: int, epoch: int, keys: list[str]) -> None:
-        self._file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
+        self._file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys, **self._start}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def last_step(cfg: Config, state: TrainState, loader: Any, steps_per_epoch: int, grad_accum: int) -> int:
+    """The step this (re)start trains to: ``train.max_steps``, else the end of the last epoch.
+
+    In epochs (``optim.niter + optim.niter_decay``), the end is counted from where the run stands
+    with this launch's steps per epoch: a run resumed on another world size (different steps per
+    epoch) still ends after exactly its configured number of epochs.
+    """
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    epochs = cfg.optim.niter + cfg.optim.niter_decay
+    epoch = loader.pending_epoch()
+    if epoch >= epochs:
+        return state.step
+    return state.step + updates(len(loader), grad_accum) + (epochs - epoch - 1) * steps_per_epoch
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
@@ -153,23 +188,23 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         # instead of 1, 10-20x slower steps on a loaded 2-core machine).
         torch.set_num_threads(cfg.train.cpu_threads)
     info, device = backend.info, backend.device
-    per_rank = per_rank_batch_size(cfg.data.batch_size, info.world_size, cfg.train.grad_accum, cfg.train.global_batch_size)
+    # The world size is this launch's (an elastic restart may bring another one): the batch geometry
+    # follows it by train.global_batch_size / train.elastic_batch.
+    per_rank, grad_accum = batch_geometry(cfg.data.batch_size, cfg.train.grad_accum, info.world_size,
+                                          cfg.train.global_batch_size, cfg.train.elastic_batch)
+    # The accumulation stays a local value: with train.elastic_batch=grad_accum the config keeps
+    # train.grad_accum=1 (validated), so the resolved config.yaml stays loadable.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank))
     run_dir = Path(cfg.train.run_dir)
 
     # --- 2. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
-    steps_per_epoch = len(loader) // cfg.train.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"data.shards={cfg.data.shards!r}: {len(loader)} batch(es) per rank, fewer than train.grad_accum "
-            f"{cfg.train.grad_accum}: nothing to train on"
-        )
+    steps_per_epoch = updates(len(loader), grad_accum)
 
     # --- 3. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
-    attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
+    syncbn_ranks = attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
     if isinstance(backend, DeepSpeedBackend):
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
     else:
@@ -186,14 +221,19 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
         world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
                            if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
+        timeout=collective_timeout(cfg.train.collective_timeout_s),
     )
     app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
     restored = ckpt.restore(app_state, resume)
-    if restored is not None and info.is_main:
-        print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
+    if restored is not None:
+        state.restarts += 1
+        if info.is_main:
+            print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
     elif state.init_from is not None and info.is_main:
         record_init_generator(run_dir, state.init_from)
-    metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
+    resumed_from = state.step
+    metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size,
+                              restarts=state.restarts)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit
     # Gradient norms for the metrics, read before the backend zeroes the gradients (not under ZeRO
@@ -201,14 +241,16 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
-    key_log = KeyAuditLog(run_dir, info.rank) if cfg.train.log_keys else None
+    key_log = KeyAuditLog(run_dir, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
-    max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
+    max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
     if info.is_main:
+        job = elastic_job_id()
         print(f"[spade-train] {backend.name} on {info.world_size} x {device} | global batch "
-              f"{per_rank * info.world_size * cfg.train.grad_accum} | {steps_per_epoch} steps/epoch | "
-              f"to step {max_steps} | run dir {run_dir}", flush=True)
+              f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
+              f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
+              f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run_dir}", flush=True)
 
     # --- 5. the loop ------------------------------------------------------------------------------
     meter = ProgressMeter()
@@ -218,7 +260,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     corrupt_logged = 0
     try:
         while state.step < max_steps and not stopped_early:
-            for group in micro_batches(loader, cfg.train.grad_accum, meter):
+            for group in micro_batches(loader, grad_accum, meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
                     # moved on to the next epoch by itself; the lr schedule follows it.

@@ -62,6 +62,9 @@ class TrainState:
     scaler_D: Optional[torch.amp.GradScaler]
     step: int = 0
     epoch: int = 0
+    # Times the run was resumed from one of its checkpoints (requeue, torchrun restart, elastic
+    # membership change): kept in the checkpoint, exported as spade_run_restarts.
+    restarts: int = 0
     # Device tensor so counting a skip never forces a host sync; read it with `nonfinite_skips`.
     nonfinite_skips_t: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     # train.init_generator: where G started (None = official init); not part of the saved state.
@@ -104,6 +107,7 @@ class TrainState:
             "step": self.step,
             "epoch": self.epoch,
             "nonfinite_skips": self.nonfinite_skips,
+            "restarts": self.restarts,
         }
         if self.encoder is not None:
             out["encoder"] = self.encoder.state_dict()
@@ -130,6 +134,7 @@ class TrainState:
             self.scaler_D.load_state_dict(state["scaler_D"])
         self.step = int(state["step"])
         self.nonfinite_skips_t.fill_(int(state.get("nonfinite_skips", 0)))
+        self.restarts = int(state.get("restarts", 0))  # absent in checkpoints of older versions
         self.set_epoch(int(state["epoch"]))
         if "sched_G" in state:
             self.sched_G.load_state_dict(state["sched_G"])
