@@ -172,6 +172,11 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
+    # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
+    # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
+    # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
+    # wrong run's checkpoints.
+    existing: Literal["refuse", "archive", "delete"] = "refuse"
     # A file whose appearance asks all ranks to checkpoint and stop, like a preemption signal. Batch
     # scripts create it (shared filesystem) because launchers do not forward every signal to workers.
     # Empty = <run_dir>/STOP.

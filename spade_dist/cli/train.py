@@ -33,19 +33,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from spade_dist.workers import die_with_parent, launched_by_a_launcher
+
+    if launched_by_a_launcher():
+        die_with_parent()  # no orphan keeps training (and checkpointing) after its launcher is gone
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from spade_dist.checkpoint import CheckpointIncompatibleError, InvalidCheckpoint
     from spade_dist.data import ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.losses import MissingVGGWeightsError
+    from spade_dist.run_dir import RunDirBusy
     from spade_dist.train.loop import train
 
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume)
     except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError,
-            InvalidCheckpoint, CheckpointIncompatibleError) as exc:  # --resume PATH invalid / unusable
+            InvalidCheckpoint, CheckpointIncompatibleError, RunDirBusy) as exc:  # --resume PATH invalid / unusable
         print(f"spade-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return result.exit_code

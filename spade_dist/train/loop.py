@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
+from spade_dist.run_dir import RunDir
 from spade_dist.distributed import DistributedSetupError, attach_syncbn_group, per_rank_batch_size
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
@@ -76,14 +76,10 @@ def setup_backend(cfg: Config) -> TrainBackend:
     return DeepSpeedBackend.setup(cfg) if cfg.train.backend == "deepspeed" else DDPBackend.setup(cfg)
 
 
-def write_run_files(run_dir: Path, cfg: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    # Atomic: an FID watcher job may start with the run and read config.yaml at any moment.
-    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
-    (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
+def write_run_files(run: RunDir, cfg: Config) -> None:
+    run.samples.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg.to_yaml())  # atomic: an FID watcher may read it at any moment
+    run.clear_start_markers()  # a resumed run is neither done nor asking for a requeue yet
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
@@ -106,8 +102,8 @@ def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterato
 class KeyAuditLog:
     """``train.log_keys``: this rank's sample keys per step, appended (survives requeues)."""
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
-        path = run_dir / "logs" / f"keys-rank{rank}.jsonl"
+    def __init__(self, run: RunDir, rank: int) -> None:
+        path = run.key_log(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a")
 
@@ -121,11 +117,7 @@ class KeyAuditLog:
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) the training job described by ``cfg``. Call on every rank."""
-    from spade_dist.checkpoint import CheckpointManager, GatheredState
-    from spade_dist.data import build_train_loader, merge_positions
-    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
-    from spade_dist.losses import VGGLoss
-    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+    from spade_dist.checkpoint import CheckpointManager
 
     if cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -143,8 +135,34 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     per_rank = per_rank_batch_size(cfg.data.batch_size, info.world_size, cfg.train.grad_accum, cfg.train.global_batch_size)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank))
     run_dir = Path(cfg.train.run_dir)
+    run = RunDir(run_dir)
 
-    # --- 2. data (fails early on a missing dataset, before models are built) ---------------------
+    # --- 2. the run directory's owner lock, first: a second trainer refuses within seconds -------
+    ckpt = CheckpointManager(
+        run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
+        seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
+        world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
+                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
+    )
+    try:
+        return _train_owned(cfg, backend, ckpt, run, per_rank, resume)
+    finally:
+        ckpt.close()  # idempotent; releases the lock on every exit path
+
+
+def _train_owned(cfg: Config, backend: TrainBackend, ckpt: Any, run: RunDir, per_rank: int,
+                 resume: Optional[str]) -> TrainResult:
+    """:func:`train` once this job owns the run directory."""
+    from spade_dist.checkpoint import GatheredState
+    from spade_dist.data import build_train_loader, merge_positions
+    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
+    from spade_dist.losses import VGGLoss
+    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+
+    info, device = backend.info, backend.device
+    run_dir = run.root
+
+    # --- 3. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
@@ -153,7 +171,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
             f"{cfg.train.grad_accum}: nothing to train on"
         )
 
-    # --- 3. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
+    # --- 4. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
     attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
@@ -165,15 +183,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     losses = LossSet.from_config(cfg, vgg)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
 
-    # --- 4. run directory, resume, hooks ---------------------------------------------------------
+    # --- 5. run directory, resume, hooks ---------------------------------------------------------
     if info.is_main:
-        write_run_files(run_dir, cfg)
-    ckpt = CheckpointManager(
-        run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
-        seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
-        world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
-                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
-    )
+        write_run_files(run, cfg)
     app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
     restored = ckpt.restore(app_state, resume)
     if restored is not None and info.is_main:
@@ -186,7 +198,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
-    key_log = KeyAuditLog(run_dir, info.rank) if cfg.train.log_keys else None
+    key_log = KeyAuditLog(run, info.rank) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
     max_steps = cfg.train.max_steps or (cfg.optim.niter + cfg.optim.niter_decay) * steps_per_epoch
@@ -195,7 +207,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
               f"{per_rank * info.world_size * cfg.train.grad_accum} | {steps_per_epoch} steps/epoch | "
               f"to step {max_steps} | run dir {run_dir}", flush=True)
 
-    # --- 5. the loop ------------------------------------------------------------------------------
+    # --- 6. the loop ------------------------------------------------------------------------------
     meter = ProgressMeter()
     stopped_early = False
     skips_logged = 0
@@ -252,18 +264,19 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
 
-        # --- 6. the end: final save, DONE ---------------------------------------------------------
+        # --- 7. the end: final save, DONE / REQUEUE ---------------------------------------------------------
         if last_saved_step != state.step:
             ckpt.save(state.step, app_state, blocking=True)
         ckpt.wait()  # an asynchronous save of this very step must be committed before DONE
         if stopped_early:
+            ckpt.request_requeue(state.step)
             if info.is_main:
                 print(f"[spade-train] stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
                       f"exit {ckpt.requeue_exit_code} (requeue)", flush=True)
         elif info.is_main:
-            (run_dir / "DONE").write_text(json.dumps({"step": state.step, "time": time.time()}) + "\n")
-            print(f"[spade-train] done at step {state.step}; samples: {run_dir / 'samples' / 'index.html'}; "
-                  f"checkpoints: {run_dir / 'checkpoints'}", flush=True)
+            run.mark_done(state.step)
+            print(f"[spade-train] done at step {state.step}; samples: {run.samples / 'index.html'}; "
+                  f"checkpoints: {run.checkpoints}", flush=True)
     finally:
         ckpt.close()
         metrics.close()
@@ -272,7 +285,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         if evaluator is not None:
             # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
             # failed: stop it now; a requeued job starts its own.
-            finished = not stopped_early and (run_dir / "DONE").exists()
+            finished = not stopped_early and run.done.exists()
             stop_eval_watcher(evaluator, timeout=EVAL_DRAIN_SECONDS if finished else 0.0)
     return TrainResult(step=state.step, epoch=state.epoch, run_dir=run_dir, stopped_early=stopped_early,
                        exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)
