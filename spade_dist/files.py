@@ -39,3 +39,20 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes], mode: int = SH
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class UnsafeNameError(ValueError):
+    """A name read from data (a sample key) that would escape its directory if used in a path."""
+
+
+def check_path_component(name: str, what: str) -> str:
+    """Return ``name`` if it is safe as one file name component, else raise :class:`UnsafeNameError`.
+
+    Sample keys come from shards and manifests, i.e. from whoever produced the data; they become file
+    names (``spade-generate``'s outputs). A separator, a ``..`` / ``.`` component, an empty name or a NUL
+    would write outside the intended directory or fail obscurely, so such keys are rejected outright
+    rather than rewritten (two rewritten keys could collide)."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or ".." in name):
+        raise UnsafeNameError(f"{what}: unsafe sample key {name!r} (path separators, '..' and empty keys are not allowed)")
+    return name

@@ -183,6 +183,12 @@ class RunDir:
     def requeue_request(self) -> Optional[dict]:
         return _read_json(self.requeue)
 
+    def clear_launch_markers(self) -> None:
+        """Before a batch script starts the trainer: a STOP or REQUEUE left by an earlier job must not
+        stop this one at once, or make a job that failed before training look like it asked for a requeue."""
+        self.stop.unlink(missing_ok=True)
+        self.requeue.unlink(missing_ok=True)
+
     def clear_start_markers(self) -> None:
         """A (re)started run is neither done nor asking for a requeue until it says so again."""
         self.done.unlink(missing_ok=True)

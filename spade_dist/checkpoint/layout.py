@@ -156,6 +156,7 @@ def find_latest(path: Union[str, Path], check_sha256: bool = True,
     """The newest valid step directory under a run dir / checkpoints dir, or ``path`` itself when it
     is a valid step directory. Invalid ones are reported through ``warn`` and skipped."""
     candidates, explicit = resolve_resume_target(str(path), ".")
+    problems = []
     for step_dir in candidates:
         try:
             validate_step_dir(step_dir, check_sha256=check_sha256)
@@ -163,9 +164,11 @@ def find_latest(path: Union[str, Path], check_sha256: bool = True,
         except InvalidCheckpoint as exc:
             if explicit:
                 raise
+            problems.append(str(exc))
             if warn is not None:
                 warn(f"skipping checkpoint {step_dir}: {exc}")
-    raise InvalidCheckpoint(f"{path}: no committed checkpoint found")
+    found = f"; skipped: {'; '.join(problems)}" if problems else ""
+    raise InvalidCheckpoint(f"{path}: no valid committed checkpoint found{found}")
 
 
 def select_prunable(committed_steps: list[int], keep_last: int, keep_every: int) -> list[int]:

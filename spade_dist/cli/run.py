@@ -3,6 +3,7 @@
     spade-run path RUN_DIR stop requeue done     # one path per line, in the order asked
     spade-run outcome RUN_DIR                    # "done STEP" | "requeue STEP" | "incomplete"
     spade-run owner RUN_DIR                      # who holds the run's lock, or "none"
+    spade-run prepare RUN_DIR                    # before a launch: remove stale STOP / REQUEUE markers
 
 Exit status 0, or 2 for an unknown entry name.
 """
@@ -22,7 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_path = sub.add_parser("path", help="print run directory paths, one per line")
     p_path.add_argument("run_dir", type=Path)
     p_path.add_argument("names", nargs="+", metavar="NAME", help=f"any of: {', '.join(PATH_NAMES)}")
-    for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'")):
+    for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
+                       ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
         sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
     args = ap.parse_args(argv)
     run = RunDir(args.run_dir)
@@ -35,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "outcome":
         kind, step = run.outcome()
         print(kind if step is None else f"{kind} {step}")
+    elif args.command == "prepare":
+        run.clear_launch_markers()
     else:
         owner = run.read_owner()
         print(owner.describe() if owner is not None else "none")
