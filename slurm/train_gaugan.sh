@@ -38,7 +38,6 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-EXIT_DONE=0
 EXIT_BAD_SETTINGS=4
 
 log() { echo "[train_gaugan $(date -u +%H:%M:%S)] $*"; }
@@ -148,25 +147,18 @@ while true; do
   break
 done
 
-# What the run reported, from its markers: "done STEP", "requeue STEP" or "incomplete".
-read -r OUTCOME OUTCOME_STEP < <(python -m spade_dist.cli.run outcome "$RUN_DIR")
+# What to do follows from the run's DONE / REQUEUE markers (spade-run verdict), not from $rc alone.
+PREEMPTED_FLAG=()
+[ $PREEMPTED -eq 1 ] && PREEMPTED_FLAG=(--preempted)
+read -r ACTION JOB_RC VERDICT < <(python -m spade_dist.cli.run verdict "$RUN_DIR" --rc "$rc" "${PREEMPTED_FLAG[@]}" \
+    --requeue-exit-code "$REQUEUE_RC") || { ACTION=failed; JOB_RC=1; VERDICT="cannot read the outcome of $RUN_DIR"; }
+log "$VERDICT"
 python -m spade_dist.cli.run prepare "$RUN_DIR"  # STOP / REQUEUE have been read: the next start begins clean
-if [ "$OUTCOME" = done ] && [ $rc -eq 0 ]; then
-  log "training finished at step $OUTCOME_STEP"
-  exit $EXIT_DONE
-fi
-if [ "$OUTCOME" = requeue ]; then
-  log "checkpoint of step $OUTCOME_STEP committed and the run asked for a requeue (launcher exit code $rc); requeueing job $SLURM_JOB_ID"
+if [ "$ACTION" = requeue ]; then
+  log "requeueing job $SLURM_JOB_ID"
   if ! scontrol requeue "$SLURM_JOB_ID"; then
-    log "scontrol requeue failed: resubmit this script with the same RUN_DIR to continue from step $OUTCOME_STEP"
+    log "scontrol requeue failed: resubmit this script with the same RUN_DIR to continue"
     exit 1
   fi
-  exit "$REQUEUE_RC"
 fi
-[ $PREEMPTED -eq 1 ] && log "preemption signal received, but the run committed no stop checkpoint: not requeueing"
-if [ $rc -eq 0 ]; then
-  log "training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE"
-  exit 1
-fi
-log "training failed with exit code $rc (outcome: $OUTCOME${OUTCOME_STEP:+ at step $OUTCOME_STEP})"
-exit $rc
+exit "$JOB_RC"

@@ -216,6 +216,33 @@ class RunDir:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """What a batch script does after its training step ended: ``finished``, ``requeue`` or ``failed``,
+    the exit code it ends with, and one line for its log."""
+
+    action: str
+    exit_code: int
+    message: str
+
+
+def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int) -> Verdict:
+    """Decide from the run's markers, never from ``rc`` alone: launchers translate exit codes
+    (``accelerate launch`` reports 1 for a worker's 75), and a launcher can exit 0 without the run
+    having finished. Requeue only when the run itself asked for it (REQUEUE marker)."""
+    kind, step = run.outcome()
+    if kind == "done" and rc == 0:
+        return Verdict("finished", 0, f"training finished at step {step}")
+    if kind == "requeue":
+        return Verdict("requeue", requeue_exit_code,
+                       f"checkpoint of step {step} committed and the run asked for a requeue (launcher exit code {rc})")
+    why = "; a preemption signal was received, but the run committed no stop checkpoint: not requeueing" if preempted else ""
+    if rc == 0:
+        return Verdict("failed", 1, f"training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE{why}")
+    at = f" (DONE at step {step})" if kind == "done" else ""
+    return Verdict("failed", rc, f"training failed with exit code {rc}{at}{why}")
+
+
+@dataclass(frozen=True)
 class Owner:
     """Who holds a run directory's lock."""
 

@@ -290,3 +290,48 @@ def test_accelerate_workers_die_with_their_launcher(tmp_path, how):
     # Nobody holds the run any more: a new trainer could take over at once.
     with RunLock(RunDir(run_dir), busy_wait_s=0):
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# the requeue protocol (issue case 3)
+# ----------------------------------------------------------------------------------------------
+
+def _verdict(run_dir: Path, rc: int, preempted: bool = False) -> list[str]:
+    cmd = [PYTHON, "-m", "spade_dist.cli.run", "verdict", str(run_dir), "--rc", str(rc), "--requeue-exit-code", "75"]
+    out = subprocess.run(cmd + (["--preempted"] if preempted else []), capture_output=True, text=True,
+                         env=cli_env(), check=True).stdout.strip()
+    return out.split(" ", 2)
+
+
+def test_batch_script_verdict_follows_the_markers_not_the_exit_code(tmp_path):
+    """The script used to requeue whenever its USR1 trap fired (whatever happened), to miss a requeue
+    when accelerate turned 75 into 1, and to log "failed with exit code 0" for rc 0 without DONE."""
+    run = RunDir(tmp_path)
+    assert _verdict(tmp_path, 0) == ["failed", "1", "training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE"]
+    action, code, text = _verdict(tmp_path, 1, preempted=True)
+    assert (action, code) == ("failed", "1") and "not requeueing" in text
+    run.request_requeue(12, "stop-file:STOP", 75)
+    action, code, text = _verdict(tmp_path, 1)  # accelerate's translation of the worker's 75
+    assert (action, code) == ("requeue", "75") and "step 12" in text and "exit code 1" in text
+    run.clear_launch_markers()
+    run.mark_done(20)
+    assert _verdict(tmp_path, 0) == ["finished", "0", "training finished at step 20"]
+    assert _verdict(tmp_path, 137)[:2] == ["failed", "137"]
+
+
+def test_checkpoint_and_stop_writes_the_requeue_marker(tmp_path):
+    """The manager's stop path (signal / STOP file) leaves REQUEUE with the committed step."""
+    state = ToyTrainState()
+    mgr = CheckpointManager(tmp_path, _cfg(), install_signal_handlers=False)
+    try:
+        mgr.restore({"train": state}, resume="none")
+        RunDir(tmp_path).stop.touch()
+        state.step = 3
+        assert mgr.should_stop()
+        mgr.save(3, {"train": state}, blocking=True)
+        mgr.request_requeue(3)
+    finally:
+        mgr.close()
+    request = RunDir(tmp_path).requeue_request()
+    assert request["step"] == 3 and request["exit_code"] == 75 and request["reason"].startswith("stop-file:")
+    assert RunDir(tmp_path).outcome() == ("requeue", 3)

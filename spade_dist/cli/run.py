@@ -4,6 +4,8 @@
     spade-run outcome RUN_DIR                    # "done STEP" | "requeue STEP" | "incomplete"
     spade-run owner RUN_DIR                      # who holds the run's lock, or "none"
     spade-run prepare RUN_DIR                    # before a launch: remove stale STOP / REQUEUE markers
+    spade-run verdict RUN_DIR --rc RC [--preempted] --requeue-exit-code N
+                                                 # after it: "finished|requeue|failed EXIT_CODE message"
 
 Exit status 0, or 2 for an unknown entry name.
 """
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.run_dir import PATH_NAMES, RunDir
+from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,6 +28,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
                        ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
         sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
+    p_verdict = sub.add_parser("verdict", help="after a launch: what the batch script should do")
+    p_verdict.add_argument("run_dir", type=Path)
+    p_verdict.add_argument("--rc", type=int, required=True, help="the launcher's exit code")
+    p_verdict.add_argument("--preempted", action="store_true", help="the batch script received a preemption signal")
+    p_verdict.add_argument("--requeue-exit-code", type=int, required=True, help="checkpoint.requeue_exit_code")
     args = ap.parse_args(argv)
     run = RunDir(args.run_dir)
     if args.command == "path":
@@ -39,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(kind if step is None else f"{kind} {step}")
     elif args.command == "prepare":
         run.clear_launch_markers()
+    elif args.command == "verdict":
+        v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
+        print(f"{v.action} {v.exit_code} {v.message}")
     else:
         owner = run.read_owner()
         print(owner.describe() if owner is not None else "none")
