@@ -335,3 +335,19 @@ def test_checkpoint_and_stop_writes_the_requeue_marker(tmp_path):
     request = RunDir(tmp_path).requeue_request()
     assert request["step"] == 3 and request["exit_code"] == 75 and request["reason"].startswith("stop-file:")
     assert RunDir(tmp_path).outcome() == ("requeue", 3)
+
+
+def test_spade_train_fresh_start_over_old_checkpoints_is_one_line_exit_2(tmp_path):
+    """What launch/quickstart.sh did on every rerun (`--resume none` into the same run directory)."""
+    from tests.train_fixtures import TINY_OVERRIDES, make_synthetic_shards
+
+    manifest = make_synthetic_shards(tmp_path / "data", count=8, val_count=2)
+    run_dir = tmp_path / "run"
+    _run_toy(run_dir, [29], resume="none")
+    proc = subprocess.run([PYTHON, "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml", "--resume", "none",
+                           f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=2", *TINY_OVERRIDES],
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("spade-train: error:") and "step-000000029" in last and "checkpoint.existing=archive" in last
+    assert not (run_dir / "config.yaml").exists() and _steps(run_dir) == [29]

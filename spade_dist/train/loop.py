@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+
+if TYPE_CHECKING:
+    from spade_dist.checkpoint import CheckpointManager
 
 log = logging.getLogger("spade_dist.train")
 
@@ -150,7 +153,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         ckpt.close()  # idempotent; releases the lock on every exit path
 
 
-def _train_owned(cfg: Config, backend: TrainBackend, ckpt: Any, run: RunDir, per_rank: int,
+def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", run: RunDir, per_rank: int,
                  resume: Optional[str]) -> TrainResult:
     """:func:`train` once this job owns the run directory."""
     from spade_dist.checkpoint import GatheredState
@@ -184,10 +187,10 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: Any, run: RunDir, per
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
 
     # --- 5. run directory, resume, hooks ---------------------------------------------------------
+    app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
+    restored = ckpt.restore(app_state, resume)  # may refuse (checkpoint.existing): before any file is written
     if info.is_main:
         write_run_files(run, cfg)
-    app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
-    restored = ckpt.restore(app_state, resume)
     if restored is not None and info.is_main:
         print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
@@ -264,7 +267,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: Any, run: RunDir, per
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
 
-        # --- 7. the end: final save, DONE / REQUEUE ---------------------------------------------------------
+        # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
         if last_saved_step != state.step:
             ckpt.save(state.step, app_state, blocking=True)
         ckpt.wait()  # an asynchronous save of this very step must be committed before DONE
