@@ -23,7 +23,7 @@ from spade_dist.data.plan import (
     unpack_delivered, worker_batch_sizes,
 )
 from spade_dist.data.sources import (
-    ShardSet, ShardSourceError, check_label_layout, check_shard_files, eval_spec, resolve_shards,
+    ShardSet, ShardSourceError, check_shard_files, eval_spec, resolve_shards,
 )
 from spade_dist.data.stream import CORRUPT_FIELD, INDEX_FIELD, READ_FIELD, ShardStream, StreamSettings, WorkerTask
 from spade_dist.data.transforms import PreprocessOptions
@@ -231,11 +231,10 @@ def eval_preprocess(cfg: DataConfig) -> PreprocessOptions:
 
 def build_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:
     """Training loader of one rank: shuffled per epoch, equal batch count on all ranks, resumable.
-    Checks up front that every shard is there with its manifest size and that the manifest's label
-    layout is the config's (:class:`ShardSourceError` naming the file / key otherwise)."""
+    Checks up front that every shard is there with its manifest size (:class:`ShardSourceError`
+    naming the file otherwise)."""
     shard_set = resolve_shards(cfg.shards, cfg.split, cfg.manifest)
     check_shard_files(shard_set)
-    check_label_layout(shard_set, cfg.label_nc, cfg.contain_dontcare_label, cfg.no_instance)
     return ShardLoader(cfg, shard_set, rank, world_size, train=True, batch_size=cfg.batch_size,
                        preprocess=train_preprocess(cfg), num_workers=cfg.num_workers)
 

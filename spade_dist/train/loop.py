@@ -158,6 +158,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     """:func:`train` once this job owns the run directory."""
     from spade_dist.checkpoint import GatheredState
     from spade_dist.data import build_train_loader, merge_positions
+    from spade_dist.data.sources import check_label_layout
     from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
     from spade_dist.losses import VGGLoss
     from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
@@ -167,6 +168,9 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
 
     # --- 3. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
+    # The generator's input channels come from the config: shards written for another label layout
+    # would otherwise fail at the first step (or train on misread ids).
+    check_label_layout(loader.shard_set, cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance)
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
