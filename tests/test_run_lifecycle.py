@@ -107,6 +107,13 @@ def test_fallback_past_corrupt_checkpoints_keeps_new_ones(tmp_path):
     assert sorted(p.name for p in (tmp_path / "archive").glob("*-invalid/step-*")) == ["step-000000004", "step-000000006"]
 
 
+def test_explicit_rewind_moves_the_abandoned_future_aside(tmp_path):
+    _run_toy(tmp_path, [2, 4, 6], resume="none")
+    _run_toy(tmp_path, [3], resume=str(tmp_path / "checkpoints" / "step-000000002"))
+    assert _steps(tmp_path) == [2, 3] and find_latest(tmp_path).name == "step-000000003"
+    assert sorted(p.name for p in (tmp_path / "archive").glob("*-superseded/step-*")) == ["step-000000004", "step-000000006"]
+
+
 def test_prune_touches_only_older_checkpoints_of_the_lineage(tmp_path):
     ckpts = tmp_path / "checkpoints"
 

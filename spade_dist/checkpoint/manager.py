@@ -429,6 +429,11 @@ class CheckpointManager:
             trees, objects = loaded
             if self.rank == 0:
                 self._archive_own(skipped, "invalid")
+                # An explicit rewind (--resume .../step-X of this run): the later checkpoints are a
+                # future this run abandons; left in place they would outrank the new ones for export.
+                chosen_step = layout.step_of(step_dir)
+                self._archive_own([str(p) for p in layout.list_step_dirs(self.ckpt_dir)
+                                   if layout.step_of(p) > chosen_step], "superseded")
             return self._apply(step_dir, app_state, trees, objects, skipped)
 
     def _archive_own(self, step_dirs: list[str], reason: str) -> list[Path]:
