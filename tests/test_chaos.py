@@ -127,15 +127,15 @@ class Chaos:
     def kill_all_during_save(self) -> None:
         """kill -9 of the launcher and both ranks while a step directory has no COMMITTED marker yet."""
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        torn: list[Path] = []
+        while not torn and time.monotonic() < deadline:
             torn = [p for p in self.run.checkpoints.glob("step-*") if not (p / "COMMITTED").exists()]
-            if torn:
-                break
             time.sleep(0.005)
         for pid in _worker_pids(self.run_dir).values():
             os.kill(pid, signal.SIGKILL)
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        print(f"kill_all_during_save: torn step directory at the kill: {[p.name for p in torn]}", flush=True)
 
     def _expect_requeue(self) -> None:
         self.finish(self.proc)  # torchrun reports its own code: the marker is what counts
