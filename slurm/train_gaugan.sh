@@ -23,7 +23,7 @@
 #       restarted (its REQUEUE marker exists), and the job was requeued
 #   4   bad settings (missing config, ...)
 #   other: training failed with that code (1 when the launcher exited 0 without DONE or REQUEUE)
-# The requeue decision reads the REQUEUE marker (spade-run outcome), not the exit code: launchers
+# The requeue decision reads the REQUEUE marker (spade-run verdict), not the exit code: launchers
 # translate exit codes (accelerate launch reports 1 for a worker's 75). See docs/SLURM.md.
 #
 #SBATCH --job-name=gaugan
