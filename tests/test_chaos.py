@@ -31,6 +31,7 @@ import pytest
 from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.run_dir import RunDir
 from tests.checkpoint_toy_loop import NUM_SAMPLES
+from tests.test_run_lifecycle import process_alive
 from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"
@@ -51,10 +52,9 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
         try:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
             env = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state == "Z" or str(run_dir).encode() not in cmd or not any(c.endswith(b"checkpoint_toy_loop.py") for c in cmd[:3]):
+        if not process_alive(int(entry.name)) or str(run_dir).encode() not in cmd or not any(c.endswith(b"checkpoint_toy_loop.py") for c in cmd[:3]):
             continue
         rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
         if rank is not None:

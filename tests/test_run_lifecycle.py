@@ -244,12 +244,21 @@ def _pids_of(needle: str) -> list[int]:
     return found
 
 
+def process_alive(pid: int) -> bool:
+    """True while any thread of ``pid`` still runs: a zombie main thread can hide a thread still in a
+    system call (e.g. a checkpoint fsync) that keeps the process's files and locks."""
+    try:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return False
+    return any(s not in ("Z", "X") for s in states)
+
+
 def _assert_gone(pids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     alive = pids
     while time.monotonic() < deadline:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                 and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0]]
+        alive = [p for p in pids if process_alive(p)]
         if not alive:
             return
         time.sleep(0.2)
