@@ -31,7 +31,7 @@ import pytest
 from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.run_dir import RunDir
 from tests.checkpoint_toy_loop import NUM_SAMPLES
-from tests.test_run_lifecycle import process_alive
+from tests.dist_utils import process_alive
 from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"

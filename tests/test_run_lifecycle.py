@@ -16,6 +16,7 @@ from spade_dist.checkpoint.layout import prune, write_marker
 from spade_dist.config import CheckpointConfig
 from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirBusy, RunLock
 from tests.checkpoint_toy_loop import ToyTrainState
+from tests.dist_utils import process_alive
 from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
 
 
@@ -242,16 +243,6 @@ def _pids_of(needle: str) -> list[int]:
             if needle in cmdline and int(entry.name) != os.getpid():
                 found.append(int(entry.name))
     return found
-
-
-def process_alive(pid: int) -> bool:
-    """True while any thread of ``pid`` still runs: a zombie main thread can hide a thread still in a
-    system call (e.g. a checkpoint fsync) that keeps the process's files and locks."""
-    try:
-        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
-    except OSError:
-        return False
-    return any(s not in ("Z", "X") for s in states)
 
 
 def _assert_gone(pids: list[int], timeout: float) -> None:
