@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import manifest as manifest_lib
+from spade_dist.files import UnsafeNameError, check_path_component
 from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, SourceSample,
                                 discover)
 from data_tools.records import BadSample, EncodeOptions, SampleRecord, encode_sample, encode_sample_task
@@ -187,6 +188,10 @@ def _write_shard(out: Path, root: Path, shard: PlannedShard, results: Iterator[U
                 skipped.append({"key": result.key, "files": list(result.files),
                                 "reason": _relative_reason(result.reason, root)})
                 continue
+            try:  # the key becomes tar member names here and file names downstream (spade-generate)
+                check_path_component(result.key, f"shard {shard.file}")
+            except UnsafeNameError as exc:
+                raise DataToolsError(str(exc)) from None
             keys.append(result.key)
             widths.append(result.width)
             heights.append(result.height)

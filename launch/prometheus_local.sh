@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash launch/install_services.sh
 RUN_DIR=${1:-runs/quickstart}
 WORKDIR=${PROM_WORKDIR:-work_data/prometheus/$(basename "$RUN_DIR")}
-mkdir -p "$RUN_DIR/metrics" "$WORKDIR"
-exec .venv/bin/python -m spade_dist.monitoring.services --sd-dir "$RUN_DIR/metrics" --workdir "$WORKDIR" \
+SD_DIR=$(.venv/bin/python -m spade_dist.cli.run path "$RUN_DIR" metrics)  # the run's discovery directory
+mkdir -p "$SD_DIR" "$WORKDIR"
+exec .venv/bin/python -m spade_dist.monitoring.services --sd-dir "$SD_DIR" --workdir "$WORKDIR" \
   --port "${PROM_PORT:-9090}" --pushgateway --pushgateway-port "${PUSHGATEWAY_PORT:-9091}"

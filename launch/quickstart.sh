@@ -7,6 +7,8 @@
 # Environment: QUICKSTART_DIR (default work_data/quickstart), QUICKSTART_COUNT (train images, 300),
 # QUICKSTART_STEPS (optimizer steps, default from configs/quickstart.yaml); extra arguments are
 # passed to spade-train as dotted overrides (e.g. ./launch/quickstart.sh train.max_steps=100).
+# A rerun starts a fresh run in the same directory: the previous run's checkpoints are moved to
+# $RUN_DIR/archive/ (checkpoint.existing=archive), never mixed with the new ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
@@ -34,7 +36,7 @@ if [ -n "${QUICKSTART_STEPS:-}" ]; then overrides+=("train.max_steps=$QUICKSTART
 
 echo "[quickstart] training: 2 CPU processes (accelerate launch, gloo, synchronized BN)"
 OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file launch/accelerate_cpu_2proc.yaml \
-  -m spade_dist.cli.train --config configs/quickstart.yaml --resume none "${overrides[@]}" "$@"
+  -m spade_dist.cli.train --config configs/quickstart.yaml --resume none checkpoint.existing=archive "${overrides[@]}" "$@"
 
 .venv/bin/spade-report --run-dir "$RUN_DIR" >/dev/null
 

@@ -45,7 +45,8 @@ if [ -n "${CONFIG:-}" ] && [ ! -f "$CONFIG" ]; then
   log "CONFIG not found: $CONFIG"
   exit $EXIT_BAD_SETTINGS
 fi
-mkdir -p "$RUN_DIR/eval" || exit $EXIT_BAD_SETTINGS
+# The run directory's layout comes from the project (spade-run), never spelled out here.
+EVAL_DIR=$(python -m spade_dist.cli.run path "$RUN_DIR" eval) && mkdir -p "$EVAL_DIR" || exit $EXIT_BAD_SETTINGS
 
 DEVICE=${SPADE_DEVICE:-auto}
 if [ "$DEVICE" = auto ]; then

@@ -18,10 +18,13 @@
 #   SPADE_DEVICE=cpu sbatch --gpus-per-node=0 slurm/train_gaugan.sh
 #
 # Exit codes of this script (and so of the job):
-#   0   training finished (RUN_DIR/DONE exists)
-#   3   preempted / time limit: a checkpoint was committed and the job was requeued
+#   0   training finished (the run's DONE marker exists and the launcher exited 0)
+#   checkpoint.requeue_exit_code (75 by default): the run committed a checkpoint and asked to be
+#       restarted (its REQUEUE marker exists), and the job was requeued
 #   4   bad settings (missing config, ...)
-#   other: the training processes failed with that code (see the log)
+#   other: training failed with that code (1 when the launcher exited 0 without DONE or REQUEUE)
+# The requeue decision reads the REQUEUE marker (spade-run verdict), not the exit code: launchers
+# translate exit codes (accelerate launch reports 1 for a worker's 75). See docs/SLURM.md.
 #
 #SBATCH --job-name=gaugan
 #SBATCH --nodes=2
@@ -35,8 +38,6 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-EXIT_DONE=0
-EXIT_REQUEUED=3
 EXIT_BAD_SETTINGS=4
 
 log() { echo "[train_gaugan $(date -u +%H:%M:%S)] $*"; }
@@ -88,29 +89,32 @@ HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o | tr ' ' '\n' | sed -n 's/^NodeAd
 HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}
 MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
-STOP_FILE="$RUN_DIR/STOP"
-rm -f "$STOP_FILE"
+# Run directory entries come from the project (spade-run), never spelled out here. `prepare` removes
+# a STOP / REQUEUE left by the previous start of this job.
+{ read -r STOP_FILE && read -r EVAL_DIR; } < <(python -m spade_dist.cli.run path "$RUN_DIR" stop eval) || {
+  log "cannot resolve the run directory layout of $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
+python -m spade_dist.cli.run prepare "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 
 log "job ${SLURM_JOB_ID:-?} restart=$RESTART_COUNT nodes=$NNODES ($SLURM_JOB_NODELIST) head=$HEAD_NODE/$HEAD_ADDR:$MASTER_PORT"
 log "launcher=$LAUNCHER device=$DEVICE procs/node=$NPROC_PER_NODE world=$WORLD_SIZE run_dir=$RUN_DIR config=$CONFIG"
 
 # The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
 SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}
-if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$RUN_DIR/eval/slurm_job_id" ]; then
-  mkdir -p "$RUN_DIR/eval"
+if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_DIR/slurm_job_id" ]; then
+  mkdir -p "$EVAL_DIR"
   # The watcher reads the run's resolved RUN_DIR/config.yaml (overrides included): CONFIG is cleared
   # so that this script's own CONFIG (the unresolved preset) does not leak into its environment.
   EVAL_EXTRA=()
   # CPU mode: no GPU and few CPUs for the watcher (EVAL_CPUS, default 1).
   [ "$DEVICE" = cpu ] && EVAL_EXTRA+=(--gpus-per-node=0 --cpus-per-task="${EVAL_CPUS:-1}")
   eval_job=$(RUN_DIR="$RUN_DIR" sbatch --parsable --dependency="after:${SLURM_JOB_ID}" \
-    --output="$RUN_DIR/eval/slurm-%j.out" "${EVAL_EXTRA[@]}" --export=ALL,RUN_DIR="$RUN_DIR",CONFIG=,SPADE_ENV="$SPADE_ENV" \
-    slurm/eval_fid.sh) && echo "$eval_job" > "$RUN_DIR/eval/slurm_job_id" && log "submitted FID watcher job $eval_job"
+    --output="$EVAL_DIR/slurm-%j.out" "${EVAL_EXTRA[@]}" --export=ALL,RUN_DIR="$RUN_DIR",CONFIG=,SPADE_ENV="$SPADE_ENV" \
+    slurm/eval_fid.sh) && echo "$eval_job" > "$EVAL_DIR/slurm_job_id" && log "submitted FID watcher job $eval_job"
 fi
 
 # Preemption / time limit: Slurm signals this batch shell (--signal=B:USR1@...). The training processes
-# watch RUN_DIR/STOP (any launcher, any node, shared filesystem): they agree on a step, checkpoint
-# synchronously and exit with the "requeue me" code. We also forward the signal to the step.
+# watch the run's STOP file (any launcher, any node, shared filesystem): they agree on a step,
+# checkpoint synchronously, write the run's REQUEUE marker and exit with checkpoint.requeue_exit_code.
 PREEMPTED=0
 on_preempt() {
   log "preemption signal: asking the training processes to checkpoint and stop"
@@ -143,16 +147,18 @@ while true; do
   break
 done
 
-if [ -f "$RUN_DIR/DONE" ] && [ $rc -eq 0 ]; then
-  log "training finished"
-  rm -f "$STOP_FILE"
-  exit $EXIT_DONE
+# What to do follows from the run's DONE / REQUEUE markers (spade-run verdict), not from $rc alone.
+PREEMPTED_FLAG=()
+[ $PREEMPTED -eq 1 ] && PREEMPTED_FLAG=(--preempted)
+read -r ACTION JOB_RC VERDICT < <(python -m spade_dist.cli.run verdict "$RUN_DIR" --rc "$rc" "${PREEMPTED_FLAG[@]}" \
+    --requeue-exit-code "$REQUEUE_RC") || { ACTION=failed; JOB_RC=1; VERDICT="cannot read the outcome of $RUN_DIR"; }
+log "$VERDICT"
+python -m spade_dist.cli.run prepare "$RUN_DIR"  # STOP / REQUEUE have been read: the next start begins clean
+if [ "$ACTION" = requeue ]; then
+  log "requeueing job $SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    log "scontrol requeue failed: resubmit this script with the same RUN_DIR to continue"
+    exit 1
+  fi
 fi
-if [ $rc -eq "$REQUEUE_RC" ] || [ $PREEMPTED -eq 1 ]; then
-  log "checkpoint committed (exit $rc); requeueing job $SLURM_JOB_ID"
-  rm -f "$STOP_FILE"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit $EXIT_REQUEUED
-fi
-log "training failed with exit code $rc"
-exit $rc
+exit "$JOB_RC"

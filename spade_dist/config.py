@@ -191,6 +191,11 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
+    # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
+    # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
+    # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
+    # wrong run's checkpoints.
+    existing: Literal["refuse", "archive", "delete"] = "refuse"
     # A file whose appearance asks all ranks to checkpoint and stop, like a preemption signal. Batch
     # scripts create it (shared filesystem) because launchers do not forward every signal to workers.
     # Empty = <run_dir>/STOP.
@@ -382,6 +387,43 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Numeric ranges: a value outside them would crash later (a modulo by zero at the first logging
+    step) or be silently meaningless (a negative step count, a requeue code of 0 = "success")."""
+    t, c, o, d, m, e = cfg.train, cfg.checkpoint, cfg.optim, cfg.data, cfg.metrics, cfg.eval
+
+    def at_least(key: str, value: float, low: float) -> tuple[bool, str]:
+        return value >= low, f"{key} must be >= {low}, got {value}"
+
+    return [
+        at_least("train.log_every", t.log_every, 1),
+        at_least("train.sample_every", t.sample_every, 1),
+        at_least("train.num_sample_images", t.num_sample_images, 1),
+        at_least("train.max_steps", t.max_steps, 0),
+        at_least("train.global_batch_size", t.global_batch_size, 0),
+        at_least("train.ema_start_step", t.ema_start_step, 0),
+        at_least("train.cpu_threads", t.cpu_threads, 0),
+        at_least("checkpoint.every_steps", c.every_steps, 0),
+        at_least("checkpoint.every_minutes", c.every_minutes, 0),
+        at_least("checkpoint.keep_every", c.keep_every, 0),
+        # 0 is success, 1 a generic failure, 2 a usage error; above 125 the shell reserves codes.
+        (3 <= c.requeue_exit_code <= 125, f"checkpoint.requeue_exit_code must be in 3..125, got {c.requeue_exit_code}"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 / optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}"),
+        at_least("optim.niter", o.niter, 0),
+        at_least("optim.niter_decay", o.niter_decay, 0),
+        (o.niter + o.niter_decay >= 1 or t.max_steps >= 1,
+         "optim.niter + optim.niter_decay must be >= 1 unless train.max_steps is set"),
+        at_least("data.shuffle_buffer", d.shuffle_buffer, 0),
+        (0 <= d.max_corrupt_fraction <= 1, f"data.max_corrupt_fraction must be in [0, 1], got {d.max_corrupt_fraction}"),
+        at_least("data.corrupt_min_samples", d.corrupt_min_samples, 0),
+        (0 <= m.port_base <= 65535, f"metrics.port_base must be in 0..65535, got {m.port_base}"),
+        (e.poll_seconds > 0, f"eval.poll_seconds must be > 0, got {e.poll_seconds}"),
+        at_least("eval.num_images", e.num_images, 0),
+        at_least("eval.batch_size", e.batch_size, 1),
+    ]
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
     from spade_dist.models.norms import parse_nonspade_norm, parse_spade_norm  # local: models import config
@@ -416,10 +458,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
          "train.init_generator_sha256 is set but train.init_generator is empty"),
         (not cfg.train.init_generator or cfg.model.netG == "spade",
          f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
+        *_range_checks(cfg),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{source}: {msg}")
+    import signal  # local: only validation needs it
+
+    for name in cfg.checkpoint.signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals) or not name.startswith("SIG") or name.startswith("SIG_"):
+            raise ConfigError(f"{source}: checkpoint.signals: unknown signal name {name!r} (e.g. SIGUSR1, SIGTERM)")
+        if name in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"{source}: checkpoint.signals: {name} cannot be caught")
     try:
         parse_spade_norm(cfg.model.norm_G)
     except ValueError as exc:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Union
@@ -34,6 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client import delete_from_gateway, push_to_gateway
 
 from spade_dist.config import MetricsConfig
+from spade_dist.files import write_atomic
+from spade_dist.run_dir import RunDir
 
 # Label names carried by every training sample; the dashboard and the alert rules group by them.
 TRAIN_LABELS = ("run", "job_id", "rank", "node")
@@ -43,7 +44,6 @@ EVAL_LABELS = ("run", "job_id")
 # Step-time buckets (seconds): tiny CPU test steps (ms) up to slow multi-node GPU steps (~30 s).
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
 
-TRAIN_LOG_RELPATH = Path("logs") / "train_metrics.jsonl"
 
 
 class MetricsError(RuntimeError):
@@ -68,7 +68,7 @@ def resolve_run_labels(cfg: MetricsConfig, run_dir: Union[str, Path]) -> tuple[s
 
 def resolve_sd_dir(cfg: MetricsConfig, run_dir: Union[str, Path]) -> Path:
     """``metrics.sd_dir``, or ``<run_dir>/metrics`` when empty."""
-    return Path(cfg.sd_dir) if cfg.sd_dir else Path(run_dir) / "metrics"
+    return Path(cfg.sd_dir) if cfg.sd_dir else RunDir(run_dir).metrics
 
 
 def sd_file_name(run: str, job_id: str, suffix: str = "") -> str:
@@ -83,16 +83,7 @@ def advertised_host(bind: str, node: str) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON through a temp file + rename so Prometheus never reads a half-written target file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def _start_server(registry: CollectorRegistry, port: int, bind: str, who: str, config_key: str):
@@ -280,7 +271,7 @@ class TrainingMetrics:
             self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
             write_json_atomic(self.sd_path, self._sd_groups)
             self._wrote_sd_file = True
-            log_path = self.run_dir / TRAIN_LOG_RELPATH
+            log_path = RunDir(self.run_dir).train_metrics_log
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(log_path, "a", buffering=1)  # line-buffered: readers see whole lines
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+
+from spade_dist.files import write_atomic
 
 # Official Cityscapes colours (util/util.py labelcolormap(35)), indexed by Cityscapes label id.
 _CITYSCAPES_COLORS = (
@@ -147,20 +148,6 @@ class GalleryRow:
     images: list[tuple[str, Union[str, Path]]] = field(default_factory=list)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so a browser or a concurrent reader never sees half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _image_href(image_path: Union[str, Path], html_dir: Path) -> str:
     path = Path(image_path)
     if path.is_absolute():
@@ -203,5 +190,5 @@ def write_gallery(html_path: Union[str, Path], title: str, rows: Sequence[Galler
             )
         parts.append(f'<tr><td class="cap">{esc(row.caption)}</td>' + "".join(cells) + "</tr>")
     parts += ["</table>", "</body></html>", ""]
-    _atomic_write_text(html_path, "\n".join(parts))
+    write_atomic(html_path, "\n".join(parts))  # a browser never sees half a page; 0644
     return html_path

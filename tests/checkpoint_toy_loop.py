@@ -4,7 +4,10 @@ It exercises everything the manager must handle without the real trainer: a mode
 RNG state matters), Adam (optimizer state), an lr scheduler, a per-rank sampler whose position is
 merged across ranks, preemption signals and crashes. Run as a script (also under torchrun):
 
-    python tests/checkpoint_toy_loop.py RUN_DIR --steps 12 [--every 3] [--sleep 0.05]
+    python tests/checkpoint_toy_loop.py RUN_DIR --steps 12 [--every 3] [--sleep 0.05] [--ballast-mb 0]
+
+Like spade-train it writes the run's REQUEUE marker on a checkpoint-and-stop, DONE at the end, dies with
+its launcher, and (rank 0) appends every commit to ``RUN_DIR/commits.jsonl`` ({"step", "lineage"}).
 """
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ class ToySampler:
         return self.epoch, ids
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "delivered": list(self.delivered_here)}
+        # Including what was delivered before this process resumed: a second checkpoint in the same
+        # epoch must not forget it (every rank lists it; the merged list is read as a set).
+        return {"epoch": self.epoch, "delivered": sorted(self.delivered_before) + list(self.delivered_here)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
@@ -127,7 +132,7 @@ def train_step(state: ToyTrainState, ids: list[int], world_size: int) -> None:
 
 def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointConfig, batch_size: int = 2,
         sleep: float = 0.0, stop_at_step: int = -1,
-        final_save: bool = True) -> dict[str, Any]:
+        final_save: bool = True, ballast_mb: int = 0) -> dict[str, Any]:
     """Train to ``steps`` (resuming per ``cfg.resume``); returns final params and delivered keys.
 
     ``stop_at_step`` emulates a preemption signal arriving on rank 0 only at that step.
@@ -138,9 +143,18 @@ def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointCo
     random.seed(1234 + rank)
     state = ToyTrainState()
     sampler = ToySampler(rank, world_size, batch_size)
-    app = {"train": state, "data": GatheredState(sampler, merge_positions)}
+    app: dict[str, Any] = {"train": state, "data": GatheredState(sampler, merge_positions)}
+    if ballast_mb:  # makes a save take long enough to be interrupted by a test
+        app["ballast"] = torch.zeros(ballast_mb * 2**18 // world_size * world_size)
+    commits = Path(run_dir) / "commits.jsonl"
+
+    def on_commit(step: int, step_dir: Path, seconds: float) -> None:
+        if rank == 0:
+            with open(commits, "a") as fh:
+                fh.write(json.dumps({"step": step, "lineage": ckpt.lineage}) + "\n")
+
     ckpt = CheckpointManager(run_dir, cfg, rank=rank, world_size=world_size, config_yaml="toy: true\n",
-                             generator_paths={"ema": ["train", "ema"], "raw": ["train", "model"]})
+                             generator_paths={"ema": ["train", "ema"], "raw": ["train", "model"]}, on_commit=on_commit)
     restored = ckpt.restore(app)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     keys_log = Path(run_dir) / f"keys-rank{rank}.jsonl"
@@ -159,6 +173,7 @@ def run(run_dir: Path, steps: int, rank: int, world_size: int, cfg: CheckpointCo
             ckpt.maybe_save(state.step, app)
             if ckpt.should_stop():
                 ckpt.save(state.step, app, blocking=True)
+                ckpt.request_requeue(state.step)
                 ckpt.close()
                 return {"stopped": True, "step": state.step, "delivered": delivered,
                         "restored": restored.step if restored else None}
@@ -178,7 +193,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--ballast-mb", type=int, default=0)
     args = parser.parse_args()
+    from spade_dist.workers import die_with_parent, launched_by_a_launcher
+
+    if launched_by_a_launcher():
+        die_with_parent()
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -192,7 +212,7 @@ def main() -> None:
                                 **elastic_restart_store(world_size, timeout))
     cfg = CheckpointConfig(every_steps=args.every, keep_last=2, async_save=True, resume="auto")
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep)
+    result = run(Path(args.run_dir), args.steps, rank, world_size, cfg, sleep=args.sleep, ballast_mb=args.ballast_mb)
     if result["stopped"]:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -79,3 +79,13 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence = (), env: dic
                 raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
             results.append(payload["result"])
         return results
+
+
+def process_alive(pid: int) -> bool:
+    """True while any thread of ``pid`` still runs: a zombie main thread can hide a thread still in a
+    system call (e.g. a checkpoint fsync) that keeps the process's files and locks."""
+    try:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return False
+    return any(s not in ("Z", "X") for s in states)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spade_dist.checkpoint import (
-    CheckpointManager, InvalidCheckpoint, find_latest, list_step_dirs, read_marker, validate_step_dir,
+    CheckpointManager, ExistingCheckpointsError, InvalidCheckpoint, find_latest, list_step_dirs, read_marker, validate_step_dir,
 )
 from spade_dist.checkpoint.layout import select_prunable
 from spade_dist.config import CheckpointConfig
@@ -215,7 +215,11 @@ def test_explicit_resume_path_must_be_valid(tmp_path):
         mgr.restore({"train": ToyTrainState()}, resume=str(tmp_path / "nowhere"))
     state = ToyTrainState()
     assert mgr.restore({"train": state}, resume=str(tmp_path)).step == 1  # a run dir: newest valid
-    assert mgr.restore({"train": state}, resume="none") is None
+    # The marker-less step 2 this resume fell back past is moved aside, not left to shadow step 1.
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000000001"]
+    assert [p.name for p in (tmp_path / "archive").glob("*-invalid/*")] == ["step-000000002"]
+    with pytest.raises(ExistingCheckpointsError, match="checkpoint.existing=archive"):
+        mgr.restore({"train": state}, resume="none")  # a fresh start over this run's step 1
 
 
 def test_missing_state_name_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from spade_dist.config import DataConfig
-from spade_dist.data import CorruptRateError, build_eval_loader, build_train_loader, merge_positions
+from spade_dist.data import CorruptRateError, ShardSourceError, build_eval_loader, build_train_loader, merge_positions
 from spade_dist.data.plan import rank_batch_sizes
 from spade_dist.data.stream import ShardError
 from tests.shard_fixtures import make_sample, png_bytes, write_manifest, write_shards, write_tar
@@ -87,9 +87,12 @@ def test_corrupt_rate_limit_raises_with_rate_and_keys(tmp_path: Path) -> None:
 
 def test_missing_shard_file_is_a_clear_error(tmp_path: Path) -> None:
     write_shards(tmp_path, [3, 3])
+    loader = build_train_loader(tiny_cfg(str(tmp_path)))
     (tmp_path / "toy-train-000001.tar").unlink()
-    with pytest.raises(ShardError, match="cannot open shard .*toy-train-000001.tar"):
-        list(build_train_loader(tiny_cfg(str(tmp_path))))
+    with pytest.raises(ShardError, match="cannot open shard .*toy-train-000001.tar"):  # gone while training
+        list(loader)
+    with pytest.raises(ShardSourceError, match="toy-train-000001.tar .* does not exist"):  # gone at startup
+        build_train_loader(tiny_cfg(str(tmp_path)))
 
 
 def test_eval_loader_each_sample_once_unpadded_deterministic(tmp_path: Path) -> None:

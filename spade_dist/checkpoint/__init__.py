@@ -7,7 +7,7 @@ Public API (see docs/CHECKPOINTING.md):
     load_generator_from_checkpoint, read_generator_state    -- export, FID, generate
 """
 from spade_dist.checkpoint.layout import (
-    CheckpointIncompatibleError, InvalidCheckpoint, checkpoints_dir, find_latest, list_step_dirs, read_marker, step_dir_name, step_of,
+    CheckpointIncompatibleError, ExistingCheckpointsError, InvalidCheckpoint, checkpoints_dir, find_latest, list_step_dirs, read_marker, step_dir_name, step_of,
     validate_step_dir,
 )
 from spade_dist.checkpoint.generator import (
@@ -17,7 +17,7 @@ from spade_dist.checkpoint.manager import CheckpointManager, GatheredState, Rest
 from spade_dist.checkpoint.store import CheckpointReadError, StepReader
 
 __all__ = [
-    "CheckpointIncompatibleError", "CheckpointManager", "GatheredState", "RestoreResult", "InvalidCheckpoint", "CheckpointReadError",
+    "CheckpointIncompatibleError", "ExistingCheckpointsError", "CheckpointManager", "GatheredState", "RestoreResult", "InvalidCheckpoint", "CheckpointReadError",
     "StepReader", "checkpoints_dir", "find_latest", "list_step_dirs", "read_marker", "step_dir_name",
     "step_of", "validate_step_dir", "load_generator_from_checkpoint", "read_generator_state",
     "read_checkpoint_config", "resolve_step_dir",

@@ -21,14 +21,15 @@ from spade_dist.config import Config, config_from_dict
 
 def resolve_step_dir(path: Union[str, Path]) -> Path:
     """A step directory as is (it must be committed and intact), or the newest committed one under a
-    run directory / its ``checkpoints`` directory."""
+    run directory / its ``checkpoints`` directory. Every file is checked against the size and sha256
+    its marker records before anything is unpickled or loaded from it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if layout.step_of(path) is not None:
-        layout.validate_step_dir(path, check_sha256=False)
+        layout.validate_step_dir(path, check_sha256=True)
         return path
-    return layout.find_latest(path, check_sha256=False)
+    return layout.find_latest(path, check_sha256=True)
 
 
 def read_checkpoint_config(step_dir: Path) -> Config:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 from spade_dist.files import sha256_file  # noqa: F401 - re-exported
+from spade_dist.run_dir import CHECKPOINTS_DIRNAME, RunDir  # noqa: F401 - re-exported
 
-CHECKPOINTS_DIRNAME = "checkpoints"
 MARKER_NAME = "COMMITTED"
 CONFIG_NAME = "config.yaml"
 FORMAT_VERSION = 1
@@ -33,6 +33,11 @@ class CheckpointIncompatibleError(ValueError):
     partitioned state on another world size); the message names the checkpoint and the fix."""
 
 
+class ExistingCheckpointsError(CheckpointIncompatibleError):
+    """A fresh start into a run directory that holds another run's checkpoints, with
+    ``checkpoint.existing=refuse``; the message names the directory and the choices."""
+
+
 def step_dir_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -45,7 +50,7 @@ def step_of(path: Path) -> Optional[int]:
 
 
 def checkpoints_dir(run_dir: Union[str, Path]) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIRNAME
+    return RunDir(run_dir).checkpoints
 
 
 def list_step_dirs(ckpt_dir: Path) -> list[Path]:
@@ -146,11 +151,12 @@ def resolve_resume_target(resume: str, run_dir: Union[str, Path]) -> tuple[list[
     raise InvalidCheckpoint(f"{path}: no checkpoint here (neither a step-* directory nor a directory holding step-* under itself or checkpoints/)")
 
 
-def find_latest(path: Union[str, Path], check_sha256: bool = False,
+def find_latest(path: Union[str, Path], check_sha256: bool = True,
                 warn: Optional[Callable[[str], None]] = None) -> Path:
     """The newest valid step directory under a run dir / checkpoints dir, or ``path`` itself when it
     is a valid step directory. Invalid ones are reported through ``warn`` and skipped."""
     candidates, explicit = resolve_resume_target(str(path), ".")
+    problems = []
     for step_dir in candidates:
         try:
             validate_step_dir(step_dir, check_sha256=check_sha256)
@@ -158,26 +164,45 @@ def find_latest(path: Union[str, Path], check_sha256: bool = False,
         except InvalidCheckpoint as exc:
             if explicit:
                 raise
+            problems.append(str(exc))
             if warn is not None:
                 warn(f"skipping checkpoint {step_dir}: {exc}")
-    raise InvalidCheckpoint(f"{path}: no committed checkpoint found")
+    found = f"; skipped: {'; '.join(problems)}" if problems else ""
+    raise InvalidCheckpoint(f"{path}: no valid committed checkpoint found{found}")
 
 
 def select_prunable(committed_steps: list[int], keep_last: int, keep_every: int) -> list[int]:
     """Steps to delete: everything but the newest ``keep_last`` and the multiples of ``keep_every``."""
     ordered = sorted(committed_steps)
+    keep_last = max(keep_last, 1)  # the newest one always stays
     keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
     if keep_every > 0:
         keep |= {s for s in ordered if s % keep_every == 0}
     return [s for s in ordered if s not in keep]
 
 
-def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete committed step directories that retention does not keep. Uncommitted directories are
-    left alone (one may be in flight); only directories older than the newest committed one can go.
+def lineage_of(step_dir: Path) -> Optional[str]:
+    """The lineage id a committed checkpoint's marker records (None: unreadable or written before
+    lineages existed)."""
+    try:
+        value = read_marker(step_dir).get("lineage")
+    except InvalidCheckpoint:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int, lineage: str, committed_step: int) -> list[Path]:
+    """Delete this lineage's committed step directories that retention does not keep, after the
+    commit of ``committed_step``.
+
+    Only checkpoints whose marker carries ``lineage`` *and* whose step is at most ``committed_step``
+    count and can go: another run's checkpoints, uncommitted ones (one may be in flight), ones without
+    a lineage and ones with a higher step (left by an attempt this lineage fell back from) are never
+    touched, so the checkpoint just committed is always the newest candidate and always kept.
     Deletion removes the marker first, so a concurrent reader sees "not committed" rather than a
     half-deleted checkpoint it still trusts."""
-    committed = {step_of(p): p for p in list_step_dirs(ckpt_dir) if is_committed(p)}
+    committed = {step_of(p): p for p in list_step_dirs(ckpt_dir)
+                 if is_committed(p) and step_of(p) <= committed_step and lineage_of(p) == lineage}
     removed = []
     for step in select_prunable(list(committed), keep_last, keep_every):
         path = committed[step]

@@ -12,6 +12,13 @@ Collectives: control decisions (stop flag, time trigger, position gathering, res
 the training thread on a private gloo group; the background writer runs DCP on a second private
 gloo group. Two groups, because two threads issuing collectives on one group could interleave
 differently on different ranks and deadlock; gloo groups also keep this working on NCCL jobs.
+
+Ownership and lineage (docs/CHECKPOINTING.md): the manager's rank 0 holds the run directory's owner
+lock (:class:`spade_dist.run_dir.RunLock`) from construction to :meth:`close`. Every checkpoint's marker
+records the *lineage* it belongs to: a fresh start begins a new lineage, a resume continues the one of
+the checkpoint it loaded. Retention only prunes the current lineage's checkpoints older than the one
+just committed; a fresh start into a directory that holds checkpoints refuses unless
+``checkpoint.existing`` says to archive or delete them.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +42,7 @@ from spade_dist.checkpoint.store import (
     CheckpointReadError, StepReader, build_flat_state, write_flat_state,
 )
 from spade_dist.config import CheckpointConfig
+from spade_dist.run_dir import RunDir, RunDirBusy, RunLock
 
 log = logging.getLogger("spade_dist.checkpoint")
 
@@ -82,6 +91,7 @@ class CheckpointManager:
         verify_sha256_on_resume: bool = True,
         on_commit: Optional[Callable[[int, Path, float], None]] = None,
         timeout: Optional[timedelta] = None,
+        lock: bool = True,
     ) -> None:
         """
         rank / world_size: default to the process group's (or 0 / 1 without one).
@@ -95,8 +105,11 @@ class CheckpointManager:
         timeout: of the private gloo groups' collectives (the trainer passes
             ``train.collective_timeout_s``, so a lost peer fails them as quickly as the world
             group's); None = torch's default.
+        lock: take the run directory's owner lock on rank 0 (raises :class:`RunDirBusy` on every rank
+            when another job owns it). Off only for readers that never write checkpoints.
         """
         self.run_dir = Path(run_dir)
+        self.run = RunDir(self.run_dir)
         self.cfg = cfg
         self.distributed = _dist_active()
         self.rank = rank if rank is not None else (dist.get_rank() if self.distributed else 0)
@@ -110,22 +123,44 @@ class CheckpointManager:
         # The trainer feeds it to its metrics (spade_checkpoint_*); for async saves it runs in the
         # writer thread.
         self.on_commit = on_commit
-        self.ckpt_dir = layout.checkpoints_dir(self.run_dir)
+        self.ckpt_dir = self.run.checkpoints
         # Private groups (collective creation: every rank constructs the manager at the same point).
         self._ctrl_pg = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         self._io_pg = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
+        # The lineage new checkpoints belong to: set by restore() (or by the first save without one).
+        self.lineage: Optional[str] = None
+        self._lock: Optional[RunLock] = None
+        if lock:
+            self._take_lock()
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self._last_save_time = time.monotonic()
         self._last_saved_step: Optional[int] = None
         self._stop_signal: Optional[str] = None
-        self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run_dir / "STOP"
+        self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run.stop
         self._stop_file_checked = float("-inf")
         self._old_handlers: dict[int, Any] = {}
         self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
         if install_signal_handlers:
             self._install_handlers()
+
+    # ------------------------------------------------------------------ ownership
+    def _take_lock(self) -> None:
+        """Collective: rank 0 takes the owner lock; every rank raises RunDirBusy if it could not.
+        Only rank 0 holds it (on multi-node jobs the head node's): the other ranks cannot outlive it
+        usefully, since they die with their launcher and block in the next collective without it."""
+        busy: Optional[str] = None
+        if self.rank == 0:
+            lock = RunLock(self.run)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except RunDirBusy as exc:
+                busy = str(exc)
+        busy = self._broadcast(busy)
+        if busy is not None:
+            raise RunDirBusy(busy)
 
     # ------------------------------------------------------------------ signals / stop flag
     def _install_handlers(self) -> None:
@@ -180,6 +215,13 @@ class CheckpointManager:
     @property
     def requeue_exit_code(self) -> int:
         return self.cfg.requeue_exit_code
+
+    def request_requeue(self, step: int) -> None:
+        """After the stop checkpoint of ``step`` is committed (call :meth:`wait` first): rank 0 writes
+        the run's REQUEUE marker. Batch scripts requeue on the marker, not on an exit code, because
+        launchers translate exit codes (``accelerate launch`` turns 75 into 1)."""
+        if self.rank == 0:
+            self.run.request_requeue(step, self.stop_reason or "requested", self.requeue_exit_code)
 
     # ------------------------------------------------------------------ triggers
     def _time_due(self) -> bool:
@@ -240,6 +282,8 @@ class CheckpointManager:
         flat = self._stage(step, app_state, clone=not blocking)
         self._last_save_time = time.monotonic()
         self._last_saved_step = step
+        if self.lineage is None:
+            self.lineage = uuid.uuid4().hex
         step_dir = self.ckpt_dir / layout.step_dir_name(step)
         if blocking:
             self._write(step, step_dir, flat)
@@ -273,9 +317,11 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 (step_dir / layout.CONFIG_NAME).write_text(self.config_yaml)
-                extra = {"generator_paths": self.generator_paths, "world_size_locked": self.world_size_locked}
+                extra = {"generator_paths": self.generator_paths, "world_size_locked": self.world_size_locked,
+                         "lineage": self.lineage}
                 layout.write_marker(step_dir, step, self.world_size, extra)
-                removed = layout.prune(self.ckpt_dir, self.cfg.keep_last, self.cfg.keep_every)
+                removed = layout.prune(self.ckpt_dir, self.cfg.keep_last, self.cfg.keep_every,
+                                       lineage=self.lineage, committed_step=step)
                 log.info("checkpoint %s committed in %.2fs%s", step_dir, time.perf_counter() - started,
                          f"; pruned {[p.name for p in removed]}" if removed else "")
             except BaseException as exc:  # noqa: BLE001 - raised after the barrier, so no rank hangs in it
@@ -298,7 +344,7 @@ class CheckpointManager:
             raise RuntimeError(f"asynchronous checkpoint save failed: {err}") from err
 
     def close(self) -> None:
-        """Finish the in-flight save and put back the previous signal handlers."""
+        """Finish the in-flight save, put back the previous signal handlers, release the owner lock."""
         try:
             self.wait()
         finally:
@@ -306,6 +352,9 @@ class CheckpointManager:
                 if threading.current_thread() is threading.main_thread():
                     signal.signal(signum, handler)
             self._old_handlers.clear()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------ resuming
     def _broadcast(self, payload: Any) -> Any:
@@ -363,7 +412,8 @@ class CheckpointManager:
             if chosen_str is None:
                 if resume not in ("none", "auto"):
                     raise layout.InvalidCheckpoint(f"checkpoint.resume={resume}: no valid checkpoint (skipped: {skipped})")
-                log.info("no checkpoint to resume from in %s; starting fresh", self.ckpt_dir)
+                self._start_fresh(resume, skipped)
+                log.info("no checkpoint to resume from in %s; starting fresh (lineage %s)", self.ckpt_dir, self.lineage)
                 return None
             step_dir = Path(chosen_str)
             loaded: Optional[tuple[dict, dict]] = None
@@ -382,7 +432,56 @@ class CheckpointManager:
                 continue
             assert loaded is not None
             trees, objects = loaded
+            if self.rank == 0:
+                self._archive_own(skipped, "invalid")
+                # An explicit rewind (--resume .../step-X of this run): the later checkpoints are a
+                # future this run abandons; left in place they would outrank the new ones for export.
+                chosen_step = layout.step_of(step_dir)
+                self._archive_own([str(p) for p in layout.list_step_dirs(self.ckpt_dir)
+                                   if layout.step_of(p) > chosen_step], "superseded")
             return self._apply(step_dir, app_state, trees, objects, skipped)
+
+    def _archive_own(self, step_dirs: list[str], reason: str) -> list[Path]:
+        """Rank 0: move this run's ``step_dirs`` to ``archive/``. Used for checkpoints a resume had to
+        skip: they stay for inspection, but no longer shadow the lineage that continues (an exporter
+        would otherwise see a newer step than DONE's; retention would count them)."""
+        own = [Path(p) for p in step_dirs if Path(p).parent.resolve() == self.ckpt_dir.resolve() and Path(p).exists()]
+        if not own:
+            return []
+        slot = self.run.archive_slot(reason)
+        moved = []
+        for path in own:
+            moved.append(Path(shutil.move(str(path), str(slot / path.name))))
+        log.warning("moved %d checkpoint(s) this run cannot use to %s: %s", len(moved), slot, [p.name for p in moved])
+        return moved
+
+    def _start_fresh(self, resume: str, skipped: list[str]) -> None:
+        """Collective. A new lineage; checkpoints left in the run directory are dealt with first
+        (``checkpoint.existing``), so that no retention or exporter ever mixes two runs."""
+        error: Optional[str] = None
+        lineage = uuid.uuid4().hex
+        if self.rank == 0:
+            self._archive_own(skipped, "invalid")
+            leftovers = layout.list_step_dirs(self.ckpt_dir)
+            policy = self.cfg.existing
+            if leftovers and policy == "refuse":
+                error = (f"{self.ckpt_dir} holds {len(leftovers)} checkpoint(s) of another run (newest {leftovers[-1].name}) "
+                         f"and checkpoint.resume={resume} starts a new one; set checkpoint.existing=archive (move them to "
+                         f"{self.run.archive}/) or checkpoint.existing=delete, resume with --resume auto, or use another train.run_dir")
+            elif leftovers and policy == "archive":
+                slot = self.run.archive_slot("previous-run")
+                for path in leftovers:
+                    shutil.move(str(path), str(slot / path.name))
+                log.warning("moved %d checkpoint(s) of an earlier run to %s", len(leftovers), slot)
+            elif leftovers:
+                for path in leftovers:
+                    (path / layout.MARKER_NAME).unlink(missing_ok=True)
+                    shutil.rmtree(path)
+                log.warning("deleted %d checkpoint(s) of an earlier run (checkpoint.existing=delete)", len(leftovers))
+        error, lineage = self._broadcast((error, lineage))
+        if error is not None:
+            raise layout.ExistingCheckpointsError(error)
+        self.lineage = lineage
 
     @staticmethod
     def _stored_name(name: str, rank: Optional[int]) -> str:
@@ -431,5 +530,7 @@ class CheckpointManager:
                      self.rank, step_dir, saved_ws, derived)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
+        # Continue the loaded checkpoint's lineage (one written before lineages existed starts one).
+        self.lineage = self._broadcast(layout.lineage_of(step_dir) or uuid.uuid4().hex)
         log.info("resumed from %s (step %d, saved by %d ranks, now %d)", step_dir, step, saved_ws, self.world_size)
         return RestoreResult(step=step, step_dir=step_dir, saved_world_size=saved_ws, skipped=skipped)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from spade_dist.run_dir import RunDir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,11 +123,11 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator
-    from spade_dist.eval.watcher import EvalWatcher, best_record, read_records
+    from spade_dist.eval.watcher import METRICS_NAME, EvalWatcher, best_record, read_records
     from spade_dist.metrics import EvalMetrics
 
     run_dir = Path(args.run_dir)
-    config_path = Path(args.config) if args.config else run_dir / "config.yaml"
+    config_path = Path(args.config) if args.config else RunDir(run_dir).config
     if not args.config:
         _wait_for(config_path, args.wait_config_seconds)
     cfg = _with_overrides(load_config(config_path), args)
@@ -136,7 +137,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     evaluator = Evaluator(cfg, device=device, log=log)  # fails here, at start, without Inception weights
     metrics = None
     if rank == 0 and cfg.metrics.enabled:
-        best = best_record(read_records(run_dir / "eval" / "metrics.jsonl"))
+        best = best_record(read_records(RunDir(run_dir).eval / METRICS_NAME))
         metrics = EvalMetrics(cfg.metrics, run_dir, best_fid=best["fid"] if best else None)
         metrics.start()
     watcher = EvalWatcher(

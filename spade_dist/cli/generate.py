@@ -36,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from spade_dist.config import Config, load_config
+from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
@@ -434,6 +435,11 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
             fakes = to_uint8_image(generator(batch, z=z))
 
             cells: list[tuple[str, Path]] = []
+            # The key becomes file names below: a key from a crafted shard must not leave --out.
+            try:
+                check_path_component(item.key, item.source)
+            except UnsafeNameError as exc:
+                raise GenerateError(str(exc)) from None
             label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
             cells.append(("label", label_png.relative_to(out)))
             for k in range(args.num_per_label):

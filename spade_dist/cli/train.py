@@ -8,7 +8,8 @@ Launch it with any of (see docs/TRAINING.md):
     deepspeed --hostfile H --module spade_dist.cli.train --config X train.backend=deepspeed
 
 Exit codes: 0 finished, 2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
-(124) stopped by a preemption signal after saving a checkpoint.
+(75) stopped by a preemption signal or the STOP file after committing a checkpoint; the run's
+REQUEUE marker says so too (launchers may translate the exit code). See docs/CHECKPOINTING.md.
 """
 from __future__ import annotations
 
@@ -33,19 +34,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from spade_dist.workers import die_with_parent, launched_by_a_launcher
+
+    if launched_by_a_launcher():
+        die_with_parent()  # no orphan keeps training (and checkpointing) after its launcher is gone
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from spade_dist.checkpoint import CheckpointIncompatibleError, InvalidCheckpoint
-    from spade_dist.data import ShardSourceError
+    from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.losses import MissingVGGWeightsError
+    from spade_dist.metrics import MetricsError
+    from spade_dist.run_dir import RunDirBusy
     from spade_dist.train.loop import train
 
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume)
     except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError,
-            InvalidCheckpoint, CheckpointIncompatibleError) as exc:  # --resume PATH invalid / unusable
+            InvalidCheckpoint, CheckpointIncompatibleError, RunDirBusy, MetricsError,
+            CorruptRateError) as exc:  # --resume PATH invalid / unusable
         print(f"spade-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return result.exit_code

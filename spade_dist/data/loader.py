@@ -22,7 +22,9 @@ from spade_dist.data.plan import (
     EpochPlan, eval_batch_sizes, make_position, plan_fingerprint, rank_batch_sizes, split_ranges, stable_seed,
     unpack_delivered, worker_batch_sizes,
 )
-from spade_dist.data.sources import ShardSet, ShardSourceError, eval_spec, resolve_shards
+from spade_dist.data.sources import (
+    ShardSet, ShardSourceError, check_shard_files, eval_spec, resolve_shards,
+)
 from spade_dist.data.stream import CORRUPT_FIELD, INDEX_FIELD, READ_FIELD, ShardStream, StreamSettings, WorkerTask
 from spade_dist.data.transforms import PreprocessOptions
 
@@ -235,8 +237,11 @@ def eval_preprocess(cfg: DataConfig) -> PreprocessOptions:
 
 
 def build_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:
-    """Training loader of one rank: shuffled per epoch, equal batch count on all ranks, resumable."""
+    """Training loader of one rank: shuffled per epoch, equal batch count on all ranks, resumable.
+    Checks up front that every shard is there with its manifest size (:class:`ShardSourceError`
+    naming the file otherwise)."""
     shard_set = resolve_shards(cfg.shards, cfg.split, cfg.manifest)
+    check_shard_files(shard_set)
     return ShardLoader(cfg, shard_set, rank, world_size, train=True, batch_size=cfg.batch_size,
                        preprocess=train_preprocess(cfg), num_workers=cfg.num_workers)
 

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import braceexpand
 
+from spade_dist.files import UnsafeNameError, check_path_component
+
 MANIFEST_NAME = "manifest.json"
 PIPE_SEPARATOR = "::"
 
@@ -75,6 +77,12 @@ def _split_shards(manifest: dict[str, Any], split: str, manifest_path: Path) -> 
         if "samples" in entry and entry["samples"] != len(entry["keys"]):
             raise ShardSourceError(
                 f"manifest {manifest_path}: shard {entry['file']} lists {len(entry['keys'])} keys but samples={entry['samples']}")
+        try:
+            check_path_component(entry["file"], f"manifest {manifest_path}: splits.{split}.shards[{i}].file")
+            for key in entry["keys"]:
+                check_path_component(key, f"manifest {manifest_path}: shard {entry['file']}")
+        except UnsafeNameError as exc:
+            raise ShardSourceError(str(exc)) from None
     return shards
 
 
@@ -152,6 +160,37 @@ def resolve_shards(spec: str, split: str, manifest_override: str = "") -> ShardS
         shards.append(ShardInfo(f, entry["file"], tuple(entry["keys"])))
     _check_unique_keys(shards, spec)
     return ShardSet(tuple(shards), str(manifest_path), split, manifest)
+
+
+def check_shard_files(shard_set: ShardSet) -> None:
+    """Startup check: every local shard exists with the size its manifest records, so a deleted or
+    truncated shard is named before any model is built, not met at the first batch (``pipe:`` shards
+    cannot be checked without reading them; the loader skips an unreadable rest and counts it)."""
+    entries = {e["file"]: e for e in shard_set.manifest["splits"][shard_set.split].get("shards", [])}
+    for shard in shard_set.shards:
+        if shard.url.startswith("pipe:"):
+            continue
+        path = Path(shard.url)
+        if not path.is_file():
+            raise ShardSourceError(f"shard {path} (split {shard_set.split!r} of {shard_set.manifest_path}) does not exist")
+        recorded = entries.get(shard.name, {}).get("bytes")
+        if isinstance(recorded, int) and path.stat().st_size != recorded:
+            raise ShardSourceError(f"shard {path}: {path.stat().st_size} bytes, but {shard_set.manifest_path} records "
+                                   f"{recorded} (truncated or replaced; re-run spade-data shard / verify)")
+
+
+def check_label_layout(shard_set: ShardSet, label_nc: int, contain_dontcare_label: bool, no_instance: bool) -> None:
+    """Startup check: the manifest's label layout (written by ``spade-data shard``) matches the
+    config's, which sizes the generator's input; a mismatch would otherwise fail at the first step
+    (or, worse, train on misread ids)."""
+    m, where = shard_set.manifest, shard_set.manifest_path
+    if "label_nc" in m and m["label_nc"] != label_nc:
+        raise ShardSourceError(f"data.label_nc={label_nc} but {where} was written with label_nc={m['label_nc']}")
+    if "contain_dontcare_label" in m and bool(m["contain_dontcare_label"]) != contain_dontcare_label:
+        raise ShardSourceError(f"data.contain_dontcare_label={str(contain_dontcare_label).lower()} but {where} was "
+                               f"written with contain_dontcare_label={str(bool(m['contain_dontcare_label'])).lower()}")
+    if m.get("instance") is False and not no_instance:
+        raise ShardSourceError(f"data.no_instance=false but {where} has no instance maps; set data.no_instance=true")
 
 
 def eval_spec(shards: str, val_shards: str, manifest: str = "") -> Optional[str]:

@@ -14,7 +14,9 @@ is what keeps DDP and SyncBN from hanging.
 """
 from __future__ import annotations
 
+import logging
 import random
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -27,6 +29,8 @@ from webdataset.gopen import gopen
 from spade_dist.data.decode import CorruptSample, DecodedSample, decode_sample
 from spade_dist.data.plan import Segment, stable_seed
 from spade_dist.data.transforms import PreprocessOptions
+
+log = logging.getLogger("spade_dist.data")
 
 # Fields a batch carries from the worker to the main process only (popped before the trainer).
 INDEX_FIELD = "_index"
@@ -56,9 +60,17 @@ class ShardError(RuntimeError):
     """A shard does not match its manifest (unknown key) or cannot be opened."""
 
 
+MISSING_REASON = "listed in the manifest but missing from the shard"
+
+
 def _raw_samples(segment: Segment) -> Iterator[dict[str, Any]]:
     """Undecoded samples of ``segment`` in tar order; wanted keys missing from the tar come out
-    as ``{"__key__": key, "__missing__": True}`` so they are counted as corrupt, not lost."""
+    as ``{"__key__": key, "__missing__": reason}`` so they are counted as corrupt, not lost.
+
+    A shard that turns out truncated or unreadable part-way (a tar error, an I/O error) is not a
+    crash: the rest of its wanted keys come out as missing with the shard and the error as the
+    reason, so the loader skips and counts them like any corrupt sample, and the recorded position
+    still covers every planned sample exactly once."""
     wanted = segment.wanted
     started: set[str] = set()
 
@@ -77,6 +89,7 @@ def _raw_samples(segment: Segment) -> Iterator[dict[str, Any]]:
     except Exception as exc:
         raise ShardError(f"cannot open shard {segment.url}: {exc}") from exc
     files = tariterators.tar_file_expander([{"url": segment.url, "stream": stream}], select_files=select)
+    missing_reason = MISSING_REASON
     try:
         for sample in tariterators.group_by_keys(files):
             key = sample["__key__"]
@@ -90,12 +103,15 @@ def _raw_samples(segment: Segment) -> Iterator[dict[str, Any]]:
             # so the command exits cleanly.
             if len(seen) == len(wanted) and not segment.url.startswith("pipe:"):
                 break
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        missing_reason = f"shard {segment.url} unreadable after {len(seen)} sample(s) of this range: {exc}"
+        log.warning("%s; skipping its remaining %d sample(s)", missing_reason, len(wanted) - len(seen))
     finally:
         files.close()
         stream.close()
     for key in wanted:
         if key not in seen:
-            yield {"__key__": key, "__missing__": True}
+            yield {"__key__": key, "__missing__": missing_reason}
 
 
 def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -171,7 +187,7 @@ class ShardStream(IterableDataset):
         for sample in _shuffled(raw(), task.shuffle_buffer, rng):
             key = sample["__key__"]
             if sample.get("__missing__"):
-                corrupt.append((key, "listed in the manifest but missing from the shard", sample["__index__"]))
+                corrupt.append((key, sample["__missing__"], sample["__index__"]))
                 continue
             try:
                 sample_rng = random.Random(stable_seed("sample", s.seed, s.epoch, key))

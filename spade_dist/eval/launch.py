@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 from spade_dist.config import Config
 from spade_dist.eval.inception import resolve_inception_weights
+from spade_dist.run_dir import RunDir
 
 WATCHER_LOG = "watcher.log"
 
@@ -47,7 +48,7 @@ def start_eval_watcher(cfg: Config, run_dir: Union[str, Path], config_path: Opti
     # Fail in the trainer, at start, rather than in a background process nobody watches.
     resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)
     run_dir = Path(run_dir)
-    config_path = Path(config_path) if config_path is not None else run_dir / "config.yaml"
+    config_path = Path(config_path) if config_path is not None else RunDir(run_dir).config
     if not config_path.is_file():
         raise FileNotFoundError(f"start_eval_watcher: {config_path} does not exist; write the run's resolved config "
                                 "before starting the watcher")
@@ -65,7 +66,7 @@ def start_eval_watcher(cfg: Config, run_dir: Union[str, Path], config_path: Opti
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra_env or {})
-    eval_dir = run_dir / "eval"
+    eval_dir = RunDir(run_dir).eval
     eval_dir.mkdir(parents=True, exist_ok=True)
     log = open(eval_dir / WATCHER_LOG, "ab")
     try:

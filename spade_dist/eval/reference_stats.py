@@ -169,13 +169,15 @@ def resolve_cache_dir(configured: str = "") -> Path:
 
 
 def load_reference(path: Union[str, Path]) -> ReferenceStats:
+    """Read a cache file written by :func:`save_reference`: tensors, ints and a JSON string only, so it
+    loads with ``weights_only=True`` (a cache directory may be shared; a pickle could run code)."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         features = payload["features"]
-        stats = FeatureStatistics(mu=np.asarray(payload["mu"]), sigma=np.asarray(payload["sigma"]),
+        stats = FeatureStatistics(mu=payload["mu"].numpy(), sigma=payload["sigma"].numpy(),
                                   num_samples=int(payload["num_samples"]))
-        return ReferenceStats(features=features, stats=stats, meta=dict(payload["meta"]))
+        return ReferenceStats(features=features, stats=stats, meta=dict(json.loads(payload["meta_json"])))
     except Exception as exc:  # noqa: BLE001 - any failure means "unusable cache file"
         raise ReferenceStatsError(f"{path}: unreadable reference statistics ({exc}); delete it to recompute") from exc
 
@@ -184,8 +186,9 @@ def save_reference(path: Union[str, Path], ref: ReferenceStats) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"features": ref.features, "mu": ref.stats.mu, "sigma": ref.stats.sigma,
-                "num_samples": ref.stats.num_samples, "meta": ref.meta}, tmp)
+    torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
+                "sigma": torch.from_numpy(np.asarray(ref.stats.sigma, dtype=np.float64)),
+                "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)}, tmp)
     os.replace(tmp, path)
 
 

@@ -32,14 +32,13 @@ import torch.distributed as dist
 
 from spade_dist.eval.evaluate import CheckpointUnavailable, Evaluator
 from spade_dist.eval.report import write_fid_page
+from spade_dist.run_dir import RunDir
 
-EVAL_DIRNAME = "eval"
 METRICS_NAME = "metrics.jsonl"
 BEST_NAME = "best.json"
 BEST_GENERATOR_NAME = "best_generator.pt"
 FID_PAGE_NAME = "fid.html"
 LOCK_NAME = "watcher.lock"
-DONE_NAME = "DONE"
 MARKER_NAME = "COMMITTED"  # docs/FORMATS.md: written last into checkpoints/step-XXXXXXXXX/
 POLICIES = ("every", "newest", "every_k")
 
@@ -56,7 +55,7 @@ class CheckpointRef:
 
 def committed_checkpoints(run_dir: Union[str, Path]) -> list[CheckpointRef]:
     """Committed step directories of a run, oldest first (the FORMATS.md layout)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = RunDir(run_dir).checkpoints
     if not ckpt_dir.is_dir():
         return []
     found = []
@@ -114,7 +113,7 @@ class EvalWatcher:
         if every_k < 1:
             raise ValueError(f"eval.every_k must be >= 1, got {every_k}")
         self.run_dir = Path(run_dir)
-        self.eval_dir = self.run_dir / EVAL_DIRNAME
+        self.eval_dir = RunDir(self.run_dir).eval
         self.metrics_path = self.eval_dir / METRICS_NAME
         self.evaluator = evaluator
         self.policy = policy
@@ -135,7 +134,7 @@ class EvalWatcher:
         return {int(r["step"]) for r in self.records}
 
     def run_finished(self) -> bool:
-        if (self.run_dir / DONE_NAME).exists():
+        if RunDir(self.run_dir).done.exists():
             return True
         return self.parent_pid is not None and not _process_alive(self.parent_pid)
 

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from spade_dist.metrics import TRAIN_LOG_RELPATH
+from spade_dist.files import write_atomic
+from spade_dist.run_dir import EVAL_DIRNAME, LOGS_DIRNAME, TRAIN_METRICS_NAME, RunDir
 
-EVAL_LOG_RELPATH = Path("eval") / "metrics.jsonl"
+TRAIN_LOG_RELPATH = Path(LOGS_DIRNAME) / TRAIN_METRICS_NAME
+EVAL_LOG_RELPATH = Path(EVAL_DIRNAME) / "metrics.jsonl"
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 
@@ -192,7 +194,7 @@ def eval_charts(evals: Sequence[dict[str, Any]]) -> list[Chart]:
 
 def latest_samples(run_dir: Path, count: int) -> list[tuple[int, Path]]:
     found = []
-    for path in (run_dir / "samples").glob("step-*.png"):
+    for path in RunDir(run_dir).samples.glob("step-*.png"):
         match = SAMPLE_PATTERN.match(path.name)
         if match:
             found.append((int(match[1]), path))
@@ -205,7 +207,7 @@ def _data_uri(path: Path) -> str:
 
 def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
     rows = [("Run directory", str(run_dir))]
-    done = run_dir / "DONE"
+    done = RunDir(run_dir).done
     if done.is_file():
         try:
             info = json.loads(done.read_text() or "{}")
@@ -224,7 +226,7 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict]) -> list[t
         if losses:
             rows.append(("Last losses", ", ".join(f"{k} {_fmt(v) if _number(v) is not None else 'non-finite'}"
                                                   for k, v in sorted(losses.items()))))
-    best_path = run_dir / "eval" / "best.json"
+    best_path = RunDir(run_dir).eval / "best.json"
     if best_path.is_file():
         try:
             best = json.loads(best_path.read_text())
@@ -292,9 +294,6 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
 def write_report(run_dir: Union[str, Path], output: Optional[Union[str, Path]] = None, num_samples: int = 4) -> Path:
     """Write the report (default ``<run_dir>/report.html``) and return its path."""
     text = build_report(run_dir, num_samples)
-    out = Path(output) if output else Path(run_dir) / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    out = Path(output) if output else RunDir(run_dir).report
+    write_atomic(out, text)
     return out

@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
 from spade_dist.config import Config
 from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
+from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+
+if TYPE_CHECKING:
+    from spade_dist.checkpoint import CheckpointManager
 
 log = logging.getLogger("spade_dist.train")
 
@@ -77,24 +80,17 @@ def setup_backend(cfg: Config) -> TrainBackend:
     return DeepSpeedBackend.setup(cfg) if cfg.train.backend == "deepspeed" else DDPBackend.setup(cfg)
 
 
-def write_run_files(run_dir: Path, cfg: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    # Atomic: an FID watcher job may start with the run and read config.yaml at any moment.
-    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
-    (run_dir / "DONE").unlink(missing_ok=True)  # a resumed run is not done until it finishes again
+def write_run_files(run: RunDir, cfg: Config) -> None:
+    run.samples.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg.to_yaml())  # atomic: an FID watcher may read it at any moment
+    run.clear_start_markers()  # a resumed run is neither done nor asking for a requeue yet
 
 
-INIT_GENERATOR_FILE = "init_generator.json"
-
-
-def record_init_generator(run_dir: Path, init: GeneratorInit) -> None:
+def record_init_generator(run: RunDir, init: GeneratorInit) -> None:
     """A fine-tuning run's starting point (path, format, sha256, encoder), in the log and the run dir."""
     from spade_dist.metrics import write_json_atomic
 
-    write_json_atomic(run_dir / INIT_GENERATOR_FILE, init.to_dict())
+    write_json_atomic(run.init_generator, init.to_dict())
     print(f"[spade-train] generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
           f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh", flush=True)
 
@@ -137,8 +133,8 @@ class KeyAuditLog:
     (re)start resumed from were never committed; an audit drops them (docs/ELASTIC.md).
     """
 
-    def __init__(self, run_dir: Path, rank: int, resumed_from: int, world_size: int) -> None:
-        path = run_dir / "logs" / f"keys-rank{rank}.jsonl"
+    def __init__(self, run: RunDir, rank: int, resumed_from: int, world_size: int) -> None:
+        path = run.key_log(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a")
         self._start = {"resumed_from": resumed_from, "world_size": world_size}
@@ -169,11 +165,7 @@ def last_step(cfg: Config, state: TrainState, loader: Any, steps_per_epoch: int,
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) the training job described by ``cfg``. Call on every rank."""
-    from spade_dist.checkpoint import CheckpointManager, GatheredState
-    from spade_dist.data import build_train_loader, merge_positions
-    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
-    from spade_dist.losses import VGGLoss
-    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+    from spade_dist.checkpoint import CheckpointManager
 
     if cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -187,7 +179,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         # Again: Accelerate's multi-CPU setup resets the thread count (measured: 2 threads per process
         # instead of 1, 10-20x slower steps on a loaded 2-core machine).
         torch.set_num_threads(cfg.train.cpu_threads)
-    info, device = backend.info, backend.device
+    info = backend.info
     # The world size is this launch's (an elastic restart may bring another one): the batch geometry
     # follows it by train.global_batch_size / train.elastic_batch.
     per_rank, grad_accum = batch_geometry(cfg.data.batch_size, cfg.train.grad_accum, info.world_size,
@@ -196,12 +188,43 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     # train.grad_accum=1 (validated), so the resolved config.yaml stays loadable.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_rank))
     run_dir = Path(cfg.train.run_dir)
+    run = RunDir(run_dir)
 
-    # --- 2. data (fails early on a missing dataset, before models are built) ---------------------
+    # --- 2. the run directory's owner lock, first: a second trainer refuses within seconds -------
+    ckpt = CheckpointManager(
+        run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
+        seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
+        world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
+                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
+        timeout=collective_timeout(cfg.train.collective_timeout_s),
+    )
+    try:
+        return _train_owned(cfg, backend, ckpt, run, per_rank, grad_accum, resume)
+    finally:
+        ckpt.close()  # idempotent; releases the lock on every exit path
+
+
+def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", run: RunDir, per_rank: int,
+                 grad_accum: int, resume: Optional[str]) -> TrainResult:
+    """:func:`train` once this job owns the run directory."""
+    from spade_dist.checkpoint import GatheredState
+    from spade_dist.data import build_train_loader, merge_positions
+    from spade_dist.data.sources import check_label_layout
+    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
+    from spade_dist.losses import VGGLoss
+    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+
+    info, device = backend.info, backend.device
+    run_dir = run.root
+
+    # --- 3. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
+    # The generator's input channels come from the config: shards written for another label layout
+    # would otherwise fail at the first step (or train on misread ids).
+    check_label_layout(loader.shard_set, cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance)
     steps_per_epoch = updates(len(loader), grad_accum)
 
-    # --- 3. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
+    # --- 4. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
     syncbn_ranks = attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
@@ -213,24 +236,17 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     losses = LossSet.from_config(cfg, vgg)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
 
-    # --- 4. run directory, resume, hooks ---------------------------------------------------------
-    if info.is_main:
-        write_run_files(run_dir, cfg)
-    ckpt = CheckpointManager(
-        run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
-        seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
-        world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
-                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
-        timeout=collective_timeout(cfg.train.collective_timeout_s),
-    )
+    # --- 5. run directory, resume, hooks ---------------------------------------------------------
     app_state: dict[str, Any] = {"train": state, "data": GatheredState(loader, merge_positions)}
-    restored = ckpt.restore(app_state, resume)
+    restored = ckpt.restore(app_state, resume)  # may refuse (checkpoint.existing): before any file is written
+    if info.is_main:
+        write_run_files(run, cfg)
     if restored is not None:
         state.restarts += 1
         if info.is_main:
             print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
     elif state.init_from is not None and info.is_main:
-        record_init_generator(run_dir, state.init_from)
+        record_init_generator(run, state.init_from)
     resumed_from = state.step
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size,
                               restarts=state.restarts)
@@ -241,7 +257,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
-    key_log = KeyAuditLog(run_dir, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
+    key_log = KeyAuditLog(run, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
     max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
@@ -252,7 +268,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
               f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
               f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run_dir}", flush=True)
 
-    # --- 5. the loop ------------------------------------------------------------------------------
+    # --- 6. the loop ------------------------------------------------------------------------------
     meter = ProgressMeter()
     stopped_early = False
     skips_logged = 0
@@ -309,18 +325,19 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
 
-        # --- 6. the end: final save, DONE ---------------------------------------------------------
+        # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
         if last_saved_step != state.step:
             ckpt.save(state.step, app_state, blocking=True)
         ckpt.wait()  # an asynchronous save of this very step must be committed before DONE
         if stopped_early:
+            ckpt.request_requeue(state.step)
             if info.is_main:
                 print(f"[spade-train] stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
                       f"exit {ckpt.requeue_exit_code} (requeue)", flush=True)
         elif info.is_main:
-            (run_dir / "DONE").write_text(json.dumps({"step": state.step, "time": time.time()}) + "\n")
-            print(f"[spade-train] done at step {state.step}; samples: {run_dir / 'samples' / 'index.html'}; "
-                  f"checkpoints: {run_dir / 'checkpoints'}", flush=True)
+            run.mark_done(state.step)
+            print(f"[spade-train] done at step {state.step}; samples: {run.samples / 'index.html'}; "
+                  f"checkpoints: {run.checkpoints}", flush=True)
     finally:
         ckpt.close()
         metrics.close()
@@ -329,7 +346,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         if evaluator is not None:
             # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
             # failed: stop it now; a requeued job starts its own.
-            finished = not stopped_early and (run_dir / "DONE").exists()
+            finished = not stopped_early and run.done.exists()
             stop_eval_watcher(evaluator, timeout=EVAL_DRAIN_SECONDS if finished else 0.0)
     return TrainResult(step=state.step, epoch=state.epoch, run_dir=run_dir, stopped_early=stopped_early,
                        exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from spade_dist.config import Config
+from spade_dist.run_dir import RunDir
 from spade_dist.train.step import prepare_batch
 from spade_dist.visualize import GalleryRow, colorize_labels, save_grid, to_uint8_image, write_gallery
 
@@ -28,7 +29,7 @@ class SampleWriter:
     """Keeps ``num_images`` fixed inputs; :meth:`write` renders a grid and refreshes the gallery."""
 
     def __init__(self, run_dir: Path, cfg: Config) -> None:
-        self.dir = Path(run_dir) / "samples"
+        self.dir = RunDir(run_dir).samples
         self.cfg = cfg
         self.num_images = max(1, cfg.train.num_sample_images)
         self._kept: dict[str, Any] = {}

@@ -1,0 +1,59 @@
+"""``spade-run``: what batch scripts need to know about a run directory, without spelling out its layout.
+
+    spade-run path RUN_DIR stop requeue done     # one path per line, in the order asked
+    spade-run outcome RUN_DIR                    # "done STEP" | "requeue STEP" | "incomplete"
+    spade-run owner RUN_DIR                      # who holds the run's lock, or "none"
+    spade-run prepare RUN_DIR                    # before a launch: remove stale STOP / REQUEUE markers
+    spade-run verdict RUN_DIR --rc RC [--preempted] --requeue-exit-code N
+                                                 # after it: "finished|requeue|failed EXIT_CODE message"
+
+Exit status 0, or 2 for an unknown entry name.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="spade-run", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p_path = sub.add_parser("path", help="print run directory paths, one per line")
+    p_path.add_argument("run_dir", type=Path)
+    p_path.add_argument("names", nargs="+", metavar="NAME", help=f"any of: {', '.join(PATH_NAMES)}")
+    for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
+                       ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
+        sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
+    p_verdict = sub.add_parser("verdict", help="after a launch: what the batch script should do")
+    p_verdict.add_argument("run_dir", type=Path)
+    p_verdict.add_argument("--rc", type=int, required=True, help="the launcher's exit code")
+    p_verdict.add_argument("--preempted", action="store_true", help="the batch script received a preemption signal")
+    p_verdict.add_argument("--requeue-exit-code", type=int, required=True, help="checkpoint.requeue_exit_code")
+    args = ap.parse_args(argv)
+    run = RunDir(args.run_dir)
+    if args.command == "path":
+        unknown = [n for n in args.names if n not in PATH_NAMES]
+        if unknown:
+            print(f"spade-run: error: unknown entry {unknown[0]!r} (known: {', '.join(PATH_NAMES)})", file=sys.stderr)
+            return 2
+        print("\n".join(str(run.path(n)) for n in args.names))
+    elif args.command == "outcome":
+        kind, step = run.outcome()
+        print(kind if step is None else f"{kind} {step}")
+    elif args.command == "prepare":
+        run.clear_launch_markers()
+    elif args.command == "verdict":
+        v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
+        print(f"{v.action} {v.exit_code} {v.message}")
+    else:
+        owner = run.read_owner()
+        print(owner.describe() if owner is not None else "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
