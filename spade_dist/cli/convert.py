@@ -22,18 +22,7 @@ from spade_dist.models.compat import (
     save_generator_file,
     save_official_generator,
 )
-
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def preset_path(name: str) -> Path:
-    """``coco_stuff`` -> ``configs/coco_stuff.yaml``; unknown names list the known presets."""
-    path = CONFIGS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if p.stem != "base")
-        raise ConfigError(f"unknown preset '{name}' (known: {', '.join(known)}; looked in {CONFIGS_DIR})")
-    return path
-
+from spade_dist.resources import preset_path
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spade-convert", description=__doc__.split("\n\n")[0])

@@ -37,10 +37,10 @@ from PIL import Image, UnidentifiedImageError
 
 from spade_dist.config import Config, load_config
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
+from spade_dist.resources import preset_names, preset_path
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
 EXIT_USAGE_ERROR = 2
-PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a run / checkpoint step directory")
     parser.add_argument("--encoder", type=Path,
                         help="official latest_net_E.pth, for --style-image with an official VAE checkpoint")
-    parser.add_argument("--preset", choices=PRESETS, help="model options of an official checkpoint: configs/<preset>.yaml")
+    parser.add_argument("--preset", choices=preset_names(), help="model options of an official checkpoint: configs/<preset>.yaml")
     parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random z (VAE generators)")
@@ -100,19 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configs_dir() -> Path:
-    """``configs/`` of the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "configs"
-
-
 def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides: Sequence[str]) -> Config:
     if preset and config_path:
         raise GenerateError("give either --preset or --config, not both")
     if preset:
-        config_path = configs_dir() / f"{preset}.yaml"
+        config_path = preset_path(preset)
     if config_path is None:
         raise GenerateError(
-            "an official checkpoint carries no model options: pass --preset coco_stuff|ade20k|cityscapes|custom "
+            f"an official checkpoint carries no model options: pass --preset {'|'.join(preset_names())} "
             "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
         )
     return load_config(config_path, list(overrides))

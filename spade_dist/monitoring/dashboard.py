@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from spade_dist.monitoring.services import TRAIN_SCRAPE_JOB
+from spade_dist.resources import monitoring_dir
 
 DASHBOARD_UID = "spade-dist-training"
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "configs" / "monitoring" / "grafana" / "spade_dist.json"
+DEFAULT_OUTPUT = monitoring_dir() / "grafana" / "spade_dist.json"
 
 _SEL = 'run="$run", job_id="$job_id"'
 _DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

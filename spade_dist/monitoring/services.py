@@ -28,7 +28,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-MONITORING_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "monitoring"
+from spade_dist.resources import monitoring_dir
+
 TRAIN_SCRAPE_JOB = "spade-train"  # the job name in configs/monitoring/prometheus.yml
 
 
@@ -124,11 +125,11 @@ class Prometheus(Service):
 
 def render_prometheus_config(sd_dir: Union[str, Path], out: Union[str, Path], scrape_interval: str = "15s",
                              pushgateway: Optional[str] = None,
-                             base: Union[str, Path] = MONITORING_CONFIGS / "prometheus.yml") -> Path:
+                             base: Optional[Union[str, Path]] = None) -> Path:
     """Write the shipped ``prometheus.yml`` adapted to one machine: file_sd reading ``sd_dir``, rule
     files as absolute paths, the given scrape/evaluation interval, and the Pushgateway job pointed at
     ``pushgateway`` (``host:port``) or dropped when None. Returns ``out``."""
-    base = Path(base)
+    base = Path(base) if base is not None else monitoring_dir() / "prometheus.yml"
     cfg = yaml.safe_load(base.read_text())
     cfg["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
     if _seconds(scrape_interval) < 10:
