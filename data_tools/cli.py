@@ -1,6 +1,13 @@
-"""``spade-data`` / ``python -m data_tools``: argument parsing only; the work is in the library modules.
+"""``spade-data``: shard, verify, inspect and synthesise SPADE datasets (docs/DATA_TOOLS.md).
 
-Exit codes: 0 success, 1 bad data or failed checks (message on stderr), 2 bad command line.
+    spade-data synth --out data/landscapes --count 500 --val-count 50 --size 128
+    spade-data shard --layout custom --root data/landscapes --out shards/landscapes --split train
+    spade-data verify --deep shards/landscapes
+    spade-data stats shards/landscapes
+
+Exit codes: 0 success, 1 ``verify`` found problems (listed on stderr), 2 a user error: bad command line,
+bad value, missing / unreadable / bad input data (one line ``spade-data COMMAND: error: ...``).
+Also ``python -m data_tools``; this module only parses arguments, the work is in the library modules.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data_tools.layouts import LAYOUTS, DataToolsError
+from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
 
 
 def _positive_int(text: str) -> int:
@@ -34,11 +42,10 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spade-data", description="Shard, verify, inspect and synthesise "
-                                     "SPADE datasets (see docs/DATA_TOOLS.md).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = make_parser("spade-data", __doc__)
+    sub = add_subparsers(parser)
 
-    shard = sub.add_parser("shard", help="write deterministic tar shards + manifest.json for one split")
+    shard = add_subcommand(sub, "shard", help="write deterministic tar shards + manifest.json for one split")
     shard.add_argument("--layout", required=True, choices=LAYOUTS)
     shard.add_argument("--root", required=True, help="dataset root folder")
     shard.add_argument("--out", required=True, help="output folder (shared by all splits of the dataset)")
@@ -65,23 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    verify = sub.add_parser("verify", help="check shards against manifest.json")
+    verify = add_subcommand(sub, "verify", help="check shards against manifest.json")
     verify.add_argument("dir")
     verify.add_argument("--deep", action="store_true", help="also decode and validate every sample")
 
-    stats = sub.add_parser("stats", help="class frequencies and image sizes from manifest.json")
+    stats = add_subcommand(sub, "stats", help="class frequencies and image sizes from manifest.json")
     stats.add_argument("dir")
     stats.add_argument("--top", type=_positive_int, default=10, help="classes listed per split")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
-    synth = sub.add_parser("synth", help="generate the procedural landscape dataset (custom layout)")
+    synth = add_subcommand(sub, "synth", help="generate the procedural landscape dataset (custom layout)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--count", type=_positive_int, required=True, help="training samples")
     synth.add_argument("--val-count", type=int, default=0, help="validation samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
 
-    merge = sub.add_parser("merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
+    merge = add_subcommand(sub, "merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
     merge.add_argument("dir")
     merge.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
     return parser
@@ -142,8 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except DataToolsError as err:
-        print(f"spade-data {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return fail(f"spade-data {args.command}", err)
     except BrokenPipeError:
         # Output piped into e.g. `head` that exited: not an error of ours; silence the flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

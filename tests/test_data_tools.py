@@ -177,7 +177,7 @@ def test_shard_slices_then_merge_equal_single_process_run(coco_sample: Path, coc
     with pytest.raises(DataToolsError, match="coco-stuff-train-000000.tar"):
         merge_manifest(out)
     capsys.readouterr()
-    assert main(["merge-manifest", str(out)]) == 1
+    assert main(["merge-manifest", str(out)]) == 2
     assert "coco-stuff-train-000002.tar" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
 

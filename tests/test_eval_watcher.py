@@ -206,7 +206,7 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "once", "--checkpoint", str(tmp_path / "G.pt"),
-         "--out", str(out)] + [a for o in eval_setup.overrides for a in ("--set", o)],
+         "--out", str(out), *eval_setup.overrides],
         cwd=repo_root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -226,7 +226,7 @@ def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: Simple
     env["TORCH_HOME"] = str(tmp_path / "torch-home")
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir),
-         "--set", "eval.inception_weights="], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
+         "eval.inception_weights="], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
     )
     assert proc.returncode == 2
     assert "SPADE_INCEPTION_WEIGHTS" in proc.stderr and "eval.inception_weights" in proc.stderr

@@ -2,6 +2,7 @@
 the declared dependency ranges accept the torch (and everything else) already installed."""
 from __future__ import annotations
 
+import shutil
 import site
 import subprocess
 import sys
@@ -20,9 +21,16 @@ def _run(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_wheel_installs_beside_existing_torch_and_finds_presets(tmp_path: Path) -> None:
+    # Build from a copy of what the wheel is made of: the in-tree build/ and egg-info stay out of the checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(REPO_ROOT / name, src / name)
+    for name in ("spade_dist", "data_tools", "configs"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels,
-          REPO_ROOT], cwd=tmp_path)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels, src],
+         cwd=tmp_path)
     (wheel,) = wheels.glob("spade_dist-*.whl")
 
     # A fresh environment whose only other packages are this venv's (torch & co. reachable through a

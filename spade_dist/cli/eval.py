@@ -1,7 +1,7 @@
 """``spade-eval``: FID / KID of checkpoints (see docs/EVALUATION.md).
 
-    spade-eval once  --checkpoint CKPT [--config C] [--set eval.num_images=500 ...] [--out result.json]
-    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [--set ...]
+    spade-eval once  --checkpoint CKPT [--config C] [--out result.json] [eval.num_images=500 ...]
+    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [KEY=VALUE ...]
 
 CKPT is a checkpoint step directory (``R/checkpoints/step-XXXXXXXXX``) or a single-file generator
 (``spade-export`` / ``eval/best_generator.pt``). ``watch`` reads ``R/config.yaml`` unless ``--config``
@@ -21,22 +21,23 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spade-eval", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    ap = make_parser("spade-eval", __doc__)
+    sub = add_subparsers(ap)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    add_overrides(common, "eval.num_images=500")
     common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
     common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
                                                     "$SPADE_INCEPTION_WEIGHTS)")
-    once = sub.add_parser("once", parents=[common], help="evaluate one checkpoint and print JSON")
+    once = add_subcommand(sub, "once", parents=[common], help="evaluate one checkpoint and print JSON")
     once.add_argument("--checkpoint", required=True)
     once.add_argument("--out", help="also write the JSON result to this file")
-    watch = sub.add_parser("watch", parents=[common], help="follow a run's checkpoints until it is done")
+    watch = add_subcommand(sub, "watch", parents=[common], help="follow a run's checkpoints until it is done")
     watch.add_argument("--run-dir", required=True)
     watch.add_argument("--policy", choices=["every", "newest", "every_k"], help="default: eval.policy")
     watch.add_argument("--every-k", type=int, help="default: eval.every_k")
@@ -55,13 +56,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
+    texts = overrides(args)
     if args.inception_weights:
-        overrides.append(f"eval.inception_weights={args.inception_weights}")
+        texts.append(f"eval.inception_weights={args.inception_weights}")
     if args.device:
-        overrides.append(f"eval.device={args.device}")
+        texts.append(f"eval.device={args.device}")
     merged = cfg.to_dict()
-    for text in overrides:
+    for text in texts:
         merged = _merge(merged, parse_override(text))
     return config_from_dict(merged, source="<spade-eval overrides>")
 
@@ -156,7 +157,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from spade_dist.eval.evaluate import CheckpointUnavailable
     from spade_dist.eval.reference_stats import ReferenceStatsError
     from spade_dist.eval.watcher import WatcherBusy
@@ -164,8 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return cmd_once(args) if args.command == "once" else cmd_watch(args)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy) as exc:
-        print(f"spade-eval: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("spade-eval", exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import Config, load_config
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.resources import preset_names, preset_path
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
-EXIT_USAGE_ERROR = 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -72,10 +72,7 @@ class LoadedModel:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spade-generate",
-        description="Generate images from label maps with a SPADE generator checkpoint and write an HTML gallery.",
-    )
+    parser = make_parser("spade-generate", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", type=Path, help="folder of label PNGs (or one PNG)")
     source.add_argument("--shards", help="shards as data.val_shards takes them (manifest.json, folder, pattern)")
@@ -96,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style-image", type=Path, help="photo whose style the VAE encoder extracts")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labels (sorted by name); 0 = all")
-    parser.add_argument("overrides", nargs="*", help="config overrides for official checkpoints, e.g. model.ngf=16")
+    add_overrides(parser, "model.ngf=16 (official checkpoints only)")
     return parser
 
 
@@ -185,14 +182,14 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     encoder_state: object = None
     encoder_source = ""
     if isinstance(payload, dict) and payload.get("format") == PROJECT_FORMAT:
-        if args.preset or args.config or args.overrides:
+        if args.preset or args.config or overrides(args):
             print(f"spade-generate: note: {source} carries its own config; --preset/--config/overrides are ignored",
                   file=sys.stderr)
         generator, cfg = load_generator_file(args.checkpoint)
         if payload.get("encoder") is not None:
             encoder_state, encoder_source = payload["encoder"], f"{source}:encoder"
     else:
-        cfg = resolve_config(args.preset, args.config, args.overrides)
+        cfg = resolve_config(args.preset, args.config, overrides(args))
         if cfg.model.netG != "spade":
             raise GenerateError(f"official checkpoints are SPADE generators; the config says model.netG={cfg.model.netG}")
         d, m = cfg.data, cfg.model
@@ -461,8 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = run(args)
     # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ShardSourceError, file errors, bad shards
     except (ValueError, OSError, CorruptRateError, ShardError) as exc:
-        print(f"spade-generate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return fail("spade-generate", exc)
     generated = len(rows) * args.num_per_label
     print(f"spade-generate: {len(rows)} label map(s), {generated} generated image(s) -> {args.out / 'index.html'}")
     return 0
