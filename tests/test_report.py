@@ -148,3 +148,28 @@ def test_nice_ticks_cover_the_range() -> None:
     assert ticks[0] <= 0.013 and ticks[-1] >= 0.087 and len(ticks) <= 7
     flat = nice_ticks(5, 5)
     assert flat[0] <= 5 <= flat[-1] and flat[0] < flat[-1]
+
+
+def test_report_says_what_is_missing_and_how_to_turn_it_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from spade_dist.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+                      ["metrics.enabled=false", "eval.mode=none", "train.sample_every=7"])
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # Monitoring off: the training log is still there, so the report has the training charts.
+    m = TrainingMetrics(cfg.metrics, run_dir=run_dir, rank=0, local_rank=0, world_size=1)
+    m.start()
+    m.record_step(step=5, epoch=0, images=4, data_seconds=0.1, compute_seconds=0.9, losses={"GAN": 1.0})
+    m.close()
+    assert report_main(["--run-dir", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    page = (run_dir / "report.html").read_text()
+    assert {"Losses", "Throughput"} <= set(svgs(page))
+    notes = [line for line in err.splitlines() if line.startswith("spade-report: note: ")]
+    assert len(notes) == 3, err  # FID, samples, live metrics; the training log is there
+    for text in (err, page):
+        assert "eval.mode=none" in text and "spade-eval watch" in text
+        assert "train.sample_every=7" in text
+        assert "metrics.enabled=true" in text

@@ -181,9 +181,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit
-    # Gradient norms for the metrics, read before the backend zeroes the gradients (not under ZeRO
-    # 1/2, where an optimizer holds only this rank's partition).
-    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
+    # Gradient norms for the metrics and the training log, read before the backend zeroes the gradients
+    # (not under ZeRO 1/2, where an optimizer holds only this rank's partition).
+    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
     key_log = KeyAuditLog(run_dir, info.rank) if cfg.train.log_keys else None
