@@ -15,11 +15,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from data_tools.layouts import LAYOUTS, DataToolsError
 from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
+from spade_dist.metrics import MetricsError
 
 
 def _positive_int(text: str) -> int:
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--shard-slice", default=None, metavar="INDEX/COUNT",
                        help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shard.add_argument("--pushgateway", metavar="HOST:PORT", default=None,
+                       help="push the result (samples, shards, bytes, seconds) to this Prometheus Pushgateway")
 
     verify = add_subcommand(sub, "verify", help="check shards against manifest.json")
     verify.add_argument("dir")
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "shard":
         from data_tools.shard import ShardSlice, shard_dataset
+        started = time.monotonic()
         result = shard_dataset(
             args.layout, args.root, args.out, args.split, name=args.name, max_count=args.max_count,
             max_size=args.max_size, workers=args.workers, max_side=args.max_side, skip_bad=args.skip_bad,
@@ -105,12 +110,20 @@ def _run(args: argparse.Namespace) -> int:
             shard_slice=ShardSlice.parse(args.shard_slice) if args.shard_slice else None,
             progress=not args.no_progress)
         if "slice" in result:
+            shards, skipped = result["shards"], 0  # skipped samples are counted once, by merge-manifest
             print(f"slice {result['slice']}: {len(result['shards'])} shards of split {args.split} in {args.out}; "
                   f"run `spade-data merge-manifest {args.out}` when all slices are done")
         else:
             entry = result["splits"][args.split]
+            shards, skipped = entry["shards"], len(entry["skipped"])
             print(f"{entry['num_samples']} samples in {len(entry['shards'])} shards -> {args.out}"
                   f" ({len(entry['skipped'])} skipped)")
+        if args.pushgateway:
+            from data_tools.metrics import push_shard_metrics
+            grouping = push_shard_metrics(args.pushgateway, args.name or args.layout, args.split, shards, skipped,
+                                          time.monotonic() - started, args.shard_slice)
+            print(f"pushed to {args.pushgateway}: job spade-data-shard, "
+                  + ", ".join(f"{k} {v}" for k, v in grouping.items()))
         return 0
     if args.command == "verify":
         from data_tools.verify import check_directory
@@ -148,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except DataToolsError as err:
+    except (DataToolsError, MetricsError) as err:
         return fail(f"spade-data {args.command}", err)
     except BrokenPipeError:
         # Output piped into e.g. `head` that exited: not an error of ours; silence the flush at exit.

@@ -224,3 +224,34 @@ def test_python_dash_m_help(repo_root: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "data_tools", "verify", "/nonexistent/dir"], cwd=repo_root,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "/nonexistent/dir" in result.stderr
+
+
+@pytest.mark.e2e
+def test_shard_pushes_its_result_to_the_pushgateway(coco_sample: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spade_dist.monitoring.services import start_pushgateway
+
+    out = tmp_path / "shards"
+    with start_pushgateway(tmp_path / "gw") as gw:
+        assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(out),
+                     "--max-count", "5", "--workers", "1", "--no-progress", "--pushgateway", gw.address]) == 0
+        assert f"pushed to {gw.address}" in capsys.readouterr().out
+        with urllib.request.urlopen(f"http://{gw.address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    pushed = {s.name: (s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("spade_shard_")}
+    entry = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    labels = {"job": "spade-data-shard", "dataset": "coco-stuff", "split": "train", "instance": ""}
+    assert pushed["spade_shard_samples"] == (labels, float(entry["num_samples"]))
+    assert pushed["spade_shard_files"] == (labels, float(len(entry["shards"])))
+    assert pushed["spade_shard_bytes"] == (labels, float(sum((out / s["file"]).stat().st_size for s in entry["shards"])))
+    assert pushed["spade_shard_skipped_samples"] == (labels, 0.0)
+    # An unreachable gateway is a one-line user error naming it (the shards are written by then).
+    assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(out),
+                 "--max-count", "5", "--workers", "1", "--no-progress", "--pushgateway", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9" in err and len(err.strip().splitlines()) == 1

@@ -217,6 +217,33 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     assert result["fid"] == pytest.approx(direct.fid, rel=1e-4)
 
 
+@pytest.mark.e2e
+def test_spade_eval_once_pushes_its_result_to_the_pushgateway(eval_setup: SimpleNamespace, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spade_dist.cli.eval import main as eval_main
+    from spade_dist.monitoring.services import start_pushgateway
+
+    run_dir = tmp_path / "coco-run"
+    _save_checkpoint(run_dir, eval_setup.cfg, 40, seed=4)
+    with start_pushgateway(tmp_path / "gw") as gw:
+        code = eval_main(["once", "--checkpoint", str(run_dir / "checkpoints" / "step-000000040"),
+                          *eval_setup.overrides, f"metrics.pushgateway={gw.address}", "metrics.job_id='5'"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        with urllib.request.urlopen(f"http://{gw.address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    pushed = {s.name: (s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("spade_eval_")}
+    labels = {"job": "spade-eval", "run": "coco-run", "job_id": "5", "instance": ""}
+    assert pushed["spade_eval_fid"] == (labels, pytest.approx(result["fid"]))
+    assert pushed["spade_eval_kid"] == (labels, pytest.approx(result["kid_mean"]))
+    assert pushed["spade_eval_step"] == (labels, 40.0)
+    assert f"pushed to {gw.address}" in err
+
+
 def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: SimpleNamespace, tmp_path: Path,
                                                               repo_root: Path) -> None:
     run_dir = tmp_path / "run"

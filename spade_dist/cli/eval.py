@@ -4,25 +4,31 @@
     spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [KEY=VALUE ...]
 
 CKPT is a checkpoint step directory (``R/checkpoints/step-XXXXXXXXX``) or a single-file generator
-(``spade-export`` / ``eval/best_generator.pt``). ``watch`` reads ``R/config.yaml`` unless ``--config``
+(``spade-export`` / ``eval/best_generator.pt``). With ``metrics.pushgateway=HOST:PORT`` set, ``once``
+pushes its result to that Pushgateway (group ``job="spade-eval"``, ``run``, ``job_id``; run = the run
+directory the checkpoint lies in, or ``metrics.run_name``), since it ends before any scrape. ``watch`` reads ``R/config.yaml`` unless ``--config``
 is given. Under ``torchrun`` / ``srun`` with several processes, generation and feature extraction are
 split across the ranks (gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+if TYPE_CHECKING:
+    from spade_dist.eval.evaluate import EvalResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +124,23 @@ def cmd_once(args: argparse.Namespace) -> int:
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
+        if cfg.metrics.pushgateway:
+            _push_result(cfg, Path(args.checkpoint), result)
     return 0
+
+
+def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
+    """Push one ``once`` result to ``metrics.pushgateway`` (the job ends before Prometheus could scrape it)."""
+    from spade_dist.checkpoint.layout import step_of
+    from spade_dist.metrics import EvalMetrics
+
+    # R/checkpoints/step-N and R/eval/best_generator.pt belong to run R; any other file to its folder.
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name in ("checkpoints", "eval") else checkpoint.parent
+    step = step_of(checkpoint)
+    metrics = EvalMetrics(dataclasses.replace(cfg.metrics, enabled=True), run_dir)
+    metrics.record(step if step is not None else -1, result.fid, result.kid_mean, result.kid_std, result.seconds)
+    print(f"spade-eval: pushed to {cfg.metrics.pushgateway} (job spade-eval, run {metrics.run}, "
+          f"job_id {metrics.job_id})", file=sys.stderr)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -161,10 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.eval.evaluate import CheckpointUnavailable
     from spade_dist.eval.reference_stats import ReferenceStatsError
     from spade_dist.eval.watcher import WatcherBusy
+    from spade_dist.metrics import MetricsError
 
     try:
         return cmd_once(args) if args.command == "once" else cmd_watch(args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy,
+            MetricsError) as exc:
         return fail("spade-eval", exc)
     finally:
         if dist.is_initialized():
