@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from data_tools.layouts import LAYOUTS, DataToolsError
 from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
 from spade_dist.metrics import MetricsError
+from spade_dist.progress import progress_wanted
 
 
 def _positive_int(text: str) -> int:
@@ -72,13 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--instance-dir", default=None, help="custom: instance map folder (optional)")
     shard.add_argument("--shard-slice", default=None, metavar="INDEX/COUNT",
                        help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
-    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
     shard.add_argument("--pushgateway", metavar="HOST:PORT", default=None,
                        help="push the result (samples, shards, bytes, seconds) to this Prometheus Pushgateway")
 
     verify = add_subcommand(sub, "verify", help="check shards against manifest.json")
     verify.add_argument("dir")
     verify.add_argument("--deep", action="store_true", help="also decode and validate every sample")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
 
     stats = add_subcommand(sub, "stats", help="class frequencies and image sizes from manifest.json")
     stats.add_argument("dir")
@@ -108,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             label_nc=args.label_nc, contain_dontcare_label=args.dontcare, no_instance=args.no_instance,
             image_dir=args.image_dir, label_dir=args.label_dir, instance_dir=args.instance_dir,
             shard_slice=ShardSlice.parse(args.shard_slice) if args.shard_slice else None,
-            progress=not args.no_progress)
+            progress=progress_wanted(not args.no_progress))
         if "slice" in result:
             shards, skipped = result["shards"], 0  # skipped samples are counted once, by merge-manifest
             print(f"slice {result['slice']}: {len(result['shards'])} shards of split {args.split} in {args.out}; "
@@ -127,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "verify":
         from data_tools.verify import check_directory
-        problems = check_directory(args.dir, deep=args.deep)
+        problems = check_directory(args.dir, deep=args.deep, progress=progress_wanted(not args.no_progress))
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
         if problems:

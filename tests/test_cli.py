@@ -7,6 +7,7 @@ module must expose ``build_parser()`` (built with ``spade_dist.cli.common.make_p
 from __future__ import annotations
 
 import argparse
+import io
 import importlib
 import re
 import sys
@@ -119,3 +120,25 @@ def test_train_rejects_a_bad_override_before_starting(repo_root: Path, capsys: p
 
 def test_plain_text_strips_rst() -> None:
     assert plain_text("``spade-x``: see :mod:`a.b` and :class:`~a.b.C`\n") == "spade-x: see a.b and C"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_when_asked_on_rank_0_and_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spade_dist.progress import progress_bar, progress_wanted
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not progress_wanted(True, 0)  # a pipe / log file
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert progress_wanted(True, 0)
+    assert not progress_wanted(False, 0) and not progress_wanted(True, 1)
+    with progress_bar(total=3, desc="phase", unit="img", enabled=True) as bar:
+        bar.update(3)
+    assert "phase" in terminal.getvalue() and "0/3" in terminal.getvalue()
+    before = terminal.getvalue()
+    assert list(progress_bar(range(3), desc="quiet", enabled=False)) == [0, 1, 2]
+    assert terminal.getvalue() == before

@@ -75,8 +75,12 @@ def test_shard_members_hold_original_bytes_in_fixed_order(coco_sample: Path, coc
 
 def test_verify_deep_passes_and_a_flipped_byte_fails_naming_the_shard(
         coco_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert verify_shards(coco_shards, deep=True) == []
+    capsys.readouterr()
+    assert verify_shards(coco_shards, deep=True, progress=True) == []
+    bar = capsys.readouterr().err
+    assert "verify --deep" in bar and "/13 " in bar  # the 13 train samples, shard by shard
     assert main(["verify", "--deep", str(coco_shards)]) == 0
+    assert "verify --deep" not in capsys.readouterr().err  # stderr is no terminal here: no bar
 
     broken = tmp_path / "broken"
     broken.mkdir()

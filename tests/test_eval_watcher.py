@@ -257,3 +257,13 @@ def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: Simple
     )
     assert proc.returncode == 2
     assert "SPADE_INCEPTION_WEIGHTS" in proc.stderr and "eval.inception_weights" in proc.stderr
+
+
+def test_evaluator_progress_bars_name_each_phase(eval_setup: SimpleNamespace, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    evaluator = Evaluator(eval_setup.cfg, cache_dir=tmp_path / "cache", log=lambda _: None, progress=True)
+    evaluator.evaluate(_generator(eval_setup.cfg, 3))
+    err = capsys.readouterr().err
+    assert "reference statistics: real images" in err and "generated images + Inception features" in err
+    assert "/6 " in err  # eval.num_images of this rank

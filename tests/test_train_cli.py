@@ -70,6 +70,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
     out = proc.stdout + proc.stderr
     assert "ddp on 2 x cpu" in out  # really two ranks in one gloo group, not two single jobs
     assert "step 4 epoch" in out and "img/s" in out and "data wait" in out
+    assert "| 4/4 (100%) ETA 00:00 |" in out and "| 2/4 (50%) ETA " in out
     assert (run_dir / "samples" / "step-000000002.png").is_file()
     assert (run_dir / "samples" / "step-000000004.png").is_file()
     gallery = (run_dir / "samples" / "index.html").read_text()
@@ -100,3 +101,11 @@ def test_torchrun_and_deepspeed_launchers(tmp_path, manifest, launcher):
     assert f"{backend} on 2 x cpu" in out
     assert json.loads((run_dir / "DONE").read_text())["step"] == 2
     assert (run_dir / "samples" / "step-000000002.png").is_file()
+
+
+def test_progress_text_has_step_total_and_eta() -> None:
+    from spade_dist.train.loop import progress_text
+
+    assert progress_text(250, 1000, 2.0) == "250/1000 (25%) ETA 25:00"
+    assert progress_text(1, 200000, 1.5) == "1/200000 (0%) ETA 83:19:58"
+    assert progress_text(300, 300, 9.0) == "300/300 (100%) ETA 00:00"

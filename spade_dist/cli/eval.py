@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from spade_dist.progress import progress_wanted
 
 if TYPE_CHECKING:
     from spade_dist.eval.evaluate import EvalResult
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
     add_overrides(common, "eval.num_images=500")
     common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (also off when stderr is no terminal, and on ranks > 0)")
     common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
                                                     "$SPADE_INCEPTION_WEIGHTS)")
     once = add_subcommand(sub, "once", parents=[common], help="evaluate one checkpoint and print JSON")
@@ -114,7 +117,8 @@ def cmd_once(args: argparse.Namespace) -> int:
         cfg = _with_overrides(cfg, args)
     _set_threads(cfg)
     rank, _, device = _init_distributed(cfg.eval.device)
-    evaluator = Evaluator(cfg, device=device, log=(print if rank == 0 else (lambda _: None)))
+    evaluator = Evaluator(cfg, device=device, log=(print if rank == 0 else (lambda _: None)),
+                          progress=progress_wanted(not args.no_progress, rank))
     if generator is None:
         result = evaluator.evaluate_checkpoint(args.checkpoint)
     else:
@@ -156,7 +160,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     _set_threads(cfg)
     rank, _, device = _init_distributed(cfg.eval.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda _: None)
-    evaluator = Evaluator(cfg, device=device, log=log)  # fails here, at start, without Inception weights
+    # Fails here, at start, without Inception weights.
+    evaluator = Evaluator(cfg, device=device, log=log, progress=progress_wanted(not args.no_progress, rank))
     metrics = None
     if rank == 0 and cfg.metrics.enabled:
         best = best_record(read_records(run_dir / "eval" / "metrics.jsonl"))

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import Config, load_config
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
+from spade_dist.progress import progress_bar, progress_wanted
 from spade_dist.resources import preset_names, preset_path
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style-image", type=Path, help="photo whose style the VAE encoder extracts")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labels (sorted by name); 0 = all")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="label maps per generator call (default 8; images do not depend on it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
     add_overrides(parser, "model.ngf=16 (official checkpoints only)")
     return parser
 
@@ -346,10 +350,9 @@ class GenerationInput:
     source: str  # for error messages
 
 
-def folder_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationInput]:
+def folder_inputs(samples: Sequence[LabelSample], cfg: Config) -> Iterator[GenerationInput]:
     """Label / instance / photo files -> inputs resized to the generation size (see module doc)."""
     size_hw = generation_size(cfg)
-    samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
     for sample in samples:
         label = read_integer_map(sample.label_path, size_hw, "label map",
                                  check_ids=(cfg.data.label_nc, cfg.data.contain_dontcare_label))
@@ -376,9 +379,22 @@ def shard_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationIn
                               batch["image"][0], f"{args.shards} sample '{key}'")
 
 
+def _batches(items: Iterator[GenerationInput], size: int) -> Iterator[list[GenerationInput]]:
+    batch: list[GenerationInput] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run(args: argparse.Namespace) -> list[GalleryRow]:
     if args.num_per_label < 1:
         raise GenerateError(f"--num-per-label must be >= 1, got {args.num_per_label}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model = load_model(args)
     cfg = model.cfg
@@ -401,7 +417,11 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
 
     size_hw = generation_size(cfg)
     style = photo_to_model_input(read_photo(args.style_image, size_hw)).unsqueeze(0) if args.style_image else None
-    inputs = shard_inputs(args, cfg) if args.shards else folder_inputs(args, cfg)
+    if args.shards:
+        inputs, total = shard_inputs(args, cfg), (args.limit or None)
+    else:
+        samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
+        inputs, total = folder_inputs(samples, cfg), len(samples)
 
     generator = model.generator.to(device)
     encoder = model.encoder.to(device) if model.encoder is not None else None
@@ -411,31 +431,26 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     rows: list[GalleryRow] = []
-    with torch.inference_mode():
-        for item in inputs:
-            try:
-                semantics = encode_semantics(
-                    item.label.to(device), item.instance.to(device) if item.instance is not None else None,
-                    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
-                )
-            except LabelError as exc:
-                raise GenerateError(f"{item.source}: {exc}") from exc
-            # Per-label seed: a label's images do not depend on which other labels are in the folder.
-            rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(item.key.encode()))
-            z = latent_codes(model, args.num_per_label, style, rng, device)
-            batch = semantics.expand(args.num_per_label, -1, -1, -1)
-            fakes = to_uint8_image(generator(batch, z=z))
-
-            cells: list[tuple[str, Path]] = []
-            label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
-            cells.append(("label", label_png.relative_to(out)))
-            for k in range(args.num_per_label):
-                path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")
-                cells.append((f"generated {k}", path.relative_to(out)))
-            if item.real is not None:
-                real_png = save_image(item.real, out / "real" / f"{item.key}.png")
-                cells.append(("real", real_png.relative_to(out)))
-            rows.append(GalleryRow(caption=item.key, images=cells))
+    bar = progress_bar(total=total, desc="spade-generate", unit="label", enabled=progress_wanted(not args.no_progress))
+    with torch.inference_mode(), bar:
+        for chunk in _batches(inputs, args.batch_size):
+            semantics, codes = [], []
+            for item in chunk:
+                try:
+                    semantics.append(encode_semantics(
+                        item.label.to(device), item.instance.to(device) if item.instance is not None else None,
+                        cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
+                    ).expand(args.num_per_label, -1, -1, -1))
+                except LabelError as exc:
+                    raise GenerateError(f"{item.source}: {exc}") from exc
+                # Per-label seed: a label's images depend neither on the other labels nor on the batching.
+                rng = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + zlib.crc32(item.key.encode()))
+                codes.append(latent_codes(model, args.num_per_label, style, rng, device))
+            z = torch.cat(codes) if codes[0] is not None else None
+            fakes = to_uint8_image(generator(torch.cat(semantics), z=z))
+            for i, item in enumerate(chunk):
+                rows.append(_write_outputs(out, item, fakes[i * args.num_per_label:(i + 1) * args.num_per_label], cfg))
+            bar.update(len(chunk))
     if not rows:
         raise GenerateError(f"no samples to generate from ({args.shards or args.labels})")
 
@@ -447,6 +462,20 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
     ]
     write_gallery(out / "index.html", "spade-generate", rows, notes=notes)
     return rows
+
+
+def _write_outputs(out: Path, item: GenerationInput, fakes: torch.Tensor, cfg: Config) -> GalleryRow:
+    """One label's PNGs (colourised label, generated images, real photo) and its gallery row."""
+    cells: list[tuple[str, Path]] = []
+    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
+    cells.append(("label", label_png.relative_to(out)))
+    for k in range(fakes.shape[0]):
+        path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")
+        cells.append((f"generated {k}", path.relative_to(out)))
+    if item.real is not None:
+        real_png = save_image(item.real, out / "real" / f"{item.key}.png")
+        cells.append(("real", real_png.relative_to(out)))
+    return GalleryRow(caption=item.key, images=cells)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -46,6 +46,15 @@ class TrainResult:
     nonfinite_skips: int
 
 
+def progress_text(step: int, max_steps: int, seconds_per_step: float) -> str:
+    """``step/total (pct%) ETA h:mm:ss``, the ETA at the last logging interval's pace."""
+    from tqdm import tqdm  # its interval formatting
+
+    pct = 100.0 * step / max_steps if max_steps > 0 else 100.0
+    remaining = max(0, max_steps - step) * seconds_per_step
+    return f"{step}/{max_steps} ({pct:.0f}%) ETA {tqdm.format_interval(remaining)}"
+
+
 class ProgressMeter:
     """Accumulates wall time split into data wait / compute and formats the progress line."""
 
@@ -58,13 +67,14 @@ class ProgressMeter:
         self.images = 0
         self.steps = 0
 
-    def line(self, state: TrainState, result: StepResult, world: int) -> tuple[str, dict[str, float]]:
+    def line(self, state: TrainState, result: StepResult, world: int, max_steps: int) -> tuple[str, dict[str, float]]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         losses = {k: float(v) for k, v in result.losses.items()}  # the host sync of a logging step
         lr_G, lr_D = state.lrs()
         terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
         text = (
-            f"step {state.step} epoch {state.epoch} | {self.images * world / elapsed:.1f} img/s | {terms} | "
+            f"step {state.step} epoch {state.epoch} | {progress_text(state.step, max_steps, elapsed / max(self.steps, 1))} | "
+            f"{self.images * world / elapsed:.1f} img/s | {terms} | "
             f"lr G {lr_G:.2e} D {lr_D:.2e} | data wait {100.0 * self.data_s / elapsed:.0f}% | "
             f"nonfinite skips {state.nonfinite_skips}"
         )
@@ -223,7 +233,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 meter.steps += 1
 
                 if state.step % cfg.train.log_every == 0 or state.step == max_steps:
-                    text, loss_values = meter.line(state, result, info.world_size)
+                    text, loss_values = meter.line(state, result, info.world_size, max_steps)
                     if info.is_main:
                         print(f"[spade-train] {text}", flush=True)
                     elapsed = time.perf_counter() - meter.started
