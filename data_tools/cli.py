@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--instance-dir", default=None, help="custom: instance map folder (optional)")
     shard.add_argument("--shard-slice", default=None, metavar="INDEX/COUNT",
                        help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
+    order = shard.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0,
+                       help="write samples in an order shuffled by this seed (default 0; same seed -> same shards)")
+    order.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                       help="write samples sorted by key instead")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
     shard.add_argument("--pushgateway", metavar="HOST:PORT", default=None,
                        help="push the result (samples, shards, bytes, seconds) to this Prometheus Pushgateway")
@@ -110,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             label_nc=args.label_nc, contain_dontcare_label=args.dontcare, no_instance=args.no_instance,
             image_dir=args.image_dir, label_dir=args.label_dir, instance_dir=args.instance_dir,
             shard_slice=ShardSlice.parse(args.shard_slice) if args.shard_slice else None,
-            progress=progress_wanted(not args.no_progress))
+            progress=progress_wanted(not args.no_progress), shuffle_seed=args.shuffle_seed)
         if "slice" in result:
             shards, skipped = result["shards"], 0  # skipped samples are counted once, by merge-manifest
             print(f"slice {result['slice']}: {len(result['shards'])} shards of split {args.split} in {args.out}; "
