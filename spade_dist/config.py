@@ -160,6 +160,9 @@ class TrainConfig:
     # ({"step", "epoch", "keys"}), e.g. to prove exactly-once data delivery across preemptions.
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
+    # Experiment trackers through Accelerate's tracker API (rank 0): scalars every log_every steps and
+    # the sample grids; "tensorboard" writes <run_dir>/tensorboard (spade_dist/train/trackers.py).
+    trackers: list[Literal["tensorboard"]] = field(default_factory=list)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from spade_dist.cli.common import fail, make_parser
-from spade_dist.monitoring.report import ReportError, missing_sections, write_report
+from spade_dist.monitoring.report import ReportError, missing_sections, run_summary, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run-dir", required=True, type=Path, help="the run directory (train.run_dir)")
     ap.add_argument("--output", type=Path, default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     ap.add_argument("--samples", type=int, default=4, help="how many of the latest sample grids to embed")
+    ap.add_argument("--summary", action="store_true",
+                    help="also print the summary (status, last step, img/s, losses, best FID) after the path")
     return ap
 
 
@@ -32,11 +34,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = write_report(args.run_dir, args.output, args.samples)
         notes = missing_sections(args.run_dir)
+        summary = run_summary(args.run_dir) if args.summary else []
     except ReportError as exc:
         return fail("spade-report", exc)
     for note in notes:
         print(f"spade-report: note: {note}", file=sys.stderr)
     print(out)
+    for name, value in summary:
+        print(f"  {name}: {value}")
     return 0
 
 

@@ -27,6 +27,7 @@ from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+from spade_dist.train.trackers import ExperimentTrackers
 
 log = logging.getLogger("spade_dist.train")
 
@@ -188,6 +189,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     restored = ckpt.restore(app_state, resume)
     if restored is not None and info.is_main:
         print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
+    trackers = ExperimentTrackers(cfg, run_dir, info.is_main)  # before anything that needs closing
+    for name, log_dir in trackers.log_dirs.items():
+        print(f"[spade-train] {name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})", flush=True)
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit
@@ -238,10 +242,16 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                         print(f"[spade-train] {text}", flush=True)
                     elapsed = time.perf_counter() - meter.started
                     lr_G, lr_D = state.lrs()
+                    norms = grad_norms.collect() if grad_norms is not None else {}
                     metrics.record_step(state.step, state.epoch, images=meter.images, data_seconds=meter.data_s,
                                         compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
-                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps,
-                                        grad_norms=grad_norms.collect() if grad_norms is not None else None)
+                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
+                    trackers.log_scalars({
+                        **{f"loss/{k}": v for k, v in loss_values.items()}, "lr/G": lr_G, "lr/D": lr_D,
+                        **{f"grad_norm/{k}": v for k, v in norms.items()},
+                        "images_per_sec": meter.images * info.world_size / max(elapsed, 1e-9),
+                        "data_wait_share": meter.data_s / max(elapsed, 1e-9),
+                    }, state.step)
                     metrics.record_device_memory(device_memory_bytes(device))
                     skips = state.nonfinite_skips
                     metrics.record_nonfinite_skip(skips - skips_logged)
@@ -249,7 +259,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                     skips_logged, corrupt_logged = skips, loader.corrupt_samples
                     meter.reset()
                 if info.is_main and (state.step % cfg.train.sample_every == 0 or state.step == max_steps):
-                    samples.write(state.step, state.ema_generator, device)
+                    trackers.log_sample_grid(samples.write(state.step, state.ema_generator, device), state.step)
 
                 if ckpt.maybe_save(state.step, app_state):
                     last_saved_step = state.step
@@ -277,6 +287,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     finally:
         ckpt.close()
         metrics.close()
+        trackers.close()
         if key_log is not None:
             key_log.close()
         if evaluator is not None:
