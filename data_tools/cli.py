@@ -1,6 +1,13 @@
-"""``spade-data`` / ``python -m data_tools``: argument parsing only; the work is in the library modules.
+"""``spade-data``: shard, verify, inspect and synthesise SPADE datasets (docs/DATA_TOOLS.md).
 
-Exit codes: 0 success, 1 bad data or failed checks (message on stderr), 2 bad command line.
+    spade-data synth --out data/landscapes --count 500 --val-count 50 --size 128
+    spade-data shard --layout custom --root data/landscapes --out shards/landscapes --split train
+    spade-data verify --deep shards/landscapes
+    spade-data stats shards/landscapes
+
+Exit codes: 0 success, 1 ``verify`` found problems (listed on stderr), 2 a user error: bad command line,
+bad value, missing / unreadable / bad input data (one line ``spade-data COMMAND: error: ...``).
+Also ``python -m data_tools``; this module only parses arguments, the work is in the library modules.
 """
 from __future__ import annotations
 
@@ -8,10 +15,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from data_tools.layouts import LAYOUTS, DataToolsError
+from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
+from spade_dist.metrics import MetricsError
+from spade_dist.progress import progress_wanted
 
 
 def _positive_int(text: str) -> int:
@@ -34,11 +45,10 @@ def _byte_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spade-data", description="Shard, verify, inspect and synthesise "
-                                     "SPADE datasets (see docs/DATA_TOOLS.md).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = make_parser("spade-data", __doc__)
+    sub = add_subparsers(parser)
 
-    shard = sub.add_parser("shard", help="write deterministic tar shards + manifest.json for one split")
+    shard = add_subcommand(sub, "shard", help="write deterministic tar shards + manifest.json for one split")
     shard.add_argument("--layout", required=True, choices=LAYOUTS)
     shard.add_argument("--root", required=True, help="dataset root folder")
     shard.add_argument("--out", required=True, help="output folder (shared by all splits of the dataset)")
@@ -63,25 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--instance-dir", default=None, help="custom: instance map folder (optional)")
     shard.add_argument("--shard-slice", default=None, metavar="INDEX/COUNT",
                        help="write only shards n with n %% COUNT == INDEX (array jobs; then run merge-manifest)")
-    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    order = shard.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0,
+                       help="write samples in an order shuffled by this seed (default 0; same seed -> same shards)")
+    order.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                       help="write samples sorted by key instead")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
+    shard.add_argument("--pushgateway", metavar="HOST:PORT", default=None,
+                       help="push the result (samples, shards, bytes, seconds) to this Prometheus Pushgateway")
 
-    verify = sub.add_parser("verify", help="check shards against manifest.json")
+    verify = add_subcommand(sub, "verify", help="check shards against manifest.json")
     verify.add_argument("dir")
     verify.add_argument("--deep", action="store_true", help="also decode and validate every sample")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
 
-    stats = sub.add_parser("stats", help="class frequencies and image sizes from manifest.json")
+    stats = add_subcommand(sub, "stats", help="class frequencies and image sizes from manifest.json")
     stats.add_argument("dir")
     stats.add_argument("--top", type=_positive_int, default=10, help="classes listed per split")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
-    synth = sub.add_parser("synth", help="generate the procedural landscape dataset (custom layout)")
+    synth = add_subcommand(sub, "synth", help="generate the procedural landscape dataset (custom layout)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--count", type=_positive_int, required=True, help="training samples")
     synth.add_argument("--val-count", type=int, default=0, help="validation samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
 
-    prepare = sub.add_parser("prepare", help="arrange a downloaded dataset into its shard layout "
+    prepare = add_subcommand(sub, "prepare", help="arrange a downloaded dataset into its shard layout "
                              "(COCO-Stuff: instance maps from the annotation JSON)")
     prepare.add_argument("dataset", choices=("coco-stuff",))
     prepare.add_argument("--annotations", required=True, help="instances_{train,val}2017.json")
@@ -95,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only the first N images of the annotation file")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    check = sub.add_parser("check-layout", help="check a dataset folder against a layout without sharding")
+    check = add_subcommand(sub, "check-layout", help="check a dataset folder against a layout without sharding")
     check.add_argument("--layout", required=True, choices=LAYOUTS)
     check.add_argument("--root", required=True, help="dataset root folder")
     check.add_argument("--split", action="append", default=None, help="split to check (repeatable; default train and val)")
 
-    merge = sub.add_parser("merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
+    merge = add_subcommand(sub, "merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
     merge.add_argument("dir")
     merge.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
     return parser
@@ -109,24 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "shard":
         from data_tools.shard import ShardSlice, shard_dataset
+        started = time.monotonic()
         result = shard_dataset(
             args.layout, args.root, args.out, args.split, name=args.name, max_count=args.max_count,
             max_size=args.max_size, workers=args.workers, max_side=args.max_side, skip_bad=args.skip_bad,
             label_nc=args.label_nc, contain_dontcare_label=args.dontcare, no_instance=args.no_instance,
             image_dir=args.image_dir, label_dir=args.label_dir, instance_dir=args.instance_dir,
             shard_slice=ShardSlice.parse(args.shard_slice) if args.shard_slice else None,
-            progress=not args.no_progress)
+            progress=progress_wanted(not args.no_progress), shuffle_seed=args.shuffle_seed)
         if "slice" in result:
+            shards, skipped = result["shards"], 0  # skipped samples are counted once, by merge-manifest
             print(f"slice {result['slice']}: {len(result['shards'])} shards of split {args.split} in {args.out}; "
                   f"run `spade-data merge-manifest {args.out}` when all slices are done")
         else:
             entry = result["splits"][args.split]
+            shards, skipped = entry["shards"], len(entry["skipped"])
             print(f"{entry['num_samples']} samples in {len(entry['shards'])} shards -> {args.out}"
                   f" ({len(entry['skipped'])} skipped)")
+        if args.pushgateway:
+            from data_tools.metrics import push_shard_metrics
+            grouping = push_shard_metrics(args.pushgateway, args.name or args.layout, args.split, shards, skipped,
+                                          time.monotonic() - started, args.shard_slice)
+            print(f"pushed to {args.pushgateway}: job spade-data-shard, "
+                  + ", ".join(f"{k} {v}" for k, v in grouping.items()))
         return 0
     if args.command == "verify":
         from data_tools.verify import check_directory
-        problems = check_directory(args.dir, deep=args.deep)
+        problems = check_directory(args.dir, deep=args.deep, progress=progress_wanted(not args.no_progress))
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
         if problems:
@@ -172,9 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except DataToolsError as err:
-        print(f"spade-data {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except (DataToolsError, MetricsError) as err:
+        return fail(f"spade-data {args.command}", err)
     except BrokenPipeError:
         # Output piped into e.g. `head` that exited: not an error of ours; silence the flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -97,7 +97,7 @@ def check_compatible(out: Path, name: str, spec: DatasetSpec) -> None:
 
 
 def write_plan(out: Path, name: str, split: str, spec: DatasetSpec, plan: "Sequence[PlannedShard]",
-               pairing_skipped: list[dict]) -> None:
+               pairing_skipped: list[dict], shuffle_seed: Optional[int] = None) -> None:
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan_path(out, name, split), {
         "format_version": FORMAT_VERSION, "name": name, "split": split,
@@ -105,6 +105,7 @@ def write_plan(out: Path, name: str, split: str, spec: DatasetSpec, plan: "Seque
         "shards": [{"index": s.index, "file": s.file, "fingerprint": s.fingerprint,
                     "keys": [sample.key for sample in s.samples]} for s in plan],
         "pairing_skipped": pairing_skipped,
+        "shuffle_seed": shuffle_seed,
     })
 
 
@@ -144,7 +145,8 @@ def assemble_split(out: Path, plan: dict) -> dict:
     return {
         "num_samples": sum(r["samples"] for r in records),
         "shards": [{"file": r["file"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"],
-                    "keys": r["keys"]} for r in records if r["samples"]],
+                    "keys": r["keys"], "class_histogram": r["class_histogram"]} for r in records if r["samples"]],
+        "shuffle_seed": plan.get("shuffle_seed"),  # plans of older versions: sorted by key
         "class_histogram": histogram,
         "image_size": {"width": _combine_sizes(r["width"] for r in records),
                        "height": _combine_sizes(r["height"] for r in records)},

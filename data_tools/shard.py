@@ -93,9 +93,22 @@ def _source_stats(root: Path, sample: SourceSample) -> tuple[int, list[list[int]
     return total, stamps
 
 
+def shard_order(samples: Sequence[SourceSample], shuffle_seed: Optional[int]) -> list[SourceSample]:
+    """The order samples are written in: sorted by key (``None``), else shuffled by ``shuffle_seed``.
+
+    Datasets are often sorted by city / scene, and training mixes only by shard order plus a small
+    buffer, so shuffling once here decides how well batches mix. The order is ``sha256(seed:key)``:
+    deterministic for a seed (same seed -> byte-identical shards, on any machine and Python version),
+    and a sample added later does not move the others.
+    """
+    if shuffle_seed is None:
+        return list(samples)
+    return sorted(samples, key=lambda s: hashlib.sha256(f"{shuffle_seed}:{s.key}".encode()).digest())
+
+
 def plan_shards(root: Path, samples: Sequence[SourceSample], name: str, split: str,
                 max_count: int, max_size: Optional[int], encode: EncodeOptions) -> list[PlannedShard]:
-    """Cut the sorted samples into shards of at most ``max_count`` samples and ``max_size`` bytes.
+    """Cut the samples, in the given order, into shards of at most ``max_count`` samples and ``max_size`` bytes.
 
     Sizes come from the source files (see ``_source_stats``); a single sample larger than the
     limit still gets its own shard. The fingerprint covers everything that determines the shard's
@@ -239,12 +252,13 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
                   label_nc: Optional[int] = None, contain_dontcare_label: Optional[bool] = None,
                   no_instance: bool = False, image_dir: Optional[str] = None, label_dir: Optional[str] = None,
                   instance_dir: Optional[str] = None, shard_slice: Optional[ShardSlice] = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, shuffle_seed: Optional[int] = 0) -> dict:
     """Shard one split of a dataset into ``out``; returns the manifest (a dict, also written to disk).
 
     With ``shard_slice`` only that slice's shards are written and no manifest is assembled; the
     return value is then ``{"split", "slice", "shards": [sidecar records written or found]}`` and
     ``merge_manifest(out)`` must run once every slice has finished.
+    Samples are written in the order of :func:`shard_order` (``shuffle_seed``; None = sorted by key).
     Raises :class:`DataToolsError` for bad input (unless ``skip_bad``), naming files and ids.
     """
     root, out = Path(root).resolve(), Path(out)
@@ -265,11 +279,12 @@ def shard_dataset(layout: str, root: Union[str, Path], out: Union[str, Path], sp
         raise DataToolsError(f"no samples found for split {split!r} under {root} (layout {layout})")
 
     encode = EncodeOptions(spec.label_nc, spec.contain_dontcare_label, spec.label_shift, spec.instance, max_side)
-    plan = plan_shards(root, found.samples, name, split, max_count, max_size, encode)
+    plan = plan_shards(root, shard_order(found.samples, shuffle_seed), name, split, max_count, max_size, encode)
     out.mkdir(parents=True, exist_ok=True)
     manifest_lib.check_compatible(out, name, spec)
     manifest_lib.write_plan(out, name, split, spec, plan,
-                            [{"key": p.key, "files": list(p.files), "reason": p.reason} for p in found.problems])
+                            [{"key": p.key, "files": list(p.files), "reason": p.reason} for p in found.problems],
+                            shuffle_seed)
 
     mine = [shard for shard in plan if shard_slice is None or shard_slice.owns(shard.index)]
     for shard in mine:  # leftovers of an interrupted writer, also beside shards that did complete

@@ -11,7 +11,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -20,6 +20,7 @@ from data_tools.layouts import DONTCARE, DataToolsError
 from data_tools.manifest import load_manifest
 from data_tools.records import ID_MAP_MODES
 from data_tools.tario import read_tar_samples, sha256_file
+from spade_dist.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -95,46 +96,62 @@ def _check_sample(key: str, fields: dict[str, bytes], manifest: dict) -> list[st
     return errors
 
 
-def verify_shards(directory: Union[str, Path], deep: bool = False) -> list[Problem]:
-    """Check every shard listed in ``directory/manifest.json``; returns the problems (empty = all good)."""
+def verify_shards(directory: Union[str, Path], deep: bool = False, progress: bool = False) -> list[Problem]:
+    """Check every shard listed in ``directory/manifest.json``; returns the problems (empty = all good).
+
+    ``progress``: a bar over the listed samples, advanced shard by shard."""
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems: list[Problem] = []
-    for split, entry in manifest["splits"].items():
-        total = 0
-        for shard in entry["shards"]:
-            name, path = shard["file"], directory / shard["file"]
-            total += shard["samples"]
-            if not path.is_file():
-                problems.append(Problem(split, name, None, f"shard file missing: {path}"))
-                continue
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                problems.append(Problem(split, name, None, f"{size} bytes on disk, manifest says {shard['bytes']}"))
-            digest = sha256_file(path)
-            if digest != shard["sha256"]:
-                problems.append(Problem(split, name, None, f"sha256 {digest} differs from the manifest's {shard['sha256']}"))
-            try:
-                samples = read_tar_samples(path)
-            except (tarfile.TarError, OSError, EOFError) as err:
-                problems.append(Problem(split, name, None, f"not a readable tar: {err}"))
-                continue
-            if list(samples) != shard["keys"] or len(samples) != shard["samples"]:
-                problems.append(Problem(split, name, None,
-                                        f"holds {len(samples)} samples, manifest lists {shard['samples']} "
-                                        f"(keys differ: {sorted(set(samples) ^ set(shard['keys']))[:10]})"))
-            if deep:
-                for key, fields in samples.items():
-                    for message in _check_sample(key, fields, manifest):
-                        problems.append(Problem(split, name, key, message))
-        if total != entry["num_samples"]:
-            problems.append(Problem(split, "-", None, f"shards hold {total} samples, num_samples is {entry['num_samples']}"))
+    listed = sum(entry["num_samples"] for entry in manifest["splits"].values())
+    with progress_bar(total=listed, desc=f"verify{' --deep' if deep else ''}", unit="sample", enabled=progress) as bar:
+        for split, entry in manifest["splits"].items():
+            problems += _verify_split(directory, manifest, split, entry, deep, bar)
     return problems
 
 
-def check_directory(directory: Union[str, Path], deep: bool = False) -> list[Problem]:
+def _verify_split(directory: Path, manifest: dict, split: str, entry: dict, deep: bool, bar: Any) -> list[Problem]:
+    problems: list[Problem] = []
+    for shard in entry["shards"]:
+        problems += _verify_shard(directory, manifest, split, shard, deep)
+        bar.update(shard["samples"])
+    total = sum(shard["samples"] for shard in entry["shards"])
+    if total != entry["num_samples"]:
+        problems.append(Problem(split, "-", None, f"shards hold {total} samples, num_samples is {entry['num_samples']}"))
+    return problems
+
+
+def _verify_shard(directory: Path, manifest: dict, split: str, shard: dict, deep: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    name, path = shard["file"], directory / shard["file"]
+    if not path.is_file():
+        problems.append(Problem(split, name, None, f"shard file missing: {path}"))
+        return problems
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        problems.append(Problem(split, name, None, f"{size} bytes on disk, manifest says {shard['bytes']}"))
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        problems.append(Problem(split, name, None, f"sha256 {digest} differs from the manifest's {shard['sha256']}"))
+    try:
+        samples = read_tar_samples(path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(Problem(split, name, None, f"not a readable tar: {err}"))
+        return problems
+    if list(samples) != shard["keys"] or len(samples) != shard["samples"]:
+        problems.append(Problem(split, name, None,
+                                f"holds {len(samples)} samples, manifest lists {shard['samples']} "
+                                f"(keys differ: {sorted(set(samples) ^ set(shard['keys']))[:10]})"))
+    if deep:
+        for key, fields in samples.items():
+            for message in _check_sample(key, fields, manifest):
+                problems.append(Problem(split, name, key, message))
+    return problems
+
+
+def check_directory(directory: Union[str, Path], deep: bool = False, progress: bool = False) -> list[Problem]:
     """Like :func:`verify_shards` but turns a missing/broken manifest into a Problem instead of raising."""
     try:
-        return verify_shards(directory, deep)
+        return verify_shards(directory, deep, progress)
     except DataToolsError as err:
         return [Problem("-", "manifest.json", None, str(err))]

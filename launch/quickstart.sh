@@ -2,8 +2,9 @@
 # Quickstart: the main training job on this machine, CPU only, in a few minutes.
 #   1. sets up .venv (launch/setup_env.sh)
 #   2. generates the synthetic landscape dataset and shards it (spade-data synth / shard)
-#   3. trains a tiny GauGAN with 2 processes (accelerate launch, gloo, synchronized BN)
-#   4. prints where the samples, gallery, checkpoints and config are
+#   3. trains a tiny GauGAN with 2 processes (accelerate launch, gloo, synchronized BN), with live
+#      metrics, TensorBoard logs and - when Inception weights are available - the FID watcher
+#   4. prints the run's summary (losses, throughput, FID) and where everything is
 # Environment: QUICKSTART_DIR (default work_data/quickstart), QUICKSTART_COUNT (train images, 300),
 # QUICKSTART_STEPS (optimizer steps, default from configs/quickstart.yaml); extra arguments are
 # passed to spade-train as dotted overrides (e.g. ./launch/quickstart.sh train.max_steps=100).
@@ -29,20 +30,34 @@ else
 fi
 
 overrides=("data.shards=$DATA/shards/manifest.json" "data.val_shards=$DATA/shards/manifest.json" "train.run_dir=$RUN_DIR")
-# Per-rank Prometheus exporters on free ports (discovery file in $RUN_DIR/metrics while training) and
-# the training log behind spade-report (docs/MONITORING.md).
-overrides+=("metrics.enabled=true" "metrics.port_base=0")
+# Per-rank Prometheus exporters on free ports (discovery file in $RUN_DIR/metrics while training,
+# docs/MONITORING.md) and TensorBoard curves + sample grids in $RUN_DIR/tensorboard.
+overrides+=("metrics.enabled=true" "metrics.port_base=0" "train.trackers=[tensorboard]")
+# The asynchronous FID job (eval.mode=subprocess) whenever Inception weights are found the way
+# spade-eval finds them: eval.inception_weights, $SPADE_INCEPTION_WEIGHTS, or the torch hub cache.
+if weights=$("$PY" -c 'import sys
+from spade_dist.config import load_config
+from spade_dist.eval.inception import resolve_inception_weights
+print(resolve_inception_weights(load_config("configs/quickstart.yaml", sys.argv[1:]).eval.inception_weights))' \
+    "${overrides[@]}" "$@" 2>/dev/null); then
+  echo "[quickstart] FID watcher on (Inception weights: $weights)"
+  overrides+=("eval.mode=subprocess")
+else
+  echo "[quickstart] FID watcher off: no Inception weights; to enable it, export SPADE_INCEPTION_WEIGHTS=/path/to/weights-inception-2015-12-05-6726825d.pth (docs/EVALUATION.md)"
+fi
 if [ -n "${QUICKSTART_STEPS:-}" ]; then overrides+=("train.max_steps=$QUICKSTART_STEPS"); fi
 
 echo "[quickstart] training: 2 CPU processes (accelerate launch, gloo, synchronized BN)"
 OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file launch/accelerate_cpu_2proc.yaml \
   -m spade_dist.cli.train --config configs/quickstart.yaml --resume none checkpoint.existing=archive "${overrides[@]}" "$@"
 
-.venv/bin/spade-report --run-dir "$RUN_DIR" >/dev/null
-
 echo
-echo "[quickstart] finished. Everything is in $RUN_DIR:"
+echo "[quickstart] finished. Metrics of the run:"
+.venv/bin/spade-report --run-dir "$RUN_DIR" --summary | tail -n +2
+echo
+echo "[quickstart] Everything is in $RUN_DIR:"
 echo "  report          : $RUN_DIR/report.html   (losses, throughput, FID, latest samples)"
+echo "  TensorBoard     : $RUN_DIR/tensorboard   (tensorboard --logdir $RUN_DIR/tensorboard)"
 echo "  resolved config : $RUN_DIR/config.yaml"
 echo "  sample grids    : $RUN_DIR/samples/step-*.png   (colourised label | EMA fake | real)"
 echo "  gallery         : $RUN_DIR/samples/index.html"

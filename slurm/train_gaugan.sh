@@ -5,7 +5,9 @@
 #   CONFIG        YAML config (default configs/coco_stuff.yaml)
 #   RUN_DIR       run directory on the shared filesystem (default runs/$SLURM_JOB_NAME)
 #   OVERRIDES     dotted overrides, space separated (e.g. "data.batch_size=4 model.ngf=32");
-#                 arguments after the script name are appended to them
+#                 arguments after the script name are appended to them. Live metrics are on by default
+#                 (metrics.enabled=true metrics.bind=0.0.0.0 metrics.port_base=0, docs/MONITORING.md);
+#                 OVERRIDES come after and win, e.g. metrics.enabled=false or metrics.port_base=9400
 #   LAUNCHER      accelerate | deepspeed | auto (default auto: deepspeed when train.backend is deepspeed)
 #   NPROC_PER_NODE processes per node (default: GPUs per node, or 1 in CPU mode)
 #   SPADE_DEVICE  gpu | cpu | auto (auto: cpu when the job has no GPUs, e.g. sbatch --gpus-per-node=0)
@@ -51,7 +53,7 @@ SPADE_ENV=${SPADE_ENV:-$ROOT/.venv/bin/activate}
 
 CONFIG=${CONFIG:-configs/coco_stuff.yaml}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-gaugan}}
-OVERRIDES="${OVERRIDES:-} $*"
+OVERRIDES="metrics.enabled=true metrics.bind=0.0.0.0 metrics.port_base=0 ${OVERRIDES:-} $*"
 RESTART_COUNT=${SLURM_RESTART_COUNT:-0}
 NNODES=${SLURM_JOB_NUM_NODES:-1}
 if [ ! -f "$CONFIG" ]; then

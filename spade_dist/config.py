@@ -179,6 +179,9 @@ class TrainConfig:
     init_generator: str = ""
     # Optional sha256 the init_generator file must have (a download that changed is refused).
     init_generator_sha256: str = ""
+    # Experiment trackers through Accelerate's tracker API (rank 0): scalars every log_every steps and
+    # the sample grids; "tensorboard" writes <run_dir>/tensorboard (spade_dist/train/trackers.py).
+    trackers: list[Literal["tensorboard"]] = field(default_factory=list)
 
 
 @dataclass

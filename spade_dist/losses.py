@@ -33,9 +33,6 @@ VGG_LAYER_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 # torchvision VGG19 `features` indices: slice k ends right after relu{k}_1 (layers [start, end)).
 _VGG_SLICE_BOUNDS = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
 _VGG_USED_LAYERS = 30
-# torchvision's configuration "E" (VGG19): channel counts, "M" = max-pool.
-_VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M")
 
 DiscriminatorOutput = Union[torch.Tensor, Sequence[Union[torch.Tensor, Sequence[torch.Tensor]]]]
 
@@ -139,20 +136,13 @@ def kld_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def _vgg19_feature_layers() -> nn.Sequential:
     """torchvision's VGG19 ``features`` (config "E", no batch norm) up to relu5_1.
 
-    Built here rather than through ``torchvision.models.vgg19()`` so that the 120 M-parameter
-    classifier (unused by the loss) is never allocated; layer indices equal torchvision's, so its
+    torchvision's own layer builder, without ``torchvision.models.vgg19()``'s 120 M-parameter
+    classifier (unused by the loss, never allocated); the layer indices are torchvision's, so its
     ``state_dict()`` keys ``features.{i}.weight`` map one to one.
     """
-    layers: list[nn.Module] = []
-    in_channels = 3
-    for item in _VGG19_CFG:
-        if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers.append(nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1))
-            layers.append(nn.ReLU(inplace=True))
-            in_channels = int(item)
-    return nn.Sequential(*layers[:_VGG_USED_LAYERS])
+    from torchvision.models import vgg
+
+    return nn.Sequential(*list(vgg.make_layers(vgg.cfgs["E"], batch_norm=False))[:_VGG_USED_LAYERS])
 
 
 def resolve_vgg_weights(path: Optional[Union[str, Path]] = None) -> Path:

@@ -15,8 +15,9 @@ The evaluator publishes FID / KID through :class:`EvalMetrics` (its own server +
 or the Pushgateway for one-off jobs). Short jobs use :func:`push_job_metrics` / :func:`delete_job_metrics`.
 
 The trainer passes plain Python numbers: nothing here touches a tensor, so recording never forces a
-device synchronisation. Rank 0 additionally appends one JSON line per :meth:`TrainingMetrics.record_step`
-to ``<run_dir>/logs/train_metrics.jsonl`` (see docs/FORMATS.md), read by ``spade-report``.
+device synchronisation. Rank 0 also appends one JSON line per :meth:`TrainingMetrics.record_step` to
+``<run_dir>/logs/train_metrics.jsonl`` (see docs/FORMATS.md), read by ``spade-report`` — always, also
+with ``metrics.enabled: false`` (which only turns off the exporter), so every run can be reported on.
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def _finite(value: float) -> bool:
 
 
 class TrainingMetrics:
-    """Per-rank training metrics. Construct on every rank; all methods are no-ops when disabled.
+    """Per-rank training metrics. Construct on every rank. With ``metrics.enabled: false`` nothing is
+    served or counted, but rank 0 still writes the JSONL training log.
 
     ``record_step`` covers the ``steps`` optimizer steps since the previous call (default 1):
     ``images`` is the number of images *this rank* processed in them, ``data_seconds`` /
@@ -249,8 +251,12 @@ class TrainingMetrics:
 
         Collective when a process group is initialised (all ranks must call it). A rank that cannot
         listen makes *every* rank raise the same :class:`MetricsError` (rather than leaving the
-        others waiting in the exchange forever).
+        others waiting in the exchange forever). Rank 0 opens the training log, enabled or not.
         """
+        if self.rank == 0 and self._log is None:
+            log_path = RunDir(self.run_dir).train_metrics_log
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_path, "a", buffering=1)  # line-buffered: readers see whole lines
         if not self.enabled or self._server is not None:
             return
         port = self.cfg.port_base + self.local_rank if self.cfg.port_base else 0
@@ -271,9 +277,6 @@ class TrainingMetrics:
             self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
             write_json_atomic(self.sd_path, self._sd_groups)
             self._wrote_sd_file = True
-            log_path = RunDir(self.run_dir).train_metrics_log
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(log_path, "a", buffering=1)  # line-buffered: readers see whole lines
 
     def _gather(self, mine: dict) -> list[dict]:
         import torch.distributed as dist  # local: keeps `import spade_dist.metrics` light for short jobs
@@ -311,16 +314,33 @@ class TrainingMetrics:
                     losses: Optional[Mapping[str, float]] = None, lrs: Optional[Mapping[str, float]] = None,
                     grad_norms: Optional[Mapping[str, float]] = None, steps: int = 1) -> None:
         """Record ``steps`` optimizer steps ending at ``step`` (see the class docstring)."""
-        if not self.enabled:
-            return
         if steps < 1:
             raise MetricsError(f"record_step: steps must be >= 1, got {steps}")
+        total = data_seconds + compute_seconds
+        per_rank_rate = images / total if total > 0 else 0.0
+        if self.enabled:
+            self._export_step(step, epoch, images, data_seconds, compute_seconds, per_rank_rate, steps,
+                              losses, lrs, grad_norms)
+        if self._log is not None:
+            record = {
+                "step": step, "epoch": epoch, "time": round(time.time(), 3),
+                # Every rank runs the same per-rank batch (a requirement of SyncBN), so rank 0's rate
+                # times the world size is the job's throughput.
+                "images_per_sec": per_rank_rate * self.world_size,
+                "data_wait_share": data_seconds / total if total > 0 else 0.0,
+                "losses": {k: (float(v) if _finite(v) else None) for k, v in (losses or {}).items()},
+                "lr": {k: float(v) for k, v in (lrs or {}).items()},
+                "grad_norms": {k: (float(v) if _finite(v) else None) for k, v in (grad_norms or {}).items()},
+            }
+            self._log.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _export_step(self, step: int, epoch: int, images: int, data_seconds: float, compute_seconds: float,
+                     per_rank_rate: float, steps: int, losses: Optional[Mapping[str, float]],
+                     lrs: Optional[Mapping[str, float]], grad_norms: Optional[Mapping[str, float]]) -> None:
         lab = self._labels
         self._step.labels(**lab).set(step)
         self._epoch.labels(**lab).set(epoch)
         self._samples.labels(**lab).inc(images)
-        total = data_seconds + compute_seconds
-        per_rank_rate = images / total if total > 0 else 0.0
         self._throughput.labels(**lab).set(per_rank_rate)
         # Only interval sums are known: each step of the interval is observed at the interval mean.
         for phase, seconds in (("data", data_seconds), ("compute", compute_seconds)):
@@ -337,18 +357,6 @@ class TrainingMetrics:
         if self._wrote_sd_file and not self.sd_path.exists():
             # Refresh: someone cleaned the shared discovery directory while the job is alive.
             write_json_atomic(self.sd_path, self._sd_groups)
-        if self._log is not None:
-            record = {
-                "step": step, "epoch": epoch, "time": round(time.time(), 3),
-                # Every rank runs the same per-rank batch (a requirement of SyncBN), so rank 0's rate
-                # times the world size is the job's throughput.
-                "images_per_sec": per_rank_rate * self.world_size,
-                "data_wait_share": data_seconds / total if total > 0 else 0.0,
-                "losses": {k: (float(v) if _finite(v) else None) for k, v in (losses or {}).items()},
-                "lr": {k: float(v) for k, v in (lrs or {}).items()},
-                "grad_norms": {k: (float(v) if _finite(v) else None) for k, v in (grad_norms or {}).items()},
-            }
-            self._log.write(json.dumps(record, sort_keys=True) + "\n")
 
     def record_nonfinite_skip(self, n: int = 1) -> None:
         """Count ``n`` optimizer steps that were skipped because a loss or gradient was not finite."""

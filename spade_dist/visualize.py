@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from spade_dist.files import write_atomic
+GALLERY_IMAGE_PX = 256  # target display width of one gallery image (integer enlargement)
 
 # Official Cityscapes colours (util/util.py labelcolormap(35)), indexed by Cityscapes label id.
 _CITYSCAPES_COLORS = (
@@ -155,13 +156,26 @@ def _image_href(image_path: Union[str, Path], html_dir: Path) -> str:
     return urllib.parse.quote(path.as_posix())
 
 
+def enlarged_width(path: Union[str, Path], target: int) -> Optional[int]:
+    """Display width for the image at ``path``: its width times the largest integer factor that keeps
+    it within ``target`` px (at least 1). Integer factors + ``image-rendering: pixelated`` show small
+    (e.g. 64 px) samples large with crisp pixels instead of as thumbnails. None if unreadable."""
+    try:
+        with Image.open(path) as img:
+            width = img.width
+    except OSError:
+        return None
+    return width * max(1, target // max(width, 1))
+
+
 def write_gallery(html_path: Union[str, Path], title: str, rows: Sequence[GalleryRow],
                   columns: Optional[Sequence[str]] = None, notes: Sequence[str] = ()) -> Path:
     """Write a self-contained HTML page (no scripts, no external assets) showing ``rows`` of images.
 
     Image paths are made relative to the page (absolute paths are converted), so the folder can be
     copied or served as is. All text is HTML-escaped. ``columns`` adds a header row; ``notes`` are
-    paragraphs under the title (e.g. checkpoint and seed)."""
+    paragraphs under the title (e.g. checkpoint and seed). Small images are shown enlarged by an
+    integer factor with crisp pixels (:func:`enlarged_width`)."""
     html_path = Path(html_path)
     html_dir = html_path.parent
     esc = html.escape
@@ -171,7 +185,7 @@ def write_gallery(html_path: Union[str, Path], title: str, rows: Sequence[Galler
         f"<title>{esc(title)}</title>",
         "<style>body{font-family:sans-serif;margin:1em;background:#fafafa}"
         "table{border-collapse:collapse}td,th{padding:4px;border:1px solid #ccc;vertical-align:top;"
-        "text-align:center}img{max-width:384px;image-rendering:pixelated;display:block}"
+        "text-align:center}img{image-rendering:pixelated;display:block}"
         ".cap{font-family:monospace;text-align:left}</style>",
         "</head><body>",
         f"<h1>{esc(title)}</h1>",
@@ -184,8 +198,10 @@ def write_gallery(html_path: Union[str, Path], title: str, rows: Sequence[Galler
         cells = []
         for header, image_path in row.images:
             href = _image_href(image_path, html_dir)
+            width = enlarged_width(html_dir / image_path, GALLERY_IMAGE_PX)  # an absolute path stays as is
+            size = f' width="{width}"' if width else ""
             cells.append(
-                f'<td><a href="{esc(href)}"><img src="{esc(href)}" alt="{esc(header)}"></a>'
+                f'<td><a href="{esc(href)}"><img src="{esc(href)}"{size} alt="{esc(header)}"></a>'
                 f"<div>{esc(header)}</div></td>"
             )
         parts.append(f'<tr><td class="cap">{esc(row.caption)}</td>' + "".join(cells) + "</tr>")

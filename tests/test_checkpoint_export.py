@@ -81,7 +81,7 @@ def test_spade_export_single_file_and_official(tmp_path):
 def test_spade_export_bad_checkpoint_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spade_dist.cli.export", "--checkpoint", str(tmp_path),
                            "--out", str(tmp_path / "G.pt")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "no checkpoint here" in proc.stderr and str(tmp_path) in proc.stderr
+    assert proc.returncode == 2 and "no checkpoint here" in proc.stderr and str(tmp_path) in proc.stderr
 
 
 def test_spade_generate_accepts_a_run_directory(tmp_path):

@@ -241,15 +241,13 @@ def test_spade_convert_cli_round_trip(tmp_path: Path, repo_root: Path, capsys) -
     official = tmp_path / "latest_net_G.pth"
     assert convert_main(["to-official", "--checkpoint", str(ours), "--out", str(official)]) == 0
     back = tmp_path / "back.pt"
-    argv = ["from-official", "--checkpoint", str(official), "--out", str(back), "--preset", "custom"]
-    for o in TINY:
-        argv += ["--set", o]
+    argv = ["from-official", "--checkpoint", str(official), "--out", str(back), "--preset", "custom", *TINY]
     assert convert_main(argv) == 0
     G2, _ = load_generator_file(back)
     seg = _semantics(1, 5, 2, 64, 64)
     with torch.no_grad():
         assert torch.equal(G(seg), G2(seg))
-    # A wrong preset fails with the diagnosis, not a traceback.
+    # A wrong preset fails with the diagnosis, not a traceback (overrides also via the --set alias).
     bad = ["from-official", "--checkpoint", str(official), "--out", str(tmp_path / "x.pt"), "--preset", "coco_stuff",
            "--set", "model.ngf=4", "--set", "data.crop_size=64", "--set", "data.load_size=64"]
     assert convert_main(bad) == 2

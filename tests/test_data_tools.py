@@ -1,6 +1,7 @@
 """data_tools: deterministic / resumable sharding of the COCO-Stuff sample, verify, slices + merge, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -49,12 +50,34 @@ def test_coco_sample_sharding_is_byte_identical_across_runs_and_worker_counts(
     assert (manifest["label_nc"], manifest["contain_dontcare_label"], manifest["instance"]) == (182, True, True)
     assert [s["samples"] for s in train["shards"]] == [5, 5, 3]
     keys = [k for s in train["shards"] for k in s["keys"]]
-    assert keys == sorted(p.stem for p in (coco_sample / "train_img").glob("*.jpg"))
+    stems = [p.stem for p in (coco_sample / "train_img").glob("*.jpg")]
+    # Shuffled once by the default seed 0 (docs/DATA_TOOLS.md: order = sha256("0:" + key)).
+    assert keys == sorted(stems, key=lambda k: hashlib.sha256(f"0:{k}".encode()).digest()) != sorted(stems)
+    assert train["shuffle_seed"] == 0
     assert len(train["class_histogram"]) == 183
+    # Per-shard class histograms add up to the split's.
+    assert [sum(col) for col in zip(*(s["class_histogram"] for s in train["shards"]))] == train["class_histogram"]
     # every pixel is counted once: histogram total = sum of image areas
     areas = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in (coco_sample / "train_label").glob("*.png"))
     assert sum(train["class_histogram"]) == areas
     assert train["image_size"]["width"]["max"] == 640 and train["skipped"] == []
+
+
+def test_shuffle_seed_decides_the_order_and_no_shuffle_sorts(coco_sample: Path, coco_shards: Path,
+                                                             tmp_path: Path) -> None:
+    def keys(out: Path) -> list[str]:
+        return [k for s in json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"] for k in s["keys"]]
+
+    assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(tmp_path / "s0"),
+                 "--max-count", "5", "--workers", "1", "--no-progress", "--shuffle-seed", "0"]) == 0
+    assert _tree_bytes(tmp_path / "s0") == _tree_bytes(coco_shards)  # same seed -> byte-identical shards
+    assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(tmp_path / "s7"),
+                 "--max-count", "5", "--workers", "1", "--no-progress", "--shuffle-seed", "7"]) == 0
+    assert sorted(keys(tmp_path / "s7")) == sorted(keys(coco_shards)) and keys(tmp_path / "s7") != keys(coco_shards)
+    assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(tmp_path / "sorted"),
+                 "--max-count", "5", "--workers", "1", "--no-progress", "--no-shuffle"]) == 0
+    assert keys(tmp_path / "sorted") == sorted(keys(coco_shards))
+    assert json.loads((tmp_path / "sorted" / "manifest.json").read_text())["splits"]["train"]["shuffle_seed"] is None
 
 
 def test_shard_members_hold_original_bytes_in_fixed_order(coco_sample: Path, coco_shards: Path) -> None:
@@ -75,8 +98,12 @@ def test_shard_members_hold_original_bytes_in_fixed_order(coco_sample: Path, coc
 
 def test_verify_deep_passes_and_a_flipped_byte_fails_naming_the_shard(
         coco_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert verify_shards(coco_shards, deep=True) == []
+    capsys.readouterr()
+    assert verify_shards(coco_shards, deep=True, progress=True) == []
+    bar = capsys.readouterr().err
+    assert "verify --deep" in bar and "/13 " in bar  # the 13 train samples, shard by shard
     assert main(["verify", "--deep", str(coco_shards)]) == 0
+    assert "verify --deep" not in capsys.readouterr().err  # stderr is no terminal here: no bar
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -177,7 +204,7 @@ def test_shard_slices_then_merge_equal_single_process_run(coco_sample: Path, coc
     with pytest.raises(DataToolsError, match="coco-stuff-train-000000.tar"):
         merge_manifest(out)
     capsys.readouterr()
-    assert main(["merge-manifest", str(out)]) == 1
+    assert main(["merge-manifest", str(out)]) == 2
     assert "coco-stuff-train-000002.tar" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
 
@@ -224,3 +251,62 @@ def test_python_dash_m_help(repo_root: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "data_tools", "verify", "/nonexistent/dir"], cwd=repo_root,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "/nonexistent/dir" in result.stderr
+
+
+@pytest.mark.e2e
+def test_shard_pushes_its_result_to_the_pushgateway(coco_sample: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spade_dist.monitoring.services import start_pushgateway
+
+    out = tmp_path / "shards"
+    with start_pushgateway(tmp_path / "gw") as gw:
+        assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(out),
+                     "--max-count", "5", "--workers", "1", "--no-progress", "--pushgateway", gw.address]) == 0
+        assert f"pushed to {gw.address}" in capsys.readouterr().out
+        with urllib.request.urlopen(f"http://{gw.address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    pushed = {s.name: (s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("spade_shard_")}
+    entry = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    labels = {"job": "spade-data-shard", "dataset": "coco-stuff", "split": "train", "instance": ""}
+    assert pushed["spade_shard_samples"] == (labels, float(entry["num_samples"]))
+    assert pushed["spade_shard_files"] == (labels, float(len(entry["shards"])))
+    assert pushed["spade_shard_bytes"] == (labels, float(sum((out / s["file"]).stat().st_size for s in entry["shards"])))
+    assert pushed["spade_shard_skipped_samples"] == (labels, 0.0)
+    # An unreachable gateway is a one-line user error naming it (the shards are written by then).
+    assert main(["shard", "--layout", "coco-stuff", "--root", str(coco_sample), "--out", str(out),
+                 "--max-count", "5", "--workers", "1", "--no-progress", "--pushgateway", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stats_shows_per_shard_class_mix_of_a_grouped_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    # 16 samples "sorted by scene": keys a* are all class 1, keys b* all class 2.
+    root = tmp_path / "raw"
+    for folder in ("images", "labels"):
+        (root / "train" / folder).mkdir(parents=True)
+    for i in range(16):
+        key, cls = (f"a{i:02d}", 1) if i < 8 else (f"b{i:02d}", 2)
+        Image.fromarray(np.full((16, 16, 3), 40 * cls, np.uint8)).save(root / "train" / "images" / f"{key}.png")
+        Image.fromarray(np.full((16, 16), cls, np.uint8)).save(root / "train" / "labels" / f"{key}.png")
+    mixes = {}
+    for order in (["--no-shuffle"], ["--shuffle-seed", "0"]):
+        out = tmp_path / order[0]
+        assert main(["shard", "--layout", "custom", "--root", str(root), "--out", str(out), "--label-nc", "3",
+                     "--max-count", "4", "--workers", "1", "--no-progress", *order]) == 0
+        mixes[order[0]] = compute_stats(out)["splits"]["train"]["shard_mix"]
+        capsys.readouterr()
+        assert main(["stats", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "shard class mix" in text and "train-000000.tar" in text
+    grouped, shuffled = mixes["--no-shuffle"], mixes["--shuffle-seed"]
+    # Sorted: every shard holds one class, half the split's mix away; shuffling brings shards closer.
+    assert [r["tv_distance"] for r in grouped["shards"]] == [0.5] * 4
+    assert all(r["classes_present"] == 1 and r["top_fraction"] == 1.0 for r in grouped["shards"])
+    assert shuffled["mean_tv_distance"] < grouped["mean_tv_distance"]

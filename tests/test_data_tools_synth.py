@@ -92,5 +92,5 @@ def test_synth_output_shards_with_the_custom_layout_unaided(tmp_path: Path, caps
 
 
 def test_synth_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["synth", "--out", str(tmp_path), "--count", "2", "--size", "8"]) == 1
+    assert main(["synth", "--out", str(tmp_path), "--count", "2", "--size", "8"]) == 2
     assert "--size must be >= 16" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "once", "--checkpoint", str(tmp_path / "G.pt"),
-         "--out", str(out)] + [a for o in eval_setup.overrides for a in ("--set", o)],
+         "--out", str(out), *eval_setup.overrides],
         cwd=repo_root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -215,6 +215,33 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     # Another process may pick other CPU kernels (alignment): float32 features agree to ~1e-6, and FID of
     # 6 samples in 2048 dimensions amplifies that a little.
     assert result["fid"] == pytest.approx(direct.fid, rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_spade_eval_once_pushes_its_result_to_the_pushgateway(eval_setup: SimpleNamespace, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spade_dist.cli.eval import main as eval_main
+    from spade_dist.monitoring.services import start_pushgateway
+
+    run_dir = tmp_path / "coco-run"
+    _save_checkpoint(run_dir, eval_setup.cfg, 40, seed=4)
+    with start_pushgateway(tmp_path / "gw") as gw:
+        code = eval_main(["once", "--checkpoint", str(run_dir / "checkpoints" / "step-000000040"),
+                          *eval_setup.overrides, f"metrics.pushgateway={gw.address}", "metrics.job_id='5'"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        with urllib.request.urlopen(f"http://{gw.address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    pushed = {s.name: (s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("spade_eval_")}
+    labels = {"job": "spade-eval", "run": "coco-run", "job_id": "5", "instance": ""}
+    assert pushed["spade_eval_fid"] == (labels, pytest.approx(result["fid"]))
+    assert pushed["spade_eval_kid"] == (labels, pytest.approx(result["kid_mean"]))
+    assert pushed["spade_eval_step"] == (labels, 40.0)
+    assert f"pushed to {gw.address}" in err
 
 
 def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: SimpleNamespace, tmp_path: Path,
@@ -226,7 +253,17 @@ def test_spade_eval_without_weights_fails_at_start_saying_how(eval_setup: Simple
     env["TORCH_HOME"] = str(tmp_path / "torch-home")
     proc = subprocess.run(
         [sys.executable, "-m", "spade_dist.cli.eval", "watch", "--run-dir", str(run_dir),
-         "--set", "eval.inception_weights="], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
+         "eval.inception_weights="], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
     )
     assert proc.returncode == 2
     assert "SPADE_INCEPTION_WEIGHTS" in proc.stderr and "eval.inception_weights" in proc.stderr
+
+
+def test_evaluator_progress_bars_name_each_phase(eval_setup: SimpleNamespace, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    evaluator = Evaluator(eval_setup.cfg, cache_dir=tmp_path / "cache", log=lambda _: None, progress=True)
+    evaluator.evaluate(_generator(eval_setup.cfg, 3))
+    err = capsys.readouterr().err
+    assert "reference statistics: real images" in err and "generated images + Inception features" in err
+    assert "/6 " in err  # eval.num_images of this rank

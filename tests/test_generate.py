@@ -131,11 +131,17 @@ def test_generate_coco_sample_with_official_checkpoint(coco_sample: Path, offici
     for key in keys:
         for src in (f"labels/{key}.png", f"images/{key}_0.png", f"real/{key}.png"):
             assert f'src="{src}"' in html
-    # the same checkpoint + seed gives the same images
+    # 32-px results shown 8x enlarged with crisp pixels, not as thumbnails.
+    assert f'src="images/{keys[0]}_0.png" width="256"' in html and "image-rendering:pixelated" in html
+    # the same checkpoint + seed gives the same images, whatever the batching (default 8 vs 3: 3 + 3 + 2)
     again = tmp_path / "again"
-    assert main(_args(coco_sample, official_checkpoint, again, "--preset", "coco_stuff", "--limit", "1", *TINY)) == 0
-    assert np.array_equal(np.array(Image.open(again / "images" / f"{keys[0]}_0.png")),
-                          np.array(Image.open(out / "images" / f"{keys[0]}_0.png")))
+    assert main(_args(coco_sample, official_checkpoint, again, "--preset", "coco_stuff", "--batch-size", "3",
+                      "--no-progress", *TINY)) == 0
+    for key in keys:
+        assert np.array_equal(np.array(Image.open(again / "images" / f"{key}_0.png")),
+                              np.array(Image.open(out / "images" / f"{key}_0.png"))), key
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff",
+                        "--batch-size", "0", *TINY), capsys, "--batch-size must be >= 1")
 
 
 def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:

@@ -105,14 +105,24 @@ def test_port_taken_names_port_and_config_key(tmp_path: Path) -> None:
     assert not (tmp_path / "metrics").exists()
 
 
-def test_disabled_is_a_no_op(tmp_path: Path) -> None:
+def test_disabled_serves_nothing_but_still_writes_the_training_log(tmp_path: Path) -> None:
     m = TrainingMetrics(make_cfg(enabled=False), run_dir=tmp_path, rank=0, local_rank=0, world_size=1)
     m.start()
     m.record_step(step=1, epoch=0, images=1, data_seconds=0.1, compute_seconds=0.1, losses={"GAN": 1.0})
     m.record_checkpoint(seconds=1.0, bytes=1)
     m.close()
     assert m.port is None
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "logs", "logs/train_metrics.jsonl"]  # no discovery file
+    (record,) = [json.loads(line) for line in (tmp_path / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["losses"] == {"GAN": 1.0} and record["data_wait_share"] == 0.5
+    assert m.registry.get_sample_value("spade_step", m._labels) == 0.0  # nothing exported
+    # Other ranks write no log.
+    other = TrainingMetrics(make_cfg(enabled=False), run_dir=tmp_path / "r1", rank=1, local_rank=1, world_size=2)
+    other.start()
+    other.record_step(step=1, epoch=0, images=1, data_seconds=0.1, compute_seconds=0.1)
+    other.close()
+    assert not (tmp_path / "r1").exists()
 
 
 def test_labels_default_from_run_dir_and_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import string
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -70,6 +71,8 @@ def test_scrape_config_matches_the_dashboard(repo_root: Path) -> None:
     assert train["honor_labels"] is True and train["file_sd_configs"]
     assert jobs["pushgateway"]["honor_labels"] is True
     assert cfg["rule_files"] == ["alerts.yml"]
+    # Alerts reach people through an Alertmanager (a stub address to edit, documented in MONITORING.md).
+    assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
 
 
 def test_rendered_local_config_is_valid(tmp_path: Path) -> None:
@@ -83,8 +86,14 @@ def test_rendered_local_config_is_valid(tmp_path: Path) -> None:
     assert jobs["pushgateway"]["static_configs"] == [{"targets": ["127.0.0.1:9999"]}]
     res = promtool("check", "config", str(out))  # also loads the rule files by their absolute paths
     assert res.returncode == 0 and "SUCCESS: 1 rule files found" in res.stdout, res.stdout + res.stderr
+    assert "alerting" not in cfg  # local stack without an Alertmanager
     no_gateway = yaml.safe_load(render_prometheus_config(sd_dir, tmp_path / "q.yml").read_text())
     assert [j["job_name"] for j in no_gateway["scrape_configs"]] == [TRAIN_SCRAPE_JOB]
+    paged = render_prometheus_config(sd_dir, tmp_path / "a.yml", alertmanager="alerts.example:9093")
+    assert yaml.safe_load(paged.read_text())["alerting"]["alertmanagers"] == [
+        {"static_configs": [{"targets": ["alerts.example:9093"]}]}]
+    res = promtool("check", "config", str(paged))
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:
@@ -95,10 +104,15 @@ def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:
 def test_dashboard_structure() -> None:
     d = build_dashboard()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert names == ["datasource", "run", "job_id"]
-    assert [v[0] for v in variable_selectors(d)] == ["run", "job_id"]
+    assert names == ["datasource", "run", "job_id", "rank"]
+    assert [v[0] for v in variable_selectors(d)] == ["run", "job_id", "rank"]
+    rank = d["templating"]["list"][3]
+    assert rank["multi"] and rank["includeAll"] and rank["allValue"] == ".+"
+    # UI import asks for the data source (__inputs); its answer is the datasource variable's default.
+    assert [(i["name"], i["type"], i["pluginId"]) for i in d["__inputs"]] == [("DS_PROMETHEUS", "datasource", "prometheus")]
+    assert d["templating"]["list"][0]["current"]["value"] == "${DS_PROMETHEUS}"
     titles = {p["title"] for p in d["panels"]}
-    for needed in ("Throughput", "Step time breakdown", "Losses", "Learning rate", "FID", "KID", "Checkpoint age",
+    for needed in ("Throughput", "Step time breakdown", "Data-wait share", "Losses", "Learning rate", "FID", "KID", "Checkpoint age",
                    "Checkpoint save time", "Checkpoint size", "Rank targets up", "Heartbeat age", "Device memory"):
         assert needed in titles
     ids = [p["id"] for p in d["panels"]]
@@ -107,6 +121,57 @@ def test_dashboard_structure() -> None:
         assert 'run="$run"' in expr, (title, expr)
         # Training panels show one job; FID/KID follow the run across jobs (separate eval job, requeues).
         assert ('job_id="$job_id"' in expr) == (title not in ("FID", "KID")), (title, expr)
+    per_rank = {title for title, expr in panel_expressions(d) if 'rank=~"$rank"' in expr}
+    assert per_rank == {"Throughput", "Rank targets up", "Heartbeat age", "Device memory"}
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in d["panels"] if p["type"] != "row"}
+    assert units["Data-wait share"] == "percentunit"  # a ratio, not seconds
+    assert units["Step time breakdown"] == "s" and units["Checkpoint size"] == "bytes"
+    share = next(p for p in d["panels"] if p["title"] == "Data-wait share")
+    assert (share["fieldConfig"]["defaults"]["min"], share["fieldConfig"]["defaults"]["max"]) == (0, 1)
+    for panel in d["panels"]:  # every query goes through the datasource variable
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in panel.get("targets", []))
+
+
+def _grafana_env_substitute(text: str, env: dict[str, str]) -> str:
+    """Grafana's provisioning interpolation of $VAR / ${VAR}; an unset variable is an error here."""
+    return string.Template(text).substitute(env)
+
+
+def test_grafana_provisioning_loads_the_generated_dashboard(repo_root: Path, tmp_path: Path) -> None:
+    from spade_dist.resources import monitoring_dir
+
+    grafana = monitoring_dir() / "grafana"
+    assert grafana == repo_root / "configs/monitoring/grafana"
+    # The documented recipe's environment (docs/MONITORING.md, "Grafana").
+    env = {"PROMETHEUS_URL": "http://127.0.0.1:9090", "SPADE_GRAFANA_DASHBOARDS": str(grafana)}
+    doc = (repo_root / "docs/MONITORING.md").read_text()
+    for name in (*env, "GF_PATHS_PROVISIONING", "configs/monitoring/grafana/provisioning"):
+        assert name in doc, name
+    provisioning = grafana / "provisioning"
+    assert sorted(p.relative_to(provisioning).as_posix() for p in provisioning.rglob("*.yaml")) == [
+        "dashboards/spade_dist.yaml", "datasources/spade_prometheus.yaml"]
+
+    sources = yaml.safe_load(_grafana_env_substitute(
+        (provisioning / "datasources/spade_prometheus.yaml").read_text(), env))
+    assert sources["apiVersion"] == 1
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["access"] == "proxy" and source["isDefault"] is True
+    assert source["url"] == "http://127.0.0.1:9090" and source["uid"] and source["name"]
+    prom_cfg = yaml.safe_load((repo_root / "configs/monitoring/prometheus.yml").read_text())
+    assert source["jsonData"]["timeInterval"] == prom_cfg["global"]["scrape_interval"]
+
+    providers = yaml.safe_load(_grafana_env_substitute(
+        (provisioning / "dashboards/spade_dist.yaml").read_text(), env))
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["name"]
+    # What Grafana's file provider loads: every *.json under the path, recursively.
+    loaded = sorted(Path(provider["options"]["path"]).rglob("*.json"))
+    assert [p.name for p in loaded] == ["spade_dist.json"]
+    assert loaded[0].read_text() == dashboard_json()
+    dashboard = json.loads(loaded[0].read_text())
+    # The dashboard's data source variable accepts the provisioned data source's type.
+    assert dashboard["templating"]["list"][0]["query"] == source["type"]
 
 
 def _gateway_samples(address: str) -> list:

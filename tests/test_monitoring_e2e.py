@@ -55,7 +55,8 @@ def alert_signals(alerts_path: Path) -> list[tuple[str, str, str]]:
 
 
 def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    subst = {"$run": RUN, "$job_id": JOB_ID, "$__rate_interval": RATE_INTERVAL}
+    # $rank as Grafana sends the default "All" of the multi-select (allValue) and a two-rank selection.
+    subst = {"$run": RUN, "$job_id": JOB_ID, "$__rate_interval": RATE_INTERVAL, "$rank": "(.+|0|1)"}
     out = []
     for title, expr in panel_expressions(dashboard):
         for var, value in subst.items():
@@ -63,7 +64,9 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
         assert "$" not in expr, f"panel {title}: unsubstituted variable in {expr}"
         out.append((f"panel {title}", expr))
     for name, selector, _label in variable_selectors(dashboard):
-        out.append((f"variable {name}", selector.replace("$run", RUN)))
+        for var, value in subst.items():
+            selector = selector.replace(var, value)
+        out.append((f"variable {name}", selector))
     return out
 
 

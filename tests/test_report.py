@@ -85,9 +85,11 @@ def test_report_of_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "finished at step 100" in page
     assert "65 at step 75" in page  # best FID from eval/best.json
     # The 4 latest sample grids, newest first, embedded byte for byte.
-    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="samples at step (\d+)"', page)
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)" width="768" alt="samples at step (\d+)"', page)
     assert [int(step) for _, step in embedded] == [250, 200, 150, 100]
     assert base64.b64decode(embedded[0][0]) == (run_dir / "samples" / "step-000000250.png").read_bytes()
+    # 24-px-wide grids shown 32x enlarged (768 px), pixels kept crisp.
+    assert "image-rendering:pixelated" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
 
 
@@ -97,6 +99,17 @@ def test_report_output_option_and_sample_count(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "r.html"
     assert report_main(["--run-dir", str(run_dir), "--output", str(target), "--samples", "1"]) == 0
     assert len(re.findall(r"<img ", target.read_text())) == 1
+
+
+def test_report_summary_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    make_finished_run(run_dir)
+    capsys.readouterr()
+    assert report_main(["--run-dir", str(run_dir), "--summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(run_dir / "report.html")
+    assert "  Status: finished at step 100" in lines and "  Best FID: 65 at step 75" in lines
+    assert any(line.startswith("  Last losses: GAN ") for line in lines)
 
 
 def test_training_log_values(tmp_path: Path) -> None:
@@ -148,3 +161,28 @@ def test_nice_ticks_cover_the_range() -> None:
     assert ticks[0] <= 0.013 and ticks[-1] >= 0.087 and len(ticks) <= 7
     flat = nice_ticks(5, 5)
     assert flat[0] <= 5 <= flat[-1] and flat[0] < flat[-1]
+
+
+def test_report_says_what_is_missing_and_how_to_turn_it_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from spade_dist.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+                      ["metrics.enabled=false", "eval.mode=none", "train.sample_every=7"])
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # Monitoring off: the training log is still there, so the report has the training charts.
+    m = TrainingMetrics(cfg.metrics, run_dir=run_dir, rank=0, local_rank=0, world_size=1)
+    m.start()
+    m.record_step(step=5, epoch=0, images=4, data_seconds=0.1, compute_seconds=0.9, losses={"GAN": 1.0})
+    m.close()
+    assert report_main(["--run-dir", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    page = (run_dir / "report.html").read_text()
+    assert {"Losses", "Throughput"} <= set(svgs(page))
+    notes = [line for line in err.splitlines() if line.startswith("spade-report: note: ")]
+    assert len(notes) == 3, err  # FID, samples, live metrics; the training log is there
+    for text in (err, page):
+        assert "eval.mode=none" in text and "spade-eval watch" in text
+        assert "train.sample_every=7" in text
+        assert "metrics.enabled=true" in text

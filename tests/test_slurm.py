@@ -72,7 +72,7 @@ def _train_env(manifest: Path, run_dir: Path, max_steps: int, extra: str = "") -
     overrides = (
         f"data.shards={manifest} data.val_shards= model.ngf=8 model.ndf=8 model.n_layers_D=2 data.batch_size=2 "
         f"data.num_workers=0 data.load_size=32 data.crop_size=32 train.log_every=1 train.sample_every=4 "
-        f"train.max_steps={max_steps} train.log_keys=true metrics.enabled=true metrics.port_base=0 {extra}"
+        f"train.max_steps={max_steps} train.log_keys=true {extra}"  # metrics: the script's default (on)
     )
     return {"CONFIG": "configs/quickstart.yaml", "RUN_DIR": str(run_dir), "SPADE_DEVICE": "cpu",
             "OVERRIDES": overrides, "OMP_NUM_THREADS": "1"}
@@ -127,6 +127,9 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     assert json.loads((run_dir / "DONE").read_text())["step"] == 6
     assert {p.name for p in (run_dir / "checkpoints").glob("step-*")} >= {"step-000000006"}
     assert (run_dir / "samples" / "index.html").exists() and list((run_dir / "samples").glob("step-*.png"))
+    # Live metrics are the script's default for a cluster job.
+    resolved = load_config(run_dir / "config.yaml").metrics
+    assert (resolved.enabled, resolved.bind, resolved.port_base) == (True, "0.0.0.0", 0)
     # Both ranks trained (keys audit per rank) and the discovery file is gone after the run.
     assert {p.name for p in (run_dir / "logs").glob("keys-rank*.jsonl")} == {"keys-rank0.jsonl", "keys-rank1.jsonl"}
     assert not list((run_dir / "metrics").glob("*.json"))

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from spade_dist.distributed import DistributedSetupError, batch_geometry, check_process_group
 from tests.dist_utils import free_port
@@ -24,6 +25,10 @@ def _fails_with(args: list[str], *needles: str, env: dict | None = None) -> str:
     for needle in needles:
         assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr[-2000:]}"
     return proc.stderr
+
+
+def test_unknown_tracker_is_a_config_error():
+    _fails_with(["train.trackers=[wandb]"], "spade-train: error:", "train.trackers[0]", "'wandb'", "tensorboard")
 
 
 def test_unknown_config_key_is_named():
@@ -114,6 +119,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
     out = proc.stdout + proc.stderr
     assert "ddp on 2 x cpu" in out  # really two ranks in one gloo group, not two single jobs
     assert "step 4 epoch" in out and "img/s" in out and "data wait" in out
+    assert "| 4/4 (100%) ETA 00:00 |" in out and "| 2/4 (50%) ETA " in out
     assert (run_dir / "samples" / "step-000000002.png").is_file()
     assert (run_dir / "samples" / "step-000000004.png").is_file()
     gallery = (run_dir / "samples" / "index.html").read_text()
@@ -137,10 +143,30 @@ def test_torchrun_and_deepspeed_launchers(tmp_path, manifest, launcher):
         head = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "spade_dist.cli.train"]
         extra = ["train.backend=deepspeed", "train.zero_stage=1"]
     proc = run_cli(head + ["--config", "configs/quickstart.yaml", "--resume", "none", f"data.shards={manifest}",
-                           f"train.run_dir={run_dir}", "train.max_steps=2", "train.sample_every=2", *TINY_OVERRIDES, *extra],
+                           f"train.run_dir={run_dir}", "train.max_steps=2", "train.sample_every=2",
+                           "train.trackers=[tensorboard]", *TINY_OVERRIDES, *extra],
                    timeout=480)
     out = proc.stdout + proc.stderr
     backend = "deepspeed" if launcher == "deepspeed" else "ddp"
     assert f"{backend} on 2 x cpu" in out
     assert json.loads((run_dir / "DONE").read_text())["step"] == 2
     assert (run_dir / "samples" / "step-000000002.png").is_file()
+    # TensorBoard through Accelerate's tracker API, whatever the backend: scalars and the sample grid.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert f"tensorboard log dir: {run_dir / 'tensorboard'}" in out
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/GAN", "loss/D_real", "lr/G", "lr/D", "images_per_sec", "data_wait_share"} <= scalars, scalars
+    assert [e.step for e in events.Scalars("loss/GAN")] == [2]
+    grid = Image.open(run_dir / "samples" / "step-000000002.png")
+    assert [(i.step, i.width, i.height) for i in events.Images("samples")] == [(2, *grid.size)]
+
+
+def test_progress_text_has_step_total_and_eta() -> None:
+    from spade_dist.train.loop import progress_text
+
+    assert progress_text(250, 1000, 2.0) == "250/1000 (25%) ETA 25:00"
+    assert progress_text(1, 200000, 1.5) == "1/200000 (0%) ETA 83:19:58"
+    assert progress_text(300, 300, 9.0) == "300/300 (100%) ETA 00:00"

@@ -1,7 +1,7 @@
 """``spade-convert``: generator weights between the official NVlabs/SPADE format and ours.
 
     spade-convert to-official   --checkpoint G.pt  --out latest_net_G.pth
-    spade-convert from-official --checkpoint latest_net_G.pth --out G.pt (--preset coco_stuff | --config my.yaml) [--set model.ngf=32 ...]
+    spade-convert from-official --checkpoint latest_net_G.pth --out G.pt (--preset coco_stuff | --config my.yaml) [model.ngf=32 ...]
 
 The project format is the single file written by ``spade_dist.models.compat.save_generator_file``.
 An official file carries no options, so ``from-official`` needs the preset or config it was trained
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
+from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
 from spade_dist.models.compat import (
     CheckpointMismatchError,
@@ -22,44 +22,32 @@ from spade_dist.models.compat import (
     save_generator_file,
     save_official_generator,
 )
+from spade_dist.resources import preset_path
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def preset_path(name: str) -> Path:
-    """``coco_stuff`` -> ``configs/coco_stuff.yaml``; unknown names list the known presets."""
-    path = CONFIGS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if p.stem != "base")
-        raise ConfigError(f"unknown preset '{name}' (known: {', '.join(known)}; looked in {CONFIGS_DIR})")
-    return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spade-convert", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    to = sub.add_parser("to-official", help="project generator file -> official latest_net_G.pth state dict")
+def build_parser() -> argparse.ArgumentParser:
+    ap = make_parser("spade-convert", __doc__)
+    sub = add_subparsers(ap)
+    to = add_subcommand(sub, "to-official", help="project generator file -> official latest_net_G.pth state dict")
     to.add_argument("--checkpoint", required=True, help="generator file written by spade-dist")
     to.add_argument("--out", required=True, help="output .pth path")
-    fr = sub.add_parser("from-official", help="official state dict -> project generator file")
+    fr = add_subcommand(sub, "from-official", help="official state dict -> project generator file")
     fr.add_argument("--checkpoint", required=True, help="official latest_net_G.pth")
     fr.add_argument("--out", required=True, help="output project generator file")
     which = fr.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="config preset name (configs/NAME.yaml), e.g. coco_stuff")
     which.add_argument("--config", help="YAML config file the checkpoint was trained with")
-    fr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="dotted config override, e.g. model.ngf=32 (repeatable)")
+    add_overrides(fr, "model.ngf=32")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "to-official":
             G, _cfg = load_generator_file(args.checkpoint)
             save_official_generator(G, args.out)
         else:
-            cfg = load_config(preset_path(args.preset) if args.preset else args.config, args.overrides)
+            cfg = load_config(preset_path(args.preset) if args.preset else args.config, overrides(args))
             if cfg.model.netG != "spade":
                 raise ConfigError(f"model.netG is '{cfg.model.netG}': only the SPADE generator has an official format")
             d, m = cfg.data, cfg.model
@@ -71,8 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             save_generator_file(G, cfg, args.out)
     except (CheckpointMismatchError, ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"spade-convert: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("spade-convert", exc)
     print(f"spade-convert: wrote {args.out}")
     return 0
 

@@ -1,43 +1,53 @@
 """``spade-eval``: FID / KID of checkpoints (see docs/EVALUATION.md).
 
-    spade-eval once  --checkpoint CKPT [--config C] [--set eval.num_images=500 ...] [--out result.json]
-    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [--set ...]
+    spade-eval once  --checkpoint CKPT [--config C] [--out result.json] [eval.num_images=500 ...]
+    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [KEY=VALUE ...]
 
 CKPT is a checkpoint step directory (``R/checkpoints/step-XXXXXXXXX``) or a single-file generator
-(``spade-export`` / ``eval/best_generator.pt``). ``watch`` reads ``R/config.yaml`` unless ``--config``
+(``spade-export`` / ``eval/best_generator.pt``). With ``metrics.pushgateway=HOST:PORT`` set, ``once``
+pushes its result to that Pushgateway (group ``job="spade-eval"``, ``run``, ``job_id``; run = the run
+directory the checkpoint lies in, or ``metrics.run_name``), since it ends before any scrape. ``watch`` reads ``R/config.yaml`` unless ``--config``
 is given. Under ``torchrun`` / ``srun`` with several processes, generation and feature extraction are
 split across the ranks (gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from spade_dist.run_dir import RunDir
+from spade_dist.progress import progress_wanted
+
+if TYPE_CHECKING:
+    from spade_dist.eval.evaluate import EvalResult
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spade-eval", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    ap = make_parser("spade-eval", __doc__)
+    sub = add_subparsers(ap)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    add_overrides(common, "eval.num_images=500")
     common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (also off when stderr is no terminal, and on ranks > 0)")
     common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
                                                     "$SPADE_INCEPTION_WEIGHTS)")
-    once = sub.add_parser("once", parents=[common], help="evaluate one checkpoint and print JSON")
+    once = add_subcommand(sub, "once", parents=[common], help="evaluate one checkpoint and print JSON")
     once.add_argument("--checkpoint", required=True)
     once.add_argument("--out", help="also write the JSON result to this file")
-    watch = sub.add_parser("watch", parents=[common], help="follow a run's checkpoints until it is done")
+    watch = add_subcommand(sub, "watch", parents=[common], help="follow a run's checkpoints until it is done")
     watch.add_argument("--run-dir", required=True)
     watch.add_argument("--policy", choices=["every", "newest", "every_k"], help="default: eval.policy")
     watch.add_argument("--every-k", type=int, help="default: eval.every_k")
@@ -56,13 +66,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
+    texts = overrides(args)
     if args.inception_weights:
-        overrides.append(f"eval.inception_weights={args.inception_weights}")
+        texts.append(f"eval.inception_weights={args.inception_weights}")
     if args.device:
-        overrides.append(f"eval.device={args.device}")
+        texts.append(f"eval.device={args.device}")
     merged = cfg.to_dict()
-    for text in overrides:
+    for text in texts:
         merged = _merge(merged, parse_override(text))
     return config_from_dict(merged, source="<spade-eval overrides>")
 
@@ -108,7 +118,8 @@ def cmd_once(args: argparse.Namespace) -> int:
         cfg = _with_overrides(cfg, args)
     _set_threads(cfg)
     rank, _, device = _init_distributed(cfg.eval.device)
-    evaluator = Evaluator(cfg, device=device, log=(print if rank == 0 else (lambda _: None)))
+    evaluator = Evaluator(cfg, device=device, log=(print if rank == 0 else (lambda _: None)),
+                          progress=progress_wanted(not args.no_progress, rank))
     if generator is None:
         result = evaluator.evaluate_checkpoint(args.checkpoint)
     else:
@@ -118,7 +129,23 @@ def cmd_once(args: argparse.Namespace) -> int:
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
+        if cfg.metrics.pushgateway:
+            _push_result(cfg, Path(args.checkpoint), result)
     return 0
+
+
+def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
+    """Push one ``once`` result to ``metrics.pushgateway`` (the job ends before Prometheus could scrape it)."""
+    from spade_dist.checkpoint.layout import step_of
+    from spade_dist.metrics import EvalMetrics
+
+    # R/checkpoints/step-N and R/eval/best_generator.pt belong to run R; any other file to its folder.
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name in ("checkpoints", "eval") else checkpoint.parent
+    step = step_of(checkpoint)
+    metrics = EvalMetrics(dataclasses.replace(cfg.metrics, enabled=True), run_dir)
+    metrics.record(step if step is not None else -1, result.fid, result.kid_mean, result.kid_std, result.seconds)
+    print(f"spade-eval: pushed to {cfg.metrics.pushgateway} (job spade-eval, run {metrics.run}, "
+          f"job_id {metrics.job_id})", file=sys.stderr)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -134,7 +161,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     _set_threads(cfg)
     rank, _, device = _init_distributed(cfg.eval.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda _: None)
-    evaluator = Evaluator(cfg, device=device, log=log)  # fails here, at start, without Inception weights
+    # Fails here, at start, without Inception weights.
+    evaluator = Evaluator(cfg, device=device, log=log, progress=progress_wanted(not args.no_progress, rank))
     metrics = None
     if rank == 0 and cfg.metrics.enabled:
         best = best_record(read_records(RunDir(run_dir).eval / METRICS_NAME))
@@ -157,16 +185,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from spade_dist.eval.evaluate import CheckpointUnavailable
     from spade_dist.eval.reference_stats import ReferenceStatsError
     from spade_dist.eval.watcher import WatcherBusy
+    from spade_dist.metrics import MetricsError
 
     try:
         return cmd_once(args) if args.command == "once" else cmd_watch(args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy) as exc:
-        print(f"spade-eval: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy,
+            MetricsError) as exc:
+        return fail("spade-eval", exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

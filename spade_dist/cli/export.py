@@ -14,12 +14,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from spade_dist.cli.common import fail, make_parser
 from spade_dist.checkpoint.generator import load_generator_from_checkpoint
 from spade_dist.checkpoint.layout import InvalidCheckpoint
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spade-export", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = make_parser("spade-export", __doc__)
     ap.add_argument("--checkpoint", required=True, help="step directory, or a run directory (newest committed checkpoint)")
     ap.add_argument("--out", help="project generator file to write (e.g. G.pt)")
     ap.add_argument("--raw", action="store_true", help="export the raw generator instead of the EMA one")
@@ -28,10 +29,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.out and not args.official:
-        print("spade-export: give --out and/or --official", file=sys.stderr)
-        return 2
+        parser.error("give --out and/or --official")
     from spade_dist.models.compat import save_generator_file, save_official_generator
 
     try:
@@ -43,8 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             save_official_generator(G, args.official)
             print(f"spade-export: wrote official-format weights to {args.official}")
     except (FileNotFoundError, InvalidCheckpoint, KeyError, ValueError, TypeError) as exc:
-        print(f"spade-export: {exc}", file=sys.stderr)
-        return 1
+        return fail("spade-export", exc)
     return 0
 
 

@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import Config, load_config
 from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
+from spade_dist.progress import progress_bar, progress_wanted
+from spade_dist.resources import preset_names, preset_path
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
-EXIT_USAGE_ERROR = 2
-PRESETS = ("coco_stuff", "ade20k", "cityscapes", "custom", "coco_stuff_512", "ade20k_512", "cityscapes_1024x512")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -73,10 +74,7 @@ class LoadedModel:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spade-generate",
-        description="Generate images from label maps with a SPADE generator checkpoint and write an HTML gallery.",
-    )
+    parser = make_parser("spade-generate", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", type=Path, help="folder of label PNGs (or one PNG)")
     source.add_argument("--shards", help="shards as data.val_shards takes them (manifest.json, folder, pattern)")
@@ -89,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a run / checkpoint step directory")
     parser.add_argument("--encoder", type=Path,
                         help="official latest_net_E.pth, for --style-image with an official VAE checkpoint")
-    parser.add_argument("--preset", choices=PRESETS, help="model options of an official checkpoint: configs/<preset>.yaml")
+    parser.add_argument("--preset", choices=preset_names(), help="model options of an official checkpoint: configs/<preset>.yaml")
     parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random z (VAE generators)")
@@ -97,23 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style-image", type=Path, help="photo whose style the VAE encoder extracts")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labels (sorted by name); 0 = all")
-    parser.add_argument("overrides", nargs="*", help="config overrides for official checkpoints, e.g. model.ngf=16")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="label maps per generator call (default 8; images do not depend on it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
+    add_overrides(parser, "model.ngf=16 (official checkpoints only)")
     return parser
-
-
-def configs_dir() -> Path:
-    """``configs/`` of the source tree this package lives in."""
-    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides: Sequence[str]) -> Config:
     if preset and config_path:
         raise GenerateError("give either --preset or --config, not both")
     if preset:
-        config_path = configs_dir() / f"{preset}.yaml"
+        config_path = preset_path(preset)
     if config_path is None:
         raise GenerateError(
-            f"an official checkpoint carries no model options: pass --preset {'|'.join(PRESETS)} "
+            f"an official checkpoint carries no model options: pass --preset {'|'.join(preset_names())} "
             "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
         )
     return load_config(config_path, list(overrides))
@@ -181,14 +177,14 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     encoder_state: object = None
     encoder_source = ""
     if isinstance(payload, dict) and payload.get("format") == PROJECT_FORMAT:
-        if args.preset or args.config or args.overrides:
+        if args.preset or args.config or overrides(args):
             print(f"spade-generate: note: {source} carries its own config; --preset/--config/overrides are ignored",
                   file=sys.stderr)
         generator, cfg = load_generator_file(args.checkpoint)
         if payload.get("encoder") is not None:
             encoder_state, encoder_source = payload["encoder"], f"{source}:encoder"
     else:
-        cfg = resolve_config(args.preset, args.config, args.overrides)
+        cfg = resolve_config(args.preset, args.config, overrides(args))
         if cfg.model.netG != "spade":
             raise GenerateError(f"official checkpoints are SPADE generators; the config says model.netG={cfg.model.netG}")
         d, m = cfg.data, cfg.model
@@ -355,10 +351,9 @@ class GenerationInput:
     source: str  # for error messages
 
 
-def folder_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationInput]:
+def folder_inputs(samples: Sequence[LabelSample], cfg: Config) -> Iterator[GenerationInput]:
     """Label / instance / photo files -> inputs resized to the generation size (see module doc)."""
     size_hw = generation_size(cfg)
-    samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
     for sample in samples:
         label = read_integer_map(sample.label_path, size_hw, "label map",
                                  check_ids=(cfg.data.label_nc, cfg.data.contain_dontcare_label))
@@ -385,9 +380,22 @@ def shard_inputs(args: argparse.Namespace, cfg: Config) -> Iterator[GenerationIn
                               batch["image"][0], f"{args.shards} sample '{key}'")
 
 
+def _batches(items: Iterator[GenerationInput], size: int) -> Iterator[list[GenerationInput]]:
+    batch: list[GenerationInput] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run(args: argparse.Namespace) -> list[GalleryRow]:
     if args.num_per_label < 1:
         raise GenerateError(f"--num-per-label must be >= 1, got {args.num_per_label}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     model = load_model(args)
     cfg = model.cfg
@@ -410,7 +418,11 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
 
     size_hw = generation_size(cfg)
     style = photo_to_model_input(read_photo(args.style_image, size_hw)).unsqueeze(0) if args.style_image else None
-    inputs = shard_inputs(args, cfg) if args.shards else folder_inputs(args, cfg)
+    if args.shards:
+        inputs, total = shard_inputs(args, cfg), (args.limit or None)
+    else:
+        samples = discover_samples(args.labels, args.instances, args.images, not cfg.data.no_instance, args.limit)
+        inputs, total = folder_inputs(samples, cfg), len(samples)
 
     generator = model.generator.to(device)
     encoder = model.encoder.to(device) if model.encoder is not None else None
@@ -420,35 +432,26 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     rows: list[GalleryRow] = []
-    with torch.inference_mode():
-        for item in inputs:
-            try:
-                semantics = encode_semantics(
-                    item.label.to(device), item.instance.to(device) if item.instance is not None else None,
-                    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
-                )
-            except LabelError as exc:
-                raise GenerateError(f"{item.source}: {exc}") from exc
-            rng = torch.Generator(device=device).manual_seed(label_seed(args.seed, item.key))
-            z = latent_codes(model, args.num_per_label, style, rng, device)
-            batch = semantics.expand(args.num_per_label, -1, -1, -1)
-            fakes = to_uint8_image(generator(batch, z=z))
-
-            cells: list[tuple[str, Path]] = []
-            # The key becomes file names below: a key from a crafted shard must not leave --out.
-            try:
-                check_path_component(item.key, item.source)
-            except UnsafeNameError as exc:
-                raise GenerateError(str(exc)) from None
-            label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
-            cells.append(("label", label_png.relative_to(out)))
-            for k in range(args.num_per_label):
-                path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")
-                cells.append((f"generated {k}", path.relative_to(out)))
-            if item.real is not None:
-                real_png = save_image(item.real, out / "real" / f"{item.key}.png")
-                cells.append(("real", real_png.relative_to(out)))
-            rows.append(GalleryRow(caption=item.key, images=cells))
+    bar = progress_bar(total=total, desc="spade-generate", unit="label", enabled=progress_wanted(not args.no_progress))
+    with torch.inference_mode(), bar:
+        for chunk in _batches(inputs, args.batch_size):
+            semantics, codes = [], []
+            for item in chunk:
+                try:
+                    semantics.append(encode_semantics(
+                        item.label.to(device), item.instance.to(device) if item.instance is not None else None,
+                        cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
+                    ).expand(args.num_per_label, -1, -1, -1))
+                except LabelError as exc:
+                    raise GenerateError(f"{item.source}: {exc}") from exc
+                # Per-label seed: a label's images depend neither on the other labels nor on the batching.
+                rng = torch.Generator(device=device).manual_seed(label_seed(args.seed, item.key))
+                codes.append(latent_codes(model, args.num_per_label, style, rng, device))
+            z = torch.cat(codes) if codes[0] is not None else None
+            fakes = to_uint8_image(generator(torch.cat(semantics), z=z))
+            for i, item in enumerate(chunk):
+                rows.append(_write_outputs(out, item, fakes[i * args.num_per_label:(i + 1) * args.num_per_label], cfg))
+            bar.update(len(chunk))
     if not rows:
         raise GenerateError(f"no samples to generate from ({args.shards or args.labels})")
 
@@ -462,6 +465,25 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
     return rows
 
 
+def _write_outputs(out: Path, item: GenerationInput, fakes: torch.Tensor, cfg: Config) -> GalleryRow:
+    """One label's PNGs (colourised label, generated images, real photo) and its gallery row."""
+    cells: list[tuple[str, Path]] = []
+    # The key becomes file names below: a key from a crafted shard must not leave --out.
+    try:
+        check_path_component(item.key, item.source)
+    except UnsafeNameError as exc:
+        raise GenerateError(str(exc)) from None
+    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
+    cells.append(("label", label_png.relative_to(out)))
+    for k in range(fakes.shape[0]):
+        path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")
+        cells.append((f"generated {k}", path.relative_to(out)))
+    if item.real is not None:
+        real_png = save_image(item.real, out / "real" / f"{item.key}.png")
+        cells.append(("real", real_png.relative_to(out)))
+    return GalleryRow(caption=item.key, images=cells)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from spade_dist.data import CorruptRateError
@@ -471,8 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = run(args)
     # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ShardSourceError, file errors, bad shards
     except (ValueError, OSError, CorruptRateError, ShardError) as exc:
-        print(f"spade-generate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return fail("spade-generate", exc)
     generated = len(rows) * args.num_per_label
     print(f"spade-generate: {len(rows)} label map(s), {generated} generated image(s) -> {args.out / 'index.html'}")
     return 0

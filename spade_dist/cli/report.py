@@ -1,7 +1,9 @@
 """``spade-report --run-dir R [--output FILE] [--samples N]``: a self-contained HTML page of a run.
 
 Plots losses, throughput and FID over steps and embeds the latest sample grids; see
-:mod:`spade_dist.monitoring.report` for what it reads. Exit status 2 on a bad run directory.
+:mod:`spade_dist.monitoring.report` for what it reads. Prints the report's path; for each part that is
+empty (no training log, no FID results, no samples, live metrics off) a note on stderr says which
+setting turns it on. Exit status 2 on a bad run directory.
 """
 from __future__ import annotations
 
@@ -10,23 +12,36 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.monitoring.report import ReportError, write_report
+from spade_dist.cli.common import fail, make_parser
+from spade_dist.monitoring.report import ReportError, missing_sections, run_summary, write_report
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="spade-report", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = make_parser("spade-report", __doc__)
     ap.add_argument("--run-dir", required=True, type=Path, help="the run directory (train.run_dir)")
     ap.add_argument("--output", type=Path, default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     ap.add_argument("--samples", type=int, default=4, help="how many of the latest sample grids to embed")
+    ap.add_argument("--summary", action="store_true",
+                    help="also print the summary (status, last step, img/s, losses, best FID) after the path")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.samples < 0:
         ap.error(f"--samples must be >= 0, got {args.samples}")
     try:
         out = write_report(args.run_dir, args.output, args.samples)
+        notes = missing_sections(args.run_dir)
+        summary = run_summary(args.run_dir) if args.summary else []
     except ReportError as exc:
-        print(f"spade-report: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("spade-report", exc)
+    for note in notes:
+        print(f"spade-report: note: {note}", file=sys.stderr)
     print(out)
+    for name, value in summary:
+        print(f"  {name}: {value}")
     return 0
 
 

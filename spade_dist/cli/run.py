@@ -11,35 +11,38 @@ Exit status 0, or 2 for an unknown entry name.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, make_parser
 from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="spade-run", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p_path = sub.add_parser("path", help="print run directory paths, one per line")
+def build_parser() -> CliParser:
+    ap = make_parser("spade-run", __doc__)
+    sub = add_subparsers(ap)
+    p_path = add_subcommand(sub, "path", help="print run directory paths, one per line")
     p_path.add_argument("run_dir", type=Path)
     p_path.add_argument("names", nargs="+", metavar="NAME", help=f"any of: {', '.join(PATH_NAMES)}")
     for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
                        ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
-        sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
-    p_verdict = sub.add_parser("verdict", help="after a launch: what the batch script should do")
+        add_subcommand(sub, name, help=text).add_argument("run_dir", type=Path)
+    p_verdict = add_subcommand(sub, "verdict", help="after a launch: what the batch script should do")
     p_verdict.add_argument("run_dir", type=Path)
     p_verdict.add_argument("--rc", type=int, required=True, help="the launcher's exit code")
     p_verdict.add_argument("--preempted", action="store_true", help="the batch script received a preemption signal")
     p_verdict.add_argument("--requeue-exit-code", type=int, required=True, help="checkpoint.requeue_exit_code")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     run = RunDir(args.run_dir)
     if args.command == "path":
         unknown = [n for n in args.names if n not in PATH_NAMES]
         if unknown:
-            print(f"spade-run: error: unknown entry {unknown[0]!r} (known: {', '.join(PATH_NAMES)})", file=sys.stderr)
-            return 2
+            return fail("spade-run", f"unknown entry {unknown[0]!r} (known: {', '.join(PATH_NAMES)})")
         print("\n".join(str(run.path(n)) for n in args.names))
     elif args.command == "outcome":
         kind, step = run.outcome()

@@ -4,26 +4,21 @@ Any user error (missing checkpoint, busy port, bad shards) exits with code 2 and
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.generate import PRESETS
+from spade_dist.cli.common import CliParser, add_overrides, fail, make_parser, overrides
+from spade_dist.resources import preset_names
 
-EXIT_USAGE_ERROR = 2
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spade-serve",
-        description="Serve a web page with a semantic canvas: paint a label map, see the generated image.",
-    )
+def build_parser() -> CliParser:
+    parser = make_parser("spade-serve", __doc__)
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a training run directory (follows its newest committed checkpoint), a checkpoint "
                              "step directory, a spade-dist generator file, or an official latest_net_G.pth")
     parser.add_argument("--encoder", type=Path, help="official latest_net_E.pth, for style images with a VAE model")
-    parser.add_argument("--preset", choices=PRESETS, help="model options of an official checkpoint: configs/<preset>.yaml")
+    parser.add_argument("--preset", choices=preset_names(), help="model options of an official checkpoint: configs/<preset>.yaml")
     parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 = any free port)")
@@ -37,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="most queued requests per generator forward (default 8)")
     parser.add_argument("--max-upload-bytes", type=int, default=16 * 1024 * 1024,
                         help="largest accepted upload (default 16 MiB)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for official checkpoints, e.g. model.ngf=16")
+    add_overrides(parser, example="model.ngf=16 (model options of an official checkpoint)")
     return parser
 
 
@@ -48,10 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.serve import ModelSpec, ServeOptions, serve
 
     if not 0 <= args.port <= 65535:
-        print(f"spade-serve: error: --port {args.port}: must be 0..65535", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return fail("spade-serve", f"--port {args.port}: must be 0..65535")
     spec = ModelSpec(checkpoint=args.checkpoint, preset=args.preset, config=args.config, encoder=args.encoder,
-                     overrides=tuple(args.overrides))
+                     overrides=tuple(overrides(args)))
     opts = ServeOptions(spec=spec, host=args.host, port=args.port, device=args.device, shards=args.shards,
                         split=args.split, manifest=args.manifest, max_samples=args.max_samples,
                         poll_seconds=args.poll_seconds, max_batch=args.max_batch,
@@ -60,8 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         serve(opts)
     # ServeError, GenerateError, ConfigError, ShardSourceError, checkpoint mismatches, file errors, bad shards
     except (ValueError, OSError, CorruptRateError, ShardError) as exc:
-        print(f"spade-serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return fail("spade-serve", exc)
     except KeyboardInterrupt:
         return 0
     return 0

@@ -18,19 +18,22 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
 
-EXIT_BAD_INPUT = 2
 
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="spade-train", description="Distributed SPADE / GauGAN training")
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("spade-train", __doc__)
     parser.add_argument("--config", required=True, help="YAML config (may inherit from another)")
     parser.add_argument("--resume", default=None, help="auto | none | PATH (default: checkpoint.resume)")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    return parser.parse_args(argv)
+    add_overrides(parser, "train.max_steps=100")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -49,13 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.train.loop import train
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides(args))
         result = train(cfg, resume=args.resume)
     except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError,
             InvalidCheckpoint, CheckpointIncompatibleError, RunDirBusy, MetricsError,
             CorruptRateError) as exc:  # --resume PATH invalid / unusable
-        print(f"spade-train: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return fail("spade-train", exc)
     return result.exit_code
 
 

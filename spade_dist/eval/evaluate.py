@@ -50,6 +50,7 @@ from spade_dist.eval.reference_stats import (
     save_reference,
 )
 from spade_dist.labels import encode_semantics
+from spade_dist.progress import progress_bar
 
 Batch = dict
 BatchesFactory = Callable[[], Iterable[Batch]]
@@ -116,26 +117,29 @@ def _check_resolution(images: torch.Tensor, expected: tuple[int, int], what: str
 
 @torch.no_grad()
 def real_features(batches: Iterable[Batch], extractor: nn.Module, resolution: tuple[int, int],
-                  limit: int = 0) -> torch.Tensor:
+                  limit: int = 0, progress: bool = False) -> torch.Tensor:
     """Features of this rank's real validation images (``limit`` > 0: at most that many)."""
     chunks: list[torch.Tensor] = []
     seen = 0
-    for batch in batches:
-        images = batch["image"]
-        _check_resolution(images, resolution, "validation images")
-        if limit:
-            images = images[: limit - seen]
-        chunks.append(extract_features(extractor, images))
-        seen += images.shape[0]
-        if limit and seen >= limit:
-            break
+    with progress_bar(total=limit or None, desc="reference statistics: real images", unit="img",
+                      enabled=progress) as bar:
+        for batch in batches:
+            images = batch["image"]
+            _check_resolution(images, resolution, "validation images")
+            if limit:
+                images = images[: limit - seen]
+            chunks.append(extract_features(extractor, images))
+            seen += images.shape[0]
+            bar.update(images.shape[0])
+            if limit and seen >= limit:
+                break
     return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
 
 
 @torch.no_grad()
 def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor: nn.Module, cfg: Config,
                        device: Union[str, torch.device], resolution: tuple[int, int], limit: int = 0,
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, progress: bool = False) -> torch.Tensor:
     """Generate from this rank's validation labels and return the fakes' Inception features.
 
     The RNG is forked and seeded (per rank), so a VAE generator's random style codes are the same
@@ -146,7 +150,8 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
     chunks: list[torch.Tensor] = []
     seen = 0
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    bar = progress_bar(total=limit or None, desc="generated images + Inception features", unit="img", enabled=progress)
+    with torch.random.fork_rng(devices=devices), bar:
         torch.manual_seed(seed + rank)
         for batch in batches:
             label, instance = batch["label"], batch.get("instance")
@@ -165,6 +170,7 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
             _check_resolution(images, resolution, "generated images")
             chunks.append(extract_features(extractor, images))
             seen += images.shape[0]
+            bar.update(images.shape[0])
             if limit and seen >= limit:
                 break
     return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
@@ -210,10 +216,11 @@ class Evaluator:
 
     def __init__(self, cfg: Config, device: Union[str, torch.device] = "cpu",
                  batches_factory: Optional[BatchesFactory] = None, cache_dir: Optional[Union[str, Path]] = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, progress: bool = False) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.rank, self.world_size = _rank_world()
+        self.progress = progress and self.rank == 0  # bars of rank 0's share (see spade_dist.progress)
         self.batches_factory = batches_factory or default_batches_factory(cfg, self.rank, self.world_size)
         self.log = log
         # Weights first: a missing file must fail before anything slow happens.
@@ -244,7 +251,7 @@ class Evaluator:
             return load_reference(path)
         start = time.time()
         local = real_features(self.batches_factory(), self.extractor, self.resolution,
-                              _limit_per_rank(self.cfg.eval.num_images, self.world_size))
+                              _limit_per_rank(self.cfg.eval.num_images, self.world_size), progress=self.progress)
         features = all_gather_features(local)
         if self.cfg.eval.num_images:
             features = features[: self.cfg.eval.num_images]
@@ -270,7 +277,7 @@ class Evaluator:
         try:
             local = generated_features(generator, self.batches_factory(), self.extractor, self.cfg, self.device,
                                        self.resolution, _limit_per_rank(self.cfg.eval.num_images, self.world_size),
-                                       seed=self.cfg.train.seed)
+                                       seed=self.cfg.train.seed, progress=self.progress)
         except NonFiniteGeneration as exc:
             error, local = exc, torch.zeros(0, 2048)
         if self.world_size > 1:

@@ -7,8 +7,11 @@ them): edit the panels here, then regenerate with
 
 Plain dicts rather than a builder library: the JSON is what Grafana imports, so writing it directly
 keeps every field visible and the output byte-stable. The dashboard has a ``datasource`` variable
-(any Prometheus data source) plus ``run`` and ``job_id`` variables fed by ``label_values`` queries, so
-it imports as is. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` is the
+(any Prometheus data source) plus ``run``, ``job_id`` and a multi-select ``rank`` variable fed by
+``label_values`` queries. The same file serves both ways Grafana loads dashboards: the UI import reads
+``__inputs`` and asks for the Prometheus data source (its answer becomes the variable's default), and
+file provisioning (``configs/monitoring/grafana/provisioning/``) loads it as is, the variable then
+defaulting to the provisioned (default) Prometheus data source. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` is the
 scrape job name of ``configs/monitoring/prometheus.yml`` (a test checks they agree).
 """
 from __future__ import annotations
@@ -20,11 +23,15 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from spade_dist.monitoring.services import TRAIN_SCRAPE_JOB
+from spade_dist.resources import monitoring_dir
 
 DASHBOARD_UID = "spade-dist-training"
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "configs" / "monitoring" / "grafana" / "spade_dist.json"
+DEFAULT_OUTPUT = monitoring_dir() / "grafana" / "spade_dist.json"
 
 _SEL = 'run="$run", job_id="$job_id"'
+# Per-rank series are also filtered by the ranks selected in the `rank` variable (all by default).
+_RANK_SEL = _SEL + ', rank=~"$rank"'
+_INPUT = "DS_PROMETHEUS"  # the data source the UI import asks for (__inputs)
 _DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 _RATE = "[$__rate_interval]"
 
@@ -34,8 +41,12 @@ def _target(expr: str, legend: str, ref: str) -> dict[str, Any]:
 
 
 def _panel(panel_id: int, title: str, kind: str, grid: tuple[int, int, int, int], unit: str,
-           targets: list[tuple[str, str]], description: str = "") -> dict[str, Any]:
+           targets: list[tuple[str, str]], description: str = "",
+           limits: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     x, y, w, h = grid
+    defaults: dict[str, Any] = {"unit": unit}
+    if limits is not None:
+        defaults["min"], defaults["max"] = limits
     return {
         "id": panel_id,
         "type": kind,
@@ -43,7 +54,7 @@ def _panel(panel_id: int, title: str, kind: str, grid: tuple[int, int, int, int]
         "description": description,
         "datasource": _DATASOURCE,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}}
         if kind == "timeseries" else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
         "targets": [_target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)],
@@ -55,18 +66,23 @@ def _row(panel_id: int, title: str, y: int) -> dict[str, Any]:
             "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []}
 
 
-def _variable(name: str, label: str, query: str) -> dict[str, Any]:
-    return {
+def _variable(name: str, label: str, query: str, multi: bool = False) -> dict[str, Any]:
+    """A ``label_values`` query variable; ``multi``: several values, "All" (= any value) by default."""
+    var: dict[str, Any] = {
         "name": name, "label": label, "type": "query", "datasource": _DATASOURCE,
         "definition": query, "query": {"query": query, "refId": f"{name}-query"},
-        "refresh": 2, "sort": 1, "includeAll": False, "multi": False,
+        "refresh": 2, "sort": 3 if multi else 1, "includeAll": multi, "multi": multi,
         "current": {}, "options": [], "hide": 0,
     }
+    if multi:
+        var["allValue"] = ".+"
+        var["current"] = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    return var
 
 
 def build_dashboard() -> dict[str, Any]:
     """The dashboard as a dict, ready for ``json.dumps`` and Grafana's import."""
-    s = _SEL
+    s, rs = _SEL, _RANK_SEL
     panels: list[dict[str, Any]] = []
     ids = iter(range(1, 1000))
 
@@ -74,14 +90,17 @@ def build_dashboard() -> dict[str, Any]:
     panels += [
         _panel(next(ids), "Throughput", "timeseries", (0, 1, 12, 8), "short", [
             (f"sum(rate(spade_samples_total{{{s}}}{_RATE}))", "images/s (job)"),
-            (f"spade_images_per_second{{{s}}}", "rank {{rank}} (last interval)"),
-        ], "Images per second over all ranks (from the samples counter) and per rank."),
-        _panel(next(ids), "Step time breakdown", "timeseries", (12, 1, 12, 8), "s", [
+            (f"spade_images_per_second{{{rs}}}", "rank {{rank}} (last interval)"),
+        ], "Images per second over all ranks (from the samples counter) and per selected rank."),
+        _panel(next(ids), "Step time breakdown", "timeseries", (12, 1, 6, 8), "s", [
             (f"histogram_quantile(0.5, sum by (le, phase) (rate(spade_step_seconds_bucket{{{s}}}{_RATE})))", "p50 {{phase}}"),
             (f"histogram_quantile(0.95, sum by (le, phase) (rate(spade_step_seconds_bucket{{{s}}}{_RATE})))", "p95 {{phase}}"),
+        ], "Per-step seconds waiting for data vs computing."),
+        _panel(next(ids), "Data-wait share", "timeseries", (18, 1, 6, 8), "percentunit", [
             (f'sum(rate(spade_step_seconds_sum{{{s}, phase="data"}}{_RATE})) / sum(rate(spade_step_seconds_sum{{{s}}}{_RATE}))',
              "data-wait share"),
-        ], "Per-step seconds waiting for data vs computing; the share is data wait / total step time."),
+        ], "Share of the step time spent waiting for data (data wait / total step time); high = input-bound.",
+            limits=(0, 1)),
         _panel(next(ids), "Step", "stat", (0, 9, 6, 4), "short", [
             (f"max(spade_step{{{s}}})", "step"),
         ]),
@@ -138,16 +157,20 @@ def build_dashboard() -> dict[str, Any]:
     panels.append(_row(next(ids), "Health", 38))
     panels += [
         _panel(next(ids), "Rank targets up", "timeseries", (0, 39, 8, 8), "short", [
-            (f'up{{job="{TRAIN_SCRAPE_JOB}", {s}, rank!=""}}', "rank {{rank}} ({{node}})"),
+            (f'up{{job="{TRAIN_SCRAPE_JOB}", {rs}}}', "rank {{rank}} ({{node}})"),
         ], "1 = Prometheus scrapes the rank's exporter."),
         _panel(next(ids), "Heartbeat age", "timeseries", (8, 39, 8, 8), "s", [
-            (f"time() - spade_heartbeat_timestamp_seconds{{{s}}}", "rank {{rank}}"),
+            (f"time() - spade_heartbeat_timestamp_seconds{{{rs}}}", "rank {{rank}}"),
         ], "Seconds since each rank's training loop last reported."),
         _panel(next(ids), "Device memory", "timeseries", (16, 39, 8, 8), "bytes", [
-            (f"spade_device_memory_bytes{{{s}}}", "rank {{rank}}"),
+            (f"spade_device_memory_bytes{{{rs}}}", "rank {{rank}}"),
         ]),
     ]
     return {
+        "__inputs": [{"name": _INPUT, "label": "Prometheus", "description": "Prometheus that scrapes spade-dist runs",
+                      "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}],
+        "__requires": [{"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+                       {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"}],
         "uid": DASHBOARD_UID,
         "title": "spade-dist training",
         "tags": ["spade-dist", "training"],
@@ -161,9 +184,11 @@ def build_dashboard() -> dict[str, Any]:
         "links": [],
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "options": [], "hide": 0, "refresh": 1, "includeAll": False, "multi": False},
+             "current": {"text": f"${{{_INPUT}}}", "value": f"${{{_INPUT}}}"},
+             "options": [], "hide": 0, "refresh": 1, "includeAll": False, "multi": False},
             _variable("run", "Run", "label_values(spade_step, run)"),
             _variable("job_id", "Job", 'label_values(spade_step{run="$run"}, job_id)'),
+            _variable("rank", "Rank", 'label_values(spade_step{run="$run", job_id="$job_id"}, rank)', multi=True),
         ]},
         "panels": panels,
     }

@@ -4,7 +4,8 @@ Reads what the run directory already holds (docs/FORMATS.md):
 - ``logs/train_metrics.jsonl`` (written by rank 0's TrainingMetrics): losses, throughput, data-wait share;
 - ``eval/metrics.jsonl`` and ``eval/best.json`` (the FID evaluator): FID / KID over steps;
 - ``samples/step-*.png`` (the trainer's sample grids): the latest ones, embedded;
-- ``DONE`` and ``config.yaml`` when present.
+- ``DONE`` and ``config.yaml`` when present (the latter to say why a section is empty and which
+  setting turns it on).
 
 Plots are inline SVG generated here and images are base64 data URIs, so the one HTML file can be
 mailed or attached to a ticket as is (no matplotlib dependency, nothing fetched by the browser).
@@ -23,10 +24,13 @@ from typing import Any, Optional, Sequence, Union
 
 from spade_dist.files import write_atomic
 from spade_dist.run_dir import EVAL_DIRNAME, LOGS_DIRNAME, TRAIN_METRICS_NAME, RunDir
+from spade_dist.config import Config, ConfigError, load_config
+from spade_dist.visualize import enlarged_width
 
 TRAIN_LOG_RELPATH = Path(LOGS_DIRNAME) / TRAIN_METRICS_NAME
 EVAL_LOG_RELPATH = Path(EVAL_DIRNAME) / "metrics.jsonl"
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
+REPORT_SAMPLE_PX = 768  # sample grids are enlarged by an integer factor up to this display width
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 
 Point = tuple[float, float]
@@ -205,7 +209,41 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+def _run_config(run_dir: Path) -> Optional[Config]:
+    """The run's resolved ``config.yaml`` (written by the trainer), or None when there is none."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise ReportError(str(exc)) from exc
+
+
+def missing_hints(cfg: Optional[Config]) -> dict[str, str]:
+    """Why a section of the report is empty and how to turn it on, per section."""
+    if cfg is None:
+        how = "(no config.yaml in the run directory: not a spade-train run directory?)"
+        return {"train": how, "eval": how, "samples": how, "live": ""}
+    t, ev = cfg.train, cfg.eval
+    if ev.mode == "none":
+        eval_hint = ("FID is off for this run (eval.mode=none): start it with eval.mode=subprocess (or slurm) and "
+                     "Inception weights (eval.inception_weights or $SPADE_INCEPTION_WEIGHTS), or score the "
+                     "checkpoints afterwards with `spade-eval watch --run-dir RUN_DIR`.")
+    else:
+        eval_hint = (f"eval.mode={ev.mode}: the FID watcher scores each committed checkpoint "
+                     f"(checkpoint.every_steps={cfg.checkpoint.every_steps}); see eval/watcher.log if none appear.")
+    return {
+        "train": f"rank 0 writes it every train.log_every={t.log_every} steps.",
+        "eval": eval_hint,
+        "samples": f"written every train.sample_every={t.sample_every} steps.",
+        "live": "" if cfg.metrics.enabled else
+        "off (metrics.enabled=false): Prometheus / Grafana get nothing from this run; turn on with "
+        "metrics.enabled=true (docs/MONITORING.md)",
+    }
+
+
+def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: dict[str, str]) -> list[tuple[str, str]]:
     rows = [("Run directory", str(run_dir))]
     done = RunDir(run_dir).done
     if done.is_file():
@@ -237,6 +275,8 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict]) -> list[t
         best = min((r for r in evals if _number(r.get("fid")) is not None), key=lambda r: r["fid"], default=None)
         if best is not None:
             rows.append(("Best FID", f"{_fmt(best['fid'])} at step {best['step']}"))
+    if hints["live"]:
+        rows.append(("Live metrics", hints["live"]))
     return rows
 
 
@@ -248,6 +288,7 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
     evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
     samples = latest_samples(run_dir, num_samples)
+    hints = missing_hints(_run_config(run_dir))
     if not train and not evals and not samples:
         raise ReportError(f"{run_dir}: nothing to report: no {TRAIN_LOG_RELPATH}, no {EVAL_LOG_RELPATH}, "
                           f"no samples/step-*.png")
@@ -261,7 +302,7 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
         "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}</style>",
         "</head><body>", f"<h1>Run {e(run_dir.name)}</h1>", "<table>",
     ]
-    parts += [f"<tr><td><b>{e(k)}</b></td><td>{e(v)}</td></tr>" for k, v in _summary_rows(run_dir, train, evals)]
+    parts += [f"<tr><td><b>{e(k)}</b></td><td>{e(v)}</td></tr>" for k, v in _summary_rows(run_dir, train, evals, hints)]
     parts.append("</table>")
 
     parts.append("<h2>Training</h2>")
@@ -269,26 +310,52 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
         charts = [c for c in training_charts(train) if c.has_data()]
         parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
     else:
-        parts.append(f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) in this run directory.</p>")
+        parts.append(f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) yet: {e(hints['train'])}</p>")
 
     parts.append("<h2>Evaluation</h2>")
     if evals:
         charts = [c for c in eval_charts(evals) if c.has_data()]
         parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
     else:
-        parts.append(f"<p>No evaluation results ({e(str(EVAL_LOG_RELPATH))}) yet.</p>")
+        parts.append(f"<p>No evaluation results ({e(str(EVAL_LOG_RELPATH))}): {e(hints['eval'])}</p>")
 
     parts.append("<h2>Latest samples</h2>")
     if samples:
         parts.append("<p>Label | EMA generator | real image, per row.</p>")
         for step, path in samples:
+            width = enlarged_width(path, REPORT_SAMPLE_PX)
+            size = f' width="{width}"' if width else ""
             parts.append(f'<figure><figcaption>step {step}</figcaption>'
-                         f'<img src="{_data_uri(path)}" alt="samples at step {step}"></figure>')
+                         f'<img src="{_data_uri(path)}"{size} alt="samples at step {step}"></figure>')
     else:
-        parts.append("<p>No sample grids (samples/step-*.png) yet.</p>")
+        parts.append(f"<p>No sample grids (samples/step-*.png) yet: {e(hints['samples'])}</p>")
     parts.append(f"<p><small>Generated by spade-report at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</small></p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def run_summary(run_dir: Union[str, Path]) -> list[tuple[str, str]]:
+    """The report's summary table as ``(name, value)`` rows (status, last step, throughput, losses, FID)."""
+    run_dir = Path(run_dir)
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
+    return _summary_rows(run_dir, train, evals, missing_hints(_run_config(run_dir)))
+
+
+def missing_sections(run_dir: Union[str, Path]) -> list[str]:
+    """One line per empty part of the report (and live metrics being off), saying how to turn it on."""
+    run_dir = Path(run_dir)
+    hints = missing_hints(_run_config(run_dir))
+    lines = []
+    if not read_jsonl(run_dir / TRAIN_LOG_RELPATH):
+        lines.append(f"no training log ({TRAIN_LOG_RELPATH}) yet: {hints['train']}")
+    if not read_jsonl(run_dir / EVAL_LOG_RELPATH):
+        lines.append(f"no evaluation results ({EVAL_LOG_RELPATH}): {hints['eval']}")
+    if not latest_samples(run_dir, 1):
+        lines.append(f"no sample grids (samples/step-*.png) yet: {hints['samples']}")
+    if hints["live"]:
+        lines.append(f"live metrics {hints['live']}")
+    return lines
 
 
 def write_report(run_dir: Union[str, Path], output: Optional[Union[str, Path]] = None, num_samples: int = 4) -> Path:

@@ -28,7 +28,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-MONITORING_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "monitoring"
+from spade_dist.resources import monitoring_dir
+
 TRAIN_SCRAPE_JOB = "spade-train"  # the job name in configs/monitoring/prometheus.yml
 
 
@@ -124,11 +125,12 @@ class Prometheus(Service):
 
 def render_prometheus_config(sd_dir: Union[str, Path], out: Union[str, Path], scrape_interval: str = "15s",
                              pushgateway: Optional[str] = None,
-                             base: Union[str, Path] = MONITORING_CONFIGS / "prometheus.yml") -> Path:
+                             base: Optional[Union[str, Path]] = None, alertmanager: Optional[str] = None) -> Path:
     """Write the shipped ``prometheus.yml`` adapted to one machine: file_sd reading ``sd_dir``, rule
-    files as absolute paths, the given scrape/evaluation interval, and the Pushgateway job pointed at
-    ``pushgateway`` (``host:port``) or dropped when None. Returns ``out``."""
-    base = Path(base)
+    files as absolute paths, the given scrape/evaluation interval, the Pushgateway job pointed at
+    ``pushgateway`` (``host:port``) or dropped when None, and alerts sent to ``alertmanager``
+    (``host:port``), or the ``alerting`` section dropped when None. Returns ``out``."""
+    base = Path(base) if base is not None else monitoring_dir() / "prometheus.yml"
     cfg = yaml.safe_load(base.read_text())
     cfg["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
     if _seconds(scrape_interval) < 10:
@@ -145,6 +147,10 @@ def render_prometheus_config(sd_dir: Union[str, Path], out: Union[str, Path], sc
             job["static_configs"] = [{"targets": [pushgateway]}]
         jobs.append(job)
     cfg["scrape_configs"] = jobs
+    if alertmanager is None:
+        cfg.pop("alerting", None)
+    else:
+        cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -202,6 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--scrape-interval", default="5s")
     parser.add_argument("--pushgateway", action="store_true", help="also start a Pushgateway")
     parser.add_argument("--pushgateway-port", type=int, default=9091)
+    parser.add_argument("--alertmanager", metavar="HOST:PORT",
+                        help="send alerts to this Alertmanager (default: alerts only on Prometheus' /alerts page)")
     args = parser.parse_args(argv)
     services: list[Service] = []
     try:
@@ -211,7 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             gateway = services[-1].address
             print(f"pushgateway: {services[-1].url}", flush=True)
         config = args.config or render_prometheus_config(args.sd_dir, args.workdir / "prometheus.yml",
-                                                         args.scrape_interval, gateway)
+                                                         args.scrape_interval, gateway,
+                                                         alertmanager=args.alertmanager)
         services.append(start_prometheus(config, args.workdir, args.port))
         print(f"prometheus: {services[-1].url}  (config {config})", flush=True)
         while all(s.proc.poll() is None for s in services):

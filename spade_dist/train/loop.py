@@ -28,6 +28,7 @@ from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+from spade_dist.train.trackers import ExperimentTrackers
 
 if TYPE_CHECKING:
     from spade_dist.checkpoint import CheckpointManager
@@ -50,6 +51,15 @@ class TrainResult:
     nonfinite_skips: int
 
 
+def progress_text(step: int, max_steps: int, seconds_per_step: float) -> str:
+    """``step/total (pct%) ETA h:mm:ss``, the ETA at the last logging interval's pace."""
+    from tqdm import tqdm  # its interval formatting
+
+    pct = 100.0 * step / max_steps if max_steps > 0 else 100.0
+    remaining = max(0, max_steps - step) * seconds_per_step
+    return f"{step}/{max_steps} ({pct:.0f}%) ETA {tqdm.format_interval(remaining)}"
+
+
 class ProgressMeter:
     """Accumulates wall time split into data wait / compute and formats the progress line."""
 
@@ -62,13 +72,14 @@ class ProgressMeter:
         self.images = 0
         self.steps = 0
 
-    def line(self, state: TrainState, result: StepResult, world: int) -> tuple[str, dict[str, float]]:
+    def line(self, state: TrainState, result: StepResult, world: int, max_steps: int) -> tuple[str, dict[str, float]]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         losses = {k: float(v) for k, v in result.losses.items()}  # the host sync of a logging step
         lr_G, lr_D = state.lrs()
         terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
         text = (
-            f"step {state.step} epoch {state.epoch} | {self.images * world / elapsed:.1f} img/s | {terms} | "
+            f"step {state.step} epoch {state.epoch} | {progress_text(state.step, max_steps, elapsed / max(self.steps, 1))} | "
+            f"{self.images * world / elapsed:.1f} img/s | {terms} | "
             f"lr G {lr_G:.2e} D {lr_D:.2e} | data wait {100.0 * self.data_s / elapsed:.0f}% | "
             f"nonfinite skips {state.nonfinite_skips}"
         )
@@ -248,13 +259,16 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     elif state.init_from is not None and info.is_main:
         record_init_generator(run, state.init_from)
     resumed_from = state.step
+    trackers = ExperimentTrackers(cfg, run_dir, info.is_main)  # before anything that needs closing
+    for name, log_dir in trackers.log_dirs.items():
+        print(f"[spade-train] {name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})", flush=True)
     metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size,
                               restarts=state.restarts)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit
-    # Gradient norms for the metrics, read before the backend zeroes the gradients (not under ZeRO
-    # 1/2, where an optimizer holds only this rank's partition).
-    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if metrics.enabled and not (
+    # Gradient norms for the metrics and the training log, read before the backend zeroes the gradients
+    # (not under ZeRO 1/2, where an optimizer holds only this rank's partition).
+    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if not (
         backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
     samples = SampleWriter(run_dir, cfg)
     key_log = KeyAuditLog(run, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
@@ -296,15 +310,21 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                 meter.steps += 1
 
                 if state.step % cfg.train.log_every == 0 or state.step == max_steps:
-                    text, loss_values = meter.line(state, result, info.world_size)
+                    text, loss_values = meter.line(state, result, info.world_size, max_steps)
                     if info.is_main:
                         print(f"[spade-train] {text}", flush=True)
                     elapsed = time.perf_counter() - meter.started
                     lr_G, lr_D = state.lrs()
+                    norms = grad_norms.collect() if grad_norms is not None else {}
                     metrics.record_step(state.step, state.epoch, images=meter.images, data_seconds=meter.data_s,
                                         compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
-                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps,
-                                        grad_norms=grad_norms.collect() if grad_norms is not None else None)
+                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
+                    trackers.log_scalars({
+                        **{f"loss/{k}": v for k, v in loss_values.items()}, "lr/G": lr_G, "lr/D": lr_D,
+                        **{f"grad_norm/{k}": v for k, v in norms.items()},
+                        "images_per_sec": meter.images * info.world_size / max(elapsed, 1e-9),
+                        "data_wait_share": meter.data_s / max(elapsed, 1e-9),
+                    }, state.step)
                     metrics.record_device_memory(device_memory_bytes(device))
                     skips = state.nonfinite_skips
                     metrics.record_nonfinite_skip(skips - skips_logged)
@@ -312,7 +332,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                     skips_logged, corrupt_logged = skips, loader.corrupt_samples
                     meter.reset()
                 if info.is_main and (state.step % cfg.train.sample_every == 0 or state.step == max_steps):
-                    samples.write(state.step, state.ema_generator, device)
+                    trackers.log_sample_grid(samples.write(state.step, state.ema_generator, device), state.step)
 
                 if ckpt.maybe_save(state.step, app_state):
                     last_saved_step = state.step
@@ -341,6 +361,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     finally:
         ckpt.close()
         metrics.close()
+        trackers.close()
         if key_log is not None:
             key_log.close()
         if evaluator is not None:

@@ -1,0 +1,80 @@
+"""Plumbing shared by every console script, so that they behave alike:
+
+- ``--help`` shows the module docstring (RST markup stripped) as the description;
+- ``--version`` prints ``PROG (spade-dist X.Y.Z)``;
+- config overrides are positional ``dotted.key=value`` arguments (``--set KEY=VALUE`` is accepted as an
+  alias for scripts that used it);
+- a user error (bad argument, bad value, missing file) prints one line ``PROG: error: ...`` on stderr
+  and exits with :data:`EXIT_USAGE` (2), never a traceback or a usage block.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+import sys
+from typing import NoReturn, Optional
+
+EXIT_USAGE = 2
+
+# ``literal`` -> literal; :mod:`x` / :class:`~a.b` -> x / b
+_RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as terminal text: RST roles and literals reduced to their content."""
+    text = _RST_ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), doc)
+    return _RST_LITERAL.sub(r"\1", text).strip("\n")
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("spade-dist")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
+class CliParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line and exit 2 (subparsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(prog: str, doc: Optional[str], **kwargs) -> CliParser:
+    """The parser of console script ``prog``; ``doc`` is its module docstring (the help description)."""
+    parser = CliParser(prog=prog, description=plain_text(doc or ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (spade-dist {package_version()})")
+    return parser
+
+
+def add_subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """Required sub-commands whose help keeps its line breaks, like the top-level one."""
+    return parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def add_subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          **kwargs)
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str = "model.ngf=32") -> None:
+    """Config overrides: positional ``dotted.key=value`` (the one syntax), ``--set`` as an alias."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"dotted config overrides, e.g. {example}")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="same as a positional KEY=VALUE (repeatable)")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """All overrides of ``args``: the positional ones, then the ``--set`` ones (later ones win)."""
+    return list(args.overrides) + list(args.set_overrides)
+
+
+def fail(prog: str, exc: BaseException | str) -> int:
+    """Report a user error as one line on stderr; returns :data:`EXIT_USAGE` for ``return fail(...)``."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
