@@ -11,6 +11,7 @@ dotted key and the file (or ``<override>``) it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -411,7 +412,8 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         at_least("checkpoint.keep_every", c.keep_every, 0),
         # 0 is success, 1 a generic failure, 2 a usage error; above 125 the shell reserves codes.
         (3 <= c.requeue_exit_code <= 125, f"checkpoint.requeue_exit_code must be in 3..125, got {c.requeue_exit_code}"),
-        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        # 0 is allowed: it freezes the weights (a fine-tuning dry run keeps the initial generator).
+        (o.lr >= 0 and math.isfinite(o.lr), f"optim.lr must be a finite number >= 0, got {o.lr}"),
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 / optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}"),
         at_least("optim.niter", o.niter, 0),
         at_least("optim.niter_decay", o.niter_decay, 0),
