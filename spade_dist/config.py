@@ -11,6 +11,7 @@ dotted key and the file (or ``<override>``) it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ class EvalConfig:
     num_images: int = 0  # 0 = the whole validation split
     batch_size: int = 8
     inception_weights: str = ""  # env SPADE_INCEPTION_WEIGHTS when empty
-    device: str = "cpu"
+    # auto: the GPU when the evaluating machine has one (cuda:LOCAL_RANK), else cpu; or cpu / cuda / cuda:N.
+    device: str = "auto"
     cpu_threads: int = 1
     kid_subset_size: int = 1000
     poll_seconds: float = 5.0
@@ -401,6 +403,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (not (cfg.model.onehot_gather == "off" and cfg.model.region_modulation == "on"),
          "model.region_modulation=on needs model.onehot_gather on or auto (the region path is built on the gather)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.eval.device) is not None,
+         f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
+        (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
         (cfg.eval.every_k >= 1, f"eval.every_k must be >= 1, got {cfg.eval.every_k}"),
     ]
     for ok, msg in checks:

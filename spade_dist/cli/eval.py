@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
+    common.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: eval.device)")
     common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
                                                     "$SPADE_INCEPTION_WEIGHTS)")
     once = sub.add_parser("once", parents=[common], help="evaluate one checkpoint and print JSON")
@@ -68,6 +68,8 @@ def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
     """Join the launcher's process group when there is one; returns (rank, world, this rank's device)."""
+    if device == "auto":  # eval.device auto: the GPU when this machine has one (the training device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
