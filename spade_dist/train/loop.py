@@ -23,6 +23,7 @@ import torch
 
 from spade_dist.config import Config
 from spade_dist.distributed import DistributedSetupError, attach_syncbn_group, per_rank_batch_size
+from spade_dist.models.speed_paths import PLAN_FILE as SPEED_PLAN_FILE, choose_speed_paths
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
@@ -157,6 +158,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
     attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
+    if cfg.train.compile:
+        state.compile(cfg.train.compile_mode)
     if isinstance(backend, DeepSpeedBackend):
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
     else:
@@ -201,6 +204,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     skips_logged = 0
     last_saved_step = -1
     corrupt_logged = 0
+    speed_paths_chosen = False
     try:
         while state.step < max_steps and not stopped_early:
             for group in micro_batches(loader, cfg.train.grad_accum, meter):
@@ -211,6 +215,16 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 if info.is_main:
                     samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
+                if not speed_paths_chosen:
+                    # model.onehot_gather / region_modulation: per layer, by timing on this first real
+                    # batch (or as recorded by an earlier start of this run); same on every rank.
+                    plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
+                                                      cfg.model.onehot_gather, cfg.model.region_modulation,
+                                                      run_dir, info.is_main)
+                    speed_paths_chosen = True
+                    if info.is_main:
+                        print(f"[spade-train] speed paths on {device.type} ({source}): {plan.summary()} "
+                              f"-> {run_dir / SPEED_PLAN_FILE}", flush=True)
                 if grad_norms is not None and ((state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == max_steps):
                     grad_norms.arm()
                 result = train_step(backend, losses, micro, state.step, cfg)
