@@ -82,7 +82,6 @@ class ModelConfig:
     netG: Literal["spade", "pix2pixhd"] = "spade"
     ngf: int = 64
     ndf: int = 64
-    nef: int = 16
     norm_G: str = "spectralspadesyncbatch3x3"
     norm_D: str = "spectralinstance"
     norm_E: str = "spectralinstance"
@@ -436,8 +435,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     return cfg
 
 
+# Keys that earlier versions accepted without any effect, then removed. Resolved configs stored in
+# their checkpoints still carry them; config_from_dict drops them (a YAML file naming one is an error).
+RETIRED_KEYS = {("model", "nef")}  # the official --nef is unused: the encoder's width is model.ngf
+
+
 def config_from_dict(mapping: dict, source: str = "<dict>") -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. the resolved config in a checkpoint)."""
     cfg = Config()
+    mapping = {section: ({k: v for k, v in values.items() if (section, k) not in RETIRED_KEYS}
+                         if isinstance(values, dict) else values) for section, values in mapping.items()}
     _apply(cfg, mapping, source)
     return cfg
