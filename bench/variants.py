@@ -36,7 +36,7 @@ from bench.train_step import COCO_SAMPLE, Mode, RssPeak, coco_sample_batch, coun
 from spade_dist.config import Config, load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
 from spade_dist.models.speed_paths import choose_speed_paths  # noqa: E402
-from spade_dist.train.step import prepare_batch  # noqa: E402
+from spade_dist.train.step import autocast_context, prepare_batch  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -80,8 +80,9 @@ def time_variants(config: str, variants: list[tuple[str, list[str]]], common: li
         for m in modes:
             record: dict[str, Any] = {"overrides": dict(variants)[m.name]}
             if m.cfg.model.netG == "spade":
-                plan, source = choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
-                                                  m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True)
+                with autocast_context(m.cfg.train.mixed_precision, device):  # as the training loop does
+                    plan, source = choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
+                                                      m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True)
                 record["speed_paths"] = {"source": source, "summary": plan.summary(), "timings_s": plan.timings}
             if m.cfg.train.compile:
                 m.state.compile(m.cfg.train.compile_mode)

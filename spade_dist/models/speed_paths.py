@@ -11,6 +11,8 @@ on a GPU, cuDNN's dense convolutions may be faster for some or all layers. Like
   paths; the normalisation before it is the same for all and has side effects (running stats,
   SyncBN collectives), so it is not run. Gradients come from ``torch.autograd.grad`` and are
   not accumulated into the parameters;
+- the caller runs it under the training step's autocast (train/loop.py, bench/variants.py), so
+  bf16 / fp16 runs time what they will run;
 - the generator's forward that captures each layer's input runs in eval mode (no spectral-norm
   power iteration, no batch statistics) and without gradients, so the measurement leaves the
   training state untouched;

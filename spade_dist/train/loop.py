@@ -27,7 +27,7 @@ from spade_dist.models.speed_paths import PLAN_FILE as SPEED_PLAN_FILE, choose_s
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
-from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+from spade_dist.train.step import LossSet, MicroBatch, StepResult, autocast_context, prepare_batch, train_step
 
 log = logging.getLogger("spade_dist.train")
 
@@ -217,10 +217,12 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                 micro = [prepare_batch(b, cfg, device) for b in group]
                 if not speed_paths_chosen:
                     # model.onehot_gather / region_modulation: per layer, by timing on this first real
-                    # batch (or as recorded by an earlier start of this run); same on every rank.
-                    plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
-                                                      cfg.model.onehot_gather, cfg.model.region_modulation,
-                                                      run_dir, info.is_main)
+                    # batch under the step's autocast (or as recorded by an earlier start of this
+                    # run); same on every rank.
+                    with autocast_context(cfg.train.mixed_precision, device):
+                        plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
+                                                          cfg.model.onehot_gather, cfg.model.region_modulation,
+                                                          run_dir, info.is_main)
                     speed_paths_chosen = True
                     if info.is_main:
                         print(f"[spade-train] speed paths on {device.type} ({source}): {plan.summary()} "
