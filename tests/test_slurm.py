@@ -210,6 +210,9 @@ def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_sha
     assert "deepspeed on 2 x cpu" in log, log[-4000:]  # one process group of 2 ranks across both nodes
     assert (run_dir / "deepspeed_hostfile").read_text().split() == ["n1", "slots=1", "n2", "slots=1"]
     assert "requeueing job" in log and "resumed from" in log and "training finished" in log, log[-4000:]
+    # model.*: auto speed paths were measured once, recorded, and the requeued job kept that plan.
+    assert log.count("speed paths on cpu (measured)") == 1 and log.count("speed paths on cpu (recorded)") == 1
+    assert json.loads((run_dir / "speed_paths.json").read_text())["device_type"] == "cpu"
     assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
     preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
     assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
