@@ -121,6 +121,19 @@ def test_plan_is_recorded_and_a_resume_keeps_it(tmp_path):
     assert source == "measured"
 
 
+def test_deterministic_runs_do_not_time(tmp_path):
+    def must_not_measure(key, path, run):
+        raise AssertionError("train.deterministic: no timing")
+
+    _, fast = _generators()
+    plan, source = choose_speed_paths([fast], _semantics(2, 64, 64), "auto", "auto", tmp_path, is_main=True,
+                                      timer=must_not_measure, deterministic=True)
+    assert source == "deterministic" and set(plan.layers.values()) == {"region"}
+    plan, _ = choose_speed_paths([fast], _semantics(2, 64, 64), "auto", "off", None, is_main=True,
+                                 timer=must_not_measure, deterministic=True)
+    assert set(plan.layers.values()) == {"gather"}
+
+
 def _broadcast_rank(rank: int, world: int) -> dict:
     _, fast = _generators()
     seg = _semantics(2, 64, 64, seed=rank)  # ranks see different batches; rank 0's decides

@@ -186,14 +186,21 @@ def save_plan(path: Path, plan: SpeedPlan) -> None:
 
 def choose_speed_paths(generators: list[nn.Module], semantics: Tensor, onehot_gather: str, region_modulation: str,
                        run_dir: Optional[Path], is_main: bool, timer: Optional[Timer] = None,
-                       ) -> tuple[SpeedPlan, str]:
+                       deterministic: bool = False) -> tuple[SpeedPlan, str]:
     """Decide (rank 0), broadcast, apply to ``generators`` and record. Call on every rank.
 
     ``generators[0]`` is the one measured (the live generator); the same plan goes to the others.
-    Returns the plan and where it came from ("measured", "forced" or "recorded")."""
+    ``deterministic`` (``train.deterministic``): no timing, whose noise would make two runs of one
+    config round differently; ``auto`` then takes the most specialised allowed path (region >
+    gather > dense), as outside training. Returns the plan and where it came from ("measured",
+    "forced", "deterministic" or "recorded")."""
     allowed = candidates(onehot_gather, region_modulation)
+    if deterministic and len(allowed) > 1:
+        allowed = allowed[-1:]
+        source = "deterministic"
+    else:
+        source = "forced" if len(allowed) == 1 else "measured"
     plan: Optional[SpeedPlan] = None
-    source = "forced" if len(allowed) == 1 else "measured"
     if is_main:
         path = run_dir / PLAN_FILE if run_dir is not None else None
         recorded = load_plan(path) if path is not None and len(allowed) > 1 else None

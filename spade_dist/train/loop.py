@@ -222,7 +222,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
                     with autocast_context(cfg.train.mixed_precision, device):
                         plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
                                                           cfg.model.onehot_gather, cfg.model.region_modulation,
-                                                          run_dir, info.is_main)
+                                                          run_dir, info.is_main, deterministic=cfg.train.deterministic)
                     speed_paths_chosen = True
                     if info.is_main:
                         print(f"[spade-train] speed paths on {device.type} ({source}): {plan.summary()} "
