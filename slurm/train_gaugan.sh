@@ -15,6 +15,12 @@
 #   SPADE_ENV     a file to source first (e.g. a venv's bin/activate); default: .venv/bin/activate
 #   SUBMIT_EVAL   1 to submit slurm/eval_fid.sh on first start (default: when eval.mode is slurm)
 #   EVAL_CPUS     CPUs of the FID watcher job in CPU mode (default 1)
+#   NCCL_DEBUG    NCCL log level for the training processes (default WARN; INFO to debug hangs)
+#   PYTHONFAULTHANDLER  Python tracebacks on fatal signals / hangs (default 1)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING  what a failed / timed-out NCCL collective does (default 1: tear the
+#                 process down, so srun --kill-on-bad-exit ends the step instead of hanging)
+#   SPADE_EXTRA_ENV  more environment for the training processes: space-separated NAME=VALUE pairs
+#                 (e.g. "NCCL_IB_HCA=mlx5 NCCL_SOCKET_IFNAME=ib0"); exported on every node
 #
 # CPU mode (a test cluster without GPUs):
 #   SPADE_DEVICE=cpu sbatch --gpus-per-node=0 slurm/train_gaugan.sh
@@ -55,6 +61,18 @@ CONFIG=${CONFIG:-configs/coco_stuff.yaml}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-gaugan}}
 OVERRIDES="metrics.enabled=true metrics.bind=0.0.0.0 metrics.port_base=0 ${OVERRIDES:-} $*"
 RESTART_COUNT=${SLURM_RESTART_COUNT:-0}
+
+# Environment of the training processes (srun exports the batch shell's environment to every node).
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+for pair in ${SPADE_EXTRA_ENV:-}; do
+  if [[ ! "$pair" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]]; then
+    log "SPADE_EXTRA_ENV: '$pair' is not NAME=VALUE"
+    exit $EXIT_BAD_SETTINGS
+  fi
+  export "$pair"
+done
 NNODES=${SLURM_JOB_NUM_NODES:-1}
 if [ ! -f "$CONFIG" ]; then
   log "config not found: $CONFIG"
@@ -93,12 +111,14 @@ MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
 # Run directory entries come from the project (spade-run), never spelled out here. `prepare` removes
 # a STOP / REQUEUE left by the previous start of this job.
-{ read -r STOP_FILE && read -r EVAL_DIR; } < <(python -m spade_dist.cli.run path "$RUN_DIR" stop eval) || {
+{ read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE; } < <(
+  python -m spade_dist.cli.run path "$RUN_DIR" stop eval deepspeed_hostfile) || {
   log "cannot resolve the run directory layout of $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 python -m spade_dist.cli.run prepare "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 
 log "job ${SLURM_JOB_ID:-?} restart=$RESTART_COUNT nodes=$NNODES ($SLURM_JOB_NODELIST) head=$HEAD_NODE/$HEAD_ADDR:$MASTER_PORT"
 log "launcher=$LAUNCHER device=$DEVICE procs/node=$NPROC_PER_NODE world=$WORLD_SIZE run_dir=$RUN_DIR config=$CONFIG"
+log "env: NCCL_DEBUG=$NCCL_DEBUG PYTHONFAULTHANDLER=$PYTHONFAULTHANDLER TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING SPADE_EXTRA_ENV='${SPADE_EXTRA_ENV:-}'"
 
 # The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
 SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}
@@ -127,7 +147,10 @@ trap on_preempt USR1 TERM
 
 TRAIN_ARGS=(--config "$CONFIG" --resume auto train.run_dir="$RUN_DIR" "$DEVICE_OVERRIDE" checkpoint.stop_file="$STOP_FILE" $OVERRIDES)
 if [ "$LAUNCHER" = deepspeed ]; then
-  LAUNCH='deepspeed --no_ssh --node_rank=$SLURM_NODEID --num_nodes='"$NNODES"' --num_gpus='"$NPROC_PER_NODE"' \
+  # DeepSpeed's launcher without ssh: every node runs it with --no_ssh --node_rank, and all of them
+  # need a hostfile listing every node of the allocation (without one it refuses >1 node).
+  scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE/" > "$HOSTFILE"
+  LAUNCH='deepspeed --hostfile='"$HOSTFILE"' --no_ssh --node_rank=$SLURM_NODEID \
     --master_addr='"$HEAD_ADDR"' --master_port='"$MASTER_PORT"' --module spade_dist.cli.train'
 else
   MULTI=""

@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# A speed path switch: force it on or off, or let the run time both on its device (auto).
+SpeedSwitch = Literal["auto", "on", "off"]
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["coco-stuff", "ade20k", "cityscapes", "custom"] = "custom"
@@ -79,7 +83,6 @@ class ModelConfig:
     netG: Literal["spade", "pix2pixhd"] = "spade"
     ngf: int = 64
     ndf: int = 64
-    nef: int = 16
     norm_G: str = "spectralspadesyncbatch3x3"
     norm_D: str = "spectralinstance"
     norm_E: str = "spectralinstance"
@@ -104,11 +107,15 @@ class ModelConfig:
     channels_last: bool = False
     # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot
     # label map runs as a gather of weight columns (exact up to float rounding, same parameters).
-    onehot_gather: bool = True
-    # Fast path (docs/PERFORMANCE.md): with onehot_gather, each SPADE layer's gamma/beta maps are
+    # on / off force it; auto times dense vs gather per SPADE layer shape on the first training
+    # batch, on the training device, and keeps the faster (models/speed_paths.py). YAML's
+    # true / false read as on / off.
+    onehot_gather: SpeedSwitch = "auto"
+    # Fast path (docs/PERFORMANCE.md): with the gather, each SPADE layer's gamma/beta maps are
     # computed once per uniform label region and convolved only near region borders
-    # (models/region_modulation.py; exact up to float rounding, same parameters).
-    region_modulation: bool = True
+    # (models/region_modulation.py; exact up to float rounding, same parameters). on / off / auto
+    # as onehot_gather; on needs onehot_gather on or auto.
+    region_modulation: SpeedSwitch = "auto"
 
 
 @dataclass
@@ -140,6 +147,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     backend: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 0
+    # backend deepspeed: a JSON file merged into the generated DeepSpeed config (ZeRO buckets,
+    # offload, communication, logging); keys spade-dist sets itself may not differ (docs/TRAINING.md).
+    deepspeed_config: str = ""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = 1
     # When > 0, the run stops after this many optimizer steps (overrides the epoch count).
@@ -167,7 +177,10 @@ class TrainConfig:
     sample_every: int = 200
     num_sample_images: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile the generator side and the discriminator (forward and, through AOTAutograd,
+    # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
     # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
     # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
@@ -214,7 +227,8 @@ class EvalConfig:
     num_images: int = 0  # 0 = the whole validation split
     batch_size: int = 8
     inception_weights: str = ""  # env SPADE_INCEPTION_WEIGHTS when empty
-    device: str = "cpu"
+    # auto: the GPU when the evaluating machine has one (cuda:LOCAL_RANK), else cpu; or cpu / cuda / cuda:N.
+    device: str = "auto"
     cpu_threads: int = 1
     kid_subset_size: int = 1000
     poll_seconds: float = 5.0
@@ -295,6 +309,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if {"on", "off"} <= set(choices):
+            # YAML 1.1 reads a bare on / off as a boolean; configs of earlier versions say true / false.
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            elif value in ("true", "false"):
+                value = "on" if value == "true" else "off"
         if value not in choices:
             raise ConfigError(f"{source}: {key}: invalid value {value!r}; expected one of {list(choices)}")
         return value
@@ -455,7 +475,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
          "train.elastic_batch=grad_accum is not supported with train.backend=deepspeed (no gradient accumulation)"),
         (0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}"),
         (cfg.train.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {cfg.train.zero_stage}"),
+        (not cfg.train.deepspeed_config or cfg.train.backend == "deepspeed",
+         f"train.deepspeed_config ({cfg.train.deepspeed_config}) needs train.backend=deepspeed, got {cfg.train.backend}"),
+        (not (cfg.model.onehot_gather == "off" and cfg.model.region_modulation == "on"),
+         "model.region_modulation=on needs model.onehot_gather on or auto (the region path is built on the gather)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.eval.device) is not None,
+         f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
+        (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
         (cfg.eval.every_k >= 1, f"eval.every_k must be >= 1, got {cfg.eval.every_k}"),
         (not cfg.train.init_generator_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", cfg.train.init_generator_sha256),
          f"train.init_generator_sha256 must be 64 hex digits, got {cfg.train.init_generator_sha256!r}"),
@@ -500,8 +527,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     return cfg
 
 
+# Keys that earlier versions accepted without any effect, then removed. Resolved configs stored in
+# their checkpoints still carry them; config_from_dict drops them (a YAML file naming one is an error).
+RETIRED_KEYS = {("model", "nef")}  # the official --nef is unused: the encoder's width is model.ngf
+
+
 def config_from_dict(mapping: dict, source: str = "<dict>") -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. the resolved config in a checkpoint)."""
     cfg = Config()
+    mapping = {section: ({k: v for k, v in values.items() if (section, k) not in RETIRED_KEYS}
+                         if isinstance(values, dict) else values) for section, values in mapping.items()}
     _apply(cfg, mapping, source)
     return cfg

@@ -58,10 +58,13 @@ METRICS_DIRNAME = "metrics"
 REPORT_NAME = "report.html"
 TRAIN_METRICS_NAME = "train_metrics.jsonl"
 INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting point (train.init_generator)
+SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/speed_paths.py)
+DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
-              "samples", "eval", "metrics", "report", "init_generator")
+              "samples", "eval", "metrics", "report", "init_generator",
+              "speed_paths", "deepspeed_hostfile")
 
 
 class RunDirBusy(RuntimeError):
@@ -146,6 +149,14 @@ class RunDir:
     @property
     def init_generator(self) -> Path:
         return self.root / INIT_GENERATOR_NAME
+
+    @property
+    def speed_paths(self) -> Path:
+        return self.root / SPEED_PATHS_NAME
+
+    @property
+    def deepspeed_hostfile(self) -> Path:
+        return self.root / DEEPSPEED_HOSTFILE_NAME
 
     def key_log(self, rank: int) -> Path:
         """``train.log_keys``: the sample keys rank ``rank`` trained on, one JSON line per step."""

@@ -3,7 +3,8 @@
     results = run_distributed(my_fn, world_size=2, args=(x,))   # [rank0_result, rank1_result]
 
 ``my_fn(rank, world_size, *args)`` must be a module-level function (it is pickled for spawn). The
-process group is initialised (gloo, 127.0.0.1, a free port) before it runs and destroyed after.
+process group is initialised (gloo, or ``backend="nccl"`` with rank r on GPU r; 127.0.0.1, a free
+port) before it runs and destroyed after.
 An exception in any rank fails the call with that rank's traceback.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out_dir: str, env: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out_dir: str, env: dict,
+            backend: str = "gloo") -> None:
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -43,7 +45,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
     torch.set_num_threads(1)
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank: NCCL refuses two ranks on one device
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -54,12 +58,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, args: Sequence = (), env: dict | None = None, timeout: float = 600) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int, args: Sequence = (), env: dict | None = None, timeout: float = 600,
+                    backend: str = "gloo") -> list[Any]:
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), out_dir, dict(env or {})))
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), out_dir, dict(env or {}), backend))
             for r in range(world_size)
         ]
         for p in procs:

@@ -43,7 +43,9 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
     weights = tmp_path / "inception.pth"
     overrides = TINY_OVERRIDES + [
         f"data.shards={manifest}", f"data.val_shards={manifest}", f"train.run_dir={run_dir}",
-        "train.max_steps=48", "train.sample_every=1000", "checkpoint.every_steps=12", "checkpoint.keep_last=10",
+        # Long enough that the watcher scores the first checkpoint while training still runs (with
+        # the speed paths measured per layer this tiny model trains faster than with the region path everywhere).
+        "train.max_steps=96", "train.sample_every=1000", "checkpoint.every_steps=24", "checkpoint.keep_last=10",
         "checkpoint.async_save=false", "eval.mode=subprocess", f"eval.inception_weights={weights}",
         f"eval.reference_cache_dir={tmp_path / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.5",
     ]
@@ -55,7 +57,7 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
             + overrides, env=cli_env(), timeout=600)
     done = json.loads((run_dir / "DONE").read_text())
     steps = [c.step for c in committed_checkpoints(run_dir)]
-    assert steps == [12, 24, 36, 48]
+    assert steps == [24, 48, 72, 96]
 
     # The trainer's watcher keeps going after training and stops by itself once all are scored.
     metrics_path = run_dir / "eval" / "metrics.jsonl"

@@ -62,3 +62,31 @@ def test_spade_eval_once_missing_checkpoint_is_a_one_line_error(tmp_path: Path, 
                           cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"spade-eval: error: {tmp_path / 'nope'}: checkpoint does not exist (pruned?)"
+
+
+def test_eval_device_auto_is_the_default_and_resolves_to_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from spade_dist.cli.eval import _init_distributed
+    from spade_dist.config import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert load_config(None).eval.device == "auto"
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert _init_distributed("auto") == (0, 1, expected)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _init_distributed("auto") == (0, 1, "cpu")
+    for bad in ("gpu", "cuda:x", ""):
+        with pytest.raises(ConfigError, match="eval.device must be auto, cpu, cuda or cuda:N"):
+            load_config(None, [f"eval.device={bad}"])
+
+
+def test_eval_batches_have_eval_batch_size(tmp_path: Path) -> None:
+    from spade_dist.eval.evaluate import default_batches_factory
+    from tests.train_fixtures import make_synthetic_shards
+
+    manifest = make_synthetic_shards(tmp_path, count=4, val_count=7, size=32)
+    cfg = load_config(None, [f"data.shards={manifest}", "data.batch_size=1", "eval.batch_size=3", "data.num_workers=0",
+                             "data.load_size=32", "data.crop_size=32"])
+    sizes = [batch["image"].shape[0] for batch in default_batches_factory(cfg, 0, 1)()]
+    assert sizes == [3, 3, 1]  # eval.batch_size, not data.batch_size; every image once

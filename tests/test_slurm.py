@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 import subprocess
 import time
@@ -175,3 +176,62 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_
     keys = _keys_by_epoch(run_dir)
     assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
     assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
+
+
+def _wait_for_steps(cluster: SlurmCluster, job: str, run_dir: Path, out: Path, steps: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    metrics_log = run_dir / "logs" / "train_metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics_log.exists() and len(metrics_log.read_text().splitlines()) >= steps:
+            return
+        state = cluster.job_state(job)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()[-3000:] if out.exists() else state
+        time.sleep(0.5)
+    raise AssertionError(f"training did not start: {out.read_text()[-3000:] if out.exists() else 'no log'}")
+
+
+def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_shards, tmp_path):
+    """DeepSpeed's launcher on each node (--no_ssh --node_rank, generated hostfile), ZeRO-1 over gloo,
+    with a user DeepSpeed config merged in; USR1 mid-epoch -> checkpoint, requeue, resume, finish."""
+    run_dir = tmp_path / "run"
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 100000}, "steps_per_print": 1000}))
+    max_steps = STEPS_PER_EPOCH + 2
+    out = tmp_path / "train.out"
+    env = _train_env(train_shards, run_dir, max_steps, f"checkpoint.every_steps=100 train.backend=deepspeed "
+                                                       f"train.zero_stage=1 train.deepspeed_config={ds_json}")
+    env["SPADE_EXTRA_ENV"] = "SPADE_TEST_MARKER=from_extra_env"
+    job = _submit_training(cluster, env, out)
+    _wait_for_steps(cluster, job, run_dir, out, 2, timeout=600)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if cluster.job_field(job, "Restarts") == "1" and cluster.job_state(job) == "COMPLETED":
+            break
+        assert cluster.job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()[-4000:]
+        time.sleep(1)
+    log = out.read_text()
+    assert cluster.job_state(job) == "COMPLETED", log[-4000:]
+    assert "PYTHONFAULTHANDLER=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 SPADE_EXTRA_ENV='SPADE_TEST_MARKER=from_extra_env'" in log
+    assert "launcher=deepspeed" in log and "nodes=2" in log and "world=2" in log
+    assert "deepspeed on 2 x cpu" in log, log[-4000:]  # one process group of 2 ranks across both nodes
+    assert (run_dir / "deepspeed_hostfile").read_text().split() == ["n1", "slots=1", "n2", "slots=1"]
+    assert "requeueing job" in log and "resumed from" in log and "training finished" in log, log[-4000:]
+    # model.*: auto speed paths were measured once, recorded, and the requeued job kept that plan.
+    assert log.count("speed paths on cpu (measured)") == 1 and log.count("speed paths on cpu (recorded)") == 1
+    assert json.loads((run_dir / "speed_paths.json").read_text())["device_type"] == "cpu"
+    assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
+    preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
+    assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
+    keys = _keys_by_epoch(run_dir)
+    assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
+    assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
+
+
+def test_bad_extra_env_is_refused_before_launch(tmp_path):
+    env = {**os.environ, "CONFIG": "configs/quickstart.yaml", "RUN_DIR": str(tmp_path / "run"),
+           "SPADE_EXTRA_ENV": "GOOD=1 not-a-pair"}
+    proc = subprocess.run(["bash", "slurm/train_gaugan.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "SPADE_EXTRA_ENV: 'not-a-pair' is not NAME=VALUE" in proc.stdout

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the run's config.yaml / the checkpoint's own)")
     add_overrides(common, "eval.num_images=500")
-    common.add_argument("--device", help="cpu, cuda or cuda:N (default: eval.device)")
+    common.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: eval.device)")
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bars (also off when stderr is no terminal, and on ranks > 0)")
     common.add_argument("--inception-weights", help="Inception weights file (default: eval.inception_weights / "
@@ -79,6 +79,8 @@ def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
     """Join the launcher's process group when there is one; returns (rank, world, this rank's device)."""
+    if device == "auto":  # eval.device auto: the GPU when this machine has one (the training device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

@@ -91,11 +91,13 @@ def _rank_world() -> tuple[int, int]:
 
 
 def default_batches_factory(cfg: Config, rank: int, world_size: int) -> BatchesFactory:
-    """The data engineer's eval loader over ``data.val_split`` (each sample once across ranks)."""
+    """The eval loader over ``data.val_split`` (each sample once across ranks), ``eval.batch_size``
+    images per batch: one batch is one generator forward and one Inception forward."""
     def make() -> Iterable[Batch]:
         from spade_dist.data import build_eval_loader  # local: the data stack is heavy to import
 
-        return build_eval_loader(cfg.data, split=cfg.data.val_split, rank=rank, world_size=world_size)
+        return build_eval_loader(cfg.data, split=cfg.data.val_split, rank=rank, world_size=world_size,
+                                 batch_size=cfg.eval.batch_size)
     return make
 
 

@@ -108,8 +108,10 @@ class SPADEGenerator(nn.Module):
             z_dim=m.z_dim,
             norm_G=m.norm_G,
             fused_modulation=m.fused_modulation,
-            onehot_channels=(d.label_nc + int(d.contain_dontcare_label)) if m.onehot_gather else 0,
-            region_modulation=m.region_modulation,
+            # auto builds the fast paths; a training run then times them per layer (speed_paths.py)
+            # and may switch single layers to the dense path where that is faster on its device.
+            onehot_channels=(d.label_nc + int(d.contain_dontcare_label)) if m.onehot_gather != "off" else 0,
+            region_modulation=m.region_modulation != "off" and m.onehot_gather != "off",
         )
 
     def build_kwargs(self) -> dict:

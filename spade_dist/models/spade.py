@@ -24,6 +24,10 @@ from spade_dist.models.norms import make_param_free_norm, parse_spade_norm
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
 from spade_dist.models.region_modulation import RegionLayout, build_region_layout, region_gamma_beta
 
+# How a SPADE layer may compute gamma/beta (all exact up to float rounding): dense convolutions, the
+# first convolution as a one-hot gather (onehot_conv.py), or per uniform label region (region_modulation.py).
+SPEED_PATHS = ("dense", "gather", "region")
+
 # Width of the hidden embedding of the label map; hard-coded in the official implementation.
 SPADE_HIDDEN = 128
 
@@ -138,30 +142,57 @@ class SPADE(nn.Module):
         )
         self.mlp_gamma = nn.Conv2d(SPADE_HIDDEN, norm_nc, kernel_size=spec.kernel_size, padding=padding)
         self.mlp_beta = nn.Conv2d(SPADE_HIDDEN, norm_nc, kernel_size=spec.kernel_size, padding=padding)
+        # Speed path of this layer ("dense" | "gather" | "region"), chosen per device and layer shape
+        # by models/speed_paths.py; None = what the SegmapPyramid offers (region > gather > dense).
+        # Not a parameter or buffer: every path computes the same function of the same weights.
+        self.path: Optional[str] = None
 
     def forward(self, x: Tensor, segmap: SegmapInput) -> Tensor:
-        normalized = self.param_free_norm(x)
-        size = (x.shape[2], x.shape[3])
-        first = self.mlp_shared[0]
-        if self.fused and isinstance(segmap, SegmapPyramid) and segmap.region_modulation and segmap.gather:
-            # Both convolutions per uniform label region, exact convolution only near borders.
-            weight, bias = self._gamma_beta_weights()
-            both = region_gamma_beta(segmap.region_layout_at(size, self.kernel_size), first.weight, first.bias,
-                                     weight, bias)
-            gamma, beta = both.split(self.mlp_gamma.out_channels, dim=1)
-            return torch.addcmul(beta.to(normalized.dtype), normalized, 1 + gamma.to(normalized.dtype))
-        if self.fused and isinstance(segmap, SegmapPyramid) and segmap.gather:
-            # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
-            actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
-        else:
-            seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size)
-            actv = self.mlp_shared(seg)
+        return self.modulate(self.param_free_norm(x), segmap)
+
+    def modulate(self, normalized: Tensor, segmap: SegmapInput, path: Optional[str] = None) -> Tensor:
+        """``normalized * (1 + gamma(segmap)) + beta(segmap)`` by ``path`` (default: :attr:`path`).
+
+        The gather and region paths need a :class:`SegmapPyramid` whose map is one-hot; otherwise
+        the dense convolutions run (same result)."""
+        size = (normalized.shape[2], normalized.shape[3])
+        pyramid = self.fused and isinstance(segmap, SegmapPyramid)
+        path = path or self.path or ("region" if pyramid and segmap.region_modulation else "gather")
+        if path not in SPEED_PATHS:
+            raise ValueError(f"unknown SPADE speed path {path!r}; expected one of {SPEED_PATHS}")
+        if pyramid and path != "dense":
+            fast = self._modulate_fast(normalized, segmap, path)
+            if fast is not None:
+                return fast
+        seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size)
+        actv = self.mlp_shared(seg)
         if self.fused:
             gamma, beta = self._gamma_beta_fused(actv)
             # One fused multiply-add pass instead of two (same roundings as the reference order).
             return torch.addcmul(beta, normalized, 1 + gamma)
         gamma, beta = self.mlp_gamma(actv), self.mlp_beta(actv)
         return normalized * (1 + gamma) + beta
+
+    # Data-dependent shapes and host syncs (one-hot check, torch.unique, nonzero): under
+    # torch.compile (train.compile) this part runs eager and the dense rest is compiled.
+    @torch.compiler.disable
+    def _modulate_fast(self, normalized: Tensor, segmap: SegmapPyramid, path: str) -> Optional[Tensor]:
+        """The gather / region paths; None when the label map is not one-hot (dense path then)."""
+        if not segmap.gather:
+            return None
+        size = (normalized.shape[2], normalized.shape[3])
+        first = self.mlp_shared[0]
+        if path == "region":
+            # Both convolutions per uniform label region, exact convolution only near borders.
+            weight, bias = self._gamma_beta_weights()
+            both = region_gamma_beta(segmap.region_layout_at(size, self.kernel_size), first.weight, first.bias,
+                                     weight, bias)
+            gamma, beta = both.split(self.mlp_gamma.out_channels, dim=1)
+            return torch.addcmul(beta.to(normalized.dtype), normalized, 1 + gamma.to(normalized.dtype))
+        # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
+        actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
+        gamma, beta = self._gamma_beta_fused(actv)
+        return torch.addcmul(beta, normalized, 1 + gamma)
 
     def _gamma_beta_weights(self) -> tuple[Tensor, Tensor]:
         """mlp_gamma and mlp_beta stacked as one convolution with 2C outputs."""

@@ -19,7 +19,10 @@ Accelerate has one scaler (and its DeepSpeed plugin cannot drive two engines, ST
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
@@ -219,11 +222,13 @@ class DeepSpeedBackend(TrainBackend):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
         env = env_dist_info()
         device = resolve_device(cfg.train.device, env.local_rank)
-        info = init_process_group(device, collective_timeout(cfg.train.collective_timeout_s))
-        return cls(cfg, device, info)
+        backend = cls(cfg, device, env)
+        backend.ds_config(cfg.data.batch_size)  # a bad train.deepspeed_config fails before any process group
+        backend.info = init_process_group(device, collective_timeout(cfg.train.collective_timeout_s))
+        return backend
 
     def ds_config(self, per_rank_batch: int) -> dict:
-        return {
+        generated = {
             "train_micro_batch_size_per_gpu": per_rank_batch,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": self.cfg.train.zero_stage},
@@ -233,6 +238,9 @@ class DeepSpeedBackend(TrainBackend):
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+        if not self.cfg.train.deepspeed_config:
+            return generated
+        return merge_deepspeed_config(generated, load_deepspeed_config(self.cfg.train.deepspeed_config))
 
     def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
              opt_D: torch.optim.Optimizer, per_rank_batch: int, float64_communication: bool = False) -> None:
@@ -278,6 +286,82 @@ class DeepSpeedBackend(TrainBackend):
 
     def optimizer(self, which: str) -> torch.optim.Optimizer:
         return self._opts[which]
+
+
+# Keys of the generated DeepSpeed config that follow from spade-dist settings; a user file may repeat
+# them only with the same value (anything else would silently disagree with the config / the step).
+OWNED_DEEPSPEED_KEYS: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "data.batch_size / train.global_batch_size",
+    "train_batch_size": "data.batch_size / train.global_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum (1 with deepspeed)",
+    "zero_optimization.stage": "train.zero_stage",
+    "fp16": "train.mixed_precision (autocast in the step, fp32 master weights)",
+    "bf16": "train.mixed_precision (autocast in the step, fp32 master weights)",
+    "amp": "train.mixed_precision",
+    "optimizer": "optim.* (a torch Adam per network)",
+    "scheduler": "optim.niter / optim.niter_decay (the project's lr schedule)",
+}
+# What a user file may tune: communication, ZeRO buckets / offload, logging and profiling.
+TUNABLE_DEEPSPEED_KEYS = frozenset({
+    "zero_optimization", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state",
+    "comms_logger", "flops_profiler", "tensorboard", "csv_monitor", "wandb", "comet", "monitor_config",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "seq_parallel_communication_data_type",
+})
+
+
+def load_deepspeed_config(path: str) -> dict:
+    """Read ``train.deepspeed_config`` (a JSON object); errors name the key and the file."""
+    from spade_dist.config import ConfigError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        user = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON: {exc}") from exc
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.deepspeed_config: {path}: top level must be a JSON object")
+    return user
+
+
+def merge_deepspeed_config(generated: dict, user: dict, source: str = "train.deepspeed_config") -> dict:
+    """The generated DeepSpeed config with ``user``'s tuning merged in.
+
+    Unknown top-level keys, keys that spade-dist sets itself with a different value
+    (:data:`OWNED_DEEPSPEED_KEYS`) and ``zero_optimization`` entries DeepSpeed does not know raise
+    :class:`ConfigError` naming the key."""
+    from pydantic import ValidationError
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from spade_dist.config import ConfigError
+
+    merged = copy.deepcopy(generated)
+    for key, value in user.items():
+        if key in OWNED_DEEPSPEED_KEYS:
+            if key not in generated or value != generated[key]:
+                raise ConfigError(f"{source}: key '{key}' conflicts with the generated config "
+                                  f"({generated.get(key, 'set by spade-dist')!r}); it follows from {OWNED_DEEPSPEED_KEYS[key]}")
+            continue
+        if key not in TUNABLE_DEEPSPEED_KEYS:
+            raise ConfigError(f"{source}: unknown or unsupported key '{key}' (tunable: {sorted(TUNABLE_DEEPSPEED_KEYS)})")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: 'zero_optimization' must be an object, got {value!r}")
+            stage = generated["zero_optimization"]["stage"]
+            if "stage" in value and value["stage"] != stage:
+                raise ConfigError(f"{source}: key 'zero_optimization.stage' ({value['stage']!r}) conflicts with "
+                                  f"the generated value {stage}; it follows from {OWNED_DEEPSPEED_KEYS['zero_optimization.stage']}")
+            value = {**value, "stage": stage}
+            try:
+                DeepSpeedZeroConfig(**value)
+            except ValidationError as exc:
+                bad = ".".join(str(p) for p in exc.errors()[0]["loc"])
+                raise ConfigError(f"{source}: key 'zero_optimization.{bad}': {exc.errors()[0]['msg']}") from exc
+        merged[key] = value
+    return merged
 
 
 @contextlib.contextmanager

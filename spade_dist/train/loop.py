@@ -23,11 +23,12 @@ import torch
 from spade_dist.config import Config
 from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
+from spade_dist.models.speed_paths import choose_speed_paths
 from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
-from spade_dist.train.step import LossSet, MicroBatch, StepResult, prepare_batch, train_step
+from spade_dist.train.step import LossSet, StepResult, autocast_context, prepare_batch, train_step
 from spade_dist.train.trackers import ExperimentTrackers
 
 if TYPE_CHECKING:
@@ -239,6 +240,8 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
     syncbn_ranks = attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
+    if cfg.train.compile:
+        state.compile(cfg.train.compile_mode)
     if isinstance(backend, DeepSpeedBackend):
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
     else:
@@ -288,6 +291,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     skips_logged = 0
     last_saved_step = -1
     corrupt_logged = 0
+    speed_paths_chosen = False
     try:
         while state.step < max_steps and not stopped_early:
             for group in micro_batches(loader, grad_accum, meter):
@@ -298,6 +302,18 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                 if info.is_main:
                     samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
+                if not speed_paths_chosen:
+                    # model.onehot_gather / region_modulation: per layer, by timing on this first real
+                    # batch under the step's autocast (or as recorded by an earlier start of this
+                    # run); same on every rank.
+                    with autocast_context(cfg.train.mixed_precision, device):
+                        plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
+                                                          cfg.model.onehot_gather, cfg.model.region_modulation,
+                                                          run.speed_paths, info.is_main, deterministic=cfg.train.deterministic)
+                    speed_paths_chosen = True
+                    if info.is_main:
+                        print(f"[spade-train] speed paths on {device.type} ({source}): {plan.summary()} "
+                              f"-> {run.speed_paths}", flush=True)
                 if grad_norms is not None and ((state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == max_steps):
                     grad_norms.arm()
                 result = train_step(backend, losses, micro, state.step, cfg)
