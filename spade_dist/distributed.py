@@ -166,7 +166,7 @@ def init_process_group(device: torch.device, timeout: timedelta) -> DistInfo:
 def check_process_group(expected_world_size: int, launcher_processes: Optional[int] = None) -> DistInfo:
     """Fail loudly when the launcher asked for N processes but we are not in an N-rank group.
 
-    ``launcher_processes`` is what the framework (Accelerate) believes; STACK_NOTES: on a GPU-less
+    ``launcher_processes`` is what the framework (Accelerate) believes; measured: on a GPU-less
     machine an Accelerator without ``cpu=True`` reports 1 process while WORLD_SIZE says 2.
     """
     info = env_dist_info()

@@ -1,6 +1,6 @@
 """The evaluation watcher over a run directory with real checkpoints of tiny generators.
 
-Real pieces throughout: COCO-Stuff val photos sharded by data_tools, the data engineer's eval loader,
+Real pieces throughout: COCO-Stuff val photos sharded by data_tools, the project's eval loader,
 checkpoints written by CheckpointManager (DCP step dirs + COMMITTED), the EMA generator loaded by
 ``load_generator_from_checkpoint``, and Inception test weights calibrated on the same photos.
 Images are 32x32 (upscaled to 299 by the extractor - that is the cost), 6 of the 8 validation images.
@@ -102,7 +102,7 @@ def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleN
     assert "<svg" in page and "step 30" in page
 
     # Restart with a new checkpoint: only the new one is scored, nothing is redone. This time the
-    # results are also served for Prometheus (the monitoring engineer's EvalMetrics).
+    # results are also served for Prometheus (monitoring's EvalMetrics).
     _save_checkpoint(run_dir, cfg, 40, seed=40)
     (run_dir / "DONE").write_text(json.dumps({"step": 40}))
     metrics = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(tmp_path / "sd")), run_dir, best_fid=best["fid"])

@@ -212,7 +212,7 @@ class Evaluator:
     """Inception + cached real statistics, built once; scores generators against them.
 
     ``batches_factory`` yields this rank's validation batches (the FORMATS.md batch dict); by
-    default the data engineer's eval loader. All ranks of an initialised process group must build
+    default the project's eval loader (spade_dist.data). All ranks of an initialised process group must build
     the Evaluator and call :meth:`evaluate` together.
     """
 

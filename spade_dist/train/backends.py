@@ -4,7 +4,7 @@ The train step (``step.py``) only talks to the small :class:`TrainBackend` inter
 
 - ``generator`` / ``discriminator``: the wrapped modules to call when that network is being
   trained (DDP module or DeepSpeed engine); ``discriminator_module``: D's bare module, used with
-  frozen parameters in the G step (STACK_NOTES: calling the DDP-wrapped D there all-reduces its
+  frozen parameters in the G step (measured: calling the DDP-wrapped D there all-reduces its
   gradients, calling the DeepSpeed engine there fails at ZeRO 0 and 2).
 - ``micro_batch(which, is_last)``: context for one accumulation micro-batch (DDP ``no_sync``
   except on the last one).
@@ -14,7 +14,8 @@ The train step (``step.py``) only talks to the small :class:`TrainBackend` inter
 
 Accelerate is used for what it is good at (process group from any launcher, device placement,
 DDP wrapping); we keep our own optimizers and GradScalers because a GAN needs two of each and
-Accelerate has one scaler (and its DeepSpeed plugin cannot drive two engines, STACK_NOTES).
+Accelerate has one scaler (and its DeepSpeed plugin cannot drive two engines: it refuses a second
+DeepSpeed model, and its multi-plugin mode routes ``backward`` to the wrong engine).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class DDPBackend(TrainBackend):
                 "launch with accelerate launch, torchrun or deepspeed (they set the rendezvous address)"
             )
         # cpu=True is what turns `accelerate launch --multi_gpu` into MULTI_CPU/gloo on a GPU-less
-        # machine (STACK_NOTES); mixed precision is ours (two scalers), so Accelerate gets "no".
+        # machine (without it each process runs alone); mixed precision is ours (two scalers), so Accelerate gets "no".
         timeout = collective_timeout(cfg.train.collective_timeout_s)
         try:
             if env.world_size > 1 and not dist.is_initialized() and elastic_store_prefix(env.world_size):
@@ -257,7 +258,7 @@ class DeepSpeedBackend(TrainBackend):
             config["communication_data_type"] = "fp64"
             config["zero_optimization"]["reduce_scatter"] = False  # ZeRO-2 reduce-scatter takes <= fp32
             patch = _deepspeed_accepts_fp64_communication()
-        # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build CPU FusedAdam (STACK_NOTES).
+        # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build CPU FusedAdam (~85 s).
         with patch:
             engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
             engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)

@@ -1,6 +1,6 @@
 """TrainState: everything a run needs to continue - models, EMA, optimizers, schedules, scalers, counters.
 
-The checkpoint engineer saves ``state.state_dict()`` and restores with ``state.load_state_dict()``;
+The checkpoint manager saves ``state.state_dict()`` and restores with ``state.load_state_dict()``;
 both contain only tensors, numbers and strings, keyed by stable names:
 
     {"generator": netG.state_dict(), "encoder": netE.state_dict() | absent, "discriminator": ...,
