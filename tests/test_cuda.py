@@ -138,20 +138,13 @@ def test_mixed_precision_steps_are_finite_and_close_to_fp32(precision):
 @pytest.mark.parametrize("path", ["gather", "region"])
 def test_speed_paths_equal_dense_on_cuda(path):
     from spade_dist.models.speed_paths import spade_layers
-    from tests.test_fast_path import _generators, _semantics
+    from tests.test_fast_path import _generators, _semantics, assert_same_outputs_and_gradients
 
     ref, fast = _generators()
     ref, fast = ref.cuda(), fast.cuda()
     for layer in spade_layers(fast).values():
         layer.path = path
-    seg = _semantics(2, 64, 64).cuda()
-    out_ref, out_fast = ref(seg), fast(seg)
-    assert (out_ref - out_fast).abs().max().item() < 1e-10
-    upstream = torch.randn_like(out_ref)
-    grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref.parameters()))
-    grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast.parameters()))
-    for (name, _), a, b in zip(ref.named_parameters(), grads_ref, grads_fast):
-        assert (a - b).abs().max().item() < 1e-10, name
+    assert_same_outputs_and_gradients(ref, fast, _semantics(2, 64, 64).cuda())
 
 
 def test_auto_measures_on_cuda_and_records_the_device(tmp_path):

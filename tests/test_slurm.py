@@ -154,14 +154,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_
         raise AssertionError(f"training did not start: {out.read_text()[-3000:]}")
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The job is requeued (SLURM_RESTART_COUNT=1), resumes from the preemption checkpoint and finishes.
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if cluster.job_field(job, "Restarts") == "1" and cluster.job_state(job) == "COMPLETED":
-            break
-        assert cluster.job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()[-4000:]
-        time.sleep(1)
-    log = out.read_text()
-    assert cluster.job_state(job) == "COMPLETED", log[-4000:]
+    log = _wait_requeued_and_completed(cluster, job, out, timeout=600)
     assert "restart=0" in log and "restart=1" in log, log[-4000:]
     assert "requeueing job" in log and "stopped by stop-file" in log, log[-4000:]
     # The requeue came from the run's REQUEUE marker, although accelerate launch reported its own exit
@@ -176,6 +169,19 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_
     keys = _keys_by_epoch(run_dir)
     assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
     assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
+
+
+def _wait_requeued_and_completed(cluster: SlurmCluster, job: str, out: Path, timeout: float) -> str:
+    """Wait until the job has been requeued once and completed; returns its (appended) log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cluster.job_field(job, "Restarts") == "1" and cluster.job_state(job) == "COMPLETED":
+            break
+        assert cluster.job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()[-4000:]
+        time.sleep(1)
+    log = out.read_text()
+    assert cluster.job_state(job) == "COMPLETED", log[-4000:]
+    return log
 
 
 def _wait_for_steps(cluster: SlurmCluster, job: str, run_dir: Path, out: Path, steps: int, timeout: float) -> None:
@@ -204,14 +210,7 @@ def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_sha
     job = _submit_training(cluster, env, out)
     _wait_for_steps(cluster, job, run_dir, out, 2, timeout=600)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if cluster.job_field(job, "Restarts") == "1" and cluster.job_state(job) == "COMPLETED":
-            break
-        assert cluster.job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()[-4000:]
-        time.sleep(1)
-    log = out.read_text()
-    assert cluster.job_state(job) == "COMPLETED", log[-4000:]
+    log = _wait_requeued_and_completed(cluster, job, out, timeout=900)
     assert "PYTHONFAULTHANDLER=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 SPADE_EXTRA_ENV='SPADE_TEST_MARKER=from_extra_env'" in log
     assert "launcher=deepspeed" in log and "nodes=2" in log and "world=2" in log
     assert "deepspeed on 2 x cpu" in log, log[-4000:]  # one process group of 2 ranks across both nodes
