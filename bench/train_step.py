@@ -12,14 +12,17 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
   one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop).
 
-The last output line is one JSON object: images/s of both, ``ratio`` (fast / reference), peak
-memory per mode (CPU: sampled RSS high-water while that mode runs, plus the process
-``ru_maxrss``; CUDA: ``max_memory_allocated``), FLOPs per image counted with
-``torch.utils.flop_counter.FlopCounterMode`` during the warm-up iteration (the fast path's count
-is lower: gathers are not multiply-adds), the loss difference between the modes at the first
-iteration (same weights, same batch) and machine info.
+One run per (batch, thread count) of ``--batch`` x ``--threads`` (``0`` = all cores), each with
+fresh networks from the same seed; each run prints one ``{"run": ...}`` JSON line as it finishes
+and the last output line is one JSON object with every run and a ``ratios`` summary. Per run:
+images/s of both modes, ``ratio`` (fast / reference), the 1/5/15-minute load averages (as
+``uptime`` prints them) at its start and end, peak memory per mode (CPU: sampled RSS high-water
+while that mode runs, plus the process ``ru_maxrss`` at the end; CUDA: ``max_memory_allocated``),
+FLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode`` during the warm-up
+iteration (the fast path's count is lower: gathers are not multiply-adds) and the loss
+difference between the modes at the first iteration (same weights, same batch).
 
-    python bench/train_step.py --config configs/coco_stuff.yaml --batch 1 --warmup 1 --iters 3
+    python bench/train_step.py --config configs/coco_stuff.yaml --batch 1 2 --threads 1 0 --warmup 1 --iters 3
 """
 from __future__ import annotations
 
@@ -229,6 +232,8 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
     modes = [Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0),
              Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0)]
     device = modes[0].backend.device
+    if vgg is not None:
+        vgg.to(device)  # in place; the same module serves every run
     raw = (coco_sample_batch(ref_cfg, batch, Path(args.labels_dir)) if labels == "coco-sample"
            else synthetic_batch(ref_cfg, batch))
     batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
@@ -294,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             vgg: Optional[VGGLoss] = None
             if not probe.loss.no_vgg_loss:
                 path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
-                vgg = VGGLoss.from_file(path).to(probe.train.device)
+                vgg = VGGLoss.from_file(path)
             for batch in args.batch:
                 for threads in thread_counts:
                     run = run_one(args, batch, threads, labels, vgg)

@@ -36,3 +36,19 @@ def _check_run(run: dict) -> None:
     # Same weights, same batch: the first iteration's losses agree to fp32 rounding.
     assert set(run["first_iteration_loss_rel_diff"]) == {"GAN", "GAN_Feat", "D_Fake", "D_real"}
     assert max(run["first_iteration_loss_rel_diff"].values()) < 1e-4
+
+
+def test_profile_bench_lists_the_top_ops_per_thread_count(capsys) -> None:
+    from bench.profile_step import main
+
+    threads = torch.get_num_threads()
+    results = main(["--threads", "1", "--top", "5", "model.ngf=4", "model.ndf=4", "model.n_layers_D=2",
+                    "data.crop_size=64", "data.load_size=64", "loss.no_vgg_loss=true"])
+    assert torch.get_num_threads() == threads
+    (result,) = results
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    ops = result["top_ops"]
+    assert len(ops) == 5 and result["threads"] == 1 and result["iteration_s"] > 0
+    assert [op["self_cpu_s"] for op in ops] == sorted((op["self_cpu_s"] for op in ops), reverse=True)
+    assert 0 < sum(op["share"] for op in ops) <= 1.0 + 1e-6
+    assert result["self_cpu_total_s"] > 0 and all(op["calls"] >= 1 for op in ops)
