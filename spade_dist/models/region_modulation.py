@@ -22,13 +22,16 @@ just those pixels. The backward pass uses the same split:
   pixels' share: k*k index sums over the boundary pixels only, instead of a dense transposed
   convolution; only non-U1 pixels get the activation gradient explicitly.
 
-Layout: the gamma/beta maps and their gradient are kept channel-major (C x N*H*W; for batch 1
-exactly the channels-first tensor, for larger batches one copy of whole H*W rows), and every
-per-code or per-table sum is an ``index_add`` along that contiguous pixel axis, which torch runs
-in parallel over the channels. The pixel-major form (rows of C per pixel) needed a transpose each
-way and row-wise ``index_add`` along dim 0, which torch runs as a sort + segment pass that used
-the second core badly (profile in docs/PERFORMANCE.md). Only the 128-wide hidden activation stays
-pixel-major, because the boundary pixels' im2col patches are rows of it.
+Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
+their gradient are kept channel-major (C x N*H*W; for batch 1 exactly the channels-first tensor,
+for larger batches one copy of whole H*W rows), so no per-pixel transpose is needed either way.
+With few codes (the usual case) the per-code maps and sums are products with 0/1 matrices built
+once per layout, which BLAS runs on every core; with many codes they are index ops along the
+contiguous pixel axis. The table gradient of the gather is one sparse product. No row-wise
+``index_add`` along dim 0 is left: torch runs it as a sort + segment pass that cost several times
+more on two threads than on one. The im2col patches of the boundary pixels are rows gathered from
+small tables (per-code activations, the non-U1 pixels' activations, a zero row; in the backward
+the boundary pixels' gradients and a zero row), never from a padded full-size map.
 
 Exactness: the same products are summed, in a different order (per code sums first), so results
 agree with the dense convolutions to float rounding (``tests/test_region_modulation.py``: fp64
@@ -48,10 +51,11 @@ from torch import Tensor
 
 from spade_dist.models.onehot_conv import gather_table, shifted_indices, weight_from_table
 
-# Largest num_codes + 1 for which the backward's per-code sums are one-hot matrix products: they cost
-# 2 * (num_codes + 1) multiply-adds per summed value, which BLAS runs on every core faster than an
-# index_add scatter up to about this many codes on the 2-core AVX2 machine (docs/PERFORMANCE.md);
-# real label maps have a handful to a few dozen codes per resolution, random block maps hundreds.
+# Largest num_codes + 1 for which the per-code maps and sums are one-hot matrix products: they cost
+# 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
+# row-wise index_add, badly parallel), and the 0/1 matrices take (num_codes + 1) floats per
+# pixel (per border pixel and offset). Real label maps have ~10-30 codes per resolution, random
+# block maps hundreds (those take the index ops).
 ONEHOT_SUM_MAX_CODES = 64
 
 
@@ -84,10 +88,6 @@ class RegionLayout:
     # (BLAS uses every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
     boundary_onehot: Optional[Tensor] = None  # len(boundary) x k*k*(num_codes+1) (fp32)
-
-    @property
-    def radius(self) -> int:
-        return self.kernel_size // 2
 
 
 def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
@@ -162,14 +162,14 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
     boundary1_grad_patches = _padded_base(boundary1, h, w, r)[:, None] + _offsets(kernel_size, wp, device, True)[None, :]
     # Row of each padded position in the activation source [code rows; boundary1 rows; zero row].
-    act_row = torch.where(u1.reshape(-1), flat, no_code)
+    act_row = u1_code.reshape(-1).clone()
     act_row[boundary1] = num_codes + torch.arange(boundary1.numel(), device=device)
     act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + boundary1.numel())
     # Row of each padded position in the gradient source [boundary rows; zero row] (U2 pixels are never read).
     grad_row = torch.full_like(flat, boundary.numel())
     grad_row[boundary] = torch.arange(boundary.numel(), device=device)
     grad_row_padded = F.pad(grad_row.view(n, h, w), (r, r, r, r), value=boundary.numel())
-    u1_code_padded = F.pad(torch.where(u1.reshape(-1), flat, no_code).view(n, h, w), (r, r, r, r), value=num_codes)
+    u1_code_padded = F.pad(u1_code, (r, r, r, r), value=num_codes)
     offset_base = torch.arange(k2, device=device)[:, None] * (num_codes + 1)
     boundary_u1_keys = u1_code_padded.reshape(-1)[boundary_patches].t() + offset_base
     gather_rows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
