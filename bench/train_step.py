@@ -15,7 +15,8 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 One run per (batch, thread count) of ``--batch`` x ``--threads`` (``0`` = all cores), each with
 fresh networks from the same seed; each run prints one ``{"run": ...}`` JSON line as it finishes
 and the last output line is one JSON object with every run and a ``ratios`` summary. Per run:
-images/s of both modes, ``ratio`` (fast / reference), the 1/5/15-minute load averages (as
+images/s of both modes, ``ratio`` (fast / reference), ``cpu_ratio`` (the same from process CPU
+seconds, robust to other jobs at 1 thread), the 1/5/15-minute load averages (as
 ``uptime`` prints them) at its start and end, peak memory per mode (CPU: sampled RSS high-water
 while that mode runs, plus the process ``ru_maxrss`` at the end; CUDA: ``max_memory_allocated``),
 FLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode`` during the warm-up
@@ -158,6 +159,7 @@ class Mode:
                           self.state.scaler_G, self.state.scaler_D)
         self.losses = LossSet.from_config(cfg, vgg)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) per timed iteration
         self.peak_bytes = 0
         self.step = 0
 
@@ -257,10 +259,11 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
                 torch.cuda.reset_peak_memory_stats(device)
             with RssPeak() as rss:
                 m.sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 m.iteration(batches[m.name])
                 m.sync()
                 m.times.append(time.perf_counter() - start)
+                m.cpu_times.append(time.process_time() - cpu_start)
             m.peak_bytes = max(m.peak_bytes, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak)
 
     run: dict[str, Any] = {"batch": batch, "threads": threads, "device": str(device), "load_avg_start": list(load_start),
@@ -269,12 +272,17 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
         med = statistics.median(m.times)
         run[m.name] = {
             "images_per_s": batch / med, "median_s": med, "times_s": [round(t, 4) for t in m.times],
+            "median_cpu_s": statistics.median(m.cpu_times), "cpu_times_s": [round(t, 4) for t in m.cpu_times],
             "peak_memory_bytes": m.peak_bytes, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled",
         }
         if m.name in flops:
             run[m.name]["flops_per_image"] = flops[m.name] / batch
             run[m.name]["achieved_gflops"] = flops[m.name] / med / 1e9
     run["ratio"] = run["fast"]["images_per_s"] / run["reference"]["images_per_s"]
+    # CPU seconds ratio: at 1 thread close to the quiet-machine wall ratio even when other jobs
+    # time-slice the cores (they do not add to this process's CPU time); at more threads it also
+    # counts OpenMP threads spinning at barriers, so the wall ratio is the one that counts there.
+    run["cpu_ratio"] = run["reference"]["median_cpu_s"] / run["fast"]["median_cpu_s"]
     run["first_iteration_loss_rel_diff"] = {
         k: abs(first_losses["fast"][k] - v) / max(abs(v), 1e-12) for k, v in first_losses["reference"].items()
     }

@@ -30,6 +30,7 @@ def _check_run(run: dict) -> None:
     batch = run["batch"]
     assert run["ratio"] == fast["images_per_s"] / ref["images_per_s"]
     assert ref["images_per_s"] == batch / ref["median_s"] and len(ref["times_s"]) == 1
+    assert run["cpu_ratio"] == ref["median_cpu_s"] / fast["median_cpu_s"] and ref["median_cpu_s"] > 0
     # Same network: the reference counts the dense mlp_shared multiply-adds the gather skips.
     assert ref["flops_per_image"] > fast["flops_per_image"] > 0
     assert ref["peak_memory_bytes"] > 0 and fast["peak_memory_bytes"] > 0
