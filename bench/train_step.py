@@ -12,14 +12,18 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
   one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop).
 
-The last output line is one JSON object: images/s of both, ``ratio`` (fast / reference), peak
-memory per mode (CPU: sampled RSS high-water while that mode runs, plus the process
-``ru_maxrss``; CUDA: ``max_memory_allocated``), FLOPs per image counted with
-``torch.utils.flop_counter.FlopCounterMode`` during the warm-up iteration (the fast path's count
-is lower: gathers are not multiply-adds), the loss difference between the modes at the first
-iteration (same weights, same batch) and machine info.
+One run per (batch, thread count) of ``--batch`` x ``--threads`` (``0`` = all cores), each with
+fresh networks from the same seed; each run prints one ``{"run": ...}`` JSON line as it finishes
+and the last output line is one JSON object with every run and a ``ratios`` summary. Per run:
+images/s of both modes, ``ratio`` (fast / reference), ``cpu_ratio`` (the same from process CPU
+seconds, robust to other jobs at 1 thread), the 1/5/15-minute load averages (as
+``uptime`` prints them) at its start and end, peak memory per mode (CPU: sampled RSS high-water
+while that mode runs, plus the process ``ru_maxrss`` at the end; CUDA: ``max_memory_allocated``),
+FLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode`` during the warm-up
+iteration (the fast path's count is lower: gathers are not multiply-adds) and the loss
+difference between the modes at the first iteration (same weights, same batch).
 
-    python bench/train_step.py --config configs/coco_stuff.yaml --batch 1 --warmup 1 --iters 3
+    python bench/train_step.py --config configs/coco_stuff.yaml --batch 1 2 --threads 1 0 --warmup 1 --iters 3
 """
 from __future__ import annotations
 
@@ -155,6 +159,7 @@ class Mode:
                           self.state.scaler_G, self.state.scaler_D)
         self.losses = LossSet.from_config(cfg, vgg)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) per timed iteration
         self.peak_bytes = 0
         self.step = 0
 
@@ -184,7 +189,7 @@ def count_flops(mode: Mode, mb: MicroBatch) -> tuple[int, dict[str, float]]:
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+        "cpu_count": os.cpu_count(), "device": str(device),
         "load_avg_1m": os.getloadavg()[0],
     }
     try:
@@ -200,10 +205,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "coco_stuff.yaml"))
-    p.add_argument("--batch", type=int, default=1, help="per-rank batch (data.batch_size)")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations per mode")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode (the first counts FLOPs)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="per-rank batch sizes (data.batch_size), one run each")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per mode and run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode and run (the first counts FLOPs)")
+    p.add_argument("--threads", type=int, nargs="+", default=[0],
+                   help="torch thread counts, one run each (0 = all cores: os.cpu_count())")
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights, same cost)")
     p.add_argument("--fast-override", action="append", default=[], help="dotted override for the fast mode only")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -213,83 +219,111 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both modes, e.g. model.ngf=32")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
-        p.error(f"--batch and --iters must be >= 1 and --warmup >= 0 (got {args.batch}, {args.iters}, {args.warmup})")
+    if min(args.batch) < 1 or args.iters < 1 or args.warmup < 0 or min(args.threads) < 0:
+        p.error(f"--batch and --iters must be >= 1, --warmup and --threads >= 0 "
+                f"(got {args.batch}, {args.iters}, {args.warmup}, {args.threads})")
     return args
+
+
+def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg: Optional[VGGLoss]) -> dict[str, Any]:
+    """Both modes at one (batch, thread count): fresh networks from the same seed, ABBA-interleaved."""
+    torch.set_num_threads(threads)
+    common = [f"data.batch_size={batch}"] + list(args.overrides)
+    ref_cfg = load_config(args.config, common + REFERENCE_OVERRIDES)
+    fast_cfg = load_config(args.config, common + list(args.fast_override))
+    modes = [Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0),
+             Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0)]
+    device = modes[0].backend.device
+    if vgg is not None:
+        vgg.to(device)  # in place; the same module serves every run
+    raw = (coco_sample_batch(ref_cfg, batch, Path(args.labels_dir)) if labels == "coco-sample"
+           else synthetic_batch(ref_cfg, batch))
+    batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
+    load_start = os.getloadavg()
+
+    flops: dict[str, int] = {}
+    first_losses: dict[str, dict[str, float]] = {}
+    for m in modes:  # first warm-up iteration: FLOPs and the losses of identical starting points
+        if args.no_flops:
+            first_losses[m.name] = {k: float(v) for k, v in train_step(m.backend, m.losses, [batches[m.name]], m.step, m.cfg).losses.items()}
+            m.step += 1
+        else:
+            flops[m.name], first_losses[m.name] = count_flops(m, batches[m.name])
+    for _ in range(max(args.warmup - 1, 0)):
+        for m in modes:
+            m.iteration(batches[m.name])
+    for i in range(args.iters):
+        order = modes if i % 2 == 0 else modes[::-1]  # ABBA interleaving
+        for m in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with RssPeak() as rss:
+                m.sync()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                m.iteration(batches[m.name])
+                m.sync()
+                m.times.append(time.perf_counter() - start)
+                m.cpu_times.append(time.process_time() - cpu_start)
+            m.peak_bytes = max(m.peak_bytes, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak)
+
+    run: dict[str, Any] = {"batch": batch, "threads": threads, "device": str(device), "load_avg_start": list(load_start),
+                           "load_avg_end": list(os.getloadavg())}
+    for m in modes:
+        med = statistics.median(m.times)
+        run[m.name] = {
+            "images_per_s": batch / med, "median_s": med, "times_s": [round(t, 4) for t in m.times],
+            "median_cpu_s": statistics.median(m.cpu_times), "cpu_times_s": [round(t, 4) for t in m.cpu_times],
+            "peak_memory_bytes": m.peak_bytes, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled",
+        }
+        if m.name in flops:
+            run[m.name]["flops_per_image"] = flops[m.name] / batch
+            run[m.name]["achieved_gflops"] = flops[m.name] / med / 1e9
+    run["ratio"] = run["fast"]["images_per_s"] / run["reference"]["images_per_s"]
+    # CPU seconds ratio: at 1 thread close to the quiet-machine wall ratio even when other jobs
+    # time-slice the cores (they do not add to this process's CPU time); at more threads it also
+    # counts OpenMP threads spinning at barriers, so the wall ratio is the one that counts there.
+    run["cpu_ratio"] = run["reference"]["median_cpu_s"] / run["fast"]["median_cpu_s"]
+    run["first_iteration_loss_rel_diff"] = {
+        k: abs(first_losses["fast"][k] - v) / max(abs(v), 1e-12) for k, v in first_losses["reference"].items()
+    }
+    return run
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common = [f"data.batch_size={args.batch}"] + list(args.overrides)
-    ref_cfg = load_config(args.config, common + REFERENCE_OVERRIDES)
-    fast_cfg = load_config(args.config, common + list(args.fast_override))
-    if fast_cfg.train.mixed_precision != "no" and fast_cfg.train.device == "cpu":
+    probe = load_config(args.config, [f"data.batch_size={args.batch[0]}"] + list(args.overrides) + list(args.fast_override))
+    if probe.train.mixed_precision != "no" and probe.train.device == "cpu":
         raise SystemExit("bench: mixed precision on CPU is not a fast path here (no bf16 hardware); leave it 'no'")
+    labels = args.labels
+    if labels == "auto":
+        coco_like = probe.data.label_nc == 182 and not probe.data.no_instance
+        labels = "coco-sample" if coco_like and Path(args.labels_dir).is_dir() else "blocks"
+    thread_counts = [t or (os.cpu_count() or 1) for t in args.threads]
+    initial_threads = torch.get_num_threads()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vgg: Optional[VGGLoss] = None
-        if not ref_cfg.loss.no_vgg_loss:
-            path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
-            vgg = VGGLoss.from_file(path)
-        modes = [Mode("reference", ref_cfg, vgg, host_sync_logging=True, seed=0),
-                 Mode("fast", fast_cfg, vgg, host_sync_logging=False, seed=0)]
-        device = modes[0].backend.device
-        if vgg is not None:
-            vgg.to(device)
-        labels = args.labels
-        if labels == "auto":
-            coco_like = ref_cfg.data.label_nc == 182 and not ref_cfg.data.no_instance
-            labels = "coco-sample" if coco_like and Path(args.labels_dir).is_dir() else "blocks"
-        raw = (coco_sample_batch(ref_cfg, args.batch, Path(args.labels_dir)) if labels == "coco-sample"
-               else synthetic_batch(ref_cfg, args.batch))
-        batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
+    runs: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            vgg: Optional[VGGLoss] = None
+            if not probe.loss.no_vgg_loss:
+                path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
+                vgg = VGGLoss.from_file(path)
+            for batch in args.batch:
+                for threads in thread_counts:
+                    run = run_one(args, batch, threads, labels, vgg)
+                    runs.append(run)
+                    # One line per run as it finishes (a long sweep shows progress); the last line is the whole result.
+                    print(json.dumps({"run": run}), flush=True)
+    finally:
+        torch.set_num_threads(initial_threads)
 
-        flops: dict[str, int] = {}
-        first_losses: dict[str, dict[str, float]] = {}
-        for m in modes:  # first warm-up iteration: FLOPs and the losses of identical starting points
-            if args.no_flops:
-                first_losses[m.name] = {k: float(v) for k, v in train_step(m.backend, m.losses, [batches[m.name]], m.step, m.cfg).losses.items()}
-                m.step += 1
-            else:
-                flops[m.name], first_losses[m.name] = count_flops(m, batches[m.name])
-        for _ in range(max(args.warmup - 1, 0)):
-            for m in modes:
-                m.iteration(batches[m.name])
-        for i in range(args.iters):
-            order = modes if i % 2 == 0 else modes[::-1]  # ABBA interleaving
-            for m in order:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                with RssPeak() as rss:
-                    m.sync()
-                    start = time.perf_counter()
-                    m.iteration(batches[m.name])
-                    m.sync()
-                    m.times.append(time.perf_counter() - start)
-                m.peak_bytes = max(m.peak_bytes, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak)
-
-    loss_diff = {
-        k: abs(first_losses["fast"][k] - v) / max(abs(v), 1e-12) for k, v in first_losses["reference"].items()
-    }
     out: dict[str, Any] = {"benchmark": "train_step", "config": str(args.config), "overrides": args.overrides,
-                           "fast_overrides": args.fast_override, "batch": args.batch, "iters": args.iters,
-                           "warmup": args.warmup, "crop_size": ref_cfg.data.crop_size, "ngf": ref_cfg.model.ngf,
-                           "semantic_nc": ref_cfg.data.semantic_nc, "labels": labels}
-    for m in modes:
-        med = statistics.median(m.times)
-        out[m.name] = {
-            "images_per_s": args.batch / med, "median_s": med, "times_s": [round(t, 4) for t in m.times],
-            "peak_memory_bytes": m.peak_bytes, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled",
-        }
-        if m.name in flops:
-            out[m.name]["flops_per_image"] = flops[m.name] / args.batch
-            out[m.name]["achieved_gflops"] = flops[m.name] / med / 1e9
-    out["ratio"] = out["fast"]["images_per_s"] / out["reference"]["images_per_s"]
-    out["first_iteration_loss_rel_diff"] = loss_diff
-    out["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out["machine"] = machine_info(device)
+                           "fast_overrides": args.fast_override, "iters": args.iters, "warmup": args.warmup,
+                           "crop_size": probe.data.crop_size, "ngf": probe.model.ngf,
+                           "semantic_nc": probe.data.semantic_nc, "labels": labels, "runs": runs,
+                           "ratios": [{"batch": r["batch"], "threads": r["threads"], "ratio": round(r["ratio"], 4)} for r in runs],
+                           "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           "machine": machine_info(torch.device(runs[-1]["device"]))}
     print(json.dumps(out))
     return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spade_dist.models import region_modulation
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import onehot_index
 from spade_dist.models.region_modulation import build_region_layout, region_gamma_beta
@@ -32,8 +33,13 @@ def _dense(seg, shared_w, shared_b, gb_w, gb_b):
     return F.conv2d(F.relu(F.conv2d(seg, shared_w, shared_b, padding=k // 2)), gb_w, gb_b, padding=k // 2)
 
 
+@pytest.mark.parametrize("onehot_sums", [True, False], ids=["onehot-matmul-sums", "index-sums"])
 @pytest.mark.parametrize("kernel,block,size", [(3, 8, (20, 28)), (5, 10, (30, 24)), (3, 1, (9, 7)), (3, 40, (16, 16))])
-def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, size: tuple[int, int]) -> None:
+def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, size: tuple[int, int], onehot_sums: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both ways of forming the per-code maps and sums: one-hot matrix products (few codes, the
+    # usual case) and index_select / index_add (many codes).
+    monkeypatch.setattr(region_modulation, "ONEHOT_SUM_MAX_CODES", 10_000 if onehot_sums else 0)
     torch.manual_seed(0)
     h, w = size
     seg = _regions(2, h, w, block)
@@ -44,6 +50,7 @@ def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, si
               torch.randn(10, 7, kernel, kernel, **f64), torch.randn(10, **f64)]
     upstream = torch.randn(2, 10, h, w, dtype=torch.float64)
 
+    assert (layout.u2_onehot is not None) == onehot_sums and (layout.boundary_onehot is not None) == onehot_sums
     dense = _dense(seg, *params)
     region = region_gamma_beta(layout, *params)
     assert region.shape == dense.shape and region.is_contiguous()

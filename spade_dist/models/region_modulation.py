@@ -17,8 +17,21 @@ just those pixels. The backward pass uses the same split:
   code's U2 pixels) (x) A[code] on every offset;
 * the gradient reaching the activation at a U1 pixel is sum over offsets of W_o^T grad(q - o);
   summed over a code's U1 pixels that is sum_o W_o^T R[code, o] with R[code, o] the sum of grad
-  over the pixels whose neighbour at o is a U1 pixel of that code: k*k ``index_add`` passes
-  instead of a dense transposed convolution; only non-U1 pixels get it explicitly.
+  over the pixels whose neighbour at o is a U1 pixel of that code. A U2 pixel's every neighbour
+  is U1 of its own code, so R[code, o] = (sum of grad over the code's U2 pixels) + the boundary
+  pixels' share: k*k index sums over the boundary pixels only, instead of a dense transposed
+  convolution; only non-U1 pixels get the activation gradient explicitly.
+
+Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
+their gradient are kept channel-major (C x N*H*W; for batch 1 exactly the channels-first tensor,
+for larger batches one copy of whole H*W rows), so no per-pixel transpose is needed either way.
+With few codes (the usual case) the per-code maps and sums are products with 0/1 matrices built
+once per layout, which BLAS runs on every core; with many codes they are index ops along the
+contiguous pixel axis. The table gradient of the gather is one sparse product. No row-wise
+``index_add`` along dim 0 is left: torch runs it as a sort + segment pass that cost several times
+more on two threads than on one. The im2col patches of the boundary pixels are rows gathered from
+small tables (per-code activations, the non-U1 pixels' activations, a zero row; in the backward
+the boundary pixels' gradients and a zero row), never from a padded full-size map.
 
 Exactness: the same products are summed, in a different order (per code sums first), so results
 agree with the dense convolutions to float rounding (``tests/test_region_modulation.py``: fp64
@@ -28,7 +41,9 @@ sums, not the big convolutions autocast exists for.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +51,23 @@ from torch import Tensor
 
 from spade_dist.models.onehot_conv import gather_table, shifted_indices, weight_from_table
 
+# Largest num_codes + 1 for which the per-code maps and sums are one-hot matrix products: they cost
+# 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
+# row-wise index_add, badly parallel), and the 0/1 matrices take (num_codes + 1) floats per
+# pixel (per border pixel and offset). Real label maps have ~10-30 codes per resolution, random
+# block maps hundreds (those take the index ops).
+ONEHOT_SUM_MAX_CODES = 64
+
 
 @dataclass
 class RegionLayout:
     """Where the label map of one resolution is uniform; shared by every SPADE layer there.
 
-    Flat positions index the N*H*W pixels; "padded" positions index the N*(H+2r)*(W+2r) grid
-    of a map padded by r on each side (where neighbours outside the image read zeros).
+    Flat positions index the N*H*W pixels. No full-size activation or gradient map is ever
+    padded or gathered from: a boundary pixel's neighbour is either U1 (its code's activation),
+    a non-U1 pixel (its explicitly gathered activation) or outside the image (zero), so im2col
+    patches index small row tables; likewise the gradient a non-U1 pixel needs (at q - o) lies
+    on non-U2 pixels only (q's window is inside p = q - o's doubled window), i.e. on the boundary.
     """
 
     shape: tuple[int, int, int]  # N, H, W
@@ -51,18 +76,18 @@ class RegionLayout:
     num_codes: int
     code: Tensor  # N*H*W int64: one code per combination of the groups' classes present (0..num_codes-1)
     code_columns: Tensor  # num_codes x C_in: which input channels each code sets (0/1)
-    u1_code_padded: Tensor  # N x H+2r x W+2r: code where U1, num_codes elsewhere / outside
     u2_key: Tensor  # N*H*W: code where U2, num_codes elsewhere
     boundary: Tensor  # flat positions not in U2 (gamma/beta convolved explicitly)
-    boundary_patches: Tensor  # len(boundary) x k*k padded positions of their neighbours p + o
+    boundary_act_rows: Tensor  # len(boundary) x k*k rows of [code activations; boundary1 activations; zero]
+    boundary_u1_keys: Tensor  # k*k x len(boundary): o * (num_codes + 1) + U1 code of neighbour p + o (num_codes: none)
     boundary1: Tensor  # flat positions not in U1 (activation gathered explicitly)
-    boundary1_padded: Tensor  # padded positions of the boundary1 pixels themselves
-    boundary1_grad_patches: Tensor  # len(boundary1) x k*k padded positions q - o (mirrored offsets)
+    boundary1_grad_rows: Tensor  # len(boundary1) x k*k rows of [boundary pixels' grads; zero] at q - o
     gather_rows: Tensor  # len(boundary1) x groups*k*k rows of the onehot_conv table
-
-    @property
-    def radius(self) -> int:
-        return self.kernel_size // 2
+    gather_sum: Tensor  # sparse CSR table rows x len(boundary1), fp32 0/1: S @ rows sums each pixel's row into the table rows it read
+    # With few codes the per-code maps and sums run as matrix products with these 0/1 matrices
+    # (BLAS uses every core; an index_select / index_add along the pixel axis is strided); None = index ops.
+    u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
+    boundary_onehot: Optional[Tensor] = None  # len(boundary) x k*k*(num_codes+1) (fp32)
 
 
 def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
@@ -81,23 +106,16 @@ def _offsets(k: int, padded_width: int, device: torch.device, mirrored: bool) ->
     return (ky * padded_width + kx).reshape(-1)
 
 
-def _to_channels_first(pixel_major: Tensor, n: int, h: int, w: int) -> Tensor:
-    """(N*H*W) x C -> N x C x H x W, one 2-D transpose per sample (~5x faster on CPU than the
-    equivalent 4-D permute copy, measured at 256^2 x 256 channels)."""
-    c = pixel_major.shape[1]
-    out = pixel_major.new_empty(n, c, h * w)
-    for i, rows in enumerate(pixel_major.view(n, h * w, c)):
-        out[i].copy_(rows.t())
-    return out.view(n, c, h, w)
-
-
-def _to_pixel_major(channels_first: Tensor) -> Tensor:
-    """N x C x H x W -> N x H x W x C (contiguous), per-sample 2-D transposes as above."""
+def _channel_major(channels_first: Tensor) -> Tensor:
+    """N x C x H x W -> C x N*H*W: a view for batch 1, else one copy of whole H*W rows."""
     n, c, h, w = channels_first.shape
-    out = channels_first.new_empty(n, h * w, c)
-    for i, plane in enumerate(channels_first.reshape(n, c, h * w)):
-        out[i].copy_(plane.t())
-    return out.view(n, h, w, c)
+    return channels_first.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
+
+
+def _from_channel_major(channel_major: Tensor, n: int, h: int, w: int) -> Tensor:
+    """C x N*H*W -> contiguous N x C x H x W (inverse of :func:`_channel_major`)."""
+    c = channel_major.shape[0]
+    return channel_major.view(c, n, h * w).transpose(0, 1).contiguous().view(n, c, h, w)
 
 
 def _uniform(code: Tensor, radius: int) -> Tensor:
@@ -139,20 +157,60 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     boundary = (~u2).reshape(-1).nonzero().squeeze(1)
     boundary1 = (~u1).reshape(-1).nonzero().squeeze(1)
     # Neighbour tables, built once here and shared by every SPADE layer at this resolution in both passes.
+    k2 = kernel_size * kernel_size
     wp = w + 2 * r
-    base1 = _padded_base(boundary1, h, w, r)
+    boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
+    boundary1_grad_patches = _padded_base(boundary1, h, w, r)[:, None] + _offsets(kernel_size, wp, device, True)[None, :]
+    # Row of each padded position in the activation source [code rows; boundary1 rows; zero row].
+    act_row = u1_code.reshape(-1).clone()
+    act_row[boundary1] = num_codes + torch.arange(boundary1.numel(), device=device)
+    act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + boundary1.numel())
+    # Row of each padded position in the gradient source [boundary rows; zero row] (U2 pixels are never read).
+    grad_row = torch.full_like(flat, boundary.numel())
+    grad_row[boundary] = torch.arange(boundary.numel(), device=device)
+    grad_row_padded = F.pad(grad_row.view(n, h, w), (r, r, r, r), value=boundary.numel())
+    u1_code_padded = F.pad(u1_code, (r, r, r, r), value=num_codes)
+    offset_base = torch.arange(k2, device=device)[:, None] * (num_codes + 1)
+    boundary_u1_keys = u1_code_padded.reshape(-1)[boundary_patches].t() + offset_base
+    gather_rows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    u2_key = torch.where(u2.reshape(-1), flat, no_code)
+    few_codes = num_codes + 1 <= ONEHOT_SUM_MAX_CODES
     return RegionLayout(
         shape=(n, h, w), kernel_size=kernel_size, class_counts=list(class_counts), num_codes=num_codes,
         code=flat, code_columns=code_columns,
-        u1_code_padded=F.pad(u1_code, (r, r, r, r), value=num_codes),
-        u2_key=torch.where(u2.reshape(-1), flat, no_code),
+        u2_key=u2_key,
         boundary=boundary,
-        boundary_patches=_padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :],
+        boundary_act_rows=act_row_padded.reshape(-1)[boundary_patches],
+        boundary_u1_keys=boundary_u1_keys,
         boundary1=boundary1,
-        boundary1_padded=base1 + r * wp + r,
-        boundary1_grad_patches=base1[:, None] + _offsets(kernel_size, wp, device, True)[None, :],
-        gather_rows=shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1),
+        boundary1_grad_rows=grad_row_padded.reshape(-1)[boundary1_grad_patches],
+        gather_rows=gather_rows,
+        gather_sum=_row_sum_matrix(gather_rows, sum(k2 * (count + 1) for count in class_counts)),
+        u2_onehot=F.one_hot(u2_key, num_codes + 1).to(torch.float32) if few_codes else None,
+        boundary_onehot=_onehot_rows(boundary_u1_keys.t(), k2 * (num_codes + 1)) if few_codes else None,
     )
+
+
+def _row_sum_matrix(rows: Tensor, num_rows: int) -> Tensor:
+    """Sparse CSR ``num_rows x len(rows)`` fp32 matrix S with S[rows[q, j], q] = 1 (a pixel's rows are
+    distinct: one table block per offset), so ``S @ X`` adds each row of X into the table rows it
+    read in the forward gather. One sparse product replaces one row-wise ``index_add`` per column
+    (each a sort and segment pass in torch on CPU that scaled badly to two threads); exact, as
+    the products are by 1.0."""
+    flat = rows.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = F.pad(torch.bincount(flat, minlength=num_rows).cumsum(0), (1, 0))
+    columns = order.div(rows.shape[1], rounding_mode="floor")
+    values = torch.ones(flat.numel(), dtype=torch.float32, device=rows.device)
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, columns, values, (num_rows, rows.shape[0]), check_invariants=False)
+
+
+def _onehot_rows(keys: Tensor, width: int) -> Tensor:
+    """rows x width fp32 matrix with a 1 at each of a row's keys (a row's keys are distinct)."""
+    out = torch.zeros(keys.shape[0], width, dtype=torch.float32, device=keys.device)
+    return out.scatter_(1, keys, 1.0)
 
 
 class _RegionGammaBeta(torch.autograd.Function):
@@ -160,70 +218,79 @@ class _RegionGammaBeta(torch.autograd.Function):
     def forward(ctx, layout: RegionLayout, shared_weight: Tensor, shared_bias: Tensor,  # type: ignore[override]
                 gb_weight: Tensor, gb_bias: Tensor) -> Tensor:
         n, h, w = layout.shape
-        r, k = layout.radius, layout.kernel_size
+        k = layout.kernel_size
         hidden, c2 = shared_weight.shape[0], gb_weight.shape[0]
         # Per code: the activation of a uniform window and the gamma/beta of a uniform window of those.
         code_act = F.relu(layout.code_columns.to(shared_weight.dtype) @ shared_weight.sum(dim=(2, 3)).t() + shared_bias)  # codes x hidden
         code_gb = torch.addmm(gb_bias, code_act, gb_weight.sum(dim=(2, 3)).t())  # codes x 2C
-        # Activation map, pixel-major and zero padded: the per-code value, then the exact gather
-        # at the pixels whose window is not uniform.
-        act = F.embedding(layout.code, code_act)
+        # The activation where it is not per code: the exact gather of the non-U1 pixels.
+        act_source = [code_act]
         if layout.boundary1.numel():
             table = gather_table(shared_weight, layout.class_counts)
-            act[layout.boundary1] = F.relu(F.embedding_bag(layout.gather_rows, table, mode="sum") + shared_bias)
-        act_padded = F.pad(act.view(n, h, w, hidden), (0, 0, r, r, r, r)).view(-1, hidden)
-        out = F.embedding(layout.code, code_gb)
+            act_source.append(F.relu(F.embedding_bag(layout.gather_rows, table, mode="sum") + shared_bias))
+        act_source.append(code_act.new_zeros(1, hidden))
+        source = torch.cat(act_source)  # [codes; boundary1; zero] x hidden
+        # gamma/beta channel-major (2C x N*H*W): the U2 pixels' per-code values, then the boundary
+        # pixels' im2col product, computed transposed (2C x boundary) to fit.
+        if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
+            out = F.pad(code_gb.t(), (0, 1)) @ layout.u2_onehot.to(code_gb.dtype).t()
+        else:
+            out = code_gb.t().contiguous().index_select(1, layout.code)
         if layout.boundary.numel():
-            patches = act_padded.index_select(0, layout.boundary_patches.reshape(-1)).view(-1, k * k * hidden)
+            patches = source.index_select(0, layout.boundary_act_rows.reshape(-1)).view(-1, k * k * hidden)
             weight_matrix = gb_weight.permute(2, 3, 1, 0).reshape(k * k * hidden, c2)
-            out.index_copy_(0, layout.boundary, torch.addmm(gb_bias, patches, weight_matrix))
+            out.index_copy_(1, layout.boundary, torch.addmm(gb_bias[:, None], weight_matrix.t(), patches.t()))
         ctx.layout = layout
-        ctx.save_for_backward(shared_weight, gb_weight, code_act, act_padded)
-        return _to_channels_first(out, n, h, w)
+        ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
+        return _from_channel_major(out, n, h, w)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         layout: RegionLayout = ctx.layout
-        shared_weight, gb_weight, code_act, act_padded = ctx.saved_tensors
-        n, h, w = layout.shape
-        r, k = layout.radius, layout.kernel_size
+        shared_weight, gb_weight, code_act, source = ctx.saved_tensors
+        k = layout.kernel_size
         hidden, c_in, c2 = shared_weight.shape[0], shared_weight.shape[1], gb_weight.shape[0]
         num_codes = layout.num_codes
-        grad = _to_pixel_major(grad_out.to(gb_weight.dtype))  # N x H x W x 2C
-        grad_flat = grad.view(-1, c2)
-        grad_gb_bias = grad_flat.sum(dim=0)
+        grad = _channel_major(grad_out.to(gb_weight.dtype).contiguous())  # 2C x N*H*W
+        grad_gb_bias = grad.sum(dim=1)
 
         # conv_gb weight: U2 pixels through their code's sum, boundary pixels through their patches.
-        per_code = grad_flat.new_zeros(num_codes + 1, c2).index_add_(0, layout.u2_key, grad_flat)[:num_codes]
-        grad_gb_weight = (per_code.t() @ code_act)[:, :, None, None].expand(c2, hidden, k, k).clone()
+        if layout.u2_onehot is not None:
+            per_code = (grad @ layout.u2_onehot.to(grad.dtype))[:, :num_codes]  # 2C x codes
+        else:
+            per_code = grad.new_zeros(c2, num_codes + 1).index_add_(1, layout.u2_key, grad)[:, :num_codes]
+        grad_gb_weight = (per_code @ code_act)[:, :, None, None].expand(c2, hidden, k, k).clone()
+        # U1 pixels, summed per code: R[code, o] = sum of grad(p) over p whose neighbour p + o is U1
+        # of that code = the code's U2 sum (every neighbour of a U2 pixel is U1 of its code) + the
+        # boundary pixels whose neighbour at o is.
+        sums = grad.new_zeros(c2, k * k * (num_codes + 1))  # column o * (num_codes + 1) + code
+        grad_rows = grad.new_zeros(1, c2)
         if layout.boundary.numel():
-            patches = act_padded.index_select(0, layout.boundary_patches.reshape(-1)).view(-1, k * k * hidden)
-            from_patches = grad_flat.index_select(0, layout.boundary).t() @ patches  # 2C x (k*k*hidden)
+            grad_boundary = grad.index_select(1, layout.boundary)  # 2C x boundary
+            patches = source.index_select(0, layout.boundary_act_rows.reshape(-1)).view(-1, k * k * hidden)
+            from_patches = grad_boundary @ patches  # 2C x (k*k*hidden)
             grad_gb_weight += from_patches.view(c2, k, k, hidden).permute(0, 3, 1, 2)
-
-        # Gradient at the activation: dact(q) = sum_o W_o^T grad(q - o).
-        transposed_weight = gb_weight.permute(2, 3, 0, 1).reshape(k * k * c2, hidden)  # row (ky, kx, j)
-        # U1 pixels, summed per code: R[code, o] = sum of grad(p) over p whose neighbour p + o is U1 of code.
-        sums = []
-        for ky in range(k):
-            for kx in range(k):
-                key = layout.u1_code_padded[:, ky:ky + h, kx:kx + w].reshape(-1)
-                sums.append(grad_flat.new_zeros(num_codes + 1, c2).index_add_(0, key, grad_flat)[:num_codes])
-        code_grad_pre = (torch.stack(sums, dim=1).view(num_codes, k * k * c2) @ transposed_weight) * (code_act > 0)
+            if layout.boundary_onehot is not None:
+                sums = grad_boundary @ layout.boundary_onehot.to(grad.dtype)
+            else:
+                for keys in layout.boundary_u1_keys:
+                    sums.index_add_(1, keys, grad_boundary)
+            grad_rows = torch.cat([grad_boundary.t(), grad_rows])  # [boundary; zero] x 2C
+        per_offset = sums.view(c2, k * k, num_codes + 1)[:, :, :num_codes] + per_code[:, None, :]  # 2C x k*k x codes
+        # Gradient at the activation: dact(q) = sum_o W_o^T grad(q - o); rows of W ordered (ky, kx, j).
+        transposed_weight = gb_weight.permute(2, 3, 0, 1).reshape(k * k * c2, hidden)
+        code_grad_pre = (per_offset.permute(2, 1, 0).reshape(num_codes, k * k * c2) @ transposed_weight) * (code_act > 0)
         grad_shared_bias = code_grad_pre.sum(dim=0)
         grad_shared_weight = (code_grad_pre.t() @ layout.code_columns.to(code_grad_pre.dtype))[:, :, None, None].expand(hidden, c_in, k, k).clone()
         # Non-U1 pixels one by one: their grad patch (mirrored offsets) times the weight, the ReLU
-        # mask, then the onehot_conv table's scatter-add over each offset's class.
+        # mask, then the onehot_conv table's sum over each offset's class (one sparse product).
         if layout.boundary1.numel():
-            grad_padded = F.pad(grad, (0, 0, r, r, r, r)).view(-1, c2)
-            grad_patches = grad_padded.index_select(0, layout.boundary1_grad_patches.reshape(-1))
-            grad_act = grad_patches.view(-1, k * k * c2) @ transposed_weight
-            grad_pre = grad_act * (act_padded.index_select(0, layout.boundary1_padded) > 0)
+            grad_patches = grad_rows.index_select(0, layout.boundary1_grad_rows.reshape(-1)).view(-1, k * k * c2)
+            boundary1_act = source[num_codes:num_codes + layout.boundary1.numel()]
+            grad_pre = (grad_patches @ transposed_weight) * (boundary1_act > 0)  # boundary1 x hidden
             grad_shared_bias += grad_pre.sum(dim=0)
-            table_grad = grad_pre.new_zeros(sum(k * k * (count + 1) for count in layout.class_counts), hidden)
-            for column in range(layout.gather_rows.shape[1]):
-                table_grad.index_add_(0, layout.gather_rows[:, column], grad_pre)
-            grad_shared_weight += weight_from_table(table_grad, layout.class_counts, k)
+            gather_sum = layout.gather_sum if grad_pre.dtype == torch.float32 else layout.gather_sum.to(grad_pre.dtype)
+            grad_shared_weight += weight_from_table(gather_sum @ grad_pre, layout.class_counts, k)
         return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias
 
 
