@@ -162,10 +162,15 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_
     assert "the run asked for a requeue (launcher exit code" in log, log[-4000:]
     assert not (run_dir / "REQUEUE").exists() and not (run_dir / "STOP").exists()
     assert "resumed from" in log and "training finished" in log
+    _assert_preempted_mid_epoch_and_exactly_once(log, run_dir, max_steps)
+
+
+def _assert_preempted_mid_epoch_and_exactly_once(log: str, run_dir: Path, max_steps: int) -> None:
+    """DONE at the last step, the stop landed inside epoch 0, and every sample of each epoch was used
+    exactly once across the two job runs (key audit)."""
     assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
     preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
     assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
-    # Every sample of the interrupted epoch was used exactly once across the two job runs.
     keys = _keys_by_epoch(run_dir)
     assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
     assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
@@ -219,12 +224,7 @@ def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_sha
     # model.*: auto speed paths were measured once, recorded, and the requeued job kept that plan.
     assert log.count("speed paths on cpu (measured)") == 1 and log.count("speed paths on cpu (recorded)") == 1
     assert json.loads((run_dir / "speed_paths.json").read_text())["device_type"] == "cpu"
-    assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
-    preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
-    assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
-    keys = _keys_by_epoch(run_dir)
-    assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
-    assert sum(keys[1].values()) == (max_steps - STEPS_PER_EPOCH) * 4 and set(keys[1].values()) == {1}
+    _assert_preempted_mid_epoch_and_exactly_once(log, run_dir, max_steps)
 
 
 def test_bad_extra_env_is_refused_before_launch(tmp_path):
