@@ -189,7 +189,7 @@ def test_pushgateway_push_and_delete(tmp_path: Path) -> None:
         rows = [(s.name, s.labels, s.value) for s in _gateway_samples(gw.address)]
         assert ("spade_shard_samples", {"job": "spade-data-shard", "dataset": "coco-stuff", "instance": ""}, 21.0) in rows
         delete_job_metrics(gw.address, "spade-data-shard", {"dataset": "coco-stuff"})
-        assert _gateway_samples(gw.address) == []
+        assert _gateway_samples(gw.address) == [], _gateway_samples(gw.address)
 
         # One-off evaluation: EvalMetrics pushes each result when metrics.pushgateway is set.
         cfg = MetricsConfig(enabled=True, pushgateway=gw.address, run_name="toy", job_id="9")
@@ -201,7 +201,7 @@ def test_pushgateway_push_and_delete(tmp_path: Path) -> None:
         assert [(s.labels, s.value) for s in fids] == [({"job": "spade-eval", "run": "toy", "job_id": "9",
                                                          "instance": ""}, 42.5)]
         em.close(delete_pushed=True)
-        assert _gateway_samples(gw.address) == []
+        assert _gateway_samples(gw.address) == [], _gateway_samples(gw.address)
         address = gw.address
     with pytest.raises(MetricsError, match="metrics.pushgateway"):
         push_job_metrics(address, "spade-data-shard", registry, timeout=2)

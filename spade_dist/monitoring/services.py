@@ -188,7 +188,10 @@ def start_pushgateway(workdir: Union[str, Path], port: int = 0, host: str = "127
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
-    argv = [_binary("prometheus-pushgateway"), f"--web.listen-address={host}:{port}", "--log.level=warn"]
+    # Debian's build defaults --persistence.file to /var/lib/prometheus/pushgateway.data: every gateway
+    # started on the machine would then share (and restore) the groups of all earlier ones.
+    argv = [_binary("prometheus-pushgateway"), f"--web.listen-address={host}:{port}", "--log.level=warn",
+            "--persistence.file="]
     gw = Service("pushgateway", argv, host, port, workdir / "pushgateway.log")
     try:
         gw.wait_ready("/-/ready", ready_timeout)
