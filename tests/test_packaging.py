@@ -58,3 +58,7 @@ def test_wheel_installs_beside_existing_torch_and_finds_presets(tmp_path: Path) 
     # Every preset of the source tree is in the wheel.
     assert names[0].split() == sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml") if p.stem != "base")
     assert {"prometheus.yml", "alerts.yml", "grafana"} <= set(names[1].split())
+    # spade-serve's page ships with the package.
+    page = _run([python, "-c", "import importlib.resources as r; "
+                 "print(r.files('spade_dist.serve').joinpath('static/index.html').is_file())"], cwd=tmp_path).stdout
+    assert page.strip() == "True"
