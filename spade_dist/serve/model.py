@@ -56,7 +56,7 @@ class ServedModel:
 
 def _load(spec: ModelSpec, checkpoint: Path, step: Optional[int], device: torch.device) -> ServedModel:
     args = argparse.Namespace(checkpoint=checkpoint, preset=spec.preset, config=spec.config, encoder=spec.encoder,
-                              overrides=list(spec.overrides))
+                              overrides=list(spec.overrides), set_overrides=[])
     loaded = load_model(args)
     generator = loaded.generator.to(device)
     encoder = loaded.encoder.to(device) if loaded.encoder is not None else None
