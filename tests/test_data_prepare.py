@@ -105,21 +105,21 @@ def test_resume_skips_finished_maps_and_workers_do_not_change_bytes(tmp_path: Pa
 def test_prepare_errors_name_the_file(tmp_path: Path, capsys) -> None:
     ann, images, labels = _download(tmp_path)
     (labels / "000000000002.png").unlink()
-    assert _prepare(ann, images, labels, tmp_path / "coco", "--workers", "1") == 1
+    assert _prepare(ann, images, labels, tmp_path / "coco", "--workers", "1") == 2
     assert "label map not found" in capsys.readouterr().err
-    assert _prepare(tmp_path / "nope.json", images, labels, tmp_path / "coco") == 1
+    assert _prepare(tmp_path / "nope.json", images, labels, tmp_path / "coco") == 2
     assert "annotation file not found" in capsys.readouterr().err
     # a polygon with an odd number of coordinates names the output map
     broken = json.loads(ann.read_text())
     broken["annotations"][0]["segmentation"] = [[1, 1, 4]]
     ann.write_text(json.dumps(broken))
     (labels / "000000000002.png").write_bytes((labels / "000000000001.png").read_bytes())
-    assert _prepare(ann, images, labels, tmp_path / "fresh", "--workers", "1") == 1
+    assert _prepare(ann, images, labels, tmp_path / "fresh", "--workers", "1") == 2
     assert "000000000001.png: bad polygon in the annotation file" in capsys.readouterr().err
     # a root whose {split}_img already points elsewhere is refused rather than silently re-pointed
     other = tmp_path / "other"
     other.mkdir()
-    assert _prepare(ann, other, labels, tmp_path / "coco") == 1
+    assert _prepare(ann, other, labels, tmp_path / "coco") == 2
     assert "already exists and is not" in capsys.readouterr().err
 
 
@@ -174,9 +174,9 @@ def test_cityscapes_layout_ok_extra_level_and_missing_label_files(tmp_path: Path
 def test_check_layout_cli_exit_codes(tmp_path: Path, capsys) -> None:
     good = _cityscapes(tmp_path / "good")
     (good / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_instanceIds.png").unlink()
-    assert main(["check-layout", "--layout", "cityscapes", "--root", str(good), "--split", "train"]) == 1
+    assert main(["check-layout", "--layout", "cityscapes", "--root", str(good), "--split", "train"]) == 2
     assert "1 unpaired sample(s): aachen_000000_000019: no instance map" in capsys.readouterr().err
-    assert main(["check-layout", "--layout", "ade20k", "--root", str(tmp_path / "missing")]) == 1
+    assert main(["check-layout", "--layout", "ade20k", "--root", str(tmp_path / "missing")]) == 2
     assert "dataset root not found" in capsys.readouterr().err
 
 
