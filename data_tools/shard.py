@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data_tools import manifest as manifest_lib
 from spade_dist.files import UnsafeNameError, check_path_component
-from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, SourceSample,
+from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, PlannedShard, SourceSample,
                                 discover)
 from data_tools.records import BadSample, EncodeOptions, SampleRecord, encode_sample, encode_sample_task
 from data_tools.tario import (TAR_BLOCK, TAR_RECORD, member_tar_bytes, remove_stale_temps, sha256_file,
@@ -61,14 +61,6 @@ class ShardSlice:
 
     def owns(self, shard_index: int) -> bool:
         return shard_index % self.count == self.index
-
-
-@dataclass(frozen=True)
-class PlannedShard:
-    index: int
-    file: str
-    samples: tuple[SourceSample, ...]
-    fingerprint: str
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:

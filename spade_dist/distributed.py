@@ -23,9 +23,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from spade_dist.models.sync_bn import set_sync_bn_group
 
 
 class DistributedSetupError(RuntimeError):
@@ -234,17 +232,6 @@ def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:
         if info.rank in ranks:
             mine = group
     return mine
-
-
-def attach_syncbn_group(module: nn.Module, kind: str, info: DistInfo) -> int:
-    """Point every SyncBatchNorm2d of ``module`` at the configured group of this launch's world.
-
-    Returns how many ranks the statistics are reduced over. Called at every (re)start, so after an
-    elastic resize the groups are those of the new world.
-    """
-    group = syncbn_group(kind, info)
-    set_sync_bn_group(module, group)
-    return info.world_size if group is None else dist.get_world_size(group)
 
 
 def batch_geometry(per_rank: int, grad_accum: int, world: int, global_batch: int, absorb: str) -> tuple[int, int]:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
-from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
+from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
 from spade_dist.models.speed_paths import choose_speed_paths
+from spade_dist.models.sync_bn import attach_syncbn_group
 from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
