@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from data_tools.layouts import DONTCARE, DataToolsError, DatasetSpec, PlannedShard
-from data_tools.tario import write_json_atomic
+from spade_dist.files import write_json_atomic
 
 
 FORMAT_VERSION = 1

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client import delete_from_gateway, push_to_gateway
 
 from spade_dist.config import MetricsConfig
-from spade_dist.files import write_atomic
+from spade_dist.files import write_json_atomic
 from spade_dist.run_dir import RunDir
 
 # Label names carried by every training sample; the dashboard and the alert rules group by them.
@@ -80,11 +80,6 @@ def sd_file_name(run: str, job_id: str, suffix: str = "") -> str:
 def advertised_host(bind: str, node: str) -> str:
     """The host Prometheus should scrape: the bind address, or the node name for a wildcard bind."""
     return node if bind in ("", "0.0.0.0", "::") else bind
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temp file + rename so Prometheus never reads a half-written target file."""
-    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def _start_server(registry: CollectorRegistry, port: int, bind: str, who: str, config_key: str):
@@ -275,7 +270,7 @@ class TrainingMetrics:
             raise MetricsError("; ".join(errors))
         if self.rank == 0:
             self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
-            write_json_atomic(self.sd_path, self._sd_groups)
+            write_json_atomic(self.sd_path, self._sd_groups, sort_keys=True)
             self._wrote_sd_file = True
 
     def _gather(self, mine: dict) -> list[dict]:
@@ -356,7 +351,7 @@ class TrainingMetrics:
         self._beat()
         if self._wrote_sd_file and not self.sd_path.exists():
             # Refresh: someone cleaned the shared discovery directory while the job is alive.
-            write_json_atomic(self.sd_path, self._sd_groups)
+            write_json_atomic(self.sd_path, self._sd_groups, sort_keys=True)
 
     def record_nonfinite_skip(self, n: int = 1) -> None:
         """Count ``n`` optimizer steps that were skipped because a loss or gradient was not finite."""
@@ -483,7 +478,7 @@ class EvalMetrics:
         self._server, _ = _start_server(self.registry, 0, self.cfg.bind, "evaluator metrics exporter", "metrics.bind")
         self.port = self._server.server_port
         target = f"{advertised_host(self.cfg.bind, self.node)}:{self.port}"
-        write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}])
+        write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}], sort_keys=True)
 
     def record(self, step: int, fid: float, kid_mean: float, kid_std: float = 0.0, seconds: float = 0.0) -> None:
         """Publish one evaluation result; the best FID is the minimum seen (or passed in at start)."""

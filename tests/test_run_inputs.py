@@ -243,7 +243,7 @@ def test_fid_reference_cache_is_not_unpickled(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 def test_discovery_file_gallery_and_report_are_0644(tmp_path):
-    from spade_dist.metrics import write_json_atomic
+    from spade_dist.files import write_json_atomic
     from spade_dist.monitoring.report import write_report
     from spade_dist.run_dir import RunDir
     from spade_dist.visualize import GalleryRow, write_gallery

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from spade_dist.config import DataConfig
+from spade_dist.files import atomic_output
 from spade_dist.eval.fid import FeatureStatistics, feature_statistics
 
 CACHE_ENV = "SPADE_FID_CACHE"
@@ -183,13 +184,10 @@ def load_reference(path: Union[str, Path]) -> ReferenceStats:
 
 
 def save_reference(path: Union[str, Path], ref: ReferenceStats) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
+    with atomic_output(path) as handle:
+        torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
                 "sigma": torch.from_numpy(np.asarray(ref.stats.sigma, dtype=np.float64)),
-                "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)}, tmp)
-    os.replace(tmp, path)
+                "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)}, handle)
 
 
 def load_or_compute_reference(cache_path: Union[str, Path], compute_features: Callable[[], torch.Tensor],

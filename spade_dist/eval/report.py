@@ -7,9 +7,10 @@ artifact store; rewritten atomically after every evaluation. The sample gallery 
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Optional, Sequence
+
+from spade_dist.files import write_atomic
 
 _WIDTH, _HEIGHT, _PAD = 640, 300, 48
 
@@ -79,7 +80,4 @@ Samples: <a href="../samples/index.html">gallery</a>.</p>
 {"".join(rows)}
 </table></body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    write_atomic(path, page)

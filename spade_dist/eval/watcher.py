@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from spade_dist.eval.evaluate import CheckpointUnavailable, Evaluator
 from spade_dist.eval.report import write_fid_page
+from spade_dist.files import write_json_atomic
 from spade_dist.run_dir import RunDir
 
 METRICS_NAME = "metrics.jsonl"
@@ -192,9 +193,7 @@ class EvalWatcher:
         from spade_dist.models.compat import save_generator_file
 
         save_generator_file(generator, generator_cfg, self.eval_dir / BEST_GENERATOR_NAME)
-        tmp = self.eval_dir / (BEST_NAME + ".tmp")
-        tmp.write_text(json.dumps({**record, "generator": BEST_GENERATOR_NAME}, indent=1, sort_keys=True))
-        os.replace(tmp, self.eval_dir / BEST_NAME)
+        write_json_atomic(self.eval_dir / BEST_NAME, {**record, "generator": BEST_GENERATOR_NAME}, sort_keys=True)
 
     def evaluate_one(self, ref: CheckpointRef) -> dict:
         """Score one checkpoint and record the outcome; a vanished or unreadable one is recorded as skipped."""

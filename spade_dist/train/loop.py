@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
+from spade_dist.files import write_json_atomic
 from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
 from spade_dist.models.speed_paths import choose_speed_paths
@@ -101,9 +102,7 @@ def write_run_files(run: RunDir, cfg: Config) -> None:
 
 def record_init_generator(run: RunDir, init: GeneratorInit) -> None:
     """A fine-tuning run's starting point (path, format, sha256, encoder), in the log and the run dir."""
-    from spade_dist.metrics import write_json_atomic
-
-    write_json_atomic(run.init_generator, init.to_dict())
+    write_json_atomic(run.init_generator, init.to_dict(), sort_keys=True)
     print(f"[spade-train] generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
           f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh", flush=True)
 
