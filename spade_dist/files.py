@@ -88,6 +88,47 @@ def remove_stale_temps(final: Union[str, Path]) -> list[Path]:
     return removed
 
 
+def read_jsonl(path: Union[str, Path], error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log (one object with a ``step`` key per line); ``[]`` if the file is missing.
+
+    A torn *last* line (its writer was killed mid-append) is ignored; any other bad line raises
+    ``error`` naming the file and the line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or "step" not in record:
+            raise error(f"{path}:{number}: expected a JSON object with a 'step' key, got {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def append_jsonl(path: Union[str, Path], record: dict[str, Any]) -> None:
+    """Append ``record`` as one line and fsync it; a torn last line left by a killed writer is cut
+    first, so the file holds whole lines only (the caller must be the file's only writer)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        handle.seek(0)
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+        handle.write((json.dumps(record, sort_keys=True) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class UnsafeNameError(ValueError):
     """A name read from data (a sample key) that would escape its directory if used in a path."""
 

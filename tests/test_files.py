@@ -4,7 +4,8 @@ import stat
 
 import pytest
 
-from spade_dist.files import TEMP_INFIX, atomic_output, remove_stale_temps, write_atomic, write_json_atomic
+from spade_dist.files import (TEMP_INFIX, append_jsonl, atomic_output, read_jsonl, remove_stale_temps, write_atomic,
+                              write_json_atomic)
 
 
 def test_write_atomic_replaces_whole_file_and_is_0644(tmp_path):
@@ -45,3 +46,17 @@ def test_concurrent_writers_use_unique_temps_that_a_sweep_removes(tmp_path):
 def test_write_json_atomic_is_indented_and_newline_terminated(tmp_path):
     path = write_json_atomic(tmp_path / "x.json", {"b": 1, "a": "é"}, sort_keys=True)
     assert path.read_text(encoding="utf-8") == '{\n "a": "é",\n "b": 1\n}\n'
+
+
+def test_jsonl_append_cuts_a_torn_tail_and_the_reader_ignores_one(tmp_path):
+    path = tmp_path / "eval" / "metrics.jsonl"
+    append_jsonl(path, {"step": 1})
+    with open(path, "ab") as handle:
+        handle.write(b'{"step": 2, "fi')  # a writer killed mid-line
+    assert read_jsonl(path) == [{"step": 1}]
+    append_jsonl(path, {"step": 3})
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(KeyError, match=r"metrics\.jsonl:2: not valid JSON"):
+        read_jsonl(path, error=KeyError)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

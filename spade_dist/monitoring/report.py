@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from spade_dist.files import write_atomic
+from spade_dist.files import read_jsonl, write_atomic
 from spade_dist.run_dir import EVAL_DIRNAME, LOGS_DIRNAME, TRAIN_METRICS_NAME, RunDir
 from spade_dist.config import Config, ConfigError, load_config
 from spade_dist.visualize import enlarged_width
@@ -38,28 +38,6 @@ Point = tuple[float, float]
 
 class ReportError(ValueError):
     """The run directory cannot be reported on; the message names the file / line / value."""
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file. A truncated *last* line (a writer mid-append) is ignored; any
-    other bad line is an error naming the file and line number."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or "step" not in record:
-            raise ReportError(f"{path}:{number}: expected a JSON object with a 'step' key, got {line[:80]!r}")
-        records.append(record)
-    return records
 
 
 def latest_per_step(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -285,8 +263,8 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory not found: {run_dir}")
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
-    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     samples = latest_samples(run_dir, num_samples)
     hints = missing_hints(_run_config(run_dir))
     if not train and not evals and not samples:
@@ -337,8 +315,8 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
 def run_summary(run_dir: Union[str, Path]) -> list[tuple[str, str]]:
     """The report's summary table as ``(name, value)`` rows (status, last step, throughput, losses, FID)."""
     run_dir = Path(run_dir)
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
-    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     return _summary_rows(run_dir, train, evals, missing_hints(_run_config(run_dir)))
 
 
@@ -347,9 +325,9 @@ def missing_sections(run_dir: Union[str, Path]) -> list[str]:
     run_dir = Path(run_dir)
     hints = missing_hints(_run_config(run_dir))
     lines = []
-    if not read_jsonl(run_dir / TRAIN_LOG_RELPATH):
+    if not read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError):
         lines.append(f"no training log ({TRAIN_LOG_RELPATH}) yet: {hints['train']}")
-    if not read_jsonl(run_dir / EVAL_LOG_RELPATH):
+    if not read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError):
         lines.append(f"no evaluation results ({EVAL_LOG_RELPATH}): {hints['eval']}")
     if not latest_samples(run_dir, 1):
         lines.append(f"no sample grids (samples/step-*.png) yet: {hints['samples']}")
