@@ -69,13 +69,29 @@ def env_dist_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    """``train.device``: auto -> cuda:<local_rank> when CUDA is available, else cpu."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DistributedSetupError("train.device is 'cuda' but CUDA is not available on this machine")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+class DeviceError(DistributedSetupError, ValueError):
+    """A requested device does not exist on this machine (a user error: the message names the key)."""
+
+
+def resolve_device(requested: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """The device for ``auto | cpu | cuda | cuda:N`` (or any torch device string) of setting ``key``.
+
+    ``auto`` is CUDA when this machine has it, else the CPU. A bare ``cuda`` means this process's
+    GPU, ``cuda:<local_rank>`` wrapped around the visible ones (Slurm's ``--gpus-per-task`` may
+    leave each task a single visible GPU). Used by training, evaluation, generation and serving.
+    """
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise DeviceError(f"{key}: unknown device {requested!r} ({exc})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{key} is {requested!r} but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
 
 
 def collective_timeout(seconds: float) -> timedelta:

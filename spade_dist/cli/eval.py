@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from spade_dist.distributed import resolve_device
 from spade_dist.run_dir import RunDir
 from spade_dist.progress import progress_wanted
 
@@ -79,15 +80,11 @@ def _with_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
     """Join the launcher's process group when there is one; returns (rank, world, this rank's device)."""
-    if device == "auto":  # eval.device auto: the GPU when this machine has one (the training device)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), key="eval.device"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if device == "cuda":
-        # Slurm's --gpus-per-task may leave each task a single visible GPU: wrap around.
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, torch.cuda.device_count())}"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # NCCL collectives use the current device
     return rank, world, device

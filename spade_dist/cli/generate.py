@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import Config, load_config
+from spade_dist.distributed import resolve_device
 from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.progress import progress_bar, progress_wanted
@@ -113,18 +114,6 @@ def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides
             "or --config FILE (plus overrides such as model.ngf=16 when the checkpoint differs from the preset)"
         )
     return load_config(config_path, list(overrides))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise GenerateError(f"--device: unknown device {name!r} ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +385,7 @@ def run(args: argparse.Namespace) -> list[GalleryRow]:
         raise GenerateError(f"--num-per-label must be >= 1, got {args.num_per_label}")
     if args.batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     model = load_model(args)
     cfg = model.cfg
     is_vae = bool(getattr(model.generator, "use_vae", False))

@@ -8,8 +8,8 @@ exactly one rank) and the features are all-gathered before the metric, so the re
 single-process one.
 
 Images are scored at the dataset's evaluation resolution (crop size x aspect ratio): the generator
-output is converted to uint8 exactly as the official code saves images (``(x + 1) / 2 * 255``,
-truncated), and the extractor resizes to 299 as ``eval.fid_protocol`` says (torch-fidelity's TF1-style
+output is converted to uint8 exactly as the official code saves images (``visualize.to_uint8_image``,
+``(x + 1) / 2 * 255`` truncated), and the extractor resizes to 299 as ``eval.fid_protocol`` says (torch-fidelity's TF1-style
 resize, or pytorch-fid's PyTorch bilinear one).
 """
 from __future__ import annotations
@@ -51,6 +51,7 @@ from spade_dist.eval.reference_stats import (
 )
 from spade_dist.labels import encode_semantics
 from spade_dist.progress import progress_bar
+from spade_dist.visualize import to_uint8_image
 
 Batch = dict
 BatchesFactory = Callable[[], Iterable[Batch]]
@@ -99,11 +100,6 @@ def default_batches_factory(cfg: Config, rank: int, world_size: int) -> BatchesF
         return build_eval_loader(cfg.data, split=cfg.data.val_split, rank=rank, world_size=world_size,
                                  batch_size=cfg.eval.batch_size)
     return make
-
-
-def to_uint8_images(fake: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8 N x 3 x H x W, as the official ``tensor2im`` saves it."""
-    return ((fake.detach().float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8).cpu()
 
 
 def _limit_per_rank(num_images: int, world_size: int) -> int:
@@ -168,7 +164,7 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
             if not torch.isfinite(output).all():
                 # uint8 conversion would silently turn NaN into 0 and give a (meaningless) score.
                 raise NonFiniteGeneration("the generator output NaN/inf (diverged weights?)")
-            images = to_uint8_images(output)
+            images = to_uint8_image(output)
             _check_resolution(images, resolution, "generated images")
             chunks.append(extract_features(extractor, images))
             seen += images.shape[0]
