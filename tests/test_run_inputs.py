@@ -177,7 +177,8 @@ def test_crafted_key_never_becomes_an_output_path(tmp_path, capsys):
 
 def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsys):
     """Even a key that got past the loader (another input path) is refused before any file is written."""
-    import spade_dist.cli.generate as generate
+    import spade_dist.generation as generation
+    from spade_dist.cli.generate import main as generate_main
     from spade_dist.models import build_generator
     from spade_dist.models.compat import save_official_generator
 
@@ -187,11 +188,11 @@ def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsy
     label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
 
     def crafted(args, cfg):
-        yield generate.GenerationInput("../evil", label, None, None, "crafted sample '../evil'")
+        yield generation.GenerationInput("../evil", label, None, None, "crafted sample '../evil'")
 
-    monkeypatch.setattr(generate, "shard_inputs", crafted)
+    monkeypatch.setattr(generation, "shard_inputs", crafted)
     out = tmp_path / "out"
-    rc = generate.main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    rc = generate_main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
                         "--out", str(out), *options])
     assert rc == 2 and "unsafe sample key '../evil'" in capsys.readouterr().err
     assert not list(tmp_path.rglob("evil*"))

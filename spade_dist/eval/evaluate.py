@@ -49,6 +49,7 @@ from spade_dist.eval.reference_stats import (
     resolve_cache_dir,
     save_reference,
 )
+from spade_dist.generation import load_model
 from spade_dist.labels import encode_semantics
 from spade_dist.progress import progress_bar
 from spade_dist.visualize import to_uint8_image
@@ -184,24 +185,12 @@ def load_generator(checkpoint: Union[str, Path], device: Union[str, torch.device
     if not path.exists():
         raise CheckpointUnavailable(f"{path}: checkpoint does not exist (pruned?)")
     try:
-        if path.is_dir():
-            try:
-                from spade_dist.checkpoint import load_generator_from_checkpoint
-            except ImportError:  # older package __init__ that does not re-export it
-                from spade_dist.checkpoint.generator import load_generator_from_checkpoint
-
-            generator, cfg = load_generator_from_checkpoint(path, use_ema=True, device=str(device))
-        else:
-            from spade_dist.models.compat import load_generator_file
-
-            generator, cfg = load_generator_file(path)
-    except CheckpointUnavailable:
-        raise
-    except (ImportError, ModuleNotFoundError):
+        loaded = load_model(path, use_ema=True)
+    except ImportError:  # a missing dependency is not a bad checkpoint
         raise
     except Exception as exc:  # noqa: BLE001 - pruned mid-read, truncated, corrupt: all the same to us
         raise CheckpointUnavailable(f"{path}: cannot load the generator: {type(exc).__name__}: {exc}") from exc
-    return generator.to(device).eval(), cfg
+    return loaded.generator.to(device).eval(), loaded.cfg
 
 
 class Evaluator:

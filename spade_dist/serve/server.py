@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch.nn.functional as F
 
-from spade_dist.cli.generate import shard_inputs
+from spade_dist.generation import shard_inputs
 from spade_dist.distributed import resolve_device
 from spade_dist.config import Config
 from spade_dist.serve.app import Sample, create_app
