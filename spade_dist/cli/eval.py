@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.eval.evaluate import CheckpointUnavailable
     from spade_dist.eval.reference_stats import ReferenceStatsError
     from spade_dist.eval.watcher import WatcherBusy
-    from spade_dist.metrics import MetricsError
+    from spade_dist.monitoring import MetricsError
 
     try:
         return run_once(args) if args.command == "once" else run_watch(args)

@@ -104,7 +104,7 @@ def run_once(args: argparse.Namespace) -> int:
 def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
     """Push one ``once`` result to ``metrics.pushgateway`` (the job ends before Prometheus could scrape it)."""
     from spade_dist.checkpoint.layout import step_of
-    from spade_dist.metrics import EvalMetrics
+    from spade_dist.monitoring.exporter import EvalMetrics
 
     # R/checkpoints/step-N and R/eval/best_generator.pt belong to run R; any other file to its folder.
     run_dir = checkpoint.parent.parent if checkpoint.parent.name in ("checkpoints", "eval") else checkpoint.parent
@@ -118,7 +118,7 @@ def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
 def run_watch(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator
     from spade_dist.eval.watcher import METRICS_NAME, EvalWatcher, best_record, read_records
-    from spade_dist.metrics import EvalMetrics
+    from spade_dist.monitoring.exporter import EvalMetrics
 
     run_dir = Path(args.run_dir)
     config_path = Path(args.config) if args.config else RunDir(run_dir).config

@@ -104,7 +104,7 @@ class EvalWatcher:
         self.every_k = every_k
         self.poll_seconds = poll_seconds
         self.parent_pid = parent_pid
-        self.metrics = metrics  # spade_dist.metrics.EvalMetrics or None
+        self.metrics = metrics  # spade_dist.monitoring.exporter.EvalMetrics or None
         self.log = log
         self.rank = evaluator.rank
         self.world_size = evaluator.world_size

@@ -224,7 +224,8 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     from spade_dist.data.sources import check_label_layout
     from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
     from spade_dist.losses import VGGLoss
-    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+    from spade_dist.monitoring.exporter import TrainingMetrics, device_memory_bytes
+    from spade_dist.train.grad_norm import GradNormTracker
 
     info, device = backend.info, backend.device
     run_dir = run.root
