@@ -43,10 +43,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def node_rank(self) -> int:
-        return self.rank // max(1, self.local_world_size)
-
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -202,28 +198,6 @@ def check_process_group(expected_world_size: int, launcher_processes: Optional[i
             )
         return DistInfo(dist.get_rank(), actual, info.local_rank, info.local_world_size)
     return DistInfo(0, 1, 0, 1)
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    """Collective OR (e.g. 'a preemption signal reached some rank'): every rank gets the same answer."""
-    if world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:

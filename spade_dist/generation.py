@@ -1,29 +1,7 @@
 """Generation from label maps: the one generator loader (every checkpoint format), input readers,
-seeding and the ``spade-generate`` run (images + ``index.html`` gallery). ``spade-serve`` and the FID
-evaluator use the same pieces; ``spade_dist.cli.generate`` only parses arguments.
-
-``spade-generate``: label maps + a generator checkpoint -> images and an ``index.html`` gallery.
-
-Inputs
-  --labels DIR|FILE   single-channel label PNGs (ids 0..label_nc-1, 255 = don't care)
-  --instances DIR     instance PNGs with the same stems (required when the model uses edges)
-  --images DIR        real photos with the same stems, shown beside the results (optional)
-  --shards SPEC       instead of --labels: a shard split (``--split``, default data.val_split) read
-                      through the project's eval loader, real photos included
-  --checkpoint FILE   an official ``latest_net_G.pth`` (options from --preset/--config + overrides)
-                      or a project generator file (it carries its own config), or a training run /
-                      checkpoint step directory (its EMA generator and config)
-
-Preprocessing for generation (deliberately simple and deterministic, unlike training's random
-crops): each label / instance map is resized with nearest neighbour to width ``data.crop_size`` and
-height ``round(crop_size / aspect_ratio)`` - the size the generator was built for - so ids are never
-blended. Real and style photos are resized bicubically to the same size. Shards go through the eval
-loader instead, i.e. the official test-mode preprocessing of the config (no flip, load size = crop).
-
-Outputs ``<out>/images/<key>_<k>.png`` (k = 0..num_per_label-1), ``<out>/labels/<key>.png``
-(colourised label), ``<out>/real/<key>.png`` and ``<out>/index.html``. Keys are file stems with ``.``
-replaced by ``_``, as in shards. Any user error (missing path, unreadable PNG, bad label id,
-checkpoint mismatch) exits with code 2 and a one-paragraph message on stderr.
+seeding and the ``spade-generate`` run (images + ``index.html`` gallery; inputs, preprocessing and
+outputs are described in ``spade_dist.cli.generate``, which only parses arguments). ``spade-serve``,
+``spade-export`` and the FID evaluator use the same loader.
 """
 from __future__ import annotations
 

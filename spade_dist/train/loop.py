@@ -307,7 +307,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     from spade_dist.data import build_train_loader, merge_positions
     from spade_dist.data.sources import check_label_layout
     from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
-    from spade_dist.losses import VGGLoss
+    from spade_dist.losses import build_vgg_loss
     from spade_dist.monitoring.exporter import TrainingMetrics
 
     info, device, run_dir, say = backend.info, backend.device, run.root, announcer(backend.info.is_main)
@@ -326,8 +326,8 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     if cfg.train.compile:
         state.compile(cfg.train.compile_mode)
     backend.wrap_state(state, per_rank)
-    vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(cfg.loss.vgg_weights or None).to(device)
-    losses = LossSet.from_config(cfg, vgg)
+    vgg = build_vgg_loss(cfg.loss)
+    losses = LossSet.from_config(cfg, vgg.to(device) if vgg is not None else None)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
 
     # --- 5. run directory, resume, hooks ---------------------------------------------------------
