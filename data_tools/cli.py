@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from data_tools.layouts import LAYOUTS, DataToolsError
 from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
-from spade_dist.metrics import MetricsError
+from spade_dist.monitoring import MetricsError
 from spade_dist.progress import progress_wanted
 
 

@@ -63,6 +63,16 @@ class SourceSample:
 
 
 @dataclass(frozen=True)
+class PlannedShard:
+    """One output shard of a sharding plan: its index, tar file name, samples and fingerprint."""
+
+    index: int
+    file: str
+    samples: tuple[SourceSample, ...]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class PairingProblem:
     """A sample that cannot be formed from the files present (missing partner file)."""
 

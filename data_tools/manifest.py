@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from data_tools.layouts import DONTCARE, DataToolsError, DatasetSpec
-from data_tools.tario import write_json_atomic
+from data_tools.layouts import DONTCARE, DataToolsError, DatasetSpec, PlannedShard
+from spade_dist.files import write_json_atomic
 
-if TYPE_CHECKING:  # shard.py imports this module; only the type is needed here
-    from data_tools.shard import PlannedShard
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -96,7 +94,7 @@ def check_compatible(out: Path, name: str, spec: DatasetSpec) -> None:
                                      "splits of one output directory must share the label convention")
 
 
-def write_plan(out: Path, name: str, split: str, spec: DatasetSpec, plan: "Sequence[PlannedShard]",
+def write_plan(out: Path, name: str, split: str, spec: DatasetSpec, plan: Sequence[PlannedShard],
                pairing_skipped: list[dict], shuffle_seed: Optional[int] = None) -> None:
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan_path(out, name, split), {

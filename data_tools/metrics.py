@@ -11,7 +11,7 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from spade_dist.metrics import push_job_metrics
+from spade_dist.monitoring.pushgateway import push_job_metrics
 
 PUSH_JOB = "spade-data-shard"
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.layouts import DataToolsError
-from data_tools.tario import write_bytes_atomic
+from spade_dist.files import write_atomic
 
 # One annotation = its polygons, each a flat [x0, y0, x1, y1, ...] list as in the COCO JSON.
 Polygons = list[list[float]]
@@ -89,7 +89,7 @@ def write_instance_map(task: InstanceTask) -> str:
         inst = instance_map(label, task.annotations)
     except (ValueError, TypeError) as err:  # odd coordinate count, non-numeric coordinates
         raise DataToolsError(f"{task.out.name}: bad polygon in the annotation file ({err})") from None
-    write_bytes_atomic(task.out, _encode_png(inst))
+    write_atomic(task.out, _encode_png(inst))
     return task.out.name
 
 

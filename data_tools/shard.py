@@ -8,7 +8,7 @@ on the number of workers or on which Slurm task wrote which shard):
    ``--max-size``). Because the plan needs no decoding, every array task computes the same plan
    and can write only its shard indices (``--shard-slice INDEX/COUNT``).
 3. Each shard's samples are decoded and validated in a process pool (ordered ``imap``), written
-   to ``name.tar.tmp-<pid>`` and renamed; then a sidecar record ``_parts/<shard>.json`` (sha256,
+   to ``name.tar.tmp-<random>`` and renamed; then a sidecar record ``_parts/<shard>.json`` (sha256,
    keys, histogram, sizes, skipped samples, plan fingerprint) is renamed into place. The sidecar
    is the completion marker: a re-run skips shards whose sidecar matches the plan and the tar's
    sha256, and removes leftover temp files.
@@ -31,12 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import manifest as manifest_lib
-from spade_dist.files import UnsafeNameError, check_path_component
-from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, SourceSample,
+from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, PlannedShard, SourceSample,
                                 discover)
 from data_tools.records import BadSample, EncodeOptions, SampleRecord, encode_sample, encode_sample_task
-from data_tools.tario import (TAR_BLOCK, TAR_RECORD, member_tar_bytes, remove_stale_temps, sha256_file,
-                              write_tar_atomic)
+from data_tools.tario import TAR_BLOCK, TAR_RECORD, member_tar_bytes, write_tar_atomic
+from spade_dist.files import UnsafeNameError, check_path_component, remove_stale_temps, sha256_file
 
 META_ESTIMATE_BYTES = 400  # meta.json payload assumed by the size plan (one 512-byte block)
 
@@ -61,14 +60,6 @@ class ShardSlice:
 
     def owns(self, shard_index: int) -> bool:
         return shard_index % self.count == self.index
-
-
-@dataclass(frozen=True)
-class PlannedShard:
-    index: int
-    file: str
-    samples: tuple[SourceSample, ...]
-    fingerprint: str
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:

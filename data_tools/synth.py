@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.layouts import SYNTH_DESCRIPTOR, DataToolsError
-from data_tools.tario import write_json_atomic
+from spade_dist.files import write_json_atomic
 
 # (name, base RGB colour, vertical shading strength, texture amplitude in 0..255 units)
 CLASSES: tuple[tuple[str, tuple[int, int, int], float, float], ...] = (

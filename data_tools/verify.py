@@ -19,7 +19,8 @@ from PIL import Image
 from data_tools.layouts import DONTCARE, DataToolsError
 from data_tools.manifest import load_manifest
 from data_tools.records import ID_MAP_MODES
-from data_tools.tario import read_tar_samples, sha256_file
+from data_tools.tario import read_tar_samples
+from spade_dist.files import sha256_file
 from spade_dist.progress import progress_bar
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
+
+from spade_dist.norm_strings import parse_nonspade_norm, parse_spade_norm
 
 
 class ConfigError(ValueError):
@@ -451,8 +454,6 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
-    from spade_dist.models.norms import parse_nonspade_norm, parse_spade_norm  # local: models import config
-
     checks: list[tuple[bool, str]] = [
         (cfg.data.label_nc > 0, f"data.label_nc must be > 0, got {cfg.data.label_nc}"),
         (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
@@ -495,8 +496,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{source}: {msg}")
-    import signal  # local: only validation needs it
-
     for name in cfg.checkpoint.signals:
         if not isinstance(getattr(signal, name, None), signal.Signals) or not name.startswith("SIG") or name.startswith("SIG_"):
             raise ConfigError(f"{source}: checkpoint.signals: unknown signal name {name!r} (e.g. SIGUSR1, SIGTERM)")

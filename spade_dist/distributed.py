@@ -23,9 +23,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from spade_dist.models.sync_bn import set_sync_bn_group
 
 
 class DistributedSetupError(RuntimeError):
@@ -44,10 +42,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def node_rank(self) -> int:
-        return self.rank // max(1, self.local_world_size)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,13 +65,29 @@ def env_dist_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    """``train.device``: auto -> cuda:<local_rank> when CUDA is available, else cpu."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DistributedSetupError("train.device is 'cuda' but CUDA is not available on this machine")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+class DeviceError(DistributedSetupError, ValueError):
+    """A requested device does not exist on this machine (a user error: the message names the key)."""
+
+
+def resolve_device(requested: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """The device for ``auto | cpu | cuda | cuda:N`` (or any torch device string) of setting ``key``.
+
+    ``auto`` is CUDA when this machine has it, else the CPU. A bare ``cuda`` means this process's
+    GPU, ``cuda:<local_rank>`` wrapped around the visible ones (Slurm's ``--gpus-per-task`` may
+    leave each task a single visible GPU). Used by training, evaluation, generation and serving.
+    """
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise DeviceError(f"{key}: unknown device {requested!r} ({exc})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{key} is {requested!r} but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
 
 
 def collective_timeout(seconds: float) -> timedelta:
@@ -190,28 +200,6 @@ def check_process_group(expected_world_size: int, launcher_processes: Optional[i
     return DistInfo(0, 1, 0, 1)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    """Collective OR (e.g. 'a preemption signal reached some rank'): every rank gets the same answer."""
-    if world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:
     """The process group SyncBN reduces over: None (= world) or this node's subgroup.
 
@@ -234,17 +222,6 @@ def syncbn_group(kind: str, info: DistInfo) -> Optional[dist.ProcessGroup]:
         if info.rank in ranks:
             mine = group
     return mine
-
-
-def attach_syncbn_group(module: nn.Module, kind: str, info: DistInfo) -> int:
-    """Point every SyncBatchNorm2d of ``module`` at the configured group of this launch's world.
-
-    Returns how many ranks the statistics are reduced over. Called at every (re)start, so after an
-    elastic resize the groups are those of the new world.
-    """
-    group = syncbn_group(kind, info)
-    set_sync_bn_group(module, group)
-    return info.world_size if group is None else dist.get_world_size(group)
 
 
 def batch_geometry(per_rank: int, grad_accum: int, world: int, global_batch: int, absorb: str) -> tuple[int, int]:

@@ -1,11 +1,14 @@
 """Small file helpers shared by data_tools, checkpoints, evaluation and the run directory."""
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Any, BinaryIO, Iterator, Union
 
 # Files meant for other services (Prometheus discovery targets, galleries, reports, run markers)
 # must be readable by a server running as another user: mkstemp alone creates them 0600.
@@ -18,27 +21,112 @@ def sha256_file(path: Union[str, Path]) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def write_atomic(path: Union[str, Path], data: Union[str, bytes], mode: int = SHARED_FILE_MODE,
-                 fsync: bool = False) -> Path:
-    """Write ``data`` through a temp file in the same directory + ``os.replace``: a concurrent
-    reader (Prometheus, a browser, the FID watcher, a batch script) sees the old or the new file,
-    never half of one. The file gets ``mode`` (default 0644: world-readable) whatever the umask
-    does to mkstemp's 0600. ``fsync`` makes the content durable before the rename (markers)."""
+# Temp files of atomic writers are ``<final name>.tmp-<random>`` beside the final file: unique per
+# writer (concurrent writers never share one), and sweepable by their prefix after a crash.
+TEMP_INFIX = ".tmp-"
+
+
+def fsync_dir(path: Union[str, Path]) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse directory fds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path: Union[str, Path], mode: int = SHARED_FILE_MODE) -> Iterator[BinaryIO]:
+    """A binary handle whose content appears under ``path`` only when the block ends without error.
+
+    The one atomic-write guarantee of the project: the data goes to a unique temp file in the same
+    directory, is fsync'd, gets ``mode`` (default 0644: world-readable, whatever the umask does to
+    mkstemp's 0600), then ``os.replace`` puts it in place and the directory is fsync'd. A concurrent
+    reader (Prometheus, a browser, the FID watcher, a batch script, a resumed run) sees the old or
+    the new file, never half of one; after a crash the new content is either complete or absent.
+    On error the temp file is removed and the old file is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TEMP_INFIX}", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Union[str, Path], data: Union[str, bytes], mode: int = SHARED_FILE_MODE) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` with the guarantee of :func:`atomic_output`."""
+    with atomic_output(path, mode) as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json_atomic(path: Union[str, Path], obj: Any, sort_keys: bool = False) -> Path:
+    """``obj`` as indented JSON plus a newline, written with :func:`write_atomic`."""
+    return write_atomic(path, json.dumps(obj, indent=1, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def remove_stale_temps(final: Union[str, Path]) -> list[Path]:
+    """Delete temp files an interrupted atomic writer of ``final`` left behind; returns them."""
+    final = Path(final)
+    removed = sorted(final.parent.glob(f"{glob.escape(final.name)}{TEMP_INFIX}*"))
+    for leftover in removed:
+        leftover.unlink(missing_ok=True)
+    return removed
+
+
+def read_jsonl(path: Union[str, Path], error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log (one object with a ``step`` key per line); ``[]`` if the file is missing.
+
+    A torn *last* line (its writer was killed mid-append) is ignored; any other bad line raises
+    ``error`` naming the file and the line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or "step" not in record:
+            raise error(f"{path}:{number}: expected a JSON object with a 'step' key, got {line[:80]!r}")
+        records.append(record)
+    return records
+
+
+def append_jsonl(path: Union[str, Path], record: dict[str, Any]) -> None:
+    """Append ``record`` as one line and fsync it; a torn last line left by a killed writer is cut
+    first, so the file holds whole lines only (the caller must be the file's only writer)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        handle.seek(0)
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+        handle.write((json.dumps(record, sort_keys=True) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class UnsafeNameError(ValueError):

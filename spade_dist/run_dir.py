@@ -183,7 +183,7 @@ class RunDir:
         write_atomic(self.config, text)
 
     def mark_done(self, step: int) -> None:
-        write_atomic(self.done, json.dumps({"step": step, "time": time.time()}) + "\n", fsync=True)
+        write_atomic(self.done, json.dumps({"step": step, "time": time.time()}) + "\n")
 
     def done_step(self) -> Optional[int]:
         """The step ``DONE`` records, or None when the run is not finished."""
@@ -194,7 +194,7 @@ class RunDir:
         """Written by the checkpoint manager after the stop checkpoint is committed: the batch script
         requeues the job only when this exists, whatever exit code the launcher reports."""
         write_atomic(self.requeue, json.dumps({"step": step, "reason": reason, "exit_code": exit_code,
-                                               "time": time.time()}) + "\n", fsync=True)
+                                               "time": time.time()}) + "\n")
 
     def requeue_request(self) -> Optional[dict]:
         return _read_json(self.requeue)

@@ -22,6 +22,7 @@ from spade_dist.checkpoint.layout import select_prunable
 from spade_dist.config import CheckpointConfig
 from tests.checkpoint_toy_loop import NUM_SAMPLES, ToySampler, ToyTrainState, run
 from tests.dist_utils import run_distributed
+from tests.train_fixtures import wait_for
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"  # also runs under torchrun by hand
 
@@ -293,15 +294,6 @@ def test_async_write_error_is_reraised(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _steps_logged(run_dir: Path) -> int:
     path = run_dir / "keys-rank0.jsonl"
     if not path.exists():
@@ -314,7 +306,7 @@ def test_sigusr1_commits_and_exits_with_requeue_code_then_resume_continues(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(TOY_LOOP), str(tmp_path), "--steps", "12", "--every", "100", "--sleep", "0.1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: _steps_logged(tmp_path) >= 3, 60, "3 training steps")
+    wait_for(lambda: _steps_logged(tmp_path) >= 3, 60, "3 training steps", poll=0.05)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == CheckpointConfig().requeue_exit_code, out

@@ -1,4 +1,7 @@
 """Config loading: presets, inheritance, overrides, and errors that name the key and the file."""
+import subprocess
+import sys
+
 import pytest
 
 from spade_dist.config import ConfigError, load_config
@@ -54,3 +57,27 @@ def test_elastic_batch_and_collective_timeout_are_validated():
         load_config(None, ["train.collective_timeout_s=0"])
     cfg = load_config(None, ["train.elastic_batch=grad_accum", "train.global_batch_size=8", "train.collective_timeout_s=5"])
     assert (cfg.train.elastic_batch, cfg.train.collective_timeout_s) == ("grad_accum", 5.0)
+
+
+def test_config_parsing_imports_no_torch_and_no_model(repo_root):
+    """Loading and validating a YAML (``spade-config`` at every Slurm start) stays light: no torch, no models.
+
+    A fresh interpreter, because the test session itself has imported torch long ago.
+    """
+    probe = (
+        "import sys\n"
+        "from spade_dist.config import load_config\n"
+        f"load_config({str(repo_root / 'configs' / 'coco_stuff.yaml')!r}, ['model.norm_D=spectralinstance'])\n"
+        "import data_tools.manifest\n"
+        "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'spade_dist.models')))\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_distributed_does_not_import_models():
+    out = subprocess.run([sys.executable, "-c", "import sys, spade_dist.distributed; "
+                          "print(sorted(m for m in sys.modules if m.startswith('spade_dist.models')))"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,7 @@ from spade_dist.data import build_eval_loader
 from spade_dist.eval.inception import make_test_inception_weights
 from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
 from spade_dist.eval.watcher import committed_checkpoints, read_records
-from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli, wait_for
 
 
 def _lock_is_free(path: Path) -> bool:
@@ -61,7 +52,7 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
 
     # The trainer's watcher keeps going after training and stops by itself once all are scored.
     metrics_path = run_dir / "eval" / "metrics.jsonl"
-    _wait_for(lambda: len(read_records(metrics_path)) == len(steps), 400, "the watcher to score every checkpoint")
+    wait_for(lambda: len(read_records(metrics_path)) == len(steps), 400, "the watcher to score every checkpoint")
     records = read_records(metrics_path)
     assert [r["step"] for r in records] == steps and all(r["status"] == "ok" for r in records)
     assert all(r["num_images"] == 4 and r["resolution"] == [32, 32] for r in records)
@@ -73,7 +64,7 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
     assert "<svg" in (run_dir / "eval" / "fid.html").read_text()
 
     # The trainer's watcher exits by itself (its lock on the run is released) ...
-    _wait_for(lambda: _lock_is_free(run_dir / "eval" / "watcher.lock"), 120, "the trainer's watcher to exit")
+    wait_for(lambda: _lock_is_free(run_dir / "eval" / "watcher.lock"), 120, "the trainer's watcher to exit")
     # ... and a restarted watcher (e.g. after a crash) finds everything done and exits without new lines.
     proc = start_eval_watcher(cfg, run_dir)
     assert stop_eval_watcher(proc, timeout=300) == 0

@@ -67,15 +67,15 @@ def test_spade_eval_once_missing_checkpoint_is_a_one_line_error(tmp_path: Path, 
 def test_eval_device_auto_is_the_default_and_resolves_to_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from spade_dist.cli.eval import _init_distributed
+    from spade_dist.eval.commands import init_distributed
     from spade_dist.config import ConfigError
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert load_config(None).eval.device == "auto"
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert _init_distributed("auto") == (0, 1, expected)
+    assert init_distributed("auto") == (0, 1, expected)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _init_distributed("auto") == (0, 1, "cpu")
+    assert init_distributed("auto") == (0, 1, "cpu")
     for bad in ("gpu", "cuda:x", ""):
         with pytest.raises(ConfigError, match="eval.device must be auto, cpu, cuda or cuda:N"):
             load_config(None, [f"eval.device={bad}"])

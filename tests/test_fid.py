@@ -25,9 +25,11 @@ from spade_dist.eval.inception import (
 )
 from spade_dist.eval.reference_stats import (
     dataset_fingerprint,
+    ReferenceStats,
     evaluation_resolution,
-    load_or_compute_reference,
+    load_reference,
     reference_cache_name,
+    save_reference,
 )
 
 
@@ -163,11 +165,10 @@ def test_changing_weights_changes_cache_name(tmp_path: Path, coco_sample: Path) 
     assert reference_cache_name("custom", "val", fingerprint, (32, 32), "p", 0, sha256_file(w0)) not in names
     (shards / "manifest.json").write_text('{"dataset": "x", "label_nc": 3, "splits": {"val": {"shards": [{"file": "b.tar"}]}}}')
     assert dataset_fingerprint(data, "val") != fingerprint
-    # A cache hit does not recompute; a miss does.
-    calls = []
-    compute = lambda: calls.append(1) or torch.randn(6, 2048)  # noqa: E731
-    ref, cached = load_or_compute_reference(tmp_path / "cache" / "a.pt", compute, meta={})
-    assert not cached and len(calls) == 1
-    ref2, cached2 = load_or_compute_reference(tmp_path / "cache" / "a.pt", compute, meta={})
-    assert cached2 and len(calls) == 1
+    # The cache file round-trips (the Evaluator decides hit or miss; test_eval_watcher covers that).
+    features = torch.randn(6, 2048)
+    ref = ReferenceStats(features=features, stats=feature_statistics(features), meta={"num_images": 6})
+    save_reference(tmp_path / "cache" / "a.pt", ref)
+    ref2 = load_reference(tmp_path / "cache" / "a.pt")
     torch.testing.assert_close(ref.features, ref2.features)
+    assert ref2.meta == ref.meta

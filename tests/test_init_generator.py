@@ -11,7 +11,7 @@ import torch
 
 from spade_dist.config import ConfigError, load_config
 from spade_dist.labels import encode_semantics
-from spade_dist.models import build_discriminator, build_encoder, build_generator
+from spade_dist.models import build_encoder, build_generator
 from spade_dist.models.compat import official_encoder_path, save_generator_file
 from spade_dist.train.state import build_train_state
 from tests.official_reference import official_forward, official_shapes, random_official_state_dict

@@ -10,7 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spade_dist.config import MetricsConfig
-from spade_dist.metrics import EvalMetrics, MetricsError, TrainingMetrics, resolve_run_labels
+from spade_dist.monitoring import MetricsError
+from spade_dist.monitoring.discovery import resolve_run_labels
+from spade_dist.monitoring.exporter import EvalMetrics, TrainingMetrics
 from tests.dist_utils import free_port, run_distributed
 
 
@@ -235,7 +237,7 @@ def test_eval_metrics_serve_mode_publishes_and_tracks_best(tmp_path: Path) -> No
 def test_grad_norm_tracker_reads_grads_before_they_are_zeroed_only_when_armed() -> None:
     import torch
 
-    from spade_dist.metrics import GradNormTracker
+    from spade_dist.train.grad_norm import GradNormTracker
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
@@ -263,7 +265,7 @@ def test_grad_norm_tracker_reads_grads_before_they_are_zeroed_only_when_armed() 
 
 
 def test_checkpoint_commit_hook_and_device_memory(tmp_path: Path) -> None:
-    from spade_dist.metrics import device_memory_bytes
+    from spade_dist.monitoring.exporter import device_memory_bytes
 
     step_dir = tmp_path / "run" / "checkpoints" / "step-000000003"
     (step_dir / "sub").mkdir(parents=True)

@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from spade_dist.config import MetricsConfig
-from spade_dist.metrics import EvalMetrics, MetricsError, delete_job_metrics, push_job_metrics
+from spade_dist.monitoring import MetricsError
+from spade_dist.monitoring.exporter import EvalMetrics
+from spade_dist.monitoring.pushgateway import delete_job_metrics, push_job_metrics
 from spade_dist.monitoring.dashboard import (TRAIN_SCRAPE_JOB, build_dashboard, dashboard_json, panel_expressions,
                                              variable_selectors)
 from spade_dist.monitoring.services import render_prometheus_config, start_pushgateway

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from spade_dist.config import MetricsConfig, load_config
-from spade_dist.metrics import EvalMetrics
+from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
 from spade_dist.monitoring.report import write_report
 from spade_dist.monitoring.services import Prometheus, render_prometheus_config, start_prometheus

@@ -13,8 +13,10 @@ from PIL import Image
 
 from spade_dist.cli.report import main as report_main
 from spade_dist.config import MetricsConfig
-from spade_dist.metrics import TrainingMetrics
-from spade_dist.monitoring.report import ReportError, build_report, nice_ticks, read_jsonl
+from spade_dist.monitoring.exporter import TrainingMetrics
+from spade_dist.charts import nice_ticks
+from spade_dist.files import read_jsonl
+from spade_dist.monitoring.report import ReportError, build_report
 
 STEPS = list(range(10, 110, 10))  # 10 logged steps
 EVAL_STEPS = [25, 50, 75, 100]

@@ -19,7 +19,7 @@ from spade_dist.checkpoint.layout import InvalidCheckpoint
 from spade_dist.config import ConfigError, load_config
 from spade_dist.data import ShardSourceError, build_train_loader, resolve_shards
 from spade_dist.files import UnsafeNameError, check_path_component
-from tests.shard_fixtures import make_sample, write_manifest, write_shards, write_tar
+from tests.shard_fixtures import make_sample, write_shards, write_tar
 from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards
 
 TRAIN = [PYTHON, "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml", "--resume", "none"]
@@ -177,7 +177,8 @@ def test_crafted_key_never_becomes_an_output_path(tmp_path, capsys):
 
 def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsys):
     """Even a key that got past the loader (another input path) is refused before any file is written."""
-    import spade_dist.cli.generate as generate
+    import spade_dist.generation as generation
+    from spade_dist.cli.generate import main as generate_main
     from spade_dist.models import build_generator
     from spade_dist.models.compat import save_official_generator
 
@@ -187,11 +188,11 @@ def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsy
     label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
 
     def crafted(args, cfg):
-        yield generate.GenerationInput("../evil", label, None, None, "crafted sample '../evil'")
+        yield generation.GenerationInput("../evil", label, None, None, "crafted sample '../evil'")
 
-    monkeypatch.setattr(generate, "shard_inputs", crafted)
+    monkeypatch.setattr(generation, "shard_inputs", crafted)
     out = tmp_path / "out"
-    rc = generate.main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    rc = generate_main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
                         "--out", str(out), *options])
     assert rc == 2 and "unsafe sample key '../evil'" in capsys.readouterr().err
     assert not list(tmp_path.rglob("evil*"))
@@ -243,7 +244,7 @@ def test_fid_reference_cache_is_not_unpickled(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 def test_discovery_file_gallery_and_report_are_0644(tmp_path):
-    from spade_dist.metrics import write_json_atomic
+    from spade_dist.files import write_json_atomic
     from spade_dist.monitoring.report import write_report
     from spade_dist.run_dir import RunDir
     from spade_dist.visualize import GalleryRow, write_gallery

@@ -1,11 +1,9 @@
 """Run directory lifecycle: layout (RunDir / spade-run), lineage + retention, the owner lock."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.cli.generate import LoadedModel
+from spade_dist.generation import LoadedModel
 from spade_dist.cli.generate import main as generate_main
 from spade_dist.config import CheckpointConfig, Config, load_config
 from spade_dist.models import build_generator

@@ -14,9 +14,9 @@ import torch
 from spade_dist.config import ConfigError, load_config
 from spade_dist.models.spade import SPEED_PATHS
 from spade_dist.run_dir import SPEED_PATHS_NAME as PLAN_FILE
-from spade_dist.models.speed_paths import SpeedPlan, candidates, choose_speed_paths, spade_layers
+from spade_dist.models.speed_paths import candidates, choose_speed_paths, spade_layers
 from tests.dist_utils import run_distributed
-from tests.test_fast_path import LABEL_NC, _generators, _semantics, assert_same_outputs_and_gradients
+from tests.test_fast_path import _generators, _semantics, assert_same_outputs_and_gradients
 
 
 def _fake_timer(fastest_by_resolution: dict[int, str], calls: list | None = None):

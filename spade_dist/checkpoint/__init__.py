@@ -4,7 +4,7 @@ retention, resume on any world size, and single-process generator loading for ex
 Public API (see docs/CHECKPOINTING.md):
     CheckpointManager, GatheredState, RestoreResult        -- used by the training loop
     find_latest, validate_step_dir, InvalidCheckpoint      -- locate / check checkpoints
-    load_generator_from_checkpoint, read_generator_state    -- export, FID, generate
+    load_generator_from_checkpoint, read_generator_state    -- step dirs, for spade_dist.generation.load_model
 """
 from spade_dist.checkpoint.layout import (
     CheckpointIncompatibleError, ExistingCheckpointsError, InvalidCheckpoint, checkpoints_dir, find_latest, list_step_dirs, read_marker, step_dir_name, step_of,

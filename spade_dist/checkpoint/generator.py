@@ -1,8 +1,8 @@
 """Single-process access to the generator inside a checkpoint step directory.
 
-Used by ``spade-export``, the FID watcher and ``spade-generate``: no process group, and only the
-generator's tensors are read (not the discriminator or the optimizer moments, which are most of a
-checkpoint's bytes). Where the generators sit inside the saved state is recorded by the trainer in
+Reached through :func:`spade_dist.generation.load_model`, the one generator loader of export, FID,
+generate and serve: no process group, and only the generator's tensors are read (not the discriminator or
+the optimizer moments, which are most of a checkpoint's bytes). Where the generators sit inside the saved state is recorded by the trainer in
 the COMMITTED marker (``generator_paths``), so this module does not depend on the TrainState layout.
 """
 from __future__ import annotations

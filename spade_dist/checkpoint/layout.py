@@ -9,14 +9,14 @@ race with a writer.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
-from spade_dist.files import sha256_file  # noqa: F401 - re-exported
-from spade_dist.run_dir import CHECKPOINTS_DIRNAME, RunDir  # noqa: F401 - re-exported
+
+from spade_dist.files import TEMP_INFIX, sha256_file, write_atomic
+from spade_dist.run_dir import RunDir
 
 MARKER_NAME = "COMMITTED"
 CONFIG_NAME = "config.yaml"
@@ -61,22 +61,11 @@ def list_step_dirs(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_marker(step_dir: Path, step: int, world_size: int, extra: dict, with_sha256: bool = True) -> dict:
     """Describe every file in ``step_dir`` and write the marker atomically. Returns the marker."""
     files = {}
     for path in sorted(step_dir.rglob("*")):
-        if path.is_file() and path.name != MARKER_NAME and not path.name.endswith(".tmp"):
+        if path.is_file() and path.name != MARKER_NAME and TEMP_INFIX not in path.name:
             rel = path.relative_to(step_dir).as_posix()
             entry = {"size": path.stat().st_size}
             if with_sha256:
@@ -84,13 +73,7 @@ def write_marker(step_dir: Path, step: int, world_size: int, extra: dict, with_s
             files[rel] = entry
     marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(),
               "world_size": world_size, "files": files, **extra}
-    tmp = step_dir / (MARKER_NAME + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(marker, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, step_dir / MARKER_NAME)
-    _fsync_dir(step_dir)
+    write_atomic(step_dir / MARKER_NAME, json.dumps(marker, indent=1, sort_keys=True))
     return marker
 
 

@@ -135,7 +135,8 @@ class CheckpointManager:
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self._last_save_time = time.monotonic()
-        self._last_saved_step: Optional[int] = None
+        self._last_saved_step: Optional[int] = None  # also the step a restore read
+        self._written_step: Optional[int] = None  # the last step this run saved itself
         self._stop_signal: Optional[str] = None
         self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run.stop
         self._stop_file_checked = float("-inf")
@@ -235,9 +236,18 @@ class CheckpointManager:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_pg)
         return bool(flag.item())
 
-    def maybe_save(self, step: int, app_state: dict[str, Any]) -> bool:
+    def maybe_save(self, step: int, app_state: dict[str, Any], last_step: bool = False) -> bool:
         """Collective. Periodic save (asynchronous when ``checkpoint.async_save``) if ``step`` is a
-        multiple of ``every_steps`` or ``every_minutes`` elapsed since the last save."""
+        multiple of ``every_steps`` or ``every_minutes`` elapsed since the last save.
+
+        ``last_step``: the end of this (re)start (finished or stopping): a blocking save unless this
+        run already saved ``step``, then wait until any asynchronous save of it is committed.
+        """
+        if last_step:
+            if self._written_step != step:
+                self.save(step, app_state, blocking=True)
+            self.wait()
+            return True
         by_steps = self.cfg.every_steps > 0 and step > 0 and step % self.cfg.every_steps == 0
         by_time = self._time_due()
         if not (by_steps or by_time) or step == self._last_saved_step:
@@ -282,6 +292,7 @@ class CheckpointManager:
         flat = self._stage(step, app_state, clone=not blocking)
         self._last_save_time = time.monotonic()
         self._last_saved_step = step
+        self._written_step = step
         if self.lineage is None:
             self.lineage = uuid.uuid4().hex
         step_dir = self.ckpt_dir / layout.step_dir_name(step)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from spade_dist.cli.common import fail, make_parser
-from spade_dist.checkpoint.generator import load_generator_from_checkpoint
 from spade_dist.checkpoint.layout import InvalidCheckpoint
+from spade_dist.generation import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.models.compat import save_generator_file, save_official_generator
 
     try:
-        G, cfg = load_generator_from_checkpoint(args.checkpoint, use_ema=not args.raw)
+        loaded = load_model(Path(args.checkpoint), use_ema=not args.raw)
+        G, cfg = loaded.generator, loaded.cfg
         if args.out:
             save_generator_file(G, cfg, args.out)
             print(f"spade-export: wrote {'raw' if args.raw else 'EMA'} generator to {args.out}")

@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.losses import MissingVGGWeightsError
-    from spade_dist.metrics import MetricsError
+    from spade_dist.monitoring import MetricsError
     from spade_dist.run_dir import RunDirBusy
     from spade_dist.train.loop import train
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
 from webdataset.gopen import gopen

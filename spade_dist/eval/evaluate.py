@@ -8,8 +8,8 @@ exactly one rank) and the features are all-gathered before the metric, so the re
 single-process one.
 
 Images are scored at the dataset's evaluation resolution (crop size x aspect ratio): the generator
-output is converted to uint8 exactly as the official code saves images (``(x + 1) / 2 * 255``,
-truncated), and the extractor resizes to 299 as ``eval.fid_protocol`` says (torch-fidelity's TF1-style
+output is converted to uint8 exactly as the official code saves images (``visualize.to_uint8_image``,
+``(x + 1) / 2 * 255`` truncated), and the extractor resizes to 299 as ``eval.fid_protocol`` says (torch-fidelity's TF1-style
 resize, or pytorch-fid's PyTorch bilinear one).
 """
 from __future__ import annotations
@@ -49,8 +49,10 @@ from spade_dist.eval.reference_stats import (
     resolve_cache_dir,
     save_reference,
 )
+from spade_dist.generation import load_model
 from spade_dist.labels import encode_semantics
 from spade_dist.progress import progress_bar
+from spade_dist.visualize import to_uint8_image
 
 Batch = dict
 BatchesFactory = Callable[[], Iterable[Batch]]
@@ -99,11 +101,6 @@ def default_batches_factory(cfg: Config, rank: int, world_size: int) -> BatchesF
         return build_eval_loader(cfg.data, split=cfg.data.val_split, rank=rank, world_size=world_size,
                                  batch_size=cfg.eval.batch_size)
     return make
-
-
-def to_uint8_images(fake: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8 N x 3 x H x W, as the official ``tensor2im`` saves it."""
-    return ((fake.detach().float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8).cpu()
 
 
 def _limit_per_rank(num_images: int, world_size: int) -> int:
@@ -168,7 +165,7 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
             if not torch.isfinite(output).all():
                 # uint8 conversion would silently turn NaN into 0 and give a (meaningless) score.
                 raise NonFiniteGeneration("the generator output NaN/inf (diverged weights?)")
-            images = to_uint8_images(output)
+            images = to_uint8_image(output)
             _check_resolution(images, resolution, "generated images")
             chunks.append(extract_features(extractor, images))
             seen += images.shape[0]
@@ -188,24 +185,12 @@ def load_generator(checkpoint: Union[str, Path], device: Union[str, torch.device
     if not path.exists():
         raise CheckpointUnavailable(f"{path}: checkpoint does not exist (pruned?)")
     try:
-        if path.is_dir():
-            try:
-                from spade_dist.checkpoint import load_generator_from_checkpoint
-            except ImportError:  # older package __init__ that does not re-export it
-                from spade_dist.checkpoint.generator import load_generator_from_checkpoint
-
-            generator, cfg = load_generator_from_checkpoint(path, use_ema=True, device=str(device))
-        else:
-            from spade_dist.models.compat import load_generator_file
-
-            generator, cfg = load_generator_file(path)
-    except CheckpointUnavailable:
-        raise
-    except (ImportError, ModuleNotFoundError):
+        loaded = load_model(path, use_ema=True)
+    except ImportError:  # a missing dependency is not a bad checkpoint
         raise
     except Exception as exc:  # noqa: BLE001 - pruned mid-read, truncated, corrupt: all the same to us
         raise CheckpointUnavailable(f"{path}: cannot load the generator: {type(exc).__name__}: {exc}") from exc
-    return generator.to(device).eval(), cfg
+    return loaded.generator.to(device).eval(), loaded.cfg
 
 
 class Evaluator:

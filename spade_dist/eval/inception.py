@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-from spade_dist.files import sha256_file  # noqa: F401 - re-exported
+
+from spade_dist.files import atomic_output, sha256_file
 
 INCEPTION_ENV = "SPADE_INCEPTION_WEIGHTS"
 FEATURE_LAYER = "2048"  # torch-fidelity's layer for FID and KID
@@ -176,8 +177,6 @@ def make_test_inception_weights(path: Union[str, Path], images_uint8: Union[torc
     for bn in bn_layers:
         bn.momentum = 0.1
         bn.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp_path)
-    os.replace(tmp_path, path)
+    with atomic_output(path) as handle:
+        torch.save(model.state_dict(), handle)
     return path

@@ -25,13 +25,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from spade_dist.config import DataConfig
-from spade_dist.eval.fid import FeatureStatistics, feature_statistics
+from spade_dist.files import atomic_output
+from spade_dist.eval.fid import FeatureStatistics
 
 CACHE_ENV = "SPADE_FID_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/spade-dist/fid-reference")
@@ -183,27 +184,8 @@ def load_reference(path: Union[str, Path]) -> ReferenceStats:
 
 
 def save_reference(path: Union[str, Path], ref: ReferenceStats) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
-                "sigma": torch.from_numpy(np.asarray(ref.stats.sigma, dtype=np.float64)),
-                "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)}, tmp)
-    os.replace(tmp, path)
-
-
-def load_or_compute_reference(cache_path: Union[str, Path], compute_features: Callable[[], torch.Tensor],
-                              meta: dict) -> tuple[ReferenceStats, bool]:
-    """Return (reference, was_cached). ``compute_features`` runs only on a cache miss.
-
-    A cache file that exists but cannot be read is an error (never silently recomputed over: it may be
-    another process's file being written under a wrong name, which someone should look at).
-    """
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        return load_reference(cache_path), True
-    features = compute_features()
-    ref = ReferenceStats(features=features.float().cpu(), stats=feature_statistics(features),
-                         meta={**meta, "num_images": int(features.shape[0])})
-    save_reference(cache_path, ref)
-    return ref, False
+    with atomic_output(path) as handle:
+        torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
+                    "sigma": torch.from_numpy(np.asarray(ref.stats.sigma, dtype=np.float64)),
+                    "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)},
+                   handle)

@@ -7,48 +7,20 @@ artifact store; rewritten atomically after every evaluation. The sample gallery 
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-_WIDTH, _HEIGHT, _PAD = 640, 300, 48
-
-
-def _polyline(points: Sequence[tuple[float, float]]) -> tuple[str, list[tuple[float, float]]]:
-    """Map (step, fid) points into the SVG box; return the polyline attribute and the mapped points."""
-    steps = [p[0] for p in points]
-    values = [p[1] for p in points]
-    s_lo, s_hi = min(steps), max(steps)
-    v_lo, v_hi = min(values), max(values)
-    s_span = (s_hi - s_lo) or 1.0
-    v_span = (v_hi - v_lo) or 1.0
-    mapped = [(_PAD + (s - s_lo) / s_span * (_WIDTH - 2 * _PAD),
-               _HEIGHT - _PAD - (v - v_lo) / v_span * (_HEIGHT - 2 * _PAD)) for s, v in points]
-    return " ".join(f"{x:.1f},{y:.1f}" for x, y in mapped), mapped
-
+from spade_dist.charts import PALETTE, Chart, svg_line_chart
+from spade_dist.files import write_atomic
 
 def fid_curve_svg(records: Sequence[dict], best_step: Optional[int]) -> str:
+    """FID over steps of the ``ok`` records, the best checkpoint's point highlighted."""
     points = sorted((float(r["step"]), float(r["fid"])) for r in records if r.get("status") == "ok")
     if not points:
         return "<p>No checkpoint evaluated yet.</p>"
-    line, mapped = _polyline(points)
-    dots = []
-    for (step, fid), (x, y) in zip(points, mapped):
-        colour = "#d62728" if best_step is not None and int(step) == best_step else "#1f77b4"
-        dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"><title>step {int(step)}: FID {fid:.3f}'
-                    f"</title></circle>")
-    lo, hi = min(p[1] for p in points), max(p[1] for p in points)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" role="img" '
-        f'aria-label="FID over training steps">'
-        f'<rect width="100%" height="100%" fill="white" stroke="#ccc"/>'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>{"".join(dots)}'
-        f'<text x="{_PAD}" y="{_PAD - 12}" font-size="12">FID (max {hi:.2f})</text>'
-        f'<text x="{_PAD}" y="{_HEIGHT - 12}" font-size="12">step {int(points[0][0])}</text>'
-        f'<text x="{_WIDTH - _PAD}" y="{_HEIGHT - 12}" font-size="12" text-anchor="end">step {int(points[-1][0])}</text>'
-        f'<text x="{_WIDTH - _PAD}" y="{_PAD - 12}" font-size="12" text-anchor="end">min {lo:.2f}</text>'
-        "</svg>"
-    )
+    marks = [((step, fid), f"step {int(step)}: FID {fid:.3f}", PALETTE[1] if int(step) == best_step else PALETTE[0])
+             for step, fid in points]
+    return svg_line_chart(Chart("FID over training steps", "step", "FID", {"FID": points}), marks=marks)
 
 
 def write_fid_page(path: Path, records: Sequence[dict], best: Optional[dict], run_name: str) -> None:
@@ -79,7 +51,4 @@ Samples: <a href="../samples/index.html">gallery</a>.</p>
 {"".join(rows)}
 </table></body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    write_atomic(path, page)

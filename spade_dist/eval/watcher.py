@@ -21,7 +21,6 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.distributed as dist
 
 from spade_dist.eval.evaluate import CheckpointUnavailable, Evaluator
 from spade_dist.eval.report import write_fid_page
+from spade_dist.files import append_jsonl, read_jsonl, write_json_atomic
 from spade_dist.run_dir import RunDir
 
 METRICS_NAME = "metrics.jsonl"
@@ -68,23 +68,7 @@ def committed_checkpoints(run_dir: Union[str, Path]) -> list[CheckpointRef]:
 
 def read_records(metrics_path: Path) -> list[dict]:
     """metrics.jsonl lines; a torn last line (the watcher was killed mid-write) is ignored."""
-    if not metrics_path.is_file():
-        return []
-    records = []
-    lines = metrics_path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            if number == len(lines):
-                continue  # torn by a kill mid-write; the next append cuts it off
-            raise ValueError(f"{metrics_path}:{number}: not a JSON line: {exc}") from exc
-        if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(f"{metrics_path}:{number}: not an evaluation record: {line[:200]}")
-        records.append(record)
-    return records
+    return read_jsonl(metrics_path)
 
 
 def best_record(records: list[dict]) -> Optional[dict]:
@@ -120,7 +104,7 @@ class EvalWatcher:
         self.every_k = every_k
         self.poll_seconds = poll_seconds
         self.parent_pid = parent_pid
-        self.metrics = metrics  # spade_dist.metrics.EvalMetrics or None
+        self.metrics = metrics  # spade_dist.monitoring.exporter.EvalMetrics or None
         self.log = log
         self.rank = evaluator.rank
         self.world_size = evaluator.world_size
@@ -171,30 +155,13 @@ class EvalWatcher:
 
     def _append(self, record: dict) -> None:
         self.records.append(record)
-        self.eval_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_torn_tail()
-        with open(self.metrics_path, "ab") as fh:
-            fh.write((json.dumps(record, sort_keys=True) + "\n").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def _drop_torn_tail(self) -> None:
-        """Cut a last line torn by a kill mid-write (we hold the run's lock: no other writer), so the
-        file only ever holds whole lines plus, at worst, one torn last line - what readers expect."""
-        if not self.metrics_path.is_file():
-            return
-        with open(self.metrics_path, "r+b") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
+        append_jsonl(self.metrics_path, record)  # we hold the run's eval lock: the only writer
 
     def _write_best(self, record: dict, generator, generator_cfg) -> None:
         from spade_dist.models.compat import save_generator_file
 
         save_generator_file(generator, generator_cfg, self.eval_dir / BEST_GENERATOR_NAME)
-        tmp = self.eval_dir / (BEST_NAME + ".tmp")
-        tmp.write_text(json.dumps({**record, "generator": BEST_GENERATOR_NAME}, indent=1, sort_keys=True))
-        os.replace(tmp, self.eval_dir / BEST_NAME)
+        write_json_atomic(self.eval_dir / BEST_NAME, {**record, "generator": BEST_GENERATOR_NAME}, sort_keys=True)
 
     def evaluate_one(self, ref: CheckpointRef) -> dict:
         """Score one checkpoint and record the outcome; a vanished or unreadable one is recorded as skipped."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from spade_dist.config import Config, config_from_dict
+from spade_dist.files import atomic_output
 from spade_dist.models.factory import build_generator
 from spade_dist.models.generator import SPADEGenerator, latent_size
 from spade_dist.models.norms import parse_spade_norm
@@ -278,11 +279,8 @@ def save_generator_file(G: nn.Module, cfg: Config, path: Union[str, os.PathLike]
         "config": cfg.to_dict(),
         "generator": {k: v.detach().cpu().clone() for k, v in G.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    with atomic_output(path) as handle:  # never a half-written file under the final name
+        torch.save(payload, handle)
 
 
 def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Config]:

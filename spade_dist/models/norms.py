@@ -7,49 +7,16 @@ residual block convolutions), then ``spade`` + param-free norm type + kernel siz
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
 from spade_dist.models.sync_bn import SyncBatchNorm2d
+from spade_dist.norm_strings import (NONSPADE_NORMS, PARAM_FREE_NORMS, SpadeNormSpec, parse_nonspade_norm,
+                                     parse_spade_norm)
 
-PARAM_FREE_NORMS = ("instance", "batch", "syncbatch")
-_SPADE_NORM_RE = re.compile(r"^(?P<spectral>spectral)?spade(?P<kind>[a-z]+?)(?P<k>\d+)x(?P<k2>\d+)$")
-
-
-@dataclass(frozen=True)
-class SpadeNormSpec:
-    spectral: bool  # spectral norm on the residual block's convolutions
-    param_free: str  # instance | batch | syncbatch
-    kernel_size: int  # kernel of the SPADE modulation convolutions
-
-    @property
-    def spade_config_str(self) -> str:
-        """The string the official SPADE layer receives (block norm minus 'spectral')."""
-        return f"spade{self.param_free}{self.kernel_size}x{self.kernel_size}"
-
-
-def parse_spade_norm(norm_G: str) -> SpadeNormSpec:
-    """Parse ``norm_G``; an unknown string or norm type raises ValueError naming it."""
-    m = _SPADE_NORM_RE.match(norm_G)
-    if not m:
-        raise ValueError(
-            f"unknown SPADE norm string '{norm_G}': expected [spectral]spade{{instance|batch|syncbatch}}KxK, "
-            "e.g. 'spectralspadesyncbatch3x3'"
-        )
-    kind = m.group("kind")
-    if kind not in PARAM_FREE_NORMS:
-        raise ValueError(
-            f"unknown param-free norm type '{kind}' in SPADE norm string '{norm_G}' "
-            f"(known: {', '.join(PARAM_FREE_NORMS)})"
-        )
-    k, k2 = int(m.group("k")), int(m.group("k2"))
-    if k != k2 or k % 2 == 0:
-        raise ValueError(f"SPADE norm string '{norm_G}': kernel must be square and odd, got {k}x{k2}")
-    return SpadeNormSpec(spectral=bool(m.group("spectral")), param_free=kind, kernel_size=k)
-
+__all__ = ["NONSPADE_NORMS", "PARAM_FREE_NORMS", "SpadeNormSpec", "parse_nonspade_norm", "parse_spade_norm",
+           "make_param_free_norm", "make_nonspade_norm_layer"]
 
 def make_param_free_norm(kind: str, num_features: int) -> nn.Module:
     """The normalisation inside a SPADE layer, without affine parameters (official semantics)."""
@@ -65,30 +32,6 @@ def make_param_free_norm(kind: str, num_features: int) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # Non-SPADE norms (discriminator, encoder, pix2pixHD generator)
 # --------------------------------------------------------------------------------------------
-
-NONSPADE_NORMS = ("instance", "batch", "syncbatch", "none")
-_SPECTRAL = "spectral"
-
-
-def parse_nonspade_norm(norm_type: str) -> tuple[bool, str]:
-    """``'spectralinstance'`` -> ``(True, 'instance')``; unknown names raise ValueError naming them.
-
-    The official ``sync_batch`` spelling is accepted as an alias of ``syncbatch``; an empty rest
-    after ``spectral`` means "spectral norm only" as in the official code.
-    """
-    spectral = norm_type.startswith(_SPECTRAL)
-    sub = norm_type[len(_SPECTRAL):] if spectral else norm_type
-    if sub == "sync_batch":
-        sub = "syncbatch"
-    if sub == "":
-        sub = "none"
-    if sub not in NONSPADE_NORMS:
-        raise ValueError(
-            f"unknown norm type '{norm_type}': expected [spectral]{{{'|'.join(NONSPADE_NORMS)}}}, "
-            "e.g. 'spectralinstance'"
-        )
-    return spectral, sub
-
 
 def make_nonspade_norm_layer(norm_type: str) -> Callable[[nn.Module], nn.Module]:
     """Return ``wrap(layer)`` that adds the norm named by ``norm_type`` after a conv layer.

@@ -23,7 +23,6 @@ on a GPU, cuDNN's dense convolutions may be faster for some or all layers. Like
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from spade_dist.files import write_json_atomic
 from spade_dist.models.spade import SPEED_PATHS, SPADE, SegmapPyramid
 
 # Timing repetitions per candidate after one warm-up run; the minimum is kept (least disturbed).
@@ -178,9 +178,7 @@ def load_plan(path: Path) -> Optional[SpeedPlan]:
 
 
 def save_plan(path: Path, plan: SpeedPlan) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(plan), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, asdict(plan), sort_keys=True)
 
 
 def choose_speed_paths(generators: list[nn.Module], semantics: Tensor, onehot_gather: str, region_modulation: str,

@@ -21,6 +21,8 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 import torch.nn.functional as F
 from torch import nn
 
+from spade_dist.distributed import DistInfo, syncbn_group
+
 
 def _group_size(group: Optional[dist.ProcessGroup]) -> int:
     if not (dist.is_available() and dist.is_initialized()):
@@ -88,6 +90,17 @@ def set_sync_bn_group(module: nn.Module, group: Optional[dist.ProcessGroup]) -> 
             m.process_group = group
             changed += 1
     return changed
+
+
+def attach_syncbn_group(module: nn.Module, kind: str, info: DistInfo) -> int:
+    """Point every SyncBatchNorm2d of ``module`` at the configured group of this launch's world.
+
+    Returns how many ranks the statistics are reduced over. Called at every (re)start, so after an
+    elastic resize the groups are those of the new world.
+    """
+    group = syncbn_group(kind, info)
+    set_sync_bn_group(module, group)
+    return info.world_size if group is None else dist.get_world_size(group)
 
 
 def plain_batch_norm_reference(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -11,7 +11,7 @@ keeps every field visible and the output byte-stable. The dashboard has a ``data
 ``label_values`` queries. The same file serves both ways Grafana loads dashboards: the UI import reads
 ``__inputs`` and asks for the Prometheus data source (its answer becomes the variable's default), and
 file provisioning (``configs/monitoring/grafana/provisioning/``) loads it as is, the variable then
-defaulting to the provisioned (default) Prometheus data source. Metric names come from :mod:`spade_dist.metrics`; ``TRAIN_SCRAPE_JOB`` is the
+defaulting to the provisioned (default) Prometheus data source. Metric names come from :mod:`spade_dist.monitoring.exporter`; ``TRAIN_SCRAPE_JOB`` is the
 scrape job name of ``configs/monitoring/prometheus.yml`` (a test checks they agree).
 """
 from __future__ import annotations

@@ -18,11 +18,11 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from spade_dist.files import write_atomic
+from spade_dist.charts import Chart, Point, fmt_number, svg_line_chart
+from spade_dist.files import read_jsonl, write_atomic
 from spade_dist.run_dir import EVAL_DIRNAME, LOGS_DIRNAME, TRAIN_METRICS_NAME, RunDir
 from spade_dist.config import Config, ConfigError, load_config
 from spade_dist.visualize import enlarged_width
@@ -31,35 +31,10 @@ TRAIN_LOG_RELPATH = Path(LOGS_DIRNAME) / TRAIN_METRICS_NAME
 EVAL_LOG_RELPATH = Path(EVAL_DIRNAME) / "metrics.jsonl"
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 REPORT_SAMPLE_PX = 768  # sample grids are enlarged by an integer factor up to this display width
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
-
-Point = tuple[float, float]
 
 
 class ReportError(ValueError):
     """The run directory cannot be reported on; the message names the file / line / value."""
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file. A truncated *last* line (a writer mid-append) is ignored; any
-    other bad line is an error naming the file and line number."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or "step" not in record:
-            raise ReportError(f"{path}:{number}: expected a JSON object with a 'step' key, got {line[:80]!r}")
-        records.append(record)
-    return records
 
 
 def latest_per_step(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,94 +48,6 @@ def _number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
-
-# --------------------------------------------------------------------------------------------
-# SVG line charts
-# --------------------------------------------------------------------------------------------
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1/2/5 x 10^k steps)."""
-    if hi <= lo:
-        hi = lo + (abs(lo) if lo else 1.0)
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, v = [], start
-    while v <= hi + step * 1e-9:
-        ticks.append(round(v, 12))
-        v += step
-    if ticks[-1] < hi:
-        ticks.append(round(v, 12))
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e5 or abs(v) < 1e-3:
-        return f"{v:.2g}"
-    return f"{v:.4g}"
-
-
-@dataclass
-class Chart:
-    title: str
-    x_label: str
-    y_label: str
-    series: dict[str, list[Point]] = field(default_factory=dict)
-
-    def has_data(self) -> bool:
-        return any(self.series.values())
-
-
-def svg_line_chart(chart: Chart, width: int = 640, height: int = 300) -> str:
-    """An inline SVG line chart with axes, ticks and a legend; non-finite points are left out."""
-    left, right, top, bottom = 64, 16, 28, 48
-    legend_h = 18 * ((len(chart.series) + 2) // 3)
-    plot_w, plot_h = width - left - right, height - top - bottom
-    total_h = height + legend_h
-    points = [p for pts in chart.series.values() for p in pts]
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
-
-    e = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
-           f'viewBox="0 0 {width} {total_h}" role="img" aria-label="{e(chart.title)}">',
-           f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{e(chart.title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
-    for t in xt:
-        x = sx(t)
-        out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#eee"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
-    for t in yt:
-        y = sy(t)
-        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 34}" text-anchor="middle" font-size="12">{e(chart.x_label)}</text>')
-    out.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" font-size="12" '
-               f'transform="rotate(-90 14 {top + plot_h / 2})">{e(chart.y_label)}</text>')
-    for i, (name, pts) in enumerate(chart.series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        if len(pts) == 1:
-            out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
-        elif pts:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        lx, ly = left + (i % 3) * (plot_w / 3), height + 4 + 18 * (i // 3)
-        out.append(f'<rect x="{lx:.1f}" y="{ly}" width="12" height="12" fill="{color}"/>')
-        out.append(f'<text x="{lx + 16:.1f}" y="{ly + 10}" font-size="12">{e(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +149,7 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
             rows.append(("Images / s (mean of logged steps)", f"{sum(rates) / len(rates):.4g}"))
         losses = {k: v for k, v in (last.get("losses") or {}).items()}
         if losses:
-            rows.append(("Last losses", ", ".join(f"{k} {_fmt(v) if _number(v) is not None else 'non-finite'}"
+            rows.append(("Last losses", ", ".join(f"{k} {fmt_number(v) if _number(v) is not None else 'non-finite'}"
                                                   for k, v in sorted(losses.items()))))
     best_path = RunDir(run_dir).eval / "best.json"
     if best_path.is_file():
@@ -270,11 +157,11 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
             best = json.loads(best_path.read_text())
         except json.JSONDecodeError as exc:
             raise ReportError(f"{best_path}: not valid JSON ({exc.msg})") from exc
-        rows.append(("Best FID", f"{_fmt(best.get('fid', float('nan')))} at step {best.get('step', '?')}"))
+        rows.append(("Best FID", f"{fmt_number(best.get('fid', float('nan')))} at step {best.get('step', '?')}"))
     elif evals:
         best = min((r for r in evals if _number(r.get("fid")) is not None), key=lambda r: r["fid"], default=None)
         if best is not None:
-            rows.append(("Best FID", f"{_fmt(best['fid'])} at step {best['step']}"))
+            rows.append(("Best FID", f"{fmt_number(best['fid'])} at step {best['step']}"))
     if hints["live"]:
         rows.append(("Live metrics", hints["live"]))
     return rows
@@ -285,8 +172,8 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory not found: {run_dir}")
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
-    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     samples = latest_samples(run_dir, num_samples)
     hints = missing_hints(_run_config(run_dir))
     if not train and not evals and not samples:
@@ -337,8 +224,8 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
 def run_summary(run_dir: Union[str, Path]) -> list[tuple[str, str]]:
     """The report's summary table as ``(name, value)`` rows (status, last step, throughput, losses, FID)."""
     run_dir = Path(run_dir)
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH))
-    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH))
+    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     return _summary_rows(run_dir, train, evals, missing_hints(_run_config(run_dir)))
 
 
@@ -347,9 +234,9 @@ def missing_sections(run_dir: Union[str, Path]) -> list[str]:
     run_dir = Path(run_dir)
     hints = missing_hints(_run_config(run_dir))
     lines = []
-    if not read_jsonl(run_dir / TRAIN_LOG_RELPATH):
+    if not read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError):
         lines.append(f"no training log ({TRAIN_LOG_RELPATH}) yet: {hints['train']}")
-    if not read_jsonl(run_dir / EVAL_LOG_RELPATH):
+    if not read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError):
         lines.append(f"no evaluation results ({EVAL_LOG_RELPATH}): {hints['eval']}")
     if not latest_samples(run_dir, 1):
         lines.append(f"no sample grids (samples/step-*.png) yet: {hints['samples']}")

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from spade_dist.cli.generate import sample_key
+from spade_dist.generation import sample_key
 from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import (RequestError, decode_canvas, decode_label_upload, decode_style_upload,
                                      ids_payload, image_png, label_png)

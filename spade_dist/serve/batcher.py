@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from spade_dist.cli.generate import label_seed, latent_codes, photo_to_model_input
+from spade_dist.generation import label_seed, latent_codes, photo_to_model_input
 from spade_dist.labels import LabelError, encode_semantics
 from spade_dist.serve.inputs import RequestError
 from spade_dist.serve.model import ServedModel

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from spade_dist.cli.generate import GenerateError, read_integer_map, read_photo
+from spade_dist.generation import GenerateError, read_integer_map, read_photo
 from spade_dist.labels import DONTCARE_ID, LabelError, check_label_ids
 from spade_dist.visualize import label_palette
 

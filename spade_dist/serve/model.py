@@ -1,6 +1,6 @@
 """Which generator ``spade-serve`` serves, and following a training run's newer checkpoints.
 
-Loading goes through ``spade-generate``'s loader (:func:`spade_dist.cli.generate.load_model`), so the
+Loading goes through ``spade-generate``'s loader (:func:`spade_dist.generation.load_model`), so the
 page and the command line build the same network from the same file: an official ``latest_net_G.pth``
 (model options from a preset / config), a project generator file, a checkpoint step directory, or a
 run directory (its newest committed step, EMA weights). A step directory is read only after its
@@ -8,7 +8,6 @@ run directory (its newest committed step, EMA weights). A step directory is read
 """
 from __future__ import annotations
 
-import argparse
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from spade_dist.checkpoint import layout
-from spade_dist.cli.generate import GenerateError, LoadedModel, generation_size, load_model
+from spade_dist.generation import GenerateError, LoadedModel, generation_size, load_model
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,7 @@ class ServedModel:
 
 
 def _load(spec: ModelSpec, checkpoint: Path, step: Optional[int], device: torch.device) -> ServedModel:
-    args = argparse.Namespace(checkpoint=checkpoint, preset=spec.preset, config=spec.config, encoder=spec.encoder,
-                              overrides=list(spec.overrides), set_overrides=[])
-    loaded = load_model(args)
+    loaded = load_model(checkpoint, spec.encoder, spec.preset, spec.config, spec.overrides)
     generator = loaded.generator.to(device)
     encoder = loaded.encoder.to(device) if loaded.encoder is not None else None
     return ServedModel(LoadedModel(generator, encoder, loaded.cfg, loaded.source), device, step, str(checkpoint))

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 import torch.nn.functional as F
 
-from spade_dist.cli.generate import resolve_device, shard_inputs
+from spade_dist.generation import shard_inputs
+from spade_dist.distributed import resolve_device
 from spade_dist.config import Config
 from spade_dist.serve.app import Sample, create_app
 from spade_dist.serve.batcher import Batcher
@@ -115,7 +116,7 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = _print, warn: Callabl
         warn(f"spade-serve: warning: listening on {opts.host}: anyone who reaches this address can use the page "
              "(it has no authentication)")
     try:
-        device = resolve_device(opts.device)
+        device = resolve_device(opts.device, key="--device")
         served = load_served_model(opts.spec, device)
         cfg = served.model.cfg
         samples = read_samples(cfg, opts, served.size_hw)

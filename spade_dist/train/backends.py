@@ -24,7 +24,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ from spade_dist.distributed import (
     DistInfo, DistributedSetupError, check_process_group, collective_timeout, elastic_store_prefix, env_dist_info,
     init_process_group,
 )
+
+if TYPE_CHECKING:
+    from spade_dist.train.state import TrainState
 
 NETS = ("G", "D")
 
@@ -67,6 +70,15 @@ class TrainBackend:
     generator_module: nn.Module
     discriminator_module: nn.Module
 
+    # What differs between the backends, for the loop: fused Adam is ours (DDP) or DeepSpeed's;
+    # with a partitioned optimizer (ZeRO 1/2) a rank holds only its share of the optimizer state.
+    fused_adam = False
+    partitioned_optimizer = False
+
+    def wrap_state(self, state: "TrainState", per_rank_batch: int) -> None:
+        """Wrap the models and optimizers of ``state`` for this backend (the one call the loop makes)."""
+        raise NotImplementedError
+
     def micro_batch(self, which: str, is_last: bool) -> ContextManager[None]:
         raise NotImplementedError
 
@@ -84,6 +96,7 @@ class DDPBackend(TrainBackend):
     """Accelerate-initialised process group + DDP modules + our Adam/GradScaler pairs."""
 
     name = "ddp"
+    fused_adam = True
 
     def __init__(self, cfg: Config, device: torch.device, info: DistInfo, accelerator: Any) -> None:
         self.cfg = cfg
@@ -124,6 +137,9 @@ class DDPBackend(TrainBackend):
             ) from exc
         info = check_process_group(env.world_size, launcher_processes=accelerator.num_processes)
         return cls(cfg, accelerator.device if device.type == "cuda" else device, info, accelerator)
+
+    def wrap_state(self, state: "TrainState", per_rank_batch: int) -> None:
+        self.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
 
     def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
              opt_D: torch.optim.Optimizer, scaler_G: Optional[torch.amp.GradScaler],
@@ -242,6 +258,13 @@ class DeepSpeedBackend(TrainBackend):
         if not self.cfg.train.deepspeed_config:
             return generated
         return merge_deepspeed_config(generated, load_deepspeed_config(self.cfg.train.deepspeed_config))
+
+    @property
+    def partitioned_optimizer(self) -> bool:  # type: ignore[override]
+        return self.cfg.train.zero_stage > 0
+
+    def wrap_state(self, state: "TrainState", per_rank_batch: int) -> None:
+        self.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank_batch)
 
     def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
              opt_D: torch.optim.Optimizer, per_rank_batch: int, float64_communication: bool = False) -> None:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
 from spade_dist.config import Config
-from spade_dist.distributed import attach_syncbn_group, batch_geometry, collective_timeout, elastic_job_id
+from spade_dist.files import write_json_atomic
+from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
 from spade_dist.models.speed_paths import choose_speed_paths
+from spade_dist.models.sync_bn import attach_syncbn_group
 from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
 from spade_dist.train.samples import SampleWriter
@@ -33,8 +34,6 @@ from spade_dist.train.trackers import ExperimentTrackers
 
 if TYPE_CHECKING:
     from spade_dist.checkpoint import CheckpointManager
-
-log = logging.getLogger("spade_dist.train")
 
 # How long a finished run waits for its evaluation watcher to score the remaining checkpoints.
 EVAL_DRAIN_SECONDS = 1800.0
@@ -87,6 +86,93 @@ class ProgressMeter:
         return text, losses
 
 
+def announcer(is_main: bool) -> Callable[[str], None]:
+    """The loop's progress lines: printed (``[spade-train] ...``, flushed) by the main rank only."""
+    if not is_main:
+        return lambda text: None
+    return lambda text: print(f"[spade-train] {text}", flush=True)
+
+
+class StepLog:
+    """The logging hook of the loop: owns its schedule (every ``train.log_every`` steps and the last
+    one), the interval meter, the counters it reports as deltas (non-finite skips, corrupt samples)
+    and the gradient-norm tracker it arms one step ahead (the backends zero gradients after stepping).
+    """
+
+    def __init__(self, cfg: Config, backend: TrainBackend, state: TrainState, loader: Any, metrics: Any,
+                 trackers: ExperimentTrackers, max_steps: int, say: Callable[[str], None]) -> None:
+        from spade_dist.train.grad_norm import GradNormTracker
+
+        self.cfg, self.state, self.loader, self.metrics, self.trackers = cfg, state, loader, metrics, trackers
+        self.world, self.device, self.max_steps, self.say = backend.info.world_size, backend.device, max_steps, say
+        self.meter = ProgressMeter()
+        self._skips_logged = 0
+        self._corrupt_logged = 0
+        # Not with a partitioned optimizer (ZeRO 1/2): it holds only this rank's gradient share.
+        self.grad_norms = (None if backend.partitioned_optimizer
+                           else GradNormTracker({"G": state.opt_G, "D": state.opt_D}))
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.max_steps
+
+    def before_step(self, step: int) -> None:
+        """Arm the gradient-norm capture when the coming ``step`` is a logging step."""
+        if self.grad_norms is not None and self.due(step):
+            self.grad_norms.arm()
+
+    def maybe_log(self, step: int, result: StepResult, micro: list[Any]) -> None:
+        """Count the step; on a logging step print the line and report metrics, trackers, counters."""
+        from spade_dist.monitoring.exporter import device_memory_bytes
+
+        meter, state = self.meter, self.state
+        meter.images += sum(m.real.shape[0] for m in micro)
+        meter.steps += 1
+        if not self.due(step):
+            return
+        text, loss_values = meter.line(state, result, self.world, self.max_steps)
+        self.say(text)
+        elapsed = time.perf_counter() - meter.started
+        lr_G, lr_D = state.lrs()
+        norms = self.grad_norms.collect() if self.grad_norms is not None else {}
+        self.metrics.record_step(step, state.epoch, images=meter.images, data_seconds=meter.data_s,
+                                 compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
+                                 lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
+        self.trackers.log_scalars({
+            **{f"loss/{k}": v for k, v in loss_values.items()}, "lr/G": lr_G, "lr/D": lr_D,
+            **{f"grad_norm/{k}": v for k, v in norms.items()},
+            "images_per_sec": meter.images * self.world / max(elapsed, 1e-9),
+            "data_wait_share": meter.data_s / max(elapsed, 1e-9),
+        }, step)
+        self.metrics.record_device_memory(device_memory_bytes(self.device))
+        skips, corrupt = state.nonfinite_skips, self.loader.corrupt_samples
+        self.metrics.record_nonfinite_skip(skips - self._skips_logged)
+        self.metrics.record_corrupt(corrupt - self._corrupt_logged)
+        self._skips_logged, self._corrupt_logged = skips, corrupt
+        meter.reset()
+
+
+class SpeedPathChoice:
+    """``model.onehot_gather`` / ``region_modulation``: chosen per layer once, by timing on the first
+    real batch under the step's autocast (or as recorded by an earlier start of this run); the same
+    on every rank."""
+
+    def __init__(self, cfg: Config, state: TrainState, run: RunDir, is_main: bool, device: torch.device,
+                 say: Callable[[str], None]) -> None:
+        self.cfg, self.state, self.run, self.is_main, self.device, self.say = cfg, state, run, is_main, device, say
+        self.done = False
+
+    def once(self, semantics: torch.Tensor) -> None:
+        if self.done:
+            return
+        cfg = self.cfg
+        with autocast_context(cfg.train.mixed_precision, self.device):
+            plan, source = choose_speed_paths([self.state.generator, self.state.ema.model], semantics,
+                                              cfg.model.onehot_gather, cfg.model.region_modulation,
+                                              self.run.speed_paths, self.is_main, deterministic=cfg.train.deterministic)
+        self.done = True
+        self.say(f"speed paths on {self.device.type} ({source}): {plan.summary()} -> {self.run.speed_paths}")
+
+
 def setup_backend(cfg: Config) -> TrainBackend:
     """Process group first (Accelerate or DeepSpeed), so SyncBN groups can be made before models."""
     return DeepSpeedBackend.setup(cfg) if cfg.train.backend == "deepspeed" else DDPBackend.setup(cfg)
@@ -98,13 +184,11 @@ def write_run_files(run: RunDir, cfg: Config) -> None:
     run.clear_start_markers()  # a resumed run is neither done nor asking for a requeue yet
 
 
-def record_init_generator(run: RunDir, init: GeneratorInit) -> None:
+def record_init_generator(run: RunDir, init: GeneratorInit, say: Callable[[str], None]) -> None:
     """A fine-tuning run's starting point (path, format, sha256, encoder), in the log and the run dir."""
-    from spade_dist.metrics import write_json_atomic
-
-    write_json_atomic(run.init_generator, init.to_dict())
-    print(f"[spade-train] generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
-          f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh", flush=True)
+    write_json_atomic(run.init_generator, init.to_dict(), sort_keys=True)
+    say(f"generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
+        f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh")
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
@@ -207,7 +291,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         run_dir, cfg.checkpoint, rank=info.rank, world_size=info.world_size, config_yaml=cfg.to_yaml(),
         seed=cfg.train.seed, generator_paths={"ema": ["train", "ema", "model"], "raw": ["train", "generator"]},
         world_size_locked=(f"deepspeed ZeRO stage {cfg.train.zero_stage} optimizer partitions"
-                           if backend.name == "deepspeed" and cfg.train.zero_stage > 0 else None),
+                           if backend.partitioned_optimizer else None),
         timeout=collective_timeout(cfg.train.collective_timeout_s),
     )
     try:
@@ -218,16 +302,15 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
 
 def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", run: RunDir, per_rank: int,
                  grad_accum: int, resume: Optional[str]) -> TrainResult:
-    """:func:`train` once this job owns the run directory."""
+    """:func:`train` once this job owns the run directory: setup, then the loop step -> EMA -> hooks."""
     from spade_dist.checkpoint import GatheredState
     from spade_dist.data import build_train_loader, merge_positions
     from spade_dist.data.sources import check_label_layout
     from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
-    from spade_dist.losses import VGGLoss
-    from spade_dist.metrics import GradNormTracker, TrainingMetrics, device_memory_bytes
+    from spade_dist.losses import build_vgg_loss
+    from spade_dist.monitoring.exporter import TrainingMetrics
 
-    info, device = backend.info, backend.device
-    run_dir = run.root
+    info, device, run_dir, say = backend.info, backend.device, run.root, announcer(backend.info.is_main)
 
     # --- 3. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
@@ -238,16 +321,13 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
 
     # --- 4. models, optimizers, losses (same seed on every rank -> same initial weights) ---------
     torch.manual_seed(cfg.train.seed)
-    state = build_train_state(cfg, device, fused_adam=backend.name == "ddp")
+    state = build_train_state(cfg, device, fused_adam=backend.fused_adam)
     syncbn_ranks = attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
     if cfg.train.compile:
         state.compile(cfg.train.compile_mode)
-    if isinstance(backend, DeepSpeedBackend):
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
-    else:
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
-    vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(cfg.loss.vgg_weights or None).to(device)
-    losses = LossSet.from_config(cfg, vgg)
+    backend.wrap_state(state, per_rank)
+    vgg = build_vgg_loss(cfg.loss)
+    losses = LossSet.from_config(cfg, vgg.to(device) if vgg is not None else None)
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)  # per-rank noise (VAE z) from here on
 
     # --- 5. run directory, resume, hooks ---------------------------------------------------------
@@ -257,10 +337,9 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
         write_run_files(run, cfg)
     if restored is not None:
         state.restarts += 1
-        if info.is_main:
-            print(f"[spade-train] resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})", flush=True)
+        say(f"resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})")
     elif state.init_from is not None and info.is_main:
-        record_init_generator(run, state.init_from)
+        record_init_generator(run, state.init_from, say)
     resumed_from = state.step
     trackers = ExperimentTrackers(cfg, run_dir, info.is_main)  # before anything that needs closing
     for name, log_dir in trackers.log_dirs.items():
@@ -269,89 +348,42 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                               restarts=state.restarts)
     metrics.start()
     ckpt.on_commit = metrics.record_checkpoint_commit
-    # Gradient norms for the metrics and the training log, read before the backend zeroes the gradients
-    # (not under ZeRO 1/2, where an optimizer holds only this rank's partition).
-    grad_norms = GradNormTracker({"G": state.opt_G, "D": state.opt_D}) if not (
-        backend.name == "deepspeed" and cfg.train.zero_stage > 0) else None
-    samples = SampleWriter(run_dir, cfg)
+    max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
+    step_log = StepLog(cfg, backend, state, loader, metrics, trackers, max_steps, say)
+    samples = SampleWriter(run_dir, cfg, enabled=info.is_main)
+    speed_paths = SpeedPathChoice(cfg, state, run, info.is_main, device, say)
     key_log = KeyAuditLog(run, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
     # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
     evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
-    max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
-    if info.is_main:
-        job = elastic_job_id()
-        print(f"[spade-train] {backend.name} on {info.world_size} x {device} | global batch "
-              f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
-              f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
-              f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run_dir}", flush=True)
+    job = elastic_job_id()
+    say(f"{backend.name} on {info.world_size} x {device} | global batch "
+        f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
+        f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
+        f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run_dir}")
 
-    # --- 6. the loop ------------------------------------------------------------------------------
-    meter = ProgressMeter()
+    # --- 6. the loop: step -> EMA -> hooks (each hook keeps its own schedule) ----------------------
     stopped_early = False
-    skips_logged = 0
-    last_saved_step = -1
-    corrupt_logged = 0
-    speed_paths_chosen = False
     try:
         while state.step < max_steps and not stopped_early:
-            for group in micro_batches(loader, grad_accum, meter):
+            for group in micro_batches(loader, grad_accum, step_log.meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
                     # moved on to the next epoch by itself; the lr schedule follows it.
                     state.set_epoch(loader.epoch)
-                if info.is_main:
-                    samples.offer(group[0])
+                samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
-                if not speed_paths_chosen:
-                    # model.onehot_gather / region_modulation: per layer, by timing on this first real
-                    # batch under the step's autocast (or as recorded by an earlier start of this
-                    # run); same on every rank.
-                    with autocast_context(cfg.train.mixed_precision, device):
-                        plan, source = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics,
-                                                          cfg.model.onehot_gather, cfg.model.region_modulation,
-                                                          run.speed_paths, info.is_main, deterministic=cfg.train.deterministic)
-                    speed_paths_chosen = True
-                    if info.is_main:
-                        print(f"[spade-train] speed paths on {device.type} ({source}): {plan.summary()} "
-                              f"-> {run.speed_paths}", flush=True)
-                if grad_norms is not None and ((state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == max_steps):
-                    grad_norms.arm()
+                speed_paths.once(micro[0].semantics)
+                step_log.before_step(state.step + 1)
                 result = train_step(backend, losses, micro, state.step, cfg)
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
                 if key_log is not None:
                     key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]])
-                meter.images += sum(m.real.shape[0] for m in micro)
-                meter.steps += 1
-
-                if state.step % cfg.train.log_every == 0 or state.step == max_steps:
-                    text, loss_values = meter.line(state, result, info.world_size, max_steps)
-                    if info.is_main:
-                        print(f"[spade-train] {text}", flush=True)
-                    elapsed = time.perf_counter() - meter.started
-                    lr_G, lr_D = state.lrs()
-                    norms = grad_norms.collect() if grad_norms is not None else {}
-                    metrics.record_step(state.step, state.epoch, images=meter.images, data_seconds=meter.data_s,
-                                        compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
-                                        lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
-                    trackers.log_scalars({
-                        **{f"loss/{k}": v for k, v in loss_values.items()}, "lr/G": lr_G, "lr/D": lr_D,
-                        **{f"grad_norm/{k}": v for k, v in norms.items()},
-                        "images_per_sec": meter.images * info.world_size / max(elapsed, 1e-9),
-                        "data_wait_share": meter.data_s / max(elapsed, 1e-9),
-                    }, state.step)
-                    metrics.record_device_memory(device_memory_bytes(device))
-                    skips = state.nonfinite_skips
-                    metrics.record_nonfinite_skip(skips - skips_logged)
-                    metrics.record_corrupt(loader.corrupt_samples - corrupt_logged)
-                    skips_logged, corrupt_logged = skips, loader.corrupt_samples
-                    meter.reset()
-                if info.is_main and (state.step % cfg.train.sample_every == 0 or state.step == max_steps):
-                    trackers.log_sample_grid(samples.write(state.step, state.ema_generator, device), state.step)
-
-                if ckpt.maybe_save(state.step, app_state):
-                    last_saved_step = state.step
+                step_log.maybe_log(state.step, result, micro)
+                trackers.log_sample_grid(samples.maybe_write(state.step, state.step == max_steps,
+                                                             state.ema_generator, device), state.step)
+                ckpt.maybe_save(state.step, app_state)
                 if ckpt.should_stop():
                     stopped_early = True
                     break
@@ -362,18 +394,14 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                 loader.set_epoch(state.epoch)
 
         # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
-        if last_saved_step != state.step:
-            ckpt.save(state.step, app_state, blocking=True)
-        ckpt.wait()  # an asynchronous save of this very step must be committed before DONE
+        ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
         if stopped_early:
             ckpt.request_requeue(state.step)
-            if info.is_main:
-                print(f"[spade-train] stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
-                      f"exit {ckpt.requeue_exit_code} (requeue)", flush=True)
+            say(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
+                f"exit {ckpt.requeue_exit_code} (requeue)")
         elif info.is_main:
             run.mark_done(state.step)
-            print(f"[spade-train] done at step {state.step}; samples: {run.samples / 'index.html'}; "
-                  f"checkpoints: {run.checkpoints}", flush=True)
+            say(f"done at step {state.step}; samples: {run.samples / 'index.html'}; checkpoints: {run.checkpoints}")
     finally:
         ckpt.close()
         metrics.close()

@@ -26,11 +26,16 @@ def sample_path(samples_dir: Path, step: int) -> Path:
 
 
 class SampleWriter:
-    """Keeps ``num_images`` fixed inputs; :meth:`write` renders a grid and refreshes the gallery."""
+    """Keeps ``num_images`` fixed inputs; :meth:`write` renders a grid and refreshes the gallery.
 
-    def __init__(self, run_dir: Path, cfg: Config) -> None:
+    Owns its schedule (:meth:`maybe_write`: every ``train.sample_every`` steps and the last one) and
+    does nothing on a rank other than the main one (``enabled=False``).
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool = True) -> None:
         self.dir = RunDir(run_dir).samples
         self.cfg = cfg
+        self.enabled = enabled
         self.num_images = max(1, cfg.train.num_sample_images)
         self._kept: dict[str, Any] = {}
 
@@ -40,7 +45,7 @@ class SampleWriter:
 
     def offer(self, batch: dict[str, Any]) -> None:
         """Keep inputs from ``batch`` until ``num_images`` are held (CPU copies)."""
-        if self.ready:
+        if not self.enabled or self.ready:
             return
         for key in ("image", "label", "instance"):
             if key not in batch:
@@ -48,6 +53,12 @@ class SampleWriter:
             piece = batch[key].detach().cpu()
             self._kept[key] = piece if key not in self._kept else torch.cat([self._kept[key], piece])
             self._kept[key] = self._kept[key][: self.num_images]
+
+    def maybe_write(self, step: int, last_step: bool, ema_generator: nn.Module, device: torch.device) -> Optional[Path]:
+        """The grid of ``step`` when it is due (every ``train.sample_every`` steps and the last one)."""
+        if not self.enabled or not (step % self.cfg.train.sample_every == 0 or last_step):
+            return None
+        return self.write(step, ema_generator, device)
 
     @torch.no_grad()
     def write(self, step: int, ema_generator: nn.Module, device: torch.device) -> Optional[Path]:

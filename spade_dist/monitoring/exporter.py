@@ -1,41 +1,39 @@
-"""Prometheus metrics of a training run: a per-rank exporter, file_sd discovery, Pushgateway helpers.
+"""Prometheus metrics of a training run and of the evaluator: the per-rank exporter.
 
 Every training process owns one :class:`TrainingMetrics`. It keeps its metrics in its *own*
 ``CollectorRegistry`` (never the process-global default one, so two exporters in one process — tests,
 an evaluator beside a trainer — cannot collide) and serves them from a background HTTP thread on
 ``metrics.port_base + local_rank`` (``port_base: 0`` = a free port chosen by the OS).
 
-Discovery: rank 0 writes a Prometheus ``file_sd`` JSON file ``<sd_dir>/<run>-<job_id>.json`` listing
+Discovery (:mod:`spade_dist.monitoring.discovery`): rank 0 writes a Prometheus ``file_sd`` file listing
 every rank's ``host:port`` (ranks exchange their bound ports with ``all_gather_object``) and removes it
-at :meth:`TrainingMetrics.close`. Prometheus scrapes these targets with ``honor_labels: true`` so the
-labels the exporter puts on its samples (``run``, ``job_id``, ``rank``, ``node``) are kept as they are,
-while the same labels on the target give the ``up`` series of every rank.
+at :meth:`TrainingMetrics.close`; the labels on the targets give the ``up`` series of every rank.
 
 The evaluator publishes FID / KID through :class:`EvalMetrics` (its own server + its own file_sd file,
-or the Pushgateway for one-off jobs). Short jobs use :func:`push_job_metrics` / :func:`delete_job_metrics`.
+or the Pushgateway for one-off jobs, :mod:`spade_dist.monitoring.pushgateway`).
 
 The trainer passes plain Python numbers: nothing here touches a tensor, so recording never forces a
 device synchronisation. Rank 0 also appends one JSON line per :meth:`TrainingMetrics.record_step` to
-``<run_dir>/logs/train_metrics.jsonl`` (see docs/FORMATS.md), read by ``spade-report`` — always, also
-with ``metrics.enabled: false`` (which only turns off the exporter), so every run can be reported on.
+the training log (:mod:`spade_dist.monitoring.train_log`) — also with ``metrics.enabled: false``.
 """
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client import delete_from_gateway, push_to_gateway
 
 from spade_dist.config import MetricsConfig
-from spade_dist.files import write_atomic
-from spade_dist.run_dir import RunDir
+from spade_dist.files import write_json_atomic
+from spade_dist.monitoring import MetricsError
+from spade_dist.monitoring.discovery import DiscoveryFile, advertised_host, resolve_run_labels, resolve_sd_dir, sd_file_name
+from spade_dist.monitoring.pushgateway import delete_job_metrics, push_job_metrics
+from spade_dist.monitoring.train_log import TrainingLog
 
 # Label names carried by every training sample; the dashboard and the alert rules group by them.
 TRAIN_LABELS = ("run", "job_id", "rank", "node")
@@ -44,47 +42,6 @@ EVAL_LABELS = ("run", "job_id")
 
 # Step-time buckets (seconds): tiny CPU test steps (ms) up to slow multi-node GPU steps (~30 s).
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
-
-
-
-class MetricsError(RuntimeError):
-    """The exporter cannot do what the configuration asks (port taken, bad value, ...)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_run_labels(cfg: MetricsConfig, run_dir: Union[str, Path]) -> tuple[str, str]:
-    """Return ``(run, job_id)``: config values, else the run dir's name and ``$SLURM_JOB_ID`` / "local"."""
-    run = cfg.run_name or Path(run_dir).resolve().name
-    job_id = cfg.job_id or os.environ.get("SLURM_JOB_ID", "") or "local"
-    for key, value in (("metrics.run_name", run), ("metrics.job_id", job_id)):
-        # The values become file names and label values: keep them to a safe alphabet.
-        if not value or any(c in value for c in "/\\\n\""):
-            raise MetricsError(f"{key}: invalid value {value!r} (must be non-empty, without / \\ \" or newline)")
-    return run, job_id
-
-
-def resolve_sd_dir(cfg: MetricsConfig, run_dir: Union[str, Path]) -> Path:
-    """``metrics.sd_dir``, or ``<run_dir>/metrics`` when empty."""
-    return Path(cfg.sd_dir) if cfg.sd_dir else RunDir(run_dir).metrics
-
-
-def sd_file_name(run: str, job_id: str, suffix: str = "") -> str:
-    """One discovery file per job (and one per evaluator: ``suffix="eval"``)."""
-    return f"{run}-{job_id}{'-' + suffix if suffix else ''}.json"
-
-
-def advertised_host(bind: str, node: str) -> str:
-    """The host Prometheus should scrape: the bind address, or the node name for a wildcard bind."""
-    return node if bind in ("", "0.0.0.0", "::") else bind
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temp file + rename so Prometheus never reads a half-written target file."""
-    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def _start_server(registry: CollectorRegistry, port: int, bind: str, who: str, config_key: str):
@@ -108,32 +65,6 @@ def _stop_server(server: Any) -> None:
     server.server_close()
 
 
-def push_job_metrics(gateway: str, job: str, registry: CollectorRegistry,
-                     grouping: Optional[Mapping[str, str]] = None, timeout: float = 10.0) -> None:
-    """Replace the Pushgateway group ``job`` (+ ``grouping``) with ``registry``'s metrics.
-
-    For short jobs (sharding, one-off evaluation) that end before Prometheus could scrape them.
-    ``gateway`` is ``host:port`` (``metrics.pushgateway``).
-    """
-    if not gateway:
-        raise MetricsError("push_job_metrics: no gateway given (metrics.pushgateway is empty)")
-    try:
-        push_to_gateway(gateway, job=job, registry=registry, grouping_key=dict(grouping or {}), timeout=timeout)
-    except OSError as exc:
-        raise MetricsError(f"cannot push job {job!r} to Pushgateway {gateway} (metrics.pushgateway): {exc}") from exc
-
-
-def delete_job_metrics(gateway: str, job: str, grouping: Optional[Mapping[str, str]] = None,
-                       timeout: float = 10.0) -> None:
-    """Delete the group a job pushed, so finished jobs don't linger on the Pushgateway forever."""
-    if not gateway:
-        raise MetricsError("delete_job_metrics: no gateway given (metrics.pushgateway is empty)")
-    try:
-        delete_from_gateway(gateway, job=job, grouping_key=dict(grouping or {}), timeout=timeout)
-    except OSError as exc:
-        raise MetricsError(f"cannot delete job {job!r} from Pushgateway {gateway} (metrics.pushgateway): {exc}") from exc
-
-
 def directory_bytes(path: Union[str, Path]) -> int:
     """Total size of the files under ``path`` (a checkpoint step directory)."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -142,17 +73,13 @@ def directory_bytes(path: Union[str, Path]) -> int:
 def device_memory_bytes(device: Any) -> int:
     """Memory this process holds on ``device``: CUDA's allocator counter (a host-side number, no
     synchronisation), or the resident set size of the process on CPU."""
-    import torch  # local: keeps `import spade_dist.metrics` light for short jobs
+    import torch  # local: keeps the exporter light for short jobs
 
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +110,10 @@ class TrainingMetrics:
         self.run, self.job_id = resolve_run_labels(cfg, run_dir)
         self.sd_dir = resolve_sd_dir(cfg, run_dir)
         self.sd_path = self.sd_dir / sd_file_name(self.run, self.job_id)
+        self._discovery = DiscoveryFile(self.sd_path)
         self.port: Optional[int] = None
         self._server: Any = None
-        self._log: Optional[IO[str]] = None
-        self._wrote_sd_file = False
-        self._sd_groups: list[dict] = []
+        self._log: Optional[TrainingLog] = None
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"run": self.run, "job_id": self.job_id, "rank": str(rank), "node": self.node}
         self._build_metrics()
@@ -254,9 +180,7 @@ class TrainingMetrics:
         others waiting in the exchange forever). Rank 0 opens the training log, enabled or not.
         """
         if self.rank == 0 and self._log is None:
-            log_path = RunDir(self.run_dir).train_metrics_log
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(log_path, "a", buffering=1)  # line-buffered: readers see whole lines
+            self._log = TrainingLog(self.run_dir)
         if not self.enabled or self._server is not None:
             return
         port = self.cfg.port_base + self.local_rank if self.cfg.port_base else 0
@@ -274,12 +198,10 @@ class TrainingMetrics:
             self.close()
             raise MetricsError("; ".join(errors))
         if self.rank == 0:
-            self._sd_groups = [{"targets": [t["target"]], "labels": t["labels"]} for t in everyone]
-            write_json_atomic(self.sd_path, self._sd_groups)
-            self._wrote_sd_file = True
+            self._discovery.write([{"targets": [t["target"]], "labels": t["labels"]} for t in everyone])
 
     def _gather(self, mine: dict) -> list[dict]:
-        import torch.distributed as dist  # local: keeps `import spade_dist.metrics` light for short jobs
+        import torch.distributed as dist  # local: keeps the exporter light for short jobs
 
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             out: list[Any] = [None] * dist.get_world_size(self.process_group)
@@ -289,9 +211,7 @@ class TrainingMetrics:
 
     def close(self) -> None:
         """Stop the server, close the log, and (rank 0) remove the discovery file. Idempotent."""
-        if self._wrote_sd_file:
-            self.sd_path.unlink(missing_ok=True)
-            self._wrote_sd_file = False
+        self._discovery.remove()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -322,17 +242,10 @@ class TrainingMetrics:
             self._export_step(step, epoch, images, data_seconds, compute_seconds, per_rank_rate, steps,
                               losses, lrs, grad_norms)
         if self._log is not None:
-            record = {
-                "step": step, "epoch": epoch, "time": round(time.time(), 3),
-                # Every rank runs the same per-rank batch (a requirement of SyncBN), so rank 0's rate
-                # times the world size is the job's throughput.
-                "images_per_sec": per_rank_rate * self.world_size,
-                "data_wait_share": data_seconds / total if total > 0 else 0.0,
-                "losses": {k: (float(v) if _finite(v) else None) for k, v in (losses or {}).items()},
-                "lr": {k: float(v) for k, v in (lrs or {}).items()},
-                "grad_norms": {k: (float(v) if _finite(v) else None) for k, v in (grad_norms or {}).items()},
-            }
-            self._log.write(json.dumps(record, sort_keys=True) + "\n")
+            # Every rank runs the same per-rank batch (a requirement of SyncBN), so rank 0's rate
+            # times the world size is the job's throughput.
+            self._log.write_step(step, epoch, per_rank_rate * self.world_size,
+                                 data_seconds / total if total > 0 else 0.0, losses, lrs, grad_norms)
 
     def _export_step(self, step: int, epoch: int, images: int, data_seconds: float, compute_seconds: float,
                      per_rank_rate: float, steps: int, losses: Optional[Mapping[str, float]],
@@ -354,9 +267,7 @@ class TrainingMetrics:
         for net, value in (grad_norms or {}).items():
             self._grad_norm.labels(**lab, net=net).set(value)
         self._beat()
-        if self._wrote_sd_file and not self.sd_path.exists():
-            # Refresh: someone cleaned the shared discovery directory while the job is alive.
-            write_json_atomic(self.sd_path, self._sd_groups)
+        self._discovery.refresh()
 
     def record_nonfinite_skip(self, n: int = 1) -> None:
         """Count ``n`` optimizer steps that were skipped because a loss or gradient was not finite."""
@@ -390,51 +301,6 @@ class TrainingMetrics:
         """``CheckpointManager(on_commit=...)`` hook: a committed step directory, measured on disk."""
         if self.enabled:
             self.record_checkpoint(seconds=seconds, bytes=directory_bytes(step_dir), success=True)
-
-
-class GradNormTracker:
-    """Total gradient L2 norm per network, captured right before each optimizer step.
-
-    The backends zero the gradients right after stepping, so the loop cannot read them afterwards;
-    an optimizer step pre-hook sees them all-reduced (DDP) and unscaled (fp16). The hook only
-    computes when armed (the loop arms it before a logging step), so other steps pay nothing, and it
-    keeps a device tensor: :meth:`collect` does the one host read on the logging step. Under
-    DeepSpeed ZeRO 1/2 the client optimizer only holds this rank's gradient partition: do not
-    arm it there (its norm would not be the network's).
-    """
-
-    def __init__(self, optimizers: Mapping[str, Any]) -> None:
-        self._armed = False
-        self._norms: dict[str, Any] = {}
-        self._handles = [opt.register_step_pre_hook(self._hook(name)) for name, opt in optimizers.items()]
-
-    def _hook(self, name: str):
-        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-            if not self._armed:
-                return
-            import torch
-
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)
-                self._norms[name] = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        return hook
-
-    def arm(self) -> None:
-        """Capture the norms of the next optimizer steps (until :meth:`collect`)."""
-        self._armed = True
-
-    def collect(self) -> dict[str, float]:
-        """``{net: norm}`` of the steps since :meth:`arm` (the last one per network); disarms."""
-        out = {name: float(norm) for name, norm in self._norms.items()}
-        self._norms.clear()
-        self._armed = False
-        return out
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +349,7 @@ class EvalMetrics:
         self._server, _ = _start_server(self.registry, 0, self.cfg.bind, "evaluator metrics exporter", "metrics.bind")
         self.port = self._server.server_port
         target = f"{advertised_host(self.cfg.bind, self.node)}:{self.port}"
-        write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}])
+        write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}], sort_keys=True)
 
     def record(self, step: int, fid: float, kid_mean: float, kid_std: float = 0.0, seconds: float = 0.0) -> None:
         """Publish one evaluation result; the best FID is the minimum seen (or passed in at start)."""
