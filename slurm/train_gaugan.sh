@@ -29,7 +29,7 @@
 #   0   training finished (the run's DONE marker exists and the launcher exited 0)
 #   checkpoint.requeue_exit_code (75 by default): the run committed a checkpoint and asked to be
 #       restarted (its REQUEUE marker exists), and the job was requeued
-#   4   bad settings (missing config, ...)
+#   2   bad settings (missing config, malformed SPADE_EXTRA_ENV, ...), as every spade-dist command
 #   other: training failed with that code (1 when the launcher exited 0 without DONE or REQUEUE)
 # The requeue decision reads the REQUEUE marker (spade-run verdict), not the exit code: launchers
 # translate exit codes (accelerate launch reports 1 for a worker's 75). See docs/SLURM.md.
@@ -46,7 +46,7 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-EXIT_BAD_SETTINGS=4
+EXIT_BAD_SETTINGS=2
 
 log() { echo "[train_gaugan $(date -u +%H:%M:%S)] $*"; }
 

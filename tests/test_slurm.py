@@ -232,5 +232,5 @@ def test_bad_extra_env_is_refused_before_launch(tmp_path):
            "SPADE_EXTRA_ENV": "GOOD=1 not-a-pair"}
     proc = subprocess.run(["bash", "slurm/train_gaugan.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "SPADE_EXTRA_ENV: 'not-a-pair' is not NAME=VALUE" in proc.stdout
