@@ -13,7 +13,7 @@
 #   SPADE_INCEPTION_WEIGHTS  the Inception weights file when eval.inception_weights is not set
 # Several tasks (sbatch --ntasks=N) split generation and feature extraction across N processes.
 # Requeue-safe: a restarted job skips the steps already in RUN_DIR/eval/metrics.jsonl.
-# Exit codes: 0 done (the run finished and every checkpoint was handled), 4 bad settings, 2 spade-eval
+# Exit codes: 0 done (the run finished and every checkpoint was handled), 2 bad settings or spade-eval
 # refused its input (e.g. no Inception weights: the message says how to provide them), else its code.
 #
 # Resources: one GPU by default (override with sbatch --gpus-per-node=N for N tasks, or
@@ -28,7 +28,7 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-EXIT_BAD_SETTINGS=4
+EXIT_BAD_SETTINGS=2
 log() { echo "[eval_fid $(date -u +%H:%M:%S)] $*"; }
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}" || exit $EXIT_BAD_SETTINGS

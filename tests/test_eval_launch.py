@@ -46,7 +46,7 @@ def test_slurm_script_checks_settings_and_reports_missing_weights(tmp_path: Path
                PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
     script = str(repo_root / "slurm" / "eval_fid.sh")
     no_run_dir = subprocess.run(["bash", script], cwd=repo_root, env=env, capture_output=True, text=True, timeout=60)
-    assert no_run_dir.returncode == 4 and "RUN_DIR is required" in no_run_dir.stdout
+    assert no_run_dir.returncode == 2 and "RUN_DIR is required" in no_run_dir.stdout
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
