@@ -108,3 +108,22 @@ def test_region_gamma_beta_rejects_mismatched_weights() -> None:
         region_gamma_beta(layout, torch.randn(7, LABEL_NC, 3, 3), torch.randn(7), torch.randn(4, 7, 3, 3), torch.randn(4))
     with pytest.raises(ValueError, match="kernel sizes"):
         region_gamma_beta(layout, torch.randn(7, LABEL_NC + 2, 5, 5), torch.randn(7), torch.randn(4, 7, 5, 5), torch.randn(4))
+
+
+def test_backward_inside_bf16_autocast_computes_in_fp32() -> None:
+    """A training step's backward may run inside the step's autocast region: the region path's
+    gradients stay fp32 (the same as outside autocast), with no bf16 kernel needed."""
+    torch.manual_seed(0)
+    seg = _regions(1, 16, 20, 4).float()
+    layout = build_region_layout([onehot_index(seg[:, :LABEL_NC + 1]), onehot_index(seg[:, LABEL_NC + 1:])],
+                                 [LABEL_NC + 1, 1], 3)
+    params = [torch.randn(5, LABEL_NC + 2, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True),
+              torch.randn(6, 5, 3, 3, requires_grad=True), torch.randn(6, requires_grad=True)]
+    upstream = torch.randn(1, 6, 16, 20)
+    plain = torch.autograd.grad((region_gamma_beta(layout, *params) * upstream).sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = region_gamma_beta(layout, *params)
+        in_autocast = torch.autograd.grad((out * upstream).sum(), params)
+    assert out.dtype == torch.float32
+    for a, b in zip(plain, in_autocast):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-5)

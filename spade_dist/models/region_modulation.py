@@ -246,6 +246,13 @@ class _RegionGammaBeta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # A backward called inside an autocast region would run these products in bf16/fp16 (and the
+        # sparse CSR product has no bf16 kernel on CPU): the gradients are computed in fp32 like the forward.
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _RegionGammaBeta._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         layout: RegionLayout = ctx.layout
         shared_weight, gb_weight, code_act, source = ctx.saved_tensors
         k = layout.kernel_size
