@@ -1,7 +1,7 @@
 """An independent, purely functional re-implementation of the official SPADE generator forward.
 
 It reads an official-format state dict directly (no nn.Module of the project involved) and follows
-the facts written down in ../shared/reference/README.md:
+the facts of the official checkpoint format (docs/MODELS.md, "Official compatibility"):
 - spectral norm in eval: W = weight_orig / (u^T W_mat v) with the STORED u, v (no power iteration);
 - SPADE: BatchNorm with running stats (no affine), label map resized with nearest, then
   relu(conv(mlp_shared.0)), gamma = conv(mlp_gamma), beta = conv(mlp_beta), norm * (1 + gamma) + beta;

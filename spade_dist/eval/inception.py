@@ -105,8 +105,10 @@ class PytorchFidProtocol(nn.Module):
         x = pytorch_fid_input(images_uint8)
         handle = self.extractor.Conv2d_1a_3x3.register_forward_pre_hook(lambda _module, _args: (x,))
         try:
-            placeholder = torch.zeros((x.shape[0], 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=x.device)
-            return self.extractor(placeholder)
+            # Only its shape matters: torch-fidelity's front end runs on it (already 299 px, so no
+            # resize work) and the hook then discards that output for x.
+            front_end_input = torch.zeros((x.shape[0], 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=x.device)
+            return self.extractor(front_end_input)
         finally:
             handle.remove()
 
