@@ -57,6 +57,8 @@ EVAL_DIRNAME = "eval"
 METRICS_DIRNAME = "metrics"
 REPORT_NAME = "report.html"
 TRAIN_METRICS_NAME = "train_metrics.jsonl"
+EVAL_METRICS_NAME = "metrics.jsonl"  # one line per scored checkpoint, under eval/ (eval/watcher.py)
+EVAL_BEST_NAME = "best.json"  # the best-FID line, under eval/
 INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting point (train.init_generator)
 SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/speed_paths.py)
 DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
@@ -145,6 +147,14 @@ class RunDir:
     @property
     def train_metrics_log(self) -> Path:
         return self.logs / TRAIN_METRICS_NAME
+
+    @property
+    def eval_metrics_log(self) -> Path:
+        return self.eval / EVAL_METRICS_NAME
+
+    @property
+    def eval_best(self) -> Path:
+        return self.eval / EVAL_BEST_NAME
 
     @property
     def init_generator(self) -> Path:

@@ -117,7 +117,7 @@ def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
 
 def run_watch(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator
-    from spade_dist.eval.watcher import METRICS_NAME, EvalWatcher, best_record, read_records
+    from spade_dist.eval.watcher import EvalWatcher, best_record, read_records
     from spade_dist.monitoring.exporter import EvalMetrics
 
     run_dir = Path(args.run_dir)
@@ -132,7 +132,7 @@ def run_watch(args: argparse.Namespace) -> int:
     evaluator = Evaluator(cfg, device=device, log=log, progress=progress_wanted(not args.no_progress, rank))
     metrics = None
     if rank == 0 and cfg.metrics.enabled:
-        best = best_record(read_records(RunDir(run_dir).eval / METRICS_NAME))
+        best = best_record(read_records(RunDir(run_dir).eval_metrics_log))
         metrics = EvalMetrics(cfg.metrics, run_dir, best_fid=best["fid"] if best else None)
         metrics.start()
     watcher = EvalWatcher(

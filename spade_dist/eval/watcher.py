@@ -34,8 +34,6 @@ from spade_dist.eval.report import write_fid_page
 from spade_dist.files import append_jsonl, read_jsonl, write_json_atomic
 from spade_dist.run_dir import RunDir
 
-METRICS_NAME = "metrics.jsonl"
-BEST_NAME = "best.json"
 BEST_GENERATOR_NAME = "best_generator.pt"
 FID_PAGE_NAME = "fid.html"
 LOCK_NAME = "watcher.lock"
@@ -98,7 +96,7 @@ class EvalWatcher:
             raise ValueError(f"eval.every_k must be >= 1, got {every_k}")
         self.run_dir = Path(run_dir)
         self.eval_dir = RunDir(self.run_dir).eval
-        self.metrics_path = self.eval_dir / METRICS_NAME
+        self.metrics_path = RunDir(self.run_dir).eval_metrics_log
         self.evaluator = evaluator
         self.policy = policy
         self.every_k = every_k
@@ -161,7 +159,7 @@ class EvalWatcher:
         from spade_dist.models.compat import save_generator_file
 
         save_generator_file(generator, generator_cfg, self.eval_dir / BEST_GENERATOR_NAME)
-        write_json_atomic(self.eval_dir / BEST_NAME, {**record, "generator": BEST_GENERATOR_NAME}, sort_keys=True)
+        write_json_atomic(RunDir(self.run_dir).eval_best, {**record, "generator": BEST_GENERATOR_NAME}, sort_keys=True)
 
     def evaluate_one(self, ref: CheckpointRef) -> dict:
         """Score one checkpoint and record the outcome; a vanished or unreadable one is recorded as skipped."""

@@ -23,12 +23,13 @@ from typing import Any, Optional, Sequence, Union
 
 from spade_dist.charts import Chart, Point, fmt_number, svg_line_chart
 from spade_dist.files import read_jsonl, write_atomic
-from spade_dist.run_dir import EVAL_DIRNAME, LOGS_DIRNAME, TRAIN_METRICS_NAME, RunDir
+from spade_dist.run_dir import RunDir
 from spade_dist.config import Config, ConfigError, load_config
 from spade_dist.visualize import enlarged_width
 
-TRAIN_LOG_RELPATH = Path(LOGS_DIRNAME) / TRAIN_METRICS_NAME
-EVAL_LOG_RELPATH = Path(EVAL_DIRNAME) / "metrics.jsonl"
+# Where the report's data lives, relative to the run directory (for messages).
+TRAIN_LOG_RELPATH = RunDir("").train_metrics_log
+EVAL_LOG_RELPATH = RunDir("").eval_metrics_log
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 REPORT_SAMPLE_PX = 768  # sample grids are enlarged by an integer factor up to this display width
 
@@ -98,7 +99,7 @@ def _data_uri(path: Path) -> str:
 
 def _run_config(run_dir: Path) -> Optional[Config]:
     """The run's resolved ``config.yaml`` (written by the trainer), or None when there is none."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return None
     try:
@@ -151,7 +152,7 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
         if losses:
             rows.append(("Last losses", ", ".join(f"{k} {fmt_number(v) if _number(v) is not None else 'non-finite'}"
                                                   for k, v in sorted(losses.items()))))
-    best_path = RunDir(run_dir).eval / "best.json"
+    best_path = RunDir(run_dir).eval_best
     if best_path.is_file():
         try:
             best = json.loads(best_path.read_text())
