@@ -218,11 +218,15 @@ class CheckpointManager:
         return self.cfg.requeue_exit_code
 
     def request_requeue(self, step: int) -> None:
-        """After the stop checkpoint of ``step`` is committed (call :meth:`wait` first): rank 0 writes
-        the run's REQUEUE marker. Batch scripts requeue on the marker, not on an exit code, because
+        """Collective. After the stop checkpoint of ``step`` is committed (call :meth:`wait` first):
+        rank 0 writes the run's REQUEUE marker while the other ranks wait for it. Batch scripts requeue on the marker, not on an exit code, because
         launchers translate exit codes (``accelerate launch`` turns 75 into 1)."""
         if self.rank == 0:
             self.run.request_requeue(step, self.stop_reason or "requested", self.requeue_exit_code)
+        if self.distributed:
+            # No rank may exit before the marker is on disk: the first process to exit can make its
+            # launcher (and ``srun --kill-on-bad-exit``) end the whole step, rank 0 included.
+            dist.barrier(group=self._ctrl_pg)
 
     # ------------------------------------------------------------------ triggers
     def _time_due(self) -> bool:

@@ -396,9 +396,9 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
         # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
         ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
         if stopped_early:
-            ckpt.request_requeue(state.step)
             say(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
                 f"exit {ckpt.requeue_exit_code} (requeue)")
+            ckpt.request_requeue(state.step)  # collective: every rank waits for the marker
         elif info.is_main:
             run.mark_done(state.step)
             say(f"done at step {state.step}; samples: {run.samples / 'index.html'}; checkpoints: {run.checkpoints}")
