@@ -7,8 +7,8 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 
 - reference: how the official code runs - eager fp32, channels-first, separate gamma/beta convs
   (``model.fused_modulation=false``), the label map resized in every SPADE layer, dense
-  ``mlp_shared`` convolutions, and every loss read with ``.item()`` after every step (host syncs
-  for logging).
+  ``mlp_shared`` convolutions, torch's spectral-norm backward, and every loss read with ``.item()``
+  after every step (host syncs for logging).
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
   one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop).
 
@@ -54,7 +54,7 @@ from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step
 
 REFERENCE_OVERRIDES = [
     "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
-    "model.channels_last=false",
+    "model.channels_last=false", "model.fast_spectral_norm=false",
     "train.mixed_precision='no'", "train.compile=false",
 ]
 

@@ -119,6 +119,10 @@ class ModelConfig:
     # (models/region_modulation.py; exact up to float rounding, same parameters). on / off / auto
     # as onehot_gather; on needs onehot_gather on or auto.
     region_modulation: SpeedSwitch = "auto"
+    # Fast path (docs/PERFORMANCE.md): spectral-normed layers differentiate W / sigma in closed form
+    # (models/spectral_norm.py: same forward, same state dict, three passes over the weight in the
+    # backward instead of autograd's eight). false keeps torch's own backward.
+    fast_spectral_norm: bool = True
 
 
 @dataclass

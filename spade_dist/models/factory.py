@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import nn
 
 from spade_dist.config import Config
@@ -13,6 +15,9 @@ from spade_dist.models.encoder import ConvEncoder
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.init import init_weights
 from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
+from spade_dist.models.spectral_norm import use_fast_spectral_norm
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def build_generator(cfg: Config, init: bool = True) -> nn.Module:
@@ -23,14 +28,22 @@ def build_generator(cfg: Config, init: bool = True) -> nn.Module:
         net = Pix2PixHDGenerator.from_config(cfg)
     else:
         raise ValueError(f"model.netG: unknown generator '{cfg.model.netG}' (known: spade, pix2pixhd)")
-    return init_weights(net, cfg.model.init_type, cfg.model.init_variance) if init else net
+    return _finish(net, cfg, init)
 
 
 def build_discriminator(cfg: Config, init: bool = True) -> MultiscaleDiscriminator:
-    net = MultiscaleDiscriminator.from_config(cfg)
-    return init_weights(net, cfg.model.init_type, cfg.model.init_variance) if init else net
+    return _finish(MultiscaleDiscriminator.from_config(cfg), cfg, init)
 
 
 def build_encoder(cfg: Config, init: bool = True) -> ConvEncoder:
-    net = ConvEncoder.from_config(cfg)
-    return init_weights(net, cfg.model.init_type, cfg.model.init_variance) if init else net
+    return _finish(ConvEncoder.from_config(cfg), cfg, init)
+
+
+def _finish(net: NetT, cfg: Config, init: bool) -> NetT:
+    """The official weight init (unless ``init`` is false, e.g. before loading weights) and the
+    spectral-norm backward the config asks for (``model.fast_spectral_norm``)."""
+    if cfg.model.fast_spectral_norm:
+        use_fast_spectral_norm(net)
+    if init:
+        init_weights(net, cfg.model.init_type, cfg.model.init_variance)
+    return net
