@@ -33,6 +33,15 @@ more on two threads than on one. The im2col patches of the boundary pixels are r
 small tables (per-code activations, the non-U1 pixels' activations, a zero row; in the backward
 the boundary pixels' gradients and a zero row), never from a padded full-size map.
 
+Distinct windows only: a non-U1 pixel's activation depends on nothing but its k x k label window
+(and where the image edge cuts it), and a boundary pixel's gamma/beta on nothing but the k x k
+window of activation rows it reads. Along a region border the same windows repeat (on the
+COCO-Stuff sample at 256^2: 11,198 boundary pixels read 4,032 distinct patches, 7,349 non-U1
+pixels have 1,243 distinct label windows), so the gather, the im2col product and their
+backward products run once per distinct window: the forward copies each patch's result to its
+pixels, the backward first sums the pixels' gradients per window (sparse 0/1 / count matrices
+built with the layout) and then multiplies. Same products, summed in another order.
+
 Exactness: the same products are summed, in a different order (per code sums first), so results
 agree with the dense convolutions to float rounding (``tests/test_region_modulation.py``: fp64
 1e-10 against the dense path, outputs and every weight gradient). The label map never needs a
@@ -78,16 +87,23 @@ class RegionLayout:
     code_columns: Tensor  # num_codes x C_in: which input channels each code sets (0/1)
     u2_key: Tensor  # N*H*W: code where U2, num_codes elsewhere
     boundary: Tensor  # flat positions not in U2 (gamma/beta convolved explicitly)
-    boundary_act_rows: Tensor  # len(boundary) x k*k rows of [code activations; boundary1 activations; zero]
-    boundary_u1_keys: Tensor  # k*k x len(boundary): o * (num_codes + 1) + U1 code of neighbour p + o (num_codes: none)
-    boundary1: Tensor  # flat positions not in U1 (activation gathered explicitly)
-    boundary1_grad_rows: Tensor  # len(boundary1) x k*k rows of [boundary pixels' grads; zero] at q - o
-    gather_rows: Tensor  # len(boundary1) x groups*k*k rows of the onehot_conv table
-    gather_sum: Tensor  # sparse CSR table rows x len(boundary1), fp32 0/1: S @ rows sums each pixel's row into the table rows it read
+    # Boundary pixels whose k x k activation windows are equal have equal gamma/beta: the product
+    # runs once per distinct window ("patch"), and the gradients are summed per patch first.
+    patch_rows: Tensor  # patches x k*k rows of [code activations; distinct boundary1 activations; zero]
+    patch_of_boundary: Tensor  # len(boundary): its patch
+    patch_sum: Tensor  # sparse CSR patches x (len(boundary) + 1), 0/1: S @ [boundary grads; zero] sums per patch
+    patch_u1_keys: Tensor  # k*k x patches: o * (num_codes + 1) + U1 code of the neighbour at o (num_codes: none)
+    boundary1: Tensor  # flat positions not in U1 (activation not per code)
+    # Non-U1 pixels with equal k x k label windows have equal activations: one row per distinct window.
+    gather_rows: Tensor  # distinct windows x groups*k*k rows of the onehot_conv table
+    gather_sum: Tensor  # sparse CSR table rows x distinct windows, fp32 0/1: S @ rows sums each window's row into the table rows it read
+    # Sparse CSR (distinct windows * k*k) x (len(boundary) + 1), counts: row (window, o) sums the
+    # gradient rows [boundary grads; zero] at q - o over the window's pixels q.
+    window_grad_sum: Tensor
     # With few codes the per-code maps and sums run as matrix products with these 0/1 matrices
     # (BLAS uses every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
-    boundary_onehot: Optional[Tensor] = None  # len(boundary) x k*k*(num_codes+1) (fp32)
+    patch_onehot: Optional[Tensor] = None  # patches x k*k*(num_codes+1) (fp32)
 
 
 def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
@@ -159,52 +175,72 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     # Neighbour tables, built once here and shared by every SPADE layer at this resolution in both passes.
     k2 = kernel_size * kernel_size
     wp = w + 2 * r
-    boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
-    boundary1_grad_patches = _padded_base(boundary1, h, w, r)[:, None] + _offsets(kernel_size, wp, device, True)[None, :]
-    # Row of each padded position in the activation source [code rows; boundary1 rows; zero row].
+    # Distinct label windows of the non-U1 pixels (the activation depends on nothing else).
+    windows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    if boundary1.numel():
+        gather_rows, window_of = torch.unique(windows, dim=0, return_inverse=True)
+    else:
+        gather_rows, window_of = windows, boundary1
+    num_windows = gather_rows.shape[0]
+    # Row of each padded position in the activation source [code rows; window rows; zero row].
     act_row = u1_code.reshape(-1).clone()
-    act_row[boundary1] = num_codes + torch.arange(boundary1.numel(), device=device)
-    act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + boundary1.numel())
+    act_row[boundary1] = num_codes + window_of
+    act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + num_windows)
+    boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
+    boundary_rows = act_row_padded.reshape(-1)[boundary_patches]
+    if boundary.numel():
+        patch_rows, patch_of_boundary = torch.unique(boundary_rows, dim=0, return_inverse=True)
+    else:
+        patch_rows, patch_of_boundary = boundary_rows, boundary
+    # A neighbour's U1 code is its activation row when that row is a code row.
+    offset_base = torch.arange(k2, device=device)[:, None] * (num_codes + 1)
+    patch_u1_keys = patch_rows.clamp(max=num_codes).t() + offset_base
     # Row of each padded position in the gradient source [boundary rows; zero row] (U2 pixels are never read).
     grad_row = torch.full_like(flat, boundary.numel())
     grad_row[boundary] = torch.arange(boundary.numel(), device=device)
     grad_row_padded = F.pad(grad_row.view(n, h, w), (r, r, r, r), value=boundary.numel())
-    u1_code_padded = F.pad(u1_code, (r, r, r, r), value=num_codes)
-    offset_base = torch.arange(k2, device=device)[:, None] * (num_codes + 1)
-    boundary_u1_keys = u1_code_padded.reshape(-1)[boundary_patches].t() + offset_base
-    gather_rows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    boundary1_grad_patches = _padded_base(boundary1, h, w, r)[:, None] + _offsets(kernel_size, wp, device, True)[None, :]
+    boundary1_grad_rows = grad_row_padded.reshape(-1)[boundary1_grad_patches]  # B1 x k*k
     u2_key = torch.where(u2.reshape(-1), flat, no_code)
     few_codes = num_codes + 1 <= ONEHOT_SUM_MAX_CODES
+    grad_sources = boundary.numel() + 1
     return RegionLayout(
         shape=(n, h, w), kernel_size=kernel_size, class_counts=list(class_counts), num_codes=num_codes,
         code=flat, code_columns=code_columns,
         u2_key=u2_key,
         boundary=boundary,
-        boundary_act_rows=act_row_padded.reshape(-1)[boundary_patches],
-        boundary_u1_keys=boundary_u1_keys,
+        patch_rows=patch_rows,
+        patch_of_boundary=patch_of_boundary,
+        patch_sum=_sum_matrix(patch_of_boundary, torch.arange(boundary.numel(), device=device),
+                              patch_rows.shape[0], grad_sources),
+        patch_u1_keys=patch_u1_keys,
         boundary1=boundary1,
-        boundary1_grad_rows=grad_row_padded.reshape(-1)[boundary1_grad_patches],
         gather_rows=gather_rows,
-        gather_sum=_row_sum_matrix(gather_rows, sum(k2 * (count + 1) for count in class_counts)),
+        gather_sum=_sum_matrix(gather_rows.reshape(-1),
+                               torch.arange(num_windows, device=device).repeat_interleave(gather_rows.shape[1]),
+                               sum(k2 * (count + 1) for count in class_counts), num_windows),
+        window_grad_sum=_sum_matrix((window_of[:, None] * k2 + torch.arange(k2, device=device)).reshape(-1),
+                                    boundary1_grad_rows.reshape(-1), num_windows * k2, grad_sources),
         u2_onehot=F.one_hot(u2_key, num_codes + 1).to(torch.float32) if few_codes else None,
-        boundary_onehot=_onehot_rows(boundary_u1_keys.t(), k2 * (num_codes + 1)) if few_codes else None,
+        patch_onehot=_onehot_rows(patch_u1_keys.t(), k2 * (num_codes + 1)) if few_codes else None,
     )
 
 
-def _row_sum_matrix(rows: Tensor, num_rows: int) -> Tensor:
-    """Sparse CSR ``num_rows x len(rows)`` fp32 matrix S with S[rows[q, j], q] = 1 (a pixel's rows are
-    distinct: one table block per offset), so ``S @ X`` adds each row of X into the table rows it
-    read in the forward gather. One sparse product replaces one row-wise ``index_add`` per column
-    (each a sort and segment pass in torch on CPU that scaled badly to two threads); exact, as
-    the products are by 1.0."""
-    flat = rows.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = F.pad(torch.bincount(flat, minlength=num_rows).cumsum(0), (1, 0))
-    columns = order.div(rows.shape[1], rounding_mode="floor")
-    values = torch.ones(flat.numel(), dtype=torch.float32, device=rows.device)
+def _sum_matrix(rows: Tensor, columns: Tensor, num_rows: int, num_columns: int) -> Tensor:
+    """Sparse CSR ``num_rows x num_columns`` fp32 matrix with, at (i, j), how many k have
+    ``(rows[k], columns[k]) == (i, j)``: ``S @ X`` sums X's rows ``columns[k]`` into rows ``rows[k]``
+    (exact: products by small integers)."""
+    values = torch.ones(rows.numel(), dtype=torch.float32, device=rows.device)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, columns]), values, (num_rows, num_columns),
+                                  check_invariants=False).coalesce()  # indices built in range above
     with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        return torch.sparse_csr_tensor(crow, columns, values, (num_rows, rows.shape[0]), check_invariants=False)
+        return coo.to_sparse_csr()
+
+
+def _sparse_mm(matrix: Tensor, dense: Tensor) -> Tensor:
+    """``matrix @ dense`` for a fp32 0/1 (or count) sparse CSR matrix, in ``dense``'s dtype."""
+    return (matrix if dense.dtype == torch.float32 else matrix.to(dense.dtype)) @ dense
 
 
 def _onehot_rows(keys: Tensor, width: int) -> Tensor:
@@ -223,23 +259,24 @@ class _RegionGammaBeta(torch.autograd.Function):
         # Per code: the activation of a uniform window and the gamma/beta of a uniform window of those.
         code_act = F.relu(layout.code_columns.to(shared_weight.dtype) @ shared_weight.sum(dim=(2, 3)).t() + shared_bias)  # codes x hidden
         code_gb = torch.addmm(gb_bias, code_act, gb_weight.sum(dim=(2, 3)).t())  # codes x 2C
-        # The activation where it is not per code: the exact gather of the non-U1 pixels.
+        # The activation where it is not per code: the exact gather, once per distinct label window.
         act_source = [code_act]
-        if layout.boundary1.numel():
+        if layout.gather_rows.numel():
             table = gather_table(shared_weight, layout.class_counts)
             act_source.append(F.relu(F.embedding_bag(layout.gather_rows, table, mode="sum") + shared_bias))
         act_source.append(code_act.new_zeros(1, hidden))
-        source = torch.cat(act_source)  # [codes; boundary1; zero] x hidden
+        source = torch.cat(act_source)  # [codes; windows; zero] x hidden
         # gamma/beta channel-major (2C x N*H*W): the U2 pixels' per-code values, then the boundary
-        # pixels' im2col product, computed transposed (2C x boundary) to fit.
+        # pixels' im2col product, once per distinct patch, computed transposed (2C x patches) to fit.
         if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
             out = F.pad(code_gb.t(), (0, 1)) @ layout.u2_onehot.to(code_gb.dtype).t()
         else:
             out = code_gb.t().contiguous().index_select(1, layout.code)
         if layout.boundary.numel():
-            patches = source.index_select(0, layout.boundary_act_rows.reshape(-1)).view(-1, k * k * hidden)
+            patches = source.index_select(0, layout.patch_rows.reshape(-1)).view(-1, k * k * hidden)
             weight_matrix = gb_weight.permute(2, 3, 1, 0).reshape(k * k * hidden, c2)
-            out.index_copy_(1, layout.boundary, torch.addmm(gb_bias[:, None], weight_matrix.t(), patches.t()))
+            per_patch = torch.addmm(gb_bias[:, None], weight_matrix.t(), patches.t())  # 2C x patches
+            out.index_copy_(1, layout.boundary, per_patch.index_select(1, layout.patch_of_boundary))
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
         return _from_channel_major(out, n, h, w)
@@ -273,31 +310,33 @@ class _RegionGammaBeta(torch.autograd.Function):
         sums = grad.new_zeros(c2, k * k * (num_codes + 1))  # column o * (num_codes + 1) + code
         grad_rows = grad.new_zeros(1, c2)
         if layout.boundary.numel():
-            grad_boundary = grad.index_select(1, layout.boundary)  # 2C x boundary
-            patches = source.index_select(0, layout.boundary_act_rows.reshape(-1)).view(-1, k * k * hidden)
-            from_patches = grad_boundary @ patches  # 2C x (k*k*hidden)
+            grad_rows = torch.cat([grad.index_select(1, layout.boundary).t(), grad_rows])  # [boundary; zero] x 2C
+            grad_patch = _sparse_mm(layout.patch_sum, grad_rows).t()  # 2C x patches: summed per distinct patch
+            patches = source.index_select(0, layout.patch_rows.reshape(-1)).view(-1, k * k * hidden)
+            from_patches = grad_patch @ patches  # 2C x (k*k*hidden)
             grad_gb_weight += from_patches.view(c2, k, k, hidden).permute(0, 3, 1, 2)
-            if layout.boundary_onehot is not None:
-                sums = grad_boundary @ layout.boundary_onehot.to(grad.dtype)
+            if layout.patch_onehot is not None:
+                sums = grad_patch @ layout.patch_onehot.to(grad.dtype)
             else:
-                for keys in layout.boundary_u1_keys:
-                    sums.index_add_(1, keys, grad_boundary)
-            grad_rows = torch.cat([grad_boundary.t(), grad_rows])  # [boundary; zero] x 2C
+                grad_patch = grad_patch.contiguous()
+                for keys in layout.patch_u1_keys:
+                    sums.index_add_(1, keys, grad_patch)
         per_offset = sums.view(c2, k * k, num_codes + 1)[:, :, :num_codes] + per_code[:, None, :]  # 2C x k*k x codes
         # Gradient at the activation: dact(q) = sum_o W_o^T grad(q - o); rows of W ordered (ky, kx, j).
         transposed_weight = gb_weight.permute(2, 3, 0, 1).reshape(k * k * c2, hidden)
         code_grad_pre = (per_offset.permute(2, 1, 0).reshape(num_codes, k * k * c2) @ transposed_weight) * (code_act > 0)
         grad_shared_bias = code_grad_pre.sum(dim=0)
         grad_shared_weight = (code_grad_pre.t() @ layout.code_columns.to(code_grad_pre.dtype))[:, :, None, None].expand(hidden, c_in, k, k).clone()
-        # Non-U1 pixels one by one: their grad patch (mirrored offsets) times the weight, the ReLU
-        # mask, then the onehot_conv table's sum over each offset's class (one sparse product).
-        if layout.boundary1.numel():
-            grad_patches = grad_rows.index_select(0, layout.boundary1_grad_rows.reshape(-1)).view(-1, k * k * c2)
-            boundary1_act = source[num_codes:num_codes + layout.boundary1.numel()]
-            grad_pre = (grad_patches @ transposed_weight) * (boundary1_act > 0)  # boundary1 x hidden
+        # Non-U1 pixels per distinct window (equal activations): the grad patches (mirrored offsets)
+        # summed over the window's pixels, times the weight, the ReLU mask, then the onehot_conv
+        # table's sum over each offset's class (one sparse product).
+        num_windows = layout.gather_rows.shape[0]
+        if num_windows:
+            grad_patches = _sparse_mm(layout.window_grad_sum, grad_rows).view(num_windows, k * k * c2)
+            window_act = source[num_codes:num_codes + num_windows]
+            grad_pre = (grad_patches @ transposed_weight) * (window_act > 0)  # windows x hidden
             grad_shared_bias += grad_pre.sum(dim=0)
-            gather_sum = layout.gather_sum if grad_pre.dtype == torch.float32 else layout.gather_sum.to(grad_pre.dtype)
-            grad_shared_weight += weight_from_table(gather_sum @ grad_pre, layout.class_counts, k)
+            grad_shared_weight += weight_from_table(_sparse_mm(layout.gather_sum, grad_pre), layout.class_counts, k)
         return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias
 
 
