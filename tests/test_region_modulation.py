@@ -60,6 +60,11 @@ def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, si
     for name, a, b in zip(("shared.weight", "shared.bias", "gb.weight", "gb.bias"), grads_dense, grads_region):
         assert (a - b).abs().max().item() < 1e-10, name
         assert a.abs().max().item() > 1e-3, name  # not a comparison of zeros
+    # SPADE's scale 1 + gamma folded in (first 4 of the 10 channels): bitwise the same as adding 1 afterwards.
+    shifted = region_gamma_beta(layout, *params, plus_one=4)
+    assert torch.equal(shifted[:, :4], 1 + region[:, :4]) and torch.equal(shifted[:, 4:], region[:, 4:])
+    grads_shifted = torch.autograd.grad((shifted * upstream).sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(grads_region, grads_shifted))
     pixels = 2 * h * w
     if block >= 8:  # the per-code shortcut really carried part of the map
         assert layout.boundary.numel() < pixels and layout.boundary1.numel() < pixels

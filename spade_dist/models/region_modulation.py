@@ -252,13 +252,14 @@ def _onehot_rows(keys: Tensor, width: int) -> Tensor:
 class _RegionGammaBeta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layout: RegionLayout, shared_weight: Tensor, shared_bias: Tensor,  # type: ignore[override]
-                gb_weight: Tensor, gb_bias: Tensor) -> Tensor:
+                gb_weight: Tensor, gb_bias: Tensor, plus_one: int) -> Tensor:
         n, h, w = layout.shape
         k = layout.kernel_size
         hidden, c2 = shared_weight.shape[0], gb_weight.shape[0]
         # Per code: the activation of a uniform window and the gamma/beta of a uniform window of those.
         code_act = F.relu(layout.code_columns.to(shared_weight.dtype) @ shared_weight.sum(dim=(2, 3)).t() + shared_bias)  # codes x hidden
         code_gb = torch.addmm(gb_bias, code_act, gb_weight.sum(dim=(2, 3)).t())  # codes x 2C
+        code_gb[:, :plus_one] += 1.0  # the same rounding as adding 1 to each pixel's value later
         # The activation where it is not per code: the exact gather, once per distinct label window.
         act_source = [code_act]
         if layout.gather_rows.numel():
@@ -276,6 +277,7 @@ class _RegionGammaBeta(torch.autograd.Function):
             patches = source.index_select(0, layout.patch_rows.reshape(-1)).view(-1, k * k * hidden)
             weight_matrix = gb_weight.permute(2, 3, 1, 0).reshape(k * k * hidden, c2)
             per_patch = torch.addmm(gb_bias[:, None], weight_matrix.t(), patches.t())  # 2C x patches
+            per_patch[:plus_one] += 1.0
             out.index_copy_(1, layout.boundary, per_patch.index_select(1, layout.patch_of_boundary))
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
@@ -337,13 +339,17 @@ class _RegionGammaBeta(torch.autograd.Function):
             grad_pre = (grad_patches @ transposed_weight) * (window_act > 0)  # windows x hidden
             grad_shared_bias += grad_pre.sum(dim=0)
             grad_shared_weight += weight_from_table(_sparse_mm(layout.gather_sum, grad_pre), layout.class_counts, k)
-        return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias
+        return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias, None
 
 
 def region_gamma_beta(layout: RegionLayout, shared_weight: Tensor, shared_bias: Tensor,
-                      gb_weight: Tensor, gb_bias: Tensor) -> Tensor:
+                      gb_weight: Tensor, gb_bias: Tensor, plus_one: int = 0) -> Tensor:
     """Same as ``conv2d(relu(conv2d(onehot_map, shared_weight, shared_bias, padding=r)), gb_weight,
-    gb_bias, padding=r)`` for the one-hot map described by ``layout``; N x C_gb x H x W, fp32."""
+    gb_bias, padding=r)`` for the one-hot map described by ``layout``; N x C_gb x H x W, fp32.
+
+    With ``plus_one`` = C the first C output channels are ``1 + gamma`` (SPADE's scale), added to
+    the per-code and per-patch values before they are spread over the pixels: the same roundings
+    as adding 1 to every pixel afterwards, without that extra pass over the map."""
     if shared_weight.shape[2] != layout.kernel_size or gb_weight.shape[2] != layout.kernel_size:
         raise ValueError(f"kernel sizes {tuple(shared_weight.shape[2:])} / {tuple(gb_weight.shape[2:])} do not match "
                          f"the layout's {layout.kernel_size}")
@@ -353,4 +359,4 @@ def region_gamma_beta(layout: RegionLayout, shared_weight: Tensor, shared_bias: 
     with torch.autocast(device_type=shared_weight.device.type, enabled=False):
         dtype = torch.promote_types(shared_weight.dtype, torch.float32)
         return _RegionGammaBeta.apply(layout, shared_weight.to(dtype), shared_bias.to(dtype),
-                                      gb_weight.to(dtype), gb_bias.to(dtype))
+                                      gb_weight.to(dtype), gb_bias.to(dtype), plus_one)

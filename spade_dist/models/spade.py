@@ -185,10 +185,11 @@ class SPADE(nn.Module):
         if path == "region":
             # Both convolutions per uniform label region, exact convolution only near borders.
             weight, bias = self._gamma_beta_weights()
+            channels = self.mlp_gamma.out_channels
             both = region_gamma_beta(segmap.region_layout_at(size, self.kernel_size), first.weight, first.bias,
-                                     weight, bias)
-            gamma, beta = both.split(self.mlp_gamma.out_channels, dim=1)
-            return torch.addcmul(beta.to(normalized.dtype), normalized, 1 + gamma.to(normalized.dtype))
+                                     weight, bias, plus_one=channels)
+            scale, beta = both.split(channels, dim=1)  # scale = 1 + gamma
+            return torch.addcmul(beta.to(normalized.dtype), normalized, scale.to(normalized.dtype))
         # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
         actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
         gamma, beta = self._gamma_beta_fused(actv)
