@@ -50,7 +50,7 @@ def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, si
               torch.randn(10, 7, kernel, kernel, **f64), torch.randn(10, **f64)]
     upstream = torch.randn(2, 10, h, w, dtype=torch.float64)
 
-    assert (layout.u2_onehot is not None) == onehot_sums and (layout.patch_onehot is not None) == onehot_sums
+    assert (layout.u2_onehot is not None) == onehot_sums
     dense = _dense(seg, *params)
     region = region_gamma_beta(layout, *params)
     assert region.shape == dense.shape and region.is_contiguous()

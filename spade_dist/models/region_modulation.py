@@ -9,40 +9,37 @@ piecewise constant, and a k x k convolution of a constant patch is a constant. S
 * a pixel whose (4r+1)^2 window is inside the image and uniform ("U2") has every neighbour in U1
   with the same code, so its gamma/beta is ``G[code] = A[code] @ (conv_gb summed over offsets) + bias``.
 
-Only the remaining pixels ("boundary": ~21% at 256^2 on the COCO-Stuff sample, most of them
-along the one-pixel instance-edge lines) need the real convolution, done as an im2col matmul over
-just those pixels. The backward pass uses the same split:
+Only the remaining pixels ("boundary": ~17% at 256^2 on the COCO-Stuff sample, most of them
+along the one-pixel instance-edge lines) need the real convolution. Their neighbours' activations
+take few distinct values: a U1 neighbour has its code's ``A[code]``, and a non-U1 pixel's
+activation depends on nothing but its k x k label window (and where the image edge cuts it),
+and along a border the same windows repeat (on the COCO-Stuff sample at 256^2: 7,349 non-U1
+pixels, 1,243 distinct windows). So the activations form a small source table
+[per-code rows; one row per distinct window; zero row for outside the image], the product
+table ``T = source @ W`` holds every (row, offset) product (rows x k*k*2C: one matmul with
+~1,250 rows instead of an im2col product over 11,198 boundary pixels), and a boundary pixel's
+gamma/beta is the bias plus, per offset, one row of T (an ``embedding_bag`` sum). The backward
+pass uses the same split:
 
-* conv_gb's weight gradient = boundary pixels' patches^T @ grad + per code (sum of grad over the
-  code's U2 pixels) (x) A[code] on every offset;
-* the gradient reaching the activation at a U1 pixel is sum over offsets of W_o^T grad(q - o);
-  summed over a code's U1 pixels that is sum_o W_o^T R[code, o] with R[code, o] the sum of grad
-  over the pixels whose neighbour at o is a U1 pixel of that code. A U2 pixel's every neighbour
-  is U1 of its own code, so R[code, o] = (sum of grad over the code's U2 pixels) + the boundary
-  pixels' share: k*k index sums over the boundary pixels only, instead of a dense transposed
-  convolution; only non-U1 pixels get the activation gradient explicitly.
+* ``dT[row, o]`` = sum of grad over the pixels that read ``row`` at offset o: the boundary
+  pixels through a sparse count matrix built with the layout, plus, for a code's row, the sum
+  of grad over the code's U2 pixels at every offset (a U2 pixel's every neighbour is U1 of its
+  own code);
+* conv_gb's weight gradient = ``dT^T @ source``; the activation gradient of each source row =
+  ``sum_o W_o^T dT[row, o]`` (one matmul), through the ReLU; mlp_shared's gradient from the code
+  rows through their one-hot columns and from the window rows through the gather table (one
+  sparse product). No dense transposed convolution, no per-pixel activation gradient.
 
 Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
 their gradient are kept channel-major (C x N*H*W; for batch 1 exactly the channels-first tensor,
 for larger batches one copy of whole H*W rows), so no per-pixel transpose is needed either way.
-With few codes (the usual case) the per-code maps and sums are products with 0/1 matrices built
+With few codes (the usual case) the per-code map and sums are products with a 0/1 matrix built
 once per layout, which BLAS runs on every core; with many codes they are index ops along the
-contiguous pixel axis. The table gradient of the gather is one sparse product. No row-wise
-``index_add`` along dim 0 is left: torch runs it as a sort + segment pass that cost several times
-more on two threads than on one. The im2col patches of the boundary pixels are rows gathered from
-small tables (per-code activations, the non-U1 pixels' activations, a zero row; in the backward
-the boundary pixels' gradients and a zero row), never from a padded full-size map.
+contiguous pixel axis. Every sum over pixels into rows is a sparse product: no row-wise
+``index_add`` along dim 0, which torch runs as a sort + segment pass that cost several times
+more on two threads than on one. No full-size activation or gradient map is built or padded.
 
-Distinct windows only: a non-U1 pixel's activation depends on nothing but its k x k label window
-(and where the image edge cuts it), and a boundary pixel's gamma/beta on nothing but the k x k
-window of activation rows it reads. Along a region border the same windows repeat (on the
-COCO-Stuff sample at 256^2: 11,198 boundary pixels read 4,032 distinct patches, 7,349 non-U1
-pixels have 1,243 distinct label windows), so the gather, the im2col product and their
-backward products run once per distinct window: the forward copies each patch's result to its
-pixels, the backward first sums the pixels' gradients per window (sparse 0/1 / count matrices
-built with the layout) and then multiplies. Same products, summed in another order.
-
-Exactness: the same products are summed, in a different order (per code sums first), so results
+Exactness: the same products are summed, in a different order (per code and per row first), so results
 agree with the dense convolutions to float rounding (``tests/test_region_modulation.py``: fp64
 1e-10 against the dense path, outputs and every weight gradient). The label map never needs a
 gradient. Runs in fp32 (autocast disabled inside): its work is gathers, small matmuls and index
@@ -60,10 +57,10 @@ from torch import Tensor
 
 from spade_dist.models.onehot_conv import gather_table, shifted_indices, weight_from_table
 
-# Largest num_codes + 1 for which the per-code maps and sums are one-hot matrix products: they cost
+# Largest num_codes + 1 for which the per-code map and sums are one-hot matrix products: they cost
 # 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
-# row-wise index_add, badly parallel), and the 0/1 matrices take (num_codes + 1) floats per
-# pixel (per border pixel and offset). Real label maps have ~10-30 codes per resolution, random
+# row-wise index_add, badly parallel), and the 0/1 matrix takes (num_codes + 1) floats per
+# pixel. Real label maps have ~10-30 codes per resolution, random
 # block maps hundreds (those take the index ops).
 ONEHOT_SUM_MAX_CODES = 64
 
@@ -72,11 +69,10 @@ ONEHOT_SUM_MAX_CODES = 64
 class RegionLayout:
     """Where the label map of one resolution is uniform; shared by every SPADE layer there.
 
-    Flat positions index the N*H*W pixels. No full-size activation or gradient map is ever
-    padded or gathered from: a boundary pixel's neighbour is either U1 (its code's activation),
-    a non-U1 pixel (its explicitly gathered activation) or outside the image (zero), so im2col
-    patches index small row tables; likewise the gradient a non-U1 pixel needs (at q - o) lies
-    on non-U2 pixels only (q's window is inside p = q - o's doubled window), i.e. on the boundary.
+    Flat positions index the N*H*W pixels. A boundary pixel's neighbour is either U1 (its code's
+    activation row), a non-U1 pixel (its window's row) or outside the image (the zero row), so
+    every boundary pixel reads k*k rows of the small source table and nothing full-size is padded
+    or gathered from.
     """
 
     shape: tuple[int, int, int]  # N, H, W
@@ -87,23 +83,18 @@ class RegionLayout:
     code_columns: Tensor  # num_codes x C_in: which input channels each code sets (0/1)
     u2_key: Tensor  # N*H*W: code where U2, num_codes elsewhere
     boundary: Tensor  # flat positions not in U2 (gamma/beta convolved explicitly)
-    # Boundary pixels whose k x k activation windows are equal have equal gamma/beta: the product
-    # runs once per distinct window ("patch"), and the gradients are summed per patch first.
-    patch_rows: Tensor  # patches x k*k rows of [code activations; distinct boundary1 activations; zero]
-    patch_of_boundary: Tensor  # len(boundary): its patch
-    patch_sum: Tensor  # sparse CSR patches x (len(boundary) + 1), 0/1: S @ [boundary grads; zero] sums per patch
-    patch_u1_keys: Tensor  # k*k x patches: o * (num_codes + 1) + U1 code of the neighbour at o (num_codes: none)
     boundary1: Tensor  # flat positions not in U1 (activation not per code)
     # Non-U1 pixels with equal k x k label windows have equal activations: one row per distinct window.
     gather_rows: Tensor  # distinct windows x groups*k*k rows of the onehot_conv table
     gather_sum: Tensor  # sparse CSR table rows x distinct windows, fp32 0/1: S @ rows sums each window's row into the table rows it read
-    # Sparse CSR (distinct windows * k*k) x (len(boundary) + 1), counts: row (window, o) sums the
-    # gradient rows [boundary grads; zero] at q - o over the window's pixels q.
-    window_grad_sum: Tensor
-    # With few codes the per-code maps and sums run as matrix products with these 0/1 matrices
-    # (BLAS uses every core; an index_select / index_add along the pixel axis is strided); None = index ops.
+    # The activation source has rows [codes; distinct windows; zero]. A boundary pixel's gamma/beta is
+    # the bias plus, per offset o, row (source row of its neighbour at o, o) of the product table
+    # T = source @ W (rows x k*k*2C).
+    table_index: Tensor  # len(boundary) x k*k: source row * k*k + o
+    table_grad_sum: Tensor  # sparse CSR (source rows * k*k) x len(boundary), counts: S @ grad sums dL/dT
+    # With few codes the per-code map and sums run as matrix products with this 0/1 matrix (BLAS uses
+    # every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
-    patch_onehot: Optional[Tensor] = None  # patches x k*k*(num_codes+1) (fp32)
 
 
 def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
@@ -187,42 +178,25 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     act_row[boundary1] = num_codes + window_of
     act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + num_windows)
     boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
-    boundary_rows = act_row_padded.reshape(-1)[boundary_patches]
-    if boundary.numel():
-        patch_rows, patch_of_boundary = torch.unique(boundary_rows, dim=0, return_inverse=True)
-    else:
-        patch_rows, patch_of_boundary = boundary_rows, boundary
-    # A neighbour's U1 code is its activation row when that row is a code row.
-    offset_base = torch.arange(k2, device=device)[:, None] * (num_codes + 1)
-    patch_u1_keys = patch_rows.clamp(max=num_codes).t() + offset_base
-    # Row of each padded position in the gradient source [boundary rows; zero row] (U2 pixels are never read).
-    grad_row = torch.full_like(flat, boundary.numel())
-    grad_row[boundary] = torch.arange(boundary.numel(), device=device)
-    grad_row_padded = F.pad(grad_row.view(n, h, w), (r, r, r, r), value=boundary.numel())
-    boundary1_grad_patches = _padded_base(boundary1, h, w, r)[:, None] + _offsets(kernel_size, wp, device, True)[None, :]
-    boundary1_grad_rows = grad_row_padded.reshape(-1)[boundary1_grad_patches]  # B1 x k*k
+    table_index = act_row_padded.reshape(-1)[boundary_patches] * k2 + torch.arange(k2, device=device)
+    source_rows = num_codes + num_windows + 1
     u2_key = torch.where(u2.reshape(-1), flat, no_code)
-    few_codes = num_codes + 1 <= ONEHOT_SUM_MAX_CODES
-    grad_sources = boundary.numel() + 1
     return RegionLayout(
         shape=(n, h, w), kernel_size=kernel_size, class_counts=list(class_counts), num_codes=num_codes,
         code=flat, code_columns=code_columns,
         u2_key=u2_key,
         boundary=boundary,
-        patch_rows=patch_rows,
-        patch_of_boundary=patch_of_boundary,
-        patch_sum=_sum_matrix(patch_of_boundary, torch.arange(boundary.numel(), device=device),
-                              patch_rows.shape[0], grad_sources),
-        patch_u1_keys=patch_u1_keys,
         boundary1=boundary1,
         gather_rows=gather_rows,
         gather_sum=_sum_matrix(gather_rows.reshape(-1),
                                torch.arange(num_windows, device=device).repeat_interleave(gather_rows.shape[1]),
                                sum(k2 * (count + 1) for count in class_counts), num_windows),
-        window_grad_sum=_sum_matrix((window_of[:, None] * k2 + torch.arange(k2, device=device)).reshape(-1),
-                                    boundary1_grad_rows.reshape(-1), num_windows * k2, grad_sources),
-        u2_onehot=F.one_hot(u2_key, num_codes + 1).to(torch.float32) if few_codes else None,
-        patch_onehot=_onehot_rows(patch_u1_keys.t(), k2 * (num_codes + 1)) if few_codes else None,
+        table_index=table_index,
+        table_grad_sum=_sum_matrix(table_index.reshape(-1),
+                                   torch.arange(boundary.numel(), device=device).repeat_interleave(k2),
+                                   source_rows * k2, boundary.numel()),
+        u2_onehot=(F.one_hot(u2_key, num_codes + 1).to(torch.float32)
+                   if num_codes + 1 <= ONEHOT_SUM_MAX_CODES else None),
     )
 
 
@@ -241,12 +215,6 @@ def _sum_matrix(rows: Tensor, columns: Tensor, num_rows: int, num_columns: int) 
 def _sparse_mm(matrix: Tensor, dense: Tensor) -> Tensor:
     """``matrix @ dense`` for a fp32 0/1 (or count) sparse CSR matrix, in ``dense``'s dtype."""
     return (matrix if dense.dtype == torch.float32 else matrix.to(dense.dtype)) @ dense
-
-
-def _onehot_rows(keys: Tensor, width: int) -> Tensor:
-    """rows x width fp32 matrix with a 1 at each of a row's keys (a row's keys are distinct)."""
-    out = torch.zeros(keys.shape[0], width, dtype=torch.float32, device=keys.device)
-    return out.scatter_(1, keys, 1.0)
 
 
 class _RegionGammaBeta(torch.autograd.Function):
@@ -268,17 +236,16 @@ class _RegionGammaBeta(torch.autograd.Function):
         act_source.append(code_act.new_zeros(1, hidden))
         source = torch.cat(act_source)  # [codes; windows; zero] x hidden
         # gamma/beta channel-major (2C x N*H*W): the U2 pixels' per-code values, then the boundary
-        # pixels' im2col product, once per distinct patch, computed transposed (2C x patches) to fit.
+        # pixels' values: per offset one row of the product table T = source @ W, summed.
         if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
             out = F.pad(code_gb.t(), (0, 1)) @ layout.u2_onehot.to(code_gb.dtype).t()
         else:
             out = code_gb.t().contiguous().index_select(1, layout.code)
         if layout.boundary.numel():
-            patches = source.index_select(0, layout.patch_rows.reshape(-1)).view(-1, k * k * hidden)
-            weight_matrix = gb_weight.permute(2, 3, 1, 0).reshape(k * k * hidden, c2)
-            per_patch = torch.addmm(gb_bias[:, None], weight_matrix.t(), patches.t())  # 2C x patches
-            per_patch[:plus_one] += 1.0
-            out.index_copy_(1, layout.boundary, per_patch.index_select(1, layout.patch_of_boundary))
+            table = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # rows x (o, 2C)
+            boundary_gb = F.embedding_bag(layout.table_index, table.view(-1, c2), mode="sum") + gb_bias
+            boundary_gb[:, :plus_one] += 1.0
+            out.index_copy_(1, layout.boundary, boundary_gb.t())
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
         return _from_channel_major(out, n, h, w)
@@ -300,45 +267,35 @@ class _RegionGammaBeta(torch.autograd.Function):
         grad = _channel_major(grad_out.to(gb_weight.dtype).contiguous())  # 2C x N*H*W
         grad_gb_bias = grad.sum(dim=1)
 
-        # conv_gb weight: U2 pixels through their code's sum, boundary pixels through their patches.
+        # dT (rows x k*k x 2C): per source row and offset, the gradient of the pixels that read that
+        # row at that offset. Boundary pixels through the sparse count matrix; a U2 pixel reads its
+        # code's row at every offset (all its neighbours are U1 of its code).
         if layout.u2_onehot is not None:
             per_code = (grad @ layout.u2_onehot.to(grad.dtype))[:, :num_codes]  # 2C x codes
         else:
             per_code = grad.new_zeros(c2, num_codes + 1).index_add_(1, layout.u2_key, grad)[:, :num_codes]
-        grad_gb_weight = (per_code @ code_act)[:, :, None, None].expand(c2, hidden, k, k).clone()
-        # U1 pixels, summed per code: R[code, o] = sum of grad(p) over p whose neighbour p + o is U1
-        # of that code = the code's U2 sum (every neighbour of a U2 pixel is U1 of its code) + the
-        # boundary pixels whose neighbour at o is.
-        sums = grad.new_zeros(c2, k * k * (num_codes + 1))  # column o * (num_codes + 1) + code
-        grad_rows = grad.new_zeros(1, c2)
+        rows = source.shape[0] - 1  # the zero row reads nothing back
         if layout.boundary.numel():
-            grad_rows = torch.cat([grad.index_select(1, layout.boundary).t(), grad_rows])  # [boundary; zero] x 2C
-            grad_patch = _sparse_mm(layout.patch_sum, grad_rows).t()  # 2C x patches: summed per distinct patch
-            patches = source.index_select(0, layout.patch_rows.reshape(-1)).view(-1, k * k * hidden)
-            from_patches = grad_patch @ patches  # 2C x (k*k*hidden)
-            grad_gb_weight += from_patches.view(c2, k, k, hidden).permute(0, 3, 1, 2)
-            if layout.patch_onehot is not None:
-                sums = grad_patch @ layout.patch_onehot.to(grad.dtype)
-            else:
-                grad_patch = grad_patch.contiguous()
-                for keys in layout.patch_u1_keys:
-                    sums.index_add_(1, keys, grad_patch)
-        per_offset = sums.view(c2, k * k, num_codes + 1)[:, :, :num_codes] + per_code[:, None, :]  # 2C x k*k x codes
-        # Gradient at the activation: dact(q) = sum_o W_o^T grad(q - o); rows of W ordered (ky, kx, j).
+            grad_boundary = grad.index_select(1, layout.boundary).t().contiguous()  # boundary x 2C
+            grad_table = _sparse_mm(layout.table_grad_sum, grad_boundary).view(rows + 1, k * k, c2)[:rows]
+        else:
+            grad_table = grad.new_zeros(rows, k * k, c2)
+        grad_table[:num_codes] += per_code.t()[:, None, :]
+        grad_table = grad_table.reshape(rows, k * k * c2)
+        used = source[:rows]
+        # conv_gb's weight: sum over rows of dT[row, o] (x) source[row]; rows of W ordered (ky, kx, c).
+        grad_gb_weight = (grad_table.t() @ used).view(k, k, c2, hidden).permute(2, 3, 0, 1).contiguous()
+        # The activation gradient per row: sum_o W_o^T dT[row, o], through the ReLU.
         transposed_weight = gb_weight.permute(2, 3, 0, 1).reshape(k * k * c2, hidden)
-        code_grad_pre = (per_offset.permute(2, 1, 0).reshape(num_codes, k * k * c2) @ transposed_weight) * (code_act > 0)
-        grad_shared_bias = code_grad_pre.sum(dim=0)
-        grad_shared_weight = (code_grad_pre.t() @ layout.code_columns.to(code_grad_pre.dtype))[:, :, None, None].expand(hidden, c_in, k, k).clone()
-        # Non-U1 pixels per distinct window (equal activations): the grad patches (mirrored offsets)
-        # summed over the window's pixels, times the weight, the ReLU mask, then the onehot_conv
-        # table's sum over each offset's class (one sparse product).
-        num_windows = layout.gather_rows.shape[0]
-        if num_windows:
-            grad_patches = _sparse_mm(layout.window_grad_sum, grad_rows).view(num_windows, k * k * c2)
-            window_act = source[num_codes:num_codes + num_windows]
-            grad_pre = (grad_patches @ transposed_weight) * (window_act > 0)  # windows x hidden
-            grad_shared_bias += grad_pre.sum(dim=0)
-            grad_shared_weight += weight_from_table(_sparse_mm(layout.gather_sum, grad_pre), layout.class_counts, k)
+        grad_pre = (grad_table @ transposed_weight) * (used > 0)  # [codes; windows] x hidden
+        grad_shared_bias = grad_pre.sum(dim=0)
+        # mlp_shared's weight: codes through their columns (every offset), windows through the
+        # onehot_conv table's sum over each offset's class (one sparse product).
+        grad_shared_weight = ((grad_pre[:num_codes].t() @ layout.code_columns.to(grad_pre.dtype))[:, :, None, None]
+                              .expand(hidden, c_in, k, k).clone())
+        if rows > num_codes:
+            grad_shared_weight += weight_from_table(_sparse_mm(layout.gather_sum, grad_pre[num_codes:]),
+                                                    layout.class_counts, k)
         return None, grad_shared_weight, grad_shared_bias, grad_gb_weight, grad_gb_bias, None
 
 
