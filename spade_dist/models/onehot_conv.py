@@ -71,23 +71,41 @@ def resize_index(index: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(as_float, size=size, mode="nearest").squeeze(1).long()
 
 
-def shifted_indices(indices: list[Tensor], class_counts: list[int], kernel_size: int) -> Tensor:
-    """(N*H*W) x (groups*k*k) row indices into the (group, offset, class) table.
+def padded_neighbours(positions: Tensor, shape: tuple[int, int, int], kernel_size: int) -> Tensor:
+    """len(positions) x k*k: flat positions, in the N x (H+2r) x (W+2r) map padded by r = k // 2 on
+    every side, of each listed pixel's (flat N*H*W index) k x k neighbours in (ky, kx) order."""
+    n, h, w = shape
+    r = kernel_size // 2
+    wp = w + 2 * r
+    b, rest = positions.div(h * w, rounding_mode="floor"), positions.remainder(h * w)
+    top_left = (b * (h + 2 * r) + rest.div(w, rounding_mode="floor")) * wp + rest.remainder(w)
+    steps = torch.arange(kernel_size, device=positions.device)
+    return top_left[:, None] + (steps[:, None] * wp + steps[None, :]).reshape(1, -1)
+
+
+def shifted_indices(indices: list[Tensor], class_counts: list[int], kernel_size: int,
+                    positions: Optional[Tensor] = None) -> Tensor:
+    """(N*H*W) x (groups*k*k) row indices into the (group, offset, class) table; with
+    ``positions`` (flat N*H*W indices) only those pixels' rows, len(positions) x (groups*k*k).
 
     Table rows per group and offset: one per class plus a zero row (empty pixel and padding).
     """
     n, h, w = indices[0].shape
-    pad = kernel_size // 2
+    k, pad = kernel_size, kernel_size // 2
+    neighbours = None if positions is None else padded_neighbours(positions, (n, h, w), k)
     columns = []
     base = 0
     for index, count in zip(indices, class_counts):
         rows = count + 1
         padded = F.pad(index, (pad, pad, pad, pad), value=count)
-        for ky in range(kernel_size):
-            for kx in range(kernel_size):
-                columns.append(padded[:, ky:ky + h, kx:kx + w] + (base + (ky * kernel_size + kx) * rows))
-        base += kernel_size * kernel_size * rows
-    return torch.stack(columns, dim=-1).reshape(n * h * w, len(columns))
+        offset_base = base + torch.arange(k * k, device=index.device) * rows
+        if neighbours is not None:
+            columns.append(padded.reshape(-1)[neighbours] + offset_base)
+        else:
+            columns.append(torch.stack([padded[:, ky:ky + h, kx:kx + w] for ky in range(k) for kx in range(k)], dim=-1)
+                           .reshape(n * h * w, k * k) + offset_base)
+        base += k * k * rows
+    return torch.cat(columns, dim=1)
 
 
 def gather_table(weight: Tensor, class_counts: list[int]) -> Tensor:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spade_dist.models.onehot_conv import gather_table, shifted_indices, weight_from_table
+from spade_dist.models.onehot_conv import gather_table, padded_neighbours, shifted_indices, weight_from_table
 
 # Largest num_codes + 1 for which the per-code map and sums are one-hot matrix products: they cost
 # 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
@@ -95,22 +95,6 @@ class RegionLayout:
     # With few codes the per-code map and sums run as matrix products with this 0/1 matrix (BLAS uses
     # every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
-
-
-def _padded_base(flat: Tensor, h: int, w: int, r: int) -> Tensor:
-    """Padded position of the top-left neighbour (offset (-r, -r)) of each flat position."""
-    b, rest = flat.div(h * w, rounding_mode="floor"), flat.remainder(h * w)
-    y, x = rest.div(w, rounding_mode="floor"), rest.remainder(w)
-    return (b * (h + 2 * r) + y) * (w + 2 * r) + x
-
-
-def _offsets(k: int, padded_width: int, device: torch.device, mirrored: bool) -> Tensor:
-    """Padded-grid steps of the k*k offsets in (ky, kx) order from the top-left neighbour;
-    ``mirrored`` walks them backwards (pixel q reading the gradient at q - o)."""
-    ky, kx = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
-    if mirrored:
-        ky, kx = (k - 1) - ky, (k - 1) - kx
-    return (ky * padded_width + kx).reshape(-1)
 
 
 def _channel_major(channels_first: Tensor) -> Tensor:
@@ -165,9 +149,8 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     boundary1 = (~u1).reshape(-1).nonzero().squeeze(1)
     # Neighbour tables, built once here and shared by every SPADE layer at this resolution in both passes.
     k2 = kernel_size * kernel_size
-    wp = w + 2 * r
     # Distinct label windows of the non-U1 pixels (the activation depends on nothing else).
-    windows = shifted_indices(indices, class_counts, kernel_size).index_select(0, boundary1)
+    windows = shifted_indices(indices, class_counts, kernel_size, positions=boundary1)
     if boundary1.numel():
         gather_rows, window_of = torch.unique(windows, dim=0, return_inverse=True)
     else:
@@ -177,7 +160,7 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
     act_row = u1_code.reshape(-1).clone()
     act_row[boundary1] = num_codes + window_of
     act_row_padded = F.pad(act_row.view(n, h, w), (r, r, r, r), value=num_codes + num_windows)
-    boundary_patches = _padded_base(boundary, h, w, r)[:, None] + _offsets(kernel_size, wp, device, False)[None, :]
+    boundary_patches = padded_neighbours(boundary, (n, h, w), kernel_size)
     table_index = act_row_padded.reshape(-1)[boundary_patches] * k2 + torch.arange(k2, device=device)
     source_rows = num_codes + num_windows + 1
     u2_key = torch.where(u2.reshape(-1), flat, no_code)
@@ -201,15 +184,15 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
 
 
 def _sum_matrix(rows: Tensor, columns: Tensor, num_rows: int, num_columns: int) -> Tensor:
-    """Sparse CSR ``num_rows x num_columns`` fp32 matrix with, at (i, j), how many k have
-    ``(rows[k], columns[k]) == (i, j)``: ``S @ X`` sums X's rows ``columns[k]`` into rows ``rows[k]``
-    (exact: products by small integers)."""
+    """Sparse CSR ``num_rows x num_columns`` fp32 matrix with a 1 at each ``(rows[k], columns[k])``
+    (the pairs are distinct): ``S @ X`` sums X's rows ``columns[k]`` into rows ``rows[k]``, exact
+    (products by 1.0). Built directly in CSR order: one stable sort of ``rows``."""
+    order = torch.argsort(rows, stable=True)
+    crow = F.pad(torch.bincount(rows, minlength=num_rows).cumsum(0), (1, 0))
     values = torch.ones(rows.numel(), dtype=torch.float32, device=rows.device)
-    coo = torch.sparse_coo_tensor(torch.stack([rows, columns]), values, (num_rows, num_columns),
-                                  check_invariants=False).coalesce()  # indices built in range above
     with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        return coo.to_sparse_csr()
+        return torch.sparse_csr_tensor(crow, columns[order], values, (num_rows, num_columns), check_invariants=False)
 
 
 def _sparse_mm(matrix: Tensor, dense: Tensor) -> Tensor:
