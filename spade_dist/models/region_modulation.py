@@ -228,7 +228,7 @@ class _RegionGammaBeta(torch.autograd.Function):
             table = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # rows x (o, 2C)
             boundary_gb = F.embedding_bag(layout.table_index, table.view(-1, c2), mode="sum") + gb_bias
             boundary_gb[:, :plus_one] += 1.0
-            out.index_copy_(1, layout.boundary, boundary_gb.t())
+            out.index_copy_(1, layout.boundary, boundary_gb.t().contiguous())  # a strided source is slower
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
         return _from_channel_major(out, n, h, w)
