@@ -14,7 +14,6 @@ REQUEUE marker says so too (launchers may translate the exit code). See docs/CHE
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
@@ -37,12 +36,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from spade_dist.logs import configure_logging, launch_rank
     from spade_dist.workers import die_with_parent, launched_by_a_launcher
 
     if launched_by_a_launcher():
         die_with_parent()  # no orphan keeps training (and checkpointing) after its launcher is gone
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(launch_rank())  # progress lines on rank 0; warnings from every rank
     from spade_dist.checkpoint import CheckpointIncompatibleError, InvalidCheckpoint
     from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
 from spade_dist.config import Config
 from spade_dist.files import write_json_atomic
+from spade_dist.logs import PROGRESS_LOGGER
 from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
 from spade_dist.models.speed_paths import choose_speed_paths
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
 
 # How long a finished run waits for its evaluation watcher to score the remaining checkpoints.
 EVAL_DRAIN_SECONDS = 1800.0
+
+# Progress lines (``[spade-train] ...`` once the entry point called spade_dist.logs.configure_logging,
+# which also keeps them to rank 0).
+log = logging.getLogger(PROGRESS_LOGGER)
 
 
 @dataclass
@@ -86,13 +92,6 @@ class ProgressMeter:
         return text, losses
 
 
-def announcer(is_main: bool) -> Callable[[str], None]:
-    """The loop's progress lines: printed (``[spade-train] ...``, flushed) by the main rank only."""
-    if not is_main:
-        return lambda text: None
-    return lambda text: print(f"[spade-train] {text}", flush=True)
-
-
 class StepLog:
     """The logging hook of the loop: owns its schedule (every ``train.log_every`` steps and the last
     one), the interval meter, the counters it reports as deltas (non-finite skips, corrupt samples)
@@ -100,11 +99,11 @@ class StepLog:
     """
 
     def __init__(self, cfg: Config, backend: TrainBackend, state: TrainState, loader: Any, metrics: Any,
-                 trackers: ExperimentTrackers, max_steps: int, say: Callable[[str], None]) -> None:
+                 trackers: ExperimentTrackers, max_steps: int) -> None:
         from spade_dist.train.grad_norm import GradNormTracker
 
         self.cfg, self.state, self.loader, self.metrics, self.trackers = cfg, state, loader, metrics, trackers
-        self.world, self.device, self.max_steps, self.say = backend.info.world_size, backend.device, max_steps, say
+        self.world, self.device, self.max_steps = backend.info.world_size, backend.device, max_steps
         self.meter = ProgressMeter()
         self._skips_logged = 0
         self._corrupt_logged = 0
@@ -130,7 +129,7 @@ class StepLog:
         if not self.due(step):
             return
         text, loss_values = meter.line(state, result, self.world, self.max_steps)
-        self.say(text)
+        log.info(text)
         elapsed = time.perf_counter() - meter.started
         lr_G, lr_D = state.lrs()
         norms = self.grad_norms.collect() if self.grad_norms is not None else {}
@@ -156,9 +155,8 @@ class SpeedPathChoice:
     real batch under the step's autocast (or as recorded by an earlier start of this run); the same
     on every rank."""
 
-    def __init__(self, cfg: Config, state: TrainState, run: RunDir, is_main: bool, device: torch.device,
-                 say: Callable[[str], None]) -> None:
-        self.cfg, self.state, self.run, self.is_main, self.device, self.say = cfg, state, run, is_main, device, say
+    def __init__(self, cfg: Config, state: TrainState, run: RunDir, is_main: bool, device: torch.device) -> None:
+        self.cfg, self.state, self.run, self.is_main, self.device = cfg, state, run, is_main, device
         self.done = False
 
     def once(self, semantics: torch.Tensor) -> None:
@@ -170,7 +168,7 @@ class SpeedPathChoice:
                                               cfg.model.onehot_gather, cfg.model.region_modulation,
                                               self.run.speed_paths, self.is_main, deterministic=cfg.train.deterministic)
         self.done = True
-        self.say(f"speed paths on {self.device.type} ({source}): {plan.summary()} -> {self.run.speed_paths}")
+        log.info(f"speed paths on {self.device.type} ({source}): {plan.summary()} -> {self.run.speed_paths}")
 
 
 def setup_backend(cfg: Config) -> TrainBackend:
@@ -184,11 +182,11 @@ def write_run_files(run: RunDir, cfg: Config) -> None:
     run.clear_start_markers()  # a resumed run is neither done nor asking for a requeue yet
 
 
-def record_init_generator(run: RunDir, init: GeneratorInit, say: Callable[[str], None]) -> None:
+def record_init_generator(run: RunDir, init: GeneratorInit) -> None:
     """A fine-tuning run's starting point (path, format, sha256, encoder), in the log and the run dir."""
     write_json_atomic(run.init_generator, init.to_dict(), sort_keys=True)
-    say(f"generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
-        f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh")
+    log.info(f"generator initialised from {init.path} ({init.format} format, sha256 {init.sha256}); "
+             f"encoder {init.encoder or 'fresh'}; discriminator and optimizers fresh")
 
 
 def micro_batches(loader: Any, grad_accum: int, meter: ProgressMeter) -> Iterator[list[dict[str, Any]]]:
@@ -300,17 +298,67 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
         ckpt.close()  # idempotent; releases the lock on every exit path
 
 
+class Hooks:
+    """Everything the loop does around a step besides the step and the checkpoint: the log line
+    with its metrics and trackers, sample grids, the speed-path choice on the first batch, the key
+    audit and the FID watcher. Each part keeps its own schedule; :meth:`close` ends them all."""
+
+    def __init__(self, cfg: Config, backend: TrainBackend, state: TrainState, run: RunDir, loader: Any,
+                 ckpt: "CheckpointManager", max_steps: int) -> None:
+        from spade_dist.eval.launch import start_eval_watcher
+        from spade_dist.monitoring.exporter import TrainingMetrics
+
+        info = backend.info
+        self.run, self.device, self.max_steps = run, backend.device, max_steps
+        self.trackers = ExperimentTrackers(cfg, run.root, info.is_main)  # before anything that needs closing
+        for name, log_dir in self.trackers.log_dirs.items():
+            log.info(f"{name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})")
+        self.metrics = TrainingMetrics(cfg.metrics, run.root, rank=info.rank, local_rank=info.local_rank,
+                                       world_size=info.world_size, restarts=state.restarts)
+        self.metrics.start()
+        ckpt.on_commit = self.metrics.record_checkpoint_commit
+        self.step_log = StepLog(cfg, backend, state, loader, self.metrics, self.trackers, max_steps)
+        self.samples = SampleWriter(run.root, cfg, enabled=info.is_main)
+        self.speed_paths = SpeedPathChoice(cfg, state, run, info.is_main, backend.device)
+        self.key_log = KeyAuditLog(run, info.rank, state.step, info.world_size) if cfg.train.log_keys else None
+        # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
+        self.evaluator = start_eval_watcher(cfg, run.root) if info.is_main and cfg.eval.mode == "subprocess" else None
+
+    def before_step(self, group: list[dict[str, Any]], micro: list[Any], step: int) -> None:
+        self.samples.offer(group[0])
+        self.speed_paths.once(micro[0].semantics)
+        self.step_log.before_step(step + 1)
+
+    def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any], result: StepResult) -> None:
+        if self.key_log is not None:
+            self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]])
+        self.step_log.maybe_log(state.step, result, micro)
+        grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
+        self.trackers.log_sample_grid(grid, state.step)
+
+    def close(self, stopped_early: bool) -> None:
+        from spade_dist.eval.launch import stop_eval_watcher
+
+        self.metrics.close()
+        self.trackers.close()
+        if self.key_log is not None:
+            self.key_log.close()
+        if self.evaluator is not None:
+            # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
+            # failed: stop it now; a requeued job starts its own.
+            finished = not stopped_early and self.run.done.exists()
+            stop_eval_watcher(self.evaluator, timeout=EVAL_DRAIN_SECONDS if finished else 0.0)
+
+
 def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", run: RunDir, per_rank: int,
                  grad_accum: int, resume: Optional[str]) -> TrainResult:
     """:func:`train` once this job owns the run directory: setup, then the loop step -> EMA -> hooks."""
     from spade_dist.checkpoint import GatheredState
     from spade_dist.data import build_train_loader, merge_positions
     from spade_dist.data.sources import check_label_layout
-    from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
     from spade_dist.losses import build_vgg_loss
-    from spade_dist.monitoring.exporter import TrainingMetrics
 
-    info, device, run_dir, say = backend.info, backend.device, run.root, announcer(backend.info.is_main)
+    info, device = backend.info, backend.device
 
     # --- 3. data (fails early on a missing dataset, before models are built) ---------------------
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size)
@@ -337,57 +385,36 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
         write_run_files(run, cfg)
     if restored is not None:
         state.restarts += 1
-        say(f"resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})")
+        log.info(f"resumed from {restored.step_dir} (step {state.step}, epoch {state.epoch})")
     elif state.init_from is not None and info.is_main:
-        record_init_generator(run, state.init_from, say)
-    resumed_from = state.step
-    trackers = ExperimentTrackers(cfg, run_dir, info.is_main)  # before anything that needs closing
-    for name, log_dir in trackers.log_dirs.items():
-        print(f"[spade-train] {name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})", flush=True)
-    metrics = TrainingMetrics(cfg.metrics, run_dir, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size,
-                              restarts=state.restarts)
-    metrics.start()
-    ckpt.on_commit = metrics.record_checkpoint_commit
+        record_init_generator(run, state.init_from)
     max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
-    step_log = StepLog(cfg, backend, state, loader, metrics, trackers, max_steps, say)
-    samples = SampleWriter(run_dir, cfg, enabled=info.is_main)
-    speed_paths = SpeedPathChoice(cfg, state, run, info.is_main, device, say)
-    key_log = KeyAuditLog(run, info.rank, resumed_from, info.world_size) if cfg.train.log_keys else None
-    # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
-    evaluator = start_eval_watcher(cfg, run_dir) if info.is_main and cfg.eval.mode == "subprocess" else None
+    hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps)
     job = elastic_job_id()
-    say(f"{backend.name} on {info.world_size} x {device} | global batch "
-        f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
-        f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
-        f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run_dir}")
+    log.info(f"{backend.name} on {info.world_size} x {device} | global batch "
+             f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
+             f"SyncBN over {syncbn_ranks} rank(s) | {steps_per_epoch} steps/epoch | to step {max_steps} | "
+             f"restarts {state.restarts}{f' | elastic job {job}' if job else ''} | run dir {run.root}")
 
     # --- 6. the loop: step -> EMA -> hooks (each hook keeps its own schedule) ----------------------
     stopped_early = False
     try:
         while state.step < max_steps and not stopped_early:
-            for group in micro_batches(loader, grad_accum, step_log.meter):
+            for group in micro_batches(loader, grad_accum, hooks.step_log.meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
                     # moved on to the next epoch by itself; the lr schedule follows it.
                     state.set_epoch(loader.epoch)
-                samples.offer(group[0])
                 micro = [prepare_batch(b, cfg, device) for b in group]
-                speed_paths.once(micro[0].semantics)
-                step_log.before_step(state.step + 1)
+                hooks.before_step(group, micro, state.step)
                 result = train_step(backend, losses, micro, state.step, cfg)
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
-                if key_log is not None:
-                    key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]])
-                step_log.maybe_log(state.step, result, micro)
-                trackers.log_sample_grid(samples.maybe_write(state.step, state.step == max_steps,
-                                                             state.ema_generator, device), state.step)
+                hooks.after_step(state, group, micro, result)
                 ckpt.maybe_save(state.step, app_state)
-                if ckpt.should_stop():
-                    stopped_early = True
-                    break
-                if state.step >= max_steps:
+                stopped_early = ckpt.should_stop()
+                if stopped_early or state.step >= max_steps:
                     break
             else:
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
@@ -396,22 +423,14 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
         # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
         ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
         if stopped_early:
-            say(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
-                f"exit {ckpt.requeue_exit_code} (requeue)")
+            log.info(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
+                     f"exit {ckpt.requeue_exit_code} (requeue)")
             ckpt.request_requeue(state.step)  # collective: every rank waits for the marker
         elif info.is_main:
             run.mark_done(state.step)
-            say(f"done at step {state.step}; samples: {run.samples / 'index.html'}; checkpoints: {run.checkpoints}")
+            log.info(f"done at step {state.step}; samples: {run.samples / 'index.html'}; checkpoints: {run.checkpoints}")
     finally:
         ckpt.close()
-        metrics.close()
-        trackers.close()
-        if key_log is not None:
-            key_log.close()
-        if evaluator is not None:
-            # Finished: let the watcher score the last checkpoints (it exits after DONE). Preempted or
-            # failed: stop it now; a requeued job starts its own.
-            finished = not stopped_early and run.done.exists()
-            stop_eval_watcher(evaluator, timeout=EVAL_DRAIN_SECONDS if finished else 0.0)
-    return TrainResult(step=state.step, epoch=state.epoch, run_dir=run_dir, stopped_early=stopped_early,
+        hooks.close(stopped_early)
+    return TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=stopped_early,
                        exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)
