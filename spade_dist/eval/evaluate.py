@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -114,25 +114,33 @@ def _check_resolution(images: torch.Tensor, expected: tuple[int, int], what: str
                          f"{expected[0]}x{expected[1]} (data.crop_size / data.aspect_ratio)")
 
 
+def _collect_features(batches: Iterable[Batch], images_of: Callable[[Batch, Optional[int]], torch.Tensor],
+                      extractor: nn.Module, limit: int, bar: Any) -> torch.Tensor:
+    """Inception features of ``images_of(batch, keep)`` (uint8 images of the batch's first ``keep``
+    samples, all when None) over the batches, at most ``limit`` (> 0) images."""
+    chunks: list[torch.Tensor] = []
+    seen = 0
+    for batch in batches:
+        images = images_of(batch, limit - seen if limit else None)
+        chunks.append(extract_features(extractor, images))
+        seen += images.shape[0]
+        bar.update(images.shape[0])
+        if limit and seen >= limit:
+            break
+    return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
+
+
 @torch.no_grad()
 def real_features(batches: Iterable[Batch], extractor: nn.Module, resolution: tuple[int, int],
                   limit: int = 0, progress: bool = False) -> torch.Tensor:
     """Features of this rank's real validation images (``limit`` > 0: at most that many)."""
-    chunks: list[torch.Tensor] = []
-    seen = 0
+    def images_of(batch: Batch, keep: Optional[int]) -> torch.Tensor:
+        _check_resolution(batch["image"], resolution, "validation images")
+        return batch["image"][:keep]
+
     with progress_bar(total=limit or None, desc="reference statistics: real images", unit="img",
                       enabled=progress) as bar:
-        for batch in batches:
-            images = batch["image"]
-            _check_resolution(images, resolution, "validation images")
-            if limit:
-                images = images[: limit - seen]
-            chunks.append(extract_features(extractor, images))
-            seen += images.shape[0]
-            bar.update(images.shape[0])
-            if limit and seen >= limit:
-                break
-    return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
+        return _collect_features(batches, images_of, extractor, limit, bar)
 
 
 @torch.no_grad()
@@ -146,33 +154,26 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
     """
     rank, _ = _rank_world()
     data = cfg.data
-    chunks: list[torch.Tensor] = []
-    seen = 0
+
+    def images_of(batch: Batch, keep: Optional[int]) -> torch.Tensor:
+        label, instance = batch["label"][:keep], batch.get("instance")
+        semantics = encode_semantics(
+            label.to(device), instance[:keep].to(device) if instance is not None else None,
+            data.label_nc, data.contain_dontcare_label, data.no_instance,
+        )
+        output = generator(semantics)
+        if not torch.isfinite(output).all():
+            # uint8 conversion would silently turn NaN into 0 and give a (meaningless) score.
+            raise NonFiniteGeneration("the generator output NaN/inf (diverged weights?)")
+        images = to_uint8_image(output)
+        _check_resolution(images, resolution, "generated images")
+        return images
+
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     bar = progress_bar(total=limit or None, desc="generated images + Inception features", unit="img", enabled=progress)
     with torch.random.fork_rng(devices=devices), bar:
         torch.manual_seed(seed + rank)
-        for batch in batches:
-            label, instance = batch["label"], batch.get("instance")
-            if limit:
-                label = label[: limit - seen]
-                instance = instance[: limit - seen] if instance is not None else None
-            semantics = encode_semantics(
-                label.to(device), instance.to(device) if instance is not None else None,
-                data.label_nc, data.contain_dontcare_label, data.no_instance,
-            )
-            output = generator(semantics)
-            if not torch.isfinite(output).all():
-                # uint8 conversion would silently turn NaN into 0 and give a (meaningless) score.
-                raise NonFiniteGeneration("the generator output NaN/inf (diverged weights?)")
-            images = to_uint8_image(output)
-            _check_resolution(images, resolution, "generated images")
-            chunks.append(extract_features(extractor, images))
-            seen += images.shape[0]
-            bar.update(images.shape[0])
-            if limit and seen >= limit:
-                break
-    return torch.cat(chunks) if chunks else torch.zeros(0, 2048)
+        return _collect_features(batches, images_of, extractor, limit, bar)
 
 
 def load_generator(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, Config]:

@@ -168,6 +168,11 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
     return rows
 
 
+def _charts_html(charts: Sequence[Chart]) -> str:
+    shown = [c for c in charts if c.has_data()]
+    return '<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in shown) + "</div>"
+
+
 def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     """The report's HTML text for ``run_dir``."""
     run_dir = Path(run_dir)
@@ -194,18 +199,11 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     parts.append("</table>")
 
     parts.append("<h2>Training</h2>")
-    if train:
-        charts = [c for c in training_charts(train) if c.has_data()]
-        parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
-    else:
-        parts.append(f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) yet: {e(hints['train'])}</p>")
-
+    parts.append(_charts_html(training_charts(train)) if train else
+                 f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) yet: {e(hints['train'])}</p>")
     parts.append("<h2>Evaluation</h2>")
-    if evals:
-        charts = [c for c in eval_charts(evals) if c.has_data()]
-        parts.append('<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in charts) + "</div>")
-    else:
-        parts.append(f"<p>No evaluation results ({e(str(EVAL_LOG_RELPATH))}): {e(hints['eval'])}</p>")
+    parts.append(_charts_html(eval_charts(evals)) if evals else
+                 f"<p>No evaluation results ({e(str(EVAL_LOG_RELPATH))}): {e(hints['eval'])}</p>")
 
     parts.append("<h2>Latest samples</h2>")
     if samples:

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import yaml
 
@@ -173,13 +173,7 @@ def start_prometheus(config: Union[str, Path], workdir: Union[str, Path], port: 
     port = port or free_port(host)
     argv = [_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
             f"--web.listen-address={host}:{port}", "--web.enable-lifecycle", "--log.level=warn"]
-    prom = Prometheus("prometheus", argv, host, port, workdir / "prometheus.log")
-    try:
-        prom.wait_ready("/-/ready", ready_timeout)
-    except BaseException:
-        prom.stop()
-        raise
-    return prom
+    return _ready(Prometheus("prometheus", argv, host, port, workdir / "prometheus.log"), ready_timeout)
 
 
 def start_pushgateway(workdir: Union[str, Path], port: int = 0, host: str = "127.0.0.1",
@@ -192,13 +186,20 @@ def start_pushgateway(workdir: Union[str, Path], port: int = 0, host: str = "127
     # started on the machine would then share (and restore) the groups of all earlier ones.
     argv = [_binary("prometheus-pushgateway"), f"--web.listen-address={host}:{port}", "--log.level=warn",
             "--persistence.file="]
-    gw = Service("pushgateway", argv, host, port, workdir / "pushgateway.log")
+    return _ready(Service("pushgateway", argv, host, port, workdir / "pushgateway.log"), ready_timeout)
+
+
+ServiceT = TypeVar("ServiceT", bound=Service)
+
+
+def _ready(service: ServiceT, timeout: float) -> ServiceT:
+    """Wait for the service's ``/-/ready``; a service that does not get there is stopped, not left behind."""
     try:
-        gw.wait_ready("/-/ready", ready_timeout)
+        service.wait_ready("/-/ready", timeout)
     except BaseException:
-        gw.stop()
+        service.stop()
         raise
-    return gw
+    return service
 
 
 def main(argv: Optional[list[str]] = None) -> int:
