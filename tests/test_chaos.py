@@ -32,7 +32,7 @@ from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.run_dir import RunDir
 from tests.checkpoint_toy_loop import NUM_SAMPLES
 from tests.dist_utils import process_alive
-from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
+from tests.kit import PYTHON, REPO_ROOT, cli_env
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"
 TORCHRUN = Path(PYTHON).parent / "torchrun"

@@ -16,7 +16,7 @@ import torch
 from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
 from spade_dist.config import CheckpointConfig, DataConfig
 from tests.dist_utils import child_pids, run_distributed
-from tests.shard_fixtures import write_shards
+from tests.kit import write_shards
 
 NUM_SAMPLES = 24  # 4 shards x 6
 

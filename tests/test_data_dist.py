@@ -11,7 +11,7 @@ import torch.distributed as dist
 from spade_dist.config import DataConfig
 from spade_dist.data import build_train_loader, merge_positions
 from tests.dist_utils import run_distributed
-from tests.shard_fixtures import write_shards
+from tests.kit import write_shards
 
 SHARD_SIZES = {3: [7, 2, 4], 4: [1, 6, 3, 5], 5: [2, 2, 9, 1, 4]}
 

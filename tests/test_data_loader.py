@@ -14,7 +14,7 @@ from spade_dist.config import DataConfig
 from spade_dist.data import CorruptRateError, ShardSourceError, build_eval_loader, build_train_loader, merge_positions
 from spade_dist.data.plan import rank_batch_sizes
 from spade_dist.data.stream import ShardError
-from tests.shard_fixtures import make_sample, png_bytes, write_manifest, write_shards, write_tar
+from tests.kit import make_sample, png_bytes, write_manifest, write_shards, write_tar
 
 
 def tiny_cfg(shards: str, **overrides) -> DataConfig:

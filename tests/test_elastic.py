@@ -20,7 +20,7 @@ from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.train.schedule import decay_factor, lr_and_betas
 from spade_dist.config import OptimConfig
 from tests.dist_utils import child_pids, free_port
-from tests.shard_fixtures import write_shards
+from tests.kit import write_shards
 
 
 SHARDS = [6, 6, 6, 6]

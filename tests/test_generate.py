@@ -291,7 +291,7 @@ def test_console_script_exit_code_and_message(official_checkpoint: Path, tmp_pat
 
 def test_generate_from_shards_through_eval_loader(repo_root: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from tests.shard_fixtures import write_shards
+    from tests.kit import write_shards
 
     # 8 classes + don't care + 16-bit instances, as the format contract writes them
     manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=8)

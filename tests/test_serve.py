@@ -29,7 +29,7 @@ from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import RequestError, decode_canvas, decode_label_upload, label_png
 from spade_dist.serve.model import ServedModel
 from spade_dist.visualize import colorize_labels
-from tests.shard_fixtures import write_shards
+from tests.kit import write_shards
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

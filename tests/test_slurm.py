@@ -64,9 +64,9 @@ STEPS_PER_EPOCH = 8  # 32 training samples / (2 ranks x batch 2)
 
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory):
-    from tests.train_fixtures import make_synthetic_shards
+    from tests.kit import synthetic_shards
 
-    return make_synthetic_shards(tmp_path_factory.mktemp("slurm_data"), count=32, val_count=4, size=32)
+    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), count=32, val_count=4, size=32)
 
 
 def _train_env(manifest: Path, run_dir: Path, max_steps: int, extra: str = "") -> dict:

@@ -28,7 +28,7 @@ from spade_dist.losses import VGGLoss, save_random_vgg19_weights
 from spade_dist.train.backends import DDPBackend
 from spade_dist.train.state import build_train_state
 from spade_dist.train.step import LossSet, prepare_batch, train_step
-from tests.train_fixtures import make_synthetic_shards
+from tests.kit import synthetic_shards
 
 STEPS = 200
 TIME_LIMIT_S = 300
@@ -64,7 +64,7 @@ def _error(generator: torch.nn.Module, batches: list, cfg) -> float:
 
 
 def test_short_cpu_run_halves_class_colour_error(tmp_path):
-    manifest = make_synthetic_shards(tmp_path, count=64, val_count=8, size=32)
+    manifest = synthetic_shards(tmp_path, count=64, val_count=8, size=32)
     vgg_path = save_random_vgg19_weights(tmp_path / "vgg19_random.pth", seed=0)
     cfg = load_config("configs/quickstart.yaml", [
         "loss.no_vgg_loss=false", f"loss.vgg_weights={vgg_path}",
