@@ -19,12 +19,13 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from spade_dist.config import Config, load_config
+from spade_dist.resources import preset_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -35,9 +36,24 @@ TRAIN = (PYTHON, "-m", "spade_dist.cli.train")
 # ---------------------------------------------------------------------------------------- configs
 
 
-def tiny_config(*overrides: str, base: Optional[Union[str, Path]] = TINY) -> Config:
-    """``configs/tiny.yaml`` (or another preset ``base``; None: the official defaults) + ``overrides``."""
-    return load_config(base, list(overrides))
+def _shrink_overrides() -> tuple[str, ...]:
+    tiny = load_config(TINY)
+    return (f"model.ngf={tiny.model.ngf}", f"model.ndf={tiny.model.ndf}", f"model.n_layers_D={tiny.model.n_layers_D}",
+            f"data.load_size={tiny.data.load_size}", f"data.crop_size={tiny.data.crop_size}",
+            f"data.batch_size={tiny.data.batch_size}", f"data.num_workers={tiny.data.num_workers}")
+
+
+# The tiny preset's sizes (widths, image size, batch, loader workers) as overrides: they shrink any
+# other preset to the tiny model while keeping that preset's dataset settings (classes, norms).
+SHRINK = _shrink_overrides()
+
+
+def tiny_config(*overrides: str, base: str = "tiny") -> Config:
+    """``configs/tiny.yaml`` + ``overrides``; with another preset ``base`` (a name in configs/, e.g.
+    ``coco_stuff``): that preset shrunk by :data:`SHRINK`, then ``overrides``."""
+    if base == "tiny":
+        return load_config(TINY, list(overrides))
+    return load_config(preset_path(base), [*SHRINK, *overrides])
 
 
 def train_cmd(*args: str, launcher: Sequence[str] = TRAIN) -> list[str]:

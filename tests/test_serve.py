@@ -415,18 +415,17 @@ def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
 
 
 @pytest.mark.e2e
-def test_official_checkpoint_with_encoder_and_style_image(browser, repo_root: Path, coco_sample: Path,
-                                                          tmp_path: Path) -> None:
+def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: Path, tmp_path: Path) -> None:
     """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
     inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
     spade-generate's image for the same map, photo and seed."""
     from tests.model_fixtures import OFFICIAL_VAE_OPTIONS, write_official_vae
 
-    generator, encoder = write_official_vae(repo_root, tmp_path, seed=5)
+    generator, encoder = write_official_vae(tmp_path, seed=5)
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
-    model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "custom", *OFFICIAL_VAE_OPTIONS]
+    model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "tiny", *OFFICIAL_VAE_OPTIONS]
     with _serving(*model) as (_, url):
         page = _open(browser, url)
         assert page.locator("#style-box").is_visible()
