@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spade_dist.config import load_config
 from spade_dist.labels import encode_semantics
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
 from spade_dist.models.spade import SPADE, SegmapPyramid
+from tests.kit import tiny_config
 
 LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
 
@@ -132,9 +132,9 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
     from spade_dist.losses import VGGLoss, save_random_vgg19_weights
     from spade_dist.train.step import prepare_batch
 
-    common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4", "model.n_layers_D=2"]
-    ref_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common + REFERENCE_OVERRIDES)
-    fast_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common)
+    common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4"]
+    ref_cfg = tiny_config(*common, *REFERENCE_OVERRIDES, base="coco_stuff")
+    fast_cfg = tiny_config(*common, base="coco_stuff")
     assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather == fast_cfg.model.region_modulation == "auto"
     # float64: Adam's first step is ~lr * sign(grad), so in fp32 a gradient that is zero up to
     # rounding (e.g. a bias followed by batch norm) could flip sign between modes; fp64 keeps the
