@@ -172,6 +172,10 @@ def write_manifest(out: Path, name: str, splits: dict[str, list[tuple[str, list[
     return path
 
 
+# Overrides that match what write_shards writes by default: 8 classes, 255 as don't care, instance maps.
+TOY_LABELS = ("data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false")
+
+
 def write_shards(out: Path, shard_sizes: Sequence[int], split: str = "train", name: str = "toy",
                  size: tuple[int, int] = (12, 10), extra_splits: Optional[dict[str, Sequence[int]]] = None,
                  instance: bool = True, label_nc: int = 8) -> Path:
