@@ -7,7 +7,7 @@
   the docs/FORMATS.md format, independent of data_tools on purpose (loader tests must depend on the
   format contract only, not on the sharder's internals).
 - Runs: :func:`cli_env` (one thread, no inherited rank variables), :func:`run_cli`, :func:`wait_for`.
-- Inputs: :func:`blocky_labels` (random label maps made of 4x4 blocks, like segmentations).
+- Inputs: :func:`blocky_labels` (random label maps made of blocks, like segmentations).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from spade_dist.config import Config, load_config
@@ -59,6 +61,16 @@ def tiny_config(*overrides: str, base: str = "tiny") -> Config:
 def train_cmd(*args: str, launcher: Sequence[str] = TRAIN) -> list[str]:
     """``launcher --config configs/tiny.yaml args...``: spade-train on the tiny preset."""
     return [*launcher, "--config", str(TINY), *args]
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def blocky_labels(n: int, label_nc: int, h: int, w: int, generator: torch.Generator, block: int = 4) -> torch.Tensor:
+    """(n, 1, h, w) class ids < ``label_nc`` drawn per ``block`` x ``block`` cell (at least one cell)
+    and upsampled (nearest): uniform regions with borders, like a segmentation, unlike pixel noise."""
+    coarse = torch.randint(0, label_nc, (n, 1, max(h // block, 1), max(w // block, 1)), generator=generator)
+    return F.interpolate(coarse.float(), size=(h, w), mode="nearest").long()
 
 
 # ---------------------------------------------------------------------------------------- runs

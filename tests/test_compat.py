@@ -21,7 +21,7 @@ from spade_dist.models.compat import (
 )
 from spade_dist.models.factory import build_generator
 from spade_dist.models.generator import SPADEGenerator
-from tests.kit import tiny_config
+from tests.kit import blocky_labels, tiny_config
 from tests.official_reference import official_forward, official_shapes, random_official_state_dict
 
 REFERENCE_JSON = "official_generator_state_dicts.json"
@@ -30,8 +30,7 @@ REFERENCE_JSON = "official_generator_state_dicts.json"
 def _semantics(n: int, label_nc: int, extra: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """One-hot of a blocky random label map (+ random binary extra channels, like the edge map)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, label_nc, (n, 1, max(h // 4, 1), max(w // 4, 1)), generator=g)
-    labels = F.interpolate(labels.float(), size=(h, w), mode="nearest").long()
+    labels = blocky_labels(n, label_nc, h, w, g)
     onehot = torch.zeros(n, label_nc, h, w).scatter_(1, labels, 1.0)
     extras = (torch.rand(n, extra, h, w, generator=g) > 0.7).float()
     return torch.cat([onehot, extras], dim=1)

@@ -14,7 +14,7 @@ from spade_dist.labels import encode_semantics
 from spade_dist.models import build_encoder, build_generator
 from spade_dist.models.compat import official_encoder_path, save_generator_file
 from spade_dist.train.state import build_train_state
-from tests.kit import run_cli, synthetic_shards, tiny_config, train_cmd
+from tests.kit import blocky_labels, run_cli, synthetic_shards, tiny_config, train_cmd
 from tests.official_reference import official_forward, official_shapes, random_official_state_dict
 
 LABEL_NC, NGF, CROP = 10, 8, 32  # configs/tiny.yaml: 10 classes, no don't care, no instance maps
@@ -27,7 +27,7 @@ def _cfg(*overrides: str):
 
 def _semantics(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, LABEL_NC, (2, 1, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    label = blocky_labels(2, LABEL_NC, CROP, CROP, g, block=8)
     return encode_semantics(label, None, LABEL_NC, False, True)
 
 
