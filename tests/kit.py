@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spade_dist.config import Config, load_config
+from spade_dist.config import Config, DataConfig, load_config
 from spade_dist.resources import preset_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,14 @@ def write_manifest(out: Path, name: str, splits: dict[str, list[tuple[str, list[
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     return path
+
+
+def toy_data_config(shards: str, **overrides) -> DataConfig:
+    """Loader settings sized for :func:`write_shards`' default 12 x 10 images (resize to 12, crop 8,
+    batch 2, loading in the test's process, a fixed seed) + ``overrides`` (DataConfig fields)."""
+    return DataConfig(**{**dict(shards=shards, preprocess_mode="resize_and_crop", load_size=12, crop_size=8,
+                                batch_size=2, num_workers=0, shuffle_buffer=4, seed=3, pin_memory=False),
+                         **overrides})
 
 
 # Overrides that match what write_shards writes by default: 8 classes, 255 as don't care, instance maps.

@@ -13,23 +13,21 @@ import pytest
 import torch
 
 from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
-from spade_dist.config import CheckpointConfig, DataConfig
+from spade_dist.config import CheckpointConfig
 from tests.dist_utils import child_pids, run_distributed
-from tests.kit import TOY_LABELS, cli_env, run_cli, train_cmd, wait_for, write_shards
+from tests.kit import TOY_LABELS, cli_env, run_cli, toy_data_config, train_cmd, wait_for, write_shards
 
 NUM_SAMPLES = 24  # 4 shards x 6
 
 
-def _data_cfg(manifest: Path) -> DataConfig:
-    return DataConfig(shards=str(manifest), label_nc=8, contain_dontcare_label=True, load_size=16, crop_size=16,
-                      preprocess_mode="resize_and_crop", batch_size=2, num_workers=0, shuffle_buffer=4)
 
 
 def _loader_leg(rank: int, world_size: int, manifest: str, run_dir: str, batches: int, save: bool) -> dict:
     """Restore (if any), take ``batches`` batches (all if < 0) of the epoch, optionally save."""
     from spade_dist.data import build_train_loader, merge_positions
 
-    loader = build_train_loader(_data_cfg(Path(manifest)), rank=rank, world_size=world_size)
+    loader = build_train_loader(toy_data_config(manifest, label_nc=8, contain_dontcare_label=True), rank=rank,
+                                world_size=world_size)
     app = {"data": GatheredState(loader, merge_positions), "meta": {"note": "loader only"}}
     ckpt = CheckpointManager(run_dir, CheckpointConfig(every_steps=0), rank=rank, world_size=world_size,
                              install_signal_handlers=False)
