@@ -20,9 +20,8 @@ from spade_dist.models.spade import SPADE
 from tests import kit
 from tests.dist_utils import run_distributed
 
-B = 2
+B, CROP = 2, 32  # configs/tiny.yaml's batch and crop, which tiny_config below keeps
 LABEL_NC = 4
-CROP = 32
 
 
 # ---------------------------------------------------------------------------- SPADE layer SyncBN
