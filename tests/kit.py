@@ -1,4 +1,4 @@
-"""The test kit: where every test gets its tiny configs, shards, training runs and waits.
+"""The test kit: where tests get their tiny configs, shards, training runs and waits.
 
 - Configs: :func:`tiny_config` = ``configs/tiny.yaml`` (the tiny preset, also shipped to users) plus
   the test's overrides; a CLI run passes ``--config`` :data:`TINY` (see :func:`train_cmd`).
