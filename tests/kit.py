@@ -28,6 +28,7 @@ from PIL import Image
 
 from spade_dist.config import Config, DataConfig, load_config
 from spade_dist.resources import preset_path
+from tests.dist_utils import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -56,6 +57,12 @@ def tiny_config(*overrides: str, base: str = "tiny") -> Config:
     if base == "tiny":
         return load_config(TINY, list(overrides))
     return load_config(preset_path(base), [*SHRINK, *overrides])
+
+
+def accelerate_launcher() -> list[str]:
+    """``accelerate launch`` of spade-train in 2 CPU processes (launch/accelerate_cpu_2proc.yaml), on a free port."""
+    return [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
+            "--main_process_port", str(free_port()), "-m", "spade_dist.cli.train"]
 
 
 def train_cmd(*args: str, launcher: Sequence[str] = TRAIN) -> list[str]:

@@ -74,7 +74,8 @@ def test_real_loader_one_to_three_ranks_every_sample_once(tmp_path):
 def _train_overrides(manifest: Path, run_dir: Path, max_steps: int) -> list[str]:
     return [
         f"data.shards={manifest}", "data.val_shards=", *TOY_LABELS, "model.num_D=1", "train.log_every=1",
-        "train.sample_every=100000", "checkpoint.every_steps=2", f"train.run_dir={run_dir}", f"train.max_steps={max_steps}",
+        "train.sample_every=100000", "checkpoint.every_steps=2", f"train.run_dir={run_dir}",
+        f"train.max_steps={max_steps}",
     ]
 
 

@@ -32,7 +32,8 @@ def _overrides(manifest: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         f"data.shards={manifest}", "data.val_shards=", *TOY_LABELS, f"data.batch_size={BATCH}", "model.num_D=1",
         f"optim.lr={OPTIM.lr}", f"optim.niter={OPTIM.niter}", f"optim.niter_decay={OPTIM.niter_decay}",
-        "train.max_steps=0", "train.log_every=1", "train.sample_every=100000", "train.log_keys=true", "train.collective_timeout_s=30", "checkpoint.every_steps=2", "checkpoint.keep_last=50",
+        "train.max_steps=0", "train.log_every=1", "train.sample_every=100000", "train.log_keys=true",
+        "train.collective_timeout_s=30", "checkpoint.every_steps=2", "checkpoint.keep_last=50",
         "metrics.enabled=false", f"train.run_dir={run_dir}", *extra,
     ]
 

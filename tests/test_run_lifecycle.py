@@ -259,15 +259,12 @@ def _assert_gone(pids: list[int], timeout: float) -> None:
 def test_accelerate_workers_die_with_their_launcher(tmp_path, how):
     """kill -9 of `accelerate launch` or an (unhandled) SIGUSR1 to it used to leave both workers
     running as orphans that kept checkpointing into the run directory."""
-    from tests.dist_utils import free_port
-    from tests.kit import synthetic_shards, train_cmd
+    from tests.kit import accelerate_launcher, synthetic_shards, train_cmd
 
     manifest = synthetic_shards(tmp_path / "data", count=8, val_count=2)
     run_dir = tmp_path / f"run-{how}"
-    accelerate = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
-                  "--main_process_port", str(free_port()), "-m", "spade_dist.cli.train"]
     cmd = train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=100000",
-                    "checkpoint.every_steps=2", "checkpoint.async_save=false", launcher=accelerate)
+                    "checkpoint.every_steps=2", "checkpoint.async_save=false", launcher=accelerate_launcher())
     launcher = subprocess.Popen(cmd, env=cli_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     try:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from spade_dist.distributed import DistributedSetupError, batch_geometry, check_process_group
 from tests.dist_utils import free_port
-from tests.kit import PYTHON, cli_env, run_cli, synthetic_shards, train_cmd
+from tests.kit import PYTHON, accelerate_launcher, cli_env, run_cli, synthetic_shards, train_cmd
 
 TRAIN = train_cmd("--resume", "none")
 
@@ -111,10 +111,8 @@ def test_last_step_counts_epochs_from_where_a_resized_run_stands():
 @pytest.mark.dist
 def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
     run_dir = tmp_path / "run"
-    accelerate = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
-                  "--main_process_port", str(free_port()), "-m", "spade_dist.cli.train"]
     cmd = train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=4",
-                    "train.sample_every=2", "checkpoint.every_steps=100", launcher=accelerate)
+                    "train.sample_every=2", "checkpoint.every_steps=100", launcher=accelerate_launcher())
     proc = run_cli(cmd, timeout=480)
     out = proc.stdout + proc.stderr
     assert "ddp on 2 x cpu" in out  # really two ranks in one gloo group, not two single jobs
