@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests keep models tiny (ngf 8-16, 32-64 px) and torch to one thread: CI has 2 cores."""
+"""Shared fixtures. Torch runs on one thread (CI has 2 cores); tiny configs, shards and runs come from
+tests/kit.py."""
 from __future__ import annotations
 
 import os

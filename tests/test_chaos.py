@@ -32,7 +32,7 @@ from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.run_dir import RunDir
 from tests.checkpoint_toy_loop import NUM_SAMPLES
 from tests.dist_utils import process_alive
-from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
+from tests.kit import PYTHON, REPO_ROOT, cli_env, wait_for
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"
 TORCHRUN = Path(PYTHON).parent / "torchrun"
@@ -89,13 +89,9 @@ class Chaos:
     def wait_for_progress(self, timeout: float = 90) -> None:
         """Until the live run committed a checkpoint newer than any before its start."""
         start = max(self.commits(), default=0)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if max(self.commits(), default=0) > start and len(_worker_pids(self.run_dir)) == 2:
-                return
-            assert self.proc is not None and self.proc.poll() is None, self.tail()
-            time.sleep(0.05)
-        raise AssertionError(f"no progress: {self.tail()}")
+        assert self.proc is not None
+        wait_for(lambda: max(self.commits(), default=0) > start and len(_worker_pids(self.run_dir)) == 2, timeout,
+                 "a new committed checkpoint", poll=0.05, procs=[self.proc], log=self.tail)
 
     def finish(self, proc: subprocess.Popen, timeout: float = 90) -> int:
         try:

@@ -22,7 +22,7 @@ from spade_dist.checkpoint.layout import select_prunable
 from spade_dist.config import CheckpointConfig
 from tests.checkpoint_toy_loop import NUM_SAMPLES, ToySampler, ToyTrainState, run
 from tests.dist_utils import run_distributed
-from tests.train_fixtures import wait_for
+from tests.kit import wait_for
 
 TOY_LOOP = Path(__file__).resolve().parent / "checkpoint_toy_loop.py"  # also runs under torchrun by hand
 

@@ -9,22 +9,16 @@ import torch
 
 from spade_dist.checkpoint import CheckpointManager, load_generator_from_checkpoint
 from spade_dist.cli.export import main as export_main
-from spade_dist.config import CheckpointConfig, load_config
+from spade_dist.config import CheckpointConfig
 from spade_dist.models.compat import load_generator_file
 from spade_dist.train.state import build_train_state
+from tests.kit import tiny_config
 
 GEN_PATHS = {"ema": ["train", "ema", "model"], "raw": ["train", "generator"]}
 
 
-def _tiny_cfg():
-    return load_config(overrides=[
-        "model.ngf=8", "model.ndf=8", "data.label_nc=4", "data.crop_size=32", "data.load_size=32",
-        "model.norm_G=spectralspadebatch3x3", "model.num_D=1", "model.n_layers_D=2", "data.no_instance=true",
-    ])
-
-
 def _checkpointed_run(tmp_path):
-    cfg = _tiny_cfg()
+    cfg = tiny_config("data.label_nc=4", "model.norm_G=spectralspadebatch3x3", "model.num_D=1")
     torch.manual_seed(0)
     state = build_train_state(cfg, torch.device("cpu"), fused_adam=False)
     with torch.no_grad():  # make EMA and raw weights differ, as after training

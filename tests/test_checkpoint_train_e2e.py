@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,23 +13,21 @@ import pytest
 import torch
 
 from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
-from spade_dist.config import CheckpointConfig, DataConfig
+from spade_dist.config import CheckpointConfig
 from tests.dist_utils import child_pids, run_distributed
-from tests.shard_fixtures import write_shards
+from tests.kit import TOY_LABELS, cli_env, run_cli, toy_data_config, train_cmd, wait_for, write_shards
 
 NUM_SAMPLES = 24  # 4 shards x 6
 
 
-def _data_cfg(manifest: Path) -> DataConfig:
-    return DataConfig(shards=str(manifest), label_nc=8, contain_dontcare_label=True, load_size=16, crop_size=16,
-                      preprocess_mode="resize_and_crop", batch_size=2, num_workers=0, shuffle_buffer=4)
 
 
 def _loader_leg(rank: int, world_size: int, manifest: str, run_dir: str, batches: int, save: bool) -> dict:
     """Restore (if any), take ``batches`` batches (all if < 0) of the epoch, optionally save."""
     from spade_dist.data import build_train_loader, merge_positions
 
-    loader = build_train_loader(_data_cfg(Path(manifest)), rank=rank, world_size=world_size)
+    loader = build_train_loader(toy_data_config(manifest, label_nc=8, contain_dontcare_label=True), rank=rank,
+                                world_size=world_size)
     app = {"data": GatheredState(loader, merge_positions), "meta": {"note": "loader only"}}
     ckpt = CheckpointManager(run_dir, CheckpointConfig(every_steps=0), rank=rank, world_size=world_size,
                              install_signal_handlers=False)
@@ -76,32 +73,23 @@ def test_real_loader_one_to_three_ranks_every_sample_once(tmp_path):
 
 def _train_overrides(manifest: Path, run_dir: Path, max_steps: int) -> list[str]:
     return [
-        f"data.shards={manifest}", "data.val_shards=", "data.label_nc=8", "data.contain_dontcare_label=true",
-        "data.no_instance=false", "data.load_size=32", "data.crop_size=32", "data.batch_size=2",
-        "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.num_D=1", "model.n_layers_D=2",
-        "train.log_every=1", "train.sample_every=100000", "train.cpu_threads=1", "checkpoint.every_steps=2",
-        f"train.run_dir={run_dir}", f"train.max_steps={max_steps}",
+        f"data.shards={manifest}", "data.val_shards=", *TOY_LABELS, "model.num_D=1", "train.log_every=1",
+        "train.sample_every=100000", "checkpoint.every_steps=2", f"train.run_dir={run_dir}",
+        f"train.max_steps={max_steps}",
     ]
 
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before '{text}':\n{path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for '{text}' in {path}")
+    wait_for(lambda: path.exists() and text in path.read_text(errors="replace"), timeout, f"'{text}' in {path}",
+             poll=0.2, procs=[proc], log=lambda: path.read_text(errors="replace")[-3000:])
 
 
 @pytest.mark.e2e
 def test_spade_train_sigusr1_requeue_then_resume_to_the_end(repo_root, tmp_path):
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
-           *_train_overrides(manifest, run_dir, max_steps=9)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = train_cmd(*_train_overrides(manifest, run_dir, max_steps=9))
+    env = cli_env()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _wait_for_text(log, "step 3 epoch", proc, 240)
@@ -128,10 +116,10 @@ def test_spade_train_kill_minus_9_under_torchrun_restarts_and_completes(repo_roo
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", "--monitor-interval=0.2", "-m", "spade_dist.cli.train",
-           "--config", str(repo_root / "configs/quickstart.yaml"), *_train_overrides(manifest, run_dir, max_steps=10)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+                "--rdzv-endpoint=127.0.0.1:0", "--monitor-interval=0.2", "-m", "spade_dist.cli.train"]
+    cmd = train_cmd(*_train_overrides(manifest, run_dir, max_steps=10), launcher=launcher)
+    env = cli_env()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _wait_for_text(log, "step 5 epoch", proc, 300)
@@ -170,17 +158,13 @@ def _flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.e2e
-def test_spade_train_save_resume_equals_uninterrupted(repo_root, tmp_path):
+def test_spade_train_save_resume_equals_uninterrupted(tmp_path):
     """Deterministic mode: 0->6 in one go == 0->4, stop, resume 4->6 (weights, EMA, optimizer moments)."""
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     extra = ["train.deterministic=true", "data.shuffle_buffer=0", "checkpoint.every_steps=0"]
 
     def spade_train(run_dir: Path, max_steps: int, resume: str) -> None:
-        cmd = [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
-               "--resume", resume, *_train_overrides(manifest, run_dir, max_steps), *extra]
-        proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run_cli(train_cmd("--resume", resume, *_train_overrides(manifest, run_dir, max_steps), *extra))
 
     spade_train(tmp_path / "full", 6, "none")
     spade_train(tmp_path / "cut", 4, "none")
@@ -193,13 +177,11 @@ def test_spade_train_save_resume_equals_uninterrupted(repo_root, tmp_path):
 
 
 @pytest.mark.e2e
-def test_spade_train_bad_resume_path_is_a_one_line_error(repo_root, tmp_path):
+def test_spade_train_bad_resume_path_is_a_one_line_error(tmp_path):
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
     missing = tmp_path / "run" / "checkpoints" / "step-000000004"
-    cmd = [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
-           "--resume", str(missing), *_train_overrides(manifest, tmp_path / "run", max_steps=6)]
-    proc = subprocess.run(cmd, cwd=repo_root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_cli(train_cmd("--resume", str(missing), *_train_overrides(manifest, tmp_path / "run", max_steps=6)),
+                   check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"spade-train: error: checkpoint path does not exist: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -207,24 +189,19 @@ def test_spade_train_bad_resume_path_is_a_one_line_error(repo_root, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.dist
-def test_spade_train_two_ranks_then_one_rank_continues_the_run(repo_root, tmp_path):
+def test_spade_train_two_ranks_then_one_rank_continues_the_run(tmp_path):
     """torchrun 2 ranks to step 2 (mid-epoch: 12 samples, 3 steps/epoch), then 1 process to step 5."""
     manifest = write_shards(tmp_path / "shards", [6, 6], size=(32, 32))
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    base = ["-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml")]
-    two = subprocess.run([str(torchrun), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                          "--rdzv-endpoint=127.0.0.1:0", *base, *_train_overrides(manifest, run_dir, max_steps=2)],
-                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc-per-node=2",
+                "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "spade_dist.cli.train"]
+    run_cli(train_cmd(*_train_overrides(manifest, run_dir, max_steps=2), launcher=torchrun))
     assert read_marker(find_latest(run_dir))["world_size"] == 2
     from spade_dist.checkpoint import StepReader
 
     saved = StepReader(find_latest(run_dir)).read_trees(["data"])["data"]
     assert saved["epoch"] == 0  # 8 of 12 samples delivered: mid-epoch
-    one = subprocess.run([sys.executable, *base, *_train_overrides(manifest, run_dir, max_steps=5)],
-                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    one = run_cli(train_cmd(*_train_overrides(manifest, run_dir, max_steps=5)), check=False)
     out = one.stdout + one.stderr
     assert one.returncode == 0, out[-3000:]
     assert "resumed from" in out and "step-000000002 (step 2, epoch 0)" in out

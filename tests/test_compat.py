@@ -21,6 +21,7 @@ from spade_dist.models.compat import (
 )
 from spade_dist.models.factory import build_generator
 from spade_dist.models.generator import SPADEGenerator
+from tests.kit import blocky_labels, tiny_config
 from tests.official_reference import official_forward, official_shapes, random_official_state_dict
 
 REFERENCE_JSON = "official_generator_state_dicts.json"
@@ -29,8 +30,7 @@ REFERENCE_JSON = "official_generator_state_dicts.json"
 def _semantics(n: int, label_nc: int, extra: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """One-hot of a blocky random label map (+ random binary extra channels, like the edge map)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, label_nc, (n, 1, max(h // 4, 1), max(w // 4, 1)), generator=g)
-    labels = F.interpolate(labels.float(), size=(h, w), mode="nearest").long()
+    labels = blocky_labels(n, label_nc, h, w, g)
     onehot = torch.zeros(n, label_nc, h, w).scatter_(1, labels, 1.0)
     extras = (torch.rand(n, extra, h, w, generator=g) > 0.7).float()
     return torch.cat([onehot, extras], dim=1)
@@ -211,12 +211,13 @@ def test_bad_checkpoint_path_and_content(tmp_path: Path) -> None:
 # Project file and the spade-convert CLI
 # --------------------------------------------------------------------------------------------
 
-TINY = ["model.ngf=4", "data.crop_size=64", "data.load_size=64", "data.label_nc=5",
-        "data.contain_dontcare_label=true", "data.no_instance=false", "model.init_type=normal"]
+# On top of configs/tiny.yaml (--preset tiny): 5 classes + don't care + instance edges, 64 px.
+OPTIONS = ["model.ngf=4", "data.crop_size=64", "data.load_size=64", "data.label_nc=5",
+           "data.contain_dontcare_label=true", "data.no_instance=false", "model.init_type=normal"]
 
 
-def test_generator_file_round_trip_and_config_check(tmp_path: Path, repo_root: Path) -> None:
-    cfg = load_config(repo_root / "configs" / "custom.yaml", TINY)
+def test_generator_file_round_trip_and_config_check(tmp_path: Path) -> None:
+    cfg = tiny_config(*OPTIONS)
     G = build_generator(cfg)
     path = tmp_path / "g.pt"
     save_generator_file(G, cfg, path)
@@ -228,20 +229,20 @@ def test_generator_file_round_trip_and_config_check(tmp_path: Path, repo_root: P
     G.eval()
     with torch.no_grad():
         assert torch.equal(G(seg), G2(seg))
-    other = load_config(repo_root / "configs" / "custom.yaml", TINY + ["model.ngf=8"])
+    other = tiny_config(*OPTIONS, "model.ngf=8")
     with pytest.raises(ValueError, match="ngf"):
         save_generator_file(G, other, tmp_path / "h.pt")
 
 
-def test_spade_convert_cli_round_trip(tmp_path: Path, repo_root: Path, capsys) -> None:
-    cfg = load_config(repo_root / "configs" / "custom.yaml", TINY)
+def test_spade_convert_cli_round_trip(tmp_path: Path, capsys) -> None:
+    cfg = tiny_config(*OPTIONS)
     G = build_generator(cfg).eval()
     ours = tmp_path / "ours.pt"
     save_generator_file(G, cfg, ours)
     official = tmp_path / "latest_net_G.pth"
     assert convert_main(["to-official", "--checkpoint", str(ours), "--out", str(official)]) == 0
     back = tmp_path / "back.pt"
-    argv = ["from-official", "--checkpoint", str(official), "--out", str(back), "--preset", "custom", *TINY]
+    argv = ["from-official", "--checkpoint", str(official), "--out", str(back), "--preset", "tiny", *OPTIONS]
     assert convert_main(argv) == 0
     G2, _ = load_generator_file(back)
     seg = _semantics(1, 5, 2, 64, 64)
@@ -255,9 +256,8 @@ def test_spade_convert_cli_round_trip(tmp_path: Path, repo_root: Path, capsys) -
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_pix2pixhd_generator_file_round_trip_and_no_official_format(tmp_path: Path, repo_root: Path) -> None:
-    cfg = load_config(repo_root / "configs" / "custom.yaml",
-                      TINY + ["model.netG=pix2pixhd", "model.resnet_n_downsample=2", "model.resnet_n_blocks=1"])
+def test_pix2pixhd_generator_file_round_trip_and_no_official_format(tmp_path: Path) -> None:
+    cfg = tiny_config(*OPTIONS, "model.netG=pix2pixhd", "model.resnet_n_downsample=2", "model.resnet_n_blocks=1")
     G = build_generator(cfg).eval()
     save_generator_file(G, cfg, tmp_path / "p.pt")
     G2, _ = load_generator_file(tmp_path / "p.pt")

@@ -11,14 +11,13 @@ import torch.distributed as dist
 from spade_dist.config import DataConfig
 from spade_dist.data import build_train_loader, merge_positions
 from tests.dist_utils import run_distributed
-from tests.shard_fixtures import write_shards
+from tests.kit import toy_data_config, write_shards
 
 SHARD_SIZES = {3: [7, 2, 4], 4: [1, 6, 3, 5], 5: [2, 2, 9, 1, 4]}
 
 
-def _cfg(shards: str) -> dict:
-    return dict(shards=shards, preprocess_mode="resize_and_crop", load_size=12, crop_size=8, batch_size=2,
-                num_workers=2, shuffle_buffer=3, seed=11, pin_memory=False)
+def _cfg(shards: str) -> DataConfig:
+    return toy_data_config(shards, num_workers=2, shuffle_buffer=3, seed=11)
 
 
 def _epochs_on_ranks(rank: int, world: int, datasets: list[str], epochs: int) -> list[list[dict]]:
@@ -26,7 +25,7 @@ def _epochs_on_ranks(rank: int, world: int, datasets: list[str], epochs: int) ->
     all_reduce per batch stands in for DDP/SyncBN: unequal batch counts would make it hang."""
     out = []
     for shards in datasets:
-        loader = build_train_loader(DataConfig(**_cfg(shards)), rank=rank, world_size=world)
+        loader = build_train_loader(_cfg(shards), rank=rank, world_size=world)
         per_epoch = []
         for epoch in range(epochs):
             loader.set_epoch(epoch)
@@ -66,7 +65,7 @@ def test_two_ranks_two_workers_equal_batches_exactly_once(tmp_path: Path) -> Non
 
 
 def _run_partial(rank: int, world: int, shards: str, epoch: int, stop_after: int) -> dict:
-    loader = build_train_loader(DataConfig(**_cfg(shards)), rank=rank, world_size=world)
+    loader = build_train_loader(_cfg(shards), rank=rank, world_size=world)
     loader.set_epoch(epoch)
     keys = []
     for i, batch in enumerate(loader):
@@ -77,7 +76,7 @@ def _run_partial(rank: int, world: int, shards: str, epoch: int, stop_after: int
 
 
 def _resume(rank: int, world: int, shards: str, position: dict, collective: bool = True) -> dict:
-    loader = build_train_loader(DataConfig(**_cfg(shards)), rank=rank, world_size=world)
+    loader = build_train_loader(_cfg(shards), rank=rank, world_size=world)
     loader.load_state_dict(position)
     loader.set_epoch(position["epoch"])
     rest_len = len(loader)

@@ -10,18 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from spade_dist.config import DataConfig
 from spade_dist.data import CorruptRateError, ShardSourceError, build_eval_loader, build_train_loader, merge_positions
 from spade_dist.data.plan import rank_batch_sizes
 from spade_dist.data.stream import ShardError
-from tests.shard_fixtures import make_sample, png_bytes, write_manifest, write_shards, write_tar
-
-
-def tiny_cfg(shards: str, **overrides) -> DataConfig:
-    base = dict(shards=shards, preprocess_mode="resize_and_crop", load_size=12, crop_size=8, batch_size=2,
-                num_workers=0, shuffle_buffer=4, seed=3, pin_memory=False)
-    base.update(overrides)
-    return DataConfig(**base)
+from tests.kit import make_sample, png_bytes, toy_data_config, write_manifest, write_shards, write_tar
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
@@ -40,7 +32,7 @@ def test_rank_batch_sizes_equal_counts_nonempty_exact(world: int, batch: int) ->
 def test_fewer_samples_than_ranks_is_a_clear_error(tmp_path: Path) -> None:
     write_shards(tmp_path, [2])
     with pytest.raises(ValueError, match="has 2 samples, fewer than the 3 ranks"):
-        build_train_loader(tiny_cfg(str(tmp_path)), rank=0, world_size=3)
+        build_train_loader(toy_data_config(str(tmp_path)), rank=0, world_size=3)
 
 
 def _corrupt_dataset(root: Path, n_good: int, corrupt_keys: list[str]) -> None:
@@ -60,7 +52,7 @@ def _corrupt_dataset(root: Path, n_good: int, corrupt_keys: list[str]) -> None:
 
 def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _corrupt_dataset(tmp_path, 9, ["k100x", "k101x"])
-    loader = build_train_loader(tiny_cfg(str(tmp_path), max_corrupt_fraction=0.5, corrupt_min_samples=4))
+    loader = build_train_loader(toy_data_config(str(tmp_path), max_corrupt_fraction=0.5, corrupt_min_samples=4))
     expected_batches = len(loader)
     with caplog.at_level(logging.WARNING, logger="spade_dist.data"):
         batches = list(loader)
@@ -78,7 +70,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: 
 
 def test_corrupt_rate_limit_raises_with_rate_and_keys(tmp_path: Path) -> None:
     _corrupt_dataset(tmp_path, 6, [f"k5{i:02d}x" for i in range(6)])
-    loader = build_train_loader(tiny_cfg(str(tmp_path), max_corrupt_fraction=0.2, corrupt_min_samples=4,
+    loader = build_train_loader(toy_data_config(str(tmp_path), max_corrupt_fraction=0.2, corrupt_min_samples=4,
                                          shuffle_buffer=0))
     with pytest.raises(CorruptRateError, match=r"samples read were corrupt \(\d+\.\d+% > data.max_corrupt_fraction "
                                                r"20.00%\); last corrupt keys: \['k5"):
@@ -87,17 +79,17 @@ def test_corrupt_rate_limit_raises_with_rate_and_keys(tmp_path: Path) -> None:
 
 def test_missing_shard_file_is_a_clear_error(tmp_path: Path) -> None:
     write_shards(tmp_path, [3, 3])
-    loader = build_train_loader(tiny_cfg(str(tmp_path)))
+    loader = build_train_loader(toy_data_config(str(tmp_path)))
     (tmp_path / "toy-train-000001.tar").unlink()
     with pytest.raises(ShardError, match="cannot open shard .*toy-train-000001.tar"):  # gone while training
         list(loader)
     with pytest.raises(ShardSourceError, match="toy-train-000001.tar .* does not exist"):  # gone at startup
-        build_train_loader(tiny_cfg(str(tmp_path)))
+        build_train_loader(toy_data_config(str(tmp_path)))
 
 
 def test_eval_loader_each_sample_once_unpadded_deterministic(tmp_path: Path) -> None:
     write_shards(tmp_path, [4], extra_splits={"val": [3, 4]})
-    cfg = tiny_cfg(str(tmp_path / "toy-train-*.tar"), num_workers=2)
+    cfg = toy_data_config(str(tmp_path / "toy-train-*.tar"), num_workers=2)
     per_rank = []
     for rank in range(3):
         loader = build_eval_loader(cfg, split="val", rank=rank, world_size=3, batch_size=2)
@@ -115,7 +107,7 @@ def test_eval_loader_each_sample_once_unpadded_deterministic(tmp_path: Path) -> 
 def test_resume_in_process_with_pipe_shards(tmp_path: Path) -> None:
     manifest = write_shards(tmp_path, [5, 4])
     pipes = " :: ".join(f"pipe:cat {tmp_path}/toy-train-{i:06d}.tar" for i in range(2))
-    cfg = tiny_cfg(pipes, manifest=str(manifest), batch_size=3)
+    cfg = toy_data_config(pipes, manifest=str(manifest), batch_size=3)
     loader = build_train_loader(cfg)
     loader.set_epoch(4)
     before = []
@@ -136,9 +128,9 @@ def test_resume_in_process_with_pipe_shards(tmp_path: Path) -> None:
 
 def test_position_from_other_dataset_or_seed_is_refused(tmp_path: Path) -> None:
     write_shards(tmp_path, [4])
-    position = build_train_loader(tiny_cfg(str(tmp_path))).state_dict()
+    position = build_train_loader(toy_data_config(str(tmp_path))).state_dict()
     with pytest.raises(ValueError, match="another dataset or seed"):
-        build_train_loader(tiny_cfg(str(tmp_path), seed=99)).load_state_dict(position)
+        build_train_loader(toy_data_config(str(tmp_path), seed=99)).load_state_dict(position)
 
 
 def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
@@ -147,7 +139,7 @@ def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
     write_manifest(tmp_path, "j", {"train": [("j-train-000000.tar", [k for k, _ in samples])]})
     batches = {}
     for backend in ("exact", "fast"):
-        cfg = tiny_cfg(str(tmp_path), load_size=24, crop_size=16, batch_size=3, image_resample=backend)
+        cfg = toy_data_config(str(tmp_path), load_size=24, crop_size=16, batch_size=3, image_resample=backend)
         (batches[backend],) = list(build_train_loader(cfg))
     pil, fast = batches["exact"], batches["fast"]
     assert pil["key"] == fast["key"]
@@ -158,7 +150,7 @@ def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
 
 def test_resume_with_fewer_samples_left_than_ranks_moves_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_shards(tmp_path, [4])
-    cfg = tiny_cfg(str(tmp_path), batch_size=3)
+    cfg = toy_data_config(str(tmp_path), batch_size=3)
     first = build_train_loader(cfg)
     it = iter(first)
     delivered = next(it)["key"]  # 3 of 4 delivered
@@ -180,7 +172,7 @@ def test_label_and_16bit_instance_ids_survive_end_to_end(tmp_path: Path, workers
     """Also through a worker process, where id maps travel in their narrow PNG dtype and are
     widened to the batch format's int64 in the main process."""
     write_shards(tmp_path, [3], size=(10, 10))
-    cfg = tiny_cfg(str(tmp_path), preprocess_mode="crop", load_size=10, crop_size=10, no_flip=True, batch_size=3,
+    cfg = toy_data_config(str(tmp_path), preprocess_mode="crop", load_size=10, crop_size=10, no_flip=True, batch_size=3,
                    num_workers=workers)
     (batch,) = list(build_train_loader(cfg))
     assert batch["image"].dtype == torch.uint8

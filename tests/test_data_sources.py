@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spade_dist.data import ShardSourceError, resolve_shards
-from tests.shard_fixtures import write_shards
+from tests.kit import write_shards
 
 
 @pytest.fixture()

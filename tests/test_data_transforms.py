@@ -11,7 +11,7 @@ from PIL import Image
 from spade_dist.data.decode import CorruptSample, decode_id_map, decode_sample
 from spade_dist.data.transforms import (PREPROCESS_MODES, PreprocessOptions, sample_geometry, transform_ids, transform_image,
                                          transform_image_torch)
-from tests.shard_fixtures import png_bytes
+from tests.kit import png_bytes
 
 LOAD, CROP, ASPECT = 40, 32, 2.0
 

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.train.schedule import decay_factor, lr_and_betas
 from spade_dist.config import OptimConfig
 from tests.dist_utils import child_pids, free_port
-from tests.shard_fixtures import write_shards
+from tests.kit import TINY, TOY_LABELS, cli_env, wait_for, write_shards
 
 
 SHARDS = [6, 6, 6, 6]
@@ -31,12 +30,10 @@ OPTIM = OptimConfig(lr=0.002, niter=0, niter_decay=2)  # 2 epochs; epoch 1 train
 
 def _overrides(manifest: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.shards={manifest}", "data.val_shards=", "data.label_nc=8", "data.contain_dontcare_label=true",
-        "data.no_instance=false", "data.load_size=32", "data.crop_size=32", f"data.batch_size={BATCH}",
-        "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.num_D=1", "model.n_layers_D=2",
+        f"data.shards={manifest}", "data.val_shards=", *TOY_LABELS, f"data.batch_size={BATCH}", "model.num_D=1",
         f"optim.lr={OPTIM.lr}", f"optim.niter={OPTIM.niter}", f"optim.niter_decay={OPTIM.niter_decay}",
-        "train.max_steps=0", "train.log_every=1", "train.sample_every=100000", "train.cpu_threads=1",
-        "train.log_keys=true", "train.collective_timeout_s=30", "checkpoint.every_steps=2", "checkpoint.keep_last=50",
+        "train.max_steps=0", "train.log_every=1", "train.sample_every=100000", "train.log_keys=true",
+        "train.collective_timeout_s=30", "checkpoint.every_steps=2", "checkpoint.keep_last=50",
         "metrics.enabled=false", f"train.run_dir={run_dir}", *extra,
     ]
 
@@ -47,9 +44,8 @@ class Agent:
     def __init__(self, repo_root: Path, tmp_path: Path, name: str, endpoint: str, args: list[str],
                  last_call_s: int = 2) -> None:
         self.log = tmp_path / f"agent-{name}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", SPADE_RDZV_ENDPOINT=endpoint, SPADE_NNODES="1:2",
-                   SPADE_RDZV_ID=f"elastic-test-{tmp_path.name}", SPADE_MAX_RESTARTS="2",
-                   SPADE_LAST_CALL_S=str(last_call_s), SPADE_MONITOR_S="0.5")
+        env = cli_env(SPADE_RDZV_ENDPOINT=endpoint, SPADE_NNODES="1:2", SPADE_RDZV_ID=f"elastic-test-{tmp_path.name}",
+                      SPADE_MAX_RESTARTS="2", SPADE_LAST_CALL_S=str(last_call_s), SPADE_MONITOR_S="0.5")
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen([str(repo_root / "launch" / "elastic.sh"), *args], cwd=repo_root, env=env,
                                          stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -76,15 +72,8 @@ class Agent:
 
 
 def _wait_until(what: str, ready, agents: list[Agent], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        for agent in agents:
-            if agent.proc.poll() is not None:
-                raise AssertionError(f"agent ended (rc {agent.proc.returncode}) before {what}:\n{agent.text()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n" + "\n---\n".join(a.text()[-3000:] for a in agents))
+    wait_for(ready, timeout, what, poll=0.2, procs=[a.proc for a in agents],
+             log=lambda: "\n---\n".join(a.text()[-3000:] for a in agents))
 
 
 def _listening(endpoint: str) -> bool:
@@ -158,7 +147,7 @@ def _start_pair(repo_root: Path, tmp_path: Path, *extra: str):
     manifest = write_shards(tmp_path / "shards", SHARDS, size=(32, 32))
     run_dir = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
-    args = ["--config", str(repo_root / "configs/quickstart.yaml"), *_overrides(manifest, run_dir, *extra)]
+    args = ["--config", str(TINY), *_overrides(manifest, run_dir, *extra)]
     return run_dir, endpoint, args
 
 

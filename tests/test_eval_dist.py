@@ -14,6 +14,7 @@ from spade_dist.eval.inception import make_test_inception_weights
 from spade_dist.models.compat import load_generator_file, save_generator_file
 from spade_dist.models.factory import build_generator
 from tests.dist_utils import run_distributed
+from tests.kit import tiny_config
 
 
 def _evaluate_on_rank(rank: int, world_size: int, config_path: str, generator_path: str) -> dict:
@@ -26,17 +27,16 @@ def _evaluate_on_rank(rank: int, world_size: int, config_path: str, generator_pa
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path, repo_root: Path) -> None:
+def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path) -> None:
     shard_dataset("coco-stuff", coco_sample, tmp_path / "shards", "val", max_count=1000, workers=1, progress=False)
     overrides = [
-        f"data.val_shards={tmp_path / 'shards' / 'manifest.json'}", "data.load_size=32", "data.crop_size=32",
-        "data.num_workers=0", "data.batch_size=2", "data.pin_memory=false", "model.ngf=8",
+        f"data.val_shards={tmp_path / 'shards' / 'manifest.json'}", "data.pin_memory=false",
         "model.norm_G=spectralspadebatch3x3", f"eval.inception_weights={tmp_path / 'inception.pth'}",
         # Separate caches: each run computes its reference itself (2 ranks gather it).
         # KID subsets as large as the set: the value does not depend on the gathered order.
         "eval.kid_subset_size=1000",
     ]
-    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", overrides + [f"eval.reference_cache_dir={tmp_path / 'c1'}"])
+    cfg = tiny_config(*overrides, f"eval.reference_cache_dir={tmp_path / 'c1'}", base="coco_stuff")
     photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
     make_test_inception_weights(tmp_path / "inception.pth", photos, seed=0)
     torch.manual_seed(3)
@@ -45,7 +45,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path, repo_roo
     single = Evaluator(cfg, log=lambda _: None)
     expected = single.evaluate(load_generator_file(tmp_path / "G.pt")[0])
 
-    dist_cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", overrides + [f"eval.reference_cache_dir={tmp_path / 'c2'}"])
+    dist_cfg = tiny_config(*overrides, f"eval.reference_cache_dir={tmp_path / 'c2'}", base="coco_stuff")
     (tmp_path / "dist.yaml").write_text(dist_cfg.to_yaml())
     results = run_distributed(_evaluate_on_rank, 2, args=(str(tmp_path / "dist.yaml"), str(tmp_path / "G.pt")))
     for result in results:

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spade_dist.config import load_config
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.inception import make_test_inception_weights
 from spade_dist.eval.launch import start_eval_watcher, stop_eval_watcher
 from spade_dist.eval.watcher import committed_checkpoints, read_records
-from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli, wait_for
+from tests.kit import cli_env, run_cli, synthetic_shards, tiny_config, train_cmd, wait_for
 
 
 def _lock_is_free(path: Path) -> bool:
@@ -29,10 +28,10 @@ def _lock_is_free(path: Path) -> bool:
 
 @pytest.mark.e2e
 def test_training_with_subprocess_eval(tmp_path: Path) -> None:
-    manifest = make_synthetic_shards(tmp_path / "data", count=16, val_count=4)
+    manifest = synthetic_shards(tmp_path / "data", count=16, val_count=4)
     run_dir = tmp_path / "run"
     weights = tmp_path / "inception.pth"
-    overrides = TINY_OVERRIDES + [
+    overrides = [
         f"data.shards={manifest}", f"data.val_shards={manifest}", f"train.run_dir={run_dir}",
         # Long enough that the watcher scores the first checkpoint while training still runs (with
         # the speed paths measured per layer this tiny model trains faster than with the region path everywhere).
@@ -40,12 +39,11 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
         "checkpoint.async_save=false", "eval.mode=subprocess", f"eval.inception_weights={weights}",
         f"eval.reference_cache_dir={tmp_path / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.5",
     ]
-    cfg = load_config(REPO_ROOT / "configs" / "quickstart.yaml", overrides)
+    cfg = tiny_config(*overrides)
     photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
     make_test_inception_weights(weights, photos, seed=0)
 
-    run_cli([PYTHON, "-m", "spade_dist.cli.train", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml")]
-            + overrides, env=cli_env(), timeout=600)
+    run_cli(train_cmd(*overrides), env=cli_env(), timeout=600)
     done = json.loads((run_dir / "DONE").read_text())
     steps = [c.step for c in committed_checkpoints(run_dir)]
     assert steps == [24, 48, 72, 96]

@@ -83,10 +83,9 @@ def test_eval_device_auto_is_the_default_and_resolves_to_this_machine(monkeypatc
 
 def test_eval_batches_have_eval_batch_size(tmp_path: Path) -> None:
     from spade_dist.eval.evaluate import default_batches_factory
-    from tests.train_fixtures import make_synthetic_shards
+    from tests.kit import synthetic_shards, tiny_config
 
-    manifest = make_synthetic_shards(tmp_path, count=4, val_count=7, size=32)
-    cfg = load_config(None, [f"data.shards={manifest}", "data.batch_size=1", "eval.batch_size=3", "data.num_workers=0",
-                             "data.load_size=32", "data.crop_size=32"])
+    manifest = synthetic_shards(tmp_path, count=4, val_count=7, size=32)
+    cfg = tiny_config(f"data.shards={manifest}", "data.batch_size=1", "eval.batch_size=3")
     sizes = [batch["image"].shape[0] for batch in default_batches_factory(cfg, 0, 1)()]
     assert sizes == [3, 3, 1]  # eval.batch_size, not data.batch_size; every image once

@@ -21,7 +21,7 @@ import torch
 
 from data_tools.shard import shard_dataset
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.config import CheckpointConfig, Config, MetricsConfig, load_config
+from spade_dist.config import CheckpointConfig, Config, MetricsConfig
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
@@ -29,24 +29,25 @@ from spade_dist.eval.watcher import EvalWatcher, WatcherBusy, committed_checkpoi
 from spade_dist.models.compat import load_generator_file, save_generator_file
 from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.models.factory import build_generator
+from tests.kit import SHRINK, tiny_config
 
 
 @pytest.fixture(scope="module")
-def eval_setup(tmp_path_factory: pytest.TempPathFactory, coco_sample: Path, repo_root: Path) -> SimpleNamespace:
+def eval_setup(tmp_path_factory: pytest.TempPathFactory, coco_sample: Path) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("eval")
     shard_dataset("coco-stuff", coco_sample, root / "shards", "val", max_count=1000, workers=1, progress=False)
     overrides = [
-        f"data.val_shards={root / 'shards' / 'manifest.json'}", "data.load_size=32", "data.crop_size=32",
-        "data.num_workers=0", "data.batch_size=4", "data.pin_memory=false", "model.ngf=8",
+        f"data.val_shards={root / 'shards' / 'manifest.json'}", "data.batch_size=4", "data.pin_memory=false",
         "model.norm_G=spectralspadebatch3x3", f"eval.inception_weights={root / 'inception.pth'}",
         f"eval.reference_cache_dir={root / 'cache'}", "eval.kid_subset_size=4", "eval.poll_seconds=0.2",
         "eval.num_images=6",  # of the 8 val photos: exercises the limit, and saves time
     ]
-    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", overrides)
+    cfg = tiny_config(*overrides, base="coco_stuff")
     photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
     make_test_inception_weights(root / "inception.pth", photos, seed=0)
     evaluator = Evaluator(cfg, log=lambda _: None)
-    return SimpleNamespace(root=root, cfg=cfg, evaluator=evaluator, overrides=overrides)
+    # What a spade-eval command line needs to rebuild cfg on top of coco_stuff.
+    return SimpleNamespace(root=root, cfg=cfg, evaluator=evaluator, overrides=[*SHRINK, *overrides])
 
 
 def _generator(cfg: Config, seed: int) -> torch.nn.Module:

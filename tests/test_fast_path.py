@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spade_dist.config import load_config
 from spade_dist.labels import encode_semantics
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
 from spade_dist.models.spade import SPADE, SegmapPyramid
+from tests.kit import blocky_labels, tiny_config
 
 LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
 
@@ -32,11 +32,9 @@ def _one_thread():
 def _semantics(n: int, h: int, w: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Blocky label map with don't-care pixels and instance edges, encoded like the training step."""
     g = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, LABEL_NC, (n, 1, h // 4, w // 4), generator=g)
-    label = torch.where(torch.rand(label.shape, generator=g) < 0.1, torch.full_like(label, 255), label)
-    instance = torch.randint(0, 4, (n, 1, h // 4, w // 4), generator=g)
-    label = F.interpolate(label.float(), size=(h, w), mode="nearest").long()
-    instance = F.interpolate(instance.float(), size=(h, w), mode="nearest").long()
+    label = blocky_labels(n, LABEL_NC, h, w, g)
+    label[blocky_labels(n, 10, h, w, g) == 0] = 255  # about one block in ten is don't care
+    instance = blocky_labels(n, 4, h, w, g)
     return encode_semantics(label, instance, LABEL_NC, True, False, dtype=dtype)
 
 
@@ -132,9 +130,9 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
     from spade_dist.losses import VGGLoss, save_random_vgg19_weights
     from spade_dist.train.step import prepare_batch
 
-    common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4", "model.n_layers_D=2"]
-    ref_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common + REFERENCE_OVERRIDES)
-    fast_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml", common)
+    common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4"]
+    ref_cfg = tiny_config(*common, *REFERENCE_OVERRIDES, base="coco_stuff")
+    fast_cfg = tiny_config(*common, base="coco_stuff")
     assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather == fast_cfg.model.region_modulation == "auto"
     # float64: Adam's first step is ~lr * sign(grad), so in fp32 a gradient that is zero up to
     # rounding (e.g. a bias followed by batch norm) could flip sign between modes; fp64 keeps the

@@ -12,10 +12,11 @@ from PIL import Image
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torchvision.transforms import functional as TF
 
-from spade_dist.config import DataConfig, load_config
+from spade_dist.config import DataConfig
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import build_inception, extract_features, make_test_inception_weights, pytorch_fid_input
 from spade_dist.eval.reference_stats import dataset_fingerprint, preprocessing_key, reference_cache_name
+from tests.kit import tiny_config
 
 
 class _Captured(Exception):
@@ -124,8 +125,8 @@ def test_evaluator_reads_fid_protocol(tmp_path: Path, weights: Path, coco_sample
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"dataset": "x", "label_nc": 3, "splits": {"val": {"shards": []}}}))
-    cfg = load_config(None, [f"data.val_shards={shards / 'manifest.json'}", "data.crop_size=32", "data.load_size=32",
-                             f"eval.inception_weights={weights}", "eval.fid_protocol=pytorch-fid"])
+    cfg = tiny_config(f"data.val_shards={shards / 'manifest.json'}", f"eval.inception_weights={weights}",
+                      "eval.fid_protocol=pytorch-fid")
     ev = Evaluator(cfg, batches_factory=lambda: [{"image": photos}], cache_dir=tmp_path / "cache", log=lambda _: None)
     assert ev.reference_cache_path.name.endswith("-pytorch-fid.pt") and ev.reference_cache_path.is_file()
     assert ev.reference.meta["fid_protocol"] == "pytorch-fid" and ev.reference.meta["image_resample"] == "exact"

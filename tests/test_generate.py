@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from spade_dist.cli.generate import main
-from spade_dist.config import load_config
 from spade_dist.models import build_generator
 from spade_dist.models.compat import save_generator_file, save_official_generator
 from spade_dist.visualize import (
@@ -25,8 +24,7 @@ from spade_dist.visualize import (
     to_uint8_image,
     write_gallery,
 )
-
-TINY = ["model.ngf=8", "data.crop_size=32", "data.load_size=32"]
+from tests.kit import SHRINK, tiny_config, write_shards
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,10 +97,10 @@ def test_write_gallery_escapes_text_and_uses_relative_paths(tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def official_checkpoint(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+def official_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny COCO-Stuff generator (ngf 8, 32 px, 182 classes + don't care + instance) in official format."""
     torch.manual_seed(0)
-    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", TINY)
+    cfg = tiny_config(base="coco_stuff")
     path = tmp_path_factory.mktemp("ckpt") / "latest_net_G.pth"
     save_official_generator(build_generator(cfg), path)
     return path
@@ -117,7 +115,7 @@ def test_generate_coco_sample_with_official_checkpoint(coco_sample: Path, offici
                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     rc = main(_args(coco_sample, official_checkpoint, out, "--images", str(coco_sample / "val_img"),
-                    "--preset", "coco_stuff", "--device", "cpu", *TINY))
+                    "--preset", "coco_stuff", "--device", "cpu", *SHRINK))
     assert rc == 0, capsys.readouterr().err
     keys = sorted(p.stem for p in (coco_sample / "val_label").glob("*.png"))
     assert len(keys) == 8
@@ -136,12 +134,12 @@ def test_generate_coco_sample_with_official_checkpoint(coco_sample: Path, offici
     # the same checkpoint + seed gives the same images, whatever the batching (default 8 vs 3: 3 + 3 + 2)
     again = tmp_path / "again"
     assert main(_args(coco_sample, official_checkpoint, again, "--preset", "coco_stuff", "--batch-size", "3",
-                      "--no-progress", *TINY)) == 0
+                      "--no-progress", *SHRINK)) == 0
     for key in keys:
         assert np.array_equal(np.array(Image.open(again / "images" / f"{key}_0.png")),
                               np.array(Image.open(out / "images" / f"{key}_0.png"))), key
     _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff",
-                        "--batch-size", "0", *TINY), capsys, "--batch-size must be >= 1")
+                        "--batch-size", "0", *SHRINK), capsys, "--batch-size must be >= 1")
 
 
 def _expect_error(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
@@ -158,14 +156,14 @@ def test_bad_paths_give_clear_errors(coco_sample: Path, official_checkpoint: Pat
                                      capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "no_such_dir"
     _expect_error(["--labels", str(missing), "--instances", str(coco_sample / "val_inst"), "--checkpoint",
-                   str(official_checkpoint), "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY],
+                   str(official_checkpoint), "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK],
                   capsys, "--labels", str(missing))
-    _expect_error(_args(coco_sample, tmp_path / "missing.pth", tmp_path / "o", "--preset", "coco_stuff", *TINY),
+    _expect_error(_args(coco_sample, tmp_path / "missing.pth", tmp_path / "o", "--preset", "coco_stuff", *SHRINK),
                   capsys, "checkpoint not found", "missing.pth")
-    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", *TINY), capsys, "--preset")
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", *SHRINK), capsys, "--preset")
     # the model needs instance edges
     _expect_error(["--labels", str(coco_sample / "val_label"), "--checkpoint", str(official_checkpoint),
-                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY], capsys, "--instances")
+                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK], capsys, "--instances")
 
 
 def test_unreadable_and_rgb_label_pngs(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
@@ -175,7 +173,7 @@ def test_unreadable_and_rgb_label_pngs(coco_sample: Path, official_checkpoint: P
     instances.mkdir()
     Image.new("L", (8, 8)).save(instances / "bad.png")
     argv = ["--labels", str(labels), "--instances", str(instances), "--checkpoint", str(official_checkpoint),
-            "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY]
+            "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK]
     (labels / "bad.png").write_bytes(b"not a png at all")
     _expect_error(argv, capsys, "bad.png", "cannot read")
     Image.new("RGB", (8, 8)).save(labels / "bad.png")
@@ -194,24 +192,24 @@ def test_label_id_beyond_label_nc_names_file_and_ids(coco_sample: Path, official
     Image.fromarray(array).save(labels / f"{key}.png")
     shutil.copy(coco_sample / "val_inst" / f"{key}.png", instances / f"{key}.png")
     _expect_error(["--labels", str(labels), "--instances", str(instances), "--checkpoint", str(official_checkpoint),
-                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *TINY],
+                   "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK],
                   capsys, f"{key}.png", "190, 200", "label_nc=182")
 
 
 def test_checkpoint_mismatch_propagates_compat_message(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
-    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *TINY,
+    _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *SHRINK,
                         "model.ngf=16"), capsys, "does not match", "ngf")
     not_a_checkpoint = tmp_path / "junk.pth"
     not_a_checkpoint.write_bytes(b"junk")
-    _expect_error(_args(coco_sample, not_a_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *TINY),
+    _expect_error(_args(coco_sample, not_a_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *SHRINK),
                   capsys, "junk.pth", "cannot read")
 
 
-def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, repo_root: Path, tmp_path: Path,
+def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(1)
-    cfg = load_config(repo_root / "configs" / "coco_stuff.yaml", TINY + ["model.use_vae=true", "model.z_dim=16"])
+    cfg = tiny_config("model.use_vae=true", "model.z_dim=16", base="coco_stuff")
     project_file = tmp_path / "generator.pt"
     save_generator_file(build_generator(cfg), cfg, project_file)
     out = tmp_path / "vae"
@@ -228,15 +226,15 @@ def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, repo
 def test_num_per_label_needs_a_vae(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture) -> None:
     _expect_error(_args(coco_sample, official_checkpoint, tmp_path / "o", "--preset", "coco_stuff",
-                        "--num-per-label", "2", *TINY), capsys, "deterministic")
+                        "--num-per-label", "2", *SHRINK), capsys, "deterministic")
 
 
-def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path, tmp_path: Path,
+def test_style_image_through_official_encoder(coco_sample: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     from tests.model_fixtures import OFFICIAL_VAE_OPTIONS as options, write_official_vae
 
-    write_official_vae(repo_root, tmp_path, seed=2)
-    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
+    write_official_vae(tmp_path, seed=2)
+    cfg = tiny_config(*options)
     labels = tmp_path / "labels"
     labels.mkdir()
     scene = np.zeros((40, 40), dtype=np.uint8)
@@ -245,7 +243,7 @@ def test_style_image_through_official_encoder(coco_sample: Path, repo_root: Path
     Image.fromarray(scene).save(labels / "scene.png")
     style = coco_sample / "val_img" / "000000000785.jpg"
     other_style = coco_sample / "val_img" / "000000001268.jpg"
-    base = ["--labels", str(labels), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom", *options]
+    base = ["--labels", str(labels), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny", *options]
     runs = []
     for name, photo in (("a", style), ("b", style), ("other", other_style)):
         rc = main(base + ["--style-image", str(photo), "--out", str(tmp_path / name),
@@ -281,7 +279,7 @@ def test_console_script_exit_code_and_message(official_checkpoint: Path, tmp_pat
     missing = tmp_path / "no_labels_here"
     proc = subprocess.run(
         [str(script), "--labels", str(missing), "--checkpoint", str(official_checkpoint), "--out", str(tmp_path / "o"),
-         "--preset", "coco_stuff", *TINY],
+         "--preset", "coco_stuff", *SHRINK],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr
@@ -289,19 +287,16 @@ def test_console_script_exit_code_and_message(official_checkpoint: Path, tmp_pat
     assert "Traceback" not in proc.stderr
 
 
-def test_generate_from_shards_through_eval_loader(repo_root: Path, tmp_path: Path,
+def test_generate_from_shards_through_eval_loader(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from tests.shard_fixtures import write_shards
-
     # 8 classes + don't care + 16-bit instances, as the format contract writes them
     manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=8)
-    options = ["data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false",
-               "data.crop_size=32", "data.load_size=32", "model.ngf=8"]
-    cfg = load_config(repo_root / "configs" / "custom.yaml", options)
+    options = ["data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false"]
+    cfg = tiny_config(*options)
     torch.manual_seed(4)
     save_official_generator(build_generator(cfg), tmp_path / "G.pth")
     out = tmp_path / "out"
-    rc = main(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    rc = main(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny",
                "--out", str(out), *options])
     assert rc == 0, capsys.readouterr().err
     keys = sorted(p.stem[:-2] for p in (out / "images").glob("*_0.png"))
@@ -311,8 +306,8 @@ def test_generate_from_shards_through_eval_loader(repo_root: Path, tmp_path: Pat
         assert np.array(Image.open(out / "real" / f"{key}.png")).shape == (32, 32, 3)
     assert 'src="real/val_00002.png"' in (out / "index.html").read_text()
     # same channel count (9 classes, no don't care): the checkpoint loads, but 255 is now a bad id
-    _expect_error(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    _expect_error(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny",
                    "--out", str(tmp_path / "o"), *options, "data.contain_dontcare_label=false",
                    "data.label_nc=9"], capsys, "sample 'val_00002'", "label_nc=9", ": 255")
     _expect_error(["--shards", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "G.pth"), "--preset",
-                   "custom", "--out", str(tmp_path / "o"), *options], capsys, "nowhere")
+                   "tiny", "--out", str(tmp_path / "o"), *options], capsys, "nowhere")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.kit import TINY
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -41,11 +43,9 @@ def test_gpu_check_json_structure_on_a_tiny_cpu_run(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
         [PYTHON, "bench/gpu_check.py", "--device", "cpu", "--out", str(out), "--junit", str(junit),
-         "--tests-rc", str(tests.returncode), "--config", "configs/quickstart.yaml", "--batches", "2",
+         "--tests-rc", str(tests.returncode), "--config", str(TINY), "--batches", "2",
          "--compare-batch", "2", "--iters", "1", "--fid-images", "4", "--fid-size", "32", "--budget-s", "900",
-         "--sections", "train_step_bf16,speed_paths,channels_last,fid",
-         "data.crop_size=32", "data.load_size=32", "model.ngf=8", "model.ndf=8", "model.n_layers_D=2",
-         "loss.no_vgg_loss=true"],
+         "--sections", "train_step_bf16,speed_paths,channels_last,fid"],
         cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

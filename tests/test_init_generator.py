@@ -9,25 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from spade_dist.config import ConfigError, load_config
+from spade_dist.config import ConfigError
 from spade_dist.labels import encode_semantics
 from spade_dist.models import build_encoder, build_generator
 from spade_dist.models.compat import official_encoder_path, save_generator_file
 from spade_dist.train.state import build_train_state
+from tests.kit import blocky_labels, run_cli, synthetic_shards, tiny_config, train_cmd
 from tests.official_reference import official_forward, official_shapes, random_official_state_dict
-from tests.train_fixtures import PYTHON, TINY_OVERRIDES, make_synthetic_shards, run_cli
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-LABEL_NC, NGF, CROP = 10, 8, 32  # quickstart: 10 classes, no don't care, no instance maps
+LABEL_NC, NGF, CROP = 10, 8, 32  # configs/tiny.yaml: 10 classes, no don't care, no instance maps
+BATCH_NORM = "model.norm_G=spectralspadebatch3x3"  # every config in this file uses plain BN
 
 
 def _cfg(*overrides: str):
-    return load_config(QUICKSTART, [*TINY_OVERRIDES, "model.norm_G=spectralspadebatch3x3", *overrides])
+    return tiny_config(BATCH_NORM, *overrides)
 
 
 def _semantics(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, LABEL_NC, (2, 1, 4, 4), generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    label = blocky_labels(2, LABEL_NC, CROP, CROP, g, block=8)
     return encode_semantics(label, None, LABEL_NC, False, True)
 
 
@@ -112,12 +112,11 @@ def test_spade_train_fine_tunes_from_official_file_and_records_it(tmp_path: Path
     from spade_dist.files import sha256_file
 
     path, sd = official_file
-    manifest = make_synthetic_shards(tmp_path / "data", count=8, val_count=2)
+    manifest = synthetic_shards(tmp_path / "data", count=8, val_count=2)
     run_dir = tmp_path / "run"
-    proc = run_cli([PYTHON, "-m", "spade_dist.cli.train", "--config", str(QUICKSTART), "--resume", "none",
-                    *TINY_OVERRIDES, "model.norm_G=spectralspadebatch3x3", f"data.shards={manifest}",
-                    f"data.val_shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=2",
-                    "optim.lr=0", "checkpoint.async_save=false", f"train.init_generator={path}"], timeout=600)
+    proc = run_cli(train_cmd("--resume", "none", BATCH_NORM, f"data.shards={manifest}", f"data.val_shards={manifest}",
+                             f"train.run_dir={run_dir}", "train.max_steps=2", "optim.lr=0",
+                             "checkpoint.async_save=false", f"train.init_generator={path}"), timeout=600)
     digest = sha256_file(path)
     assert f"generator initialised from {path} (official format, sha256 {digest})" in proc.stdout
     record = json.loads((run_dir / "init_generator.json").read_text())

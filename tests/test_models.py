@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spade_dist.config import Config
 from spade_dist.models import (
     SPADE,
     ConvEncoder,
@@ -24,6 +23,7 @@ from spade_dist.models import (
 )
 from spade_dist.models.norms import make_nonspade_norm_layer
 from spade_dist.models.sync_bn import SyncBatchNorm2d
+from tests.kit import tiny_config
 
 
 def _seg(n: int, c: int, h: int, w: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -288,25 +288,21 @@ def test_official_init_reaches_spectral_weights_and_zeroes_biases() -> None:
         init_weights(block, "bogus")
 
 
-def _tiny_cfg(**model) -> Config:
-    cfg = Config()
-    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance = 5, True, False
-    cfg.data.crop_size = 64
-    cfg.model.ngf, cfg.model.ndf = 4, 4
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    return cfg
+# The tiny preset with 5 classes + don't care + instance edges (semantic_nc 7), at 64 px.
+SEMANTIC_7 = ("data.label_nc=5", "data.contain_dontcare_label=true", "data.no_instance=false", "data.crop_size=64",
+              "data.load_size=64")
 
 
 def test_factory_builds_from_config() -> None:
-    cfg = _tiny_cfg()
+    cfg = tiny_config(*SEMANTIC_7)
     G, D = build_generator(cfg), build_discriminator(cfg)
     assert isinstance(G, SPADEGenerator) and G.semantic_nc == 7
     assert D.discriminator_0.model0[0].in_channels == 7 + 3
     assert len(list(D.children())) == cfg.model.num_D
-    E = build_encoder(_tiny_cfg(use_vae=True))
+    E = build_encoder(tiny_config(*SEMANTIC_7, "model.use_vae=true"))
     assert E.fc_mu.out_features == 256
-    P = build_generator(_tiny_cfg(netG="pix2pixhd", resnet_n_downsample=2, resnet_n_blocks=1))
+    P = build_generator(tiny_config(*SEMANTIC_7, "model.netG=pix2pixhd", "model.resnet_n_downsample=2",
+                                    "model.resnet_n_blocks=1"))
     assert isinstance(P, Pix2PixHDGenerator)
     with torch.no_grad():
         assert P(_seg(1, 7, 32, 32)).shape == (1, 3, 32, 32)

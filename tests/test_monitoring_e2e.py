@@ -16,11 +16,9 @@ a window holding many 1 s scrapes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,13 @@ from typing import Any
 import pytest
 import yaml
 
-from spade_dist.config import MetricsConfig, load_config
+from spade_dist.config import MetricsConfig
 from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
 from spade_dist.monitoring.report import write_report
 from spade_dist.monitoring.services import Prometheus, render_prometheus_config, start_prometheus
 from tests.dist_utils import free_port
+from tests.kit import REPO_ROOT, cli_env, synthetic_shards, tiny_config, train_cmd, wait_for
 
 RUN, JOB_ID, EVAL_JOB_ID = "e2e-run", "4242", "4243"
 RATE_INTERVAL = "20s"
@@ -74,33 +73,21 @@ def _empty(prom: Prometheus, queries: list[tuple[str, str]]) -> list[tuple[str, 
     return [(what, expr) for what, expr in queries if not prom.query(expr)]
 
 
-def make_shards(repo_root: Path, out: Path) -> Path:
-    """A tiny synthetic dataset, sharded by the project's own tools (as the quickstart does)."""
-    spade_data = [sys.executable, "-m", "data_tools"]
-    subprocess.run(spade_data + ["synth", "--out", str(out / "raw"), "--count", "16", "--val-count", "4",
-                                 "--seed", "0", "--size", "32"], check=True, cwd=repo_root, capture_output=True)
-    subprocess.run(spade_data + ["shard", "--layout", "custom", "--root", str(out / "raw"), "--out", str(out / "shards"),
-                                 "--split", "train", "--no-progress"], check=True, cwd=repo_root, capture_output=True)
-    return out / "shards" / "manifest.json"
-
-
-def start_training(repo_root: Path, tmp_path: Path, manifest: Path, run_dir: Path, sd_dir: Path) -> list[subprocess.Popen]:
+def start_training(tmp_path: Path, manifest: Path, run_dir: Path, sd_dir: Path) -> list[subprocess.Popen]:
     overrides = [
         f"data.shards={manifest}", "data.val_shards=", f"train.run_dir={run_dir}", "train.max_steps=100000",
-        "train.log_every=1", "train.sample_every=1000000", "train.cpu_threads=1", "model.ngf=8", "model.ndf=8",
-        "data.batch_size=2", "data.load_size=32", "data.num_workers=0", "checkpoint.every_steps=3",
+        "train.log_every=1", "train.sample_every=1000000", "checkpoint.every_steps=3",
         "checkpoint.async_save=false", "metrics.enabled=true", "metrics.port_base=0", "metrics.bind=127.0.0.1",
         f"metrics.sd_dir={sd_dir}", f"metrics.job_id='{JOB_ID}'",  # quoted: YAML would read 4242 as an int
     ]
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         log = open(tmp_path / f"train-rank{rank}.log", "wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "spade_dist.cli.train", "--config", str(repo_root / "configs/quickstart.yaml"),
-             "--resume", "none", *overrides], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(train_cmd("--resume", "none", *overrides), cwd=REPO_ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
     return procs
 
 
@@ -119,20 +106,18 @@ def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data
     dashboard = json.loads((repo_root / "configs/monitoring/grafana/spade_dist.json").read_text())
     alerts = alert_signals(repo_root / "configs/monitoring/alerts.yml")
     queries = dashboard_queries(dashboard) + [(f"alert {name} signal", signal) for name, _, signal in alerts]
-    manifest = make_shards(repo_root, tmp_path / "data")
-    requeue_code = load_config(repo_root / "configs/quickstart.yaml").checkpoint.requeue_exit_code
+    manifest = synthetic_shards(tmp_path / "data", count=16, val_count=4)
+    requeue_code = tiny_config().checkpoint.requeue_exit_code
 
     with start_prometheus(prom_cfg, tmp_path / "prom") as prom:
         # The FID watcher, as its own (Slurm) job: same run label, another job_id, its own discovery file.
         evaluator = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(sd_dir), job_id=EVAL_JOB_ID), run_dir=run_dir)
         evaluator.start()
-        procs = start_training(repo_root, tmp_path, manifest, run_dir, sd_dir)
+        procs = start_training(tmp_path, manifest, run_dir, sd_dir)
         try:
             sd_file = sd_dir / f"{RUN}-{JOB_ID}.json"
-            deadline = time.monotonic() + 120
-            while not sd_file.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert sd_file.exists(), "no file_sd file from spade-train:\n" + _logs(tmp_path)
+            wait_for(sd_file.exists, 120, "the file_sd file from spade-train", poll=0.2, procs=procs,
+                     log=lambda: _logs(tmp_path))
             targets = json.loads(sd_file.read_text())
             assert [g["labels"]["rank"] for g in targets] == ["0", "1"]
 

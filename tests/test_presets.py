@@ -20,6 +20,8 @@ EXPECTED = {
     "coco_stuff_512": ((512, 512), "more", 97_480_899),
     "ade20k_512": ((512, 512), "more", 96_492_483),
     "cityscapes_1024x512": ((512, 1024), "most", 93_570_659),
+    # Smoke tests and CI (the test kit's base): ngf 8, most of it the SPADE layers' 128-wide MLPs.
+    "tiny": ((32, 32), "normal", 4_419_643),
 }
 # The data-dependent speed paths cannot run on meta tensors; the reference layout has the same parameters.
 REFERENCE_LAYOUT = ["model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false"]

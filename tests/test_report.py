@@ -166,12 +166,11 @@ def test_nice_ticks_cover_the_range() -> None:
 
 
 def test_report_says_what_is_missing_and_how_to_turn_it_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from spade_dist.config import load_config
+    from tests.kit import tiny_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
-                      ["metrics.enabled=false", "eval.mode=none", "train.sample_every=7"])
+    cfg = tiny_config("metrics.enabled=false", "eval.mode=none", "train.sample_every=7")
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     # Monitoring off: the training log is still there, so the report has the training charts.
     m = TrainingMetrics(cfg.metrics, run_dir=run_dir, rank=0, local_rank=0, world_size=1)

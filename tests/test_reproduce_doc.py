@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.kit import SHRINK
 from tests.official_reference import official_shapes, random_official_state_dict
 from tests.slurm_cluster import REPO_ROOT, SlurmCluster
 
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.e2e
 
 PAGE = REPO_ROOT / "docs" / "REPRODUCE.md"
 STEPS = ["download", "prepare", "shard", "train", "evaluate", "finetune"]
-TINY = ("model.ngf=8 model.ndf=8 model.n_layers_D=2 data.batch_size=2 data.num_workers=0 data.load_size=36 "
-        "data.crop_size=32 train.max_steps=2 train.log_every=1 train.cpu_threads=1 loss.no_vgg_loss=true "
-        "checkpoint.async_save=false eval.batch_size=4")
+# The page's presets shrunk to the tiny model (load 36: a random crop as in the full-size settings).
+TINY = " ".join([*SHRINK, "data.load_size=36", "train.max_steps=2", "train.log_every=1", "train.cpu_threads=1",
+                 "loss.no_vgg_loss=true", "checkpoint.async_save=false", "eval.batch_size=4"])
 
 
 def page_steps() -> dict[str, str]:

@@ -16,18 +16,18 @@ import pytest
 import torch
 
 from spade_dist.checkpoint.layout import InvalidCheckpoint
-from spade_dist.config import ConfigError, load_config
+from spade_dist.config import ConfigError
 from spade_dist.data import ShardSourceError, build_train_loader, resolve_shards
 from spade_dist.files import UnsafeNameError, check_path_component
-from tests.shard_fixtures import make_sample, write_shards, write_tar
-from tests.train_fixtures import PYTHON, REPO_ROOT, TINY_OVERRIDES, cli_env, make_synthetic_shards
+from tests.kit import (PYTHON, REPO_ROOT, cli_env, make_sample, synthetic_shards, tiny_config, train_cmd, write_shards,
+                       write_tar)
 
-TRAIN = [PYTHON, "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml", "--resume", "none"]
+TRAIN = train_cmd("--resume", "none")
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return make_synthetic_shards(tmp_path_factory.mktemp("synth"), count=16, val_count=2)
+    return synthetic_shards(tmp_path_factory.mktemp("synth"), count=16, val_count=2)
 
 
 def _train_fails(args: list[str], *needles: str) -> str:
@@ -57,7 +57,7 @@ def _train_fails(args: list[str], *needles: str) -> str:
 ])
 def test_out_of_range_values_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(REPO_ROOT / "configs" / "quickstart.yaml", [override])
+        tiny_config(override)
 
 
 def test_out_of_range_value_on_the_command_line_is_one_line_exit_2(tmp_path):
@@ -70,7 +70,7 @@ def test_busy_metrics_port_is_one_line_exit_2(tmp_path, manifest):
         busy.listen()
         port = busy.getsockname()[1]
         _train_fails([f"data.shards={manifest}", f"train.run_dir={tmp_path / 'r'}", "metrics.enabled=true",
-                      f"metrics.port_base={port}", "train.max_steps=1", *TINY_OVERRIDES],
+                      f"metrics.port_base={port}", "train.max_steps=1"],
                      f"port {port}", "already in use", "metrics.port_base")
 
 
@@ -91,16 +91,16 @@ def _train_shards(manifest: Path) -> list[Path]:
 def test_deleted_truncated_and_mislabelled_shards_fail_at_startup(tmp_path, manifest):
     deleted = _copy_shards(manifest, tmp_path / "deleted")
     _train_shards(deleted)[1].unlink()
-    _train_fails([f"data.shards={deleted}", f"train.run_dir={tmp_path / 'r1'}", *TINY_OVERRIDES],
+    _train_fails([f"data.shards={deleted}", f"train.run_dir={tmp_path / 'r1'}"],
                  str(_train_shards(deleted)[1]), "does not exist")
 
     truncated = _copy_shards(manifest, tmp_path / "truncated")
     shard = _train_shards(truncated)[0]
     shard.write_bytes(shard.read_bytes()[:-1000])
     with pytest.raises(ShardSourceError, match="truncated or replaced"):
-        build_train_loader(load_config(REPO_ROOT / "configs" / "quickstart.yaml", [f"data.shards={truncated}"]).data)
+        build_train_loader(tiny_config(f"data.shards={truncated}").data)
 
-    _train_fails([f"data.shards={manifest}", f"train.run_dir={tmp_path / 'r2'}", "data.label_nc=5", *TINY_OVERRIDES],
+    _train_fails([f"data.shards={manifest}", f"train.run_dir={tmp_path / 'r2'}", "data.label_nc=5"],
                  "data.label_nc=5", "label_nc=10", str(manifest))
 
 
@@ -109,9 +109,7 @@ def test_shard_truncated_during_training_is_a_counted_skip_with_exact_accounting
     tarfile.ReadError; now the rest of it is skipped, named and counted, and the position still covers
     every planned sample exactly once."""
     copy = _copy_shards(manifest, tmp_path / "shards")
-    cfg = load_config(REPO_ROOT / "configs" / "quickstart.yaml",
-                      [f"data.shards={copy}", "data.num_workers=0", "data.batch_size=2", "data.load_size=32",
-                       "data.crop_size=32", "data.max_corrupt_fraction=1.0"]).data
+    cfg = tiny_config(f"data.shards={copy}", "data.max_corrupt_fraction=1.0").data
     loader = build_train_loader(cfg)
     shard = _train_shards(copy)[0]
     raw = shard.read_bytes()
@@ -163,12 +161,11 @@ def test_crafted_key_never_becomes_an_output_path(tmp_path, capsys):
     manifest = _evil_shards(tmp_path / "shards")
     with pytest.raises(ShardSourceError, match=r"unsafe sample key '\.\./\.\./evil'"):
         resolve_shards(str(manifest), "val")
-    options = ["data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false",
-               "data.crop_size=32", "data.load_size=32", "model.ngf=8"]
-    cfg = load_config(REPO_ROOT / "configs" / "custom.yaml", options)
+    options = ["data.label_nc=8", "data.contain_dontcare_label=true", "data.no_instance=false"]
+    cfg = tiny_config(*options)
     save_official_generator(build_generator(cfg), tmp_path / "G.pth")
     out = tmp_path / "a" / "b" / "out"
-    rc = generate_main(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    rc = generate_main(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny",
                         "--out", str(out), *options])
     err = capsys.readouterr().err
     assert rc == 2 and "unsafe sample key" in err, err
@@ -182,8 +179,8 @@ def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsy
     from spade_dist.models import build_generator
     from spade_dist.models.compat import save_official_generator
 
-    options = ["data.label_nc=8", "data.no_instance=true", "data.crop_size=32", "data.load_size=32", "model.ngf=8"]
-    cfg = load_config(REPO_ROOT / "configs" / "custom.yaml", options)
+    options = ["data.label_nc=8", "data.contain_dontcare_label=false"]
+    cfg = tiny_config(*options)
     save_official_generator(build_generator(cfg), tmp_path / "G.pth")
     label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
 
@@ -192,7 +189,7 @@ def test_generate_checks_keys_before_building_paths(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(generation, "shard_inputs", crafted)
     out = tmp_path / "out"
-    rc = generate_main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "custom",
+    rc = generate_main(["--shards", "unused", "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny",
                         "--out", str(out), *options])
     assert rc == 2 and "unsafe sample key '../evil'" in capsys.readouterr().err
     assert not list(tmp_path.rglob("evil*"))

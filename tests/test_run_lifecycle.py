@@ -15,7 +15,7 @@ from spade_dist.config import CheckpointConfig
 from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirBusy, RunLock
 from tests.checkpoint_toy_loop import ToyTrainState
 from tests.dist_utils import process_alive
-from tests.train_fixtures import PYTHON, REPO_ROOT, cli_env
+from tests.kit import PYTHON, REPO_ROOT, cli_env, wait_for
 
 
 def _cfg(**kw) -> CheckpointConfig:
@@ -219,10 +219,7 @@ def test_die_with_parent_kills_the_child_when_its_parent_is_killed(tmp_path):
     launcher = (f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(worker)!r}, {str(pid_file)!r}])\n"
                 "time.sleep(600)\n")
     proc = subprocess.Popen([PYTHON, "-c", launcher], env=cli_env(), cwd=REPO_ROOT)
-    deadline = time.monotonic() + 120
-    while not (pid_file.exists() and pid_file.read_text()):
-        assert time.monotonic() < deadline, "child did not start"
-        time.sleep(0.1)
+    wait_for(lambda: pid_file.exists() and bool(pid_file.read_text()), 120, "the child to start", poll=0.1)
     child = int(pid_file.read_text())
     proc.kill()
     proc.wait()
@@ -262,22 +259,17 @@ def _assert_gone(pids: list[int], timeout: float) -> None:
 def test_accelerate_workers_die_with_their_launcher(tmp_path, how):
     """kill -9 of `accelerate launch` or an (unhandled) SIGUSR1 to it used to leave both workers
     running as orphans that kept checkpointing into the run directory."""
-    from tests.dist_utils import free_port
-    from tests.train_fixtures import TINY_OVERRIDES, make_synthetic_shards
+    from tests.kit import accelerate_launcher, synthetic_shards, train_cmd
 
-    manifest = make_synthetic_shards(tmp_path / "data", count=8, val_count=2)
+    manifest = synthetic_shards(tmp_path / "data", count=8, val_count=2)
     run_dir = tmp_path / f"run-{how}"
-    cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
-           "--main_process_port", str(free_port()), "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml",
-           "--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=100000",
-           "checkpoint.every_steps=2", "checkpoint.async_save=false", *TINY_OVERRIDES]
+    cmd = train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=100000",
+                    "checkpoint.every_steps=2", "checkpoint.async_save=false", launcher=accelerate_launcher())
     launcher = subprocess.Popen(cmd, env=cli_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + 400
-        while not (run_dir / "checkpoints" / "step-000000002" / "COMMITTED").exists():
-            assert launcher.poll() is None and time.monotonic() < deadline, "training did not reach step 2"
-            time.sleep(0.5)
+        wait_for((run_dir / "checkpoints" / "step-000000002" / "COMMITTED").exists, 400, "training to reach step 2",
+                 procs=[launcher])
         workers = [p for p in _pids_of(str(run_dir)) if p != launcher.pid]
         assert len(workers) >= 2, workers
         if how == "kill9":
@@ -344,13 +336,13 @@ def test_checkpoint_and_stop_writes_the_requeue_marker(tmp_path):
 
 def test_spade_train_fresh_start_over_old_checkpoints_is_one_line_exit_2(tmp_path):
     """What launch/quickstart.sh did on every rerun (`--resume none` into the same run directory)."""
-    from tests.train_fixtures import TINY_OVERRIDES, make_synthetic_shards
+    from tests.kit import synthetic_shards, train_cmd
 
-    manifest = make_synthetic_shards(tmp_path / "data", count=8, val_count=2)
+    manifest = synthetic_shards(tmp_path / "data", count=8, val_count=2)
     run_dir = tmp_path / "run"
     _run_toy(run_dir, [29], resume="none")
-    proc = subprocess.run([PYTHON, "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml", "--resume", "none",
-                           f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=2", *TINY_OVERRIDES],
+    proc = subprocess.run(train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}",
+                                    "train.max_steps=2"),
                           capture_output=True, text=True, env=cli_env(), cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -23,13 +23,13 @@ from PIL import Image
 from spade_dist.checkpoint import CheckpointManager
 from spade_dist.generation import LoadedModel
 from spade_dist.cli.generate import main as generate_main
-from spade_dist.config import CheckpointConfig, Config, load_config
+from spade_dist.config import CheckpointConfig, Config
 from spade_dist.models import build_generator
 from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import RequestError, decode_canvas, decode_label_upload, label_png
 from spade_dist.serve.model import ServedModel
 from spade_dist.visualize import colorize_labels
-from tests.shard_fixtures import write_shards
+from tests.kit import tiny_config, write_shards
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -38,13 +38,11 @@ SIZE = 64
 SERVE = Path(sys.executable).parent / "spade-serve"
 
 
-def _tiny_cfg(repo_root: Path, manifest: Path | None = None) -> Config:
-    options = ["data.label_nc=4", "data.contain_dontcare_label=true", "data.no_instance=true",
-               f"data.crop_size={SIZE}", f"data.load_size={SIZE}", "model.ngf=8", "model.use_vae=true",
-               "model.z_dim=16", "model.norm_G=spectralspadeinstance3x3"]
-    if manifest is not None:
-        options += [f"data.val_shards={manifest}", "data.val_split=val"]
-    return load_config(repo_root / "configs" / "custom.yaml", options)
+def _tiny_cfg(manifest: Path | None = None) -> Config:
+    """The tiny preset at 64 px with 4 classes and a VAE; validation shards only where given."""
+    return tiny_config("data.label_nc=4", "data.contain_dontcare_label=true", f"data.crop_size={SIZE}",
+                       f"data.load_size={SIZE}", "model.use_vae=true", "model.z_dim=16",
+                       "model.norm_G=spectralspadeinstance3x3", f"data.val_shards={manifest or ''}")
 
 
 def _save_checkpoint(run_dir: Path, cfg: Config, step: int, seed: int) -> None:
@@ -115,8 +113,8 @@ def test_label_uploads_ids_palette_colours_and_errors() -> None:
         decode_canvas(canvas[:-2], SIZE, SIZE, (SIZE, SIZE), 4, True)
 
 
-def test_batcher_runs_queued_requests_in_one_forward(repo_root: Path) -> None:
-    cfg = _tiny_cfg(repo_root)
+def test_batcher_runs_queued_requests_in_one_forward() -> None:
+    cfg = _tiny_cfg()
     served = _served(cfg)
     batcher = Batcher(lambda: served, max_batch=8)
     label = torch.from_numpy(_scene().astype(np.int64)).view(1, 1, SIZE, SIZE)
@@ -138,11 +136,11 @@ def test_batcher_runs_queued_requests_in_one_forward(repo_root: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_generation_on_cuda_equals_spade_generate_on_cuda(repo_root: Path, tmp_path: Path) -> None:
+def test_generation_on_cuda_equals_spade_generate_on_cuda(tmp_path: Path) -> None:
     from spade_dist.models.compat import save_generator_file
     from spade_dist.serve.model import ModelSpec, load_served_model
 
-    cfg = _tiny_cfg(repo_root)
+    cfg = _tiny_cfg()
     torch.manual_seed(3)
     save_generator_file(build_generator(cfg), cfg, tmp_path / "G.pt")
     Image.fromarray(_scene()).save(tmp_path / "scene.png")
@@ -161,10 +159,10 @@ def test_generation_on_cuda_equals_spade_generate_on_cuda(repo_root: Path, tmp_p
     assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
 
 
-def test_holder_follows_committed_checkpoints_and_refuses_corrupt_ones(repo_root: Path, tmp_path: Path) -> None:
+def test_holder_follows_committed_checkpoints_and_refuses_corrupt_ones(tmp_path: Path) -> None:
     from spade_dist.serve.model import ModelHolder, ModelSpec, load_served_model
 
-    cfg = _tiny_cfg(repo_root)
+    cfg = _tiny_cfg()
     run_dir = tmp_path / "run"
     _save_checkpoint(run_dir, cfg, step=1, seed=1)
     spec = ModelSpec(checkpoint=run_dir)
@@ -254,12 +252,12 @@ def _serving(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     manifest = write_shards(root / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
                             instance=False)
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "class_names": CLASS_NAMES}))
-    cfg = _tiny_cfg(repo_root, manifest)
+    cfg = _tiny_cfg(manifest)
     run_dir = root / "run"
     _save_checkpoint(run_dir, cfg, step=1, seed=1)
     with _serving("--checkpoint", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
@@ -417,18 +415,17 @@ def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
 
 
 @pytest.mark.e2e
-def test_official_checkpoint_with_encoder_and_style_image(browser, repo_root: Path, coco_sample: Path,
-                                                          tmp_path: Path) -> None:
+def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: Path, tmp_path: Path) -> None:
     """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
     inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
     spade-generate's image for the same map, photo and seed."""
     from tests.model_fixtures import OFFICIAL_VAE_OPTIONS, write_official_vae
 
-    generator, encoder = write_official_vae(repo_root, tmp_path, seed=5)
+    generator, encoder = write_official_vae(tmp_path, seed=5)
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
-    model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "custom", *OFFICIAL_VAE_OPTIONS]
+    model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "tiny", *OFFICIAL_VAE_OPTIONS]
     with _serving(*model) as (_, url):
         page = _open(browser, url)
         assert page.locator("#style-box").is_visible()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit import TINY, synthetic_shards, tiny_config
 from tests.slurm_cluster import REPO_ROOT, SlurmCluster
 
 pytestmark = pytest.mark.e2e
@@ -64,18 +65,15 @@ STEPS_PER_EPOCH = 8  # 32 training samples / (2 ranks x batch 2)
 
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory):
-    from tests.train_fixtures import make_synthetic_shards
-
-    return make_synthetic_shards(tmp_path_factory.mktemp("slurm_data"), count=32, val_count=4, size=32)
+    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), count=32, val_count=4, size=32)
 
 
 def _train_env(manifest: Path, run_dir: Path, max_steps: int, extra: str = "") -> dict:
     overrides = (
-        f"data.shards={manifest} data.val_shards= model.ngf=8 model.ndf=8 model.n_layers_D=2 data.batch_size=2 "
-        f"data.num_workers=0 data.load_size=32 data.crop_size=32 train.log_every=1 train.sample_every=4 "
+        f"data.shards={manifest} data.val_shards= train.log_every=1 train.sample_every=4 "
         f"train.max_steps={max_steps} train.log_keys=true {extra}"  # metrics: the script's default (on)
     )
-    return {"CONFIG": "configs/quickstart.yaml", "RUN_DIR": str(run_dir), "SPADE_DEVICE": "cpu",
+    return {"CONFIG": str(TINY), "RUN_DIR": str(run_dir), "SPADE_DEVICE": "cpu",
             "OVERRIDES": overrides, "OMP_NUM_THREADS": "1"}
 
 
@@ -105,8 +103,7 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     eval_overrides = (f"data.val_shards={train_shards} eval.mode=slurm eval.inception_weights={weights} "
                       f"eval.reference_cache_dir={tmp_path / 'cache'} eval.kid_subset_size=4 eval.poll_seconds=0.5 "
                       "checkpoint.every_steps=3 checkpoint.keep_last=5 checkpoint.async_save=false")
-    cfg = load_config(REPO_ROOT / "configs" / "quickstart.yaml", [f"data.val_shards={train_shards}", "data.load_size=32",
-                                                                   "data.crop_size=32"])
+    cfg = tiny_config(f"data.val_shards={train_shards}")
     make_test_inception_weights(weights, torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")]), seed=0)
     env = _train_env(train_shards, run_dir, 6, "")
     env["OVERRIDES"] = env["OVERRIDES"].replace("data.val_shards= ", "") + " " + eval_overrides
@@ -228,7 +225,7 @@ def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_sha
 
 
 def test_bad_extra_env_is_refused_before_launch(tmp_path):
-    env = {**os.environ, "CONFIG": "configs/quickstart.yaml", "RUN_DIR": str(tmp_path / "run"),
+    env = {**os.environ, "CONFIG": str(TINY), "RUN_DIR": str(tmp_path / "run"),
            "SPADE_EXTRA_ENV": "GOOD=1 not-a-pair"}
     proc = subprocess.run(["bash", "slurm/train_gaugan.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=60)

@@ -9,14 +9,14 @@ from PIL import Image
 
 from spade_dist.distributed import DistributedSetupError, batch_geometry, check_process_group
 from tests.dist_utils import free_port
-from tests.train_fixtures import PYTHON, TINY_OVERRIDES, cli_env, make_synthetic_shards, run_cli
+from tests.kit import PYTHON, accelerate_launcher, cli_env, run_cli, synthetic_shards, train_cmd
 
-TRAIN = [PYTHON, "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml", "--resume", "none"]
+TRAIN = train_cmd("--resume", "none")
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return make_synthetic_shards(tmp_path_factory.mktemp("synth"))
+    return synthetic_shards(tmp_path_factory.mktemp("synth"))
 
 
 def _fails_with(args: list[str], *needles: str, env: dict | None = None) -> str:
@@ -111,10 +111,8 @@ def test_last_step_counts_epochs_from_where_a_resized_run_stands():
 @pytest.mark.dist
 def test_accelerate_launch_two_cpu_processes(tmp_path, manifest):
     run_dir = tmp_path / "run"
-    cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
-           "--main_process_port", str(free_port()), "-m", "spade_dist.cli.train", "--config", "configs/quickstart.yaml",
-           "--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=4",
-           "train.sample_every=2", "checkpoint.every_steps=100", *TINY_OVERRIDES]
+    cmd = train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", "train.max_steps=4",
+                    "train.sample_every=2", "checkpoint.every_steps=100", launcher=accelerate_launcher())
     proc = run_cli(cmd, timeout=480)
     out = proc.stdout + proc.stderr
     assert "ddp on 2 x cpu" in out  # really two ranks in one gloo group, not two single jobs
@@ -142,10 +140,9 @@ def test_torchrun_and_deepspeed_launchers(tmp_path, manifest, launcher):
     else:
         head = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "spade_dist.cli.train"]
         extra = ["train.backend=deepspeed", "train.zero_stage=1"]
-    proc = run_cli(head + ["--config", "configs/quickstart.yaml", "--resume", "none", f"data.shards={manifest}",
-                           f"train.run_dir={run_dir}", "train.max_steps=2", "train.sample_every=2",
-                           "train.trackers=[tensorboard]", *TINY_OVERRIDES, *extra],
-                   timeout=480)
+    proc = run_cli(train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}",
+                             "train.max_steps=2", "train.sample_every=2", "train.trackers=[tensorboard]", *extra,
+                             launcher=head), timeout=480)
     out = proc.stdout + proc.stderr
     backend = "deepspeed" if launcher == "deepspeed" else "ddp"
     assert f"{backend} on 2 x cpu" in out

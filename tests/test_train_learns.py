@@ -22,13 +22,12 @@ import time
 
 import torch
 
-from spade_dist.config import load_config
 from spade_dist.data import build_eval_loader, build_train_loader
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights
 from spade_dist.train.backends import DDPBackend
 from spade_dist.train.state import build_train_state
 from spade_dist.train.step import LossSet, prepare_batch, train_step
-from tests.train_fixtures import make_synthetic_shards
+from tests.kit import synthetic_shards, tiny_config
 
 STEPS = 200
 TIME_LIMIT_S = 300
@@ -64,13 +63,11 @@ def _error(generator: torch.nn.Module, batches: list, cfg) -> float:
 
 
 def test_short_cpu_run_halves_class_colour_error(tmp_path):
-    manifest = make_synthetic_shards(tmp_path, count=64, val_count=8, size=32)
+    manifest = synthetic_shards(tmp_path, count=64, val_count=8, size=32)
     vgg_path = save_random_vgg19_weights(tmp_path / "vgg19_random.pth", seed=0)
-    cfg = load_config("configs/quickstart.yaml", [
-        "loss.no_vgg_loss=false", f"loss.vgg_weights={vgg_path}",
-        f"data.shards={manifest}", f"data.val_shards={manifest}", "data.load_size=32", "data.crop_size=32",
-        "data.batch_size=4", "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.n_layers_D=2",
-    ])
+    # The quickstart's settings (its learning rate and EMA are the claim) at the tiny sizes, batch 4.
+    cfg = tiny_config("loss.no_vgg_loss=false", f"loss.vgg_weights={vgg_path}", f"data.shards={manifest}",
+                      f"data.val_shards={manifest}", "data.batch_size=4", base="quickstart")
     torch.manual_seed(0)
     backend = DDPBackend.setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=True)

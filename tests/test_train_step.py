@@ -15,14 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spade_dist.config import load_config
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights
 from spade_dist.models.spade import SPADE
+from tests import kit
 from tests.dist_utils import run_distributed
 
-B = 2
+B, CROP = 2, 32  # configs/tiny.yaml's batch and crop, which tiny_config below keeps
 LABEL_NC = 4
-CROP = 32
 
 
 # ---------------------------------------------------------------------------- SPADE layer SyncBN
@@ -75,10 +74,10 @@ def test_spade_layer_syncbn_matches_global_batch():
 
 
 def tiny_config(*extra: str):
-    return load_config(None, [
-        f"data.label_nc={LABEL_NC}", f"data.crop_size={CROP}", f"data.load_size={CROP}", "data.no_instance=false",
-        "model.ngf=8", "model.ndf=8", "model.num_D=2", "model.n_layers_D=2", f"data.batch_size={B}", *extra,
-    ])
+    """The tiny preset (32 px, batch 2, ngf 8) with :func:`global_batch`'s labels and instance maps and the
+    official step: VGG loss on, the official learning rate."""
+    return kit.tiny_config(f"data.label_nc={LABEL_NC}", "data.no_instance=false", "loss.no_vgg_loss=false",
+                           "optim.lr=0.0002", *extra)
 
 
 def global_batch(n: int, crop: int = CROP) -> dict:
