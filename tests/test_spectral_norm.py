@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from spade_dist.config import load_config
 from spade_dist.models.factory import build_discriminator, build_generator
 from spade_dist.models.spectral_norm import FastSpectralNorm, use_fast_spectral_norm
+from tests.kit import tiny_config
 
 
 def _pair(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -55,9 +55,7 @@ def test_config_switch_reaches_every_spectral_normed_layer() -> None:
     def hooks(net: nn.Module) -> list[type]:
         return [type(h) for m in net.modules() for h in m._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
 
-    small = ["model.ngf=8", "model.ndf=8", "data.crop_size=32", "data.load_size=32"]
-    on = load_config(None, small)
-    off = load_config(None, small + ["model.fast_spectral_norm=false"])
+    on, off = tiny_config(), tiny_config("model.fast_spectral_norm=false")
     for build in (build_generator, build_discriminator):
         fast_hooks, torch_hooks = hooks(build(on)), hooks(build(off))
         assert fast_hooks and set(fast_hooks) == {FastSpectralNorm}, build.__name__
