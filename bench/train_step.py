@@ -10,7 +10,9 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
   ``mlp_shared`` convolutions, torch's spectral-norm backward, and every loss read with ``.item()``
   after every step (host syncs for logging).
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
-  one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop).
+  one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop),
+  with the per-layer speed paths chosen as a training run chooses them on its first batch
+  (``auto``: dense / gather / region timed per SPADE layer; JSON ``speed_paths``).
 
 One run per (batch, thread count) of ``--batch`` x ``--threads`` (``0`` = all cores), each with
 fresh networks from the same seed; each run prints one ``{"run": ...}`` JSON line as it finishes
@@ -48,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from spade_dist.config import Config, load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
+from spade_dist.models.speed_paths import choose_speed_paths  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
@@ -239,6 +242,11 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
     raw = (coco_sample_batch(ref_cfg, batch, Path(args.labels_dir)) if labels == "coco-sample"
            else synthetic_batch(ref_cfg, batch))
     batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
+    # The speed paths as a training run picks them on its first batch (model.onehot_gather /
+    # region_modulation: auto times dense / gather / region per SPADE layer; the reference forces dense).
+    plans = {m.name: choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
+                                        m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True,
+                                        deterministic=m.cfg.train.deterministic)[0].summary() for m in modes}
     load_start = os.getloadavg()
 
     flops: dict[str, int] = {}
@@ -274,6 +282,7 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
             "images_per_s": batch / med, "median_s": med, "times_s": [round(t, 4) for t in m.times],
             "median_cpu_s": statistics.median(m.cpu_times), "cpu_times_s": [round(t, 4) for t in m.cpu_times],
             "peak_memory_bytes": m.peak_bytes, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled",
+            "speed_paths": plans[m.name],
         }
         if m.name in flops:
             run[m.name]["flops_per_image"] = flops[m.name] / batch
