@@ -53,7 +53,7 @@ from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
 from spade_dist.models.speed_paths import choose_speed_paths  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
-from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
+from spade_dist.train.step import LossSet, MicroBatch, autocast_context, prepare_batch, train_step  # noqa: E402
 
 REFERENCE_OVERRIDES = [
     "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
@@ -244,9 +244,12 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
     batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
     # The speed paths as a training run picks them on its first batch (model.onehot_gather /
     # region_modulation: auto times dense / gather / region per SPADE layer; the reference forces dense).
-    plans = {m.name: choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
-                                        m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True,
-                                        deterministic=m.cfg.train.deterministic)[0].summary() for m in modes}
+    plans = {}
+    for m in modes:
+        with autocast_context(m.cfg.train.mixed_precision, device):  # as the loop's SpeedPathChoice
+            plans[m.name] = choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
+                                               m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True,
+                                               deterministic=m.cfg.train.deterministic)[0].summary()
     load_start = os.getloadavg()
 
     flops: dict[str, int] = {}

@@ -219,8 +219,9 @@ class CheckpointManager:
 
     def request_requeue(self, step: int) -> None:
         """Collective. After the stop checkpoint of ``step`` is committed (call :meth:`wait` first):
-        rank 0 writes the run's REQUEUE marker while the other ranks wait for it. Batch scripts requeue on the marker, not on an exit code, because
-        launchers translate exit codes (``accelerate launch`` turns 75 into 1)."""
+        rank 0 writes the run's REQUEUE marker while the other ranks wait for it. Batch scripts
+        requeue on the marker, not on an exit code, because launchers translate exit codes
+        (``accelerate launch`` turns 75 into 1)."""
         if self.rank == 0:
             self.run.request_requeue(step, self.stop_reason or "requested", self.requeue_exit_code)
         if self.distributed:

@@ -225,8 +225,8 @@ class _RegionGammaBeta(torch.autograd.Function):
         else:
             out = code_gb.t().contiguous().index_select(1, layout.code)
         if layout.boundary.numel():
-            table = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # rows x (o, 2C)
-            boundary_gb = F.embedding_bag(layout.table_index, table.view(-1, c2), mode="sum") + gb_bias
+            products = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # T: rows x (o, 2C)
+            boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum") + gb_bias
             boundary_gb[:, :plus_one] += 1.0
             out.index_copy_(1, layout.boundary, boundary_gb.t().contiguous())  # a strided source is slower
         ctx.layout = layout
@@ -288,8 +288,8 @@ def region_gamma_beta(layout: RegionLayout, shared_weight: Tensor, shared_bias: 
     gb_bias, padding=r)`` for the one-hot map described by ``layout``; N x C_gb x H x W, fp32.
 
     With ``plus_one`` = C the first C output channels are ``1 + gamma`` (SPADE's scale), added to
-    the per-code and per-patch values before they are spread over the pixels: the same roundings
-    as adding 1 to every pixel afterwards, without that extra pass over the map."""
+    the per-code values and to the boundary pixels' values before they are written into the map:
+    the same roundings as adding 1 to every pixel afterwards, without that extra pass over the map."""
     if shared_weight.shape[2] != layout.kernel_size or gb_weight.shape[2] != layout.kernel_size:
         raise ValueError(f"kernel sizes {tuple(shared_weight.shape[2:])} / {tuple(gb_weight.shape[2:])} do not match "
                          f"the layout's {layout.kernel_size}")
