@@ -19,6 +19,7 @@ DeepSpeed model, and its multi-plugin mode routes ``backward`` to the wrong engi
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import json
@@ -59,7 +60,7 @@ def nonfinite_flag(loss_finite: torch.Tensor, params: list[nn.Parameter], reduce
     return flag.reshape(())
 
 
-class TrainBackend:
+class TrainBackend(abc.ABC):
     """Interface used by the train step; see the module docstring."""
 
     name = "base"
@@ -75,21 +76,26 @@ class TrainBackend:
     fused_adam = False
     partitioned_optimizer = False
 
+    @abc.abstractmethod
     def wrap_state(self, state: "TrainState", per_rank_batch: int) -> None:
         """Wrap the models and optimizers of ``state`` for this backend (the one call the loop makes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def micro_batch(self, which: str, is_last: bool) -> ContextManager[None]:
-        raise NotImplementedError
+        """Context of one micro-batch of network ``which``; gradient sync only on the last one."""
 
+    @abc.abstractmethod
     def backward(self, which: str, loss: torch.Tensor, n_micro: int) -> None:
-        raise NotImplementedError
+        """Backward of ``loss`` (a micro-batch mean) scaled for ``n_micro`` accumulated micro-batches."""
 
+    @abc.abstractmethod
     def apply(self, which: str, loss_finite: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Step (or skip, when the loss or a gradient is non-finite on any rank) network ``which``'s
+        optimizer; returns the 0-d skip flag."""
 
+    @abc.abstractmethod
     def optimizer(self, which: str) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The optimizer of network ``which``."""
 
 
 class DDPBackend(TrainBackend):
