@@ -253,6 +253,45 @@ def test_discriminator_without_feature_matching_and_bad_channels() -> None:
         D(_seg(1, 5, 32, 32), torch.randn(1, 3, 32, 32))
 
 
+def test_discriminator_present_labels_equals_all_channels() -> None:
+    """Only the label channels present in the batch reach D's first convolutions: same outputs and
+    weight gradients as feeding every channel (fp64), zero gradient on the absent columns."""
+    torch.manual_seed(0)
+    full = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3).double()
+    compact = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3, present_labels=True).double()
+    compact.load_state_dict(full.state_dict())
+    labels = torch.tensor([0, 3, 5]).repeat_interleave(16 * 36 // 3).reshape(2, 1, 24, 12)  # 3 of 8 labels present
+    semantics = torch.zeros(2, 9, 24, 12, dtype=torch.float64).scatter_(1, labels, 1.0)
+    semantics[:, 8] = (torch.rand(2, 24, 12) < 0.2).double()  # instance-edge channel: not one-hot
+    image = torch.randn(2, 3, 24, 12, dtype=torch.float64)
+    seen = []
+    compact.discriminator_0.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    out_full, out_compact = full(semantics, image), compact(semantics, image)
+    assert seen == [3 + 1 + 3]
+    upstream = [[torch.randn_like(f) for f in scale] for scale in out_full]
+    def loss(out):
+        return sum((f * u).sum() for scale, us in zip(out, upstream) for f, u in zip(scale, us))
+    for a, b in zip([f for s in out_full for f in s], [f for s in out_compact for f in s]):
+        assert (a - b).abs().max().item() < 1e-10
+    grads_full = torch.autograd.grad(loss(out_full), list(full.parameters()))
+    grads_compact = torch.autograd.grad(loss(out_compact), list(compact.parameters()))
+    for (name, _), a, b in zip(full.named_parameters(), grads_full, grads_compact):
+        assert (a - b).abs().max().item() < 1e-10, name
+    first = dict(compact.named_parameters())["discriminator_0.model0.0.weight"]
+    absent = [1, 2, 4, 6, 7]
+    assert grads_compact[list(compact.parameters()).index(first)][:, absent].abs().max().item() == 0.0
+    # Semantics that need a gradient see every channel (an absent channel's gradient is not zero).
+    sem_a, sem_b = semantics.clone().requires_grad_(True), semantics.clone().requires_grad_(True)
+    ga = torch.autograd.grad(loss(full(sem_a, image)), sem_a)[0]
+    gb = torch.autograd.grad(loss(compact(sem_b, image)), sem_b)[0]
+    assert (ga - gb).abs().max().item() < 1e-10 and ga[:, absent].abs().max().item() > 0
+
+
+def test_discriminator_present_labels_follows_config() -> None:
+    assert build_discriminator(tiny_config()).present_labels
+    assert not build_discriminator(tiny_config("model.discriminator_present_labels=false")).present_labels
+
+
 def test_discriminator_downsample_is_avg_pool_without_padding_counts() -> None:
     x = torch.ones(1, 1, 5, 5)
     assert torch.equal(MultiscaleDiscriminator.downsample(x), torch.ones(1, 1, 3, 3))
