@@ -287,6 +287,17 @@ def test_discriminator_present_labels_equals_all_channels() -> None:
     assert (ga - gb).abs().max().item() < 1e-10 and ga[:, absent].abs().max().item() > 0
 
 
+@pytest.mark.parametrize("present_labels", [False, True])
+def test_discriminator_shares_label_maps_between_image_halves(present_labels: bool) -> None:
+    D = MultiscaleDiscriminator(input_nc=4 + 3, ndf=4, n_layers_D=2, num_D=2, present_labels=present_labels).double().eval()  # eval: no power iteration between the calls
+    semantics, images = _seg(2, 4, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    shared, repeated = D(semantics, images), D(torch.cat([semantics, semantics]), images)
+    for a, b in zip([f for s in shared for f in s], [f for s in repeated for f in s]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="3 images cannot share 2 label maps"):
+        D(semantics, images[:3])
+
+
 def test_discriminator_present_labels_follows_config() -> None:
     assert build_discriminator(tiny_config()).present_labels
     assert not build_discriminator(tiny_config("model.discriminator_present_labels=false")).present_labels

@@ -107,15 +107,23 @@ class MultiscaleDiscriminator(nn.Module):
         return F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
 
     def forward(self, semantics: Tensor, image: Tensor) -> list[list[Tensor]]:
+        """``semantics`` holds one label map per image, or is shared: with ``image.shape[0]`` = k x
+        ``semantics.shape[0]``, image i is judged with label map i mod ``semantics.shape[0]`` (the
+        G step's fake and real halves of a batch pass the batch's maps once, not a copy of them)."""
         if semantics.shape[1] + image.shape[1] != self.input_nc:
             raise ValueError(
                 f"discriminator expects {self.input_nc} input channels (semantic_nc + 3), got "
                 f"{semantics.shape[1]} semantic + {image.shape[1]} image channels"
             )
+        if semantics.shape[0] == 0 or image.shape[0] % semantics.shape[0]:
+            raise ValueError(f"discriminator: {image.shape[0]} images cannot share {semantics.shape[0]} label maps "
+                             "(the image batch must be a multiple of the label-map batch)")
         input_channels = None
         if self.present_labels and not semantics.requires_grad:
             input_channels = present_channels(semantics, image.shape[1])
             semantics = semantics.index_select(1, input_channels[: -image.shape[1]])
+        if image.shape[0] != semantics.shape[0]:
+            semantics = semantics.repeat(image.shape[0] // semantics.shape[0], 1, 1, 1)
         x = torch.cat([semantics, image], dim=1)
         results: list[list[Tensor]] = []
         for i, d in enumerate(self.children()):

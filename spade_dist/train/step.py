@@ -111,9 +111,8 @@ def _split_pred(pred: Sequence[Sequence[torch.Tensor]], n_fake: int) -> tuple[li
 
 
 def _discriminate(d: Callable[..., Any], semantics: torch.Tensor, fake: torch.Tensor, real: torch.Tensor):
-    both_sem = torch.cat([semantics, semantics], dim=0)
-    both_img = torch.cat([fake, real], dim=0)
-    return _split_pred(d(both_sem, both_img), fake.shape[0])
+    # One pass of D over cat(fake, real), both judged with the batch's label maps (D shares them).
+    return _split_pred(d(semantics, torch.cat([fake, real], dim=0)), fake.shape[0])
 
 
 def _sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
