@@ -58,7 +58,7 @@ from spade_dist.train.step import LossSet, MicroBatch, autocast_context, prepare
 REFERENCE_OVERRIDES = [
     "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
     "model.channels_last=false", "model.fast_spectral_norm=false",
-    "model.discriminator_present_labels=false",
+    "model.discriminator_labels=dense",
     "train.mixed_precision='no'", "train.compile=false",
 ]
 

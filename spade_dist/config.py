@@ -123,10 +123,11 @@ class ModelConfig:
     # (models/spectral_norm.py: same forward, same state dict, three passes over the weight in the
     # backward instead of autograd's eight). false keeps torch's own backward.
     fast_spectral_norm: bool = True
-    # Fast path (docs/PERFORMANCE.md): the discriminator's input keeps only the semantic channels
-    # that are non-zero somewhere in the batch, and its first convolutions the matching weight
-    # columns (models/discriminator.py; exact, same parameters). false feeds every channel.
-    discriminator_present_labels: bool = True
+    # Fast path (docs/PERFORMANCE.md): how the label map reaches the discriminator
+    # (models/discriminator.py; all exact, same parameters). dense: every semantic channel (the
+    # official input); present: only the channels non-zero somewhere in the batch; gather: as
+    # present, and the one-hot channels' part of D's full-resolution first conv as a gather.
+    discriminator_labels: Literal["dense", "present", "gather"] = "gather"
 
 
 @dataclass

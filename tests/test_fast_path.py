@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spade_dist.labels import encode_semantics
 from spade_dist.models.generator import SPADEGenerator
-from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, resize_index
+from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, onehot_strided_conv2d, resize_index
 from spade_dist.models.spade import SPADE, SegmapPyramid
 from tests.kit import blocky_labels, tiny_config
 
@@ -57,6 +57,24 @@ def test_onehot_conv_equals_dense_conv_forward_and_weight_gradient(kernel: int) 
     assert (gw_fast - gw_dense).abs().max().item() < 1e-10
     assert (gb_fast - gb_dense).abs().max().item() < 1e-10
     assert gw_dense.abs().max().item() > 1e-3  # the comparison is not between two zeros
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 2), (3, 1, 1), (3, 2, 0), (5, 3, 2)])
+def test_onehot_strided_conv_equals_dense_conv_forward_and_weight_gradient(kernel: int, stride: int, padding: int) -> None:
+    seg = _semantics(2, 17, 12)[:, :LABEL_NC]  # without the don't-care channel: those pixels have no class
+    index = onehot_index(seg)
+    assert (index == LABEL_NC).any()
+    weight = torch.randn(6, LABEL_NC, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    dense = F.conv2d(seg, weight, stride=stride, padding=padding)
+    fast = onehot_strided_conv2d(index, LABEL_NC, weight, stride, padding)
+    assert fast.shape == dense.shape and fast.is_contiguous()
+    assert (fast - dense).abs().max().item() < 1e-10
+    upstream = torch.randn_like(dense)
+    gw_dense = torch.autograd.grad((dense * upstream).sum(), weight)[0]
+    gw_fast = torch.autograd.grad((fast * upstream).sum(), weight)[0]
+    assert (gw_fast - gw_dense).abs().max().item() < 1e-10 and gw_dense.abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="square kernel over"):
+        onehot_strided_conv2d(index, LABEL_NC - 1, weight, stride, padding)
 
 
 def test_onehot_index_rejects_maps_that_are_not_onehot_and_resizes_like_the_label_map() -> None:

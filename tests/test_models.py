@@ -253,54 +253,75 @@ def test_discriminator_without_feature_matching_and_bad_channels() -> None:
         D(_seg(1, 5, 32, 32), torch.randn(1, 3, 32, 32))
 
 
-def test_discriminator_present_labels_equals_all_channels() -> None:
-    """Only the label channels present in the batch reach D's first convolutions: same outputs and
-    weight gradients as feeding every channel (fp64), zero gradient on the absent columns."""
+@pytest.mark.parametrize("label_input", ["present", "gather"])
+@pytest.mark.parametrize("copies", [1, 2])
+def test_discriminator_label_inputs_equal_dense(label_input: str, copies: int) -> None:
+    """Only the label channels present in the batch reach D's first convolutions (and at full
+    resolution the one-hot part as a gather): same outputs and weight gradients as feeding every
+    channel (fp64), zero gradient on the absent columns; also with fake and real sharing the maps."""
     torch.manual_seed(0)
     full = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3).double()
-    compact = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3, present_labels=True).double()
-    compact.load_state_dict(full.state_dict())
-    labels = torch.tensor([0, 3, 5]).repeat_interleave(16 * 36 // 3).reshape(2, 1, 24, 12)  # 3 of 8 labels present
-    semantics = torch.zeros(2, 9, 24, 12, dtype=torch.float64).scatter_(1, labels, 1.0)
-    semantics[:, 8] = (torch.rand(2, 24, 12) < 0.2).double()  # instance-edge channel: not one-hot
-    image = torch.randn(2, 3, 24, 12, dtype=torch.float64)
+    fast = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3, label_input=label_input,
+                                   onehot_channels=8).double()
+    fast.load_state_dict(full.state_dict())
+    labels = torch.tensor([0, 3, 5, 8]).repeat_interleave(2 * 25 * 13 // 4 + 1)[: 2 * 25 * 13].reshape(2, 1, 25, 13)
+    semantics = torch.zeros(2, 9, 25, 13, dtype=torch.float64).scatter_(1, labels, 1.0)  # 8 = no class
+    semantics[:, 8] = (torch.rand(2, 25, 13) < 0.2).double()  # instance-edge channel: not one-hot
+    image = torch.randn(2 * copies, 3, 25, 13, dtype=torch.float64)
     seen = []
-    compact.discriminator_0.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-    out_full, out_compact = full(semantics, image), compact(semantics, image)
-    assert seen == [3 + 1 + 3]
+    fast.discriminator_0.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    out_full = full(semantics.repeat(copies, 1, 1, 1), image)
+    out_fast = fast(semantics, image)
+    assert seen == [1 + 3 if label_input == "gather" else 3 + 1 + 3]  # edge (+ present labels) + RGB
     upstream = [[torch.randn_like(f) for f in scale] for scale in out_full]
     def loss(out):
         return sum((f * u).sum() for scale, us in zip(out, upstream) for f, u in zip(scale, us))
-    for a, b in zip([f for s in out_full for f in s], [f for s in out_compact for f in s]):
+    for a, b in zip([f for s in out_full for f in s], [f for s in out_fast for f in s]):
         assert (a - b).abs().max().item() < 1e-10
     grads_full = torch.autograd.grad(loss(out_full), list(full.parameters()))
-    grads_compact = torch.autograd.grad(loss(out_compact), list(compact.parameters()))
-    for (name, _), a, b in zip(full.named_parameters(), grads_full, grads_compact):
+    grads_fast = torch.autograd.grad(loss(out_fast), list(fast.parameters()))
+    for (name, _), a, b in zip(full.named_parameters(), grads_full, grads_fast):
         assert (a - b).abs().max().item() < 1e-10, name
-    first = dict(compact.named_parameters())["discriminator_0.model0.0.weight"]
+    first = [name for name, _ in fast.named_parameters()].index("discriminator_0.model0.0.weight")
     absent = [1, 2, 4, 6, 7]
-    assert grads_compact[list(compact.parameters()).index(first)][:, absent].abs().max().item() == 0.0
+    assert grads_fast[first][:, absent].abs().max().item() == 0.0
     # Semantics that need a gradient see every channel (an absent channel's gradient is not zero).
-    sem_a, sem_b = semantics.clone().requires_grad_(True), semantics.clone().requires_grad_(True)
+    sem_a, sem_b = semantics.repeat(copies, 1, 1, 1).requires_grad_(True), semantics.clone().requires_grad_(True)
     ga = torch.autograd.grad(loss(full(sem_a, image)), sem_a)[0]
-    gb = torch.autograd.grad(loss(compact(sem_b, image)), sem_b)[0]
-    assert (ga - gb).abs().max().item() < 1e-10 and ga[:, absent].abs().max().item() > 0
+    gb = torch.autograd.grad(loss(fast(sem_b, image)), sem_b)[0]
+    assert (ga.view(copies, *gb.shape).sum(0) - gb).abs().max().item() < 1e-10 and ga[:, absent].abs().max().item() > 0
+
+
+def test_discriminator_gather_falls_back_for_soft_label_maps() -> None:
+    full = MultiscaleDiscriminator(input_nc=5 + 3, ndf=4, n_layers_D=2, num_D=2).double()
+    fast = MultiscaleDiscriminator(input_nc=5 + 3, ndf=4, n_layers_D=2, num_D=2, label_input="gather",
+                                   onehot_channels=5).double()
+    fast.load_state_dict(full.state_dict())
+    full.eval(), fast.eval()
+    soft = torch.softmax(torch.randn(2, 5, 16, 16, dtype=torch.float64), dim=1)
+    image = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for a, b in zip([f for s in full(soft, image) for f in s], [f for s in fast(soft, image) for f in s]):
+        assert (a - b).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("present_labels", [False, True])
 def test_discriminator_shares_label_maps_between_image_halves(present_labels: bool) -> None:
-    D = MultiscaleDiscriminator(input_nc=4 + 3, ndf=4, n_layers_D=2, num_D=2, present_labels=present_labels).double().eval()  # eval: no power iteration between the calls
+    D = MultiscaleDiscriminator(input_nc=4 + 3, ndf=4, n_layers_D=2, num_D=2,
+                                label_input="gather" if present_labels else "dense", onehot_channels=4)
+    D = D.double().eval()  # eval: no power iteration between the calls
     semantics, images = _seg(2, 4, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
     shared, repeated = D(semantics, images), D(torch.cat([semantics, semantics]), images)
     for a, b in zip([f for s in shared for f in s], [f for s in repeated for f in s]):
-        assert torch.equal(a, b)
+        assert (a - b).abs().max().item() < 1e-12
     with pytest.raises(ValueError, match="3 images cannot share 2 label maps"):
         D(semantics, images[:3])
 
 
-def test_discriminator_present_labels_follows_config() -> None:
-    assert build_discriminator(tiny_config()).present_labels
-    assert not build_discriminator(tiny_config("model.discriminator_present_labels=false")).present_labels
+def test_discriminator_label_input_follows_config() -> None:
+    assert build_discriminator(tiny_config()).label_input == "gather"
+    assert build_discriminator(tiny_config("model.discriminator_labels=present")).label_input == "present"
+    with pytest.raises(ValueError, match="label input"):
+        MultiscaleDiscriminator(input_nc=7, label_input="sparse")
 
 
 def test_discriminator_downsample_is_avg_pool_without_padding_counts() -> None:

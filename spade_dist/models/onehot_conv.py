@@ -1,4 +1,4 @@
-"""A stride-1 'same' convolution of a one-hot label map, computed as a gather of weight columns.
+"""Convolutions of a one-hot label map as gathers of weight columns (SPADE's 'same', D's strided).
 
 SPADE's ``mlp_shared`` convolution reads the one-hot label map (plus, optionally, a binary
 instance-edge channel). With exactly one class channel set per pixel, the k x k convolution at a
@@ -202,3 +202,29 @@ def onehot_conv2d(indices: list[Tensor], class_counts: list[int], weight: Tensor
         if index.dim() != 3 or index.shape != indices[0].shape:
             raise ValueError(f"index maps must all be N x H x W of one shape, got {[tuple(i.shape) for i in indices]}")
     return _OneHotConv.apply(weight, bias, list(class_counts), *indices)
+
+
+def onehot_strided_conv2d(index: Tensor, num_classes: int, weight: Tensor, stride: int, padding: int) -> Tensor:
+    """Same result as ``F.conv2d(one_hot(index, num_classes), weight, stride=stride, padding=padding)``
+    (no bias) for any square kernel and stride: the discriminator's first convolution (4 x 4,
+    stride 2) reads the one-hot label map at full resolution.
+
+    One ``embedding_bag`` over the (offset, class) table of :func:`gather_table`, one bag of k*k
+    rows per output pixel; autograd differentiates the table (a view of the live weight), so the
+    weight gets its exact gradient through embedding_bag's backward. ``index``: N x H x W int64 class
+    index from :func:`onehot_index` (``num_classes`` = no class, as zero padding). Returns N x C_out
+    x H_out x W_out, contiguous.
+    """
+    c_out, c_in, k, kw = weight.shape
+    if k != kw or c_in != num_classes:
+        raise ValueError(f"onehot_strided_conv2d needs a square kernel over {num_classes} classes, "
+                         f"got weight {tuple(weight.shape)}")
+    n, h, w = index.shape
+    h_out, w_out = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    padded = F.pad(index, (padding, padding, padding, padding), value=num_classes)
+    span_h, span_w = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
+    rows = torch.stack([padded[:, ky:ky + span_h:stride, kx:kx + span_w:stride] for ky in range(k) for kx in range(k)],
+                       dim=-1).reshape(n * h_out * w_out, k * k)
+    rows = rows + torch.arange(k * k, device=index.device) * (num_classes + 1)
+    out = F.embedding_bag(rows, gather_table(weight, [num_classes]), mode="sum")
+    return out.reshape(n, h_out, w_out, c_out).permute(0, 3, 1, 2).contiguous()
