@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from spade_dist.labels import encode_semantics
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, onehot_strided_conv2d, resize_index
-from spade_dist.models.spade import SPADE, SegmapPyramid
+from spade_dist.models.spade import SPADE, SegmapPyramid, resize_segmap
 from tests.kit import blocky_labels, tiny_config
 
 LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
@@ -175,3 +175,10 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
                 assert (value - b[key]).abs().max().item() <= 1e-9 * scale, f"{net}.{key}"
                 moved = max(moved, (value - s[key]).abs().max().item())
     assert moved > 1e-5  # the iteration really updated the networks
+
+
+@pytest.mark.parametrize("size", [(8, 8), (4, 16), (16, 8), (5, 7), (64, 32), (32, 32), (12, 24)])
+def test_resize_segmap_is_bitwise_nearest_interpolate(size: tuple[int, int]) -> None:
+    seg = _semantics(2, 32, 32, dtype=torch.float32)
+    out = resize_segmap(seg, size)
+    assert out.is_contiguous() and torch.equal(out, F.interpolate(seg, size=size, mode="nearest"))

@@ -31,8 +31,8 @@ pass uses the same split:
   sparse product). No dense transposed convolution, no per-pixel activation gradient.
 
 Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
-their gradient are kept channel-major (C x N*H*W; for batch 1 exactly the channels-first tensor,
-for larger batches one copy of whole H*W rows), so no per-pixel transpose is needed either way.
+their gradient are channel-major per image (N x C x H*W, the channels-first tensor itself, written
+and read image by image), so neither a per-pixel transpose nor a batch-transposing copy is needed.
 With few codes (the usual case) the per-code map and sums are products with a 0/1 matrix built
 once per layout, which BLAS runs on every core; with many codes they are index ops along the
 contiguous pixel axis. Every sum over pixels into rows is a sparse product: no row-wise
@@ -48,8 +48,8 @@ sums, not the big convolutions autocast exists for.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,18 +95,17 @@ class RegionLayout:
     # With few codes the per-code map and sums run as matrix products with this 0/1 matrix (BLAS uses
     # every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
+    # Image i's boundary pixels are boundary[boundary_splits[i]:boundary_splits[i + 1]] (sorted):
+    # gamma/beta are written and read per image, straight in the N x 2C x H*W layout.
+    boundary_splits: list[int] = field(default_factory=list)
 
-
-def _channel_major(channels_first: Tensor) -> Tensor:
-    """N x C x H x W -> C x N*H*W: a view for batch 1, else one copy of whole H*W rows."""
-    n, c, h, w = channels_first.shape
-    return channels_first.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
-
-
-def _from_channel_major(channel_major: Tensor, n: int, h: int, w: int) -> Tensor:
-    """C x N*H*W -> contiguous N x C x H x W (inverse of :func:`_channel_major`)."""
-    c = channel_major.shape[0]
-    return channel_major.view(c, n, h * w).transpose(0, 1).contiguous().view(n, c, h, w)
+    def images(self) -> Iterator[tuple[slice, slice, Tensor]]:
+        """Per image: its pixels' slice of the flat N*H*W positions, its slice of ``boundary`` and
+        its boundary pixels' positions within the image."""
+        n, h, w = self.shape
+        for i in range(n):
+            lo, hi = self.boundary_splits[i], self.boundary_splits[i + 1]
+            yield slice(i * h * w, (i + 1) * h * w), slice(lo, hi), self.boundary[lo:hi] - i * h * w
 
 
 def _uniform(code: Tensor, radius: int) -> Tensor:
@@ -180,6 +179,7 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
                                    source_rows * k2, boundary.numel()),
         u2_onehot=(F.one_hot(u2_key, num_codes + 1).to(torch.float32)
                    if num_codes + 1 <= ONEHOT_SUM_MAX_CODES else None),
+        boundary_splits=torch.searchsorted(boundary, torch.arange(n + 1, device=device) * (h * w)).tolist(),
     )
 
 
@@ -218,20 +218,28 @@ class _RegionGammaBeta(torch.autograd.Function):
             act_source.append(F.relu(F.embedding_bag(layout.gather_rows, table, mode="sum") + shared_bias))
         act_source.append(code_act.new_zeros(1, hidden))
         source = torch.cat(act_source)  # [codes; windows; zero] x hidden
-        # gamma/beta channel-major (2C x N*H*W): the U2 pixels' per-code values, then the boundary
-        # pixels' values: per offset one row of the product table T = source @ W, summed.
+        # gamma/beta as N x 2C x H*W, each image's 2C x H*W channel-major: the U2 pixels' per-code
+        # values, then the boundary pixels' values: per offset one row of the product table
+        # T = source @ W, summed.
+        code_gb_t = code_gb.t().contiguous()
+        out = code_gb.new_empty(n, c2, h * w)
         if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
-            out = F.pad(code_gb.t(), (0, 1)) @ layout.u2_onehot.to(code_gb.dtype).t()
+            padded = F.pad(code_gb_t, (0, 1))
+            u2_onehot = layout.u2_onehot.to(code_gb.dtype)
+            for i, (pixels, _, _) in enumerate(layout.images()):
+                torch.mm(padded, u2_onehot[pixels].t(), out=out[i])
         else:
-            out = code_gb.t().contiguous().index_select(1, layout.code)
+            for i, (pixels, _, _) in enumerate(layout.images()):
+                torch.index_select(code_gb_t, 1, layout.code[pixels], out=out[i])
         if layout.boundary.numel():
             products = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # T: rows x (o, 2C)
             boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum") + gb_bias
             boundary_gb[:, :plus_one] += 1.0
-            out.index_copy_(1, layout.boundary, boundary_gb.t().contiguous())  # a strided source is slower
+            for i, (_, rows, positions) in enumerate(layout.images()):
+                out[i].index_copy_(1, positions, boundary_gb[rows].t().contiguous())  # a strided source is slower
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
-        return _from_channel_major(out, n, h, w)
+        return out.view(n, c2, h, w)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -247,19 +255,26 @@ class _RegionGammaBeta(torch.autograd.Function):
         k = layout.kernel_size
         hidden, c_in, c2 = shared_weight.shape[0], shared_weight.shape[1], gb_weight.shape[0]
         num_codes = layout.num_codes
-        grad = _channel_major(grad_out.to(gb_weight.dtype).contiguous())  # 2C x N*H*W
-        grad_gb_bias = grad.sum(dim=1)
+        n = layout.shape[0]
+        grad = grad_out.to(gb_weight.dtype).contiguous().view(n, c2, -1)  # per image 2C x H*W
+        grad_gb_bias = grad.sum(dim=(0, 2))
 
         # dT (rows x k*k x 2C): per source row and offset, the gradient of the pixels that read that
         # row at that offset. Boundary pixels through the sparse count matrix; a U2 pixel reads its
         # code's row at every offset (all its neighbours are U1 of its code).
+        per_code = grad.new_zeros(c2, num_codes + 1)
         if layout.u2_onehot is not None:
-            per_code = (grad @ layout.u2_onehot.to(grad.dtype))[:, :num_codes]  # 2C x codes
+            u2_onehot = layout.u2_onehot.to(grad.dtype)
+            for i, (pixels, _, _) in enumerate(layout.images()):
+                per_code.addmm_(grad[i], u2_onehot[pixels])
         else:
-            per_code = grad.new_zeros(c2, num_codes + 1).index_add_(1, layout.u2_key, grad)[:, :num_codes]
+            for i, (pixels, _, _) in enumerate(layout.images()):
+                per_code.index_add_(1, layout.u2_key[pixels], grad[i])
+        per_code = per_code[:, :num_codes]  # 2C x codes
         rows = source.shape[0] - 1  # the zero row reads nothing back
         if layout.boundary.numel():
-            grad_boundary = grad.index_select(1, layout.boundary).t().contiguous()  # boundary x 2C
+            parts = [grad[i].index_select(1, positions) for i, (_, _, positions) in enumerate(layout.images())]
+            grad_boundary = (parts[0] if n == 1 else torch.cat(parts, dim=1)).t().contiguous()  # boundary x 2C
             grad_table = _sparse_mm(layout.table_grad_sum, grad_boundary).view(rows + 1, k * k, c2)[:rows]
         else:
             grad_table = grad.new_zeros(rows, k * k, c2)

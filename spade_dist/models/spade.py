@@ -109,10 +109,19 @@ class SegmapPyramid:
 
 
 def resize_segmap(segmap: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize, as the official code does (keeps one-hot maps one-hot)."""
-    if tuple(segmap.shape[2:]) == tuple(size):
+    """Nearest-neighbour resize, as the official code does (keeps one-hot maps one-hot).
+
+    Shrinking by whole factors is a strided slice: ``nearest`` reads source pixel floor(i * in /
+    out) = i * factor, so the result is bitwise ``F.interpolate``'s, without the copy of the whole
+    input that torch's CPU kernel makes first (the generator's first layer shrinks the 184-channel
+    map to 8 x 8 on every forward)."""
+    in_h, in_w = segmap.shape[2], segmap.shape[3]
+    out_h, out_w = int(size[0]), int(size[1])
+    if (in_h, in_w) == (out_h, out_w):
         return segmap  # nearest to the same size is the identity
-    return F.interpolate(segmap, size=size, mode="nearest")
+    if 0 < out_h <= in_h and 0 < out_w <= in_w and in_h % out_h == 0 and in_w % out_w == 0:
+        return segmap[:, :, :: in_h // out_h, :: in_w // out_w].contiguous()
+    return F.interpolate(segmap, size=(out_h, out_w), mode="nearest")
 
 
 SegmapInput = Union[Tensor, SegmapPyramid]
