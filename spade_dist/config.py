@@ -105,7 +105,8 @@ class ModelConfig:
     # norm helper only works with the 'spectral' prefix, so official runs use 'spectralinstance'.
     pix2pixhd_norm_G: str = "spectralinstance"
     # Fast path (see docs/PERFORMANCE.md): one conv for gamma+beta, label map resized once per
-    # resolution. Numerically equivalent and checkpoint-compatible with the reference layout.
+    # resolution (by strided slicing where it shrinks by whole factors). Numerically equivalent and
+    # checkpoint-compatible with the reference layout.
     fused_modulation: bool = True
     channels_last: bool = False
     # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot

@@ -180,5 +180,6 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [(8, 8), (4, 16), (16, 8), (5, 7), (64, 32), (32, 32), (12, 24)])
 def test_resize_segmap_is_bitwise_nearest_interpolate(size: tuple[int, int]) -> None:
     seg = _semantics(2, 32, 32, dtype=torch.float32)
-    out = resize_segmap(seg, size)
-    assert out.is_contiguous() and torch.equal(out, F.interpolate(seg, size=size, mode="nearest"))
+    for strided in (True, False):
+        out = resize_segmap(seg, size, strided=strided)
+        assert out.is_contiguous() and torch.equal(out, F.interpolate(seg, size=size, mode="nearest"))

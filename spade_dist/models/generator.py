@@ -140,7 +140,7 @@ class SPADEGenerator(nn.Module):
                 raise ValueError(f"z must have shape ({semantics.shape[0]}, {self.z_dim}), got {tuple(z.shape)}")
             x = self.fc(z).view(-1, 16 * self.ngf, self.sh, self.sw)
         else:
-            x = self.fc(resize_segmap(semantics, (self.sh, self.sw)))
+            x = self.fc(resize_segmap(semantics, (self.sh, self.sw), strided=self.fused_modulation))
 
         # Fused path: one resize per resolution shared by every SPADE layer at that resolution.
         seg: SegmapInput = SegmapPyramid(semantics, self.onehot_channels, self.region_modulation) if self.fused_modulation else semantics
