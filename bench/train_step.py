@@ -7,10 +7,12 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 
 - reference: how the official code runs - eager fp32, channels-first, separate gamma/beta convs
   (``model.fused_modulation=false``), the label map resized in every SPADE layer, dense
-  ``mlp_shared`` convolutions, torch's spectral-norm backward, and every loss read with ``.item()``
-  after every step (host syncs for logging).
+  ``mlp_shared`` convolutions, torch's spectral-norm backward, every label channel into D, and
+  every loss read with ``.item()`` after every step (host syncs for logging).
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
-  one-hot gather for ``mlp_shared``, fused modulation multiply-add, no host sync in the loop),
+  one-hot gather for ``mlp_shared``, gamma/beta per uniform region, fused modulation
+  multiply-add, closed-form spectral-norm backward, D's label input as a gather over the classes
+  present, no host sync in the loop),
   with the per-layer speed paths chosen as a training run chooses them on its first batch
   (``auto``: dense / gather / region timed per SPADE layer; JSON ``speed_paths``).
 
