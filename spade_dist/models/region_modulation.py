@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,18 +95,11 @@ class RegionLayout:
     # With few codes the per-code map and sums run as matrix products with this 0/1 matrix (BLAS uses
     # every core; an index_select / index_add along the pixel axis is strided); None = index ops.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
-    # Image i's boundary pixels are boundary[boundary_splits[i]:boundary_splits[i + 1]] (sorted):
-    # gamma/beta are written and read per image, straight in the N x 2C x H*W layout.
-    boundary_splits: list[int] = field(default_factory=list)
-
-    def images(self) -> Iterator[tuple[slice, slice, Tensor]]:
-        """Per image: its pixels' slice of the flat N*H*W positions, its slice of ``boundary`` and
-        its boundary pixels' positions within the image."""
-        n, h, w = self.shape
-        for i in range(n):
-            lo, hi = self.boundary_splits[i], self.boundary_splits[i + 1]
-            yield slice(i * h * w, (i + 1) * h * w), slice(lo, hi), self.boundary[lo:hi] - i * h * w
-
+    # Per image, built once and read by every SPADE layer at this resolution in both passes: its
+    # pixels' slice of the N*H*W positions, its slice of ``boundary`` (sorted) and those boundary
+    # pixels' positions within the image. gamma/beta are written and read image by image, straight
+    # in the N x 2C x H*W layout.
+    per_image: list[tuple[slice, slice, Tensor]] = field(default_factory=list)
 
 def _uniform(code: Tensor, radius: int) -> Tensor:
     """N x H x W bool: the (2*radius+1)^2 window is inside the image and holds one code."""
@@ -179,8 +172,15 @@ def build_region_layout(indices: list[Tensor], class_counts: list[int], kernel_s
                                    source_rows * k2, boundary.numel()),
         u2_onehot=(F.one_hot(u2_key, num_codes + 1).to(torch.float32)
                    if num_codes + 1 <= ONEHOT_SUM_MAX_CODES else None),
-        boundary_splits=torch.searchsorted(boundary, torch.arange(n + 1, device=device) * (h * w)).tolist(),
+        per_image=_per_image(boundary, n, h * w),
     )
+
+
+def _per_image(boundary: Tensor, n: int, pixels: int) -> list[tuple[slice, slice, Tensor]]:
+    """RegionLayout.per_image for sorted flat ``boundary`` positions of ``n`` images of ``pixels`` each."""
+    splits = torch.searchsorted(boundary, torch.arange(n + 1, device=boundary.device) * pixels).tolist()
+    return [(slice(i * pixels, (i + 1) * pixels), slice(splits[i], splits[i + 1]),
+             boundary[splits[i]:splits[i + 1]] - i * pixels) for i in range(n)]
 
 
 def _sum_matrix(rows: Tensor, columns: Tensor, num_rows: int, num_columns: int) -> Tensor:
@@ -226,16 +226,16 @@ class _RegionGammaBeta(torch.autograd.Function):
         if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
             padded = F.pad(code_gb_t, (0, 1))
             u2_onehot = layout.u2_onehot.to(code_gb.dtype)
-            for i, (pixels, _, _) in enumerate(layout.images()):
+            for i, (pixels, _, _) in enumerate(layout.per_image):
                 torch.mm(padded, u2_onehot[pixels].t(), out=out[i])
         else:
-            for i, (pixels, _, _) in enumerate(layout.images()):
+            for i, (pixels, _, _) in enumerate(layout.per_image):
                 torch.index_select(code_gb_t, 1, layout.code[pixels], out=out[i])
         if layout.boundary.numel():
             products = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # T: rows x (o, 2C)
             boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum") + gb_bias
             boundary_gb[:, :plus_one] += 1.0
-            for i, (_, rows, positions) in enumerate(layout.images()):
+            for i, (_, rows, positions) in enumerate(layout.per_image):
                 out[i].index_copy_(1, positions, boundary_gb[rows].t().contiguous())  # a strided source is slower
         ctx.layout = layout
         ctx.save_for_backward(shared_weight, gb_weight, code_act, source)
@@ -265,15 +265,15 @@ class _RegionGammaBeta(torch.autograd.Function):
         per_code = grad.new_zeros(c2, num_codes + 1)
         if layout.u2_onehot is not None:
             u2_onehot = layout.u2_onehot.to(grad.dtype)
-            for i, (pixels, _, _) in enumerate(layout.images()):
+            for i, (pixels, _, _) in enumerate(layout.per_image):
                 per_code.addmm_(grad[i], u2_onehot[pixels])
         else:
-            for i, (pixels, _, _) in enumerate(layout.images()):
+            for i, (pixels, _, _) in enumerate(layout.per_image):
                 per_code.index_add_(1, layout.u2_key[pixels], grad[i])
         per_code = per_code[:, :num_codes]  # 2C x codes
         rows = source.shape[0] - 1  # the zero row reads nothing back
         if layout.boundary.numel():
-            parts = [grad[i].index_select(1, positions) for i, (_, _, positions) in enumerate(layout.images())]
+            parts = [grad[i].index_select(1, positions) for i, (_, _, positions) in enumerate(layout.per_image)]
             grad_boundary = (parts[0] if n == 1 else torch.cat(parts, dim=1)).t().contiguous()  # boundary x 2C
             grad_table = _sparse_mm(layout.table_grad_sum, grad_boundary).view(rows + 1, k * k, c2)[:rows]
         else:
