@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from spade_dist.labels import encode_semantics
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, onehot_strided_conv2d, resize_index
-from spade_dist.models.spade import SPADE, SegmapPyramid, resize_segmap
+from spade_dist.models.spade import SPADE, SegmapPyramid, resize_segmap, scale_shift
 from tests.kit import blocky_labels, tiny_config
 
 LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
@@ -183,3 +183,50 @@ def test_resize_segmap_is_bitwise_nearest_interpolate(size: tuple[int, int]) -> 
     for strided in (True, False):
         out = resize_segmap(seg, size, strided=strided)
         assert out.is_contiguous() and torch.equal(out, F.interpolate(seg, size=size, mode="nearest"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("plus_one", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scale_shift_is_bitwise_addcmul_over_split(dtype: torch.dtype, plus_one: bool, channels_last: bool) -> None:
+    """SPADE's modulation Function: the output and both input gradients are bitwise those of
+    ``addcmul(beta, normalized, 1 + gamma)`` over ``both.split`` (autograd's own backward)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    normalized = torch.randn(2, 5, 6, 7, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    both = torch.randn(2, 10, 6, 7, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    upstream = torch.randn(2, 5, 6, 7, dtype=dtype).contiguous(memory_format=fmt)
+    gamma, beta = both.split(5, dim=1)
+    expected = torch.addcmul(beta, normalized, 1 + gamma if plus_one else gamma)
+    actual = scale_shift(normalized, both, plus_one=plus_one)
+    assert torch.equal(actual, expected)
+    grads_expected = torch.autograd.grad(expected, [normalized, both], upstream)
+    grads_actual = torch.autograd.grad(actual, [normalized, both], upstream)
+    for a, b in zip(grads_actual, grads_expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert grads_actual[1].is_contiguous(memory_format=fmt)
+    with pytest.raises(ValueError, match="do not match"):
+        scale_shift(normalized, both[:, :8], plus_one=plus_one)
+
+
+@pytest.mark.parametrize("fin,fout", [(6, 6), (6, 4)])
+def test_resnet_block_in_place_ops_are_bitwise_the_out_of_place_ones(fin: int, fout: int) -> None:
+    """The fused layout runs the block's leaky ReLUs and residual sum in place: same output and
+    gradients (input and every parameter), bitwise."""
+    from spade_dist.models.blocks import SPADEResnetBlock
+
+    torch.manual_seed(0)
+    block = SPADEResnetBlock(fin, fout, "spectralspadebatch3x3", LABEL_NC + 2, fused=True).double()
+    x = torch.randn(2, fin, 8, 8, dtype=torch.float64, requires_grad=True)
+    seg = _semantics(2, 32, 32)
+    upstream = torch.randn(2, fout, 8, 8, dtype=torch.float64)
+    start = {k: v.clone() for k, v in block.state_dict().items()}  # spectral-norm u/v, BN statistics
+    results = []
+    for in_place in (True, False):
+        block.load_state_dict(start)
+        block.fused = in_place  # the SPADE layers stay fused: only the block's own ops differ
+        out = block(x, SegmapPyramid(seg, onehot_channels=LABEL_NC + 1))
+        results.append((out, torch.autograd.grad(out, [x, *block.parameters()], upstream)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

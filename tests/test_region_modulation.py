@@ -37,8 +37,8 @@ def _dense(seg, shared_w, shared_b, gb_w, gb_b):
 @pytest.mark.parametrize("kernel,block,size", [(3, 8, (20, 28)), (5, 10, (30, 24)), (3, 1, (9, 7)), (3, 40, (16, 16))])
 def test_region_gamma_beta_equals_dense_convolutions(kernel: int, block: int, size: tuple[int, int], onehot_sums: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    # Both ways of forming the per-code maps and sums: one-hot matrix products (few codes, the
-    # usual case) and index_select / index_add (many codes).
+    # Both ways of forming the backward's per-code sums: one-hot matrix products (few codes, the
+    # usual case) and index_add (many codes).
     monkeypatch.setattr(region_modulation, "ONEHOT_SUM_MAX_CODES", 10_000 if onehot_sums else 0)
     torch.manual_seed(0)
     h, w = size

@@ -1,7 +1,8 @@
 """Residual blocks: SPADEResnetBlock (GauGAN) and the pix2pixHD ResnetBlock.
 
 SPADEResnetBlock follows the official order of operations: shortcut first (learned 1x1 conv after a
-SPADE norm when fin != fout), then norm -> leaky_relu(0.2) -> conv twice, summed. Spectral norm
+SPADE norm when fin != fout), then norm -> leaky_relu(0.2) -> conv twice, summed. With the fused
+SPADE layout (``model.fused_modulation``) the activations and the residual sum run in place. Spectral norm
 (``spectral`` prefix of ``norm_G``) wraps conv_0 / conv_1 / conv_s with
 ``torch.nn.utils.spectral_norm`` so the state dict holds ``weight_orig`` / ``weight_u`` /
 ``weight_v`` exactly like the released checkpoints.
@@ -26,6 +27,7 @@ class SPADEResnetBlock(nn.Module):
         super().__init__()
         spec = parse_spade_norm(norm_G)
         self.learned_shortcut = fin != fout
+        self.fused = fused
         fmiddle = min(fin, fout)
         self.conv_0 = nn.Conv2d(fin, fmiddle, kernel_size=3, padding=1)
         self.conv_1 = nn.Conv2d(fmiddle, fout, kernel_size=3, padding=1)
@@ -44,6 +46,14 @@ class SPADEResnetBlock(nn.Module):
 
     def forward(self, x: Tensor, seg: SegmapInput) -> Tensor:
         x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
+        if self.fused:
+            # In place: the activation overwrites SPADE's fresh output and the sum conv_1's output;
+            # autograd saved neither (leaky_relu_ keeps its result, whose sign is its input's), so
+            # values and gradients are bitwise the out-of-place ones, with two fewer full-size
+            # maps allocated per block (the reference layout keeps the official out-of-place ops).
+            dx = self.conv_0(F.leaky_relu_(self.norm_0(x, seg), LEAKY_SLOPE))
+            dx = self.conv_1(F.leaky_relu_(self.norm_1(dx, seg), LEAKY_SLOPE))
+            return dx.add_(x_s)
         dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), LEAKY_SLOPE))
         dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), LEAKY_SLOPE))
         return x_s + dx

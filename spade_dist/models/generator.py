@@ -153,5 +153,6 @@ class SPADEGenerator(nn.Module):
         for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.num_upsampling_layers == "most" else ()):
             x = self._up(x)
             x = getattr(self, name)(x, seg)
-        x = self.conv_img(F.leaky_relu(x, LEAKY_SLOPE))
+        # The last block's output (a fresh sum) is read by nothing else: in place on the fused layout.
+        x = self.conv_img(F.leaky_relu_(x, LEAKY_SLOPE) if self.fused_modulation else F.leaky_relu(x, LEAKY_SLOPE))
         return torch.tanh(x)

@@ -33,9 +33,10 @@ pass uses the same split:
 Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
 their gradient are channel-major per image (N x C x H*W, the channels-first tensor itself, written
 and read image by image), so neither a per-pixel transpose nor a batch-transposing copy is needed.
-With few codes (the usual case) the per-code map and sums are products with a 0/1 matrix built
-once per layout, which BLAS runs on every core; with many codes they are index ops along the
-contiguous pixel axis. Every sum over pixels into rows is a sparse product: no row-wise
+The per-code map is one ``gather`` along the pixel axis per image (it uses every core; a
+product with a 0/1 matrix or ``index_select`` were slower at 2 threads). The per-code sums of the
+backward are, with few codes (the usual case), products with a 0/1 matrix built once per layout,
+which BLAS runs on every core; with many codes ``index_add_`` along the contiguous pixel axis. Every sum over pixels into rows is a sparse product: no row-wise
 ``index_add`` along dim 0, which torch runs as a sort + segment pass that cost several times
 more on two threads than on one. No full-size activation or gradient map is built or padded.
 
@@ -57,7 +58,7 @@ from torch import Tensor
 
 from spade_dist.models.onehot_conv import gather_table, padded_neighbours, shifted_indices, weight_from_table
 
-# Largest num_codes + 1 for which the per-code map and sums are one-hot matrix products: they cost
+# Largest num_codes + 1 for which the backward's per-code sums are one-hot matrix products: they cost
 # 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
 # row-wise index_add, badly parallel), and the 0/1 matrix takes (num_codes + 1) floats per
 # pixel. Real label maps have ~10-30 codes per resolution, random
@@ -92,8 +93,8 @@ class RegionLayout:
     # T = source @ W (rows x k*k*2C).
     table_index: Tensor  # len(boundary) x k*k: source row * k*k + o
     table_grad_sum: Tensor  # sparse CSR (source rows * k*k) x len(boundary), counts: S @ grad sums dL/dT
-    # With few codes the per-code map and sums run as matrix products with this 0/1 matrix (BLAS uses
-    # every core; an index_select / index_add along the pixel axis is strided); None = index ops.
+    # With few codes the backward's per-code sums run as matrix products with this 0/1 matrix (BLAS
+    # uses every core; an index_add along the pixel axis is strided); None = index_add.
     u2_onehot: Optional[Tensor] = None  # N*H*W x num_codes+1 (fp32)
     # Per image, built once and read by every SPADE layer at this resolution in both passes: its
     # pixels' slice of the N*H*W positions, its slice of ``boundary`` (sorted) and those boundary
@@ -223,14 +224,8 @@ class _RegionGammaBeta(torch.autograd.Function):
         # T = source @ W, summed.
         code_gb_t = code_gb.t().contiguous()
         out = code_gb.new_empty(n, c2, h * w)
-        if layout.u2_onehot is not None:  # zero column for non-U2 pixels, overwritten below
-            padded = F.pad(code_gb_t, (0, 1))
-            u2_onehot = layout.u2_onehot.to(code_gb.dtype)
-            for i, (pixels, _, _) in enumerate(layout.per_image):
-                torch.mm(padded, u2_onehot[pixels].t(), out=out[i])
-        else:
-            for i, (pixels, _, _) in enumerate(layout.per_image):
-                torch.index_select(code_gb_t, 1, layout.code[pixels], out=out[i])
+        for i, (pixels, _, _) in enumerate(layout.per_image):  # boundary pixels' values are overwritten below
+            torch.gather(code_gb_t, 1, layout.code[pixels].expand(c2, -1), out=out[i])
         if layout.boundary.numel():
             products = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # T: rows x (o, 2C)
             boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum") + gb_bias

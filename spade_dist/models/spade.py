@@ -177,9 +177,7 @@ class SPADE(nn.Module):
         seg = segmap.at(size) if isinstance(segmap, SegmapPyramid) else resize_segmap(segmap, size, strided=False)
         actv = self.mlp_shared(seg)
         if self.fused:
-            gamma, beta = self._gamma_beta_fused(actv)
-            # One fused multiply-add pass instead of two (same roundings as the reference order).
-            return torch.addcmul(beta, normalized, 1 + gamma)
+            return scale_shift(normalized, self._gamma_beta_fused(actv), plus_one=True)
         gamma, beta = self.mlp_gamma(actv), self.mlp_beta(actv)
         return normalized * (1 + gamma) + beta
 
@@ -198,24 +196,63 @@ class SPADE(nn.Module):
             channels = self.mlp_gamma.out_channels
             both = region_gamma_beta(segmap.region_layout_at(size, self.kernel_size), first.weight, first.bias,
                                      weight, bias, plus_one=channels)
-            scale, beta = both.split(channels, dim=1)  # scale = 1 + gamma
-            return torch.addcmul(beta.to(normalized.dtype), normalized, scale.to(normalized.dtype))
+            return scale_shift(normalized, both.to(normalized.dtype), plus_one=False)  # both holds 1 + gamma
         # One-hot label map: the first conv is a gather of weight columns (onehot_conv.py).
         actv = F.relu(onehot_conv2d(segmap.indices_at(size), segmap.class_counts, first.weight, first.bias))
-        gamma, beta = self._gamma_beta_fused(actv)
-        return torch.addcmul(beta, normalized, 1 + gamma)
+        return scale_shift(normalized, self._gamma_beta_fused(actv), plus_one=True)
 
     def _gamma_beta_weights(self) -> tuple[Tensor, Tensor]:
         """mlp_gamma and mlp_beta stacked as one convolution with 2C outputs."""
         return (torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight], dim=0),
                 torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias], dim=0))
 
-    def _gamma_beta_fused(self, actv: Tensor) -> tuple[Tensor, Tensor]:
-        """(gamma, beta) from one convolution.
+    def _gamma_beta_fused(self, actv: Tensor) -> Tensor:
+        """[gamma; beta] (2C channels) from one convolution.
 
         The concatenation is rebuilt every call from the live parameters, so gradients flow to
         mlp_gamma / mlp_beta and the state dict stays the official one.
         """
         weight, bias = self._gamma_beta_weights()
-        both = F.conv2d(actv, weight, bias, padding=self.kernel_size // 2)
-        return both.split(self.mlp_gamma.out_channels, dim=1)
+        return F.conv2d(actv, weight, bias, padding=self.kernel_size // 2)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``addcmul(beta, normalized, scale)`` for ``both`` = [gamma or scale; beta] on channels.
+
+    The same forward as ``torch.addcmul(beta, normalized, 1 + gamma)`` over ``both.split``, with a
+    backward that writes the gradient of ``both`` straight into one 2C-channel tensor: autograd's
+    would form ``grad * (normalized * 1)`` (an extra pass over the map for addcmul's ``value``)
+    and then concatenate the two halves' gradients (``split``'s backward, a copy of both). Values
+    are bitwise the same (a product by 1 is exact)."""
+
+    @staticmethod
+    def forward(ctx, normalized: Tensor, both: Tensor, plus_one: bool) -> Tensor:  # type: ignore[override]
+        channels = both.shape[1] // 2
+        gamma, beta = both[:, :channels], both[:, channels:]
+        scale = 1 + gamma if plus_one else gamma
+        ctx.save_for_backward(normalized, scale)
+        ctx.both_shape, ctx.both_dtype = both.shape, both.dtype
+        return torch.addcmul(beta, normalized, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        normalized, scale = ctx.saved_tensors
+        grad_normalized = grad * scale if ctx.needs_input_grad[0] else None
+        grad_both = None
+        if ctx.needs_input_grad[1]:
+            channels_last = not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)
+            grad_both = torch.empty(ctx.both_shape, dtype=ctx.both_dtype, device=grad.device,
+                                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            channels = ctx.both_shape[1] // 2
+            torch.mul(grad, normalized, out=grad_both[:, :channels])
+            grad_both[:, channels:].copy_(grad)
+        return grad_normalized, grad_both, None
+
+
+def scale_shift(normalized: Tensor, both: Tensor, plus_one: bool) -> Tensor:
+    """SPADE's modulation ``normalized * (1 + gamma) + beta`` from ``both`` = [gamma; beta]
+    (``plus_one``) or [1 + gamma; beta] (not), 2C channels, one multiply-add pass."""
+    if both.dim() != 4 or both.shape[1] != 2 * normalized.shape[1]:
+        raise ValueError(f"scale_shift: gamma/beta of shape {tuple(both.shape)} do not match the "
+                         f"normalized activation {tuple(normalized.shape)}")
+    return _ScaleShift.apply(normalized, both, plus_one)
