@@ -7,12 +7,14 @@ Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hit
 
 - reference: how the official code runs - eager fp32, channels-first, separate gamma/beta convs
   (``model.fused_modulation=false``), the label map resized in every SPADE layer, dense
-  ``mlp_shared`` convolutions, torch's spectral-norm backward, every label channel into D, and
-  every loss read with ``.item()`` after every step (host syncs for logging).
+  ``mlp_shared`` convolutions, torch's spectral-norm backward, every label channel into D, the G
+  step's D in one pass over cat(fake, real) (``train.g_step_real_pass=joint``), out-of-place
+  activations, and every loss read with ``.item()`` after every step (host syncs for logging).
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
   one-hot gather for ``mlp_shared``, gamma/beta per uniform region, fused modulation
-  multiply-add, closed-form spectral-norm backward, D's label input as a gather over the classes
-  present, no host sync in the loop),
+  multiply-add with its own backward, in-place activations in the generator's blocks,
+  closed-form spectral-norm backward, D's label input as a gather over the classes present, the G
+  step's real images judged without a graph, no host sync in the loop),
   with the per-layer speed paths chosen as a training run chooses them on its first batch
   (``auto``: dense / gather / region timed per SPADE layer; JSON ``speed_paths``).
 
@@ -60,7 +62,7 @@ from spade_dist.train.step import LossSet, MicroBatch, autocast_context, prepare
 REFERENCE_OVERRIDES = [
     "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
     "model.channels_last=false", "model.fast_spectral_norm=false",
-    "model.discriminator_labels=dense",
+    "model.discriminator_labels=dense", "train.g_step_real_pass=joint",
     "train.mixed_precision='no'", "train.compile=false",
 ]
 

@@ -105,8 +105,9 @@ class ModelConfig:
     # norm helper only works with the 'spectral' prefix, so official runs use 'spectralinstance'.
     pix2pixhd_norm_G: str = "spectralinstance"
     # Fast path (see docs/PERFORMANCE.md): one conv for gamma+beta, label map resized once per
-    # resolution (by strided slicing where it shrinks by whole factors). Numerically equivalent and
-    # checkpoint-compatible with the reference layout.
+    # resolution (by strided slicing where it shrinks by whole factors), the generator's leaky ReLUs
+    # and residual sums in place. Numerically equivalent and checkpoint-compatible with the
+    # reference layout.
     fused_modulation: bool = True
     channels_last: bool = False
     # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot
@@ -194,6 +195,11 @@ class TrainConfig:
     # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # The G step's discriminator pass (train/step.py): "joint" = the official single pass over
+    # cat(fake, real); "separate" = the fake images with a graph, then the real ones without one
+    # (exact: D is frozen there and the real features enter the losses detached; a D with batch
+    # statistics always takes the joint pass).
+    g_step_real_pass: Literal["joint", "separate"] = "separate"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
     # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
     # delivery across preemptions and elastic resizes (docs/ELASTIC.md).

@@ -243,3 +243,55 @@ def test_grad_accumulation_equals_big_batch():
         train_step(backend, losses, micro, 0, cfg)
         results.append([p.detach().clone() for p in state.generator_side.parameters()] + [p.detach().clone() for p in state.discriminator.parameters()])
     assert max((a - b).abs().max().item() for a, b in zip(*results)) <= 1e-8
+
+
+# ---------------------------------------------------------------------------- G step's real pass
+
+
+def _one_step_float64(vgg_path: str, *extra: str) -> tuple[dict, list[str]]:
+    """One full iteration in float64 from seed 0; returns the state dicts and which D calls ran
+    (grad / no_grad, train / eval) in order."""
+    from spade_dist.train.backends import DDPBackend
+    from spade_dist.train.state import build_train_state
+    from spade_dist.train.step import LossSet, prepare_batch, train_step
+
+    cfg = tiny_config(f"loss.vgg_weights={vgg_path}", *extra)
+    torch.manual_seed(0)
+    backend = DDPBackend.setup(cfg)
+    state = build_train_state(cfg, backend.device, fused_adam=True, dtype=torch.float64)
+    backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
+    losses = LossSet.from_config(cfg, None if cfg.loss.no_vgg_loss else VGGLoss.from_file(vgg_path).double())
+    calls: list[str] = []
+    state.discriminator.register_forward_pre_hook(
+        lambda m, _args: calls.append(("grad" if torch.is_grad_enabled() else "no_grad") + ("/train" if m.training else "/eval")))
+    result = train_step(backend, losses, [prepare_batch(global_batch(B), cfg, backend.device, torch.float64)], 0, cfg)
+    assert result.ran_G and all(m.training for m in state.discriminator.modules())  # modes restored
+    return {"G": {k: v.detach().clone() for k, v in state.generator.state_dict().items()},
+            "D": {k: v.detach().clone() for k, v in state.discriminator.state_dict().items()}}, calls
+
+
+def test_separate_real_pass_equals_the_joint_pass(vgg_file):
+    """train.g_step_real_pass=separate (default): the same update as the official single pass over
+    cat(fake, real), spectral-norm u/v included (one power iteration per G step), float64."""
+    joint, joint_calls = _one_step_float64(str(vgg_file), "train.g_step_real_pass=joint")
+    separate, separate_calls = _one_step_float64(str(vgg_file))
+    assert joint_calls == ["grad/train", "grad/train"]  # G step, D step
+    assert separate_calls == ["grad/train", "no_grad/eval", "grad/train"]
+    _assert_same(joint, separate, 1e-10)
+    start = _initial_params("ddp")
+    assert max((joint["D"][k] - v).abs().max().item() for k, v in start["D"].items() if k.endswith("weight_u")) > 1e-6
+
+
+def test_separate_real_pass_is_skipped_or_refused_where_it_would_change_the_step(vgg_file):
+    from spade_dist.models.discriminator import MultiscaleDiscriminator
+    from spade_dist.train.step import judges_images_independently
+
+    # Without feature matching the G step never needs the real images' features.
+    _, calls = _one_step_float64(str(vgg_file), "loss.no_ganFeat_loss=true", "loss.no_vgg_loss=true")
+    assert calls == ["grad/train", "grad/train"]
+    # Batch statistics couple the images: such a D keeps the joint pass.
+    assert judges_images_independently(MultiscaleDiscriminator(8, ndf=4, norm_D="spectralinstance"))
+    for norm_D in ("spectralbatch", "spectralsyncbatch", "batch"):
+        assert not judges_images_independently(MultiscaleDiscriminator(8, ndf=4, norm_D=norm_D))
+    _, calls = _one_step_float64(str(vgg_file), "model.norm_D=spectralbatch", "loss.no_vgg_loss=true")
+    assert calls == ["grad/train", "grad/train"]

@@ -10,6 +10,14 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
   produced or all-reduced in the G step.
 - D loss = D_Fake + D_real. Fake and real go through D as one concatenated batch, as the official
   ``discriminate`` does (one spectral-norm power iteration per call, like the original).
+- The G step's D pass (``train.g_step_real_pass``): ``joint`` is the official one pass over
+  cat(fake, real). ``separate`` (default) judges the fake images with a graph and then the real ones
+  under ``no_grad`` in eval mode, which skips their backward: D is frozen there and the real
+  features enter the losses detached, so nothing flows through them. Exact when D judges each
+  image on its own (no batch statistics, no dropout: the default instance norm); eval mode only
+  keeps the second call from running the spectral-norm power iteration again, so both halves see
+  the same normalized weights as in the joint pass. Without feature matching the real images are
+  not judged at all. A D with batch statistics always takes the joint pass.
 - Every loss is a mean over the per-rank batch, so DDP's gradient average over ranks equals the
   gradient of the global-batch mean (the distributed-step test checks this to 1e-8). KLD is the
   official per-batch sum (as with the official DataParallel, its scale is per-rank).
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
+from torch import nn
 
 from spade_dist.config import Config
 from spade_dist.labels import encode_semantics
@@ -115,6 +124,41 @@ def _discriminate(d: Callable[..., Any], semantics: torch.Tensor, fake: torch.Te
     return _split_pred(d(semantics, torch.cat([fake, real], dim=0)), fake.shape[0])
 
 
+def judges_images_independently(discriminator: nn.Module) -> bool:
+    """Whether D's output for an image depends on nothing but that image and its label map, in
+    train and eval mode alike (no batch norm, no instance norm with running statistics, no dropout)."""
+    for m in discriminator.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            return False
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _graph_free_eval(module: nn.Module):
+    """``no_grad`` and eval mode for the duration; every submodule's own mode restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _discriminate_separately(d: nn.Module, semantics: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
+                             need_real: bool):
+    # The G step's D pass without the real half's graph (train.g_step_real_pass = separate).
+    pred_fake = d(semantics, fake)
+    if not need_real:
+        return pred_fake, None
+    with _graph_free_eval(d):  # the fake pass ran the power iteration; this one reuses its u, v
+        pred_real = d(semantics, real)
+    return pred_fake, pred_real
+
+
 def _sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     total = None
     for value in terms.values():
@@ -123,15 +167,24 @@ def _sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def generator_losses(backend: TrainBackend, losses: LossSet, mb: MicroBatch) -> dict[str, torch.Tensor]:
-    """Official ``compute_generator_loss`` terms for one micro-batch (D frozen by the caller)."""
+def generator_losses(backend: TrainBackend, losses: LossSet, mb: MicroBatch,
+                     separate_real_pass: bool = False) -> dict[str, torch.Tensor]:
+    """Official ``compute_generator_loss`` terms for one micro-batch (D frozen by the caller).
+
+    ``separate_real_pass``: D judges the real images without a graph (module docstring); the
+    caller checks that D judges images independently."""
     fake, mu, logvar = backend.generator(mb.semantics, mb.real if mu_needed(backend) else None)
-    pred_fake, pred_real = _discriminate(backend.discriminator_module, mb.semantics, fake, mb.real)
+    if separate_real_pass:
+        pred_fake, pred_real = _discriminate_separately(backend.discriminator_module, mb.semantics, fake, mb.real,
+                                                        need_real=losses.feature_matching)
+    else:
+        pred_fake, pred_real = _discriminate(backend.discriminator_module, mb.semantics, fake, mb.real)
     terms: dict[str, torch.Tensor] = {}
     if mu is not None:
         terms["KLD"] = kld_loss(mu.float(), logvar.float()) * losses.lambda_kld
     terms["GAN"] = losses.gan(pred_fake, True, for_discriminator=False)
     if losses.feature_matching:
+        assert pred_real is not None
         terms["GAN_Feat"] = feature_matching_loss(pred_fake, pred_real, losses.lambda_feat)
     if losses.vgg is not None:
         terms["VGG"] = losses.vgg(fake, mb.real) * losses.lambda_vgg
@@ -187,8 +240,10 @@ def train_step(backend: TrainBackend, losses: LossSet, micro: Sequence[MicroBatc
     skipped_G = zero
     run_G = step % cfg.optim.D_steps_per_G == 0
     if run_G:
+        separate = cfg.train.g_step_real_pass == "separate" and judges_images_independently(backend.discriminator_module)
         with frozen(backend.discriminator_module):
-            g_terms, skipped_G = _optimize("G", backend, micro, lambda mb: generator_losses(backend, losses, mb), mp, loss_hook)
+            g_terms, skipped_G = _optimize("G", backend, micro, lambda mb: generator_losses(backend, losses, mb, separate),
+                                           mp, loss_hook)
         all_losses.update(g_terms)
     d_terms, skipped_D = _optimize("D", backend, micro, lambda mb: discriminator_losses(backend, losses, mb), mp, loss_hook)
     all_losses.update(d_terms)
