@@ -198,7 +198,7 @@ class TrainConfig:
     # The G step's discriminator pass (train/step.py): "joint" = the official single pass over
     # cat(fake, real); "separate" = the fake images with a graph, then the real ones without one
     # (exact: D is frozen there and the real features enter the losses detached; a D with batch
-    # statistics always takes the joint pass).
+    # statistics, and a compiled one (train.compile), always takes the joint pass).
     g_step_real_pass: Literal["joint", "separate"] = "separate"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
     # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data

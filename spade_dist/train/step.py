@@ -17,7 +17,9 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
   image on its own (no batch statistics, no dropout: the default instance norm); eval mode only
   keeps the second call from running the spectral-norm power iteration again, so both halves see
   the same normalized weights as in the joint pass. Without feature matching the real images are
-  not judged at all. A D with batch statistics always takes the joint pass.
+  not judged at all. A D with batch statistics always takes the joint pass, and so does a compiled
+  one (``train.compile``): the second pass would be a new batch size and mode for its graph, and
+  inductor fails on the dynamic-shape recompilation that the D step's 2N batch then triggers.
 - Every loss is a mean over the per-rank batch, so DDP's gradient average over ranks equals the
   gradient of the global-batch mean (the distributed-step test checks this to 1e-8). KLD is the
   official per-batch sum (as with the official DataParallel, its scale is per-rank).
@@ -240,7 +242,8 @@ def train_step(backend: TrainBackend, losses: LossSet, micro: Sequence[MicroBatc
     skipped_G = zero
     run_G = step % cfg.optim.D_steps_per_G == 0
     if run_G:
-        separate = cfg.train.g_step_real_pass == "separate" and judges_images_independently(backend.discriminator_module)
+        separate = (cfg.train.g_step_real_pass == "separate" and not cfg.train.compile
+                    and judges_images_independently(backend.discriminator_module))
         with frozen(backend.discriminator_module):
             g_terms, skipped_G = _optimize("G", backend, micro, lambda mb: generator_losses(backend, losses, mb, separate),
                                            mp, loss_hook)
