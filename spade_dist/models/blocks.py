@@ -46,17 +46,14 @@ class SPADEResnetBlock(nn.Module):
 
     def forward(self, x: Tensor, seg: SegmapInput) -> Tensor:
         x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
-        if self.fused:
-            # In place: the activation overwrites SPADE's fresh output and the sum conv_1's output;
-            # autograd saved neither (leaky_relu_ keeps its result, whose sign is its input's), so
-            # values and gradients are bitwise the out-of-place ones, with two fewer full-size
-            # maps allocated per block (the reference layout keeps the official out-of-place ops).
-            dx = self.conv_0(F.leaky_relu_(self.norm_0(x, seg), LEAKY_SLOPE))
-            dx = self.conv_1(F.leaky_relu_(self.norm_1(dx, seg), LEAKY_SLOPE))
-            return dx.add_(x_s)
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), LEAKY_SLOPE))
-        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), LEAKY_SLOPE))
-        return x_s + dx
+        # Fused layout: in place. The activation overwrites SPADE's fresh output and the sum conv_1's
+        # output; autograd saved neither (leaky_relu_ keeps its result, whose sign is its input's), so
+        # values and gradients are bitwise the out-of-place ones, with two fewer full-size maps
+        # allocated per block (the reference layout keeps the official out-of-place ops).
+        activation = F.leaky_relu_ if self.fused else F.leaky_relu
+        dx = self.conv_0(activation(self.norm_0(x, seg), LEAKY_SLOPE))
+        dx = self.conv_1(activation(self.norm_1(dx, seg), LEAKY_SLOPE))
+        return dx.add_(x_s) if self.fused else x_s + dx
 
 
 class ResnetBlock(nn.Module):
