@@ -26,10 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from spade_dist.config import load_config  # noqa: E402
-from spade_dist.visualize import to_uint8_image  # noqa: E402
 from spade_dist.eval.inception import build_inception, extract_features, make_test_inception_weights  # noqa: E402
 from spade_dist.labels import encode_semantics  # noqa: E402
 from spade_dist.models.factory import build_generator  # noqa: E402
+from spade_dist.visualize import to_uint8_image  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -85,8 +85,7 @@ def main() -> None:
         def generate() -> None:
             fakes.clear()
             for label, instance in batches:
-                sem = encode_semantics(label.to(device), instance.to(device), data.label_nc,
-                                       data.contain_dontcare_label, data.no_instance)
+                sem = encode_semantics(label.to(device), instance.to(device), data.label_layout)
                 fakes.append(to_uint8_image(generator(sem)))
 
         def extract() -> None:

@@ -11,7 +11,7 @@ Sections, in this order (each checks the remaining time budget first and is reco
   the device's dense bf16 peak (``PEAK_BF16_FLOPS``), peak memory (``max_memory_allocated``);
 - ``speed_paths``: off (dense) vs on (gather + region) vs auto (measured per layer), batch 4 bf16;
 - ``channels_last``: off vs on, batch 4 bf16;
-- ``compile``: eager vs ``train.compile=true``, batch 4 bf16 (compilation time in
+- ``compile``: eager vs ``speed.compile=true``, batch 4 bf16 (compilation time in
   ``first_iteration_s``);
 - ``fid``: Inception feature extraction images/s at 256² (``eval.batch_size`` images per forward).
 
@@ -145,13 +145,13 @@ def run_checks(device: str, config: str, common: list[str], batches: list[int], 
 
     plan: list[tuple[str, float, Callable[[], Any]]] = [
         ("train_step_bf16", 60, lambda: train_step_table(config, common, batches, iters, peak)),
-        ("speed_paths", 30, compare([("off", [bf16, "model.onehot_gather=off", "model.region_modulation=off"]),
-                                     ("on", [bf16, "model.onehot_gather=on", "model.region_modulation=on"]),
+        ("speed_paths", 30, compare([("off", [bf16, "speed.onehot_gather=off", "speed.region_modulation=off"]),
+                                     ("on", [bf16, "speed.onehot_gather=on", "speed.region_modulation=on"]),
                                      ("auto", [bf16])])),
-        ("channels_last", 20, compare([("off", [bf16, "model.channels_last=false"]),
-                                       ("on", [bf16, "model.channels_last=true"])])),
+        ("channels_last", 20, compare([("off", [bf16, "speed.channels_last=false"]),
+                                       ("on", [bf16, "speed.channels_last=true"])])),
         ("fid", 10, lambda: fid_throughput(device, fid_size, fid_images, 64 if device == "cuda" else 4)),
-        ("compile", 60, compare([("eager", [bf16]), ("compiled", [bf16, "train.compile=true"])])),
+        ("compile", 60, compare([("eager", [bf16]), ("compiled", [bf16, "speed.compile=true"])])),
     ]
     for section, needs, run in plan:
         if section in sections:

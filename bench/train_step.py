@@ -6,9 +6,9 @@ project's real step code (``spade_dist.train.step.train_step``: G step with GAN 
 Iterations are interleaved (ref, fast, fast, ref, ...) so machine-load drift hits both alike.
 
 - reference: how the official code runs - eager fp32, channels-first, separate gamma/beta convs
-  (``model.fused_modulation=false``), the label map resized in every SPADE layer, dense
+  (``speed.fused_modulation=false``), the label map resized in every SPADE layer, dense
   ``mlp_shared`` convolutions, torch's spectral-norm backward, every label channel into D, the G
-  step's D in one pass over cat(fake, real) (``train.g_step_real_pass=joint``), out-of-place
+  step's D in one pass over cat(fake, real) (``speed.g_step_real_pass=joint``), out-of-place
   activations, and every loss read with ``.item()`` after every step (host syncs for logging).
 - fast: the config as given (project defaults: fused gamma/beta, one resize per resolution,
   one-hot gather for ``mlp_shared``, gamma/beta per uniform region, fused modulation
@@ -54,16 +54,16 @@ if str(REPO_ROOT) not in sys.path:
 
 from spade_dist.config import Config, load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
-from spade_dist.models.speed_paths import choose_speed_paths  # noqa: E402
+from spade_dist.models.fast.choice import choose_speed_paths  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, autocast_context, prepare_batch, train_step  # noqa: E402
 
 REFERENCE_OVERRIDES = [
-    "model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false",
-    "model.channels_last=false", "model.fast_spectral_norm=false",
-    "model.discriminator_labels=dense", "train.g_step_real_pass=joint",
-    "train.mixed_precision='no'", "train.compile=false",
+    "speed.fused_modulation=false", "speed.onehot_gather=false", "speed.region_modulation=false",
+    "speed.channels_last=false", "speed.fast_spectral_norm=false",
+    "speed.discriminator_labels=dense", "speed.g_step_real_pass=joint",
+    "train.mixed_precision='no'", "speed.compile=false",
 ]
 
 
@@ -247,14 +247,13 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
     raw = (coco_sample_batch(ref_cfg, batch, Path(args.labels_dir)) if labels == "coco-sample"
            else synthetic_batch(ref_cfg, batch))
     batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
-    # The speed paths as a training run picks them on its first batch (model.onehot_gather /
-    # region_modulation: auto times dense / gather / region per SPADE layer; the reference forces dense).
+    # The speed paths as a training run picks them on its first batch (speed.onehot_gather /
+    # region_modulation: auto times dense / gather / region per SPADE layer shape; the reference has none).
     plans = {}
     for m in modes:
         with autocast_context(m.cfg.train.mixed_precision, device):  # as the loop's SpeedPathChoice
             plans[m.name] = choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
-                                               m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True,
-                                               deterministic=m.cfg.train.deterministic)[0].summary()
+                                               m.cfg.speed, None, True, deterministic=m.cfg.train.deterministic)[0].summary()
     load_start = os.getloadavg()
 
     flops: dict[str, int] = {}
@@ -337,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "train_step", "config": str(args.config), "overrides": args.overrides,
                            "fast_overrides": args.fast_override, "iters": args.iters, "warmup": args.warmup,
                            "crop_size": probe.data.crop_size, "ngf": probe.model.ngf,
-                           "semantic_nc": probe.data.semantic_nc, "labels": labels, "runs": runs,
+                           "semantic_nc": probe.data.label_layout.semantic_nc, "labels": labels, "runs": runs,
                            "ratios": [{"batch": r["batch"], "threads": r["threads"], "ratio": round(r["ratio"], 4)} for r in runs],
                            "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                            "machine": machine_info(torch.device(runs[-1]["device"]))}

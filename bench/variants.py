@@ -1,14 +1,14 @@
 """Images/s of the full training iteration for config variants, each against the first (baseline).
 
     python bench/variants.py --config configs/quickstart.yaml --batch 2 \
-        --variant eager= --variant compiled=train.compile=true [overrides for all ...]
+        --variant eager= --variant compiled=speed.compile=true [overrides for all ...]
 
 Every variant is a :class:`bench.train_step.Mode` (the project's real step: G step with its losses and
 Adam update, then the D step) built from the same seed, run on the same batch IN THE SAME PROCESS;
 timed iterations are interleaved (A B C, C B A, ...) so load drift hits all alike. Warm-up iterations
 are untimed: they include ``torch.compile``'s compilation (reported separately as
 ``first_iteration_s``) and, for ``auto`` speed paths, the per-layer measurement
-(``spade_dist.models.speed_paths``, as the training loop does on its first batch).
+(``spade_dist.models.fast.choice``, as the training loop does on its first batch).
 
 The last output line is one JSON object (docs/PERFORMANCE.md): per variant images/s, median and all
 times, first-iteration seconds, peak memory, FLOPs per image when counted, the chosen speed paths;
@@ -35,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.train_step import COCO_SAMPLE, Mode, RssPeak, coco_sample_batch, count_flops, machine_info, synthetic_batch  # noqa: E402
 from spade_dist.config import Config, load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
-from spade_dist.models.speed_paths import choose_speed_paths  # noqa: E402
+from spade_dist.models.fast.choice import choose_speed_paths  # noqa: E402
 from spade_dist.train.step import autocast_context, prepare_batch  # noqa: E402
 
 
@@ -82,13 +82,13 @@ def time_variants(config: str, variants: list[tuple[str, list[str]]], common: li
             if m.cfg.model.netG == "spade":
                 with autocast_context(m.cfg.train.mixed_precision, device):  # as the training loop does
                     plan, source = choose_speed_paths([m.state.generator, m.state.ema.model], batches[m.name].semantics,
-                                                      m.cfg.model.onehot_gather, m.cfg.model.region_modulation, None, True)
+                                                      m.cfg.speed, None, True)
                 record["speed_paths"] = {"source": source, "summary": plan.summary(), "timings_s": plan.timings}
-            if m.cfg.train.compile:
-                m.state.compile(m.cfg.train.compile_mode)
+            if m.cfg.speed.compile:
+                m.state.compile(m.cfg.speed.compile_mode)
             m.sync()
             start = time.perf_counter()
-            m.iteration(batches[m.name])  # compiles when train.compile
+            m.iteration(batches[m.name])  # compiles when speed.compile
             m.sync()
             record["first_iteration_s"] = time.perf_counter() - start
             if flops:

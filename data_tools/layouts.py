@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-LAYOUTS = ("coco-stuff", "ade20k", "cityscapes", "custom")
 DONTCARE = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 MAP_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm")  # lossless formats only for id maps
@@ -286,15 +285,19 @@ def discover_custom(root: Path, split: str, options: LayoutOptions) -> Discovery
     return Discovery(spec, *_pair(root, images, labels, instances))
 
 
+# Each layout name and the function that finds its samples; LAYOUTS are the names.
+_DISCOVER = {"coco-stuff": discover_coco_stuff, "ade20k": discover_ade20k,
+             "cityscapes": discover_cityscapes, "custom": discover_custom}
+LAYOUTS = tuple(_DISCOVER)
+
+
 def discover(layout: str, root: Path, split: str, options: LayoutOptions) -> Discovery:
     """Find the samples of ``split`` under ``root`` for ``layout`` (one of :data:`LAYOUTS`)."""
-    if layout not in LAYOUTS:
+    if layout not in _DISCOVER:
         raise DataToolsError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise DataToolsError(f"dataset root not found: {root}")
-    finder = {"coco-stuff": discover_coco_stuff, "ade20k": discover_ade20k,
-              "cityscapes": discover_cityscapes, "custom": discover_custom}[layout]
-    return finder(root.resolve(), split, options)
+    return _DISCOVER[layout](root.resolve(), split, options)
 
 
 def check_layout(layout: str, root: Path, split: str, options: LayoutOptions) -> str:

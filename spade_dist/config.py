@@ -11,6 +11,7 @@ dotted key and the file (or ``<override>``) it came from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import signal
@@ -22,11 +23,15 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from spade_dist.label_layout import LabelLayout
 from spade_dist.norm_strings import parse_nonspade_norm, parse_spade_norm
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong. The message names the key and the source file."""
+
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,6 +41,9 @@ class ConfigError(ValueError):
 
 # A speed path switch: force it on or off, or let the run time both on its device (auto).
 SpeedSwitch = Literal["auto", "on", "off"]
+# How a SPADE layer computes gamma/beta, from the least to the most specialised (models/fast/).
+SpadePath = Literal["dense", "gather", "region"]
+SPADE_PATHS: tuple[str, ...] = get_args(SpadePath)
 
 
 @dataclass
@@ -77,8 +85,9 @@ class DataConfig:
     pin_memory: bool = True
 
     @property
-    def semantic_nc(self) -> int:
-        return self.label_nc + int(self.contain_dontcare_label) + int(not self.no_instance)
+    def label_layout(self) -> LabelLayout:
+        """The generator input's channel layout (semantic_nc, the one-hot group): the one place it is derived."""
+        return LabelLayout(self.label_nc, self.contain_dontcare_label, self.no_instance)
 
 
 @dataclass
@@ -104,37 +113,82 @@ class ModelConfig:
     # Non-SPADE norm of the pix2pixHD generator. The official option default is 'instance', but its
     # norm helper only works with the 'spectral' prefix, so official runs use 'spectralinstance'.
     pix2pixhd_norm_G: str = "spectralinstance"
-    # Fast path (see docs/PERFORMANCE.md): one conv for gamma+beta, label map resized once per
-    # resolution (by strided slicing where it shrinks by whole factors), the generator's leaky ReLUs
-    # and residual sums in place. Numerically equivalent and checkpoint-compatible with the
-    # reference layout.
+
+
+@dataclass
+class SpeedConfig:
+    """How the networks run, not what they compute: every switch keeps the parameters, the
+    checkpoints and the results (up to float rounding; docs/MODELS.md, "Speed paths"). The rules
+    between the switches are :func:`speed_checks` and the two properties below, nowhere else."""
+
+    # SPADE's gamma and beta from one convolution, the label map resized once per resolution
+    # (strided where it shrinks by whole factors), the generator's leaky ReLUs and residual sums in
+    # place. false: the official code's order of operations (the reference layout).
     fused_modulation: bool = True
+    # Networks and batches in channels-last memory format.
     channels_last: bool = False
-    # Fast path (docs/PERFORMANCE.md): with fused_modulation, SPADE's first conv on the one-hot
-    # label map runs as a gather of weight columns (exact up to float rounding, same parameters).
-    # on / off force it; auto times dense vs gather per SPADE layer shape on the first training
-    # batch, on the training device, and keeps the faster (models/speed_paths.py). YAML's
-    # true / false read as on / off.
+    # SPADE's first convolution of the one-hot label map as a gather of weight columns. on / off
+    # force it; auto times dense vs gather per SPADE layer shape on the first training batch, on
+    # the training device, and keeps the faster. YAML's true / false read as on / off.
     onehot_gather: SpeedSwitch = "auto"
-    # Fast path (docs/PERFORMANCE.md): with the gather, each SPADE layer's gamma/beta maps are
-    # computed once per uniform label region and convolved only near region borders
-    # (models/region_modulation.py; exact up to float rounding, same parameters). on / off / auto
-    # as onehot_gather; on needs onehot_gather on or auto.
+    # With the gather, each SPADE layer's gamma/beta once per uniform label region, convolved only
+    # near region borders. on / off / auto as onehot_gather.
     region_modulation: SpeedSwitch = "auto"
-    # Fast path (docs/PERFORMANCE.md): spectral-normed layers differentiate W / sigma in closed form
-    # (models/spectral_norm.py: same forward, same state dict, three passes over the weight in the
-    # backward instead of autograd's eight). false keeps torch's own backward.
+    # Spectral-normed layers differentiate W / sigma in closed form (same forward, same state dict).
     fast_spectral_norm: bool = True
-    # Fast path (docs/PERFORMANCE.md): how the label map reaches the discriminator
-    # (models/discriminator.py; all exact, same parameters). dense: every semantic channel (the
-    # official input); present: only the channels non-zero somewhere in the batch; gather: as
-    # present, and the one-hot channels' part of D's full-resolution first conv as a gather.
+    # How the label map reaches the discriminator. dense: every semantic channel (the official
+    # input); present: only the channels non-zero somewhere in the batch; gather: as present, and
+    # the one-hot channels' part of D's full-resolution first conv as a gather.
     discriminator_labels: Literal["dense", "present", "gather"] = "gather"
+    # The G step's discriminator pass (train/step.py): "joint" = the official single pass over
+    # cat(fake, real); "separate" = the fake images with a graph, then the real ones without one
+    # (exact: D is frozen there and the real features enter the losses detached). A D with batch
+    # statistics, and a compiled one, always take the joint pass.
+    g_step_real_pass: Literal["joint", "separate"] = "separate"
+    # torch.compile the generator side and the discriminator (forward and, through AOTAutograd,
+    # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+
+    @property
+    def spade_paths(self) -> tuple[str, ...]:
+        """The SPADE paths the switches allow, least to most specialised (``auto`` picks among them;
+        outside training, and with ``train.deterministic``, the last one runs). The region path is
+        built on the gather, and both read the label map the fused layout resizes once."""
+        if not self.fused_modulation or self.onehot_gather == "off":
+            return ("dense",)
+        if self.region_modulation == "on":
+            return ("region",)
+        allowed = ("dense", "gather") if self.onehot_gather == "auto" else ("gather",)
+        return allowed + (("region",) if self.region_modulation == "auto" else ())
+
+    @property
+    def separate_real_pass(self) -> bool:
+        """Whether the G step may judge the real images in a pass of their own (the caller also
+        checks that D judges images independently). A compiled D keeps the joint pass: a second
+        batch size and mode made inductor recompile its graph with dynamic shapes, which failed in
+        the D step's 2N batch."""
+        return self.g_step_real_pass == "separate" and not self.compile
+
+
+def speed_checks(speed: SpeedConfig) -> list[tuple[bool, str]]:
+    """The switches that contradict each other (a forced path that could not run)."""
+    return [
+        (not (speed.onehot_gather == "off" and speed.region_modulation == "on"),
+         "speed.region_modulation=on needs speed.onehot_gather on or auto (the region path is built on the gather)"),
+        (speed.fused_modulation or "on" not in (speed.onehot_gather, speed.region_modulation),
+         "speed.onehot_gather=on / speed.region_modulation=on need speed.fused_modulation=true (the gather and "
+         "region paths read the label map the fused layout resizes once per resolution)"),
+    ]
+
+
+GanMode = Literal["hinge", "ls", "original", "w"]
+GAN_MODES: tuple[str, ...] = get_args(GanMode)  # losses.GANLoss implements each
 
 
 @dataclass
 class LossConfig:
-    gan_mode: Literal["hinge", "ls", "original", "w"] = "hinge"
+    gan_mode: GanMode = "hinge"
     lambda_feat: float = 10.0
     lambda_vgg: float = 10.0
     lambda_kld: float = 0.05
@@ -191,15 +245,6 @@ class TrainConfig:
     sample_every: int = 200
     num_sample_images: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch.compile the generator side and the discriminator (forward and, through AOTAutograd,
-    # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # The G step's discriminator pass (train/step.py): "joint" = the official single pass over
-    # cat(fake, real); "separate" = the fake images with a graph, then the real ones without one
-    # (exact: D is frozen there and the real features enter the losses detached; a D with batch
-    # statistics, and a compiled one (train.compile), always takes the joint pass).
-    g_step_real_pass: Literal["joint", "separate"] = "separate"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
     # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
     # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
@@ -276,6 +321,7 @@ class MetricsConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -427,7 +473,38 @@ def parse_override(text: str) -> dict:
     nested: Any = _OverrideValue(raw.strip(), value) if not isinstance(value, (dict, list)) else value
     for part in reversed(key.split(".")):
         nested = {part: nested}
-    return nested
+    return move_deprecated_keys(nested, f"{_OVERRIDE_SOURCE} '{text}'", warn=True)
+
+
+# Keys that moved to another section: the old spelling is still read, with a warning naming the new
+# key, until the next release. Resolved configs stored by earlier versions carry the old spelling.
+MOVED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    **{("model", k): ("speed", k) for k in ("fused_modulation", "channels_last", "onehot_gather", "region_modulation",
+                                            "fast_spectral_norm", "discriminator_labels")},
+    **{("train", k): ("speed", k) for k in ("g_step_real_pass", "compile", "compile_mode")},
+}
+
+
+def move_deprecated_keys(mapping: dict, source: str, warn: bool) -> dict:
+    """``mapping`` (one YAML file, override or stored config) with the :data:`MOVED_KEYS` under their
+    new names; ``warn``: log one line per moved key. The old and the new key with different values in
+    the same mapping is a :class:`ConfigError`."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in mapping.items()}
+    for (old_section, key), (new_section, new_key) in MOVED_KEYS.items():
+        values = out.get(old_section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        target = out.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # `new_section: <not a mapping>` is reported by _apply, naming the section
+        old, new = f"{old_section}.{key}", f"{new_section}.{new_key}"
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(f"{source}: {old} (deprecated) and {new} are both set, to different values; keep {new}")
+        target[new_key] = value
+        if warn:
+            log.warning(f"{source}: {old} is deprecated and read until the next release; use {new}")
+    return out
 
 
 def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
@@ -494,8 +571,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (cfg.train.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {cfg.train.zero_stage}"),
         (not cfg.train.deepspeed_config or cfg.train.backend == "deepspeed",
          f"train.deepspeed_config ({cfg.train.deepspeed_config}) needs train.backend=deepspeed, got {cfg.train.backend}"),
-        (not (cfg.model.onehot_gather == "off" and cfg.model.region_modulation == "on"),
-         "model.region_modulation=on needs model.onehot_gather on or auto (the region path is built on the gather)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.eval.device) is not None,
          f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
@@ -508,6 +583,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (not cfg.train.init_generator or cfg.model.netG == "spade",
          f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
         *_range_checks(cfg),
+        *speed_checks(cfg.speed),
     ]
     for ok, msg in checks:
         if not ok:
@@ -535,7 +611,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     source = "<defaults>"
     if path is not None:
         for mapping, source in _read_yaml(Path(path)):
-            _apply(cfg, mapping, source)
+            _apply(cfg, move_deprecated_keys(mapping, source, warn=True), source)
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"{_OVERRIDE_SOURCE} '{text}'")
     validate(cfg, str(path) if path is not None else source)
@@ -552,5 +628,5 @@ def config_from_dict(mapping: dict, source: str = "<dict>") -> Config:
     cfg = Config()
     mapping = {section: ({k: v for k, v in values.items() if (section, k) not in RETIRED_KEYS}
                          if isinstance(values, dict) else values) for section, values in mapping.items()}
-    _apply(cfg, mapping, source)
+    _apply(cfg, move_deprecated_keys(mapping, source, warn=False), source)
     return cfg

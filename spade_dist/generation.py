@@ -134,7 +134,7 @@ def load_model(checkpoint: Path, encoder: Optional[Path] = None, preset: Optiona
             checkpoint, label_nc=d.label_nc, contain_dontcare_label=d.contain_dontcare_label,
             no_instance=d.no_instance, ngf=m.ngf, crop_size=d.crop_size, aspect_ratio=d.aspect_ratio,
             num_upsampling_layers=m.num_upsampling_layers, use_vae=m.use_vae, z_dim=m.z_dim, norm_G=m.norm_G,
-            fused_modulation=m.fused_modulation,
+            speed=cfg.speed,
         )
     if encoder is not None:
         encoder_state, encoder_source = _read_checkpoint(encoder), str(encoder)
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str] = ()) -> list[Gallery
                 try:
                     semantics.append(encode_semantics(
                         item.label.to(device), item.instance.to(device) if item.instance is not None else None,
-                        cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance,
+                        cfg.data.label_layout,
                     ).expand(args.num_per_label, -1, -1, -1))
                 except LabelError as exc:
                     raise GenerateError(f"{item.source}: {exc}") from exc

@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from spade_dist.label_layout import LabelLayout
+
 DONTCARE_ID = 255
 # How many offending ids an error message lists before it abbreviates.
 _MAX_IDS_IN_MESSAGE = 20
@@ -25,13 +27,6 @@ _MAX_IDS_IN_MESSAGE = 20
 
 class LabelError(ValueError):
     """A label or instance map cannot be encoded (bad id, shape or dtype). The message says which."""
-
-
-def semantic_nc(label_nc: int, contain_dontcare_label: bool, no_instance: bool) -> int:
-    """Number of generator input channels: classes + don't-care channel + instance-edge channel."""
-    if label_nc <= 0:
-        raise LabelError(f"label_nc must be > 0, got {label_nc}")
-    return label_nc + int(contain_dontcare_label) + int(not no_instance)
 
 
 def _as_integer_map(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -97,28 +92,24 @@ def instance_edges(instance: torch.Tensor) -> torch.Tensor:
 def encode_semantics(
     label: torch.Tensor,
     instance: Optional[torch.Tensor],
-    label_nc: int,
-    contain_dontcare_label: bool,
-    no_instance: bool,
+    layout: LabelLayout,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Integer label map (+ instance map) -> N x semantic_nc x H x W one-hot input, on label's device.
+    """Integer label map (+ instance map) -> N x ``layout.semantic_nc`` x H x W one-hot input, on label's device.
 
     ``label`` holds ids ``0 .. label_nc-1`` and, with ``contain_dontcare_label``, 255. ``instance``
     is required unless ``no_instance``; it is ignored when ``no_instance`` is true.
     Raises :class:`LabelError` naming the bad ids, or a shape / dtype problem.
     """
-    semantic_nc(label_nc, contain_dontcare_label, no_instance)  # validates label_nc
     label = _as_integer_map("label", label)
-    check_label_ids(label, label_nc, contain_dontcare_label)
-    if contain_dontcare_label:
-        label = torch.where(label == DONTCARE_ID, torch.full_like(label, label_nc), label)
+    check_label_ids(label, layout.label_nc, layout.contain_dontcare_label)
+    if layout.contain_dontcare_label:
+        label = torch.where(label == DONTCARE_ID, torch.full_like(label, layout.label_nc), label)
 
     n, _, h, w = label.shape
-    class_channels = label_nc + int(contain_dontcare_label)
-    one_hot = torch.zeros(n, class_channels, h, w, dtype=dtype, device=label.device)
+    one_hot = torch.zeros(n, layout.onehot_channels, h, w, dtype=dtype, device=label.device)
     one_hot.scatter_(1, label, 1.0)
-    if no_instance:
+    if layout.no_instance:
         return one_hot
 
     if instance is None:

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spade_dist.config import GAN_MODES
+
 if TYPE_CHECKING:
     from spade_dist.config import LossConfig
 
-GAN_MODES = ("hinge", "ls", "original", "w")
 VGG_WEIGHTS_ENV = "SPADE_VGG19_WEIGHTS"
 VGG_LAYER_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 # torchvision VGG19 `features` indices: slice k ends right after relu{k}_1 (layers [start, end)).

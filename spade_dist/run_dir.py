@@ -60,7 +60,7 @@ TRAIN_METRICS_NAME = "train_metrics.jsonl"
 EVAL_METRICS_NAME = "metrics.jsonl"  # one line per scored checkpoint, under eval/ (eval/watcher.py)
 EVAL_BEST_NAME = "best.json"  # the best-FID line, under eval/
 INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting point (train.init_generator)
-SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/speed_paths.py)
+SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/fast/choice.py)
 DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).

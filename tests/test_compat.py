@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_dist.cli.convert import main as convert_main
-from spade_dist.config import load_config
+from spade_dist.config import SpeedConfig, load_config
 from spade_dist.models.compat import (
     CheckpointMismatchError,
     load_generator_file,
@@ -75,7 +75,7 @@ def test_coco_generator_from_config_matches_official_count() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_stuff.yaml")
     with torch.device("meta"):
         G = build_generator(cfg, init=False)
-    assert cfg.data.semantic_nc == 184
+    assert cfg.data.label_layout.semantic_nc == 184
     assert sum(p.numel() for p in G.parameters() if p.requires_grad) == 97_480_899
 
 
@@ -102,7 +102,7 @@ def test_loaded_official_generator_reproduces_official_eval_output(mode, crop, a
     sd = random_official_state_dict(shapes, seed=1)
     G = load_official_generator(sd, label_nc=LABEL_NC, contain_dontcare_label=True, no_instance=False, ngf=ngf,
                                 crop_size=crop, aspect_ratio=aspect, num_upsampling_layers=mode, use_vae=use_vae,
-                                z_dim=z_dim, fused_modulation=fused)
+                                z_dim=z_dim, speed=SpeedConfig(fused_modulation=fused))
     G.eval()
     h, w = round(crop / aspect), crop
     seg = _semantics(2, LABEL_NC, 2, h, w)

@@ -1,4 +1,4 @@
-"""``train.compile``: the compiled training step equals the eager one; checkpoints keep their format.
+"""``speed.compile``: the compiled training step equals the eager one; checkpoints keep their format.
 
 One full iteration (G step, then D step, Adam, fp32) from the same weights on the same batch.
 Tolerances, stated per quantity: losses 1e-4 absolute; gradients (Adam's ``exp_avg``, which is
@@ -29,13 +29,13 @@ def _train(compile_: bool):
     from spade_dist.train.step import LossSet, prepare_batch, train_step
 
     # Dense SPADE paths: the gather / region paths run eager under compile anyway (graph breaks).
-    cfg = tiny_config("loss.no_vgg_loss=true", "model.num_D=1", "model.onehot_gather=off", "model.region_modulation=off",
-                      f"train.compile={str(compile_).lower()}")
+    cfg = tiny_config("loss.no_vgg_loss=true", "model.num_D=1", "speed.onehot_gather=off", "speed.region_modulation=off",
+                      f"speed.compile={str(compile_).lower()}")
     torch.manual_seed(0)
     backend = DDPBackend.setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=True)
     if compile_:
-        state.compile(cfg.train.compile_mode)
+        state.compile(cfg.speed.compile_mode)
     backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
     mb = prepare_batch(global_batch(B), cfg, backend.device)
     initial = {k: v.clone() for k, v in state.generator.state_dict().items()}

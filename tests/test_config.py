@@ -9,13 +9,13 @@ from spade_dist.config import ConfigError, load_config
 
 def test_presets_load_with_official_defaults(repo_root):
     coco = load_config(repo_root / "configs" / "coco_stuff.yaml")
-    assert (coco.data.label_nc, coco.data.semantic_nc, coco.data.crop_size, coco.data.load_size) == (182, 184, 256, 286)
+    assert (coco.data.label_nc, coco.data.label_layout.semantic_nc, coco.data.crop_size, coco.data.load_size) == (182, 184, 256, 286)
     assert (coco.model.ngf, coco.model.ndf, coco.model.z_dim, coco.model.norm_G) == (64, 64, 256, "spectralspadesyncbatch3x3")
     assert (coco.optim.lr, coco.optim.beta1, coco.optim.beta2) == (0.0002, 0.0, 0.9)
     assert (coco.loss.lambda_feat, coco.loss.lambda_vgg, coco.loss.lambda_kld) == (10.0, 10.0, 0.05)
-    assert load_config(repo_root / "configs" / "ade20k.yaml").data.semantic_nc == 151
+    assert load_config(repo_root / "configs" / "ade20k.yaml").data.label_layout.semantic_nc == 151
     city = load_config(repo_root / "configs" / "cityscapes.yaml")
-    assert (city.data.semantic_nc, city.model.num_upsampling_layers, city.data.aspect_ratio) == (36, "more", 2.0)
+    assert (city.data.label_layout.semantic_nc, city.model.num_upsampling_layers, city.data.aspect_ratio) == (36, "more", 2.0)
 
 
 def test_overrides_keep_strings_as_written(repo_root):
@@ -81,3 +81,43 @@ def test_distributed_does_not_import_models():
                           "print(sorted(m for m in sys.modules if m.startswith('spade_dist.models')))"],
                          capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_moved_speed_keys_still_read_with_a_one_line_warning_naming_the_new_key(tmp_path, caplog):
+    from spade_dist.config import MOVED_KEYS, Config, config_from_dict
+
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text("model:\n  onehot_gather: off\n  fused_modulation: true\ntrain:\n  compile_mode: max-autotune\n")
+    with caplog.at_level("WARNING", logger="spade_dist.config"):
+        cfg = load_config(old_yaml, ["train.g_step_real_pass=joint"])
+    assert (cfg.speed.onehot_gather, cfg.speed.compile_mode, cfg.speed.g_step_real_pass) == ("off", "max-autotune", "joint")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4 and all("\n" not in w for w in warned)
+    assert any("old.yaml: model.onehot_gather is deprecated" in w and "use speed.onehot_gather" in w for w in warned)
+    assert any("train.g_step_real_pass is deprecated" in w and "use speed.g_step_real_pass" in w for w in warned)
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  channels_last: true\nspeed:\n  channels_last: false\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml: model\.channels_last \(deprecated\) and speed\.channels_last"):
+        load_config(both)
+    # Resolved configs stored by earlier versions (checkpoints, generator files) load silently.
+    stored = Config().to_dict()
+    del stored["speed"]
+    stored["model"]["discriminator_labels"], stored["train"]["compile"] = "dense", True
+    caplog.clear()
+    old = config_from_dict(stored)
+    assert (old.speed.discriminator_labels, old.speed.compile) == ("dense", True) and not caplog.records
+    assert {section for section, _ in MOVED_KEYS.values()} == {"speed"}
+
+
+def test_vocabularies_are_written_once():
+    """The names a config Literal lists are the ones the code implements (each list written once)."""
+    from typing import get_args, get_type_hints
+
+    from spade_dist.config import GAN_MODES, LossConfig, TrainConfig
+    from spade_dist.losses import GANLoss
+    from spade_dist.train.backends import BACKENDS
+
+    assert set(BACKENDS) == set(get_args(get_type_hints(TrainConfig)["backend"]))
+    assert GAN_MODES == get_args(get_type_hints(LossConfig)["gan_mode"])
+    for mode in GAN_MODES:
+        GANLoss(mode)

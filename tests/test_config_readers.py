@@ -2,7 +2,9 @@
 
 A reader is an attribute access ``<x>.<field>`` in the package outside ``config.py`` (which only
 declares and validates), where ``<x>`` is not an imported module, or a ``--get section.key`` in a Slurm script (they read settings through
-``spade-config``). Access through ``getattr(section, name)`` with a literal name counts too.
+``spade-config``). Access through ``getattr(section, name)`` with a literal name counts too, and so
+does ``self.<field>`` in a property of a config section (a value derived from the switches there,
+e.g. ``SpeedConfig.spade_paths``, which the code reads).
 A field that nothing reads is accepted from YAML and silently ignored: remove it or wire it.
 """
 from __future__ import annotations
@@ -47,9 +49,10 @@ def _read_names() -> set[str]:
     names: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
         if path.name == "config.py" and path.parent == PACKAGE:
+            names |= _property_reads(ast.parse(path.read_text(), str(path)))
             continue
         tree = ast.parse(path.read_text(), str(path))
-        # `re.compile` or `torch.compile` is not a reader of train.compile: skip module attributes.
+        # `re.compile` or `torch.compile` is not a reader of speed.compile: skip module attributes.
         modules = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
                    if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
         # A parameter annotated with a section's class (`cfg: DataConfig`) names that section here.
@@ -65,6 +68,18 @@ def _read_names() -> set[str]:
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
                   and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
                 names.add(str(node.args[1].value))
+    return names
+
+
+def _property_reads(tree: ast.Module) -> set[str]:
+    """``section.field`` for each ``self.field`` read in a property of a config section class."""
+    names: set[str] = set()
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in SECTION_OF_CLASS):
+        for fn in cls.body:
+            if isinstance(fn, ast.FunctionDef) and any(getattr(d, "id", "") == "property" for d in fn.decorator_list):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "self":
+                        names |= {node.attr, f"{SECTION_OF_CLASS[cls.name]}.{node.attr}"}
     return names
 
 

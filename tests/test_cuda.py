@@ -137,22 +137,24 @@ def test_mixed_precision_steps_are_finite_and_close_to_fp32(precision):
 
 @pytest.mark.parametrize("path", ["gather", "region"])
 def test_speed_paths_equal_dense_on_cuda(path):
-    from spade_dist.models.speed_paths import spade_layers
+    import dataclasses
+
     from tests.test_fast_path import _generators, _semantics, assert_same_outputs_and_gradients
 
     ref, fast = _generators()
     ref, fast = ref.cuda(), fast.cuda()
-    for layer in spade_layers(fast).values():
-        layer.path = path
+    fast.use_modulation(dataclasses.replace(fast.modulation, default=path))
     assert_same_outputs_and_gradients(ref, fast, _semantics(2, 64, 64).cuda())
 
 
 def test_auto_measures_on_cuda_and_records_the_device(tmp_path):
-    from spade_dist.models.speed_paths import choose_speed_paths
+    from spade_dist.config import SpeedConfig
+    from spade_dist.models.fast.choice import choose_speed_paths
     from tests.test_fast_path import _generators, _semantics
 
     _, fast = _generators()
-    plan, source = choose_speed_paths([fast.cuda()], _semantics(2, 64, 64).cuda(), "auto", "auto", tmp_path / "speed_paths.json", is_main=True)
+    plan, source = choose_speed_paths([fast.cuda()], _semantics(2, 64, 64).cuda(), SpeedConfig(), tmp_path / "speed_paths.json",
+                                      is_main=True)
     assert source == "measured" and plan.device_type == "cuda"
     assert all(set(t) == {"dense", "gather", "region"} and min(t.values()) > 0 for t in plan.timings.values())
 

@@ -6,19 +6,31 @@ in float64 and compares the updated parameters to 1e-9 relative.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from spade_dist.label_layout import LabelLayout
 from spade_dist.labels import encode_semantics
+from spade_dist.models.fast.label_maps import ModulationPlan, resize_segmap
+from spade_dist.models.fast.modulation import scale_shift
+from spade_dist.models.fast.onehot_conv import (
+    NotOneHotError,
+    onehot_conv2d,
+    onehot_index,
+    onehot_strided_conv2d,
+    resize_index,
+)
 from spade_dist.models.generator import SPADEGenerator
-from spade_dist.models.onehot_conv import NotOneHotError, onehot_conv2d, onehot_index, onehot_strided_conv2d, resize_index
-from spade_dist.models.spade import SPADE, SegmapPyramid, resize_segmap, scale_shift
+from spade_dist.models.spade import SPADE, resize_nearest
 from tests.kit import blocky_labels, tiny_config
 
 LABEL_NC = 6  # + dontcare + instance edge = 8 semantic channels
+# The gather path everywhere (LABEL_NC + dontcare one-hot channels, then the instance edges).
+GATHER = ModulationPlan(onehot_channels=LABEL_NC + 1, default="gather")
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +47,7 @@ def _semantics(n: int, h: int, w: int, seed: int = 0, dtype: torch.dtype = torch
     label = blocky_labels(n, LABEL_NC, h, w, g)
     label[blocky_labels(n, 10, h, w, g) == 0] = 255  # about one block in ten is don't care
     instance = blocky_labels(n, 4, h, w, g)
-    return encode_semantics(label, instance, LABEL_NC, True, False, dtype=dtype)
+    return encode_semantics(label, instance, LabelLayout(LABEL_NC, True, False), dtype=dtype)
 
 
 @pytest.mark.parametrize("kernel", [3, 5])
@@ -94,15 +106,15 @@ def test_onehot_index_rejects_maps_that_are_not_onehot_and_resizes_like_the_labe
 
 def test_spade_fast_path_equals_reference_path() -> None:
     torch.manual_seed(0)
-    ref = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=False).double()
-    fast = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=True).double()
+    ref = SPADE("spadebatch3x3", 6, LABEL_NC + 2).double()
+    fast = SPADE("spadebatch3x3", 6, LABEL_NC + 2).double()
     fast.load_state_dict(ref.state_dict())  # the same, official, parameter layout
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
     seg = _semantics(2, 32, 32)
     upstream = torch.randn(2, 6, 8, 8, dtype=torch.float64)
-    pyramid = SegmapPyramid(seg, onehot_channels=LABEL_NC + 1)
-    out_ref, out_fast = ref(x, seg), fast(x, pyramid)
-    assert pyramid.gather  # really took the gather path
+    labels = GATHER.label_maps(seg)
+    out_ref, out_fast = ref(x, seg), fast(x, labels)
+    assert labels.indices_at((8, 8)) is not None  # really took the gather path
     assert (out_ref - out_fast).abs().max().item() < 1e-10
     grads_ref = torch.autograd.grad((out_ref * upstream).sum(), list(ref.parameters()))
     grads_fast = torch.autograd.grad((out_fast * upstream).sum(), list(fast.parameters()))
@@ -113,8 +125,8 @@ def test_spade_fast_path_equals_reference_path() -> None:
 def _generators(use_vae: bool = False) -> tuple[SPADEGenerator, SPADEGenerator]:
     kwargs = dict(semantic_nc=LABEL_NC + 2, ngf=4, crop_size=64, norm_G="spectralspadebatch3x3", use_vae=use_vae, z_dim=8)
     torch.manual_seed(0)
-    ref = SPADEGenerator(fused_modulation=False, **kwargs).double()
-    fast = SPADEGenerator(fused_modulation=True, onehot_channels=LABEL_NC + 1, **kwargs).double()
+    ref = SPADEGenerator(**kwargs).double()  # no modulation plan: the official layers
+    fast = SPADEGenerator(modulation=GATHER, **kwargs).double()
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -151,7 +163,7 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
     common = ["data.crop_size=64", "data.load_size=64", "model.ngf=4", "model.ndf=4"]
     ref_cfg = tiny_config(*common, *REFERENCE_OVERRIDES, base="coco_stuff")
     fast_cfg = tiny_config(*common, base="coco_stuff")
-    assert fast_cfg.model.fused_modulation and fast_cfg.model.onehot_gather == fast_cfg.model.region_modulation == "auto"
+    assert fast_cfg.speed.fused_modulation and fast_cfg.speed.onehot_gather == fast_cfg.speed.region_modulation == "auto"
     # float64: Adam's first step is ~lr * sign(grad), so in fp32 a gradient that is zero up to
     # rounding (e.g. a bias followed by batch norm) could flip sign between modes; fp64 keeps the
     # comparison about the computation, not about rounding.
@@ -180,8 +192,8 @@ def test_full_training_iteration_fast_equals_reference(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [(8, 8), (4, 16), (16, 8), (5, 7), (64, 32), (32, 32), (12, 24)])
 def test_resize_segmap_is_bitwise_nearest_interpolate(size: tuple[int, int]) -> None:
     seg = _semantics(2, 32, 32, dtype=torch.float32)
-    for strided in (True, False):
-        out = resize_segmap(seg, size, strided=strided)
+    for resize in (resize_segmap, resize_nearest):  # the speed paths' strided shrink, the official resize
+        out = resize(seg, size)
         assert out.is_contiguous() and torch.equal(out, F.interpolate(seg, size=size, mode="nearest"))
 
 
@@ -211,12 +223,12 @@ def test_scale_shift_is_bitwise_addcmul_over_split(dtype: torch.dtype, plus_one:
 
 @pytest.mark.parametrize("fin,fout", [(6, 6), (6, 4)])
 def test_resnet_block_in_place_ops_are_bitwise_the_out_of_place_ones(fin: int, fout: int) -> None:
-    """The fused layout runs the block's leaky ReLUs and residual sum in place: same output and
-    gradients (input and every parameter), bitwise."""
+    """A plan's label maps let the block run its leaky ReLUs and residual sum in place: same output
+    and gradients (input and every parameter), bitwise."""
     from spade_dist.models.blocks import SPADEResnetBlock
 
     torch.manual_seed(0)
-    block = SPADEResnetBlock(fin, fout, "spectralspadebatch3x3", LABEL_NC + 2, fused=True).double()
+    block = SPADEResnetBlock(fin, fout, "spectralspadebatch3x3", LABEL_NC + 2).double()
     x = torch.randn(2, fin, 8, 8, dtype=torch.float64, requires_grad=True)
     seg = _semantics(2, 32, 32)
     upstream = torch.randn(2, fout, 8, 8, dtype=torch.float64)
@@ -224,8 +236,8 @@ def test_resnet_block_in_place_ops_are_bitwise_the_out_of_place_ones(fin: int, f
     results = []
     for in_place in (True, False):
         block.load_state_dict(start)
-        block.fused = in_place  # the SPADE layers stay fused: only the block's own ops differ
-        out = block(x, SegmapPyramid(seg, onehot_channels=LABEL_NC + 1))
+        # The SPADE layers take the same path either way: only the block's own ops differ.
+        out = block(x, dataclasses.replace(GATHER, in_place=in_place).label_maps(seg))
         results.append((out, torch.autograd.grad(out, [x, *block.parameters()], upstream)))
     (out_a, grads_a), (out_b, grads_b) = results
     assert torch.equal(out_a, out_b)

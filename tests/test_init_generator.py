@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spade_dist.config import ConfigError
+from spade_dist.label_layout import LabelLayout
 from spade_dist.labels import encode_semantics
 from spade_dist.models import build_encoder, build_generator
 from spade_dist.models.compat import official_encoder_path, save_generator_file
@@ -28,7 +29,7 @@ def _cfg(*overrides: str):
 def _semantics(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     label = blocky_labels(2, LABEL_NC, CROP, CROP, g, block=8)
-    return encode_semantics(label, None, LABEL_NC, False, True)
+    return encode_semantics(label, None, LabelLayout(LABEL_NC, False, True))
 
 
 @pytest.fixture()

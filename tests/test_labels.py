@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spade_dist.labels import LabelError, check_label_ids, encode_semantics, instance_edges, semantic_nc
+from spade_dist.label_layout import LabelLayout
+from spade_dist.labels import LabelError, check_label_ids, encode_semantics, instance_edges
 
 # A hand-made 4x4 scene with 3 classes, a don't-care block and three instances.
 LABEL_4x4 = [
@@ -45,16 +46,16 @@ def _map(rows: list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor
 
 
 def test_semantic_nc_counts_dontcare_and_edge_channels() -> None:
-    assert semantic_nc(182, True, False) == 184
-    assert semantic_nc(150, False, True) == 150
-    assert semantic_nc(35, False, False) == 36
-    with pytest.raises(LabelError, match="label_nc"):
-        semantic_nc(0, False, True)
+    assert LabelLayout(182, True, False).semantic_nc == 184
+    assert LabelLayout(182, True, False).onehot_channels == 183
+    assert LabelLayout(150, False, True).semantic_nc == 150
+    assert LabelLayout(35, False, False).semantic_nc == 36
+    with pytest.raises(ValueError, match="label_nc"):
+        LabelLayout(0, False, True)
 
 
 def test_hand_made_4x4_one_hot_dontcare_and_edges() -> None:
-    out = encode_semantics(_map(LABEL_4x4), _map(INSTANCE_4x4), label_nc=3,
-                           contain_dontcare_label=True, no_instance=False)
+    out = encode_semantics(_map(LABEL_4x4), _map(INSTANCE_4x4), LabelLayout(3, True, False))
     assert out.dtype == torch.float32
     assert out.shape == (1, 5, 4, 4)
     assert torch.equal(out, torch.tensor([EXPECTED_CHANNELS], dtype=torch.float32))
@@ -78,25 +79,25 @@ def test_instance_edges_matches_pixelwise_definition_on_random_maps() -> None:
 
 
 def test_no_instance_drops_edge_channel_and_ignores_instance() -> None:
-    out = encode_semantics(_map(LABEL_4x4), None, label_nc=3, contain_dontcare_label=True, no_instance=True)
+    out = encode_semantics(_map(LABEL_4x4), None, LabelLayout(3, True, True))
     assert torch.equal(out, torch.tensor([EXPECTED_CHANNELS[:4]], dtype=torch.float32))
 
 
 def test_other_integer_dtypes_and_output_dtype() -> None:
     label = _map(LABEL_4x4, torch.uint8)
     inst = _map(INSTANCE_4x4, torch.int32)
-    out = encode_semantics(label, inst, 3, True, False, dtype=torch.float64)
+    out = encode_semantics(label, inst, LabelLayout(3, True, False), dtype=torch.float64)
     assert out.dtype == torch.float64
     assert torch.equal(out, torch.tensor([EXPECTED_CHANNELS], dtype=torch.float64))
     # float maps holding whole numbers (ToTensor()*255 style) are accepted
-    out_f = encode_semantics(_map(LABEL_4x4, torch.float32), _map(INSTANCE_4x4, torch.float32), 3, True, False)
+    out_f = encode_semantics(_map(LABEL_4x4, torch.float32), _map(INSTANCE_4x4, torch.float32), LabelLayout(3, True, False))
     assert torch.equal(out_f, out.float())
 
 
 def test_every_pixel_has_exactly_one_class_channel() -> None:
     label = torch.randint(0, 182, (2, 1, 16, 16))
     label[0, 0, :4, :4] = 255
-    out = encode_semantics(label, torch.zeros_like(label), 182, True, False)
+    out = encode_semantics(label, torch.zeros_like(label), LabelLayout(182, True, False))
     assert out.shape == (2, 184, 16, 16)
     assert torch.equal(out[:, :183].sum(1), torch.ones(2, 16, 16))
     assert torch.equal(out[:, :183].argmax(1), torch.where(label == 255, 182, label)[:, 0])
@@ -105,7 +106,7 @@ def test_every_pixel_has_exactly_one_class_channel() -> None:
 
 def test_dontcare_without_dontcare_channel_is_an_error() -> None:
     with pytest.raises(LabelError, match=r"255.*contain_dontcare_label"):
-        encode_semantics(_map(LABEL_4x4), _map(INSTANCE_4x4), 3, contain_dontcare_label=False, no_instance=False)
+        encode_semantics(_map(LABEL_4x4), _map(INSTANCE_4x4), LabelLayout(3, False, False))
 
 
 def test_out_of_range_ids_are_named() -> None:
@@ -114,7 +115,7 @@ def test_out_of_range_ids_are_named() -> None:
     label[0, 0, 0, 1] = 17
     label[0, 0, 1, 1] = -1
     with pytest.raises(LabelError) as info:
-        encode_semantics(label, _map(INSTANCE_4x4), 3, True, False)
+        encode_semantics(label, _map(INSTANCE_4x4), LabelLayout(3, True, False))
     message = str(info.value)
     assert "-1, 3, 17" in message and "label_nc=3" in message
     assert "255" not in message.split(":")[-1]  # 255 is allowed here and must not be reported
@@ -124,10 +125,10 @@ def test_out_of_range_ids_are_named() -> None:
 
 def test_shape_dtype_and_missing_instance_errors() -> None:
     with pytest.raises(LabelError, match="N x 1 x H x W"):
-        encode_semantics(torch.zeros(4, 4, dtype=torch.long), None, 3, False, True)
+        encode_semantics(torch.zeros(4, 4, dtype=torch.long), None, LabelLayout(3, False, True))
     with pytest.raises(LabelError, match="non-integer"):
-        encode_semantics(torch.full((1, 1, 2, 2), 0.5), None, 3, False, True)
+        encode_semantics(torch.full((1, 1, 2, 2), 0.5), None, LabelLayout(3, False, True))
     with pytest.raises(LabelError, match="instance map is required"):
-        encode_semantics(_map(LABEL_4x4), None, 3, True, False)
+        encode_semantics(_map(LABEL_4x4), None, LabelLayout(3, True, False))
     with pytest.raises(LabelError, match="differs"):
-        encode_semantics(_map(LABEL_4x4), torch.zeros(1, 1, 2, 2, dtype=torch.long), 3, True, False)
+        encode_semantics(_map(LABEL_4x4), torch.zeros(1, 1, 2, 2, dtype=torch.long), LabelLayout(3, True, False))

@@ -12,7 +12,6 @@ from spade_dist.models import (
     ConvEncoder,
     MultiscaleDiscriminator,
     Pix2PixHDGenerator,
-    SegmapPyramid,
     SPADEGenerator,
     SPADEResnetBlock,
     build_discriminator,
@@ -21,6 +20,7 @@ from spade_dist.models import (
     init_weights,
     reparameterize,
 )
+from spade_dist.models.fast.seam import DiscriminatorLabels, ModulationPlan
 from spade_dist.models.norms import make_nonspade_norm_layer
 from spade_dist.models.sync_bn import SyncBatchNorm2d
 from tests.kit import tiny_config
@@ -58,7 +58,7 @@ NORM_CLASSES = {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d, "syncbat
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_spade_layer_every_norm_and_kernel(kind: str, k: int, train: bool) -> None:
     C, label_nc = 6, 4
-    layer = _randomize(SPADE(f"spade{kind}{k}x{k}", C, label_nc, fused=False)).double().train(train)
+    layer = _randomize(SPADE(f"spade{kind}{k}x{k}", C, label_nc)).double().train(train)
     assert type(layer.param_free_norm) is NORM_CLASSES[kind]
     assert layer.mlp_shared[0].weight.shape == (128, label_nc, k, k)
     assert layer.mlp_gamma.weight.shape == (C, 128, k, k) and layer.mlp_beta.weight.shape == (C, 128, k, k)
@@ -83,10 +83,10 @@ def test_spade_layer_every_norm_and_kernel(kind: str, k: int, train: bool) -> No
     beta = F.conv2d(actv, layer.mlp_beta.weight, layer.mlp_beta.bias, padding=k // 2)
     expected = normalized * (1 + gamma) + beta
 
-    fused = SPADE(f"spade{kind}{k}x{k}", C, label_nc, fused=True).double().train(train)
+    fused = SPADE(f"spade{kind}{k}x{k}", C, label_nc).double().train(train)
     fused.load_state_dict(layer.state_dict())
     out_ref = layer(x, seg)
-    out_fused = fused(x, SegmapPyramid(seg))
+    out_fused = fused(x, ModulationPlan().label_maps(seg))  # the fused dense path
     assert out_ref.shape == x.shape
     assert (out_ref - expected).abs().max() < 1e-10
     assert (out_fused - out_ref).abs().max() < 1e-10
@@ -94,13 +94,13 @@ def test_spade_layer_every_norm_and_kernel(kind: str, k: int, train: bool) -> No
 
 
 def test_spade_fused_gradients_equal_reference() -> None:
-    ref = _randomize(SPADE("spadebatch3x3", 5, 3, fused=False)).double()
-    fused = SPADE("spadebatch3x3", 5, 3, fused=True).double()
+    ref = _randomize(SPADE("spadebatch3x3", 5, 3)).double()
+    fused = SPADE("spadebatch3x3", 5, 3).double()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     seg = _seg(2, 3, 8, 8, dtype=torch.float64)
     ref(x, seg).square().sum().backward()
-    fused(x, seg).square().sum().backward()
+    fused(x, ModulationPlan().label_maps(seg)).square().sum().backward()
     for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
         assert (a.grad - b.grad).abs().max() < 1e-10, n
 
@@ -114,7 +114,7 @@ def test_spade_unknown_norm_is_a_value_error_naming_it(bad: str, named: str) -> 
 
 def test_segmap_pyramid_resizes_once_per_size() -> None:
     seg = _seg(1, 3, 16, 16)
-    pyr = SegmapPyramid(seg)
+    pyr = ModulationPlan().label_maps(seg)
     a, b = pyr.at((4, 4)), pyr.at((4, 4))
     assert a is b and torch.equal(a, F.interpolate(seg, size=(4, 4), mode="nearest"))
     assert pyr.at((16, 16)) is seg
@@ -171,9 +171,9 @@ def test_generator_vae_z_from_normal_when_none_and_z_changes_output() -> None:
 
 
 def test_generator_fused_equals_reference_path_float64() -> None:
-    ref = SPADEGenerator(semantic_nc=5, ngf=4, crop_size=32, fused_modulation=False)
+    ref = SPADEGenerator(semantic_nc=5, ngf=4, crop_size=32)  # no modulation plan: the official layers
     _randomize(ref).double().eval()
-    fused = SPADEGenerator(semantic_nc=5, ngf=4, crop_size=32, fused_modulation=True).double().eval()
+    fused = SPADEGenerator(semantic_nc=5, ngf=4, crop_size=32, modulation=ModulationPlan()).double().eval()
     fused.load_state_dict(ref.state_dict())
     seg = _seg(2, 5, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -261,8 +261,8 @@ def test_discriminator_label_inputs_equal_dense(label_input: str, copies: int) -
     channel (fp64), zero gradient on the absent columns; also with fake and real sharing the maps."""
     torch.manual_seed(0)
     full = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3).double()
-    fast = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3, label_input=label_input,
-                                   onehot_channels=8).double()
+    fast = MultiscaleDiscriminator(input_nc=9 + 3, ndf=4, n_layers_D=3, num_D=3,
+                                   label_input=DiscriminatorLabels(label_input, 8)).double()
     fast.load_state_dict(full.state_dict())
     labels = torch.tensor([0, 3, 5, 8]).repeat_interleave(2 * 25 * 13 // 4 + 1)[: 2 * 25 * 13].reshape(2, 1, 25, 13)
     semantics = torch.zeros(2, 9, 25, 13, dtype=torch.float64).scatter_(1, labels, 1.0)  # 8 = no class
@@ -294,8 +294,8 @@ def test_discriminator_label_inputs_equal_dense(label_input: str, copies: int) -
 
 def test_discriminator_gather_falls_back_for_soft_label_maps() -> None:
     full = MultiscaleDiscriminator(input_nc=5 + 3, ndf=4, n_layers_D=2, num_D=2).double()
-    fast = MultiscaleDiscriminator(input_nc=5 + 3, ndf=4, n_layers_D=2, num_D=2, label_input="gather",
-                                   onehot_channels=5).double()
+    fast = MultiscaleDiscriminator(input_nc=5 + 3, ndf=4, n_layers_D=2, num_D=2,
+                                   label_input=DiscriminatorLabels("gather", 5)).double()
     fast.load_state_dict(full.state_dict())
     full.eval(), fast.eval()
     soft = torch.softmax(torch.randn(2, 5, 16, 16, dtype=torch.float64), dim=1)
@@ -307,7 +307,7 @@ def test_discriminator_gather_falls_back_for_soft_label_maps() -> None:
 @pytest.mark.parametrize("present_labels", [False, True])
 def test_discriminator_shares_label_maps_between_image_halves(present_labels: bool) -> None:
     D = MultiscaleDiscriminator(input_nc=4 + 3, ndf=4, n_layers_D=2, num_D=2,
-                                label_input="gather" if present_labels else "dense", onehot_channels=4)
+                                label_input=DiscriminatorLabels("gather", 4) if present_labels else None)
     D = D.double().eval()  # eval: no power iteration between the calls
     semantics, images = _seg(2, 4, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
     shared, repeated = D(semantics, images), D(torch.cat([semantics, semantics]), images)
@@ -318,10 +318,11 @@ def test_discriminator_shares_label_maps_between_image_halves(present_labels: bo
 
 
 def test_discriminator_label_input_follows_config() -> None:
-    assert build_discriminator(tiny_config()).label_input == "gather"
-    assert build_discriminator(tiny_config("model.discriminator_labels=present")).label_input == "present"
+    assert build_discriminator(tiny_config()).label_input == DiscriminatorLabels("gather", 10)  # tiny: 10 classes
+    assert build_discriminator(tiny_config("speed.discriminator_labels=present")).label_input.mode == "present"
+    assert build_discriminator(tiny_config("speed.discriminator_labels=dense")).label_input is None
     with pytest.raises(ValueError, match="label input"):
-        MultiscaleDiscriminator(input_nc=7, label_input="sparse")
+        DiscriminatorLabels("sparse", 4)
 
 
 def test_discriminator_downsample_is_avg_pool_without_padding_counts() -> None:
@@ -367,7 +368,8 @@ SEMANTIC_7 = ("data.label_nc=5", "data.contain_dontcare_label=true", "data.no_in
 def test_factory_builds_from_config() -> None:
     cfg = tiny_config(*SEMANTIC_7)
     G, D = build_generator(cfg), build_discriminator(cfg)
-    assert isinstance(G, SPADEGenerator) and G.semantic_nc == 7
+    assert isinstance(G, SPADEGenerator) and G.semantic_nc == 7 == cfg.data.label_layout.semantic_nc
+    assert G.modulation == ModulationPlan(onehot_channels=6, default="region")  # 5 classes + don't care
     assert D.discriminator_0.model0[0].in_channels == 7 + 3
     assert len(list(D.children())) == cfg.model.num_D
     E = build_encoder(tiny_config(*SEMANTIC_7, "model.use_vae=true"))
@@ -384,3 +386,22 @@ def test_config_rejects_unknown_discriminator_norm_naming_the_key() -> None:
 
     with pytest.raises(ConfigError, match=r"model\.norm_D.*spectralgroup"):
         load_config(None, ["model.norm_D=spectralgroup"])
+
+
+def test_plain_networks_reach_the_speed_paths_only_through_the_seam() -> None:
+    """The official-looking network files import only ``models/fast/seam.py`` of the fast package, and
+    the label channel counts (semantic_nc, the one-hot group) are derived in one place."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "spade_dist"
+    for name in ("generator", "discriminator", "blocks", "spade", "encoder"):
+        tree = ast.parse((package / "models" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        fast = {m for m in imported if m.startswith("spade_dist.models.fast")}
+        assert fast <= {"spade_dist.models.fast.seam"}, (name, fast)
+    formula = re.compile(r"label_nc\s*\+\s*int\(")
+    places = [str(p.relative_to(package)) for p in package.rglob("*.py") if formula.search(p.read_text())]
+    assert places == ["label_layout.py"], places

@@ -24,7 +24,7 @@ EXPECTED = {
     "tiny": ((32, 32), "normal", 4_419_643),
 }
 # The data-dependent speed paths cannot run on meta tensors; the reference layout has the same parameters.
-REFERENCE_LAYOUT = ["model.fused_modulation=false", "model.onehot_gather=false", "model.region_modulation=false"]
+REFERENCE_LAYOUT = ["speed.fused_modulation=false", "speed.onehot_gather=false", "speed.region_modulation=false"]
 
 
 def test_every_preset_file_is_listed(repo_root: Path) -> None:
@@ -41,7 +41,7 @@ def test_preset_output_size_and_parameters(repo_root: Path, preset: str) -> None
     with torch.device("meta"):
         G = build_generator(cfg, init=False).eval()
         with torch.no_grad():
-            out = G(torch.zeros(1, cfg.data.semantic_nc, *size))
+            out = G(torch.zeros(1, cfg.data.label_layout.semantic_nc, *size))
     assert tuple(out.shape) == (1, 3, *size)
     assert sum(p.numel() for p in G.parameters()) == params
 
@@ -50,7 +50,7 @@ def test_most_upsampling_runs_for_real(repo_root: Path) -> None:
     cfg = load_config(repo_root / "configs" / "cityscapes_1024x512.yaml", ["model.ngf=4", "data.crop_size=256"])
     G = build_generator(cfg).eval()
     assert hasattr(G, "up_4")
-    label = torch.zeros(1, cfg.data.semantic_nc, 128, 256)
+    label = torch.zeros(1, cfg.data.label_layout.semantic_nc, 128, 256)
     label[:, 3, :64] = 1
     label[:, 7, 64:] = 1
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SPADE's gamma/beta per uniform label region (models/region_modulation.py) equals the dense
+"""SPADE's gamma/beta per uniform label region (models/fast/region_modulation.py) equals the dense
 convolutions: outputs and every weight gradient, float64, 1e-10 (only summation order differs)."""
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spade_dist.models import region_modulation
+from spade_dist.models.fast import region_modulation
+from spade_dist.models.fast.label_maps import ModulationPlan
+from spade_dist.models.fast.onehot_conv import onehot_index
+from spade_dist.models.fast.region_modulation import build_region_layout, region_gamma_beta
 from spade_dist.models.generator import SPADEGenerator
-from spade_dist.models.onehot_conv import onehot_index
-from spade_dist.models.region_modulation import build_region_layout, region_gamma_beta
-from spade_dist.models.spade import SPADE, SegmapPyramid
-from tests.test_fast_path import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from tests.test_fast_path import LABEL_NC, _semantics, assert_same_outputs_and_gradients
+from spade_dist.models.spade import SPADE
+from tests.test_fast_path import (
+    LABEL_NC,
+    _one_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    _semantics,
+    assert_same_outputs_and_gradients,
+)
 
 
 def _regions(n: int, h: int, w: int, block: int, seed: int = 0) -> torch.Tensor:
@@ -86,20 +91,21 @@ def test_region_layout_counts_only_present_codes_and_marks_borders() -> None:
 
 def test_spade_and_generator_region_path_equal_reference() -> None:
     torch.manual_seed(0)
-    ref = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=False).double()
-    fast = SPADE("spadebatch3x3", 6, LABEL_NC + 2, fused=True).double()
+    ref = SPADE("spadebatch3x3", 6, LABEL_NC + 2).double()
+    fast = SPADE("spadebatch3x3", 6, LABEL_NC + 2).double()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 32, 32, dtype=torch.float64)
     seg = _regions(2, 32, 32, block=8)
-    pyramid = SegmapPyramid(seg, onehot_channels=LABEL_NC + 1, region_modulation=True)
-    out_ref, out_fast = ref(x, seg), fast(x, pyramid)
-    assert pyramid._layouts  # really took the region path
+    region = ModulationPlan(onehot_channels=LABEL_NC + 1, default="region")
+    labels = region.label_maps(seg)
+    out_ref, out_fast = ref(x, seg), fast(x, labels)
+    assert labels._layouts  # really took the region path
     assert (out_ref - out_fast).abs().max().item() < 1e-10
 
     kwargs = dict(semantic_nc=LABEL_NC + 2, ngf=4, crop_size=64, norm_G="spectralspadebatch3x3")
     torch.manual_seed(0)
-    ref_g = SPADEGenerator(fused_modulation=False, **kwargs).double()
-    fast_g = SPADEGenerator(fused_modulation=True, onehot_channels=LABEL_NC + 1, region_modulation=True, **kwargs).double()
+    ref_g = SPADEGenerator(**kwargs).double()  # no modulation plan: the official layers
+    fast_g = SPADEGenerator(modulation=region, **kwargs).double()
     fast_g.load_state_dict(ref_g.state_dict())
     for seg in (_semantics(2, 64, 64), _regions(2, 64, 64, block=16)):
         assert_same_outputs_and_gradients(ref_g, fast_g, seg)

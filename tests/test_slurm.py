@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -218,7 +218,7 @@ def test_deepspeed_zero1_two_nodes_preempted_requeued_resumed(cluster, train_sha
     assert "deepspeed on 2 x cpu" in log, log[-4000:]  # one process group of 2 ranks across both nodes
     assert (run_dir / "deepspeed_hostfile").read_text().split() == ["n1", "slots=1", "n2", "slots=1"]
     assert "requeueing job" in log and "resumed from" in log and "training finished" in log, log[-4000:]
-    # model.*: auto speed paths were measured once, recorded, and the requeued job kept that plan.
+    # speed.*: auto speed paths were measured once, recorded, and the requeued job kept that plan.
     assert log.count("speed paths on cpu (measured)") == 1 and log.count("speed paths on cpu (recorded)") == 1
     assert json.loads((run_dir / "speed_paths.json").read_text())["device_type"] == "cpu"
     _assert_preempted_mid_epoch_and_exactly_once(log, run_dir, max_steps)

@@ -1,4 +1,4 @@
-"""The closed-form spectral-norm backward (models/spectral_norm.py) against torch's own hook."""
+"""The closed-form spectral-norm backward (models/fast/spectral_norm.py) against torch's own hook."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from spade_dist.models.factory import build_discriminator, build_generator
-from spade_dist.models.spectral_norm import FastSpectralNorm, use_fast_spectral_norm
+from spade_dist.models.fast.spectral_norm import FastSpectralNorm, use_fast_spectral_norm
 from tests.kit import tiny_config
 
 
@@ -55,7 +55,7 @@ def test_config_switch_reaches_every_spectral_normed_layer() -> None:
     def hooks(net: nn.Module) -> list[type]:
         return [type(h) for m in net.modules() for h in m._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
 
-    on, off = tiny_config(), tiny_config("model.fast_spectral_norm=false")
+    on, off = tiny_config(), tiny_config("speed.fast_spectral_norm=false")
     for build in (build_generator, build_discriminator):
         fast_hooks, torch_hooks = hooks(build(on)), hooks(build(off))
         assert fast_hooks and set(fast_hooks) == {FastSpectralNorm}, build.__name__

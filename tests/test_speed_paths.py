@@ -1,4 +1,4 @@
-"""``model.onehot_gather`` / ``region_modulation: auto``: per-layer choice by timing, exact either way.
+"""``speed.onehot_gather`` / ``region_modulation: auto``: per-layer-shape choice by timing, exact either way.
 
 Equality (fp64, 1e-10, as tests/test_fast_path.py): every path a layer can take, and a mixed plan,
 give the dense reference's image and parameter gradients. The choice itself is tested with an
@@ -6,17 +6,20 @@ injected timer (a fake measurement), so it does not depend on this machine's loa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from spade_dist.config import ConfigError, load_config
-from spade_dist.models.spade import SPEED_PATHS
+from spade_dist.config import SPADE_PATHS, ConfigError, SpeedConfig, load_config
+from spade_dist.models.fast.choice import choose_speed_paths, layer_inputs, spade_layers
+from spade_dist.models.fast.label_maps import shape_key
 from spade_dist.run_dir import SPEED_PATHS_NAME as PLAN_FILE
-from spade_dist.models.speed_paths import candidates, choose_speed_paths, spade_layers
 from tests.dist_utils import run_distributed
 from tests.test_fast_path import _generators, _semantics, assert_same_outputs_and_gradients
+
+AUTO = SpeedConfig()  # onehot_gather / region_modulation: auto
 
 
 def _fake_timer(fastest_by_resolution: dict[int, str], calls: list | None = None):
@@ -32,6 +35,10 @@ def _fake_timer(fastest_by_resolution: dict[int, str], calls: list | None = None
     return timer
 
 
+def candidates(onehot_gather: str, region_modulation: str) -> tuple[str, ...]:
+    return SpeedConfig(onehot_gather=onehot_gather, region_modulation=region_modulation).spade_paths
+
+
 def test_candidates_follow_the_switches():
     assert candidates("auto", "auto") == ("dense", "gather", "region")
     assert candidates("auto", "off") == ("dense", "gather")
@@ -39,27 +46,36 @@ def test_candidates_follow_the_switches():
     assert candidates("on", "off") == ("gather",)
     assert candidates("off", "off") == candidates("off", "auto") == ("dense",)
     assert candidates("auto", "on") == candidates("on", "on") == ("region",)
+    assert SpeedConfig(fused_modulation=False).spade_paths == ("dense",)  # the official layer
 
 
 def test_config_default_is_auto_and_booleans_read_as_on_off(tmp_path):
     cfg = load_config(None)
-    assert cfg.model.onehot_gather == "auto" and cfg.model.region_modulation == "auto"
-    assert load_config(None, ["model.onehot_gather=false", "model.region_modulation=off"]).model.onehot_gather == "off"
+    assert cfg.speed.onehot_gather == "auto" and cfg.speed.region_modulation == "auto"
+    assert load_config(None, ["speed.onehot_gather=false", "speed.region_modulation=off"]).speed.onehot_gather == "off"
     yaml = tmp_path / "c.yaml"
-    yaml.write_text("model:\n  onehot_gather: on\n  region_modulation: false\n")  # YAML 1.1 booleans
+    yaml.write_text("speed:\n  onehot_gather: on\n  region_modulation: false\n")  # YAML 1.1 booleans
     cfg = load_config(yaml)
-    assert (cfg.model.onehot_gather, cfg.model.region_modulation) == ("on", "off")
-    with pytest.raises(ConfigError, match="model.region_modulation=on needs model.onehot_gather"):
-        load_config(None, ["model.onehot_gather=off", "model.region_modulation=on"])
-    with pytest.raises(ConfigError, match="model.onehot_gather: invalid value 'fast'"):
-        load_config(None, ["model.onehot_gather=fast"])
+    assert (cfg.speed.onehot_gather, cfg.speed.region_modulation) == ("on", "off")
+    with pytest.raises(ConfigError, match="speed.region_modulation=on needs speed.onehot_gather"):
+        load_config(None, ["speed.onehot_gather=off", "speed.region_modulation=on"])
+    with pytest.raises(ConfigError, match="speed.onehot_gather: invalid value 'fast'"):
+        load_config(None, ["speed.onehot_gather=fast"])
+    with pytest.raises(ConfigError, match="need speed.fused_modulation=true"):
+        load_config(None, ["speed.fused_modulation=false", "speed.onehot_gather=on"])
 
 
-@pytest.mark.parametrize("path", SPEED_PATHS)
+def _applied_paths(generator, semantics) -> dict[str, str]:
+    """The path each SPADE layer takes (by module name) under the generator's plan."""
+    return {name: generator.modulation.path_for(shape_key(*x.shape[1:])) for name, (x, _) in
+            layer_inputs(generator, semantics).items()}
+
+
+@pytest.mark.parametrize("path", SPADE_PATHS)
 def test_every_path_equals_the_dense_reference(path):
     ref, fast = _generators()
-    for layer in spade_layers(fast).values():
-        layer.path = path
+    fast.use_modulation(dataclasses.replace(fast.modulation, default=path))
+    assert set(_applied_paths(fast, _semantics(2, 64, 64)).values()) == {path}
     assert_same_outputs_and_gradients(ref, fast, _semantics(2, 64, 64))
 
 
@@ -69,11 +85,11 @@ def test_fake_timing_takes_both_choices_and_the_mixed_plan_stays_exact(tmp_path)
     before = {k: v.clone() for k, v in fast.state_dict().items()}
     # Low resolutions: dense is "faster"; high ones: region; 16 x 16: gather.
     timer = _fake_timer({2: "dense", 4: "dense", 8: "dense", 16: "gather", 32: "region", 64: "region"})
-    plan, source = choose_speed_paths([fast], seg, "auto", "auto", tmp_path / PLAN_FILE, is_main=True, timer=timer)
+    plan, source = choose_speed_paths([fast], seg, AUTO, tmp_path / PLAN_FILE, is_main=True, timer=timer)
     assert source == "measured"
-    layers = spade_layers(fast)
-    assert {layer.path for layer in layers.values()} == {"dense", "gather", "region"}, plan.layers
-    assert all(layer.path == plan.layers[name] for name, layer in layers.items())
+    applied = _applied_paths(fast, seg)
+    assert set(applied.values()) == {"dense", "gather", "region"}, plan.layers
+    assert applied == plan.layers and set(applied) == set(spade_layers(fast))
     assert plan.layers["head_0.norm_0"] == "dense" and plan.layers["up_3.norm_0"] == "region"
     # Measuring left the training state alone: same weights and buffers, no gradients, train mode.
     assert all(torch.equal(v, fast.state_dict()[k]) for k, v in before.items())
@@ -81,7 +97,7 @@ def test_fake_timing_takes_both_choices_and_the_mixed_plan_stays_exact(tmp_path)
     assert_same_outputs_and_gradients(ref, fast, seg)
     # The opposite timing flips the choice: the decision follows the measurement.
     _, fast2 = _generators()
-    plan2, _ = choose_speed_paths([fast2], seg, "auto", "off", None, is_main=True,
+    plan2, _ = choose_speed_paths([fast2], seg, SpeedConfig(region_modulation="off"), None, is_main=True,
                                   timer=_fake_timer({h: "gather" if h < 16 else "dense" for h in (2, 4, 8, 16, 32, 64)}))
     assert plan2.layers["head_0.norm_0"] == "gather" and plan2.layers["up_3.norm_0"] == "dense"
 
@@ -89,7 +105,7 @@ def test_fake_timing_takes_both_choices_and_the_mixed_plan_stays_exact(tmp_path)
 def test_layers_of_one_shape_share_one_measurement():
     _, fast = _generators()
     calls: list = []
-    choose_speed_paths([fast], _semantics(2, 64, 64), "auto", "auto", None, is_main=True,
+    choose_speed_paths([fast], _semantics(2, 64, 64), AUTO, None, is_main=True,
                        timer=_fake_timer({}, calls))
     keys = [k for k, _ in calls]
     assert len(set(keys)) < len(spade_layers(fast))  # e.g. head_0 / G_middle_* share a shape
@@ -99,25 +115,32 @@ def test_layers_of_one_shape_share_one_measurement():
 def test_plan_is_recorded_and_a_resume_keeps_it(tmp_path):
     seg = _semantics(2, 64, 64)
     _, first = _generators()
-    plan, _ = choose_speed_paths([first], seg, "auto", "auto", tmp_path / PLAN_FILE, is_main=True,
+    plan, _ = choose_speed_paths([first], seg, AUTO, tmp_path / PLAN_FILE, is_main=True,
                                  timer=_fake_timer({h: "dense" for h in (2, 4, 8, 16, 32, 64)}))
     recorded = json.loads((tmp_path / PLAN_FILE).read_text())
     assert recorded["device_type"] == "cpu" and set(recorded["layers"].values()) == {"dense"}
+    assert set(recorded["paths"].values()) == {"dense"}
 
     def must_not_measure(key, path, run):
         raise AssertionError("a resumed run must not measure again")
 
     _, resumed = _generators()
-    again, source = choose_speed_paths([resumed], seg, "auto", "auto", tmp_path / PLAN_FILE, is_main=True, timer=must_not_measure)
+    again, source = choose_speed_paths([resumed], seg, AUTO, tmp_path / PLAN_FILE, is_main=True, timer=must_not_measure)
     assert source == "recorded" and again.layers == plan.layers
-    assert {layer.path for layer in spade_layers(resumed).values()} == {"dense"}
+    assert set(_applied_paths(resumed, seg).values()) == {"dense"}
     # Forced switches win over the record, without measuring.
-    forced, source = choose_speed_paths([resumed], seg, "on", "off", tmp_path / PLAN_FILE, is_main=True, timer=must_not_measure)
+    forced, source = choose_speed_paths([resumed], seg, SpeedConfig(onehot_gather="on", region_modulation="off"),
+                                        tmp_path / PLAN_FILE, is_main=True, timer=must_not_measure)
     assert source == "forced" and set(forced.layers.values()) == {"gather"}
+    # A record of the earlier format (paths per layer name, timings per shape) is read back.
+    (tmp_path / PLAN_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "paths"}))
+    _, earlier = _generators()
+    again, source = choose_speed_paths([earlier], seg, AUTO, tmp_path / PLAN_FILE, is_main=True, timer=must_not_measure)
+    assert source == "recorded" and again.paths == plan.paths
     # A record from another device type is measured again.
     (tmp_path / PLAN_FILE).write_text(json.dumps({**recorded, "device_type": "cuda"}))
     _, other = _generators()
-    _, source = choose_speed_paths([other], seg, "auto", "auto", tmp_path / PLAN_FILE, is_main=True,
+    _, source = choose_speed_paths([other], seg, AUTO, tmp_path / PLAN_FILE, is_main=True,
                                    timer=_fake_timer({h: "region" for h in (2, 4, 8, 16, 32, 64)}))
     assert source == "measured"
 
@@ -127,10 +150,10 @@ def test_deterministic_runs_do_not_time(tmp_path):
         raise AssertionError("train.deterministic: no timing")
 
     _, fast = _generators()
-    plan, source = choose_speed_paths([fast], _semantics(2, 64, 64), "auto", "auto", tmp_path / PLAN_FILE, is_main=True,
+    plan, source = choose_speed_paths([fast], _semantics(2, 64, 64), AUTO, tmp_path / PLAN_FILE, is_main=True,
                                       timer=must_not_measure, deterministic=True)
     assert source == "deterministic" and set(plan.layers.values()) == {"region"}
-    plan, _ = choose_speed_paths([fast], _semantics(2, 64, 64), "auto", "off", None, is_main=True,
+    plan, _ = choose_speed_paths([fast], _semantics(2, 64, 64), SpeedConfig(region_modulation="off"), None, is_main=True,
                                  timer=must_not_measure, deterministic=True)
     assert set(plan.layers.values()) == {"gather"}
 
@@ -144,8 +167,8 @@ def _broadcast_rank(rank: int, world: int) -> dict:
             raise AssertionError("only rank 0 measures")
         return _fake_timer({h: "gather" for h in (2, 4, 8, 16)} | {32: "region", 64: "region"})(key, path, run)
 
-    plan, _ = choose_speed_paths([fast], seg, "auto", "auto", None, is_main=rank == 0, timer=timer)
-    return {name: layer.path for name, layer in spade_layers(fast).items()} | {"_plan": plan.layers}
+    plan, _ = choose_speed_paths([fast], seg, AUTO, None, is_main=rank == 0, timer=timer)
+    return _applied_paths(fast, seg) | {"_plan": plan.layers}
 
 
 @pytest.mark.dist

@@ -90,18 +90,51 @@ def global_batch(n: int, crop: int = CROP) -> dict:
     }
 
 
+def _deepspeed_float64_backend() -> type:
+    """The deepspeed backend for float64 verification runs: DeepSpeed all-reduces gradients in fp32
+    unless told otherwise and its config parser accepts no fp64, so fp64 gradients would be rounded
+    to fp32 on the wire. This subclass asks for fp64 communication and lets the parser map it to
+    torch.float64 while the engines are built."""
+    import deepspeed.runtime.config as ds_config
+
+    from spade_dist.train.backends import DeepSpeedBackend
+
+    class Float64DeepSpeedBackend(DeepSpeedBackend):
+        def ds_config(self, per_rank_batch: int) -> dict:
+            config = super().ds_config(per_rank_batch)
+            config["communication_data_type"] = "fp64"
+            config["zero_optimization"]["reduce_scatter"] = False  # ZeRO-2 reduce-scatter takes <= fp32
+            return config
+
+        def wrap(self, *args, **kwargs) -> None:
+            original = ds_config.get_communication_data_type
+
+            def parse(param_dict: dict, *rest, **options):
+                if str(param_dict.get("communication_data_type", "")).lower() == "fp64" and not rest and not options:
+                    return torch.float64
+                return original(param_dict, *rest, **options)
+
+            ds_config.get_communication_data_type = parse
+            try:
+                super().wrap(*args, **kwargs)
+            finally:
+                ds_config.get_communication_data_type = original
+
+    return Float64DeepSpeedBackend
+
+
 def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_stage: int) -> dict:
-    from spade_dist.train.backends import DDPBackend, DeepSpeedBackend
+    from spade_dist.train.backends import DDPBackend
     from spade_dist.train.state import build_train_state
     from spade_dist.train.step import LossSet, prepare_batch, train_step
 
     cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}")
     per = 2 * B // world
     torch.manual_seed(0)
-    backend = (DeepSpeedBackend if backend_name == "deepspeed" else DDPBackend).setup(cfg)
+    backend = (_deepspeed_float64_backend() if backend_name == "deepspeed" else DDPBackend).setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=backend_name == "ddp", dtype=torch.float64)
     if backend_name == "deepspeed":
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per, float64_communication=True)
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per)
     else:
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
     vgg = VGGLoss.from_file(vgg_path).double()
@@ -271,9 +304,9 @@ def _one_step_float64(vgg_path: str, *extra: str) -> tuple[dict, list[str]]:
 
 
 def test_separate_real_pass_equals_the_joint_pass(vgg_file):
-    """train.g_step_real_pass=separate (default): the same update as the official single pass over
+    """speed.g_step_real_pass=separate (default): the same update as the official single pass over
     cat(fake, real), spectral-norm u/v included (one power iteration per G step), float64."""
-    joint, joint_calls = _one_step_float64(str(vgg_file), "train.g_step_real_pass=joint")
+    joint, joint_calls = _one_step_float64(str(vgg_file), "speed.g_step_real_pass=joint")
     separate, separate_calls = _one_step_float64(str(vgg_file))
     assert joint_calls == ["grad/train", "grad/train"]  # G step, D step
     assert separate_calls == ["grad/train", "no_grad/eval", "grad/train"]

@@ -24,6 +24,7 @@ from spade_dist.models.compat import (
 )
 from spade_dist.resources import preset_path
 
+
 def build_parser() -> argparse.ArgumentParser:
     ap = make_parser("spade-convert", __doc__)
     sub = add_subparsers(ap)
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.checkpoint, label_nc=d.label_nc, contain_dontcare_label=d.contain_dontcare_label,
                 no_instance=d.no_instance, ngf=m.ngf, crop_size=d.crop_size, aspect_ratio=d.aspect_ratio,
                 num_upsampling_layers=m.num_upsampling_layers, use_vae=m.use_vae, z_dim=m.z_dim, norm_G=m.norm_G,
-                fused_modulation=m.fused_modulation,
+                speed=cfg.speed,
             )
             save_generator_file(G, cfg, args.out)
     except (CheckpointMismatchError, ConfigError, FileNotFoundError, ValueError, TypeError) as exc:

@@ -158,8 +158,7 @@ def generated_features(generator: nn.Module, batches: Iterable[Batch], extractor
     def images_of(batch: Batch, keep: Optional[int]) -> torch.Tensor:
         label, instance = batch["label"][:keep], batch.get("instance")
         semantics = encode_semantics(
-            label.to(device), instance[:keep].to(device) if instance is not None else None,
-            data.label_nc, data.contain_dontcare_label, data.no_instance,
+            label.to(device), instance[:keep].to(device) if instance is not None else None, data.label_layout,
         )
         output = generator(semantics)
         if not torch.isfinite(output).all():

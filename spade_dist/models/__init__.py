@@ -6,10 +6,10 @@ from spade_dist.models.factory import build_discriminator, build_encoder, build_
 from spade_dist.models.generator import SPADEGenerator
 from spade_dist.models.init import init_weights
 from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
-from spade_dist.models.spade import SPADE, SegmapPyramid
+from spade_dist.models.spade import SPADE
 
 __all__ = [
-    "SPADE", "SegmapPyramid", "SPADEResnetBlock", "ResnetBlock", "SPADEGenerator", "Pix2PixHDGenerator",
+    "SPADE", "SPADEResnetBlock", "ResnetBlock", "SPADEGenerator", "Pix2PixHDGenerator",
     "ConvEncoder", "reparameterize", "MultiscaleDiscriminator", "NLayerDiscriminator", "init_weights",
     "build_generator", "build_discriminator", "build_encoder",
 ]

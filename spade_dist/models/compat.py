@@ -18,14 +18,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from spade_dist.config import Config, config_from_dict
+from spade_dist.config import Config, SpeedConfig, config_from_dict
 from spade_dist.files import atomic_output
+from spade_dist.label_layout import LabelLayout
 from spade_dist.models.factory import build_generator
+from spade_dist.models.fast.seam import ModulationPlan
 from spade_dist.models.generator import SPADEGenerator, latent_size
 from spade_dist.models.norms import parse_spade_norm
 from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
@@ -93,7 +95,8 @@ def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Ten
 def _likely_options(got: Mapping[str, Tensor], want: Mapping[str, Tensor], opts: dict[str, Any]) -> list[str]:
     """Human-readable guesses of which option differs, read off the checkpoint's shapes."""
     hints: list[str] = []
-    semantic_nc = opts["semantic_nc"]
+    labels: LabelLayout = opts["labels"]
+    semantic_nc = labels.semantic_nc
     fc_got, fc_want = got.get("fc.weight"), want.get("fc.weight")
     if fc_got is not None and fc_want is not None:
         if fc_got.dim() == 4 and fc_want.dim() != 4:
@@ -103,10 +106,10 @@ def _likely_options(got: Mapping[str, Tensor], want: Mapping[str, Tensor], opts:
         elif fc_got.dim() == 4:
             ckpt_nc = fc_got.shape[1]
             if ckpt_nc != semantic_nc:
-                extra = int(opts["contain_dontcare_label"]) + int(not opts["no_instance"])
+                extra = semantic_nc - labels.label_nc  # the don't-care and instance-edge channels
                 hint = (f"label_nc / contain_dontcare_label / no_instance: the checkpoint takes semantic_nc={ckpt_nc} "
-                        f"input channels, the options give {semantic_nc} (label_nc {opts['label_nc']} "
-                        f"+ dontcare {int(opts['contain_dontcare_label'])} + instance {int(not opts['no_instance'])}); "
+                        f"input channels, the options give {semantic_nc} (label_nc {labels.label_nc} "
+                        f"+ dontcare {int(labels.contain_dontcare_label)} + instance {labels.edge_channels}); "
                         f"with the same dontcare/instance settings label_nc would be {ckpt_nc - extra}")
                 if abs(ckpt_nc - semantic_nc) == 1:
                     hint += "; a difference of 1 usually means contain_dontcare_label or no_instance differs"
@@ -195,29 +198,25 @@ def load_official_generator(
     use_vae: bool = False,
     z_dim: int = 256,
     norm_G: str = DEFAULT_NORM_G,
-    fused_modulation: bool = True,
-    label_fast_paths: bool = True,
+    speed: Optional[SpeedConfig] = None,
 ) -> SPADEGenerator:
     """Build our SPADEGenerator with the official options and load an official state dict into it.
 
     Returned in eval mode: spectral norm then uses the stored u / v (no power iteration) and the
-    SPADE BatchNorms their running statistics, as the official test script does.
-    ``label_fast_paths`` (with ``fused_modulation``) turns on the exact one-hot gather and region
-    paths of the SPADE layers (docs/MODELS.md), as ``model.onehot_gather`` / ``region_modulation`` do.
+    SPADE BatchNorms their running statistics, as the official test script does. ``speed`` (the
+    config's section; default: its defaults) says how the SPADE layers run (docs/MODELS.md,
+    "Speed paths"): the same outputs up to float rounding.
     """
     state, source = _read_state_dict(path_or_state_dict)
     parse_spade_norm(norm_G)
-    semantic_nc = label_nc + int(contain_dontcare_label) + int(not no_instance)
+    labels = LabelLayout(label_nc, contain_dontcare_label, no_instance)
     sh, sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
     G = SPADEGenerator(
-        semantic_nc=semantic_nc, ngf=ngf, crop_size=crop_size, aspect_ratio=aspect_ratio,
+        semantic_nc=labels.semantic_nc, ngf=ngf, crop_size=crop_size, aspect_ratio=aspect_ratio,
         num_upsampling_layers=num_upsampling_layers, use_vae=use_vae, z_dim=z_dim, norm_G=norm_G,
-        fused_modulation=fused_modulation,
-        onehot_channels=label_nc + int(contain_dontcare_label) if label_fast_paths else 0,
-        region_modulation=label_fast_paths,
+        modulation=ModulationPlan.from_config(speed or SpeedConfig(), labels),
     )
-    opts = {"label_nc": label_nc, "contain_dontcare_label": contain_dontcare_label, "no_instance": no_instance,
-            "ngf": ngf, "num_upsampling_layers": num_upsampling_layers, "z_dim": z_dim, "semantic_nc": semantic_nc,
+    opts = {"labels": labels, "ngf": ngf, "num_upsampling_layers": num_upsampling_layers, "z_dim": z_dim,
             "sh": sh, "sw": sw}
     check_and_load(G, state, source, opts)
     return G.eval()
@@ -263,7 +262,7 @@ def _check_matches_config(G: nn.Module, cfg: Config) -> None:
     if expected is None:
         raise TypeError(f"unsupported generator type {type(G).__name__}")
     actual = G.build_kwargs()
-    differ = {k: (actual[k], expected[k]) for k in expected if k != "fused_modulation" and actual[k] != expected[k]}
+    differ = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
     if differ:
         details = ", ".join(f"{k}: generator {a!r} vs config {e!r}" for k, (a, e) in differ.items())
         raise ValueError(f"the config does not describe this generator ({details}); fix cfg.data / cfg.model first")
@@ -307,11 +306,10 @@ def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Confi
 
 def _config_options(cfg: Config, G: nn.Module) -> dict[str, Any]:
     """The options :func:`check_and_load` names in its diagnosis, from a Config."""
-    d, m = cfg.data, cfg.model
+    m = cfg.model
     sh, sw = getattr(G, "sh", 0), getattr(G, "sw", 0)  # latent size: SPADE generator only
-    return {"label_nc": d.label_nc, "contain_dontcare_label": d.contain_dontcare_label, "no_instance": d.no_instance,
-            "ngf": m.ngf, "num_upsampling_layers": m.num_upsampling_layers, "z_dim": m.z_dim,
-            "semantic_nc": d.semantic_nc, "sh": sh, "sw": sw}
+    return {"labels": cfg.data.label_layout, "ngf": m.ngf, "num_upsampling_layers": m.num_upsampling_layers,
+            "z_dim": m.z_dim, "sh": sh, "sw": sw}
 
 
 def load_encoder_state(encoder: nn.Module, state: object, source: str, cfg: Config) -> None:

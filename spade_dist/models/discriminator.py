@@ -5,21 +5,9 @@ first, then RGB) and returns ``[[f_1, ..., f_n, pred] for each scale]``: scale 0
 resolution, each next scale a 3x3 stride-2 average-pooled input (``count_include_pad=False``).
 Submodule names (``discriminator_0.model0.0.weight_orig`` ...) match the official ones.
 
-How the label map reaches D (``model.discriminator_labels``; all three exact, same parameters):
-
-- ``dense``: every semantic channel, as the official code (184 channels for COCO-Stuff, of which
-  an image uses ~10; D's first convolution at full resolution is its most expensive layer).
-- ``present``: only the semantic channels that are non-zero somewhere in the batch, and the
-  first convolution of every scale uses the matching columns of its weight. A channel that is
-  zero everywhere contributes exactly zero to every output (pooling keeps it zero), and the weight
-  gradient of its columns is exactly zero, which is what ``index_select``'s backward writes.
-- ``gather`` (default): as ``present``, and at full resolution the one-hot channels' part of the
-  first convolution is a gather of weight columns (``onehot_conv.onehot_strided_conv2d``), computed
-  once per label map even when fake and real images share it; it falls back to ``present`` when
-  those channels are not one-hot. Its cost does not grow with the number of classes in the batch.
-
-Semantics that require a gradient always take ``dense`` (the gradient of a zero input channel
-is not zero).
+How the label map reaches the first convolutions is the discriminator's ``label_input``
+(``models/fast/seam.py``; None = every semantic channel, the official input): a speed setting with
+the same parameters and the same outputs.
 """
 from __future__ import annotations
 
@@ -30,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spade_dist.models.fast.seam import DiscriminatorLabels, FirstConv
 from spade_dist.models.norms import make_nonspade_norm_layer
-from spade_dist.models.onehot_conv import NotOneHotError, onehot_index, onehot_strided_conv2d
 
 if TYPE_CHECKING:
     from spade_dist.config import Config
 
 _KERNEL = 4
 _MAX_WIDTH = 512
-LABEL_INPUTS = ("dense", "present", "gather")
 
 
 class NLayerDiscriminator(nn.Module):
@@ -62,17 +49,14 @@ class NLayerDiscriminator(nn.Module):
         for i, group in enumerate(groups):
             self.add_module(f"model{i}", nn.Sequential(*group))
 
-    def forward(self, x: Tensor, input_channels: Optional[Tensor] = None,
-                label_part: Optional[Tensor] = None) -> list[Tensor]:
-        """``input_channels``: which of the first convolution's input channels ``x`` holds (in that
-        order); None: all of them. ``label_part``: the first convolution's output from the
-        channels before ``x``'s (a one-hot label map's gather), added to that of ``x``."""
+    def forward(self, x: Tensor, first_conv: Optional[FirstConv] = None) -> list[Tensor]:
+        """``first_conv(conv, x)``: the first convolution's output, when the label input computes it
+        (``MultiscaleDiscriminator.label_input``); None: the convolution itself."""
         features = []
         for i, stage in enumerate(self.children()):
-            if i == 0 and input_channels is not None:
+            if i == 0 and first_conv is not None:
                 conv, activation = stage
-                out = F.conv2d(x, conv.weight.index_select(1, input_channels), conv.bias, conv.stride, conv.padding)
-                x = activation(out if label_part is None else out + label_part)
+                x = activation(first_conv(conv, x))
             else:
                 x = stage(x)
             features.append(x)
@@ -88,35 +72,28 @@ class MultiscaleDiscriminator(nn.Module):
         num_D: int = 2,
         norm_D: str = "spectralinstance",
         get_intermediate_features: bool = True,
-        label_input: str = "dense",
-        onehot_channels: int = 0,
+        label_input: Optional[DiscriminatorLabels] = None,
     ) -> None:
         super().__init__()
         if num_D < 1 or n_layers_D < 1:
             raise ValueError(f"num_D and n_layers_D must be >= 1, got num_D={num_D}, n_layers_D={n_layers_D}")
         self.input_nc = input_nc
         self.get_intermediate_features = get_intermediate_features
-        if label_input not in LABEL_INPUTS:
-            raise ValueError(f"discriminator label input must be one of {LABEL_INPUTS}, got {label_input!r}")
-        if not 0 <= onehot_channels <= input_nc - 3:
-            raise ValueError(f"onehot_channels must be in [0, {input_nc - 3}], got {onehot_channels}")
         self.label_input = label_input
-        self.onehot_channels = onehot_channels  # the leading one-hot group of the semantic channels
         for i in range(num_D):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(input_nc, ndf, n_layers_D, norm_D))
 
     @classmethod
-    def from_config(cls, cfg: "Config") -> "MultiscaleDiscriminator":
+    def from_config(cls, cfg: "Config", label_input: Optional[DiscriminatorLabels] = None) -> "MultiscaleDiscriminator":
         m = cfg.model
         return cls(
-            input_nc=cfg.data.semantic_nc + 3,
+            input_nc=cfg.data.label_layout.semantic_nc + 3,
             ndf=m.ndf,
             n_layers_D=m.n_layers_D,
             num_D=m.num_D,
             norm_D=m.norm_D,
             get_intermediate_features=not cfg.loss.no_ganFeat_loss,
-            label_input=m.discriminator_labels,
-            onehot_channels=cfg.data.label_nc + int(cfg.data.contain_dontcare_label),
+            label_input=label_input,
         )
 
     @staticmethod
@@ -136,49 +113,15 @@ class MultiscaleDiscriminator(nn.Module):
             raise ValueError(f"discriminator: {image.shape[0]} images cannot share {semantics.shape[0]} label maps "
                              "(the image batch must be a multiple of the label-map batch)")
         copies = image.shape[0] // semantics.shape[0]
-        input_channels = label_part = None
-        if self.label_input != "dense" and not semantics.requires_grad:
-            index = self._label_index(semantics) if self.label_input == "gather" else None
-            input_channels = present_channels(semantics, image.shape[1])
-            semantics = semantics.index_select(1, input_channels[: -image.shape[1]])
-            if index is not None:
-                label_part, scale0_channels = self._gather_first_conv(index, input_channels, copies)
-        x = torch.cat([semantics.repeat(copies, 1, 1, 1) if copies > 1 else semantics, image], dim=1)
+        joined = self.label_input.join(semantics, image, copies) if self.label_input is not None else None
+        if joined is None:
+            x = torch.cat([semantics.repeat(copies, 1, 1, 1) if copies > 1 else semantics, image], dim=1)
+        else:
+            x = joined.x
         results: list[list[Tensor]] = []
         for i, d in enumerate(self.children()):
             if i > 0:
                 x = self.downsample(x)
-            if i == 0 and label_part is not None:
-                # The one-hot channels are in label_part; x's other channels go through the conv.
-                features = d(x[:, x.shape[1] - scale0_channels.numel():], scale0_channels, label_part)
-            else:
-                features = d(x, input_channels)
+            features = d(x) if joined is None else d(*joined.scale(i, x))
             results.append(features if self.get_intermediate_features else [features[-1]])
         return results
-
-    def _label_index(self, semantics: Tensor) -> Optional[Tensor]:
-        """The class index of the one-hot channels, None when there are none or they are not one-hot."""
-        if self.onehot_channels == 0:
-            return None
-        try:
-            return onehot_index(semantics[:, : self.onehot_channels])
-        except NotOneHotError:
-            return None
-
-    def _gather_first_conv(self, index: Tensor, input_channels: Tensor, copies: int) -> tuple[Tensor, Tensor]:
-        """Scale 0's first convolution over the one-hot channels (once per label map, repeated for
-        the images that share it), and the input channels left for the dense convolution."""
-        conv = self.discriminator_0.model0[0]
-        part = onehot_strided_conv2d(index, self.onehot_channels, conv.weight[:, : self.onehot_channels],
-                                     conv.stride[0], conv.padding[0])
-        rest = input_channels[input_channels >= self.onehot_channels]
-        return (part.repeat(copies, 1, 1, 1) if copies > 1 else part), rest
-
-
-def present_channels(semantics: Tensor, image_channels: int) -> Tensor:
-    """Indices of the semantic channels that are non-zero (or NaN) somewhere in the batch, then
-    the ``image_channels`` image channels that follow them in D's input."""
-    present = semantics.detach().flatten(2).any(dim=2).any(dim=0)
-    semantic = torch.nonzero(present).squeeze(1)
-    image = torch.arange(semantics.shape[1], semantics.shape[1] + image_channels, device=semantic.device)
-    return torch.cat([semantic, image])

@@ -4,6 +4,10 @@ Resolution plan: the first feature map is ``(sh, sw) = (round(sw / aspect_ratio)
 with k = 5 / 6 / 7 for ``num_upsampling_layers`` normal / more / most; every ``up`` is a nearest
 x2 upsampling. Without the VAE the network starts deterministically from the label map resized
 (nearest) to (sh, sw) through a 3x3 conv ``fc``; with the VAE ``fc`` is a Linear from z.
+
+How the SPADE layers compute their modulation is the generator's :class:`ModulationPlan`
+(``models/fast/seam.py``; None = the official layers): a speed setting, not part of the
+architecture (not in ``build_kwargs``, not in the state dict).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spade_dist.models.blocks import LEAKY_SLOPE, SPADEResnetBlock
-from spade_dist.models.spade import SegmapInput, SegmapPyramid, resize_segmap
+from spade_dist.models.fast.seam import LabelMaps, ModulationPlan, SegmapInput, in_place
+from spade_dist.models.spade import resize_nearest
 
 if TYPE_CHECKING:
     from spade_dist.config import Config
@@ -51,18 +56,9 @@ class SPADEGenerator(nn.Module):
         use_vae: bool = False,
         z_dim: int = 256,
         norm_G: str = "spectralspadesyncbatch3x3",
-        fused_modulation: bool = True,
-        onehot_channels: int = 0,
-        region_modulation: bool = False,
+        modulation: Optional[ModulationPlan] = None,
     ) -> None:
         super().__init__()
-        # Leading channels of `semantics` that are one-hot (label_nc + dontcare): with the fused
-        # path their SPADE convolutions run as gathers (onehot_conv.py). A speed setting, not an
-        # architecture one: not in build_kwargs, 0 = dense convolutions (any label map).
-        if not 0 <= onehot_channels <= semantic_nc:
-            raise ValueError(f"onehot_channels must be in [0, semantic_nc={semantic_nc}], got {onehot_channels}")
-        self.onehot_channels = onehot_channels
-        self.region_modulation = region_modulation  # speed setting too (region_modulation.py)
         self.semantic_nc = semantic_nc
         self.ngf = ngf
         self.crop_size = crop_size
@@ -71,12 +67,12 @@ class SPADEGenerator(nn.Module):
         self.use_vae = use_vae
         self.z_dim = z_dim
         self.norm_G = norm_G
-        self.fused_modulation = fused_modulation
+        self.use_modulation(modulation)
         self.sh, self.sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
         nf = ngf
 
         def block(fin: int, fout: int) -> SPADEResnetBlock:
-            return SPADEResnetBlock(fin, fout, norm_G, semantic_nc, fused=fused_modulation)
+            return SPADEResnetBlock(fin, fout, norm_G, semantic_nc)
 
         if use_vae:
             self.fc: nn.Module = nn.Linear(z_dim, 16 * nf * self.sh * self.sw)
@@ -96,10 +92,10 @@ class SPADEGenerator(nn.Module):
         self.conv_img = nn.Conv2d(final_nc, 3, kernel_size=3, padding=1)
 
     @classmethod
-    def from_config(cls, cfg: "Config") -> "SPADEGenerator":
+    def from_config(cls, cfg: "Config", modulation: Optional[ModulationPlan] = None) -> "SPADEGenerator":
         m, d = cfg.model, cfg.data
         return cls(
-            semantic_nc=d.semantic_nc,
+            semantic_nc=d.label_layout.semantic_nc,
             ngf=m.ngf,
             crop_size=d.crop_size,
             aspect_ratio=d.aspect_ratio,
@@ -107,12 +103,21 @@ class SPADEGenerator(nn.Module):
             use_vae=m.use_vae,
             z_dim=m.z_dim,
             norm_G=m.norm_G,
-            fused_modulation=m.fused_modulation,
-            # auto builds the fast paths; a training run then times them per layer (speed_paths.py)
-            # and may switch single layers to the dense path where that is faster on its device.
-            onehot_channels=(d.label_nc + int(d.contain_dontcare_label)) if m.onehot_gather != "off" else 0,
-            region_modulation=m.region_modulation != "off" and m.onehot_gather != "off",
+            modulation=modulation,
         )
+
+    @property
+    def modulation(self) -> Optional[ModulationPlan]:
+        """The SPADE layers' modulation plan (None: the official layers)."""
+        return self._modulation
+
+    def use_modulation(self, plan: Optional[ModulationPlan]) -> None:
+        """Run the SPADE layers by ``plan`` from the next forward on (plans are immutable: a new
+        choice is a new plan)."""
+        if plan is not None and plan.onehot_channels > self.semantic_nc:
+            raise ValueError(f"modulation plan: {plan.onehot_channels} one-hot channels exceed "
+                             f"semantic_nc={self.semantic_nc}")
+        self._modulation = plan
 
     def build_kwargs(self) -> dict:
         """The constructor arguments that rebuild this architecture (used by checkpoint files)."""
@@ -120,7 +125,6 @@ class SPADEGenerator(nn.Module):
             "semantic_nc": self.semantic_nc, "ngf": self.ngf, "crop_size": self.crop_size,
             "aspect_ratio": self.aspect_ratio, "num_upsampling_layers": self.num_upsampling_layers,
             "use_vae": self.use_vae, "z_dim": self.z_dim, "norm_G": self.norm_G,
-            "fused_modulation": self.fused_modulation,
         }
 
     @staticmethod
@@ -133,6 +137,7 @@ class SPADEGenerator(nn.Module):
                 f"generator expects semantics of shape N x {self.semantic_nc} x H x W "
                 f"(semantic_nc = label_nc + dontcare + instance), got {tuple(semantics.shape)}"
             )
+        seg: SegmapInput = semantics if self.modulation is None else self.modulation.label_maps(semantics)
         if self.use_vae:
             if z is None:
                 z = torch.randn(semantics.shape[0], self.z_dim, dtype=semantics.dtype, device=semantics.device)
@@ -140,10 +145,10 @@ class SPADEGenerator(nn.Module):
                 raise ValueError(f"z must have shape ({semantics.shape[0]}, {self.z_dim}), got {tuple(z.shape)}")
             x = self.fc(z).view(-1, 16 * self.ngf, self.sh, self.sw)
         else:
-            x = self.fc(resize_segmap(semantics, (self.sh, self.sw), strided=self.fused_modulation))
+            start = (seg.at((self.sh, self.sw)) if isinstance(seg, LabelMaps)
+                     else resize_nearest(semantics, (self.sh, self.sw)))
+            x = self.fc(start)
 
-        # Fused path: one resize per resolution shared by every SPADE layer at that resolution.
-        seg: SegmapInput = SegmapPyramid(semantics, self.onehot_channels, self.region_modulation) if self.fused_modulation else semantics
         x = self.head_0(x, seg)
         x = self._up(x)
         x = self.G_middle_0(x, seg)
@@ -153,6 +158,6 @@ class SPADEGenerator(nn.Module):
         for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.num_upsampling_layers == "most" else ()):
             x = self._up(x)
             x = getattr(self, name)(x, seg)
-        # The last block's output (a fresh sum) is read by nothing else: in place on the fused layout.
-        x = self.conv_img(F.leaky_relu_(x, LEAKY_SLOPE) if self.fused_modulation else F.leaky_relu(x, LEAKY_SLOPE))
+        # The last block's output (a fresh sum) is read by nothing else: in place where the plan allows.
+        x = self.conv_img(F.leaky_relu_(x, LEAKY_SLOPE) if in_place(seg) else F.leaky_relu(x, LEAKY_SLOPE))
         return torch.tanh(x)

@@ -67,7 +67,7 @@ class Pix2PixHDGenerator(nn.Module):
     def from_config(cls, cfg: "Config") -> "Pix2PixHDGenerator":
         m = cfg.model
         return cls(
-            semantic_nc=cfg.data.semantic_nc,
+            semantic_nc=cfg.data.label_layout.semantic_nc,
             ngf=m.ngf,
             n_downsample=m.resnet_n_downsample,
             n_blocks=m.resnet_n_blocks,

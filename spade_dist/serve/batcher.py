@@ -100,8 +100,7 @@ class Batcher:
         label = request.label.to(device)
         instance = request.instance.to(device) if request.instance is not None else label
         try:
-            semantics = encode_semantics(label, instance, cfg.data.label_nc, cfg.data.contain_dontcare_label,
-                                         cfg.data.no_instance)
+            semantics = encode_semantics(label, instance, cfg.data.label_layout)
         except LabelError as exc:
             raise RequestError(str(exc)) from exc
         style = None

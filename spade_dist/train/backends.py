@@ -33,7 +33,12 @@ from torch import nn
 
 from spade_dist.config import Config
 from spade_dist.distributed import (
-    DistInfo, DistributedSetupError, check_process_group, collective_timeout, elastic_store_prefix, env_dist_info,
+    DistInfo,
+    DistributedSetupError,
+    check_process_group,
+    collective_timeout,
+    elastic_store_prefix,
+    env_dist_info,
     init_process_group,
 )
 
@@ -241,7 +246,7 @@ class DeepSpeedBackend(TrainBackend):
                 f"train.grad_accum={cfg.train.grad_accum} is not supported with train.backend=deepspeed: a "
                 "non-finite micro-batch could not be kept out of the update; raise data.batch_size instead"
             )
-        # The CPU shm all-reduce extension is JIT-built on first use (~45 s); keep it cached.
+        # The CPU shm all-reduce extension is JIT-built on first use; keep it cached.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
         env = env_dist_info()
         device = resolve_device(cfg.train.device, env.local_rank)
@@ -273,24 +278,16 @@ class DeepSpeedBackend(TrainBackend):
         self.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank_batch)
 
     def wrap(self, generator: nn.Module, discriminator: nn.Module, opt_G: torch.optim.Optimizer,
-             opt_D: torch.optim.Optimizer, per_rank_batch: int, float64_communication: bool = False) -> None:
-        """Build the two engines. ``float64_communication`` is for float64 verification runs only:
-        DeepSpeed all-reduces gradients in fp32 unless told otherwise and its config accepts no
-        fp64, so fp64 gradients would be rounded to fp32 on the wire."""
+             opt_D: torch.optim.Optimizer, per_rank_batch: int) -> None:
+        """Build the two engines (from :meth:`ds_config`)."""
         import deepspeed
 
         self.generator_module = generator
         self.discriminator_module = discriminator
         config = self.ds_config(per_rank_batch)
-        patch: ContextManager[None] = contextlib.nullcontext()
-        if float64_communication:
-            config["communication_data_type"] = "fp64"
-            config["zero_optimization"]["reduce_scatter"] = False  # ZeRO-2 reduce-scatter takes <= fp32
-            patch = _deepspeed_accepts_fp64_communication()
-        # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build CPU FusedAdam (~85 s).
-        with patch:
-            engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
-            engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)
+        # A client torch optimizer: DeepSpeed's own "Adam" would JIT-build its CPU FusedAdam first.
+        engine_G, _, _, _ = deepspeed.initialize(model=generator, optimizer=opt_G, config=config)
+        engine_D, _, _, _ = deepspeed.initialize(model=discriminator, optimizer=opt_D, config=config)
         self.engines = {"G": engine_G, "D": engine_D}
         self.generator, self.discriminator = engine_G, engine_D
         self._opts = {"G": opt_G, "D": opt_D}
@@ -363,8 +360,8 @@ def merge_deepspeed_config(generated: dict, user: dict, source: str = "train.dee
     Unknown top-level keys, keys that spade-dist sets itself with a different value
     (:data:`OWNED_DEEPSPEED_KEYS`) and ``zero_optimization`` entries DeepSpeed does not know raise
     :class:`ConfigError` naming the key."""
-    from pydantic import ValidationError
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
 
     from spade_dist.config import ConfigError
 
@@ -395,25 +392,6 @@ def merge_deepspeed_config(generated: dict, user: dict, source: str = "train.dee
 
 
 @contextlib.contextmanager
-def _deepspeed_accepts_fp64_communication() -> Iterator[None]:
-    """Let DeepSpeed's config parser map ``communication_data_type: fp64`` to torch.float64."""
-    import deepspeed.runtime.config as ds_config
-
-    original = ds_config.get_communication_data_type
-
-    def parse(param_dict: dict, *args: Any, **kwargs: Any) -> Optional[torch.dtype]:
-        if str(param_dict.get("communication_data_type", "")).lower() == "fp64" and not args and not kwargs:
-            return torch.float64
-        return original(param_dict, *args, **kwargs)
-
-    ds_config.get_communication_data_type = parse
-    try:
-        yield
-    finally:
-        ds_config.get_communication_data_type = original
-
-
-@contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """``requires_grad_(False)`` for the duration (D in the G step), restored afterwards."""
     flags = [p.requires_grad for p in module.parameters()]
@@ -423,3 +401,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
+
+
+# train.backend -> its class (the config's Literal names the same keys: tests/test_config.py).
+BACKENDS: dict[str, type[TrainBackend]] = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from spade_dist.config import Config
+from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.files import write_json_atomic
 from spade_dist.logs import PROGRESS_LOGGER
-from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
 from spade_dist.models.compat import GeneratorInit
-from spade_dist.models.speed_paths import choose_speed_paths
+from spade_dist.models.fast.choice import SpeedPathChoice
 from spade_dist.models.sync_bn import attach_syncbn_group
 from spade_dist.run_dir import RunDir
-from spade_dist.train.backends import DDPBackend, DeepSpeedBackend, TrainBackend
+from spade_dist.train.backends import BACKENDS, TrainBackend
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, StepResult, autocast_context, prepare_batch, train_step
@@ -150,30 +150,9 @@ class StepLog:
         meter.reset()
 
 
-class SpeedPathChoice:
-    """``model.onehot_gather`` / ``region_modulation``: chosen per layer once, by timing on the first
-    real batch under the step's autocast (or as recorded by an earlier start of this run); the same
-    on every rank."""
-
-    def __init__(self, cfg: Config, state: TrainState, run: RunDir, is_main: bool, device: torch.device) -> None:
-        self.cfg, self.state, self.run, self.is_main, self.device = cfg, state, run, is_main, device
-        self.done = False
-
-    def once(self, semantics: torch.Tensor) -> None:
-        if self.done:
-            return
-        cfg = self.cfg
-        with autocast_context(cfg.train.mixed_precision, self.device):
-            plan, source = choose_speed_paths([self.state.generator, self.state.ema.model], semantics,
-                                              cfg.model.onehot_gather, cfg.model.region_modulation,
-                                              self.run.speed_paths, self.is_main, deterministic=cfg.train.deterministic)
-        self.done = True
-        log.info(f"speed paths on {self.device.type} ({source}): {plan.summary()} -> {self.run.speed_paths}")
-
-
 def setup_backend(cfg: Config) -> TrainBackend:
     """Process group first (Accelerate or DeepSpeed), so SyncBN groups can be made before models."""
-    return DeepSpeedBackend.setup(cfg) if cfg.train.backend == "deepspeed" else DDPBackend.setup(cfg)
+    return BACKENDS[cfg.train.backend].setup(cfg)
 
 
 def write_run_files(run: RunDir, cfg: Config) -> None:
@@ -270,8 +249,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     # --- 1. processes, devices, batch geometry --------------------------------------------------
     backend = setup_backend(cfg)
     if cfg.train.cpu_threads > 0:
-        # Again: Accelerate's multi-CPU setup resets the thread count (measured: 2 threads per process
-        # instead of 1, 10-20x slower steps on a loaded 2-core machine).
+        # Again: Accelerate's multi-CPU setup resets the thread count (to more threads per process
+        # than asked for, which oversubscribes a machine shared by several ranks).
         torch.set_num_threads(cfg.train.cpu_threads)
     info = backend.info
     # The world size is this launch's (an elastic restart may bring another one): the batch geometry
@@ -319,7 +298,9 @@ class Hooks:
         ckpt.on_commit = self.metrics.record_checkpoint_commit
         self.step_log = StepLog(cfg, backend, state, loader, self.metrics, self.trackers, max_steps)
         self.samples = SampleWriter(run.root, cfg, enabled=info.is_main)
-        self.speed_paths = SpeedPathChoice(cfg, state, run, info.is_main, backend.device)
+        self.speed_paths = SpeedPathChoice(cfg.speed, [state.generator, state.ema.model], run.speed_paths, info.is_main,
+                                           lambda: autocast_context(cfg.train.mixed_precision, backend.device),
+                                           deterministic=cfg.train.deterministic)
         self.key_log = KeyAuditLog(run, info.rank, state.step, info.world_size) if cfg.train.log_keys else None
         # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
         self.evaluator = start_eval_watcher(cfg, run.root) if info.is_main and cfg.eval.mode == "subprocess" else None
@@ -371,8 +352,8 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     torch.manual_seed(cfg.train.seed)
     state = build_train_state(cfg, device, fused_adam=backend.fused_adam)
     syncbn_ranks = attach_syncbn_group(state.generator_side, cfg.train.syncbn_group, info)
-    if cfg.train.compile:
-        state.compile(cfg.train.compile_mode)
+    if cfg.speed.compile:
+        state.compile(cfg.speed.compile_mode)
     backend.wrap_state(state, per_rank)
     vgg = build_vgg_loss(cfg.loss)
     losses = LossSet.from_config(cfg, vgg.to(device) if vgg is not None else None)

@@ -163,7 +163,7 @@ def build_train_state(cfg: Config, device: torch.device, fused_adam: bool,
     netD = build_discriminator(cfg).to(device=device, dtype=dtype)
     init_from = init_generator(netG, netE, cfg) if cfg.train.init_generator else None
     side = GeneratorSide(netG, netE)
-    if cfg.model.channels_last:
+    if cfg.speed.channels_last:
         side.to(memory_format=torch.channels_last)
         netD.to(memory_format=torch.channels_last)
     lr_G, lr_D, betas = lr_and_betas(cfg.optim)

@@ -10,7 +10,7 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
   produced or all-reduced in the G step.
 - D loss = D_Fake + D_real. Fake and real go through D as one concatenated batch, as the official
   ``discriminate`` does (one spectral-norm power iteration per call, like the original).
-- The G step's D pass (``train.g_step_real_pass``): ``joint`` is the official one pass over
+- The G step's D pass (``speed.g_step_real_pass``): ``joint`` is the official one pass over
   cat(fake, real). ``separate`` (default) judges the fake images with a graph and then the real ones
   under ``no_grad`` in eval mode, which skips their backward: D is frozen there and the real
   features enter the losses detached, so nothing flows through them. Exact when D judges each
@@ -18,8 +18,7 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
   keeps the second call from running the spectral-norm power iteration again, so both halves see
   the same normalized weights as in the joint pass. Without feature matching the real images are
   not judged at all. A D with batch statistics always takes the joint pass, and so does a compiled
-  one (``train.compile``): the second pass would be a new batch size and mode for its graph, and
-  inductor fails on the dynamic-shape recompilation that the D step's 2N batch then triggers.
+  one (``SpeedConfig.separate_real_pass``).
 - Every loss is a mean over the per-rank batch, so DDP's gradient average over ranks equals the
   gradient of the global-batch mean (the distributed-step test checks this to 1e-8). KLD is the
   official per-batch sum (as with the official DataParallel, its scale is per-rank).
@@ -98,10 +97,9 @@ def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device, dtyp
     label = batch["label"].to(device, non_blocking=True)
     instance = batch.get("instance")
     semantics = encode_semantics(
-        label, None if instance is None else instance.to(device, non_blocking=True),
-        cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.no_instance, dtype=dtype,
+        label, None if instance is None else instance.to(device, non_blocking=True), cfg.data.label_layout, dtype=dtype,
     )
-    if cfg.model.channels_last:
+    if cfg.speed.channels_last:
         semantics = semantics.contiguous(memory_format=torch.channels_last)
         real = real.contiguous(memory_format=torch.channels_last)
     return MicroBatch(semantics, real)
@@ -152,7 +150,7 @@ def _graph_free_eval(module: nn.Module):
 
 def _discriminate_separately(d: nn.Module, semantics: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
                              need_real: bool):
-    # The G step's D pass without the real half's graph (train.g_step_real_pass = separate).
+    # The G step's D pass without the real half's graph (speed.g_step_real_pass = separate).
     pred_fake = d(semantics, fake)
     if not need_real:
         return pred_fake, None
@@ -242,8 +240,7 @@ def train_step(backend: TrainBackend, losses: LossSet, micro: Sequence[MicroBatc
     skipped_G = zero
     run_G = step % cfg.optim.D_steps_per_G == 0
     if run_G:
-        separate = (cfg.train.g_step_real_pass == "separate" and not cfg.train.compile
-                    and judges_images_independently(backend.discriminator_module))
+        separate = cfg.speed.separate_real_pass and judges_images_independently(backend.discriminator_module)
         with frozen(backend.discriminator_module):
             g_terms, skipped_G = _optimize("G", backend, micro, lambda mb: generator_losses(backend, losses, mb, separate),
                                            mp, loss_hook)

@@ -4,12 +4,12 @@ SPADE's ``mlp_shared`` convolution reads the one-hot label map (plus, optionally
 instance-edge channel). With exactly one class channel set per pixel, the k x k convolution at a
 pixel is the bias plus the sum of k*k weight columns, one per kernel offset, picked by the class
 of the neighbour at that offset. Computing it densely multiplies ~label_nc x more zeros than
-there are useful terms (~115 of the generator's 382 forward GFLOP at COCO-Stuff 256^2).
+there are useful terms; docs/PERFORMANCE.md counts what that costs.
 
 Here the k*k gathers run as ONE ``F.embedding_bag(mode="sum")`` over a table holding every
 (offset, class) column: each output pixel is a "bag" of k*k row indices. The result comes out
 pixel-major (N*H*W x C_out) and is copied to channels-first for the next convolution (a
-mixed-layout input made that convolution's backward 2.2x slower). The table is a reshaped view of the live convolution weight, so autograd
+mixed-layout input made that convolution's backward slower). The table is a reshaped view of the live convolution weight, so autograd
 gives the conv weight its exact gradient (embedding_bag's backward is the scatter-add). The
 label map itself never needs a gradient.
 
@@ -17,7 +17,7 @@ Channels that are not part of the one-hot group (the instance-edge channel) go t
 dense convolution with their own weight slice, summed in.
 
 Exactness: the dense convolution adds the same nonzero products (the others are exact zeros);
-only the summation order differs, so results agree to float rounding (~1e-6 relative in fp32).
+only the summation order differs, so results agree to float rounding (``tests/test_fast_path.py``).
 """
 from __future__ import annotations
 
@@ -154,8 +154,8 @@ class _OneHotConv(torch.autograd.Function):
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
-        # Back to channels-first: the next (channels-first) convolution's backward took 2.2x longer
-        # on this mixed-layout input (measured, 256², 128->256 channels); the copy costs far less.
+        # Back to channels-first: the next (channels-first) convolution's backward was slower on a
+        # mixed-layout input than this copy costs (docs/PERFORMANCE.md).
         return out.reshape(n, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod

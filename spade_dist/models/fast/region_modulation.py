@@ -9,15 +9,15 @@ piecewise constant, and a k x k convolution of a constant patch is a constant. S
 * a pixel whose (4r+1)^2 window is inside the image and uniform ("U2") has every neighbour in U1
   with the same code, so its gamma/beta is ``G[code] = A[code] @ (conv_gb summed over offsets) + bias``.
 
-Only the remaining pixels ("boundary": ~17% at 256^2 on the COCO-Stuff sample, most of them
-along the one-pixel instance-edge lines) need the real convolution. Their neighbours' activations
+Only the remaining pixels ("boundary": a small share of a real label map, most of them along the
+one-pixel instance-edge lines; docs/MODELS.md has the counts) need the real convolution. Their neighbours' activations
 take few distinct values: a U1 neighbour has its code's ``A[code]``, and a non-U1 pixel's
 activation depends on nothing but its k x k label window (and where the image edge cuts it),
-and along a border the same windows repeat (on the COCO-Stuff sample at 256^2: 7,349 non-U1
-pixels, 1,243 distinct windows). So the activations form a small source table
+and along a border the same windows repeat (far fewer distinct windows than non-U1 pixels). So
+the activations form a small source table
 [per-code rows; one row per distinct window; zero row for outside the image], the product
-table ``T = source @ W`` holds every (row, offset) product (rows x k*k*2C: one matmul with
-~1,250 rows instead of an im2col product over 11,198 boundary pixels), and a boundary pixel's
+table ``T = source @ W`` holds every (row, offset) product (rows x k*k*2C: one matmul over the
+distinct rows instead of an im2col product over every boundary pixel), and a boundary pixel's
 gamma/beta is the bias plus, per offset, one row of T (an ``embedding_bag`` sum). The backward
 pass uses the same split:
 
@@ -30,7 +30,7 @@ pass uses the same split:
   rows through their one-hot columns and from the window rows through the gather table (one
   sparse product). No dense transposed convolution, no per-pixel activation gradient.
 
-Layout and parallelism (profile in docs/PERFORMANCE.md, section 1a): the gamma/beta maps and
+Layout and parallelism (profile in docs/performance-history.md, section 1a): the gamma/beta maps and
 their gradient are channel-major per image (N x C x H*W, the channels-first tensor itself, written
 and read image by image), so neither a per-pixel transpose nor a batch-transposing copy is needed.
 The per-code map is one ``gather`` along the pixel axis per image (it uses every core; a
@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spade_dist.models.onehot_conv import gather_table, padded_neighbours, shifted_indices, weight_from_table
+from spade_dist.models.fast.onehot_conv import gather_table, padded_neighbours, shifted_indices, weight_from_table
 
 # Largest num_codes + 1 for which the backward's per-code sums are one-hot matrix products: they cost
 # 2 * (num_codes + 1) flops per summed value (an index op costs one add, but strided and, for
 # row-wise index_add, badly parallel), and the 0/1 matrix takes (num_codes + 1) floats per
-# pixel. Real label maps have ~10-30 codes per resolution, random
-# block maps hundreds (those take the index ops).
+# pixel. Real label maps have few codes per resolution, random block maps hundreds (those take the
+# index ops).
 ONEHOT_SUM_MAX_CODES = 64
 
 

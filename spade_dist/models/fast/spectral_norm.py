@@ -3,21 +3,23 @@
 The official networks wrap most convolutions in ``torch.nn.utils.spectral_norm`` (state-dict keys
 ``weight_orig`` / ``weight_u`` / ``weight_v``), which computes ``W / sigma`` with
 ``sigma = u^T W v`` on every forward. Autograd then differentiates the division and the
-``dot(u, mv(W, v))`` op by op: about eight passes over a weight-sized tensor (``g / sigma``,
+``dot(u, mv(W, v))`` op by op: several passes over a weight-sized tensor (``g / sigma``,
 ``-g * W / sigma^2`` and its sum, the ``mv`` backward's outer product, the sum of the two), on
-every spectral-normed layer of the generator (1024 x 1024 x 3 x 3 weights at the default width).
-For ``u`` and ``v`` held constant (they are updated under ``no_grad``, as in torch) the gradient is
+every spectral-normed layer of the generator. For ``u`` and ``v`` held constant (they are updated
+under ``no_grad``, as in torch) the gradient is
 
     dL/dW = g / sigma - (<g, W> / sigma^2) * u v^T
 
-which is one dot product and one rank-1 update: three passes. The forward is the same ops as
-torch's, in the same order, so the normalized weight is bitwise identical (and so the official
-checkpoints' outputs); the gradient agrees to float rounding (``tests/test_fast_path.py``).
+which is one dot product and one rank-1 update. The forward is the same ops as torch's, in the
+same order, so the normalized weight is bitwise identical (and so the official checkpoints'
+outputs); the gradient agrees to float rounding (``tests/test_spectral_norm.py``).
 
-The networks are built with torch's hook; :func:`use_fast_spectral_norm` switches their hooks to
-this one (``model.fast_spectral_norm``, on by default; the benchmark's reference mode keeps torch's).
-A hook with ``dim != 0`` (none here: every spectral-normed layer is a convolution) keeps torch's
-computation.
+The networks are built with torch's ``spectral_norm``; :func:`use_fast_spectral_norm`
+(``speed.fast_spectral_norm``, applied by ``models/factory.py``) gives each such module a
+:class:`FastSpectralNorm` forward pre-hook made from the same settings, in the place of torch's
+(the hook slot ``torch.nn.utils.remove_spectral_norm`` also manages, so removing it still works).
+Parameters, buffers, torch's state-dict hooks and so the state dict stay torch's. A hook with
+``dim != 0`` (none here: every spectral-normed layer is a convolution) keeps torch's computation.
 """
 from __future__ import annotations
 
@@ -53,8 +55,13 @@ class _DivideBySigma(torch.autograd.Function):
 
 
 class FastSpectralNorm(SpectralNorm):
-    """torch's ``SpectralNorm`` hook (same buffers, power iteration and state-dict hooks) whose
+    """torch's ``SpectralNorm`` forward pre-hook (same settings, power iteration and buffers) whose
     weight division has the closed-form backward above."""
+
+    @classmethod
+    def like(cls, hook: SpectralNorm) -> "FastSpectralNorm":
+        """A new hook with ``hook``'s parameter name, power iterations, dim and eps."""
+        return cls(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
         if self.dim != 0:
@@ -77,14 +84,13 @@ class FastSpectralNorm(SpectralNorm):
 
 
 def use_fast_spectral_norm(net: nn.Module) -> int:
-    """Switch every ``torch.nn.utils.spectral_norm`` hook in ``net`` to :class:`FastSpectralNorm`
-    (``model.fast_spectral_norm``); parameters, buffers and state-dict format stay torch's.
-    Returns how many hooks were switched."""
-    switched = 0
+    """Give every module of ``net`` that ``torch.nn.utils.spectral_norm`` wrapped a
+    :class:`FastSpectralNorm` forward pre-hook in the place of torch's. Returns how many."""
+    replaced = 0
     for module in net.modules():
-        for hook in module._forward_pre_hooks.values():
+        hooks = module._forward_pre_hooks
+        for key, hook in list(hooks.items()):
             if type(hook) is SpectralNorm:
-                # The state-dict hooks hold this same object, so changing its class keeps them working.
-                hook.__class__ = FastSpectralNorm
-                switched += 1
-    return switched
+                hooks[key] = FastSpectralNorm.like(hook)
+                replaced += 1
+    return replaced
