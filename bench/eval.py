@@ -77,9 +77,9 @@ def main() -> None:
         extractor = build_inception(weights, device)
 
     results = []
+    fakes: list[torch.Tensor] = []  # the generated batches of one thread count (generate() refills it)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        fakes: list[torch.Tensor] = []
 
         @torch.no_grad()
         def generate() -> None:

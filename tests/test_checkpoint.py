@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from spade_dist.checkpoint import (
-    CheckpointManager, ExistingCheckpointsError, InvalidCheckpoint, find_latest, list_step_dirs, read_marker, validate_step_dir,
+    CheckpointManager,
+    ExistingCheckpointsError,
+    InvalidCheckpoint,
+    find_latest,
+    list_step_dirs,
+    read_marker,
+    validate_step_dir,
 )
 from spade_dist.checkpoint.layout import select_prunable
 from spade_dist.config import CheckpointConfig
@@ -71,7 +77,7 @@ def _same_world_size_legs(rank: int, world_size: int, tmp: str) -> dict:
 def test_resume_same_world_size_equals_uninterrupted(tmp_path):
     """2 ranks: save at k=4 (async periodic save), stop, resume, run to 10 == uninterrupted 10."""
     results = run_distributed(_same_world_size_legs, 2, args=(str(tmp_path),))
-    for rank, r in enumerate(results):
+    for r in results:
         assert r["first"]["stopped"] and r["first"]["step"] == 5 and r["stop_committed"]
         assert r["second"]["restored"] == 4
         _assert_same_params(r["full"]["params"], r["second"]["params"])
