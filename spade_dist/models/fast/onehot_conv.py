@@ -4,7 +4,7 @@ SPADE's ``mlp_shared`` convolution reads the one-hot label map (plus, optionally
 instance-edge channel). With exactly one class channel set per pixel, the k x k convolution at a
 pixel is the bias plus the sum of k*k weight columns, one per kernel offset, picked by the class
 of the neighbour at that offset. Computing it densely multiplies ~label_nc x more zeros than
-there are useful terms; docs/PERFORMANCE.md counts what that costs.
+there are useful terms; docs/performance-history.md counts what that costs.
 
 Here the k*k gathers run as ONE ``F.embedding_bag(mode="sum")`` over a table holding every
 (offset, class) column: each output pixel is a "bag" of k*k row indices. The result comes out
@@ -155,7 +155,7 @@ class _OneHotConv(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
         # Back to channels-first: the next (channels-first) convolution's backward was slower on a
-        # mixed-layout input than this copy costs (docs/PERFORMANCE.md).
+        # mixed-layout input than this copy costs (docs/performance-history.md, run 2).
         return out.reshape(n, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
