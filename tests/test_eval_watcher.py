@@ -21,7 +21,7 @@ import torch
 
 from data_tools.shard import shard_dataset
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.config import CheckpointConfig, Config, MetricsConfig
+from spade_dist.config import CheckpointConfig, Config, EvalConfig, MetricsConfig
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
@@ -144,7 +144,9 @@ def test_diverged_checkpoint_is_skipped_not_scored(eval_setup: SimpleNamespace, 
 
 
 def test_a_second_watcher_on_the_same_run_refuses(tmp_path: Path) -> None:
-    fake_evaluator = SimpleNamespace(rank=0, world_size=1)
+    # What the watcher reads of an evaluator when nothing gets scored (the results page's best record).
+    fake_evaluator = SimpleNamespace(rank=0, world_size=1, cfg=SimpleNamespace(eval=EvalConfig()),
+                                     protocol_hash={"fid": "f" * 12, "kid": "k" * 12})
     first = EvalWatcher(tmp_path, fake_evaluator)
     held = first._acquire_lock()
     try:
@@ -212,7 +214,7 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["num_images"] == 6 and result["checkpoint"] == str(tmp_path / "G.pt")
+    assert result["protocol"]["images"]["num_images"] == 6 and result["checkpoint"] == str(tmp_path / "G.pt")
     # Another process may pick other CPU kernels (alignment): float32 features agree to ~1e-6, and FID of
     # 6 samples in 2048 dimensions amplifies that a little.
     assert result["fid"] == pytest.approx(direct.fid, rel=1e-4)
@@ -266,5 +268,5 @@ def test_evaluator_progress_bars_name_each_phase(eval_setup: SimpleNamespace, tm
     evaluator = Evaluator(eval_setup.cfg, cache_dir=tmp_path / "cache", log=lambda _: None, progress=True)
     evaluator.evaluate(_generator(eval_setup.cfg, 3))
     err = capsys.readouterr().err
-    assert "reference statistics: real images" in err and "generated images + Inception features" in err
+    assert "real images: Inception features" in err and "generated images: Inception features" in err
     assert "/6 " in err  # eval.num_images of this rank

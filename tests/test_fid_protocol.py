@@ -127,7 +127,8 @@ def test_evaluator_reads_fid_protocol(tmp_path: Path, weights: Path, coco_sample
     (shards / "manifest.json").write_text(json.dumps({"dataset": "x", "label_nc": 3, "splits": {"val": {"shards": []}}}))
     cfg = tiny_config(f"data.val_shards={shards / 'manifest.json'}", f"eval.inception_weights={weights}",
                       "eval.fid_protocol=pytorch-fid")
-    ev = Evaluator(cfg, batches_factory=lambda: [{"image": photos}], cache_dir=tmp_path / "cache", log=lambda _: None)
+    batch = {"image": photos, "key": [f"p{i}" for i in range(len(photos))]}
+    ev = Evaluator(cfg, batches_factory=lambda: [batch], cache_dir=tmp_path / "cache", log=lambda _: None)
     assert ev.reference_cache_path.name.endswith("-pytorch-fid.pt") and ev.reference_cache_path.is_file()
     assert ev.reference.meta["fid_protocol"] == "pytorch-fid" and ev.reference.meta["image_resample"] == "exact"
     torch.testing.assert_close(ev.reference.features, extract_features(build_inception(weights, protocol="pytorch-fid"), photos))
