@@ -17,7 +17,7 @@ class MetricInfo:
     lower_is_better: bool
 
 
-# Every name of config.EvalMetric (tests/test_eval_metrics.py checks they agree).
+# Every name of config.EvalMetric (tests/test_eval_segmentation.py checks they agree).
 METRICS: dict[str, MetricInfo] = {
     "fid": MetricInfo("fid", "FID", True),
     "kid": MetricInfo("kid_mean", "KID", True),
