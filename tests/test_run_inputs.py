@@ -222,7 +222,11 @@ class _Payload:
 def test_fid_reference_cache_is_not_unpickled(tmp_path, monkeypatch):
     from spade_dist.eval.fid import feature_statistics
     from spade_dist.eval.reference_stats import (
-        ReferenceStats, ReferenceStatsError, load_real_segmentation, load_reference, save_reference,
+        ReferenceStats,
+        ReferenceStatsError,
+        load_real_segmentation,
+        load_reference,
+        save_reference,
     )
 
     feats = torch.randn(6, 4)
