@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["spade_dist", "spade_dist.*", "data_tools", "data_tools.*"])
     + ["spade_dist.configs"],
     package_dir={"spade_dist.configs": "configs"},
-    package_data={"spade_dist.configs": ["*.yaml", "monitoring/*.yml", "monitoring/grafana/*.json",
+    package_data={"spade_dist.configs": ["*.yaml", "class_maps/*.yaml", "monitoring/*.yml", "monitoring/grafana/*.json",
                                          "monitoring/grafana/provisioning/*/*.yaml"],
                   "spade_dist.serve": ["static/*"]},  # the spade-serve page
 )

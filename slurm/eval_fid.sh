@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# FID watcher as its own Slurm job: follows RUN_DIR's committed checkpoints, scores them (FID/KID,
-# see docs/EVALUATION.md) and ends by itself after the training run's DONE marker.
+# Evaluation watcher as its own Slurm job: follows RUN_DIR's committed checkpoints, scores each with
+# every metric of the run's eval.metrics (FID / KID / mIoU / pixel accuracy, see docs/EVALUATION.md)
+# and ends by itself after the training run's DONE marker. (The file keeps its historical name.)
 #
 #   RUN_DIR=runs/coco sbatch slurm/eval_fid.sh [extra spade-eval watch args, e.g. --policy newest]
 #
@@ -11,10 +12,14 @@
 #   SPADE_DEVICE  gpu | cpu | auto (auto: gpu when the job has GPUs)
 #   SPADE_ENV     a file to source first (default .venv/bin/activate)
 #   SPADE_INCEPTION_WEIGHTS  the Inception weights file when eval.inception_weights is not set
-# Several tasks (sbatch --ntasks=N) split generation and feature extraction across N processes.
+# The segmenter (miou / pixel_accuracy) is eval.segmenter.path of the config, or an extra argument
+# such as eval.segmenter.path=/data/segmenters/drn-d-105-cityscapes.pt after the script name.
+# Several tasks (sbatch --ntasks=N) split generation, features and confusion matrices across N processes
+# (the same scores as one process).
 # Requeue-safe: a restarted job skips the steps already in RUN_DIR/eval/metrics.jsonl.
 # Exit codes: 0 done (the run finished and every checkpoint was handled), 2 bad settings or spade-eval
-# refused its input (e.g. no Inception weights: the message says how to provide them), else its code.
+# refused its input (e.g. no Inception weights, a missing segmenter or a class map that does not fit:
+# the message names the file and key), else its code.
 #
 # Resources: one GPU by default (override with sbatch --gpus-per-node=N for N tasks, or
 # --gpus-per-node=0 for a CPU job, which then uses --cpus-per-task threads per task).

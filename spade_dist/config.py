@@ -283,12 +283,43 @@ class CheckpointConfig:
     stop_file: str = ""
 
 
+# Scores an evaluation job can compute (docs/EVALUATION.md): fid and kid from Inception features, miou
+# and pixel_accuracy from a segmenter run on the generated images against their label maps.
+EvalMetric = Literal["fid", "kid", "miou", "pixel_accuracy"]
+
+
+@dataclass
+class SegmenterConfig:
+    """The segmentation network behind ``miou`` / ``pixel_accuracy`` (docs/EVALUATION.md, "Segmenters")."""
+
+    # A local Hugging Face folder (save_pretrained: config.json + *.safetensors) or a TorchScript file
+    # (torch.jit.save). Nothing is downloaded. Empty = no segmentation metrics.
+    path: str = ""
+    # Hugging Face only: the transformers class that loads the folder; empty = AutoModelForSemanticSegmentation.
+    model_class: str = ""
+    # Segmenter output class -> dataset label id: a shipped map (ade20k-150, cityscapes-19,
+    # coco-stuff-182) or a YAML / JSON file; empty = output class k is label id k (data.label_nc classes).
+    class_map: str = ""
+    # [width, height] the images are resized to before the segmenter; empty = the evaluation resolution.
+    input_size: list[int] = field(default_factory=list)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    # Input = (pixel - mean) / std per channel, pixels in 0..255, channels in channel_order.
+    # Defaults: ImageNet statistics in RGB (the Hugging Face segmenters' preprocessing).
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+
+
 @dataclass
 class EvalConfig:
     mode: Literal["none", "subprocess", "slurm"] = "none"
     policy: Literal["every", "newest", "every_k"] = "every"
     every_k: int = 1
-    num_images: int = 0  # 0 = the whole validation split
+    # What one evaluation job computes; miou / pixel_accuracy need eval.segmenter.path.
+    metrics: list[EvalMetric] = field(default_factory=lambda: ["fid", "kid"])
+    # The metric that picks eval/best.json (lower is better for fid / kid, higher for miou / pixel_accuracy).
+    best_metric: EvalMetric = "fid"
+    num_images: int = 0  # 0 = the whole validation split; else its first N samples
     batch_size: int = 8
     inception_weights: str = ""  # env SPADE_INCEPTION_WEIGHTS when empty
     # auto: the GPU when the evaluating machine has one (cuda:LOCAL_RANK), else cpu; or cpu / cuda / cuda:N.
@@ -304,6 +335,7 @@ class EvalConfig:
     # 299 (torch-fidelity's default); "pytorch-fid" = PyTorch bilinear resize and 2x/255-1 scaling, as
     # the pytorch-fid package does (the SPADE paper's FIDs). Part of the reference-statistics cache key.
     fid_protocol: Literal["torch-fidelity", "pytorch-fid"] = "torch-fidelity"
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
 @dataclass
@@ -545,6 +577,32 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
     ]
 
 
+SEGMENTATION_METRICS = ("miou", "pixel_accuracy")
+
+
+def _eval_metric_checks(e: EvalConfig) -> list[tuple[bool, str]]:
+    """eval.metrics / eval.best_metric / eval.segmenter: every key set must be one that is used."""
+    seg = e.segmenter
+    wants_segmenter = any(m in SEGMENTATION_METRICS for m in e.metrics)
+    return [
+        (bool(e.metrics), "eval.metrics must name at least one metric (fid, kid, miou, pixel_accuracy)"),
+        (len(set(e.metrics)) == len(e.metrics), f"eval.metrics lists a metric twice: {e.metrics}"),
+        (e.best_metric in e.metrics,
+         f"eval.best_metric {e.best_metric!r} is not computed: set eval.best_metric to one of eval.metrics "
+         f"{e.metrics}, or add it there"),
+        (not wants_segmenter or bool(seg.path),
+         f"eval.metrics {e.metrics} needs a segmenter: set eval.segmenter.path (a Hugging Face folder or a "
+         "TorchScript file, docs/EVALUATION.md)"),
+        (wants_segmenter or not seg.path,
+         f"eval.segmenter.path is set ({seg.path}) but eval.metrics {e.metrics} has neither miou nor pixel_accuracy"),
+        (len(seg.input_size) in (0, 2) and all(v >= 1 for v in seg.input_size),
+         f"eval.segmenter.input_size must be [] or [width, height] >= 1, got {seg.input_size}"),
+        (len(seg.mean) == 3, f"eval.segmenter.mean needs 3 values (one per channel), got {seg.mean}"),
+        (len(seg.std) == 3 and all(v > 0 for v in seg.std),
+         f"eval.segmenter.std needs 3 values > 0 (one per channel), got {seg.std}"),
+    ]
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
     checks: list[tuple[bool, str]] = [
@@ -576,6 +634,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
          f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
         (cfg.eval.every_k >= 1, f"eval.every_k must be >= 1, got {cfg.eval.every_k}"),
+        *_eval_metric_checks(cfg.eval),
         (not cfg.train.init_generator_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", cfg.train.init_generator_sha256),
          f"train.init_generator_sha256 must be 64 hex digits, got {cfg.train.init_generator_sha256!r}"),
         (not cfg.train.init_generator_sha256 or cfg.train.init_generator,

@@ -1,4 +1,4 @@
-"""Files shipped with the package: config presets and monitoring configs (``spade_dist.configs``).
+"""Files shipped with the package: config presets, class maps and monitoring configs (``spade_dist.configs``).
 
 In the repository they are the top-level ``configs/`` directory; ``setup.py`` installs it as the
 package ``spade_dist.configs``, so the same lookup works from a source checkout, an editable install
@@ -36,3 +36,15 @@ def preset_path(name: str) -> Path:
     if name not in names:  # also keeps a name like "../x" from becoming a path
         raise ConfigError(f"unknown preset '{name}' (known: {', '.join(names)}; looked in {configs_dir()})")
     return configs_dir() / f"{name}.yaml"
+
+
+def class_map_names() -> list[str]:
+    """Shipped class maps for ``eval.segmenter.class_map`` (``configs/class_maps/*.yaml``)."""
+    return sorted(p.stem for p in (configs_dir() / "class_maps").glob("*.yaml"))
+
+
+def class_map_path(name: str) -> Path:
+    """``cityscapes-19`` -> ``configs/class_maps/cityscapes-19.yaml`` (a name from :func:`class_map_names`)."""
+    if name not in class_map_names():
+        raise ConfigError(f"unknown class map '{name}' (shipped: {', '.join(class_map_names())})")
+    return configs_dir() / "class_maps" / f"{name}.yaml"

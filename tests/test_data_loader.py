@@ -104,6 +104,22 @@ def test_eval_loader_each_sample_once_unpadded_deterministic(tmp_path: Path) -> 
     assert sorted(flat) == [f"val_{i:05d}" for i in range(4, 11)]
 
 
+def test_eval_loader_max_samples_are_the_same_first_samples_on_any_world_size(tmp_path: Path) -> None:
+    write_shards(tmp_path, [4], extra_splits={"val": [3, 4]})
+    cfg = toy_data_config(str(tmp_path / "toy-train-*.tar"))
+
+    def keys(world: int) -> list[list[str]]:
+        return [[k for b in build_eval_loader(cfg, split="val", rank=r, world_size=world, batch_size=2, max_samples=5)
+                 for k in b["key"]] for r in range(world)]
+
+    single = keys(1)[0]
+    assert single == [k for b in build_eval_loader(cfg, split="val", batch_size=2) for k in b["key"]][:5]
+    for world in (2, 3):
+        per_rank = keys(world)
+        assert [k for rank_keys in per_rank for k in rank_keys] == single  # contiguous shares, in rank order
+        assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
 def test_resume_in_process_with_pipe_shards(tmp_path: Path) -> None:
     manifest = write_shards(tmp_path, [5, 4])
     pipes = " :: ".join(f"pipe:cat {tmp_path}/toy-train-{i:06d}.tar" for i in range(2))

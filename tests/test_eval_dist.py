@@ -1,4 +1,4 @@
-"""Evaluation split across 2 gloo ranks gives the single-process FID / KID."""
+"""Evaluation split across 2 gloo ranks gives the single-process FID / KID / mIoU / pixel accuracy."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,6 +25,13 @@ def _evaluate_on_rank(rank: int, world_size: int, config_path: str, generator_pa
     return {**result, "reference_images": int(evaluator.reference.features.shape[0])}
 
 
+def save_conv_segmenter(path: Path, classes: int) -> Path:
+    """A random 1x1-convolution segmenter as a TorchScript file (what eval.segmenter.path loads)."""
+    torch.manual_seed(5)
+    torch.jit.script(torch.nn.Conv2d(3, classes, 1)).save(str(path))
+    return path
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path) -> None:
@@ -33,8 +40,10 @@ def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path) -> None:
         f"data.val_shards={tmp_path / 'shards' / 'manifest.json'}", "data.pin_memory=false",
         "model.norm_G=spectralspadebatch3x3", f"eval.inception_weights={tmp_path / 'inception.pth'}",
         # Separate caches: each run computes its reference itself (2 ranks gather it).
-        # KID subsets as large as the set: the value does not depend on the gathered order.
-        "eval.kid_subset_size=1000",
+        # KID subsets of 4 of the 8 images: equal only if both runs put the features in the same order.
+        "eval.kid_subset_size=4", "eval.metrics=[fid,kid,miou,pixel_accuracy]",
+        # 182 outputs: the preset's coco-stuff-182 class map.
+        f"eval.segmenter.path={save_conv_segmenter(tmp_path / 'segmenter.pt', 182)}",
     ]
     cfg = tiny_config(*overrides, f"eval.reference_cache_dir={tmp_path / 'c1'}", base="coco_stuff")
     photos = torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")])
@@ -48,9 +57,15 @@ def test_two_ranks_equal_one_process(tmp_path: Path, coco_sample: Path) -> None:
     dist_cfg = tiny_config(*overrides, f"eval.reference_cache_dir={tmp_path / 'c2'}", base="coco_stuff")
     (tmp_path / "dist.yaml").write_text(dist_cfg.to_yaml())
     results = run_distributed(_evaluate_on_rank, 2, args=(str(tmp_path / "dist.yaml"), str(tmp_path / "G.pt")))
+    expected_record = expected.to_record()
     for result in results:
-        assert result["num_images"] == 8 and result["reference_images"] == 8
+        assert result["protocol"]["images"]["num_images"] == 8 and result["reference_images"] == 8
         assert result["fid"] == pytest.approx(expected.fid, rel=1e-5)
         assert result["kid_mean"] == pytest.approx(expected.kid_mean, rel=1e-5)
-    # Rank 0 alone wrote the shared cache file, with the full gathered reference.
-    assert len(list((tmp_path / "c2").glob("ref-*.pt"))) == 1
+        assert result["kid_std"] == pytest.approx(expected.kid_std, rel=1e-4)
+        # Summed int64 confusion matrices: exactly the single-process scores, generated and real.
+        for key in ("miou", "pixel_accuracy", "class_iou", "real"):
+            assert result[key] == expected_record[key], key
+        assert result["protocol_hash"] == expected.protocol_hash
+    # Rank 0 alone wrote the shared cache files, with the full gathered reference.
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "c2").iterdir()) == ["inception", "segmentation"]

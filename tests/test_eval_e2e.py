@@ -53,7 +53,8 @@ def test_training_with_subprocess_eval(tmp_path: Path) -> None:
     wait_for(lambda: len(read_records(metrics_path)) == len(steps), 400, "the watcher to score every checkpoint")
     records = read_records(metrics_path)
     assert [r["step"] for r in records] == steps and all(r["status"] == "ok" for r in records)
-    assert all(r["num_images"] == 4 and r["resolution"] == [32, 32] for r in records)
+    assert all(r["protocol"]["images"]["num_images"] == 4 and r["protocol"]["images"]["resolution"] == [32, 32]
+               for r in records)
     # Scored while training ran: the first result came before the run wrote DONE.
     assert records[0]["time"] < done["time"]
     best = json.loads((run_dir / "eval" / "best.json").read_text())

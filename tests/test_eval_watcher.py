@@ -21,7 +21,7 @@ import torch
 
 from data_tools.shard import shard_dataset
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.config import CheckpointConfig, Config, MetricsConfig
+from spade_dist.config import CheckpointConfig, Config, EvalConfig, MetricsConfig
 from spade_dist.data import build_eval_loader
 from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
@@ -88,8 +88,9 @@ def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleN
     assert [(r["step"], r["status"]) for r in on_disk] == [(10, "ok"), (20, "skipped"), (30, "ok")]
     assert "step-000000020" in on_disk[1]["reason"]
     for r in (on_disk[0], on_disk[2]):
-        assert r["num_images"] == 6 and r["resolution"] == [32, 32] and r["fid"] > 0
-        assert r["weights_sha256"] == eval_setup.evaluator.weights_sha256
+        assert r["protocol"]["images"]["num_images"] == 6 and r["protocol"]["images"]["resolution"] == [32, 32]
+        assert r["protocol"]["inception"]["weights_sha256"] == eval_setup.evaluator.weights_sha256 and r["fid"] > 0
+        assert r["protocol_hash"] == eval_setup.evaluator.protocol_hash
         assert r["seconds"] > 0 and r["checkpoint"].endswith(f"step-{r['step']:09d}")
         assert set(r) >= {"kid_mean", "kid_std"}
     best = json.loads((run_dir / "eval" / "best.json").read_text())
@@ -106,7 +107,7 @@ def test_watcher_scores_skips_corrupt_keeps_best_and_resumes(eval_setup: SimpleN
     # results are also served for Prometheus (monitoring's EvalMetrics).
     _save_checkpoint(run_dir, cfg, 40, seed=40)
     (run_dir / "DONE").write_text(json.dumps({"step": 40}))
-    metrics = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(tmp_path / "sd")), run_dir, best_fid=best["fid"])
+    metrics = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(tmp_path / "sd")), run_dir)
     metrics.start()
     try:
         EvalWatcher(run_dir, eval_setup.evaluator, policy="every", poll_seconds=0.1, metrics=metrics,
@@ -144,7 +145,9 @@ def test_diverged_checkpoint_is_skipped_not_scored(eval_setup: SimpleNamespace, 
 
 
 def test_a_second_watcher_on_the_same_run_refuses(tmp_path: Path) -> None:
-    fake_evaluator = SimpleNamespace(rank=0, world_size=1)
+    # What the watcher reads of an evaluator when nothing gets scored (the results page's best record).
+    fake_evaluator = SimpleNamespace(rank=0, world_size=1, cfg=SimpleNamespace(eval=EvalConfig()),
+                                     protocol_hash={"fid": "f" * 12, "kid": "k" * 12})
     first = EvalWatcher(tmp_path, fake_evaluator)
     held = first._acquire_lock()
     try:
@@ -212,7 +215,7 @@ def test_spade_eval_once_on_an_exported_generator(eval_setup: SimpleNamespace, t
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["num_images"] == 6 and result["checkpoint"] == str(tmp_path / "G.pt")
+    assert result["protocol"]["images"]["num_images"] == 6 and result["checkpoint"] == str(tmp_path / "G.pt")
     # Another process may pick other CPU kernels (alignment): float32 features agree to ~1e-6, and FID of
     # 6 samples in 2048 dimensions amplifies that a little.
     assert result["fid"] == pytest.approx(direct.fid, rel=1e-4)
@@ -266,5 +269,55 @@ def test_evaluator_progress_bars_name_each_phase(eval_setup: SimpleNamespace, tm
     evaluator = Evaluator(eval_setup.cfg, cache_dir=tmp_path / "cache", log=lambda _: None, progress=True)
     evaluator.evaluate(_generator(eval_setup.cfg, 3))
     err = capsys.readouterr().err
-    assert "reference statistics: real images" in err and "generated images + Inception features" in err
+    assert "real images: Inception features" in err and "generated images: Inception features" in err
     assert "/6 " in err  # eval.num_images of this rank
+
+
+@pytest.mark.slow
+def test_watcher_with_a_huggingface_segmenter_records_every_metric(eval_setup: SimpleNamespace, tmp_path: Path) -> None:
+    """A tiny random-weight SegFormer saved with save_pretrained, loaded by the real path: one watcher
+    job scores FID, KID, mIoU and pixel accuracy; best.json follows eval.best_metric=miou; the page,
+    the run report and the Prometheus gauges show the segmentation scores."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from spade_dist.monitoring.report import write_report
+
+    torch.manual_seed(0)
+    segformer = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
+                                decoder_hidden_size=16, num_labels=182)  # the coco-stuff-182 class map's classes
+    SegformerForSemanticSegmentation(segformer).save_pretrained(tmp_path / "segformer")
+    cfg = tiny_config(*eval_setup.overrides[len(SHRINK):], "eval.metrics=[fid,kid,miou,pixel_accuracy]",
+                      "eval.best_metric=miou", f"eval.segmenter.path={tmp_path / 'segformer'}", base="coco_stuff")
+    evaluator = Evaluator(cfg, log=lambda _: None)  # Inception features of the real images: from the cache
+    run_dir = tmp_path / "run"
+    for step in (10, 20):
+        _save_checkpoint(run_dir, cfg, step, seed=step)
+    (run_dir / "DONE").write_text(json.dumps({"step": 20}))
+    metrics = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(tmp_path / "sd")), run_dir)
+    metrics.start()
+    try:
+        records = EvalWatcher(run_dir, evaluator, poll_seconds=0.1, metrics=metrics, log=lambda _: None).run()
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.close()
+
+    assert read_records(run_dir / "eval" / "metrics.jsonl") == records
+    assert [(r["step"], r["status"]) for r in records] == [(10, "ok"), (20, "ok")]
+    for r in records:
+        assert {"fid", "kid_mean", "miou", "pixel_accuracy", "class_iou", "real"} <= set(r)
+        assert 0 <= r["miou"] <= 1 and 0 <= r["pixel_accuracy"] <= 1
+        assert set(r["protocol_hash"]) == {"fid", "kid", "miou", "pixel_accuracy"}
+        assert r["protocol"]["segmentation"]["class_map"] == "coco-stuff-182"
+    best = json.loads((run_dir / "eval" / "best.json").read_text())
+    assert best["best_metric"] == "miou"
+    assert best["step"] == max(records, key=lambda r: (r["miou"], -r["step"]))["step"]
+    page = (run_dir / "eval" / "fid.html").read_text()
+    assert "mIoU" in page and "pixel accuracy" in page
+    assert 'aria-label="mIoU"' in write_report(run_dir).read_text()
+    samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+               if line.startswith("spade_eval_")}
+    assert samples["spade_eval_miou"] == pytest.approx(records[-1]["miou"])
+    assert samples["spade_eval_best_miou"] == pytest.approx(best["miou"])
+    assert samples["spade_eval_real_miou"] == pytest.approx(records[-1]["real"]["miou"])
+    assert samples["spade_eval_best_step"] == best["step"]

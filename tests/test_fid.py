@@ -167,8 +167,9 @@ def test_changing_weights_changes_cache_name(tmp_path: Path, coco_sample: Path) 
     assert dataset_fingerprint(data, "val") != fingerprint
     # The cache file round-trips (the Evaluator decides hit or miss; test_eval_watcher covers that).
     features = torch.randn(6, 2048)
-    ref = ReferenceStats(features=features, stats=feature_statistics(features), meta={"num_images": 6})
+    ref = ReferenceStats(features=features, stats=feature_statistics(features), meta={"num_images": 6},
+                         keys=[f"k{i}" for i in range(6)])
     save_reference(tmp_path / "cache" / "a.pt", ref)
     ref2 = load_reference(tmp_path / "cache" / "a.pt")
     torch.testing.assert_close(ref.features, ref2.features)
-    assert ref2.meta == ref.meta
+    assert ref2.meta == ref.meta and ref2.keys == ref.keys

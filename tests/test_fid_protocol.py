@@ -127,7 +127,48 @@ def test_evaluator_reads_fid_protocol(tmp_path: Path, weights: Path, coco_sample
     (shards / "manifest.json").write_text(json.dumps({"dataset": "x", "label_nc": 3, "splits": {"val": {"shards": []}}}))
     cfg = tiny_config(f"data.val_shards={shards / 'manifest.json'}", f"eval.inception_weights={weights}",
                       "eval.fid_protocol=pytorch-fid")
-    ev = Evaluator(cfg, batches_factory=lambda: [{"image": photos}], cache_dir=tmp_path / "cache", log=lambda _: None)
+    batch = {"image": photos, "key": [f"p{i}" for i in range(len(photos))]}
+    ev = Evaluator(cfg, batches_factory=lambda: [batch], cache_dir=tmp_path / "cache", log=lambda _: None)
     assert ev.reference_cache_path.name.endswith("-pytorch-fid.pt") and ev.reference_cache_path.is_file()
     assert ev.reference.meta["fid_protocol"] == "pytorch-fid" and ev.reference.meta["image_resample"] == "exact"
     torch.testing.assert_close(ev.reference.features, extract_features(build_inception(weights, protocol="pytorch-fid"), photos))
+
+
+class _LookupGenerator(torch.nn.Module):
+    """Returns stored uint8 images: the label map of image i is filled with class i."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images = images
+
+    def forward(self, semantics: torch.Tensor) -> torch.Tensor:
+        index = semantics[:, :, 0, 0].argmax(dim=1)
+        return 2 * (self.images[index].float() + 0.5) / 255 - 1  # + 0.5: to_uint8_image truncates
+
+
+def test_fid_and_kid_equal_torch_fidelity_on_folders_of_the_same_images(tmp_path: Path, weights: Path,
+                                                                       coco_sample: Path) -> None:
+    import torch_fidelity
+
+    real = torch.cat([_uint8(im.resize((32, 32))) for im in _coco_images(coco_sample)])
+    fake = torch.roll(torch.flip(real, dims=[3]), shifts=3, dims=0)
+    keys = ["m4", "b1", "z9", "a0", "k3", "c2", "y8", "d5"]  # loader order is not file-name order
+    labels = torch.arange(8).view(8, 1, 1, 1).expand(8, 1, 32, 32)
+    batches = [{"image": real[i:i + 4], "label": labels[i:i + 4], "key": keys[i:i + 4]} for i in (0, 4)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "x", "label_nc": 10, "splits": {"val": {"shards": []}}}))
+    cfg = tiny_config(f"data.val_shards={tmp_path / 'manifest.json'}", f"eval.inception_weights={weights}",
+                      "eval.kid_subset_size=4")  # random subsets of 4 of the 8: the feature order matters
+    ours = Evaluator(cfg, batches_factory=lambda: batches, cache_dir=tmp_path / "cache",
+                     log=lambda _: None).evaluate(_LookupGenerator(fake))
+
+    for folder, images in (("fake", fake), ("real", real)):
+        (tmp_path / folder).mkdir()
+        for key, image in zip(keys, images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / folder / f"{key}.png")
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), fid=True, kid=True, kid_subset_size=4,
+        feature_extractor_weights_path=str(weights), cuda=False, cache=False, verbose=False,
+        save_cpu_ram=True)  # no loader worker processes (2-core CI)
+    assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours.kid_mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert ours.kid_std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)

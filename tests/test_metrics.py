@@ -222,16 +222,22 @@ def test_eval_metrics_serve_mode_publishes_and_tracks_best(tmp_path: Path) -> No
     sd_file = tmp_path / "run" / "metrics" / "toy-42-eval.json"
     assert json.loads(sd_file.read_text()) == [{"targets": [f"127.0.0.1:{em.port}"],
                                                "labels": {"run": "toy", "job_id": "42", "role": "eval"}}]
-    em.record(step=100, fid=50.0, kid_mean=0.05, kid_std=0.01, seconds=3.0)
-    em.record(step=200, fid=60.0, kid_mean=0.06)
+    em.record(100, {"fid": 50.0, "kid_mean": 0.05, "kid_std": 0.01, "seconds": 3.0}, {"fid": 50.0, "kid": 0.05}, 100)
+    # FID and KID only: no segmentation series exist yet.
+    assert not any(name.startswith(("spade_eval_miou", "spade_eval_real")) for name in scrape(em.port))
+    em.record(200, {"fid": 60.0, "kid_mean": 0.06, "kid_std": 0.02, "miou": 0.31, "pixel_accuracy": 0.6,
+                    "real": {"miou": 0.5, "pixel_accuracy": 0.8}, "seconds": 2.0},
+              {"fid": 50.0, "kid": 0.05, "miou": 0.31, "pixel_accuracy": 0.6}, 100)
     samples = scrape(em.port)
     em.close()
     assert not sd_file.exists()
     labels = {"run": "toy", "job_id": "42"}
-    assert samples["spade_eval_fid"] == [(labels, 60.0)]
-    assert samples["spade_eval_best_fid"] == [(labels, 50.0)]
-    assert samples["spade_eval_kid"] == [(labels, 0.06)]
-    assert samples["spade_eval_step"] == [(labels, 200.0)]
+    expected = {"spade_eval_fid": 60.0, "spade_eval_best_fid": 50.0, "spade_eval_kid": 0.06, "spade_eval_kid_std": 0.02,
+                "spade_eval_best_kid": 0.05, "spade_eval_miou": 0.31, "spade_eval_best_miou": 0.31,
+                "spade_eval_pixel_accuracy": 0.6, "spade_eval_real_miou": 0.5, "spade_eval_real_pixel_accuracy": 0.8,
+                "spade_eval_best_step": 100.0, "spade_eval_step": 200.0, "spade_eval_seconds": 2.0}
+    for name, value in expected.items():
+        assert samples[name] == [(labels, value)], name
 
 
 def test_grad_norm_tracker_reads_grads_before_they_are_zeroed_only_when_armed() -> None:

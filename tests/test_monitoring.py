@@ -37,7 +37,7 @@ def test_promtool_check_config(repo_root: Path) -> None:
 def test_promtool_check_rules(repo_root: Path) -> None:
     res = promtool("check", "rules", str(repo_root / "configs/monitoring/alerts.yml"))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "7 rules found" in res.stdout
+    assert "8 rules found" in res.stdout
 
 
 def test_promtool_test_rules(repo_root: Path) -> None:
@@ -52,7 +52,8 @@ def test_every_alert_has_a_unit_test(repo_root: Path) -> None:
     firing = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
     assert alerts == {"SpadeTrainingStalled", "SpadeRankTargetDown", "SpadeNonFiniteStepsRising",
-                      "SpadeFIDRegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate", "SpadeRunShrank"}
+                      "SpadeFIDRegressed", "SpadeMIoURegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate",
+                      "SpadeRunShrank"}
     assert alerts == firing == quiet
 
 
@@ -103,6 +104,10 @@ def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:
     assert checked_in == dashboard_json(), "regenerate: python -m spade_dist.monitoring.dashboard --write"
 
 
+# Panels of the evaluation watcher's series: they follow the run across jobs (separate eval job, requeues).
+EVAL_PANELS = ("FID", "KID", "Semantic fidelity", "Best checkpoint", "Evaluation time")
+
+
 def test_dashboard_structure() -> None:
     d = build_dashboard()
     names = [v["name"] for v in d["templating"]["list"]]
@@ -114,15 +119,15 @@ def test_dashboard_structure() -> None:
     assert [(i["name"], i["type"], i["pluginId"]) for i in d["__inputs"]] == [("DS_PROMETHEUS", "datasource", "prometheus")]
     assert d["templating"]["list"][0]["current"]["value"] == "${DS_PROMETHEUS}"
     titles = {p["title"] for p in d["panels"]}
-    for needed in ("Throughput", "Step time breakdown", "Data-wait share", "Losses", "Learning rate", "FID", "KID", "Checkpoint age",
+    for needed in ("Throughput", "Step time breakdown", "Data-wait share", "Losses", "Learning rate", "FID", "KID", "Semantic fidelity", "Checkpoint age",
                    "Checkpoint save time", "Checkpoint size", "Rank targets up", "Heartbeat age", "Device memory"):
         assert needed in titles
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for title, expr in panel_expressions(d):
         assert 'run="$run"' in expr, (title, expr)
-        # Training panels show one job; FID/KID follow the run across jobs (separate eval job, requeues).
-        assert ('job_id="$job_id"' in expr) == (title not in ("FID", "KID")), (title, expr)
+        # Training panels show one job; the evaluation panels follow the run across jobs.
+        assert ('job_id="$job_id"' in expr) == (title not in EVAL_PANELS), (title, expr)
     per_rank = {title for title, expr in panel_expressions(d) if 'rank=~"$rank"' in expr}
     assert per_rank == {"Throughput", "Rank targets up", "Heartbeat age", "Device memory"}
     units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in d["panels"] if p["type"] != "row"}
@@ -198,7 +203,7 @@ def test_pushgateway_push_and_delete(tmp_path: Path) -> None:
         em = EvalMetrics(cfg, run_dir=tmp_path / "run")
         em.start()  # push mode: no server, no discovery file
         assert em.port is None and not (tmp_path / "run").exists()
-        em.record(step=300, fid=42.5, kid_mean=0.02)
+        em.record(300, {"fid": 42.5, "kid_mean": 0.02, "kid_std": 0.001}, {"fid": 42.5, "kid": 0.02}, 300)
         fids = [s for s in _gateway_samples(gw.address) if s.name == "spade_eval_fid"]
         assert [(s.labels, s.value) for s in fids] == [({"job": "spade-eval", "run": "toy", "job_id": "9",
                                                          "instance": ""}, 42.5)]
@@ -223,7 +228,7 @@ def test_prometheus_scrapes_pushed_eval_results_with_their_labels(tmp_path: Path
                                             pushgateway=gw.address)
         em = EvalMetrics(MetricsConfig(enabled=True, pushgateway=gw.address, run_name="toy", job_id="77"),
                          run_dir=tmp_path / "run")
-        em.record(step=500, fid=33.5, kid_mean=0.01)
+        em.record(500, {"fid": 33.5, "kid_mean": 0.01, "kid_std": 0.001}, {"fid": 33.5, "kid": 0.01}, 500)
         with start_prometheus(cfg_path, tmp_path / "prom") as prom:
             deadline = time.monotonic() + 60
             result: list = []

@@ -5,7 +5,7 @@ returns data over the HTTP API.
 The two training processes are started the way a launcher (torchrun, srun) starts them: one process per
 rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The run trains until the test
 sends SIGUSR1 (the preemption signal): it checkpoints, removes its discovery file and exits with the
-requeue code. An EvalMetrics publisher stands in for the FID watcher (real FID needs Inception weights).
+requeue code. An EvalMetrics publisher stands in for the evaluation watcher (real scores need Inception weights and a segmenter).
 
 The expressions are read from the checked-in dashboard JSON and alerts.yml, never retyped here. Alert
 expressions have the form ``<signal> <op> <threshold>`` (see alerts.yml): a healthy run must not fire
@@ -110,7 +110,7 @@ def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data
     requeue_code = tiny_config().checkpoint.requeue_exit_code
 
     with start_prometheus(prom_cfg, tmp_path / "prom") as prom:
-        # The FID watcher, as its own (Slurm) job: same run label, another job_id, its own discovery file.
+        # The evaluation watcher, as its own (Slurm) job: same run label, another job_id, its own discovery file.
         evaluator = EvalMetrics(MetricsConfig(enabled=True, sd_dir=str(sd_dir), job_id=EVAL_JOB_ID), run_dir=run_dir)
         evaluator.start()
         procs = start_training(tmp_path, manifest, run_dir, sd_dir)
@@ -121,8 +121,12 @@ def test_prometheus_discovers_two_rank_spade_train_and_every_expression_has_data
             targets = json.loads(sd_file.read_text())
             assert [g["labels"]["rank"] for g in targets] == ["0", "1"]
 
-            evaluator.record(step=3, fid=80.0, kid_mean=0.08, kid_std=0.01, seconds=1.0)
-            evaluator.record(step=6, fid=70.0, kid_mean=0.07, kid_std=0.01, seconds=1.0)
+            # Two scored checkpoints with every metric (what the watcher passes: the record, the best values).
+            for step, fid, miou in ((3, 80.0, 0.30), (6, 70.0, 0.35)):
+                record = {"fid": fid, "kid_mean": fid / 1000, "kid_std": 0.01, "miou": miou, "pixel_accuracy": 0.6,
+                          "real": {"miou": 0.5, "pixel_accuracy": 0.8}, "seconds": 1.0}
+                best = {"fid": fid, "kid": fid / 1000, "miou": miou, "pixel_accuracy": 0.6}
+                evaluator.record(step, record, best, step)
 
             # Poll (targets are applied every ~5 s; rates need a few scrapes): every query must get data.
             deadline = time.monotonic() + 120

@@ -127,8 +127,10 @@ def test_reproduce_page_end_to_end(cluster: SlurmCluster, coco_sample: Path, tmp
 
     _run_step(steps, "evaluate", env)
     result = json.loads((runs / "coco-stuff" / "fid-pytorch-fid.json").read_text())
-    assert result["fid_protocol"] == "pytorch-fid" and result["num_images"] == 8 and math.isfinite(result["fid"])
-    assert list((tmp_path / "fid-cache").glob("ref-coco-stuff-val-*-pytorch-fid.pt"))
+    protocol = result["protocol"]
+    assert protocol["inception"]["fid_protocol"] == "pytorch-fid" and protocol["images"]["num_images"] == 8
+    assert math.isfinite(result["fid"])
+    assert list((tmp_path / "fid-cache").glob("inception-coco-stuff-val-*-pytorch-fid.pt"))
 
     finetune = _run_step(steps, "finetune", env)
     assert f"generator initialised from {released} (official format" in finetune.stdout

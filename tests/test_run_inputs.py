@@ -221,18 +221,27 @@ class _Payload:
 
 def test_fid_reference_cache_is_not_unpickled(tmp_path, monkeypatch):
     from spade_dist.eval.fid import feature_statistics
-    from spade_dist.eval.reference_stats import ReferenceStats, ReferenceStatsError, load_reference, save_reference
+    from spade_dist.eval.reference_stats import (
+        ReferenceStats,
+        ReferenceStatsError,
+        load_real_segmentation,
+        load_reference,
+        save_reference,
+    )
 
     feats = torch.randn(6, 4)
-    ref = ReferenceStats(features=feats, stats=feature_statistics(feats), meta={"dataset": "x", "num_images": 6})
+    ref = ReferenceStats(features=feats, stats=feature_statistics(feats), meta={"dataset": "x", "num_images": 6},
+                         keys=[str(i) for i in range(6)])
     save_reference(tmp_path / "ref.pt", ref)
     back = load_reference(tmp_path / "ref.pt")
-    assert torch.equal(back.features, feats) and back.meta == ref.meta
+    assert torch.equal(back.features, feats) and back.meta == ref.meta and back.keys == ref.keys
     assert np.allclose(back.stats.sigma, ref.stats.sigma) and back.stats.num_samples == 6
     monkeypatch.chdir(tmp_path)
     torch.save({"features": feats, "evil": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ReferenceStatsError, match="unreadable reference statistics"):
         load_reference(tmp_path / "evil.pt")
+    with pytest.raises(ReferenceStatsError, match="unreadable real-image segmentation"):
+        load_real_segmentation(tmp_path / "evil.pt")  # the segmentation cache, the same way
     assert not (tmp_path / "pwned").exists()
 
 

@@ -1,14 +1,16 @@
-"""``spade-eval``: FID / KID of checkpoints (see docs/EVALUATION.md).
+"""``spade-eval``: FID / KID / mIoU / pixel accuracy of checkpoints (``eval.metrics``; docs/EVALUATION.md).
 
-    spade-eval once  --checkpoint CKPT [--config C] [--out result.json] [eval.num_images=500 ...]
-    spade-eval watch --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [KEY=VALUE ...]
+    spade-eval once    --checkpoint CKPT [--config C] [--out result.json] [eval.num_images=500 ...]
+    spade-eval watch   --run-dir R [--config C] [--policy every|newest|every_k] [--every-k K] [KEY=VALUE ...]
+    spade-eval compare SOURCE [SOURCE ...]   (run directories, metrics.jsonl files, JSON results)
 
 CKPT is a checkpoint step directory (``R/checkpoints/step-XXXXXXXXX``) or a single-file generator
 (``spade-export`` / ``eval/best_generator.pt``). With ``metrics.pushgateway=HOST:PORT`` set, ``once``
 pushes its result to that Pushgateway (group ``job="spade-eval"``, ``run``, ``job_id``; run = the run
 directory the checkpoint lies in, or ``metrics.run_name``), since it ends before any scrape. ``watch`` reads ``R/config.yaml`` unless ``--config``
 is given. Under ``torchrun`` / ``srun`` with several processes, generation and feature extraction are
-split across the ranks (gloo on CPU, NCCL on CUDA).
+split across the ranks (gloo on CPU, NCCL on CUDA). ``compare`` prints the scores as a table and marks
+scores computed under different protocols (the ``protocol_hash`` of each metric) instead of mixing them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser
 from spade_dist.config import ConfigError
-from spade_dist.eval.commands import run_once, run_watch
+from spade_dist.eval.commands import run_compare, run_once, run_watch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--parent-pid", type=int, help="stop when this process (the trainer) is gone")
     watch.add_argument("--wait-config-seconds", type=float, default=600.0,
                        help="how long to wait for the run's config.yaml to appear")
+    compare = add_subcommand(sub, "compare", help="print scores of runs / results as one table, by protocol")
+    compare.add_argument("sources", nargs="+", metavar="SOURCE",
+                         help="a run directory, a metrics.jsonl file or a JSON result (once --out, best.json)")
     return ap
 
 
@@ -55,8 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.eval.watcher import WatcherBusy
     from spade_dist.monitoring import MetricsError
 
+    command = {"once": run_once, "watch": run_watch, "compare": run_compare}[args.command]
     try:
-        return run_once(args) if args.command == "once" else run_watch(args)
+        return command(args)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointUnavailable, ReferenceStatsError, WatcherBusy,
             MetricsError) as exc:
         return fail("spade-eval", exc)

@@ -69,7 +69,7 @@ class ShardLoader:
     """Iterable of batch dicts for one rank (see module doc and docs/DATA.md)."""
 
     def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, world_size: int, *, train: bool,
-                 batch_size: int, preprocess: PreprocessOptions, num_workers: int) -> None:
+                 batch_size: int, preprocess: PreprocessOptions, num_workers: int, max_samples: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
@@ -80,6 +80,7 @@ class ShardLoader:
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.num_workers = num_workers
+        self.max_samples = max_samples  # evaluation: only the plan's first N samples (0 = all)
         self._fingerprint = plan_fingerprint(shard_set.shards, cfg.seed, train)
         self._epoch = 0
         self._plan = EpochPlan(shard_set.shards, cfg.seed, 0, shuffle=train)
@@ -141,6 +142,8 @@ class ShardLoader:
                 return [], remaining[:0]  # no equal split exists; __iter__ retires them (docs/DATA.md)
             sizes = rank_batch_sizes(remaining.size, self.world_size, self.batch_size)
         else:
+            if self.max_samples:
+                remaining = remaining[: self.max_samples]
             sizes = eval_batch_sizes(remaining.size, self.world_size, self.batch_size)
         ranges = split_ranges(remaining, [sum(s) for s in sizes])
         return sizes[self.rank], ranges[self.rank]
@@ -247,11 +250,12 @@ def build_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> S
 
 
 def build_eval_loader(cfg: DataConfig, split: Optional[str] = None, rank: int = 0, world_size: int = 1,
-                      batch_size: Optional[int] = None) -> ShardLoader:
+                      batch_size: Optional[int] = None, max_samples: int = 0) -> ShardLoader:
     """Evaluation loader: no shuffle/flip, official test-mode crop, every sample once, unpadded.
 
     Shards come from ``data.val_shards`` (else the training manifest / directory); the split is
-    ``split`` or ``data.val_split``.
+    ``split`` or ``data.val_split``. ``max_samples`` > 0 keeps the split's first samples in shard
+    order (the same ones on any number of ranks), split over the ranks as the whole split would be.
     """
     spec = eval_spec(cfg.shards, cfg.val_shards, cfg.manifest)
     if spec is None:
@@ -259,4 +263,4 @@ def build_eval_loader(cfg: DataConfig, split: Optional[str] = None, rank: int = 
             f"no validation shards: set data.val_shards or data.manifest (data.shards {cfg.shards!r} names no manifest)")
     shard_set = resolve_shards(spec, split or cfg.val_split, cfg.manifest)
     return ShardLoader(cfg, shard_set, rank, world_size, train=False, batch_size=batch_size or cfg.batch_size,
-                       preprocess=eval_preprocess(cfg), num_workers=cfg.num_workers)
+                       preprocess=eval_preprocess(cfg), num_workers=cfg.num_workers, max_samples=max_samples)

@@ -1,6 +1,7 @@
-"""The two ``spade-eval`` commands as library functions: ``once`` (score one checkpoint) and ``watch``
-(follow a run's checkpoints), plus the process setup they share. ``spade_dist.cli.eval`` parses the
-arguments (see its help for each one) and calls :func:`run_once` / :func:`run_watch`.
+"""The ``spade-eval`` commands as library functions: ``once`` (score one checkpoint), ``watch``
+(follow a run's checkpoints) and ``compare`` (a table of scores), plus the process setup they share.
+``spade_dist.cli.eval`` parses the arguments (see its help for each one) and calls :func:`run_once` /
+:func:`run_watch` / :func:`run_compare`.
 """
 from __future__ import annotations
 
@@ -74,11 +75,11 @@ def _wait_for(path: Path, seconds: float) -> None:
 
 def run_once(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator, load_generator
-    from spade_dist.eval.inception import resolve_inception_weights
+    from spade_dist.eval.launch import check_eval_inputs
 
     if args.config:
         cfg = _with_overrides(load_config(args.config), args)
-        resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)  # fail fast
+        check_eval_inputs(cfg)  # fail fast, before reading the checkpoint
         generator = None
     else:
         generator, cfg = load_generator(args.checkpoint, "cpu")
@@ -104,20 +105,24 @@ def run_once(args: argparse.Namespace) -> int:
 def _push_result(cfg: Config, checkpoint: Path, result: "EvalResult") -> None:
     """Push one ``once`` result to ``metrics.pushgateway`` (the job ends before Prometheus could scrape it)."""
     from spade_dist.checkpoint.layout import step_of
+    from spade_dist.eval.scores import metric_value
     from spade_dist.monitoring.exporter import EvalMetrics
 
     # R/checkpoints/step-N and R/eval/best_generator.pt belong to run R; any other file to its folder.
     run_dir = checkpoint.parent.parent if checkpoint.parent.name in ("checkpoints", "eval") else checkpoint.parent
     step = step_of(checkpoint)
+    step = step if step is not None else -1
+    record = result.to_record()
     metrics = EvalMetrics(dataclasses.replace(cfg.metrics, enabled=True), run_dir)
-    metrics.record(step if step is not None else -1, result.fid, result.kid_mean, result.kid_std, result.seconds)
+    values = {m: metric_value(record, m) for m in result.metrics}
+    metrics.record(step, record, {m: v for m, v in values.items() if v is not None}, step)
     print(f"spade-eval: pushed to {cfg.metrics.pushgateway} (job spade-eval, run {metrics.run}, "
           f"job_id {metrics.job_id})", file=sys.stderr)
 
 
 def run_watch(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator
-    from spade_dist.eval.watcher import EvalWatcher, best_record, read_records
+    from spade_dist.eval.watcher import EvalWatcher
     from spade_dist.monitoring.exporter import EvalMetrics
 
     run_dir = Path(args.run_dir)
@@ -128,12 +133,11 @@ def run_watch(args: argparse.Namespace) -> int:
     _set_threads(cfg)
     rank, _, device = init_distributed(cfg.eval.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda _: None)
-    # Fails here, at start, without Inception weights.
+    # Fails here, at start, without Inception weights or with a segmenter that does not fit its class map.
     evaluator = Evaluator(cfg, device=device, log=log, progress=progress_wanted(not args.no_progress, rank))
     metrics = None
     if rank == 0 and cfg.metrics.enabled:
-        best = best_record(read_records(RunDir(run_dir).eval_metrics_log))
-        metrics = EvalMetrics(cfg.metrics, run_dir, best_fid=best["fid"] if best else None)
+        metrics = EvalMetrics(cfg.metrics, run_dir)
         metrics.start()
     watcher = EvalWatcher(
         run_dir, evaluator, policy=args.policy or cfg.eval.policy,
@@ -148,4 +152,12 @@ def run_watch(args: argparse.Namespace) -> int:
             metrics.close()
     log(f"[eval] run finished; {sum(r.get('status') == 'ok' for r in records)} checkpoints scored, "
         f"{sum(r.get('status') == 'skipped' for r in records)} skipped")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from spade_dist.eval.compare import format_table, read_scores
+
+    rows = [row for source in args.sources for row in read_scores(source)]
+    print("\n".join(format_table(rows)))
     return 0

@@ -18,11 +18,25 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from spade_dist.config import Config
+from spade_dist.config import SEGMENTATION_METRICS, Config
+from spade_dist.eval.class_map import load_class_map
 from spade_dist.eval.inception import resolve_inception_weights
+from spade_dist.eval.segmenter import segmenter_format
 from spade_dist.run_dir import RunDir
 
 WATCHER_LOG = "watcher.log"
+
+
+def check_eval_inputs(cfg: Config) -> None:
+    """The files an evaluation of ``eval.metrics`` needs, checked before anything runs: the Inception
+    weights (fid / kid), the segmenter path and its class map (miou / pixel_accuracy). Raises the
+    one-line error naming the file and key. (Whether the segmenter's output classes fit the map needs
+    the model: the evaluator checks that at its start, before generating any image.)"""
+    if "fid" in cfg.eval.metrics or "kid" in cfg.eval.metrics:
+        resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)
+    if any(m in SEGMENTATION_METRICS for m in cfg.eval.metrics):
+        segmenter_format(Path(cfg.eval.segmenter.path).expanduser())
+        load_class_map(cfg.eval.segmenter.class_map, cfg.data)
 
 
 def watcher_command(cfg: Config, run_dir: Union[str, Path], config_path: Optional[Union[str, Path]] = None,
@@ -40,13 +54,14 @@ def watcher_command(cfg: Config, run_dir: Union[str, Path], config_path: Optiona
 
 def start_eval_watcher(cfg: Config, run_dir: Union[str, Path], config_path: Optional[Union[str, Path]] = None,
                        parent_pid: Optional[int] = None, extra_env: Optional[dict] = None) -> subprocess.Popen:
-    """Spawn the watcher for ``run_dir``; returns at once. Raises at once if the Inception weights are missing.
+    """Spawn the watcher for ``run_dir``; returns at once. Raises at once if an input of the evaluation is
+    missing or wrong (:func:`check_eval_inputs`).
 
     ``config_path`` defaults to ``<run_dir>/config.yaml`` (the resolved config the trainer wrote);
     ``parent_pid`` defaults to this process, so the watcher ends if the trainer dies.
     """
     # Fail in the trainer, at start, rather than in a background process nobody watches.
-    resolve_inception_weights(cfg.eval.inception_weights, cfg.eval.allow_download)
+    check_eval_inputs(cfg)
     run_dir = Path(run_dir)
     config_path = Path(config_path) if config_path is not None else RunDir(run_dir).config
     if not config_path.is_file():

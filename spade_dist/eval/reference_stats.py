@@ -1,20 +1,26 @@
-"""Cached Inception features of the real validation images (the "reference" FID compares against).
+"""Cached results on the real validation images: Inception features (what FID / KID compare against)
+and the segmenter's confusion matrix on them (the "real images" row of mIoU / pixel accuracy).
 
-The cache file name carries everything that changes the numbers, so a stale file can never be
-picked up (torch-fidelity's own cache name includes none of these):
+The cache file names carry everything that changes the numbers, so a stale file can never be picked
+up (torch-fidelity's own cache name includes none of these):
 
-    ref-<dataset>-<split>-m<data hash[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-w<weights sha256[:12]>-<protocol>.pt
+    inception-<dataset>-<split>-m<data hash[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-w<weights sha256[:12]>-<protocol>.pt
+    segmentation-<dataset>-<split>-m<data hash[:12]>-<W>x<H>-p<preprocessing hash[:8]>-n<num images>-s<segmenter hash[:12]>.pt
 
 - the data hash: the manifest's split entry plus each shard file's size and mtime (a re-sharded,
   different or replaced dataset gets new statistics),
 - the evaluation resolution (the dataset's crop size and aspect ratio) and the preprocessing,
   ``data.image_resample`` included,
-- the sha256 of the Inception weights file (test weights vs real weights),
 - the number of images (``eval.num_images``, 0 = whole split),
-- ``eval.fid_protocol`` (how images are resized to 299).
+- Inception: the sha256 of the weights file (test weights vs real weights) and ``eval.fid_protocol``
+  (how images are resized to 299);
+- segmentation: a hash of the segmenter's protocol section (weights sha256, class map, input size,
+  normalisation).
 
-The file stores the features themselves (KID needs them, not just mean/covariance) plus the
-statistics, written atomically (temp file + rename) so concurrent watchers can share a cache dir.
+The Inception file stores the features themselves (KID needs them, not just mean/covariance) in the
+canonical order (sorted by ``<key>.png``) with their sample keys, plus the statistics; the
+segmentation file the int64 confusion matrix. Both are written atomically (temp file + rename) so
+concurrent watchers can share a cache dir.
 """
 from __future__ import annotations
 
@@ -44,8 +50,15 @@ class ReferenceStatsError(RuntimeError):
 
 @dataclass
 class ReferenceStats:
-    features: torch.Tensor  # N x 2048 float32
+    features: torch.Tensor  # N x 2048 float32, rows in the canonical order of `keys`
     stats: FeatureStatistics
+    meta: dict
+    keys: list[str]
+
+
+@dataclass
+class RealSegmentation:
+    confusion: torch.Tensor  # int64 C x C, the segmenter on the real images against their label maps
     meta: dict
 
 
@@ -154,14 +167,29 @@ def preprocessing_key(data_cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _cache_name(kind: str, dataset: str, split: str, manifest_sha256: str, resolution: tuple[int, int],
+                preprocess_key: str, num_images: int, suffix: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset}-{split}")
+    return (f"{kind}-{safe}-m{manifest_sha256[:12]}-{resolution[0]}x{resolution[1]}-p{preprocess_key}"
+            f"-n{num_images}-{suffix}.pt")
+
+
 def reference_cache_name(dataset: str, split: str, manifest_sha256: str, resolution: tuple[int, int],
                          preprocess_key: str, num_images: int, weights_sha256: str,
                          fid_protocol: str = "torch-fidelity") -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset}-{split}")
+    """File name of the real images' Inception features (see the module doc)."""
     weights = re.sub(r"[^A-Za-z0-9]", "", weights_sha256)[:12] or "unknown"
     protocol = re.sub(r"[^A-Za-z0-9-]", "", fid_protocol)
-    return (f"ref-{safe}-m{manifest_sha256[:12]}-{resolution[0]}x{resolution[1]}-p{preprocess_key}"
-            f"-n{num_images}-w{weights}-{protocol}.pt")
+    return _cache_name("inception", dataset, split, manifest_sha256, resolution, preprocess_key, num_images,
+                       f"w{weights}-{protocol}")
+
+
+def segmentation_cache_name(dataset: str, split: str, manifest_sha256: str, resolution: tuple[int, int],
+                            preprocess_key: str, num_images: int, segmenter_protocol: dict) -> str:
+    """File name of the segmenter's confusion matrix on the real images (see the module doc)."""
+    digest = hashlib.sha256(json.dumps(segmenter_protocol, sort_keys=True).encode()).hexdigest()[:12]
+    return _cache_name("segmentation", dataset, split, manifest_sha256, resolution, preprocess_key, num_images,
+                       f"s{digest}")
 
 
 def resolve_cache_dir(configured: str = "") -> Path:
@@ -169,16 +197,24 @@ def resolve_cache_dir(configured: str = "") -> Path:
     return Path(configured or os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE_DIR).expanduser()
 
 
+def _load_payload(path: Path) -> dict:
+    """A cache file's payload: tensors, ints and JSON strings only, so it loads with
+    ``weights_only=True`` (a cache directory may be shared; a pickle could run code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_reference(path: Union[str, Path]) -> ReferenceStats:
-    """Read a cache file written by :func:`save_reference`: tensors, ints and a JSON string only, so it
-    loads with ``weights_only=True`` (a cache directory may be shared; a pickle could run code)."""
+    """Read an Inception features file written by :func:`save_reference`."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = _load_payload(path)
         features = payload["features"]
         stats = FeatureStatistics(mu=payload["mu"].numpy(), sigma=payload["sigma"].numpy(),
                                   num_samples=int(payload["num_samples"]))
-        return ReferenceStats(features=features, stats=stats, meta=dict(json.loads(payload["meta_json"])))
+        keys = [str(k) for k in json.loads(payload["keys_json"])]
+        if len(keys) != features.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {features.shape[0]} feature rows")
+        return ReferenceStats(features=features, stats=stats, meta=dict(json.loads(payload["meta_json"])), keys=keys)
     except Exception as exc:  # noqa: BLE001 - any failure means "unusable cache file"
         raise ReferenceStatsError(f"{path}: unreadable reference statistics ({exc}); delete it to recompute") from exc
 
@@ -187,5 +223,24 @@ def save_reference(path: Union[str, Path], ref: ReferenceStats) -> None:
     with atomic_output(path) as handle:
         torch.save({"features": ref.features, "mu": torch.from_numpy(np.asarray(ref.stats.mu, dtype=np.float64)),
                     "sigma": torch.from_numpy(np.asarray(ref.stats.sigma, dtype=np.float64)),
-                    "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True)},
+                    "num_samples": int(ref.stats.num_samples), "meta_json": json.dumps(ref.meta, sort_keys=True),
+                    "keys_json": json.dumps(ref.keys)},
                    handle)
+
+
+def load_real_segmentation(path: Union[str, Path]) -> RealSegmentation:
+    """Read a confusion-matrix file written by :func:`save_real_segmentation`."""
+    path = Path(path)
+    try:
+        payload = _load_payload(path)
+        confusion = payload["confusion"]
+        if confusion.dtype != torch.int64 or confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+            raise ValueError(f"confusion matrix is {confusion.dtype} {tuple(confusion.shape)}, not int64 C x C")
+        return RealSegmentation(confusion=confusion, meta=dict(json.loads(payload["meta_json"])))
+    except Exception as exc:  # noqa: BLE001 - any failure means "unusable cache file"
+        raise ReferenceStatsError(f"{path}: unreadable real-image segmentation ({exc}); delete it to recompute") from exc
+
+
+def save_real_segmentation(path: Union[str, Path], real: RealSegmentation) -> None:
+    with atomic_output(path) as handle:
+        torch.save({"confusion": real.confusion.cpu(), "meta_json": json.dumps(real.meta, sort_keys=True)}, handle)

@@ -2,12 +2,13 @@
 
 State lives only in the run directory, so a restarted watcher resumes exactly:
 
-- ``eval/metrics.jsonl``: one line per checkpoint handled, ``status`` ``ok`` (step, fid, kid_mean,
-  kid_std, kid_subset_size, num_images, resolution, weights_sha256, seconds, checkpoint, time) or
+- ``eval/metrics.jsonl``: one line per checkpoint handled, ``status`` ``ok`` (step, the scores of
+  ``eval.metrics``, protocol, protocol_hash, seconds, checkpoint, time; docs/EVALUATION.md) or
   ``skipped`` (step, reason, checkpoint, time). Steps listed here are never evaluated again.
-- ``eval/best.json``: the ``ok`` line with the lowest FID; ``eval/best_generator.pt``: that EMA generator
+- ``eval/best.json``: the ``ok`` line with the best ``eval.best_metric`` among the lines computed
+  under the current protocol (+ ``generator`` and ``best_metric``); ``eval/best_generator.pt``: that EMA generator
   (``spade_dist.models.compat.save_generator_file`` format).
-- ``eval/fid.html``: the FID curve for the gallery.
+- ``eval/fid.html``: the metrics over the steps for the gallery.
 
 Policies: ``every`` scores every committed checkpoint in step order; ``newest`` only the newest one
 not yet scored (older unscored ones are passed over); ``every_k`` every K-th committed checkpoint the
@@ -30,7 +31,9 @@ from typing import Callable, Optional, Union
 import torch.distributed as dist
 
 from spade_dist.eval.evaluate import CheckpointUnavailable, Evaluator
+from spade_dist.eval.protocol import protocol_differences
 from spade_dist.eval.report import write_fid_page
+from spade_dist.eval.scores import METRICS, best_record, better, metric_value, protocol_hash_of
 from spade_dist.files import append_jsonl, read_jsonl, write_json_atomic
 from spade_dist.run_dir import RunDir
 
@@ -69,11 +72,6 @@ def read_records(metrics_path: Path) -> list[dict]:
     return read_jsonl(metrics_path)
 
 
-def best_record(records: list[dict]) -> Optional[dict]:
-    ok = [r for r in records if r.get("status") == "ok"]
-    return min(ok, key=lambda r: (r["fid"], r["step"])) if ok else None
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -102,7 +100,7 @@ class EvalWatcher:
         self.every_k = every_k
         self.poll_seconds = poll_seconds
         self.parent_pid = parent_pid
-        self.metrics = metrics  # spade_dist.monitoring.exporter.EvalMetrics or None
+        self.metrics = metrics  # spade_dist.monitoring.exporter.EvalMetrics or None (rank 0)
         self.log = log
         self.rank = evaluator.rank
         self.world_size = evaluator.world_size
@@ -159,7 +157,37 @@ class EvalWatcher:
         from spade_dist.models.compat import save_generator_file
 
         save_generator_file(generator, generator_cfg, self.eval_dir / BEST_GENERATOR_NAME)
-        write_json_atomic(RunDir(self.run_dir).eval_best, {**record, "generator": BEST_GENERATOR_NAME}, sort_keys=True)
+        write_json_atomic(RunDir(self.run_dir).eval_best,
+                          {**record, "generator": BEST_GENERATOR_NAME, "best_metric": self.best_metric}, sort_keys=True)
+
+    @property
+    def best_metric(self) -> str:
+        return self.evaluator.cfg.eval.best_metric
+
+    def current_best(self) -> Optional[dict]:
+        """best.json's record: the best ``eval.best_metric`` under the evaluator's current protocol."""
+        metric = self.best_metric
+        return best_record(self.records, metric, self.evaluator.protocol_hash[metric])
+
+    def best_values(self) -> dict[str, float]:
+        """Per metric of this evaluator, the best value so far under the current protocol (gauges)."""
+        out = {}
+        for metric, digest in self.evaluator.protocol_hash.items():
+            best = best_record(self.records, metric, digest)
+            if best is not None:
+                out[metric] = metric_value(best, metric)
+        return out
+
+    def _note_protocol_change(self, record: dict) -> None:
+        """Say so when a metric's protocol differs from the previous score's: the two do not compare."""
+        previous = next((r for r in reversed(self.records) if r.get("status") == "ok"), None)
+        if previous is None:
+            return
+        for metric in record["protocol_hash"]:
+            if protocol_hash_of(previous, metric) != record["protocol_hash"][metric]:
+                fields = "; ".join(protocol_differences(previous.get("protocol"), record["protocol"], metric)[:4])
+                self.log(f"[eval] step {record['step']}: {METRICS[metric].label} protocol differs from step "
+                         f"{previous['step']}'s ({fields}); the scores do not compare, best.json follows the new one")
 
     def evaluate_one(self, ref: CheckpointRef) -> dict:
         """Score one checkpoint and record the outcome; a vanished or unreadable one is recorded as skipped."""
@@ -176,19 +204,23 @@ class EvalWatcher:
             return record
         record = {"step": ref.step, "status": "ok", **result.to_record(), "time": time.time()}
         if self.rank == 0:
-            previous_best = best_record(self.records)
+            self._note_protocol_change(record)
+            metric = self.best_metric
+            value, previous_best = metric_value(record, metric), self.current_best()
             # best.json before the line: killed in between, the restart re-scores this step and rewrites it.
-            if previous_best is None or record["fid"] < previous_best["fid"]:
+            if value is not None and (previous_best is None or
+                                      better(value, metric_value(previous_best, metric), metric)):  # type: ignore[arg-type]
                 self._write_best(record, generator, generator_cfg)
             self._append(record)
-            if self.metrics is not None:
-                self.metrics.record(ref.step, record["fid"], record["kid_mean"], record["kid_std"], record["seconds"])
-            self.log(f"[eval] step {ref.step}: FID {record['fid']:.4f} KID {record['kid_mean']:.5f} "
-                     f"({record['num_images']} images, {record['seconds']:.1f}s)")
+            best = self.current_best()
+            if self.metrics is not None and best is not None:
+                self.metrics.record(ref.step, record, self.best_values(), best["step"])
+            scores = ", ".join(f"{METRICS[m].label} {record[METRICS[m].key]:.5g}" for m in self.evaluator.metrics)
+            self.log(f"[eval] step {ref.step}: {scores} ({result.num_images} images, {record['seconds']:.1f}s)")
         return record
 
     def _write_page(self) -> None:
-        write_fid_page(self.eval_dir / FID_PAGE_NAME, self.records, best_record(self.records), self.run_dir.name)
+        write_fid_page(self.eval_dir / FID_PAGE_NAME, self.records, self.current_best(), self.run_dir.name)
 
     def poll(self) -> tuple[int, bool]:
         """One round: score what the policy selects now. Returns (number handled, run finished)."""

@@ -137,32 +137,46 @@ def build_dashboard() -> dict[str, Any]:
         _panel(next(ids), "FID", "timeseries", (0, 23, 12, 8), "short", [
             (f"max(spade_eval_fid{{{r}}})", "FID (last checkpoint)"),
             (f"max(spade_eval_best_fid{{{r}}})", "best FID"),
-        ], "Published by the FID evaluator (spade-eval), whichever job runs it."),
+        ], "Published by the evaluation watcher (spade-eval), whichever job runs it."),
         _panel(next(ids), "KID", "timeseries", (12, 23, 12, 8), "short", [
             (f"max(spade_eval_kid{{{r}}})", "KID"),
         ]),
+        _panel(next(ids), "Semantic fidelity", "timeseries", (0, 31, 12, 8), "percentunit", [
+            (f"max(spade_eval_miou{{{r}}})", "mIoU"),
+            (f"max(spade_eval_pixel_accuracy{{{r}}})", "pixel accuracy"),
+            (f"max(spade_eval_real_miou{{{r}}})", "mIoU, real images"),
+            (f"max(spade_eval_real_pixel_accuracy{{{r}}})", "pixel accuracy, real images"),
+        ], "The segmenter (eval.segmenter) on the generated images against their label maps, and on the "
+           "real images (the upper bound a generator is measured against).", limits=(0, 1)),
+        _panel(next(ids), "Best checkpoint", "stat", (12, 31, 6, 8), "short", [
+            (f"max(spade_eval_best_step{{{r}}})", "step (eval.best_metric)"),
+            (f"max(spade_eval_best_miou{{{r}}})", "best mIoU"),
+        ], "The checkpoint of eval/best.json, chosen by eval.best_metric."),
+        _panel(next(ids), "Evaluation time", "timeseries", (18, 31, 6, 8), "s", [
+            (f"max(spade_eval_seconds{{{r}}})", "seconds per checkpoint"),
+        ]),
     ]
-    panels.append(_row(next(ids), "Checkpoints", 31))
+    panels.append(_row(next(ids), "Checkpoints", 39))
     panels += [
-        _panel(next(ids), "Checkpoint age", "stat", (0, 32, 8, 6), "s", [
+        _panel(next(ids), "Checkpoint age", "stat", (0, 40, 8, 6), "s", [
             (f"time() - max(spade_checkpoint_last_success_timestamp_seconds{{{s}}} > 0)", "age"),
         ], "Seconds since the newest successful checkpoint."),
-        _panel(next(ids), "Checkpoint save time", "timeseries", (8, 32, 8, 6), "s", [
+        _panel(next(ids), "Checkpoint save time", "timeseries", (8, 40, 8, 6), "s", [
             (f"max(spade_checkpoint_save_seconds{{{s}}})", "save seconds"),
         ]),
-        _panel(next(ids), "Checkpoint size", "timeseries", (16, 32, 8, 6), "bytes", [
+        _panel(next(ids), "Checkpoint size", "timeseries", (16, 40, 8, 6), "bytes", [
             (f"max(spade_checkpoint_bytes{{{s}}})", "bytes (all ranks' files)"),
         ]),
     ]
-    panels.append(_row(next(ids), "Health", 38))
+    panels.append(_row(next(ids), "Health", 46))
     panels += [
-        _panel(next(ids), "Rank targets up", "timeseries", (0, 39, 8, 8), "short", [
+        _panel(next(ids), "Rank targets up", "timeseries", (0, 47, 8, 8), "short", [
             (f'up{{job="{TRAIN_SCRAPE_JOB}", {rs}}}', "rank {{rank}} ({{node}})"),
         ], "1 = Prometheus scrapes the rank's exporter."),
-        _panel(next(ids), "Heartbeat age", "timeseries", (8, 39, 8, 8), "s", [
+        _panel(next(ids), "Heartbeat age", "timeseries", (8, 47, 8, 8), "s", [
             (f"time() - spade_heartbeat_timestamp_seconds{{{rs}}}", "rank {{rank}}"),
         ], "Seconds since each rank's training loop last reported."),
-        _panel(next(ids), "Device memory", "timeseries", (16, 39, 8, 8), "bytes", [
+        _panel(next(ids), "Device memory", "timeseries", (16, 47, 8, 8), "bytes", [
             (f"spade_device_memory_bytes{{{rs}}}", "rank {{rank}}"),
         ]),
     ]

@@ -9,7 +9,7 @@ Discovery (:mod:`spade_dist.monitoring.discovery`): rank 0 writes a Prometheus `
 every rank's ``host:port`` (ranks exchange their bound ports with ``all_gather_object``) and removes it
 at :meth:`TrainingMetrics.close`; the labels on the targets give the ``up`` series of every rank.
 
-The evaluator publishes FID / KID through :class:`EvalMetrics` (its own server + its own file_sd file,
+The evaluator publishes its scores (FID, KID, mIoU, pixel accuracy) through :class:`EvalMetrics` (its own server + its own file_sd file,
 or the Pushgateway for one-off jobs, :mod:`spade_dist.monitoring.pushgateway`).
 
 The trainer passes plain Python numbers: nothing here touches a tensor, so recording never forces a
@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Union
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from spade_dist.config import MetricsConfig
+from spade_dist.eval.scores import METRICS, metric_value
 from spade_dist.files import write_json_atomic
 from spade_dist.monitoring import MetricsError
 from spade_dist.monitoring.discovery import DiscoveryFile, advertised_host, resolve_run_labels, resolve_sd_dir, sd_file_name
@@ -309,7 +310,14 @@ class TrainingMetrics:
 
 
 class EvalMetrics:
-    """FID / KID of a run, published by the evaluator (``spade-eval watch`` / ``once``).
+    """The evaluator's scores of a run (``spade-eval watch`` / ``once``), one gauge per value.
+
+    ``spade_eval_<metric>`` for each metric of ``eval.metrics`` (``fid``, ``kid`` = the KID mean,
+    ``miou``, ``pixel_accuracy``), ``spade_eval_kid_std``, ``spade_eval_real_<metric>`` for the real
+    images' segmentation row, ``spade_eval_best_<metric>`` (the best so far under the current
+    protocol, as the watcher tracks it), ``spade_eval_best_step`` (the checkpoint of eval/best.json),
+    ``spade_eval_step``, ``spade_eval_seconds`` and ``spade_eval_last_timestamp_seconds``. Metrics
+    that are not computed get no series.
 
     Mode follows the config: with ``metrics.pushgateway`` set, every :meth:`record` pushes the group
     ``job="spade-eval", run, job_id`` (for one-off jobs that exit before a scrape); otherwise
@@ -319,8 +327,7 @@ class EvalMetrics:
 
     PUSH_JOB = "spade-eval"
 
-    def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], node: Optional[str] = None,
-                 best_fid: Optional[float] = None) -> None:
+    def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], node: Optional[str] = None) -> None:
         self.cfg = cfg
         self.enabled = cfg.enabled
         self.node = node or socket.gethostname()
@@ -333,14 +340,18 @@ class EvalMetrics:
         self._labels = {"run": self.run, "job_id": self.job_id}
         names = list(EVAL_LABELS)
         reg = self.registry
-        self._fid = Gauge("spade_eval_fid", "FID of the last evaluated checkpoint.", names, registry=reg)
-        self._kid = Gauge("spade_eval_kid", "KID (mean over subsets) of the last evaluated checkpoint.", names, registry=reg)
+        self._value = {m: Gauge(f"spade_eval_{m}", f"{info.label} of the last evaluated checkpoint.", names, registry=reg)
+                       for m, info in METRICS.items()}
+        self._best = {m: Gauge(f"spade_eval_best_{m}", f"Best {info.label} of the run so far (current protocol).",
+                               names, registry=reg) for m, info in METRICS.items()}
+        self._real = {m: Gauge(f"spade_eval_real_{m}", f"{METRICS[m].label} of the segmenter on the real images.",
+                               names, registry=reg) for m in ("miou", "pixel_accuracy")}
         self._kid_std = Gauge("spade_eval_kid_std", "KID standard deviation over subsets.", names, registry=reg)
-        self._best = Gauge("spade_eval_best_fid", "Lowest FID of the run so far.", names, registry=reg)
+        self._best_step = Gauge("spade_eval_best_step", "Training step of the best checkpoint (eval/best.json).",
+                                names, registry=reg)
         self._step = Gauge("spade_eval_step", "Training step of the last evaluated checkpoint.", names, registry=reg)
         self._seconds = Gauge("spade_eval_seconds", "Duration of the last evaluation.", names, registry=reg)
         self._last = Gauge("spade_eval_last_timestamp_seconds", "Unix time of the last finished evaluation.", names, registry=reg)
-        self.best_fid = best_fid  # a resumed watcher passes best.json's FID
 
     def start(self) -> None:
         """Serve mode: start the server and write the evaluator's discovery file."""
@@ -351,19 +362,26 @@ class EvalMetrics:
         target = f"{advertised_host(self.cfg.bind, self.node)}:{self.port}"
         write_json_atomic(self.sd_path, [{"targets": [target], "labels": {**self._labels, "role": "eval"}}], sort_keys=True)
 
-    def record(self, step: int, fid: float, kid_mean: float, kid_std: float = 0.0, seconds: float = 0.0) -> None:
-        """Publish one evaluation result; the best FID is the minimum seen (or passed in at start)."""
+    def record(self, step: int, record: Mapping[str, Any], best: Mapping[str, float], best_step: int) -> None:
+        """Publish one evaluation: ``record`` is its metrics.jsonl line (or ``spade-eval once`` result),
+        ``best`` the best value per metric so far and ``best_step`` the step of eval/best.json."""
         if not self.enabled:
             return
-        if self.best_fid is None or fid < self.best_fid:
-            self.best_fid = fid
         lab = self._labels
-        self._fid.labels(**lab).set(fid)
-        self._kid.labels(**lab).set(kid_mean)
-        self._kid_std.labels(**lab).set(kid_std)
-        self._best.labels(**lab).set(self.best_fid)
+        real = record.get("real") if isinstance(record.get("real"), dict) else {}
+        for metric in METRICS:
+            value = metric_value(record, metric)
+            if value is not None:
+                self._value[metric].labels(**lab).set(value)
+            if metric in best:
+                self._best[metric].labels(**lab).set(best[metric])
+            if metric in self._real and metric_value(real, metric) is not None:
+                self._real[metric].labels(**lab).set(metric_value(real, metric))
+        if metric_value(record, "kid") is not None:
+            self._kid_std.labels(**lab).set(float(record["kid_std"]))
+        self._best_step.labels(**lab).set(best_step)
         self._step.labels(**lab).set(step)
-        self._seconds.labels(**lab).set(seconds)
+        self._seconds.labels(**lab).set(float(record.get("seconds", 0.0)))
         self._last.labels(**lab).set(time.time())
         if self.push_mode:
             push_job_metrics(self.cfg.pushgateway, self.PUSH_JOB, self.registry, self._labels)

@@ -2,7 +2,8 @@
 
 Reads what the run directory already holds (docs/FORMATS.md):
 - ``logs/train_metrics.jsonl`` (written by rank 0's TrainingMetrics): losses, throughput, data-wait share;
-- ``eval/metrics.jsonl`` and ``eval/best.json`` (the FID evaluator): FID / KID over steps;
+- ``eval/metrics.jsonl`` and ``eval/best.json`` (the evaluation watcher): FID / KID / mIoU / pixel
+  accuracy over steps, one series per protocol (spade_dist.eval.report);
 - ``samples/step-*.png`` (the trainer's sample grids): the latest ones, embedded;
 - ``DONE`` and ``config.yaml`` when present (the latter to say why a section is empty and which
   setting turns it on).
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from spade_dist.charts import Chart, Point, fmt_number, svg_line_chart
+from spade_dist.eval.report import metric_charts
+from spade_dist.eval.scores import METRICS, best_record, metric_value
 from spade_dist.files import read_jsonl, write_atomic
 from spade_dist.run_dir import RunDir
 from spade_dist.config import Config, ConfigError, load_config
@@ -80,8 +83,8 @@ def training_charts(train: Sequence[dict[str, Any]]) -> list[Chart]:
 
 
 def eval_charts(evals: Sequence[dict[str, Any]]) -> list[Chart]:
-    return [Chart("FID", "step", "FID (lower is better)", {"FID": _series(evals, "fid")}),
-            Chart("KID", "step", "KID", {"KID": _series(evals, "kid_mean")})]
+    """The evaluation page's charts (spade_dist.eval.report): one per metric, one series per protocol."""
+    return metric_charts(evals)
 
 
 def latest_samples(run_dir: Path, count: int) -> list[tuple[int, Path]]:
@@ -115,11 +118,12 @@ def missing_hints(cfg: Optional[Config]) -> dict[str, str]:
         return {"train": how, "eval": how, "samples": how, "live": ""}
     t, ev = cfg.train, cfg.eval
     if ev.mode == "none":
-        eval_hint = ("FID is off for this run (eval.mode=none): start it with eval.mode=subprocess (or slurm) and "
-                     "Inception weights (eval.inception_weights or $SPADE_INCEPTION_WEIGHTS), or score the "
-                     "checkpoints afterwards with `spade-eval watch --run-dir RUN_DIR`.")
+        eval_hint = ("evaluation is off for this run (eval.mode=none): start it with eval.mode=subprocess (or slurm) "
+                     "and its inputs (Inception weights: eval.inception_weights or $SPADE_INCEPTION_WEIGHTS; for "
+                     "miou / pixel_accuracy eval.segmenter.path), or score the checkpoints afterwards with "
+                     "`spade-eval watch --run-dir RUN_DIR`.")
     else:
-        eval_hint = (f"eval.mode={ev.mode}: the FID watcher scores each committed checkpoint "
+        eval_hint = (f"eval.mode={ev.mode}: the evaluation watcher scores each committed checkpoint "
                      f"(checkpoint.every_steps={cfg.checkpoint.every_steps}); see eval/watcher.log if none appear.")
     return {
         "train": f"rank 0 writes it every train.log_every={t.log_every} steps.",
@@ -153,16 +157,19 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
             rows.append(("Last losses", ", ".join(f"{k} {fmt_number(v) if _number(v) is not None else 'non-finite'}"
                                                   for k, v in sorted(losses.items()))))
     best_path = RunDir(run_dir).eval_best
+    best: Optional[dict[str, Any]] = None
     if best_path.is_file():
         try:
             best = json.loads(best_path.read_text())
         except json.JSONDecodeError as exc:
             raise ReportError(f"{best_path}: not valid JSON ({exc.msg})") from exc
-        rows.append(("Best FID", f"{fmt_number(best.get('fid', float('nan')))} at step {best.get('step', '?')}"))
-    elif evals:
-        best = min((r for r in evals if _number(r.get("fid")) is not None), key=lambda r: r["fid"], default=None)
-        if best is not None:
-            rows.append(("Best FID", f"{fmt_number(best['fid'])} at step {best['step']}"))
+    elif evals:  # the watcher has not written best.json (yet): the best FID line, if any
+        best = best_record([{"status": "ok", **r} for r in evals], "fid")
+    if best is not None:
+        metric = str(best.get("best_metric", "fid"))
+        value = metric_value(best, metric) if metric in METRICS else None
+        rows.append((f"Best {METRICS[metric].label if metric in METRICS else metric}",
+                     f"{fmt_number(value) if value is not None else 'nan'} at step {best.get('step', '?')}"))
     if hints["live"]:
         rows.append(("Live metrics", hints["live"]))
     return rows
