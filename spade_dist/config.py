@@ -4,8 +4,9 @@ This module is the only place that knows config keys and their defaults. Default
 official NVlabs/SPADE options (base_options.py / train_options.py); per-dataset presets live in
 ``configs/*.yaml`` and inherit from ``configs/base.yaml``.
 
-A YAML file may name a parent with ``inherit: other.yaml`` (relative to the file). Parents are merged
-first, children override. Any unknown key or badly typed value raises :class:`ConfigError` naming the
+A YAML file may name a parent with ``inherit: other.yaml`` (relative to the file; a bare name that is
+no file there names a shipped preset, e.g. ``inherit: coco_stuff``). Parents are merged first,
+children override. :func:`load_config` takes a file path or, when no such file exists, a preset name. Any unknown key or badly typed value raises :class:`ConfigError` naming the
 dotted key and the file (or ``<override>``) it came from.
 """
 from __future__ import annotations
@@ -298,13 +299,27 @@ INHERIT_KEY = "inherit"
 _OVERRIDE_SOURCE = "<override>"
 
 
+def resolve_config_file(name: Union[str, Path], folder: Optional[Path] = None) -> Path:
+    """The config file ``name`` names: a file (relative to ``folder`` when given), else a shipped preset
+    of that bare name (``tiny``, ``coco_stuff.yaml``); a ConfigError naming both places otherwise."""
+    from spade_dist.resources import preset_names, shipped_config  # resources imports this module
+
+    path = (folder / name) if folder is not None else Path(name)
+    if path.is_file():
+        return path.resolve()
+    shipped = shipped_config(str(name))
+    if shipped is not None:
+        return shipped.resolve()
+    where = f"{path.resolve()}" + (f" (inherit: in {folder})" if folder is not None else "")
+    raise ConfigError(f"config file not found: {where}, and '{name}' is not a shipped preset "
+                      f"({', '.join(preset_names())})")
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
-    """Return [(mapping, source_name)] from the root ancestor down to ``path``."""
+    """Return [(mapping, source_name)] from the root ancestor down to ``path`` (an existing file)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -316,7 +331,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
     if parent is not None:
         parents = [parent] if isinstance(parent, str) else parent
         for p in parents:
-            layers += _read_yaml(path.parent / p, chain + (path,))
+            if not isinstance(p, str):
+                raise ConfigError(f"{path}: inherit: expected a file or preset name, got {p!r}")
+            layers += _read_yaml(resolve_config_file(p, path.parent), chain + (path,))
     layers.append((data, str(path)))
     return layers
 
@@ -530,11 +547,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load ``path`` (with its ``inherit`` chain) into a :class:`Config`, then apply overrides."""
+    """Load ``path`` (a file, or a shipped preset's name; with its ``inherit`` chain) into a
+    :class:`Config`, then apply overrides."""
     cfg = Config()
     source = "<defaults>"
     if path is not None:
-        for mapping, source in _read_yaml(Path(path)):
+        for mapping, source in _read_yaml(resolve_config_file(path)):
             _apply(cfg, mapping, source)
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"{_OVERRIDE_SOURCE} '{text}'")

@@ -73,6 +73,11 @@ class RunDirBusy(RuntimeError):
     """Another live training job owns the run directory; the message names it and how to take over."""
 
 
+class RunDirNotFound(ValueError):
+    """A command that reads a run was given a path that is no run directory (a typo must not read as
+    a fresh, resumable or empty run)."""
+
+
 def _read_json(path: Path) -> Optional[dict]:
     """A marker's content, or None when it is absent or unreadable (a torn write by a dead process)."""
     try:
@@ -187,6 +192,20 @@ class RunDir:
             slot = self.archive / f"{stamp}-{reason}-{n}"
         slot.mkdir(parents=True)
         return slot
+
+    def is_run(self) -> bool:
+        """A directory a trainer has started in: it holds the run's lock or its checkpoints/ (a step
+        directory has neither, though it has a config.yaml)."""
+        return self.root.is_dir() and (self.lock.is_file() or self.checkpoints.is_dir())
+
+    def require(self) -> "RunDir":
+        """This run directory, or :class:`RunDirNotFound` naming the path and what was expected."""
+        if not self.root.exists():
+            raise RunDirNotFound(f"run directory not found: {self.root}")
+        if not self.is_run():
+            raise RunDirNotFound(f"{self.root} is not a run directory (no {LOCK_NAME} or {CHECKPOINTS_DIRNAME}/ "
+                                 "of a spade-train run in it)")
+        return self
 
     # ---------------------------------------------------------------- markers
     def write_config(self, text: str) -> None:

@@ -99,7 +99,7 @@ def test_report_output_option_and_sample_count(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     make_finished_run(run_dir)
     target = tmp_path / "elsewhere" / "r.html"
-    assert report_main(["--run-dir", str(run_dir), "--output", str(target), "--samples", "1"]) == 0
+    assert report_main(["--run-dir", str(run_dir), "--out", str(target), "--samples", "1"]) == 0
     assert len(re.findall(r"<img ", target.read_text())) == 1
 
 

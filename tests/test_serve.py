@@ -260,7 +260,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cfg = _tiny_cfg(manifest)
     run_dir = root / "run"
     _save_checkpoint(run_dir, cfg, step=1, seed=1)
-    with _serving("--checkpoint", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
+    with _serving("--run-dir", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
                   "--max-upload-bytes", str(256 * 1024)) as (proc, url):
         yield Server(proc, url, run_dir, cfg)
 

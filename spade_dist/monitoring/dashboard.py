@@ -226,13 +226,13 @@ def variable_selectors(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, st
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the spade-dist Grafana dashboard JSON.")
     parser.add_argument("--write", action="store_true", help=f"write {DEFAULT_OUTPUT} (default: print)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT, help="where --write writes")
     args = parser.parse_args(argv)
     text = dashboard_json()
     if args.write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
     else:
         print(text, end="")
     return 0
