@@ -1,6 +1,8 @@
 """Visualisation helpers and spade-generate end to end on the COCO-Stuff sample (tiny generators)."""
 from __future__ import annotations
 
+import io
+
 import os
 import shutil
 import subprocess
@@ -164,6 +166,24 @@ def test_bad_paths_give_clear_errors(coco_sample: Path, official_checkpoint: Pat
     # the model needs instance edges
     _expect_error(["--labels", str(coco_sample / "val_label"), "--checkpoint", str(official_checkpoint),
                    "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK], capsys, "--instances")
+
+
+def test_files_that_are_no_weights_say_what_they_are(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A config, a pickle with objects, a truncated file as --checkpoint: one line naming the file and what
+    was expected; never torch's internals or its advice to load with weights_only=False."""
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  ngf: 8\n")
+    with_objects = tmp_path / "objects.pt"
+    torch.save({"state": io.StringIO}, with_objects)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(official_checkpoint.read_bytes()[:4096])
+    for path, what in ((config, "is a text file (a config?), not PyTorch weights"),
+                       (with_objects, "holds pickled Python objects (_io.StringIO), not only tensors"),
+                       (truncated, "is truncated or corrupt (4096 bytes)")):
+        err = _expect_error(_args(coco_sample, path, tmp_path / "o", "--preset", "coco_stuff", *SHRINK), capsys,
+                            f"{path}: {what}", "expected an official latest_net_G.pth")
+        assert "weights_only" not in err and "0x" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unreadable_and_rgb_label_pngs(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,

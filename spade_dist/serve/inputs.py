@@ -34,15 +34,16 @@ class RequestError(ValueError):
     """A request the server refuses; the message is shown in the page as is."""
 
 
-def _check_header(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) of an image from its header, refusing empty, unknown or oversized images."""
+def _check_header(data: bytes, name: str, expected: str) -> tuple[int, int]:
+    """(width, height) of an image from its header, refusing empty, unknown or oversized images.
+    ``expected``: what the upload should have been, for the message (PIL's own names a BytesIO object)."""
     if not data:
         raise RequestError(f"{name}: empty upload")
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except (UnidentifiedImageError, OSError) as exc:
-        raise RequestError(f"{name}: not an image PIL can read ({exc})") from exc
+        raise RequestError(f"{name}: not an image; expected {expected}") from exc
     if width * height > MAX_UPLOAD_PIXELS:
         raise RequestError(f"{name}: {width}x{height} pixels is more than the {MAX_UPLOAD_PIXELS} this server decodes")
     return width, height
@@ -70,7 +71,7 @@ def _colours_to_ids(rgb: np.ndarray, label_nc: int, name: str) -> np.ndarray:
 def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_nc: int,
                         contain_dontcare_label: bool) -> torch.Tensor:
     """An uploaded label PNG -> int64 1 x 1 x H x W at the generation size (nearest neighbour)."""
-    _check_header(data, name)
+    _check_header(data, name, "a PNG of label ids or of the label palette's colours")
     with Image.open(io.BytesIO(data)) as img:
         mode = img.mode
     try:
@@ -90,7 +91,7 @@ def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_
 
 def decode_style_upload(data: bytes, name: str, size_hw: tuple[int, int]) -> torch.Tensor:
     """An uploaded style photo -> uint8 3 x H x W at the generation size (bicubic, as spade-generate)."""
-    _check_header(data, name)
+    _check_header(data, name, "a photo (PNG or JPEG)")
     try:
         return read_photo(io.BytesIO(data), size_hw, name=name)
     except GenerateError as exc:
