@@ -228,11 +228,16 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
-    # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
-    # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
-    # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
-    # wrong run's checkpoints.
+    # A fresh start (resume none, or auto finding nothing usable) into a run directory that holds an
+    # earlier run: refuse (exit 2) when it has checkpoints, or move the whole earlier run (checkpoints,
+    # logs, samples, TensorBoard, FID results, report, markers) to <run_dir>/archive/<time>-previous-run/,
+    # or delete it. An earlier run without checkpoints (nothing to resume) is archived under refuse.
+    # Two runs in one directory would mix their logs, samples and report, and let retention and
+    # spade-export pick the wrong run's checkpoints.
     existing: Literal["refuse", "archive", "delete"] = "refuse"
+    # How many folders <run_dir>/archive/ keeps (earlier runs, invalid or superseded checkpoints); the
+    # oldest go when a new one is added, and the log says what was deleted and how large it was.
+    keep_archives: int = 2
     # A file whose appearance asks all ranks to checkpoint and stop, like a preemption signal. Batch
     # scripts create it (shared filesystem) because launchers do not forward every signal to workers.
     # Empty = <run_dir>/STOP.
@@ -514,6 +519,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (not (cfg.model.onehot_gather == "off" and cfg.model.region_modulation == "on"),
          "model.region_modulation=on needs model.onehot_gather on or auto (the region path is built on the gather)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (cfg.checkpoint.keep_archives >= 1,
+         f"checkpoint.keep_archives must be >= 1, got {cfg.checkpoint.keep_archives} (checkpoint.existing=delete "
+         "keeps no earlier run)"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.eval.device) is not None,
          f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
