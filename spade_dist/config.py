@@ -275,7 +275,7 @@ class MetricsConfig:
     sd_dir: str = ""  # file_sd target directory; empty = <run_dir>/metrics
     pushgateway: str = ""  # host:port, for short jobs
     run_name: str = ""  # label `run`; empty = basename of run_dir
-    job_id: str = ""  # label `job_id`; empty = $SLURM_JOB_ID or "local"
+    job_id: str = ""  # label `job_id`; empty = $TORCHELASTIC_RUN_ID, else $SLURM_JOB_ID, else "local"
 
 
 @dataclass
