@@ -41,7 +41,9 @@ SpeedSwitch = Literal["auto", "on", "off"]
 
 @dataclass
 class DataConfig:
-    dataset: Literal["coco-stuff", "ade20k", "cityscapes", "custom"] = "custom"
+    # Names the label set: its colours (spade_dist/palettes.py) and the FID statistics' cache key.
+    # synthetic = spade-data synth's landscapes; custom = any other.
+    dataset: Literal["coco-stuff", "ade20k", "cityscapes", "synthetic", "custom"] = "custom"
     # Training shards: a brace pattern ("d/x-train-{000000..000003}.tar"), a glob, a manifest.json
     # path (its split named by `split`), or "pipe:..." commands separated by "::".
     shards: str = ""

@@ -418,7 +418,7 @@ def _write_outputs(out: Path, item: GenerationInput, fakes: torch.Tensor, cfg: C
         check_path_component(item.key, item.source)
     except UnsafeNameError as exc:
         raise GenerateError(str(exc)) from None
-    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
+    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc, cfg.data.dataset)[0], out / "labels" / f"{item.key}.png")
     cells.append(("label", label_png.relative_to(out)))
     for k in range(fakes.shape[0]):
         path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")

@@ -45,6 +45,23 @@ def test_label_palette_official_colours() -> None:
     assert coco[0].tolist() == palette[0].tolist()
 
 
+def test_dataset_palettes_paint_sky_blue_and_grass_green() -> None:
+    """The canvas used to paint the quickstart's sky dark red and its grass grey (issue #28)."""
+    from data_tools.synth import CLASS_NAMES, GRASS, SKY, WATER
+    from spade_dist.palettes import SYNTHETIC_COLORS
+
+    assert tuple(SYNTHETIC_COLORS) == CLASS_NAMES
+    synthetic = label_palette(len(CLASS_NAMES), "synthetic")
+    sky, grass, water = (synthetic[i].tolist() for i in (SKY, GRASS, WATER))
+    assert sky[2] > 200 and sky[2] > sky[0] and grass[1] > 150 and grass[1] > grass[0] + 100 and water[2] > water[0] + 80
+    assert len({tuple(c) for c in synthetic.tolist()}) == len(CLASS_NAMES)  # uploads map colours back to ids
+    ade = label_palette(150, "ade20k")
+    assert ade[0].tolist() == [120, 120, 120] and ade[2].tolist() == [6, 230, 230] and ade[9].tolist() == [4, 250, 7]
+    assert len({tuple(c) for c in ade.tolist()}) == 149  # the published table repeats one grey (road, skyscraper)
+    assert label_palette(150).tolist() == label_palette(150, "custom").tolist() != ade.tolist()
+    assert label_palette(12, "synthetic")[0].tolist() == [128, 0, 0]  # another label count: the generic palette
+
+
 def test_colorize_labels_maps_ids_and_dontcare_to_black() -> None:
     label = torch.tensor([[[[0, 1], [2, 255]]]])
     colors = colorize_labels(label, 150)
@@ -223,7 +240,7 @@ def test_checkpoint_mismatch_propagates_compat_message(coco_sample: Path, offici
     not_a_checkpoint = tmp_path / "junk.pth"
     not_a_checkpoint.write_bytes(b"junk")
     _expect_error(_args(coco_sample, not_a_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *SHRINK),
-                  capsys, "junk.pth", "cannot read")
+                  capsys, "junk.pth", "not PyTorch weights", "expected an official latest_net_G.pth")
 
 
 def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, tmp_path: Path,

@@ -29,7 +29,7 @@ from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import (RequestError, decode_canvas, decode_label_upload, decode_style_upload,
                                      ids_payload, image_png, label_png)
 from spade_dist.serve.model import ModelHolder
-from spade_dist.visualize import label_palette
+from spade_dist.palettes import label_palette
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Longest a request waits for its image; a tiny CPU model takes well under a second, a large one on a
@@ -92,7 +92,7 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
     def info() -> dict:
         served = holder.get()
         cfg = served.model.cfg
-        palette = label_palette(cfg.data.label_nc).tolist()
+        palette = label_palette(cfg.data.label_nc, cfg.data.dataset).tolist()
         height, width = served.size_hw
         return {
             "classes": [{"id": i, "name": class_names[i], "color": palette[i]} for i in range(cfg.data.label_nc)],
@@ -132,7 +132,7 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
         cfg = served.model.cfg
         name = Path(file.filename or "label map").name
         label = decode_label_upload(await _read_upload(file, max_upload_bytes, name), name, served.size_hw,
-                                    cfg.data.label_nc, cfg.data.contain_dontcare_label)
+                                    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.dataset)
         return ids_payload(label, key=sample_key(Path(name).stem))
 
     @app.post("/api/labelmap.png")
@@ -142,7 +142,7 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
         cfg = served.model.cfg
         label = decode_canvas(await _read_upload(labels, max_upload_bytes, "label map"), width, height,
                               served.size_hw, cfg.data.label_nc, cfg.data.contain_dontcare_label)
-        return Response(label_png(label, cfg.data.label_nc), media_type="image/png",
+        return Response(label_png(label, cfg.data.label_nc, cfg.data.dataset), media_type="image/png",
                         headers={"Content-Disposition": 'attachment; filename="labels.png"'})
 
     @app.get("/api/samples")
