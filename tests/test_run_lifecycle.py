@@ -407,6 +407,7 @@ def test_spade_train_fresh_start_over_old_checkpoints_is_one_line_exit_2(tmp_pat
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # three / two spade-train runs
 def test_a_rerun_into_the_same_directory_never_mixes_two_runs(tmp_path):
     """``QUICKSTART_STEPS=... ./launch/quickstart.sh`` twice: the second run's report, samples, logs and
     TensorBoard events are its own; the first run is in archive/ whole, its size printed."""

@@ -32,6 +32,7 @@ def test_configured_stop_file(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # three / two spade-train runs
 def test_start_up_warns_of_a_leftover_stop_file_and_of_max_steps_below_the_resumed_step(tmp_path):
     """A STOP left by an earlier stop makes a plain rerun train one step and exit 75 again: the run
     says so at start-up. Resuming with max_steps below the resumed step trains nothing, says so, and
