@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import yaml
