@@ -521,16 +521,18 @@ def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
 @pytest.mark.e2e
 def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: Path, tmp_path: Path) -> None:
     """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
-    inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
-    spade-generate's image for the same map, photo and seed."""
+    inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page, and a shard
+    photo picked in the style row, give spade-generate's image for the same map, photo and seed."""
     from tests.model_fixtures import OFFICIAL_VAE_OPTIONS, write_official_vae
 
     generator, encoder = write_official_vae(tmp_path, seed=5)
+    manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
+                            instance=False)
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
     model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "tiny", *OFFICIAL_VAE_OPTIONS]
-    with _serving(*model) as (_, url):
+    with _serving(*model, "--shards", str(manifest), "--split", "val") as (_, url):
         page = _open(browser, url)
         assert page.locator("#style-box").is_visible()
         page.locator("#upload-labels").set_input_files(str(scene))
@@ -542,8 +544,20 @@ def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: 
                                " && document.getElementById('result').dataset.style === '000000000785.jpg'")
         _wait_current_image(page)
         served = _image(page)
+        # The style row offers the shard photos (through the encoder); picking one replaces the upload.
+        assert "shard photos" in page.locator("#style-note").inner_text() and page.locator(".style").count() == 3
+        page.locator(".style").first.click()
+        page.wait_for_function("() => document.getElementById('result').dataset.style === 'sample 0'")
+        _wait_current_image(page)
+        from_row = _image(page)
+        photo = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch('/api/samples/0/photo.png')).arrayBuffer()))")
+        (tmp_path / "photo0.png").write_bytes(bytes(photo))
         page.close()
     assert generate_main(["--labels", str(scene), *model, "--style-image", str(style), "--seed", str(seed),
                           "--out", str(tmp_path / "gen"), "--device", "cpu"]) == 0
     expected = np.array(Image.open(tmp_path / "gen" / "images" / "scene_0.png").convert("RGB"))
     assert served.shape == (64, 256, 3) and np.array_equal(served, expected)
+    assert generate_main(["--labels", str(scene), *model, "--style-image", str(tmp_path / "photo0.png"), "--seed",
+                          str(seed), "--out", str(tmp_path / "gen_row"), "--device", "cpu"]) == 0
+    expected = np.array(Image.open(tmp_path / "gen_row" / "images" / "scene_0.png").convert("RGB"))
+    assert np.array_equal(from_row, expected) and not np.array_equal(from_row, served)
