@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_subparsers(parser)
 
     shard = add_subcommand(sub, "shard", help="write deterministic tar shards + manifest.json for one split")
-    shard.add_argument("--layout", required=True, choices=LAYOUTS)
+    shard.add_argument("--layout", required=True, choices=LAYOUTS, help="folder layout of --root")
     shard.add_argument("--root", required=True, help="dataset root folder")
     shard.add_argument("--out", required=True, help="output folder (shared by all splits of the dataset)")
     shard.add_argument("--split", default="train", help="split name (default train)")
@@ -83,25 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="push the result (samples, shards, bytes, seconds) to this Prometheus Pushgateway")
 
     verify = add_subcommand(sub, "verify", help="check shards against manifest.json")
-    verify.add_argument("dir")
+    verify.add_argument("dir", help="shard directory (holding manifest.json)")
     verify.add_argument("--deep", action="store_true", help="also decode and validate every sample")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no terminal)")
 
     stats = add_subcommand(sub, "stats", help="class frequencies and image sizes from manifest.json")
-    stats.add_argument("dir")
+    stats.add_argument("dir", help="shard directory (holding manifest.json)")
     stats.add_argument("--top", type=_positive_int, default=10, help="classes listed per split")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
     synth = add_subcommand(sub, "synth", help="generate the procedural landscape dataset (custom layout)")
-    synth.add_argument("--out", required=True)
+    synth.add_argument("--out", required=True, help="dataset folder to create (the custom layout)")
     synth.add_argument("--count", type=_positive_int, required=True, help="training samples")
     synth.add_argument("--val-count", type=int, default=0, help="validation samples")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files (default 0)")
     synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
 
     prepare = add_subcommand(sub, "prepare", help="arrange a downloaded dataset into its shard layout "
                              "(COCO-Stuff: instance maps from the annotation JSON)")
-    prepare.add_argument("dataset", choices=("coco-stuff",))
+    prepare.add_argument("dataset", choices=("coco-stuff",), help="which dataset the downloads are")
     prepare.add_argument("--annotations", required=True, help="instances_{train,val}2017.json")
     prepare.add_argument("--images", required=True, help="downloaded image folder, e.g. train2017/")
     prepare.add_argument("--labels", required=True, help="label folder, e.g. stuffthingmaps_trainval2017/train2017/")
@@ -114,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     check = add_subcommand(sub, "check-layout", help="check a dataset folder against a layout without sharding")
-    check.add_argument("--layout", required=True, choices=LAYOUTS)
+    check.add_argument("--layout", required=True, choices=LAYOUTS, help="folder layout to check --root against")
     check.add_argument("--root", required=True, help="dataset root folder")
     check.add_argument("--split", action="append", default=None, help="split to check (repeatable; default train and val)")
 
     merge = add_subcommand(sub, "merge-manifest", help="assemble manifest.json after --shard-slice tasks finished")
-    merge.add_argument("dir")
+    merge.add_argument("dir", help="the --out folder of the --shard-slice tasks")
     merge.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
     return parser
 

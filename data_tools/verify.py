@@ -151,7 +151,10 @@ def _verify_shard(directory: Path, manifest: dict, split: str, shard: dict, deep
 
 
 def check_directory(directory: Union[str, Path], deep: bool = False, progress: bool = False) -> list[Problem]:
-    """Like :func:`verify_shards` but turns a missing/broken manifest into a Problem instead of raising."""
+    """Like :func:`verify_shards` but turns a missing/broken manifest into a Problem instead of raising.
+    A path that is no directory is bad input, not a finding: :class:`DataToolsError` (exit 2, as ``stats``)."""
+    if not Path(directory).is_dir():
+        raise DataToolsError(f"{directory}: no such shard directory")
     try:
         return verify_shards(directory, deep, progress)
     except DataToolsError as err:

@@ -8,8 +8,9 @@
 # Environment: QUICKSTART_DIR (default work_data/quickstart), QUICKSTART_COUNT (train images, 300),
 # QUICKSTART_STEPS (optimizer steps, default from configs/quickstart.yaml); extra arguments are
 # passed to spade-train as dotted overrides (e.g. ./launch/quickstart.sh train.max_steps=100).
-# A rerun starts a fresh run in the same directory: the previous run's checkpoints are moved to
-# $RUN_DIR/archive/ (checkpoint.existing=archive), never mixed with the new ones.
+# A rerun starts a fresh run in the same directory: the whole previous run (checkpoints, logs, samples,
+# TensorBoard, FID results, report) is moved to $RUN_DIR/archive/ (checkpoint.existing=archive; the
+# newest checkpoint.keep_archives=2 are kept, the log prints their size), never mixed with the new one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
@@ -64,3 +65,4 @@ echo "  gallery         : $RUN_DIR/samples/index.html"
 echo "  checkpoints     : $RUN_DIR/checkpoints/"
 if [ -f "$RUN_DIR/eval/metrics.jsonl" ]; then echo "  FID results     : $RUN_DIR/eval/metrics.jsonl"; fi
 echo "  done marker     : $RUN_DIR/DONE"
+if [ -d "$RUN_DIR/archive" ]; then echo "  earlier runs    : $RUN_DIR/archive/   (checkpoint.keep_archives of them are kept)"; fi

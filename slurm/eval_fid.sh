@@ -8,7 +8,7 @@
 # slurm/train_gaugan.sh submits it (eval.mode: slurm) with --dependency=after:<training job>.
 # Settings (environment variables):
 #   RUN_DIR       the training run directory (required; its config.yaml is read unless CONFIG is set)
-#   CONFIG        a config file instead of RUN_DIR/config.yaml
+#   CONFIG        a config file (or a shipped preset's name) instead of RUN_DIR/config.yaml
 #   SPADE_DEVICE  gpu | cpu | auto (auto: gpu when the job has GPUs)
 #   SPADE_ENV     a file to source first (default .venv/bin/activate)
 #   SPADE_INCEPTION_WEIGHTS  the Inception weights file when eval.inception_weights is not set
@@ -46,12 +46,12 @@ if [ -z "${RUN_DIR:-}" ]; then
   log "RUN_DIR is required (the training run directory)"
   exit $EXIT_BAD_SETTINGS
 fi
-if [ -n "${CONFIG:-}" ] && [ ! -f "$CONFIG" ]; then
-  log "CONFIG not found: $CONFIG"
+if [ -n "${CONFIG:-}" ] && ! python -m spade_dist.cli.show_config --config "$CONFIG" --get eval.mode >/dev/null; then
+  log "CONFIG: not a config file or preset: $CONFIG"
   exit $EXIT_BAD_SETTINGS
 fi
 # The run directory's layout comes from the project (spade-run), never spelled out here.
-EVAL_DIR=$(python -m spade_dist.cli.run path "$RUN_DIR" eval) && mkdir -p "$EVAL_DIR" || exit $EXIT_BAD_SETTINGS
+EVAL_DIR=$(python -m spade_dist.cli.run path --run-dir "$RUN_DIR" eval) && mkdir -p "$EVAL_DIR" || exit $EXIT_BAD_SETTINGS
 
 DEVICE=${SPADE_DEVICE:-auto}
 if [ "$DEVICE" = auto ]; then

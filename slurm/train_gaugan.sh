@@ -2,7 +2,7 @@
 # Train GauGAN on a Slurm cluster:   sbatch slurm/train_gaugan.sh
 #
 # Settings (environment variables; `sbatch --export=ALL,CONFIG=...` or exported before sbatch):
-#   CONFIG        YAML config (default configs/coco_stuff.yaml)
+#   CONFIG        YAML config, or a shipped preset's name (default configs/coco_stuff.yaml)
 #   RUN_DIR       run directory on the shared filesystem (default runs/$SLURM_JOB_NAME)
 #   OVERRIDES     dotted overrides, space separated (e.g. "data.batch_size=4 model.ngf=32");
 #                 arguments after the script name are appended to them. Live metrics are on by default
@@ -74,14 +74,11 @@ for pair in ${SPADE_EXTRA_ENV:-}; do
   export "$pair"
 done
 NNODES=${SLURM_JOB_NUM_NODES:-1}
-if [ ! -f "$CONFIG" ]; then
-  log "config not found: $CONFIG"
-  exit $EXIT_BAD_SETTINGS
-fi
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 
-# Resolve the effective settings through the project's own config loader (one source of truth).
+# Resolve the effective settings through the project's own config loader (one source of truth; a
+# missing config file or unknown preset name is its one-line error, above this script's own).
 read -r BACKEND EVAL_MODE REQUEUE_RC < <(python -m spade_dist.cli.show_config --config "$CONFIG" \
     --get train.backend eval.mode checkpoint.requeue_exit_code -- $OVERRIDES) || {
   log "invalid config $CONFIG with overrides '$OVERRIDES'"; exit $EXIT_BAD_SETTINGS; }
@@ -112,9 +109,9 @@ WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
 # Run directory entries come from the project (spade-run), never spelled out here. `prepare` removes
 # a STOP / REQUEUE left by the previous start of this job.
 { read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE; } < <(
-  python -m spade_dist.cli.run path "$RUN_DIR" stop eval deepspeed_hostfile) || {
+  python -m spade_dist.cli.run path --run-dir "$RUN_DIR" stop eval deepspeed_hostfile) || {
   log "cannot resolve the run directory layout of $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
-python -m spade_dist.cli.run prepare "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
+python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 
 log "job ${SLURM_JOB_ID:-?} restart=$RESTART_COUNT nodes=$NNODES ($SLURM_JOB_NODELIST) head=$HEAD_NODE/$HEAD_ADDR:$MASTER_PORT"
 log "launcher=$LAUNCHER device=$DEVICE procs/node=$NPROC_PER_NODE world=$WORLD_SIZE run_dir=$RUN_DIR config=$CONFIG"
@@ -175,10 +172,10 @@ done
 # What to do follows from the run's DONE / REQUEUE markers (spade-run verdict), not from $rc alone.
 PREEMPTED_FLAG=()
 [ $PREEMPTED -eq 1 ] && PREEMPTED_FLAG=(--preempted)
-read -r ACTION JOB_RC VERDICT < <(python -m spade_dist.cli.run verdict "$RUN_DIR" --rc "$rc" "${PREEMPTED_FLAG[@]}" \
+read -r ACTION JOB_RC VERDICT < <(python -m spade_dist.cli.run verdict --run-dir "$RUN_DIR" --rc "$rc" "${PREEMPTED_FLAG[@]}" \
     --requeue-exit-code "$REQUEUE_RC") || { ACTION=failed; JOB_RC=1; VERDICT="cannot read the outcome of $RUN_DIR"; }
 log "$VERDICT"
-python -m spade_dist.cli.run prepare "$RUN_DIR"  # STOP / REQUEUE have been read: the next start begins clean
+python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR"  # STOP / REQUEUE have been read: the next start begins clean
 if [ "$ACTION" = requeue ]; then
   log "requeueing job $SLURM_JOB_ID"
   if ! scontrol requeue "$SLURM_JOB_ID"; then

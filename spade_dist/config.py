@@ -4,8 +4,9 @@ This module is the only place that knows config keys and their defaults. Default
 official NVlabs/SPADE options (base_options.py / train_options.py); per-dataset presets live in
 ``configs/*.yaml`` and inherit from ``configs/base.yaml``.
 
-A YAML file may name a parent with ``inherit: other.yaml`` (relative to the file). Parents are merged
-first, children override. Any unknown key or badly typed value raises :class:`ConfigError` naming the
+A YAML file may name a parent with ``inherit: other.yaml`` (relative to the file; a bare name that is
+no file there names a shipped preset, e.g. ``inherit: coco_stuff``). Parents are merged first,
+children override. :func:`load_config` takes a file path or, when no such file exists, a preset name. Any unknown key or badly typed value raises :class:`ConfigError` naming the
 dotted key and the file (or ``<override>``) it came from.
 """
 from __future__ import annotations
@@ -48,7 +49,9 @@ SPADE_PATHS: tuple[str, ...] = get_args(SpadePath)
 
 @dataclass
 class DataConfig:
-    dataset: Literal["coco-stuff", "ade20k", "cityscapes", "custom"] = "custom"
+    # Names the label set: its colours (spade_dist/palettes.py) and the FID statistics' cache key.
+    # synthetic = spade-data synth's landscapes; custom = any other.
+    dataset: Literal["coco-stuff", "ade20k", "cityscapes", "synthetic", "custom"] = "custom"
     # Training shards: a brace pattern ("d/x-train-{000000..000003}.tar"), a glob, a manifest.json
     # path (its split named by `split`), or "pipe:..." commands separated by "::".
     shards: str = ""
@@ -272,11 +275,16 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
-    # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
-    # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
-    # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
-    # wrong run's checkpoints.
+    # A fresh start (resume none, or auto finding nothing usable) into a run directory that holds an
+    # earlier run: refuse (exit 2) when it has checkpoints, or move the whole earlier run (checkpoints,
+    # logs, samples, TensorBoard, FID results, report, markers) to <run_dir>/archive/<time>-previous-run/,
+    # or delete it. An earlier run without checkpoints (nothing to resume) is archived under refuse.
+    # Two runs in one directory would mix their logs, samples and report, and let retention and
+    # spade-export pick the wrong run's checkpoints.
     existing: Literal["refuse", "archive", "delete"] = "refuse"
+    # How many folders <run_dir>/archive/ keeps (earlier runs, invalid or superseded checkpoints); the
+    # oldest go when a new one is added, and the log says what was deleted and how large it was.
+    keep_archives: int = 2
     # A file whose appearance asks all ranks to checkpoint and stop, like a preemption signal. Batch
     # scripts create it (shared filesystem) because launchers do not forward every signal to workers.
     # Empty = <run_dir>/STOP.
@@ -346,7 +354,7 @@ class MetricsConfig:
     sd_dir: str = ""  # file_sd target directory; empty = <run_dir>/metrics
     pushgateway: str = ""  # host:port, for short jobs
     run_name: str = ""  # label `run`; empty = basename of run_dir
-    job_id: str = ""  # label `job_id`; empty = $SLURM_JOB_ID or "local"
+    job_id: str = ""  # label `job_id`; empty = $TORCHELASTIC_RUN_ID, else $SLURM_JOB_ID, else "local"
 
 
 @dataclass
@@ -376,13 +384,27 @@ INHERIT_KEY = "inherit"
 _OVERRIDE_SOURCE = "<override>"
 
 
+def resolve_config_file(name: Union[str, Path], folder: Optional[Path] = None) -> Path:
+    """The config file ``name`` names: a file (relative to ``folder`` when given), else a shipped preset
+    of that bare name (``tiny``, ``coco_stuff.yaml``); a ConfigError naming both places otherwise."""
+    from spade_dist.resources import preset_names, shipped_config  # resources imports this module
+
+    path = (folder / name) if folder is not None else Path(name)
+    if path.is_file():
+        return path.resolve()
+    shipped = shipped_config(str(name))
+    if shipped is not None:
+        return shipped.resolve()
+    where = f"{path.resolve()}" + (f" (inherit: in {folder})" if folder is not None else "")
+    raise ConfigError(f"config file not found: {where}, and '{name}' is not a shipped preset "
+                      f"({', '.join(preset_names())})")
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
-    """Return [(mapping, source_name)] from the root ancestor down to ``path``."""
+    """Return [(mapping, source_name)] from the root ancestor down to ``path`` (an existing file)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -394,7 +416,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
     if parent is not None:
         parents = [parent] if isinstance(parent, str) else parent
         for p in parents:
-            layers += _read_yaml(path.parent / p, chain + (path,))
+            if not isinstance(p, str):
+                raise ConfigError(f"{path}: inherit: expected a file or preset name, got {p!r}")
+            layers += _read_yaml(resolve_config_file(p, path.parent), chain + (path,))
     layers.append((data, str(path)))
     return layers
 
@@ -630,6 +654,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (not cfg.train.deepspeed_config or cfg.train.backend == "deepspeed",
          f"train.deepspeed_config ({cfg.train.deepspeed_config}) needs train.backend=deepspeed, got {cfg.train.backend}"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (cfg.checkpoint.keep_archives >= 1,
+         f"checkpoint.keep_archives must be >= 1, got {cfg.checkpoint.keep_archives} (checkpoint.existing=delete "
+         "keeps no earlier run)"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.eval.device) is not None,
          f"eval.device must be auto, cpu, cuda or cuda:N, got {cfg.eval.device!r}"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
@@ -665,11 +692,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load ``path`` (with its ``inherit`` chain) into a :class:`Config`, then apply overrides."""
+    """Load ``path`` (a file, or a shipped preset's name; with its ``inherit`` chain) into a
+    :class:`Config`, then apply overrides."""
     cfg = Config()
     source = "<defaults>"
     if path is not None:
-        for mapping, source in _read_yaml(Path(path)):
+        for mapping, source in _read_yaml(resolve_config_file(path)):
             _apply(cfg, move_deprecated_keys(mapping, source, warn=True), source)
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"{_OVERRIDE_SOURCE} '{text}'")

@@ -21,6 +21,31 @@ def sha256_file(path: Union[str, Path]) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def tree_bytes(path: Union[str, Path]) -> int:
+    """Total size of the regular files under ``path`` (or of ``path`` itself); symbolic links are not
+    followed, so a link to elsewhere never counts the elsewhere."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size if path.is_file() and not path.is_symlink() else 0
+    total = 0
+    for folder, _dirs, files in os.walk(path):  # does not descend into linked folders
+        for name in files:
+            file = Path(folder) / name
+            if not file.is_symlink():
+                total += file.lstat().st_size
+    return total
+
+
+def human_bytes(count: int) -> str:
+    """``139.2 MB``: decimal units, as ``du --si`` and file managers print them."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
 # Temp files of atomic writers are ``<final name>.tmp-<random>`` beside the final file: unique per
 # writer (concurrent writers never share one), and sweepable by their prefix after a crash.
 TEMP_INFIX = ".tmp-"

@@ -23,6 +23,7 @@ from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.progress import progress_bar, progress_wanted
 from spade_dist.resources import preset_names, preset_path
+from spade_dist.weights_file import WeightsFileError, load_weights
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -73,13 +74,14 @@ def _read_checkpoint(path: Path) -> object:
         raise GenerateError(f"checkpoint not found: {path}")
     try:
         # mmap: for an official checkpoint this read only sniffs the format; compat reads it again.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; retry plainly
+        return load_weights(path, mmap=True)
+    except WeightsFileError:  # legacy (non-zip) files cannot be memory-mapped; retry plainly
         pass
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch file, pickled objects
-        raise GenerateError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+        return load_weights(path)
+    except WeightsFileError as exc:
+        raise GenerateError(f"{exc} (expected an official latest_net_G.pth, a spade-export generator file, or a "
+                            "checkpoint step directory)") from exc
 
 
 def _load_encoder(state: object, cfg: Config, source: str) -> torch.nn.Module:
@@ -416,7 +418,7 @@ def _write_outputs(out: Path, item: GenerationInput, fakes: torch.Tensor, cfg: C
         check_path_component(item.key, item.source)
     except UnsafeNameError as exc:
         raise GenerateError(str(exc)) from None
-    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc)[0], out / "labels" / f"{item.key}.png")
+    label_png = save_image(colorize_labels(item.label, cfg.data.label_nc, cfg.data.dataset)[0], out / "labels" / f"{item.key}.png")
     cells.append(("label", label_png.relative_to(out)))
     for k in range(fakes.shape[0]):
         path = save_image(fakes[k], out / "images" / f"{item.key}_{k}.png")

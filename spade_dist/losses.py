@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spade_dist.config import GAN_MODES
+from spade_dist.weights_file import load_weights
 
 if TYPE_CHECKING:
     from spade_dist.config import LossConfig
@@ -223,10 +224,7 @@ class VGG19(nn.Module):
     def from_file(cls, path: Optional[Union[str, Path]] = None) -> "VGG19":
         """Build and load from ``path`` or ``$SPADE_VGG19_WEIGHTS`` (see :func:`resolve_vgg_weights`)."""
         resolved = resolve_vgg_weights(path)
-        try:
-            state = torch.load(resolved, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt file, pickle with objects, ...
-            raise ValueError(f"{resolved}: cannot read VGG19 weights: {exc}") from exc
+        state = load_weights(resolved)  # WeightsFileError (a ValueError) names the file and the problem
         model = cls()
         model.load_torchvision_state_dict(state, str(resolved))
         return model

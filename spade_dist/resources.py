@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import Optional
 
 from spade_dist.config import ConfigError
 
@@ -28,6 +29,18 @@ def monitoring_dir() -> Path:
 def preset_names() -> list[str]:
     """Names usable with ``--preset`` (every ``configs/*.yaml`` except the shared ``base``)."""
     return sorted(p.stem for p in configs_dir().glob("*.yaml") if p.stem != "base")
+
+
+def shipped_config(name: str) -> Optional[Path]:
+    """A shipped config file by bare name (``tiny``, ``coco_stuff.yaml``, ``base``), or None.
+
+    Only a plain file name is looked up (no directory part), so a path that does not exist never
+    turns into a preset by accident, and a name like ``../x`` never leaves the configs directory."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        return None
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    path = configs_dir() / f"{stem}.yaml"
+    return path if path.is_file() else None
 
 
 def preset_path(name: str) -> Path:

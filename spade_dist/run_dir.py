@@ -9,10 +9,13 @@
       lock            the owner lock (a POSIX record lock held by the owning job's rank 0)
       OWNER           {"host", "pid", "slurm_job_id", "elastic_run_id", "time"} of the lock holder
       checkpoints/    step-XXXXXXXXX/ directories (docs/CHECKPOINTING.md)
-      archive/        checkpoints moved aside: another lineage's (checkpoint.existing=archive) or
-                      ones that failed validation on resume
+      archive/        earlier runs moved aside whole (checkpoint.existing=archive: <time>-previous-run/
+                      with their checkpoints/, logs/, samples/, ...), and checkpoints that failed
+                      validation on resume (<time>-invalid/) or a rewind abandoned (<time>-superseded/);
+                      the newest checkpoint.keep_archives of them are kept
       logs/           train_metrics.jsonl, keys-rank{R}.jsonl
       samples/        step-*.png sample grids and their index.html gallery
+      tensorboard/    train.trackers=[tensorboard] event files
       eval/           the FID watcher's state (docs/EVALUATION.md)
       metrics/        Prometheus file_sd target files (unless metrics.sd_dir is set)
       report.html     spade-report's page
@@ -35,13 +38,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from spade_dist.files import write_atomic
+from spade_dist.files import human_bytes, tree_bytes, write_atomic
 
 CONFIG_NAME = "config.yaml"
 DONE_NAME = "DONE"
@@ -56,6 +60,7 @@ SAMPLES_DIRNAME = "samples"
 EVAL_DIRNAME = "eval"
 METRICS_DIRNAME = "metrics"
 REPORT_NAME = "report.html"
+TENSORBOARD_DIRNAME = "tensorboard"  # train.trackers=[tensorboard] (train/trackers.py)
 TRAIN_METRICS_NAME = "train_metrics.jsonl"
 EVAL_METRICS_NAME = "metrics.jsonl"  # one line per scored checkpoint, under eval/ (eval/watcher.py)
 EVAL_BEST_NAME = "best.json"  # the best-FID line, under eval/
@@ -65,12 +70,24 @@ DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
-              "samples", "eval", "metrics", "report", "init_generator",
+              "samples", "tensorboard", "eval", "metrics", "report", "init_generator",
               "speed_paths", "deepspeed_hostfile")
+# What one run writes into its directory. A fresh run in a directory that holds these moves them aside
+# together (checkpoint.existing), so that two runs never mix: not their checkpoints, not their logs,
+# samples, TensorBoard events, FID results or report. Not listed: the owner lock and OWNER (the new
+# run holds them), metrics/ (live discovery files), archive/ itself, and what a launcher puts there for
+# the coming start (STOP, deepspeed_hostfile).
+RUN_OUTPUT_NAMES = ("checkpoints", "logs", "samples", "tensorboard", "eval", "report", "config", "done", "requeue",
+                    "init_generator", "speed_paths")
 
 
 class RunDirBusy(RuntimeError):
     """Another live training job owns the run directory; the message names it and how to take over."""
+
+
+class RunDirNotFound(ValueError):
+    """A command that reads a run was given a path that is no run directory (a typo must not read as
+    a fresh, resumable or empty run)."""
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -133,6 +150,10 @@ class RunDir:
         return self.root / SAMPLES_DIRNAME
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIRNAME
+
+    @property
     def eval(self) -> Path:
         return self.root / EVAL_DIRNAME
 
@@ -179,7 +200,7 @@ class RunDir:
         return getattr(self, name)
 
     def archive_slot(self, reason: str) -> Path:
-        """A fresh directory under ``archive/`` to move checkpoints into: ``<UTC time>-<reason>``."""
+        """A fresh directory under ``archive/`` to move things into: ``<UTC time>-<reason>``."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         slot, n = self.archive / f"{stamp}-{reason}", 1
         while slot.exists():
@@ -187,6 +208,55 @@ class RunDir:
             slot = self.archive / f"{stamp}-{reason}-{n}"
         slot.mkdir(parents=True)
         return slot
+
+    def is_run(self) -> bool:
+        """A directory a trainer has started in: it holds the run's lock or its checkpoints/ (a step
+        directory has neither, though it has a config.yaml)."""
+        return self.root.is_dir() and (self.lock.is_file() or self.checkpoints.is_dir())
+
+    def require(self) -> "RunDir":
+        """This run directory, or :class:`RunDirNotFound` naming the path and what was expected."""
+        if not self.root.exists():
+            raise RunDirNotFound(f"run directory not found: {self.root}")
+        if not self.is_run():
+            raise RunDirNotFound(f"{self.root} is not a run directory (no {LOCK_NAME} or {CHECKPOINTS_DIRNAME}/ "
+                                 "of a spade-train run in it)")
+        return self
+
+    # ---------------------------------------------------------------- earlier runs
+    def previous_run(self) -> list[Path]:
+        """What an earlier run left here (:data:`RUN_OUTPUT_NAMES` that exist; an empty folder does not
+        count), in that order."""
+        found = []
+        for name in RUN_OUTPUT_NAMES:
+            path = self.path(name)
+            if path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir())):
+                found.append(path)
+        return found
+
+    def archive_run(self, entries: list[Path], keep: int) -> "Archived":
+        """Move ``entries`` (from :meth:`previous_run`) into a new ``archive/<time>-previous-run/``, keeping
+        their names, then keep only the newest ``keep`` archive folders."""
+        slot = self.archive_slot("previous-run")
+        for path in entries:
+            os.replace(path, slot / path.name)  # same filesystem: a rename, never a copy
+        return Archived(slot, tree_bytes(slot), self.prune_archive(keep))
+
+    def prune_archive(self, keep: int) -> list[tuple[Path, int]]:
+        """Delete all but the newest ``keep`` folders of ``archive/`` (their names start with the UTC
+        time); returns the deleted ones with their sizes. A link is removed, never followed."""
+        if not self.archive.is_dir():
+            return []
+        slots = sorted(p for p in self.archive.iterdir() if p.is_dir() or p.is_symlink())
+        removed = []
+        for slot in slots[: max(0, len(slots) - keep)]:
+            size = tree_bytes(slot)
+            if slot.is_symlink():
+                slot.unlink()
+            else:
+                shutil.rmtree(slot)
+            removed.append((slot, size))
+        return removed
 
     # ---------------------------------------------------------------- markers
     def write_config(self, text: str) -> None:
@@ -239,6 +309,23 @@ class RunDir:
             return Owner(**record)
         except TypeError:
             return None
+
+
+@dataclass(frozen=True)
+class Archived:
+    """An earlier run moved to ``slot`` (``size`` bytes), and the older archives deleted to keep the
+    retention (``removed``: path and size of each)."""
+
+    slot: Path
+    size: int
+    removed: list[tuple[Path, int]]
+
+    def describe(self, keep: int) -> str:
+        text = f"{self.slot} ({human_bytes(self.size)})"
+        if self.removed:
+            names = ", ".join(f"{p.name} ({human_bytes(n)})" for p, n in self.removed)
+            text += f"; deleted older archive(s) {names} (checkpoint.keep_archives={keep})"
+        return text
 
 
 @dataclass(frozen=True)

@@ -17,61 +17,20 @@ import torch
 from PIL import Image
 
 from spade_dist.files import write_atomic
+from spade_dist.palettes import label_palette
+
 GALLERY_IMAGE_PX = 256  # target display width of one gallery image (integer enlargement)
 
-# Official Cityscapes colours (util/util.py labelcolormap(35)), indexed by Cityscapes label id.
-_CITYSCAPES_COLORS = (
-    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0), (81, 0, 81),
-    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156),
-    (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32), (0, 0, 142),
-)
-# The official palette overrides five COCO-Stuff classes with natural colours (ids 0-based, as stored).
-_COCO_STUFF_COLORS = {
-    105: (170, 170, 170),  # clouds
-    123: (29, 195, 49),  # grass
-    154: (54, 62, 167),  # sea
-    156: (95, 219, 255),  # sky-other
-    168: (140, 104, 47),  # tree
-}
-CITYSCAPES_LABEL_NC = 35
-COCO_STUFF_LABEL_NC = 182
 
-
-def label_palette(label_nc: int) -> torch.Tensor:
-    """uint8 ``label_nc x 3`` colour table, as the official ``labelcolormap``.
-
-    ``label_nc == 35`` (Cityscapes) uses the Cityscapes colours; every other count uses the
-    deterministic bit-interleaving palette (bits of ``id + 1`` spread over R, G, B from the most
-    significant bit down, so neighbouring ids get very different colours), with the official COCO-Stuff
-    overrides when ``label_nc == 182``.
-    """
-    if label_nc <= 0:
-        raise ValueError(f"label_nc must be > 0, got {label_nc}")
-    if label_nc == CITYSCAPES_LABEL_NC:
-        return torch.tensor(_CITYSCAPES_COLORS, dtype=torch.uint8)
-    ids = torch.arange(label_nc, dtype=torch.int64) + 1
-    rgb = torch.zeros(label_nc, 3, dtype=torch.int64)
-    for bit_round in range(7):  # 7 rounds x 3 bits cover ids up to 2^21
-        for channel in range(3):
-            rgb[:, channel] |= ((ids >> channel) & 1) << (7 - bit_round)
-        ids = ids >> 3
-    if label_nc == COCO_STUFF_LABEL_NC:
-        for class_id, color in _COCO_STUFF_COLORS.items():
-            rgb[class_id] = torch.tensor(color)
-    return rgb.to(torch.uint8)
-
-
-def colorize_labels(label: torch.Tensor, label_nc: int) -> torch.Tensor:
-    """Integer ``N x 1 x H x W`` label map -> uint8 ``N x 3 x H x W`` colour image (CPU).
+def colorize_labels(label: torch.Tensor, label_nc: int, dataset: str = "custom") -> torch.Tensor:
+    """Integer ``N x 1 x H x W`` label map -> uint8 ``N x 3 x H x W`` colour image (CPU), in the
+    dataset's palette (:func:`spade_dist.palettes.label_palette`).
 
     Ids outside ``0 .. label_nc-1`` (255 "don't care" in particular) are drawn black.
     """
     if label.dim() != 4 or label.size(1) != 1:
         raise ValueError(f"colorize_labels: expected N x 1 x H x W, got {tuple(label.shape)}")
-    palette = label_palette(label_nc)
+    palette = label_palette(label_nc, dataset)
     ids = label.detach().to("cpu", torch.int64)[:, 0]
     valid = (ids >= 0) & (ids < label_nc)
     colors = palette[ids.clamp(0, label_nc - 1)]  # N x H x W x 3

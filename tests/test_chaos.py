@@ -72,7 +72,7 @@ class Chaos:
 
     # ----------------------------------------------------------------- launching
     def start(self, sleep: float = 0.25) -> subprocess.Popen:
-        subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "prepare", str(self.run_dir)], check=True, env=cli_env())
+        subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "prepare", "--run-dir", str(self.run_dir)], check=True, env=cli_env())
         self.launches += 1
         log = open(self.log_dir / f"launch-{self.launches}.log", "w")
         cmd = [str(TORCHRUN), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",

@@ -58,7 +58,7 @@ def test_load_generator_errors_name_the_path(tmp_path):
 def test_spade_export_single_file_and_official(tmp_path):
     cfg, state = _checkpointed_run(tmp_path / "run")
     out, official = tmp_path / "G.pt", tmp_path / "latest_net_G.pth"
-    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--official", str(official)]) == 0
+    assert export_main(["--run-dir", str(tmp_path / "run"), "--out", str(out), "--official", str(official)]) == 0
     payload = torch.load(out, weights_only=True)
     assert payload["config"]["model"]["ngf"] == 8
     G, _ = load_generator_file(out)
@@ -67,7 +67,7 @@ def test_spade_export_single_file_and_official(tmp_path):
     official_sd = torch.load(official, weights_only=True)
     assert official_sd.keys() == state.ema_generator.state_dict().keys()
     raw_out = tmp_path / "G_raw.pt"
-    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(raw_out), "--raw"]) == 0
+    assert export_main(["--run-dir", str(tmp_path / "run"), "--out", str(raw_out), "--raw"]) == 0
     G_raw, _ = load_generator_file(raw_out)
     assert torch.equal(next(G_raw.parameters()), next(state.generator.parameters()))
 
@@ -89,7 +89,7 @@ def test_spade_generate_accepts_a_run_directory(tmp_path):
     labels.mkdir()
     Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 4).astype(np.uint8)).save(labels / "a.png")
     out = tmp_path / "out"
-    assert generate_main(["--labels", str(labels), "--checkpoint", str(tmp_path / "run"), "--out", str(out),
+    assert generate_main(["--labels", str(labels), "--run-dir", str(tmp_path / "run"), "--out", str(out),
                           "--device", "cpu"]) == 0
     assert (out / "images" / "a_0.png").is_file()
     assert generate_main(["--labels", str(labels), "--checkpoint", str(tmp_path / "labels"), "--out", str(out),

@@ -121,3 +121,22 @@ def test_vocabularies_are_written_once():
     assert GAN_MODES == get_args(get_type_hints(LossConfig)["gan_mode"])
     for mode in GAN_MODES:
         GANLoss(mode)
+
+
+def test_a_preset_by_name_and_inherit_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: names resolve to the shipped presets
+    assert load_config("tiny").model.ngf == load_config("tiny.yaml").model.ngf == 8
+    for parent in ("coco_stuff.yaml", "coco_stuff"):
+        (tmp_path / "mine.yaml").write_text(f"inherit: {parent}\nmodel:\n  ngf: 16\n")
+        cfg = load_config(tmp_path / "mine.yaml")
+        assert (cfg.data.label_nc, cfg.model.ngf) == (182, 16)
+    # A file beside the config wins over a preset of the same name.
+    (tmp_path / "tiny.yaml").write_text("inherit: custom\ndata:\n  label_nc: 3\n")
+    assert load_config("tiny.yaml").data.label_nc == 3
+    (tmp_path / "child.yaml").write_text("inherit: tiny.yaml\n")
+    assert load_config(tmp_path / "child.yaml").data.label_nc == 3
+    with pytest.raises(ConfigError, match=r"config file not found: .*no_such.*not a shipped preset \(ade20k"):
+        load_config("no_such")
+    (tmp_path / "orphan.yaml").write_text("inherit: ../elsewhere/x.yaml\n")
+    with pytest.raises(ConfigError, match="inherit: in"):
+        load_config(tmp_path / "orphan.yaml")  # a path that does not exist never becomes a preset

@@ -250,7 +250,7 @@ def test_python_dash_m_help(repo_root: Path) -> None:
         assert command in result.stdout
     result = subprocess.run([sys.executable, "-m", "data_tools", "verify", "/nonexistent/dir"], cwd=repo_root,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "/nonexistent/dir" in result.stderr
+    assert result.returncode == 2 and "/nonexistent/dir" in result.stderr  # bad input, as `stats /nonexistent/dir`
 
 
 @pytest.mark.e2e

@@ -1,6 +1,8 @@
 """Visualisation helpers and spade-generate end to end on the COCO-Stuff sample (tiny generators)."""
 from __future__ import annotations
 
+import io
+
 import os
 import shutil
 import subprocess
@@ -41,6 +43,23 @@ def test_label_palette_official_colours() -> None:
     coco = label_palette(182)
     assert coco[156].tolist() == [95, 219, 255] and coco[123].tolist() == [29, 195, 49]  # sky-other, grass
     assert coco[0].tolist() == palette[0].tolist()
+
+
+def test_dataset_palettes_paint_sky_blue_and_grass_green() -> None:
+    """The canvas used to paint the quickstart's sky dark red and its grass grey (issue #28)."""
+    from data_tools.synth import CLASS_NAMES, GRASS, SKY, WATER
+    from spade_dist.palettes import SYNTHETIC_COLORS
+
+    assert tuple(SYNTHETIC_COLORS) == CLASS_NAMES
+    synthetic = label_palette(len(CLASS_NAMES), "synthetic")
+    sky, grass, water = (synthetic[i].tolist() for i in (SKY, GRASS, WATER))
+    assert sky[2] > 200 and sky[2] > sky[0] and grass[1] > 150 and grass[1] > grass[0] + 100 and water[2] > water[0] + 80
+    assert len({tuple(c) for c in synthetic.tolist()}) == len(CLASS_NAMES)  # uploads map colours back to ids
+    ade = label_palette(150, "ade20k")
+    assert ade[0].tolist() == [120, 120, 120] and ade[2].tolist() == [6, 230, 230] and ade[9].tolist() == [4, 250, 7]
+    assert len({tuple(c) for c in ade.tolist()}) == 149  # the published table repeats one grey (road, skyscraper)
+    assert label_palette(150).tolist() == label_palette(150, "custom").tolist() != ade.tolist()
+    assert label_palette(12, "synthetic")[0].tolist() == [128, 0, 0]  # another label count: the generic palette
 
 
 def test_colorize_labels_maps_ids_and_dontcare_to_black() -> None:
@@ -166,6 +185,24 @@ def test_bad_paths_give_clear_errors(coco_sample: Path, official_checkpoint: Pat
                    "--out", str(tmp_path / "o"), "--preset", "coco_stuff", *SHRINK], capsys, "--instances")
 
 
+def test_files_that_are_no_weights_say_what_they_are(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A config, a pickle with objects, a truncated file as --checkpoint: one line naming the file and what
+    was expected; never torch's internals or its advice to load with weights_only=False."""
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  ngf: 8\n")
+    with_objects = tmp_path / "objects.pt"
+    torch.save({"state": io.StringIO}, with_objects)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(official_checkpoint.read_bytes()[:4096])
+    for path, what in ((config, "is a text file (a config?), not PyTorch weights"),
+                       (with_objects, "holds pickled Python objects (_io.StringIO), not only tensors"),
+                       (truncated, "is truncated or corrupt (4096 bytes)")):
+        err = _expect_error(_args(coco_sample, path, tmp_path / "o", "--preset", "coco_stuff", *SHRINK), capsys,
+                            f"{path}: {what}", "expected an official latest_net_G.pth")
+        assert "weights_only" not in err and "0x" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_unreadable_and_rgb_label_pngs(coco_sample: Path, official_checkpoint: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     labels, instances = tmp_path / "labels", tmp_path / "inst"
@@ -203,7 +240,7 @@ def test_checkpoint_mismatch_propagates_compat_message(coco_sample: Path, offici
     not_a_checkpoint = tmp_path / "junk.pth"
     not_a_checkpoint.write_bytes(b"junk")
     _expect_error(_args(coco_sample, not_a_checkpoint, tmp_path / "o", "--preset", "coco_stuff", *SHRINK),
-                  capsys, "junk.pth", "cannot read")
+                  capsys, "junk.pth", "not PyTorch weights", "expected an official latest_net_G.pth")
 
 
 def test_project_file_vae_num_per_label_and_style_errors(coco_sample: Path, tmp_path: Path,

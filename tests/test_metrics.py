@@ -128,12 +128,25 @@ def test_disabled_serves_nothing_but_still_writes_the_training_log(tmp_path: Pat
 
 
 def test_labels_default_from_run_dir_and_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "977")
     assert resolve_run_labels(MetricsConfig(), tmp_path / "my-run") == ("my-run", "977")
     monkeypatch.delenv("SLURM_JOB_ID")
     assert resolve_run_labels(MetricsConfig(), tmp_path / "my-run") == ("my-run", "local")
     with pytest.raises(MetricsError, match="metrics.job_id"):
         resolve_run_labels(MetricsConfig(job_id='a"b'), tmp_path)
+
+
+def test_every_rank_of_an_elastic_job_has_one_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes of one elastic job may join as separate Slurm jobs (each its own SLURM_JOB_ID): every rank
+    reports the elastic job's id, so dashboard panels filtered by job_id show the whole run."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "coco-1")
+    labels = set()
+    for slurm_job in ("977", "981"):  # a node of the first allocation, one that joined later
+        monkeypatch.setenv("SLURM_JOB_ID", slurm_job)
+        labels.add(resolve_run_labels(MetricsConfig(), tmp_path / "my-run"))
+    assert labels == {("my-run", "coco-1")}
+    assert resolve_run_labels(MetricsConfig(job_id="given"), tmp_path / "my-run") == ("my-run", "given")
 
 
 def test_single_rank_sd_file_and_train_log(tmp_path: Path) -> None:

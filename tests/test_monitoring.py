@@ -100,8 +100,9 @@ def test_rendered_local_config_is_valid(tmp_path: Path) -> None:
 
 
 def test_checked_in_dashboard_equals_generator(repo_root: Path) -> None:
-    checked_in = (repo_root / "configs/monitoring/grafana/spade_dist.json").read_text()
-    assert checked_in == dashboard_json(), "regenerate: python -m spade_dist.monitoring.dashboard --write"
+    for relpath, provisioned in (("spade_dist.json", False), ("provisioned/spade_dist.json", True)):
+        checked_in = (repo_root / "configs/monitoring/grafana" / relpath).read_text()
+        assert checked_in == dashboard_json(provisioned), "regenerate: python -m spade_dist.monitoring.dashboard --write"
 
 
 # Panels of the evaluation watcher's series: they follow the run across jobs (separate eval job, requeues).
@@ -148,11 +149,12 @@ def test_grafana_provisioning_loads_the_generated_dashboard(repo_root: Path, tmp
     from spade_dist.resources import monitoring_dir
 
     grafana = monitoring_dir() / "grafana"
-    assert grafana == repo_root / "configs/monitoring/grafana"
+    assert grafana.resolve() == (repo_root / "configs/monitoring/grafana").resolve()
     # The documented recipe's environment (docs/MONITORING.md, "Grafana").
-    env = {"PROMETHEUS_URL": "http://127.0.0.1:9090", "SPADE_GRAFANA_DASHBOARDS": str(grafana)}
+    env = {"PROMETHEUS_URL": "http://127.0.0.1:9090", "SPADE_GRAFANA_DASHBOARDS": str(grafana / "provisioned")}
     doc = (repo_root / "docs/MONITORING.md").read_text()
-    for name in (*env, "GF_PATHS_PROVISIONING", "configs/monitoring/grafana/provisioning"):
+    for name in (*env, "GF_PATHS_PROVISIONING", "configs/monitoring/grafana/provisioning",
+                 "SPADE_GRAFANA_DASHBOARDS=$PWD/configs/monitoring/grafana/provisioned "):
         assert name in doc, name
     provisioning = grafana / "provisioning"
     assert sorted(p.relative_to(provisioning).as_posix() for p in provisioning.rglob("*.yaml")) == [
@@ -175,10 +177,21 @@ def test_grafana_provisioning_loads_the_generated_dashboard(repo_root: Path, tmp
     # What Grafana's file provider loads: every *.json under the path, recursively.
     loaded = sorted(Path(provider["options"]["path"]).rglob("*.json"))
     assert [p.name for p in loaded] == ["spade_dist.json"]
-    assert loaded[0].read_text() == dashboard_json()
-    dashboard = json.loads(loaded[0].read_text())
-    # The dashboard's data source variable accepts the provisioned data source's type.
-    assert dashboard["templating"]["list"][0]["query"] == source["type"]
+    assert loaded[0].read_text() == dashboard_json(provisioned=True)
+    text = loaded[0].read_text()
+    dashboard = json.loads(text)
+    # Provisioning substitutes no __inputs: the data source variable names the provisioned data source
+    # itself (type and uid), not ${DS_PROMETHEUS}, and nothing is left for an import to fill in.
+    variable = dashboard["templating"]["list"][0]
+    assert variable["query"] == source["type"]
+    assert variable["current"] == {"text": source["name"], "value": source["uid"]}
+    assert "__inputs" not in dashboard and "DS_PROMETHEUS" not in text
+    # The UI import copy keeps __inputs; both differ only there.
+    imported = build_dashboard()
+    assert imported["templating"]["list"][0]["current"]["value"] == "${DS_PROMETHEUS}"
+    imported.pop("__inputs")
+    imported["templating"]["list"][0]["current"] = variable["current"]
+    assert imported == dashboard
 
 
 def _gateway_samples(address: str) -> list:
@@ -240,3 +253,42 @@ def test_prometheus_scrapes_pushed_eval_results_with_their_labels(tmp_path: Path
     labels = result[0]["metric"]
     assert labels["job"] == "spade-eval" and labels["job_id"] == "77" and float(result[0]["value"][1]) == 33.5
     assert not any(k.startswith("exported_") for k in labels), labels
+
+
+@pytest.mark.e2e
+def test_local_services_stop_their_children_on_sigterm(tmp_path: Path) -> None:
+    """``python -m spade_dist.monitoring.services`` (what launch/prometheus_local.sh runs) stops Prometheus
+    and the Pushgateway on SIGTERM as on Ctrl-C, instead of leaving them running without a parent."""
+    import os
+    import signal
+    import time
+
+    from spade_dist.monitoring.services import free_port
+    from tests.dist_utils import process_alive
+    from tests.kit import PYTHON, cli_env
+
+    sd_dir = tmp_path / "metrics"
+    sd_dir.mkdir()
+    proc = subprocess.Popen([PYTHON, "-m", "spade_dist.monitoring.services", "--sd-dir", str(sd_dir), "--workdir",
+                             str(tmp_path / "work"), "--port", str(free_port()), "--pushgateway", "--pushgateway-port",
+                             str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+    children: list[int] = []
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("pushgateway: ") and lines[1].startswith("prometheus: "), lines
+        children = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert sorted(Path(os.readlink(f"/proc/{pid}/exe")).name for pid in children) == [
+            "prometheus", "prometheus-pushgateway"]
+        proc.terminate()
+        assert proc.wait(30) == 0
+        deadline = time.monotonic() + 15
+        while any(process_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(process_alive(pid) for pid in children)
+    finally:  # nothing left running when the test fails
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)

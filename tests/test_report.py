@@ -16,7 +16,8 @@ from spade_dist.config import MetricsConfig
 from spade_dist.monitoring.exporter import TrainingMetrics
 from spade_dist.charts import nice_ticks
 from spade_dist.files import read_jsonl
-from spade_dist.monitoring.report import ReportError, build_report
+from spade_dist.monitoring.report import ReportError, build_report, run_summary
+from spade_dist.monitoring.train_log import current_run
 
 STEPS = list(range(10, 110, 10))  # 10 logged steps
 EVAL_STEPS = [25, 50, 75, 100]
@@ -99,7 +100,7 @@ def test_report_output_option_and_sample_count(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     make_finished_run(run_dir)
     target = tmp_path / "elsewhere" / "r.html"
-    assert report_main(["--run-dir", str(run_dir), "--output", str(target), "--samples", "1"]) == 0
+    assert report_main(["--run-dir", str(run_dir), "--out", str(target), "--samples", "1"]) == 0
     assert len(re.findall(r"<img ", target.read_text())) == 1
 
 
@@ -187,3 +188,25 @@ def test_report_says_what_is_missing_and_how_to_turn_it_on(tmp_path: Path, capsy
         assert "eval.mode=none" in text and "spade-eval watch" in text
         assert "train.sample_every=7" in text
         assert "metrics.enabled=true" in text
+
+
+def test_report_reads_only_the_current_run(tmp_path: Path) -> None:
+    """The log's last lineage, without steps a later start went back over (a requeue after the last
+    checkpoint, a rewind) and without an earlier run's lines."""
+    def rec(step: int, lineage: str, start: float, resumed_from: int) -> dict:
+        return {"step": step, "epoch": 0, "lineage": lineage, "start": start, "resumed_from": resumed_from,
+                "images_per_sec": 1.0, "losses": {"GAN": float(step)}}
+
+    records = ([rec(s, "old", 1.0, 0) for s in (25, 50, 75, 100)]  # an earlier run, never archived
+               + [rec(s, "new", 2.0, 0) for s in (25, 50, 75)]  # checkpoint at 50, then preempted
+               + [rec(s, "new", 3.0, 50) for s in (75, 100, 125)]  # resumed from 50
+               + [rec(s, "new", 4.0, 100) for s in (125,)])  # rewound to 100 (--resume .../step-100)
+    kept = current_run(records)
+    assert [(r["step"], r["start"]) for r in kept] == [(25, 2.0), (50, 2.0), (75, 3.0), (100, 3.0), (125, 4.0)]
+    assert current_run([{"step": 5}, {"step": 3}]) == [{"step": 5}, {"step": 3}]  # logs of earlier versions
+    run_dir = tmp_path / "run"
+    make_finished_run(run_dir)
+    log = run_dir / "logs" / "train_metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = dict(run_summary(run_dir))
+    assert summary["Last logged step"] == "125 (epoch 0)" and summary["Last losses"] == "GAN 125"

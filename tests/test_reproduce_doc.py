@@ -107,6 +107,7 @@ def test_reproduce_page_end_to_end(cluster: SlurmCluster, coco_sample: Path, tmp
                           for p in sorted((coco_sample / "train_img").glob("*.jpg"))[:6]])
     weights = make_test_inception_weights(tmp_path / "inception.pth", photos, seed=0)
     env = {**cluster.env, "PATH": f"{REPO_ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT),  # this checkout's code, also where the venv's install is another one's
            "DL": str(dl), "DATA": str(tmp_path / "datasets"), "SHARDS": str(tmp_path / "shards"), "RUNS": str(runs),
            "WORKERS": "2", "EXTRA": TINY, "SPADE_INCEPTION_WEIGHTS": str(weights),
            "SPADE_FID_CACHE": str(tmp_path / "fid-cache"),

@@ -1,7 +1,9 @@
 """Run directory lifecycle: layout (RunDir / spade-run), lineage + retention, the owner lock."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +14,7 @@ import pytest
 from spade_dist.checkpoint import CheckpointManager, ExistingCheckpointsError, find_latest, read_marker
 from spade_dist.checkpoint.layout import prune, write_marker
 from spade_dist.config import CheckpointConfig
+from spade_dist.files import read_jsonl
 from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirBusy, RunLock
 from tests.checkpoint_toy_loop import ToyTrainState
 from tests.dist_utils import process_alive
@@ -49,24 +52,28 @@ def _steps(run_dir: Path) -> list[int]:
 
 def test_spade_run_answers_paths_and_outcome(tmp_path):
     run = RunDir(tmp_path / "r")
-    out = subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "path", str(run.root), *PATH_NAMES],
+    out = subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "path", "--run-dir", str(run.root), *PATH_NAMES],
                          capture_output=True, text=True, env=cli_env(), check=True).stdout.split()
     assert out == [str(run.path(n)) for n in PATH_NAMES]
     assert out[PATH_NAMES.index("stop")] == str(run.root / "STOP")
 
-    def outcome() -> str:
-        return subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "outcome", str(run.root)], capture_output=True,
-                              text=True, env=cli_env(), check=True).stdout.strip()
+    def outcome() -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "outcome", "--run-dir", str(run.root)],
+                              capture_output=True, text=True, env=cli_env())
 
-    assert outcome() == "incomplete"
+    missing = outcome()  # a typo must not look like a resumable run
+    assert missing.returncode == 2 and missing.stderr.startswith("spade-run: error: run directory not found")
+    with RunLock(run):  # what a trainer's first moment leaves
+        pass
+    assert outcome().stdout.strip() == "incomplete"
     run.request_requeue(7, "stop-file", 75)
-    assert outcome() == "requeue 7"
+    assert outcome().stdout.strip() == "requeue 7"
     run.clear_start_markers()
     run.mark_done(9)
-    assert outcome() == "done 9"
+    assert outcome().stdout.strip() == "done 9"
     assert oct(run.done.stat().st_mode & 0o777) == "0o644"
-    bad = subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "path", str(run.root), "nope"], capture_output=True,
-                         text=True, env=cli_env())
+    bad = subprocess.run([PYTHON, "-m", "spade_dist.cli.run", "path", "--run-dir", str(run.root), "nope"],
+                         capture_output=True, text=True, env=cli_env())
     assert bad.returncode == 2 and "unknown entry 'nope'" in bad.stderr
 
 
@@ -79,18 +86,62 @@ def test_fresh_start_over_another_runs_checkpoints_refuses_then_archives(tmp_pat
     """A `--resume none` rerun into a longer run's directory used to prune its own new checkpoints
     (the old run's higher steps filled keep_last) and leave the old run's step for spade-export."""
     _run_toy(tmp_path, [10, 20, 29], resume="none")
-    with pytest.raises(ExistingCheckpointsError, match=r"holds 3 checkpoint\(s\) of another run \(newest step-000000029\)"):
+    with pytest.raises(ExistingCheckpointsError, match=r"holds another run \(3 checkpoint\(s\), newest step-000000029"):
         _run_toy(tmp_path, [4, 8, 12], resume="none")
     assert _steps(tmp_path) == [10, 20, 29]  # refused before touching anything
 
     _run_toy(tmp_path, [4, 8, 12], resume="none", existing="archive", keep_last=2)
     assert _steps(tmp_path) == [8, 12]
     assert find_latest(tmp_path).name == "step-000000012"
-    archived = sorted(p.name for p in (tmp_path / "archive").glob("*-previous-run/step-*"))
+    archived = sorted(p.name for p in (tmp_path / "archive").glob("*-previous-run/checkpoints/step-*"))
     assert archived == ["step-000000010", "step-000000020", "step-000000029"]
 
     _run_toy(tmp_path, [5], resume="none", existing="delete")
     assert _steps(tmp_path) == [5]
+
+
+def _earlier_run_outputs(run: RunDir, tag: str) -> None:
+    """What a trainer, its FID watcher and spade-report leave beside the checkpoints."""
+    for folder, name in ((run.logs, "train_metrics.jsonl"), (run.samples, "step-000000010.png"),
+                         (run.tensorboard, "events.out.tfevents.1"), (run.eval, "metrics.jsonl")):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(tag)
+    for path in (run.report, run.config, run.done, run.speed_paths):
+        path.write_text(tag)
+
+
+def test_a_fresh_start_moves_the_whole_earlier_run_aside_and_bounds_the_archive(tmp_path, caplog):
+    """Not only checkpoints: logs, samples, TensorBoard, FID results, report and markers of the earlier
+    run go with it (issue: a rerun mixed two runs); archive/ keeps checkpoint.keep_archives folders."""
+    run = RunDir(tmp_path)
+    _run_toy(tmp_path, [10, 20], resume="none")
+    _earlier_run_outputs(run, "first")
+    _run_toy(tmp_path, [4], resume="none", existing="archive", keep_archives=2)
+    (first,) = run.archive.glob("*-previous-run")
+    assert sorted(p.name for p in first.iterdir()) == sorted(
+        ["checkpoints", "logs", "samples", "tensorboard", "eval", "report.html", "config.yaml", "DONE",
+         "speed_paths.json"])
+    assert (first / "logs" / "train_metrics.jsonl").read_text() == "first"
+    assert run.previous_run() == [run.checkpoints]  # only the new run's step-4 is left
+    assert "moved the earlier run in" in caplog.text and " kB)" in caplog.text  # with its size
+
+    # An earlier run without checkpoints (stopped before its first one) is moved aside even under
+    # refuse: there is nothing to resume, and its logs must not mix with the new run's.
+    _earlier_run_outputs(run, "second")
+    _run_toy(tmp_path, [], resume="none", existing="archive")
+    _earlier_run_outputs(run, "third")
+    caplog.clear()
+    _run_toy(tmp_path, [], resume="auto")
+    slots = sorted(run.archive.iterdir())
+    assert len(slots) == 2 and first not in slots  # keep_archives=2: the oldest went, and the log says so
+    assert (slots[-1] / "logs" / "train_metrics.jsonl").read_text() == "third"
+    assert f"deleted older archive(s) {slots[0].name}" not in caplog.text
+    assert "deleted older archive(s)" in caplog.text and "checkpoint.keep_archives=2" in caplog.text
+
+    _earlier_run_outputs(run, "fourth")
+    _run_toy(tmp_path, [2], resume="none", existing="delete")
+    assert run.previous_run() == [run.checkpoints] and _steps(tmp_path) == [2]
+    assert len(list(run.archive.iterdir())) == 2  # delete archives nothing
 
 
 def test_fallback_past_corrupt_checkpoints_keeps_new_ones(tmp_path):
@@ -348,3 +399,36 @@ def test_spade_train_fresh_start_over_old_checkpoints_is_one_line_exit_2(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("spade-train: error:") and "step-000000029" in last and "checkpoint.existing=archive" in last
     assert not (run_dir / "config.yaml").exists() and _steps(run_dir) == [29]
+
+
+# ----------------------------------------------------------------------------------------------
+# a user's rerun: the quickstart twice into one run directory
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # three / two spade-train runs
+def test_a_rerun_into_the_same_directory_never_mixes_two_runs(tmp_path):
+    """``QUICKSTART_STEPS=... ./launch/quickstart.sh`` twice: the second run's report, samples, logs and
+    TensorBoard events are its own; the first run is in archive/ whole, its size printed."""
+    from spade_dist.monitoring.report import latest_samples, run_summary
+    from tests.kit import run_cli, synthetic_shards, train_cmd
+
+    manifest = synthetic_shards(tmp_path / "data", count=8, val_count=2)
+    run = RunDir(tmp_path / "run")
+    common = ["--resume", "none", f"data.shards={manifest}", f"train.run_dir={run.root}", "train.log_every=2",
+              "train.sample_every=2", "checkpoint.every_steps=2", "train.trackers=[tensorboard]",
+              "checkpoint.existing=archive"]
+    run_cli(train_cmd(*common, "train.max_steps=6"), timeout=600)
+    second = run_cli(train_cmd(*common, "train.max_steps=4"), timeout=600)
+    assert re.search(r"moved the earlier run in .* to .*-previous-run \(\d+\.\d [kMG]B\)", second.stderr), second.stderr
+
+    summary = dict(run_summary(run.root))
+    assert summary["Last logged step"].startswith("4 ") and summary["Status"] == "finished at step 4"
+    assert sorted(step for step, _ in latest_samples(run.root, 10)) == [2, 4]
+    assert [r["step"] for r in read_jsonl(run.train_metrics_log)] == [2, 4]
+    (archived,) = run.archive.glob("*-previous-run")
+    events = sorted(run.tensorboard.rglob("events.out.tfevents.*"))  # one run's event files, not two runs'
+    assert events and len(events) == len(list((archived / "tensorboard").rglob("events.out.tfevents.*")))
+    assert sorted(step for step, _ in latest_samples(archived, 10)) == [2, 4, 6]
+    assert _steps(archived)[-1] == 6 and json.loads((archived / "DONE").read_text())["step"] == 6

@@ -25,11 +25,13 @@ from spade_dist.generation import LoadedModel
 from spade_dist.cli.generate import main as generate_main
 from spade_dist.config import CheckpointConfig, Config
 from spade_dist.models import build_generator
+from spade_dist.palettes import label_palette
+from spade_dist.serve.app import Sample, style_row
 from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import RequestError, decode_canvas, decode_label_upload, label_png
 from spade_dist.serve.model import ServedModel
 from spade_dist.visualize import colorize_labels
-from tests.kit import tiny_config, write_shards
+from tests.kit import cli_env, tiny_config, write_shards
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -98,8 +100,10 @@ def test_label_uploads_ids_palette_colours_and_errors() -> None:
         decode_label_upload(_png(Image.fromarray(rgb)), "c.png", (SIZE, SIZE), 4, True)
     with pytest.raises(RequestError, match="bad.png: label ids out of range for label_nc=4.*: 7"):
         decode_label_upload(_png(Image.fromarray(np.full((8, 8), 7, np.uint8))), "bad.png", (SIZE, SIZE), 4, True)
-    with pytest.raises(RequestError, match="junk.png: not an image"):
+    with pytest.raises(RequestError) as junk:
         decode_label_upload(b"\x89PNG not really", "junk.png", (SIZE, SIZE), 4, True)
+    # what it is and what was expected, never PIL's "cannot identify image file <_io.BytesIO object at 0x...>"
+    assert str(junk.value) == "junk.png: not an image; expected a PNG of label ids or of the label palette's colours"
     with pytest.raises(RequestError, match="empty upload"):
         decode_label_upload(b"", "e.png", (SIZE, SIZE), 4, True)
     truncated = _png(Image.fromarray(_scene()))[:60]
@@ -111,6 +115,32 @@ def test_label_uploads_ids_palette_colours_and_errors() -> None:
         decode_canvas(canvas, 32, 128, (SIZE, SIZE), 4, True)
     with pytest.raises(RequestError, match="bytes"):
         decode_canvas(canvas[:-2], SIZE, SIZE, (SIZE, SIZE), 4, True)
+
+
+def test_colour_uploads_and_downloads_use_the_datasets_palette() -> None:
+    """The quickstart's label PNGs are drawn in its natural colours (data.dataset=synthetic); an upload in
+    those colours reads back as the same ids, and the download carries them."""
+    ids = torch.from_numpy(np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 10).view(1, 1, SIZE, SIZE)
+    rgb = colorize_labels(ids, 10, "synthetic")[0].permute(1, 2, 0).numpy()
+    assert rgb[0, 0].tolist() == label_palette(10, "synthetic")[0].tolist() != label_palette(10)[0].tolist()
+    assert torch.equal(decode_label_upload(_png(Image.fromarray(rgb)), "s.png", (SIZE, SIZE), 10, False, "synthetic"), ids)
+    with pytest.raises(RequestError, match="colours not in the label palette"):
+        decode_label_upload(_png(Image.fromarray(rgb)), "s.png", (SIZE, SIZE), 10, False)  # the generic palette
+    downloaded = Image.open(io.BytesIO(label_png(ids, 10, "synthetic")))
+    assert np.array_equal(np.array(downloaded.convert("RGB")), rgb)
+
+
+def test_style_row_offers_shard_photos_seeds_or_says_why_not() -> None:
+    photo = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
+    label = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.int64)
+    samples = [Sample("a", label, photo), Sample("b", label), Sample("c", label, photo)]
+    photos = style_row(use_vae=True, has_encoder=True, samples=samples)
+    assert photos["kind"] == "photos" and photos["items"] == [{"sample": 0, "key": "a"}, {"sample": 2, "key": "c"}]
+    seeds = style_row(use_vae=True, has_encoder=False, samples=samples)
+    assert seeds["kind"] == "seeds" and len(seeds["items"]) == 6 and "--encoder" in seeds["note"]
+    assert style_row(True, True, [])["kind"] == "seeds"  # an encoder but no shard photos: seeds, and upload
+    none = style_row(use_vae=False, has_encoder=False, samples=samples)
+    assert none["kind"] == "none" and not none["items"] and "model.use_vae=false" in none["note"]
 
 
 def test_batcher_runs_queued_requests_in_one_forward() -> None:
@@ -231,7 +261,7 @@ class Server:
 def _serving(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run ``spade-serve ARGS --port 0`` until the block ends; yields the process and the URL it prints."""
     proc = subprocess.Popen([str(SERVE), *args, "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.STDOUT, text=True, env=cli_env())  # this checkout's code
     lines = []
     try:
         for line in proc.stdout:  # printed once the model is loaded and the port listens
@@ -260,7 +290,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cfg = _tiny_cfg(manifest)
     run_dir = root / "run"
     _save_checkpoint(run_dir, cfg, step=1, seed=1)
-    with _serving("--checkpoint", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
+    with _serving("--run-dir", str(run_dir), "--poll-seconds", "0.5", "--shards", str(manifest), "--split", "val",
                   "--max-upload-bytes", str(256 * 1024)) as (proc, url):
         yield Server(proc, url, run_dir, cfg)
 
@@ -402,6 +432,80 @@ def test_malformed_or_oversized_upload_shows_an_error_and_the_page_keeps_working
     assert status == 400 and body["error"].startswith("malformed request"), body
 
 
+def _key(page, combo: str) -> np.ndarray:
+    page.keyboard.press(combo)
+    return np.array(page.evaluate("() => Array.from(window.spadeServe.ids())")).reshape(SIZE, SIZE)
+
+
+@pytest.mark.e2e
+def test_canvas_first_class_undo_keys_brush_cursor_and_seed_styles(browser, server: Server) -> None:
+    """GauGAN-like canvas controls: the first brush is the class the canvas is filled with, Ctrl+Z /
+    Ctrl+Shift+Z undo and redo strokes, a circle of the brush's size follows the pointer, and a VAE without
+    an encoder says so and offers a row of fixed-seed styles whose thumbnails pick the seed."""
+    page = _open(browser, server.url)
+    try:
+        ids = np.array(page.evaluate("() => Array.from(window.spadeServe.ids())"))
+        assert (ids == 0).all() and page.evaluate("() => window.spadeServe.selected()") == 0
+        assert page.locator(".brush.active").inner_text().strip() == f"0 {CLASS_NAMES[0]}"
+
+        page.locator("#brush-size").fill("8")
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        cursor = page.locator("#brush-cursor")
+        assert cursor.is_visible()
+        assert abs(cursor.bounding_box()["width"] - 8 * box["width"] / SIZE) < 3  # 8 generator pixels wide
+        page.locator("#tool-fill").click()
+        assert not cursor.is_visible()
+        page.locator("#tool-brush").click()
+
+        _brush(page, "grass")
+        _stroke(page, 0.0, 0.5, 1.0, 0.5)
+        drawn = np.array(page.evaluate("() => Array.from(window.spadeServe.ids())")).reshape(SIZE, SIZE)
+        assert (drawn[32] == 2).all()
+        assert (_key(page, "Control+z") == 0).all()
+        assert np.array_equal(_key(page, "Control+Shift+Z"), drawn)
+        assert (_key(page, "Control+z") == 0).all()
+        assert np.array_equal(_key(page, "Control+y"), drawn)
+
+        assert "no VAE encoder" in page.locator("#style-note").inner_text()
+        styles = page.locator(".style")
+        assert styles.count() == 6
+        page.wait_for_function("() => [...document.querySelectorAll('.style img')].every(i => i.complete && i.naturalWidth > 0)")
+        styles.nth(2).click()
+        page.wait_for_function("() => document.getElementById('result').dataset.seed === '3'")
+        assert page.evaluate("() => window.spadeServe.seed()") == 3 and "active" in styles.nth(2).get_attribute("class")
+        _wait_current_image(page)
+        # The shard photos a model with an encoder would offer; without one, asking for their style is refused.
+        size = page.evaluate("async () => { const r = await fetch('/api/samples/0/photo.png'); const i = new Image();"
+                             " i.src = URL.createObjectURL(await r.blob()); await i.decode(); return [i.width, i.height]; }")
+        assert size == [SIZE, SIZE]
+        status, error = page.evaluate(
+            f"async () => {{ const f = new FormData(); f.append('labels', new Blob([new Uint8Array({SIZE * SIZE * 2})]), 'l');"
+            f" f.append('width', '{SIZE}'); f.append('height', '{SIZE}'); f.append('style_sample', '0');"
+            " const r = await fetch('/api/generate', {method: 'POST', body: f}); return [r.status, (await r.json()).error]; }")
+        assert status == 400 and error == "this checkpoint has no VAE encoder: a style image cannot be used"
+    finally:
+        page.close()
+
+
+@pytest.mark.e2e
+def test_class_list_and_panes_fit_the_window(browser, server: Server) -> None:
+    """At 1280 x 800 the tools column (its class list scrolling inside) and both panes are in view side by
+    side; a narrow window stacks them without a horizontal scroll bar."""
+    page = _open(browser, server.url)
+    try:
+        page.set_viewport_size({"width": 1280, "height": 800})
+        tools, result = page.locator("#tools").bounding_box(), page.locator("#result").bounding_box()
+        assert tools["y"] + tools["height"] <= 800 and result["x"] + result["width"] <= 1280
+        brushes = page.locator("#brushes").bounding_box()
+        assert brushes["height"] >= 90 and brushes["y"] + brushes["height"] <= 800
+        page.set_viewport_size({"width": 600, "height": 900})
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 600
+        assert page.locator("#canvas").bounding_box()["y"] > page.locator("#brushes").bounding_box()["y"]
+    finally:
+        page.close()
+
+
 @pytest.mark.e2e
 def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
     _wait_current_image(page)
@@ -417,16 +521,18 @@ def test_newer_committed_checkpoint_is_picked_up(page, server: Server) -> None:
 @pytest.mark.e2e
 def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: Path, tmp_path: Path) -> None:
     """An official latest_net_G.pth + latest_net_E.pth (the encoder's official layout needs 256 px wide
-    inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page gives
-    spade-generate's image for the same map, photo and seed."""
+    inputs; aspect ratio 4 keeps the generator cheap): a style photo uploaded in the page, and a shard
+    photo picked in the style row, give spade-generate's image for the same map, photo and seed."""
     from tests.model_fixtures import OFFICIAL_VAE_OPTIONS, write_official_vae
 
     generator, encoder = write_official_vae(tmp_path, seed=5)
+    manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
+                            instance=False)
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
     model = ["--checkpoint", str(generator), "--encoder", str(encoder), "--preset", "tiny", *OFFICIAL_VAE_OPTIONS]
-    with _serving(*model) as (_, url):
+    with _serving(*model, "--shards", str(manifest), "--split", "val") as (_, url):
         page = _open(browser, url)
         assert page.locator("#style-box").is_visible()
         page.locator("#upload-labels").set_input_files(str(scene))
@@ -438,8 +544,20 @@ def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: 
                                " && document.getElementById('result').dataset.style === '000000000785.jpg'")
         _wait_current_image(page)
         served = _image(page)
+        # The style row offers the shard photos (through the encoder); picking one replaces the upload.
+        assert "shard photos" in page.locator("#style-note").inner_text() and page.locator(".style").count() == 3
+        page.locator(".style").first.click()
+        page.wait_for_function("() => document.getElementById('result').dataset.style === 'sample 0'")
+        _wait_current_image(page)
+        from_row = _image(page)
+        photo = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch('/api/samples/0/photo.png')).arrayBuffer()))")
+        (tmp_path / "photo0.png").write_bytes(bytes(photo))
         page.close()
     assert generate_main(["--labels", str(scene), *model, "--style-image", str(style), "--seed", str(seed),
                           "--out", str(tmp_path / "gen"), "--device", "cpu"]) == 0
     expected = np.array(Image.open(tmp_path / "gen" / "images" / "scene_0.png").convert("RGB"))
     assert served.shape == (64, 256, 3) and np.array_equal(served, expected)
+    assert generate_main(["--labels", str(scene), *model, "--style-image", str(tmp_path / "photo0.png"), "--seed",
+                          str(seed), "--out", str(tmp_path / "gen_row"), "--device", "cpu"]) == 0
+    expected = np.array(Image.open(tmp_path / "gen_row" / "images" / "scene_0.png").convert("RGB"))
+    assert np.array_equal(from_row, expected) and not np.array_equal(from_row, served)

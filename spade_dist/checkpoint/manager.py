@@ -17,8 +17,8 @@ Ownership and lineage (docs/CHECKPOINTING.md): the manager's rank 0 holds the ru
 lock (:class:`spade_dist.run_dir.RunLock`) from construction to :meth:`close`. Every checkpoint's marker
 records the *lineage* it belongs to: a fresh start begins a new lineage, a resume continues the one of
 the checkpoint it loaded. Retention only prunes the current lineage's checkpoints older than the one
-just committed; a fresh start into a directory that holds checkpoints refuses unless
-``checkpoint.existing`` says to archive or delete them.
+just committed; a fresh start into a directory that holds an earlier run refuses (when it has
+checkpoints) unless ``checkpoint.existing`` says to archive or delete that run, as a whole.
 """
 from __future__ import annotations
 
@@ -136,7 +136,9 @@ class CheckpointManager:
         self._thread_error: Optional[BaseException] = None
         self._last_save_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # also the step a restore read
-        self._written_step: Optional[int] = None  # the last step this run saved itself
+        # The step whose checkpoint this manager committed last, or the one restore() loaded: the final
+        # save (maybe_save(last_step=True)) does not write that step again.
+        self._written_step: Optional[int] = None
         self._stop_signal: Optional[str] = None
         self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run.stop
         self._stop_file_checked = float("-inf")
@@ -246,7 +248,8 @@ class CheckpointManager:
         multiple of ``every_steps`` or ``every_minutes`` elapsed since the last save.
 
         ``last_step``: the end of this (re)start (finished or stopping): a blocking save unless this
-        run already saved ``step``, then wait until any asynchronous save of it is committed.
+        run already saved ``step`` or resumed from it (nothing trained since), then wait until any
+        asynchronous save of it is committed.
         """
         if last_step:
             if self._written_step != step:
@@ -468,32 +471,41 @@ class CheckpointManager:
         moved = []
         for path in own:
             moved.append(Path(shutil.move(str(path), str(slot / path.name))))
-        log.warning("moved %d checkpoint(s) this run cannot use to %s: %s", len(moved), slot, [p.name for p in moved])
+        removed = self.run.prune_archive(self.cfg.keep_archives)
+        log.warning("moved %d checkpoint(s) this run cannot use to %s: %s%s", len(moved), slot, [p.name for p in moved],
+                    f"; deleted older archive(s) {[p.name for p, _ in removed]}" if removed else "")
         return moved
 
     def _start_fresh(self, resume: str, skipped: list[str]) -> None:
-        """Collective. A new lineage; checkpoints left in the run directory are dealt with first
-        (``checkpoint.existing``), so that no retention or exporter ever mixes two runs."""
+        """Collective. A new lineage; an earlier run left in the run directory is dealt with first
+        (``checkpoint.existing``), as a whole: its checkpoints, logs, samples, TensorBoard events, FID
+        results and report, so that no retention, exporter or report ever mixes two runs."""
         error: Optional[str] = None
         lineage = uuid.uuid4().hex
         if self.rank == 0:
             self._archive_own(skipped, "invalid")
             leftovers = layout.list_step_dirs(self.ckpt_dir)
+            previous = self.run.previous_run()
             policy = self.cfg.existing
+            what = ", ".join(p.name for p in previous)
             if leftovers and policy == "refuse":
-                error = (f"{self.ckpt_dir} holds {len(leftovers)} checkpoint(s) of another run (newest {leftovers[-1].name}) "
-                         f"and checkpoint.resume={resume} starts a new one; set checkpoint.existing=archive (move them to "
-                         f"{self.run.archive}/) or checkpoint.existing=delete, resume with --resume auto, or use another train.run_dir")
-            elif leftovers and policy == "archive":
-                slot = self.run.archive_slot("previous-run")
-                for path in leftovers:
-                    shutil.move(str(path), str(slot / path.name))
-                log.warning("moved %d checkpoint(s) of an earlier run to %s", len(leftovers), slot)
-            elif leftovers:
-                for path in leftovers:
+                error = (f"{self.run_dir} holds another run ({len(leftovers)} checkpoint(s), newest {leftovers[-1].name}; "
+                         f"{what}) and checkpoint.resume={resume} starts a new one; set checkpoint.existing=archive "
+                         f"(move that run to {self.run.archive}/) or checkpoint.existing=delete, resume with "
+                         "--resume auto, or use another train.run_dir")
+            elif previous and policy == "delete":
+                for path in leftovers:  # the marker first: a reader never trusts a half-deleted step
                     (path / layout.MARKER_NAME).unlink(missing_ok=True)
-                    shutil.rmtree(path)
-                log.warning("deleted %d checkpoint(s) of an earlier run (checkpoint.existing=delete)", len(leftovers))
+                for path in previous:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                log.warning("deleted the earlier run in %s (%s; checkpoint.existing=delete)", self.run_dir, what)
+            elif previous:
+                archived = self.run.archive_run(previous, self.cfg.keep_archives)
+                log.warning("moved the earlier run in %s (%s) to %s", self.run_dir, what,
+                            archived.describe(self.cfg.keep_archives))
         error, lineage = self._broadcast((error, lineage))
         if error is not None:
             raise layout.ExistingCheckpointsError(error)
@@ -545,6 +557,7 @@ class CheckpointManager:
             log.info("rank %d has no saved RNG state in %s (saved by %d ranks); derived seed %d",
                      self.rank, step_dir, saved_ws, derived)
         self._last_saved_step = step
+        self._written_step = step  # committed already: a restart that trains nothing re-commits nothing
         self._last_save_time = time.monotonic()
         # Continue the loaded checkpoint's lineage (one written before lineages existed starts one).
         self.lineage = self._broadcast(layout.lineage_of(step_dir) or uuid.uuid4().hex)

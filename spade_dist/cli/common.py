@@ -5,7 +5,10 @@
 - config overrides are positional ``dotted.key=value`` arguments (``--set KEY=VALUE`` is accepted as an
   alias for scripts that used it);
 - a user error (bad argument, bad value, missing file) prints one line ``PROG: error: ...`` on stderr
-  and exits with :data:`EXIT_USAGE` (2), never a traceback or a usage block.
+  and exits with :data:`EXIT_USAGE` (2), never a traceback or a usage block;
+- one vocabulary (docs/CLI.md): ``--run-dir`` for a run, ``--checkpoint`` for a checkpoint file or step
+  directory, ``--out`` for outputs, ``--config`` / ``--preset`` wherever a config is read; an old
+  spelling still works for one release and prints one ``PROG: warning: ... is deprecated`` line.
 """
 from __future__ import annotations
 
@@ -13,9 +16,16 @@ import argparse
 import importlib.metadata
 import re
 import sys
-from typing import NoReturn, Optional
+from pathlib import Path
+from typing import Any, NoReturn, Optional, Sequence, Union
 
-EXIT_USAGE = 2
+from spade_dist.resources import preset_names, preset_path
+from spade_dist.run_dir import RunDir
+
+# Exit codes of every command (docs/CLI.md); a stop for a requeue exits with checkpoint.requeue_exit_code (75).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job itself failed (e.g. spade-data verify found problems)
+EXIT_USAGE = 2  # bad input: argument, value, missing or unreadable file, unknown run directory
 
 # ``literal`` -> literal; :mod:`x` / :class:`~a.b` -> x / b
 _RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
@@ -66,6 +76,60 @@ def add_overrides(parser: argparse.ArgumentParser, example: str = "model.ngf=32"
                         help=f"dotted config overrides, e.g. {example}")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="same as a positional KEY=VALUE (repeatable)")
+
+
+def add_config_options(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    """``--config FILE|NAME`` and ``--preset NAME`` (one of them); ``what``: what the config is for."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--config", metavar="FILE|NAME",
+                       help=f"{what}: a YAML file, or a shipped preset's name when no such file exists (e.g. tiny)")
+    group.add_argument("--preset", metavar="NAME", help=f"{what}: a shipped preset ({', '.join(preset_names())})")
+
+
+def config_source(args: argparse.Namespace) -> Optional[Union[str, Path]]:
+    """The config ``--preset`` / ``--config`` name (a preset's file, or what load_config resolves), or None."""
+    return preset_path(args.preset) if args.preset else args.config
+
+
+def warn_deprecated(prog: str, old: str, new: str) -> None:
+    print(f"{prog}: warning: {old} is deprecated and goes away in the next release; use {new}",
+          file=sys.stderr, flush=True)
+
+
+class _DeprecatedSpelling(argparse.Action):
+    """An old option spelling: stores into the new option's ``dest`` and prints one deprecation line."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, instead: str, **kwargs: Any) -> None:
+        self.instead = instead
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        warn_deprecated(parser.prog, str(option_string), self.instead)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_option(parser: argparse.ArgumentParser, old: str, instead: str, dest: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a spelling of ``instead`` for one more release."""
+    parser.add_argument(old, dest=dest, action=_DeprecatedSpelling, instead=instead,
+                        help=f"deprecated spelling of {instead}", **kwargs)
+
+
+def add_model_source(parser: argparse.ArgumentParser, checkpoint_help: str, run_help: str) -> None:
+    """``--run-dir RUN`` (its newest committed checkpoint) or ``--checkpoint FILE|STEP_DIR``, one required."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-dir", type=Path, help=run_help)
+    which.add_argument("--checkpoint", type=Path, help=checkpoint_help)
+
+
+def model_source(prog: str, args: argparse.Namespace) -> Path:
+    """The path :func:`add_model_source`'s options name: a run directory (checked; RunDirNotFound
+    otherwise) or a checkpoint; ``--checkpoint RUN_DIR`` still works, with a deprecation line."""
+    if args.run_dir is not None:
+        return RunDir(args.run_dir).require().root
+    if RunDir(args.checkpoint).is_run():
+        warn_deprecated(prog, "--checkpoint RUN_DIR", "--run-dir RUN_DIR")
+    return args.checkpoint
 
 
 def overrides(args: argparse.Namespace) -> list[str]:

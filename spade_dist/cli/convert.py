@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
+from spade_dist.cli.common import (add_config_options, add_overrides, add_subcommand, add_subparsers, config_source,
+                                   fail, make_parser, overrides)
 from spade_dist.config import ConfigError, load_config
 from spade_dist.models.compat import (
     CheckpointMismatchError,
@@ -22,7 +23,7 @@ from spade_dist.models.compat import (
     save_generator_file,
     save_official_generator,
 )
-from spade_dist.resources import preset_path
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     fr = add_subcommand(sub, "from-official", help="official state dict -> project generator file")
     fr.add_argument("--checkpoint", required=True, help="official latest_net_G.pth")
     fr.add_argument("--out", required=True, help="output project generator file")
-    which = fr.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="config preset name (configs/NAME.yaml), e.g. coco_stuff")
-    which.add_argument("--config", help="YAML config file the checkpoint was trained with")
+    add_config_options(fr, "the config the checkpoint was trained with", required=True)
     add_overrides(fr, "model.ngf=32")
     return ap
 
@@ -48,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             G, _cfg = load_generator_file(args.checkpoint)
             save_official_generator(G, args.out)
         else:
-            cfg = load_config(preset_path(args.preset) if args.preset else args.config, overrides(args))
+            cfg = load_config(config_source(args), overrides(args))
             if cfg.model.netG != "spade":
                 raise ConfigError(f"model.netG is '{cfg.model.netG}': only the SPADE generator has an official format")
             d, m = cfg.data, cfg.model

@@ -1,8 +1,8 @@
 """``spade-export``: one generator file out of a training checkpoint.
 
-    spade-export --checkpoint RUN_DIR | RUN_DIR/checkpoints/step-000001234 --out G.pt [--raw] [--official latest_net_G.pth]
+    spade-export --run-dir RUN_DIR | --checkpoint RUN_DIR/checkpoints/step-000001234 --out G.pt [--raw] [--official latest_net_G.pth]
 
-A run directory means its newest committed checkpoint. The default is the EMA generator (what the
+``--run-dir`` takes the run's newest committed checkpoint. The default is the EMA generator (what the
 samples and FID use); ``--raw`` takes the trained weights instead. ``--out`` writes the project's
 single-file format (weights + resolved config, ``torch.load(weights_only=True)``-loadable, read by
 ``spade-generate`` and ``spade-eval``); ``--official`` additionally writes ``latest_net_G.pth``-style
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import fail, make_parser
+from spade_dist.cli.common import add_model_source, fail, make_parser, model_source
 from spade_dist.checkpoint.layout import InvalidCheckpoint
 from spade_dist.generation import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = make_parser("spade-export", __doc__)
-    ap.add_argument("--checkpoint", required=True, help="step directory, or a run directory (newest committed checkpoint)")
+    add_model_source(ap, checkpoint_help="a checkpoint step directory (RUN_DIR/checkpoints/step-...)",
+                     run_help="a training run directory: its newest committed checkpoint")
     ap.add_argument("--out", help="project generator file to write (e.g. G.pt)")
     ap.add_argument("--raw", action="store_true", help="export the raw generator instead of the EMA one")
     ap.add_argument("--official", help="also write official-format weights (latest_net_G.pth)")
@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.models.compat import save_generator_file, save_official_generator
 
     try:
-        loaded = load_model(Path(args.checkpoint), use_ema=not args.raw)
+        loaded = load_model(model_source("spade-export", args), use_ema=not args.raw)
         G, cfg = loaded.generator, loaded.cfg
         if args.out:
             save_generator_file(G, cfg, args.out)

@@ -7,8 +7,9 @@ Inputs
   --shards SPEC       instead of --labels: a shard split (``--split``, default data.val_split) read
                       through the project's eval loader, real photos included
   --checkpoint FILE   an official ``latest_net_G.pth`` (options from --preset/--config + overrides)
-                      or a project generator file (it carries its own config), or a training run /
-                      checkpoint step directory (its EMA generator and config)
+                      or a project generator file (it carries its own config), or a checkpoint step
+                      directory (its EMA generator and config)
+  --run-dir DIR       instead of --checkpoint: a training run (its newest committed checkpoint)
 
 Preprocessing for generation (deliberately simple and deterministic, unlike training's random
 crops): each label / instance map is resized with nearest neighbour to width ``data.crop_size`` and
@@ -28,11 +29,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
+from spade_dist.cli.common import add_config_options, add_model_source, add_overrides, fail, make_parser, model_source, overrides
 from spade_dist.generation import run
-from spade_dist.resources import preset_names
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", type=Path, help="manifest.json of --shards when it is not beside them")
     parser.add_argument("--instances", type=Path, help="folder of instance PNGs with the same file stems")
     parser.add_argument("--images", type=Path, help="folder of real photos with the same stems, shown beside")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="official latest_net_G.pth (needs --preset/--config), a spade-dist generator file, "
-                             "or a run / checkpoint step directory")
+    add_model_source(parser, checkpoint_help="official latest_net_G.pth (needs --preset/--config), a spade-dist "
+                     "generator file, or a checkpoint step directory",
+                     run_help="a training run directory: its newest committed checkpoint (EMA generator)")
     parser.add_argument("--encoder", type=Path,
                         help="official latest_net_E.pth, for --style-image with an official VAE checkpoint")
-    parser.add_argument("--preset", choices=preset_names(), help="model options of an official checkpoint: configs/<preset>.yaml")
-    parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
+    add_config_options(parser, "model options of an official checkpoint")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random z (VAE generators)")
     parser.add_argument("--num-per-label", type=int, default=1, help="images per label (needs a VAE generator if > 1)")
@@ -70,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.data.stream import ShardError
 
     try:
+        args.checkpoint = model_source("spade-generate", args)
         rows = run(args, overrides(args))
     # GenerateError, LabelError, ConfigError, CheckpointMismatchError, ShardSourceError, file errors, bad shards
     except (ValueError, OSError, CorruptRateError, ShardError) as exc:

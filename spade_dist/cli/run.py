@@ -1,44 +1,74 @@
 """``spade-run``: what batch scripts need to know about a run directory, without spelling out its layout.
 
-    spade-run path RUN_DIR stop requeue done     # one path per line, in the order asked
-    spade-run outcome RUN_DIR                    # "done STEP" | "requeue STEP" | "incomplete"
-    spade-run owner RUN_DIR                      # who holds the run's lock, or "none"
-    spade-run prepare RUN_DIR                    # before a launch: remove stale STOP / REQUEUE markers
-    spade-run verdict RUN_DIR --rc RC [--preempted] --requeue-exit-code N
-                                                 # after it: "finished|requeue|failed EXIT_CODE message"
+    spade-run path    --run-dir R stop requeue done   # one path per line, in the order asked
+    spade-run outcome --run-dir R                     # "done STEP" | "requeue STEP" | "incomplete"
+    spade-run owner   --run-dir R                     # who holds the run's lock, or "none"
+    spade-run prepare --run-dir R                     # before a launch: remove stale STOP / REQUEUE markers
+    spade-run verdict --run-dir R --rc RC [--preempted] --requeue-exit-code N
+                                                      # after it: "finished|requeue|failed EXIT_CODE message"
 
-Exit status 0, or 2 for an unknown entry name.
+``path``, ``prepare`` and ``verdict`` also work before the run directory exists (a first launch, or
+one that failed before training started); ``outcome`` and ``owner`` need a run directory. The run
+directory as the first positional argument (``spade-run outcome R``) is the deprecated spelling.
+Exit status 0, or 2 for bad input (an unknown entry name, a path that is no run directory).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, make_parser
-from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
+from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, make_parser, warn_deprecated
+from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirNotFound, launch_verdict
+
+
+def _run_dir_options(parser: argparse.ArgumentParser, legacy_positional: bool = True) -> None:
+    parser.add_argument("--run-dir", type=Path, help="the run directory (train.run_dir)")
+    if legacy_positional:  # path reads it from the front of its names instead
+        parser.add_argument("legacy_run_dir", nargs="?", type=Path, metavar="RUN_DIR",
+                            help="deprecated spelling of --run-dir RUN_DIR")
 
 
 def build_parser() -> CliParser:
     ap = make_parser("spade-run", __doc__)
     sub = add_subparsers(ap)
     p_path = add_subcommand(sub, "path", help="print run directory paths, one per line")
-    p_path.add_argument("run_dir", type=Path)
-    p_path.add_argument("names", nargs="+", metavar="NAME", help=f"any of: {', '.join(PATH_NAMES)}")
+    _run_dir_options(p_path, legacy_positional=False)
+    p_path.add_argument("names", nargs="+", metavar="NAME",
+                        help=f"any of: {', '.join(PATH_NAMES)} (deprecated: the run directory first)")
     for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
                        ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
-        add_subcommand(sub, name, help=text).add_argument("run_dir", type=Path)
+        _run_dir_options(add_subcommand(sub, name, help=text))
     p_verdict = add_subcommand(sub, "verdict", help="after a launch: what the batch script should do")
-    p_verdict.add_argument("run_dir", type=Path)
+    _run_dir_options(p_verdict)
     p_verdict.add_argument("--rc", type=int, required=True, help="the launcher's exit code")
     p_verdict.add_argument("--preempted", action="store_true", help="the batch script received a preemption signal")
     p_verdict.add_argument("--requeue-exit-code", type=int, required=True, help="checkpoint.requeue_exit_code")
     return ap
 
 
+def _run_dir(args: argparse.Namespace) -> RunDir:
+    """--run-dir, or the deprecated positional run directory (the first name for ``path``)."""
+    if args.run_dir is not None:
+        if getattr(args, "legacy_run_dir", None) is not None:
+            raise RunDirNotFound(f"give the run directory once (--run-dir {args.run_dir}), not also as {args.legacy_run_dir}")
+        return RunDir(args.run_dir)
+    legacy = args.names.pop(0) if args.command == "path" else args.legacy_run_dir
+    if legacy is None or (args.command == "path" and not args.names):
+        raise RunDirNotFound("--run-dir RUN_DIR is required")
+    warn_deprecated("spade-run", f"spade-run {args.command} RUN_DIR", f"spade-run {args.command} --run-dir RUN_DIR")
+    return RunDir(legacy)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run = RunDir(args.run_dir)
+    try:
+        run = _run_dir(args)
+        if args.command in ("outcome", "owner"):
+            run.require()  # a typo must not read as an incomplete (resumable) run
+    except RunDirNotFound as exc:
+        return fail("spade-run", exc)
     if args.command == "path":
         unknown = [n for n in args.names if n not in PATH_NAMES]
         if unknown:

@@ -8,18 +8,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import CliParser, add_overrides, fail, make_parser, overrides
-from spade_dist.resources import preset_names
+from spade_dist.cli.common import (CliParser, add_config_options, add_model_source, add_overrides, fail, make_parser,
+                                   model_source, overrides)
 
 
 def build_parser() -> CliParser:
     parser = make_parser("spade-serve", __doc__)
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a training run directory (follows its newest committed checkpoint), a checkpoint "
-                             "step directory, a spade-dist generator file, or an official latest_net_G.pth")
+    add_model_source(parser, checkpoint_help="a checkpoint step directory, a spade-dist generator file, or an "
+                     "official latest_net_G.pth (needs --preset/--config)",
+                     run_help="a training run directory: serve its newest committed checkpoint and follow newer ones")
     parser.add_argument("--encoder", type=Path, help="official latest_net_E.pth, for style images with a VAE model")
-    parser.add_argument("--preset", choices=preset_names(), help="model options of an official checkpoint: configs/<preset>.yaml")
-    parser.add_argument("--config", type=Path, help="model options of an official checkpoint: a YAML config")
+    add_config_options(parser, "model options of an official checkpoint")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 = any free port)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when present)")
@@ -44,7 +43,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not 0 <= args.port <= 65535:
         return fail("spade-serve", f"--port {args.port}: must be 0..65535")
-    spec = ModelSpec(checkpoint=args.checkpoint, preset=args.preset, config=args.config, encoder=args.encoder,
+    try:
+        checkpoint = model_source("spade-serve", args)
+    except ValueError as exc:
+        return fail("spade-serve", exc)
+    spec = ModelSpec(checkpoint=checkpoint, preset=args.preset, config=args.config, encoder=args.encoder,
                      overrides=tuple(overrides(args)))
     opts = ServeOptions(spec=spec, host=args.host, port=args.port, device=args.device, shards=args.shards,
                         split=args.split, manifest=args.manifest, max_samples=args.max_samples,

@@ -1,13 +1,15 @@
 """``spade-train``: the main training job.
 
     spade-train --config configs/quickstart.yaml [dotted.key=value ...] [--resume auto|PATH|none]
+    spade-train --preset tiny data.shards=PATH/manifest.json      # a shipped preset (--config tiny too)
 
 Launch it with any of (see docs/TRAINING.md):
     accelerate launch --config_file launch/accelerate_cpu_2proc.yaml -m spade_dist.cli.train --config X
     torchrun --nproc_per_node 2 -m spade_dist.cli.train --config X
     deepspeed --hostfile H --module spade_dist.cli.train --config X train.backend=deepspeed
 
-Exit codes: 0 finished, 2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
+Exit codes: 0 finished, 1 the training itself failed (an uncaught error, with its traceback),
+2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
 (75) stopped by a preemption signal or the STOP file after committing a checkpoint; the run's
 REQUEUE marker says so too (launchers may translate the exit code). See docs/CHECKPOINTING.md.
 """
@@ -17,13 +19,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
+from spade_dist.cli.common import add_config_options, add_overrides, config_source, fail, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("spade-train", __doc__)
-    parser.add_argument("--config", required=True, help="YAML config (may inherit from another)")
+    add_config_options(parser, "the training config (may inherit from another)", required=True)
     parser.add_argument("--resume", default=None, help="auto | none | PATH (default: checkpoint.resume)")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -52,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spade_dist.train.loop import train
 
     try:
-        cfg = load_config(args.config, overrides(args))
+        cfg = load_config(config_source(args), overrides(args))
         result = train(cfg, resume=args.resume)
     except (ConfigError, DistributedSetupError, ShardSourceError, MissingVGGWeightsError, FileNotFoundError,
             InvalidCheckpoint, CheckpointIncompatibleError, RunDirBusy, MetricsError,

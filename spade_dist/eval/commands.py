@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from spade_dist.cli.common import overrides
+from spade_dist.cli.common import config_source, overrides
 from spade_dist.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from spade_dist.distributed import resolve_device
 from spade_dist.files import write_atomic
@@ -69,7 +69,7 @@ def _wait_for(path: Path, seconds: float) -> None:
     deadline = time.time() + seconds
     while not path.is_file():
         if time.time() > deadline:
-            raise ConfigError(f"{path} did not appear within {seconds:.0f}s; pass --config")
+            raise ConfigError(f"{path} did not appear within {seconds:.0f}s; pass --config or --preset")
         time.sleep(1.0)
 
 
@@ -77,8 +77,8 @@ def run_once(args: argparse.Namespace) -> int:
     from spade_dist.eval.evaluate import Evaluator, load_generator
     from spade_dist.eval.launch import check_eval_inputs
 
-    if args.config:
-        cfg = _with_overrides(load_config(args.config), args)
+    if config_source(args):
+        cfg = _with_overrides(load_config(config_source(args)), args)
         check_eval_inputs(cfg)  # fail fast, before reading the checkpoint
         generator = None
     else:
@@ -126,9 +126,9 @@ def run_watch(args: argparse.Namespace) -> int:
     from spade_dist.monitoring.exporter import EvalMetrics
 
     run_dir = Path(args.run_dir)
-    config_path = Path(args.config) if args.config else RunDir(run_dir).config
-    if not args.config:
-        _wait_for(config_path, args.wait_config_seconds)
+    config_path = config_source(args) or RunDir(run_dir).config
+    if not config_source(args):
+        _wait_for(Path(config_path), args.wait_config_seconds)
     cfg = _with_overrides(load_config(config_path), args)
     _set_threads(cfg)
     rank, _, device = init_distributed(cfg.eval.device)

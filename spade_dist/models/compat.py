@@ -31,6 +31,7 @@ from spade_dist.models.fast.seam import ModulationPlan
 from spade_dist.models.generator import SPADEGenerator, latent_size
 from spade_dist.models.norms import parse_spade_norm
 from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
+from spade_dist.weights_file import load_weights
 
 PROJECT_FORMAT = "spade-dist-generator"
 PROJECT_FORMAT_VERSION = 1
@@ -66,10 +67,7 @@ def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Ten
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"generator checkpoint not found: {path}")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+        raw = load_weights(path)
         source = str(path)
         if not isinstance(raw, Mapping):
             raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
@@ -287,7 +285,7 @@ def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Confi
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generator file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_weights(path)
     if not isinstance(payload, Mapping) or payload.get("format") != PROJECT_FORMAT:
         raise ValueError(f"{path}: not a spade-dist generator file (no format '{PROJECT_FORMAT}'); "
                          "for official weights use load_official_generator or 'spade-convert from-official'")
@@ -365,10 +363,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ValueError(f"{path}: sha256 {digest} differs from the expected {expected_sha256}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt file, not a torch file, pickled objects
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+    payload = load_weights(path)
     encoder_state: object = None
     encoder_source = ""
     G = _unwrap(G)
@@ -394,10 +389,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
         sibling = official_encoder_path(path)
         if E is not None and sibling != path and sibling.is_file():
             encoder_source = str(sibling)
-            try:
-                encoder_state = torch.load(sibling, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"{sibling}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+            encoder_state = load_weights(sibling)
     if E is not None and encoder_state is not None:
         load_encoder_state(_unwrap(E), encoder_state, encoder_source, cfg)
     else:

@@ -8,10 +8,16 @@ them): edit the panels here, then regenerate with
 Plain dicts rather than a builder library: the JSON is what Grafana imports, so writing it directly
 keeps every field visible and the output byte-stable. The dashboard has a ``datasource`` variable
 (any Prometheus data source) plus ``run``, ``job_id`` and a multi-select ``rank`` variable fed by
-``label_values`` queries. The same file serves both ways Grafana loads dashboards: the UI import reads
-``__inputs`` and asks for the Prometheus data source (its answer becomes the variable's default), and
-file provisioning (``configs/monitoring/grafana/provisioning/``) loads it as is, the variable then
-defaulting to the provisioned (default) Prometheus data source. Metric names come from :mod:`spade_dist.monitoring.exporter`; ``TRAIN_SCRAPE_JOB`` is the
+``label_values`` queries. Grafana loads dashboards two ways, and each gets its own file from the one
+:func:`build_dashboard`:
+
+- ``grafana/spade_dist.json`` for the UI import: ``__inputs`` asks for the Prometheus data source, and
+  the import substitutes the answer for ``${DS_PROMETHEUS}``, the ``datasource`` variable's default;
+- ``grafana/provisioned/spade_dist.json`` for file provisioning (the dashboard provider's path), which
+  substitutes nothing: no ``__inputs``, and the variable defaults to the uid of the provisioned data
+  source (read from ``provisioning/datasources/spade_prometheus.yaml``).
+
+Metric names come from :mod:`spade_dist.monitoring.exporter`; ``TRAIN_SCRAPE_JOB`` is the
 scrape job name of ``configs/monitoring/prometheus.yml`` (a test checks they agree).
 """
 from __future__ import annotations
@@ -19,14 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 from typing import Any, Iterator, Optional
+
+import yaml
 
 from spade_dist.monitoring.services import TRAIN_SCRAPE_JOB
 from spade_dist.resources import monitoring_dir
 
 DASHBOARD_UID = "spade-dist-training"
-DEFAULT_OUTPUT = monitoring_dir() / "grafana" / "spade_dist.json"
+GRAFANA_DIR = monitoring_dir() / "grafana"
+IMPORT_FILE = GRAFANA_DIR / "spade_dist.json"  # for Grafana's UI import
+PROVISIONED_FILE = GRAFANA_DIR / "provisioned" / "spade_dist.json"  # the dashboard provider's path
+DATASOURCE_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "spade_prometheus.yaml"
 
 _SEL = 'run="$run", job_id="$job_id"'
 # Per-rank series are also filtered by the ranks selected in the `rank` variable (all by default).
@@ -80,8 +90,15 @@ def _variable(name: str, label: str, query: str, multi: bool = False) -> dict[st
     return var
 
 
-def build_dashboard() -> dict[str, Any]:
-    """The dashboard as a dict, ready for ``json.dumps`` and Grafana's import."""
+def provisioned_datasource() -> dict[str, str]:
+    """``{"name", "uid"}`` of the Prometheus data source that ``DATASOURCE_FILE`` provisions."""
+    (source,) = yaml.safe_load(DATASOURCE_FILE.read_text())["datasources"]
+    return {"name": source["name"], "uid": source["uid"]}
+
+
+def build_dashboard(provisioned: bool = False) -> dict[str, Any]:
+    """The dashboard as a dict, ready for ``json.dumps``: for Grafana's UI import, or (``provisioned``)
+    for file provisioning, its data source variable then defaulting to the provisioned data source."""
     s, rs = _SEL, _RANK_SEL
     panels: list[dict[str, Any]] = []
     ids = iter(range(1, 1000))
@@ -180,9 +197,16 @@ def build_dashboard() -> dict[str, Any]:
             (f"spade_device_memory_bytes{{{rs}}}", "rank {{rank}}"),
         ]),
     ]
+    if provisioned:
+        source = provisioned_datasource()
+        current = {"text": source["name"], "value": source["uid"]}
+        header: dict[str, Any] = {}
+    else:
+        current = {"text": f"${{{_INPUT}}}", "value": f"${{{_INPUT}}}"}
+        header = {"__inputs": [{"name": _INPUT, "label": "Prometheus", "type": "datasource", "pluginId": "prometheus",
+                                "pluginName": "Prometheus", "description": "Prometheus that scrapes spade-dist runs"}]}
     return {
-        "__inputs": [{"name": _INPUT, "label": "Prometheus", "description": "Prometheus that scrapes spade-dist runs",
-                      "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}],
+        **header,
         "__requires": [{"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
                        {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"}],
         "uid": DASHBOARD_UID,
@@ -198,7 +222,7 @@ def build_dashboard() -> dict[str, Any]:
         "links": [],
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {"text": f"${{{_INPUT}}}", "value": f"${{{_INPUT}}}"},
+             "current": current,
              "options": [], "hide": 0, "refresh": 1, "includeAll": False, "multi": False},
             _variable("run", "Run", "label_values(spade_step, run)"),
             _variable("job_id", "Job", 'label_values(spade_step{run="$run"}, job_id)'),
@@ -208,9 +232,9 @@ def build_dashboard() -> dict[str, Any]:
     }
 
 
-def dashboard_json() -> str:
-    """The exact text of the checked-in dashboard file."""
-    return json.dumps(build_dashboard(), indent=2, sort_keys=True) + "\n"
+def dashboard_json(provisioned: bool = False) -> str:
+    """The exact text of the checked-in dashboard file (``IMPORT_FILE``, or ``PROVISIONED_FILE``)."""
+    return json.dumps(build_dashboard(provisioned), indent=2, sort_keys=True) + "\n"
 
 
 def panel_expressions(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -239,16 +263,16 @@ def variable_selectors(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, st
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the spade-dist Grafana dashboard JSON.")
-    parser.add_argument("--write", action="store_true", help=f"write {DEFAULT_OUTPUT} (default: print)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--write", action="store_true",
+                        help=f"write {IMPORT_FILE} and {PROVISIONED_FILE} (default: print the import file)")
     args = parser.parse_args(argv)
-    text = dashboard_json()
-    if args.write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
-    else:
-        print(text, end="")
+    if not args.write:
+        print(dashboard_json(), end="")
+        return 0
+    for path, provisioned in ((IMPORT_FILE, False), (PROVISIONED_FILE, True)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dashboard_json(provisioned))
+        print(f"wrote {path}")
     return 0
 
 

@@ -18,9 +18,16 @@ from spade_dist.run_dir import RunDir
 
 
 def resolve_run_labels(cfg: MetricsConfig, run_dir: Union[str, Path]) -> tuple[str, str]:
-    """Return ``(run, job_id)``: config values, else the run dir's name and ``$SLURM_JOB_ID`` / "local"."""
+    """Return ``(run, job_id)``: config values, else the run dir's name and the job's identity.
+
+    The job identity is one value for every rank of the job: an elastic job's id
+    (``$TORCHELASTIC_RUN_ID``, shared by all its agents, also when its nodes join as separate Slurm
+    jobs each with its own ``$SLURM_JOB_ID``), else ``$SLURM_JOB_ID``, else "local".
+    """
     run = cfg.run_name or Path(run_dir).resolve().name
-    job_id = cfg.job_id or os.environ.get("SLURM_JOB_ID", "") or "local"
+    # TORCHELASTIC_RUN_ID read here, not through spade_dist.distributed.elastic_job_id: that module
+    # imports torch, and the exporters stay importable without it (short evaluation jobs).
+    job_id = cfg.job_id or os.environ.get("TORCHELASTIC_RUN_ID", "") or os.environ.get("SLURM_JOB_ID", "") or "local"
     for key, value in (("metrics.run_name", run), ("metrics.job_id", job_id)):
         # The values become file names and label values: keep them to a safe alphabet.
         if not value or any(c in value for c in "/\\\n\""):

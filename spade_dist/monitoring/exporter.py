@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from spade_dist.config import MetricsConfig
 from spade_dist.eval.scores import METRICS, metric_value
-from spade_dist.files import write_json_atomic
+from spade_dist.files import tree_bytes, write_json_atomic
 from spade_dist.monitoring import MetricsError
 from spade_dist.monitoring.discovery import DiscoveryFile, advertised_host, resolve_run_labels, resolve_sd_dir, sd_file_name
 from spade_dist.monitoring.pushgateway import delete_job_metrics, push_job_metrics
@@ -66,11 +66,6 @@ def _stop_server(server: Any) -> None:
     server.server_close()
 
 
-def directory_bytes(path: Union[str, Path]) -> int:
-    """Total size of the files under ``path`` (a checkpoint step directory)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def device_memory_bytes(device: Any) -> int:
     """Memory this process holds on ``device``: CUDA's allocator counter (a host-side number, no
     synchronisation), or the resident set size of the process on CPU."""
@@ -100,9 +95,12 @@ class TrainingMetrics:
 
     def __init__(self, cfg: MetricsConfig, run_dir: Union[str, Path], rank: int = 0, local_rank: int = 0,
                  world_size: int = 1, node: Optional[str] = None, process_group: Any = None,
-                 restarts: int = 0) -> None:
+                 restarts: int = 0, lineage: str = "", resumed_from: int = 0) -> None:
+        """``lineage`` / ``resumed_from``: the checkpoint lineage and the step this (re)start resumed from,
+        recorded in the training log (:mod:`spade_dist.monitoring.train_log`)."""
         self.cfg = cfg
         self.restarts = restarts
+        self.lineage, self.resumed_from = lineage, resumed_from
         self.enabled = cfg.enabled
         self.run_dir = Path(run_dir)
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
@@ -181,7 +179,7 @@ class TrainingMetrics:
         others waiting in the exchange forever). Rank 0 opens the training log, enabled or not.
         """
         if self.rank == 0 and self._log is None:
-            self._log = TrainingLog(self.run_dir)
+            self._log = TrainingLog(self.run_dir, self.lineage, self.resumed_from)
         if not self.enabled or self._server is not None:
             return
         port = self.cfg.port_base + self.local_rank if self.cfg.port_base else 0
@@ -301,7 +299,7 @@ class TrainingMetrics:
     def record_checkpoint_commit(self, step: int, step_dir: Union[str, Path], seconds: float) -> None:
         """``CheckpointManager(on_commit=...)`` hook: a committed step directory, measured on disk."""
         if self.enabled:
-            self.record_checkpoint(seconds=seconds, bytes=directory_bytes(step_dir), success=True)
+            self.record_checkpoint(seconds=seconds, bytes=tree_bytes(step_dir), success=True)
 
 
 # --------------------------------------------------------------------------------------------

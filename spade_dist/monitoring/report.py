@@ -1,7 +1,9 @@
 """A self-contained HTML report of a run for people without Grafana (``spade-report --run-dir R``).
 
 Reads what the run directory already holds (docs/FORMATS.md):
-- ``logs/train_metrics.jsonl`` (written by rank 0's TrainingMetrics): losses, throughput, data-wait share;
+- ``logs/train_metrics.jsonl`` (written by rank 0's TrainingMetrics): losses, throughput, data-wait share,
+  of the current run only (:func:`spade_dist.monitoring.train_log.current_run`: its lineage, without the
+  steps a later start went back over);
 - ``eval/metrics.jsonl`` and ``eval/best.json`` (the evaluation watcher): FID / KID / mIoU / pixel
   accuracy over steps, one series per protocol (spade_dist.eval.report);
 - ``samples/step-*.png`` (the trainer's sample grids): the latest ones, embedded;
@@ -26,6 +28,7 @@ from spade_dist.charts import Chart, Point, fmt_number, svg_line_chart
 from spade_dist.eval.report import metric_charts
 from spade_dist.eval.scores import METRICS, best_record, metric_value
 from spade_dist.files import read_jsonl, write_atomic
+from spade_dist.monitoring.train_log import current_run
 from spade_dist.run_dir import RunDir
 from spade_dist.config import Config, ConfigError, load_config
 from spade_dist.visualize import enlarged_width
@@ -185,7 +188,7 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory not found: {run_dir}")
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    train = latest_per_step(current_run(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError)))
     evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     samples = latest_samples(run_dir, num_samples)
     hints = missing_hints(_run_config(run_dir))
@@ -230,7 +233,7 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
 def run_summary(run_dir: Union[str, Path]) -> list[tuple[str, str]]:
     """The report's summary table as ``(name, value)`` rows (status, last step, throughput, losses, FID)."""
     run_dir = Path(run_dir)
-    train = latest_per_step(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError))
+    train = latest_per_step(current_run(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError)))
     evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
     return _summary_rows(run_dir, train, evals, missing_hints(_run_config(run_dir)))
 

@@ -9,7 +9,8 @@ Used by the end-to-end tests and by the quickstart:
 
 ``python -m spade_dist.monitoring.services --sd-dir RUN_DIR/metrics --workdir DIR --pushgateway`` runs
 Prometheus with the shipped scrape config and alert rules pointed at a run's discovery directory (and a
-Pushgateway) in the foreground until interrupted; ``--config FILE`` loads a config of your own instead.
+Pushgateway) in the foreground until Ctrl-C or SIGTERM (either stops both); ``--config FILE`` loads a
+config of your own instead.
 """
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ def _ready(service: ServiceT, timeout: float) -> ServiceT:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C.")
+    parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C or SIGTERM.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sd-dir", type=Path, help="a run's discovery directory (metrics.sd_dir, default RUN_DIR/metrics)")
     source.add_argument("--config", type=Path, help="a prometheus.yml of your own")
@@ -216,6 +217,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="send alerts to this Alertmanager (default: alerts only on Prometheus' /alerts page)")
     args = parser.parse_args(argv)
     services: list[Service] = []
+    # SIGTERM (kill, a batch system, a terminal closing) stops the children like Ctrl-C does, instead of
+    # leaving Prometheus and the Pushgateway running without their parent.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         gateway = None
         if args.pushgateway:
@@ -238,6 +242,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         for s in reversed(services):
             s.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ plus the static page in ``static/``.
 
 HTTP API (all errors are JSON ``{"error": message}`` with a 4xx status; the page shows the message):
 
-- ``GET /api/info``: classes (id, name, colour), generation size, served step / source, VAE / encoder.
+- ``GET /api/info``: classes (id, name, colour in the dataset's palette), generation size, served step /
+  source, VAE / encoder, and ``styles``: the style row (:func:`style_row`).
 - ``POST /api/generate`` (multipart): ``labels`` raw uint16 ids at the generation size, ``width``,
-  ``height``, ``seed``, ``key``, optional ``style`` photo -> ``image/png``, headers ``X-Step``,
-  ``X-Batch-Size``.
+  ``height``, ``seed``, ``key``, optional ``style`` photo or ``style_sample`` (a shard sample's photo, by
+  index) -> ``image/png``, headers ``X-Step``, ``X-Batch-Size``.
+- ``GET /api/samples/{index}/photo.png``: a shard sample's photo (the style row's thumbnails).
 - ``POST /api/labelmap`` (multipart ``file``): a label PNG (ids or palette colours) -> ids JSON.
 - ``GET /api/samples`` / ``GET /api/samples/{index}``: keys of the shard samples / one sample's ids.
 - ``POST /api/labelmap.png`` (multipart ``labels``, ``width``, ``height``): ids -> palette PNG download.
@@ -29,7 +31,7 @@ from spade_dist.serve.batcher import Batcher, GenerationRequest
 from spade_dist.serve.inputs import (RequestError, decode_canvas, decode_label_upload, decode_style_upload,
                                      ids_payload, image_png, label_png)
 from spade_dist.serve.model import ModelHolder
-from spade_dist.visualize import label_palette
+from spade_dist.palettes import label_palette
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Longest a request waits for its image; a tiny CPU model takes well under a second, a large one on a
@@ -37,6 +39,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 GENERATE_TIMEOUT_S = 300.0
 # Seeds the page sends (the "new style" button draws 31-bit ones); spade-generate's --seed takes the same.
 MAX_SEED = 2**31 - 1
+# The style row: this many shard photos (with an encoder) or fixed seeds (a VAE without one).
+STYLE_ROW_LENGTH = 6
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,24 @@ class Sample:
 
     key: str
     label: torch.Tensor  # int64 1 x 1 x H x W at the generation size
+    photo: Optional[torch.Tensor] = None  # uint8 3 x H x W at the generation size, when the shard has one
+
+
+def style_row(use_vae: bool, has_encoder: bool, samples: list[Sample]) -> dict:
+    """What the page's style row offers, and why: ``{"kind", "items", "note"}``. ``photos``: shard photos
+    whose style the encoder takes (items ``{"sample", "key"}``); ``seeds``: fixed seeds of a VAE without an
+    encoder (items ``{"seed"}``); ``none``: a deterministic generator, nothing to choose."""
+    if not use_vae:
+        return {"kind": "none", "items": [], "note": "This generator is deterministic (model.use_vae=false): one "
+                "label map gives one image. A model trained with model.use_vae=true has styles."}
+    photos = [{"sample": i, "key": s.key} for i, s in enumerate(samples) if s.photo is not None][:STYLE_ROW_LENGTH]
+    if has_encoder and photos:
+        return {"kind": "photos", "items": photos, "note": "Styles of shard photos (VAE encoder); or upload a photo."}
+    seeds = [{"seed": seed} for seed in range(1, STYLE_ROW_LENGTH + 1)]
+    note = ("Styles are random seeds: this model has no VAE encoder (spade-serve --encoder latest_net_E.pth "
+            "takes the style of a photo)." if not has_encoder else
+            "Styles are random seeds; upload a photo to take its style (spade-serve --shards adds shard photos).")
+    return {"kind": "seeds", "items": seeds, "note": note}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -92,7 +114,7 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
     def info() -> dict:
         served = holder.get()
         cfg = served.model.cfg
-        palette = label_palette(cfg.data.label_nc).tolist()
+        palette = label_palette(cfg.data.label_nc, cfg.data.dataset).tolist()
         height, width = served.size_hw
         return {
             "classes": [{"id": i, "name": class_names[i], "color": palette[i]} for i in range(cfg.data.label_nc)],
@@ -102,22 +124,27 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
             "use_vae": served.use_vae, "has_encoder": served.model.encoder is not None,
             "follows_run": holder.spec.follows_run, "checkpoint_error": holder.last_error,
             "num_samples": len(samples), "max_upload_bytes": max_upload_bytes,
+            "styles": style_row(served.use_vae, served.model.encoder is not None, samples),
         }
 
     @app.post("/api/generate")
     async def generate(labels: UploadFile = File(...), width: int = Form(...), height: int = Form(...),
                        seed: int = Form(0), key: str = Form("canvas"),
-                       style: Optional[UploadFile] = File(None)) -> Response:
+                       style: Optional[UploadFile] = File(None), style_sample: Optional[int] = Form(None)) -> Response:
         served = holder.get()
         cfg = served.model.cfg
         label = decode_canvas(await _read_upload(labels, max_upload_bytes, "label map"), width, height,
                               served.size_hw, cfg.data.label_nc, cfg.data.contain_dontcare_label)
         style_image = None
+        if (style is not None or style_sample is not None) and not served.use_vae:
+            raise RequestError("this generator is deterministic (use_vae=false): a style image has no effect")
         if style is not None:
-            if not served.use_vae:
-                raise RequestError("this generator is deterministic (use_vae=false): a style image has no effect")
             style_image = decode_style_upload(await _read_upload(style, max_upload_bytes, "style image"),
                                               style.filename or "style image", served.size_hw)
+        elif style_sample is not None:
+            style_image = _sample(style_sample).photo
+            if style_image is None:
+                raise RequestError(f"shard sample {style_sample} has no photo to take a style from")
         if not 0 <= seed <= MAX_SEED:
             raise RequestError(f"seed {seed} is out of range 0..{MAX_SEED}")
         request = GenerationRequest(label=label, seed=seed, key=key[:200], style=style_image)
@@ -132,7 +159,7 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
         cfg = served.model.cfg
         name = Path(file.filename or "label map").name
         label = decode_label_upload(await _read_upload(file, max_upload_bytes, name), name, served.size_hw,
-                                    cfg.data.label_nc, cfg.data.contain_dontcare_label)
+                                    cfg.data.label_nc, cfg.data.contain_dontcare_label, cfg.data.dataset)
         return ids_payload(label, key=sample_key(Path(name).stem))
 
     @app.post("/api/labelmap.png")
@@ -142,17 +169,27 @@ def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], sa
         cfg = served.model.cfg
         label = decode_canvas(await _read_upload(labels, max_upload_bytes, "label map"), width, height,
                               served.size_hw, cfg.data.label_nc, cfg.data.contain_dontcare_label)
-        return Response(label_png(label, cfg.data.label_nc), media_type="image/png",
+        return Response(label_png(label, cfg.data.label_nc, cfg.data.dataset), media_type="image/png",
                         headers={"Content-Disposition": 'attachment; filename="labels.png"'})
 
     @app.get("/api/samples")
     def sample_keys() -> dict:
         return {"keys": [s.key for s in samples]}
 
-    @app.get("/api/samples/{index}")
-    def sample(index: int) -> dict:
+    def _sample(index: int) -> Sample:
         if not 0 <= index < len(samples):
             raise RequestError(f"no sample {index} (there are {len(samples)})")
-        return ids_payload(samples[index].label, key=samples[index].key)
+        return samples[index]
+
+    @app.get("/api/samples/{index}")
+    def sample(index: int) -> dict:
+        return ids_payload(_sample(index).label, key=_sample(index).key)
+
+    @app.get("/api/samples/{index}/photo.png")
+    def sample_photo(index: int) -> Response:
+        photo = _sample(index).photo
+        if photo is None:
+            raise RequestError(f"shard sample {index} has no photo")
+        return Response(image_png(photo), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return app

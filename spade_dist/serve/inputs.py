@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from spade_dist.generation import GenerateError, read_integer_map, read_photo
 from spade_dist.labels import DONTCARE_ID, LabelError, check_label_ids
-from spade_dist.visualize import label_palette
+from spade_dist.palettes import label_palette
 
 # Pixels of an uploaded image, checked from its header before decoding (a 100 kB PNG can expand
 # to gigabytes).
@@ -34,24 +34,25 @@ class RequestError(ValueError):
     """A request the server refuses; the message is shown in the page as is."""
 
 
-def _check_header(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) of an image from its header, refusing empty, unknown or oversized images."""
+def _check_header(data: bytes, name: str, expected: str) -> tuple[int, int]:
+    """(width, height) of an image from its header, refusing empty, unknown or oversized images.
+    ``expected``: what the upload should have been, for the message (PIL's own names a BytesIO object)."""
     if not data:
         raise RequestError(f"{name}: empty upload")
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except (UnidentifiedImageError, OSError) as exc:
-        raise RequestError(f"{name}: not an image PIL can read ({exc})") from exc
+        raise RequestError(f"{name}: not an image; expected {expected}") from exc
     if width * height > MAX_UPLOAD_PIXELS:
         raise RequestError(f"{name}: {width}x{height} pixels is more than the {MAX_UPLOAD_PIXELS} this server decodes")
     return width, height
 
 
-def _colours_to_ids(rgb: np.ndarray, label_nc: int, name: str) -> np.ndarray:
+def _colours_to_ids(rgb: np.ndarray, label_nc: int, dataset: str, name: str) -> np.ndarray:
     """H x W x 3 uint8 palette colours -> H x W int64 ids (black with 255 allowed is not special: a
-    colour is looked up in the palette only)."""
-    palette = label_palette(label_nc).numpy().astype(np.int64)
+    colour is looked up in the dataset's palette only)."""
+    palette = label_palette(label_nc, dataset).numpy().astype(np.int64)
     codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     palette_codes = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
     # np.unique keeps the first index of each colour: the lowest id wins for repeated colours.
@@ -68,16 +69,16 @@ def _colours_to_ids(rgb: np.ndarray, label_nc: int, name: str) -> np.ndarray:
 
 
 def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_nc: int,
-                        contain_dontcare_label: bool) -> torch.Tensor:
+                        contain_dontcare_label: bool, dataset: str = "custom") -> torch.Tensor:
     """An uploaded label PNG -> int64 1 x 1 x H x W at the generation size (nearest neighbour)."""
-    _check_header(data, name)
+    _check_header(data, name, "a PNG of label ids or of the label palette's colours")
     with Image.open(io.BytesIO(data)) as img:
         mode = img.mode
     try:
         if mode in ("RGB", "RGBA"):
             with Image.open(io.BytesIO(data)) as img:
                 rgb = np.array(img.convert("RGB"), dtype=np.uint8)
-            ids = _colours_to_ids(rgb, label_nc, name)
+            ids = _colours_to_ids(rgb, label_nc, dataset, name)
             resized = Image.fromarray(ids.astype(np.int32)).resize((size_hw[1], size_hw[0]), Image.NEAREST)
             return torch.from_numpy(np.array(resized, dtype=np.int64)).view(1, 1, *size_hw)
         return read_integer_map(io.BytesIO(data), size_hw, "label map",
@@ -90,7 +91,7 @@ def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_
 
 def decode_style_upload(data: bytes, name: str, size_hw: tuple[int, int]) -> torch.Tensor:
     """An uploaded style photo -> uint8 3 x H x W at the generation size (bicubic, as spade-generate)."""
-    _check_header(data, name)
+    _check_header(data, name, "a photo (PNG or JPEG)")
     try:
         return read_photo(io.BytesIO(data), size_hw, name=name)
     except GenerateError as exc:
@@ -113,7 +114,7 @@ def decode_canvas(data: bytes, width: int, height: int, size_hw: tuple[int, int]
     return ids
 
 
-def label_png(label: torch.Tensor, label_nc: int) -> bytes:
+def label_png(label: torch.Tensor, label_nc: int, dataset: str = "custom") -> bytes:
     """int64 1 x 1 x H x W ids -> PNG bytes that both ``spade-generate`` and people read: a palette
     image whose indices are the ids and whose palette is the label palette (255 = don't care, black).
     Ids above 255 (label sets of more than 255 classes) go into a 16-bit greyscale PNG instead."""
@@ -122,7 +123,7 @@ def label_png(label: torch.Tensor, label_nc: int) -> bytes:
     if ids.max(initial=0) <= DONTCARE_ID and label_nc <= DONTCARE_ID:
         image = Image.fromarray(ids.astype(np.uint8))  # putpalette turns L into P
         palette = np.zeros((256, 3), dtype=np.uint8)
-        palette[:label_nc] = label_palette(label_nc).numpy()
+        palette[:label_nc] = label_palette(label_nc, dataset).numpy()
         image.putpalette(palette.reshape(-1).tolist())
     else:
         image = Image.fromarray(ids.astype(np.uint16))  # I;16

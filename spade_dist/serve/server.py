@@ -76,8 +76,9 @@ def _manifests(cfg: Config, opts: ServeOptions) -> list[dict]:
 
 
 def read_samples(cfg: Config, opts: ServeOptions, size_hw: tuple[int, int]) -> list[Sample]:
-    """The first ``max_samples`` label maps of the shard set, through spade-generate's eval-loader reader,
-    at the generation size (nearest neighbour, if the eval preprocessing gave another size)."""
+    """The first ``max_samples`` label maps of the shard set (with their photos, for the style row), through
+    spade-generate's eval-loader reader, at the generation size (nearest neighbour, if the eval
+    preprocessing gave another size)."""
     if not opts.shards:
         return []
     args = argparse.Namespace(shards=opts.shards, split=opts.split, manifest=opts.manifest, limit=opts.max_samples)
@@ -86,7 +87,10 @@ def read_samples(cfg: Config, opts: ServeOptions, size_hw: tuple[int, int]) -> l
         label = item.label.long()
         if tuple(label.shape[-2:]) != size_hw:
             label = F.interpolate(label.float(), size=size_hw, mode="nearest").long()
-        samples.append(Sample(key=item.key, label=label))
+        photo = item.real
+        if photo is not None and tuple(photo.shape[-2:]) != size_hw:  # as an uploaded style photo is resized
+            photo = F.interpolate(photo[None].float(), size=size_hw, mode="bicubic").round().clamp(0, 255)[0].byte()
+        samples.append(Sample(key=item.key, label=label, photo=photo))
     if not samples:
         raise ServeError(f"--shards {opts.shards}: no samples in split {opts.split or cfg.data.val_split}")
     return samples

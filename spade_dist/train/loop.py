@@ -293,7 +293,8 @@ class Hooks:
         for name, log_dir in self.trackers.log_dirs.items():
             log.info(f"{name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})")
         self.metrics = TrainingMetrics(cfg.metrics, run.root, rank=info.rank, local_rank=info.local_rank,
-                                       world_size=info.world_size, restarts=state.restarts)
+                                       world_size=info.world_size, restarts=state.restarts,
+                                       lineage=ckpt.lineage or "", resumed_from=state.step)
         self.metrics.start()
         ckpt.on_commit = self.metrics.record_checkpoint_commit
         self.step_log = StepLog(cfg, backend, state, loader, self.metrics, self.trackers, max_steps)
@@ -370,6 +371,16 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     elif state.init_from is not None and info.is_main:
         record_init_generator(run, state.init_from)
     max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
+    if max_steps < state.step:
+        if info.is_main:
+            log.warning(f"warning: train.max_steps={cfg.train.max_steps} is below the step this run resumed from "
+                        f"({state.step}): nothing to train; the run ends at step {state.step} and commits no new "
+                        "checkpoint (raise train.max_steps to train on)")
+        max_steps = state.step
+    if info.is_main and ckpt.stop_file.exists():
+        log.warning(f"warning: {ckpt.stop_file} exists (left by an earlier stop?): this run will checkpoint and stop "
+                    f"after its first step with exit {ckpt.requeue_exit_code}; remove it (spade-run prepare "
+                    f"--run-dir {run.root}) to train on")
     hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps)
     job = elastic_job_id()
     log.info(f"{backend.name} on {info.world_size} x {device} | global batch "

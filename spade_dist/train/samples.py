@@ -70,7 +70,7 @@ class SampleWriter:
         ema_generator.eval()
         fake = ema_generator(mb.semantics)
         ema_generator.train(was_training)
-        labels = colorize_labels(self._kept["label"], self.cfg.data.label_nc)
+        labels = colorize_labels(self._kept["label"], self.cfg.data.label_nc, self.cfg.data.dataset)
         fakes = to_uint8_image(fake.float())
         reals = self._kept["image"]
         rows = [[labels[i], fakes[i], reals[i]] for i in range(fakes.shape[0])]

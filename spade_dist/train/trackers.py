@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from spade_dist.config import Config, ConfigError
+from spade_dist.run_dir import TENSORBOARD_DIRNAME
 
-TRACKER_DIRS = {"tensorboard": "tensorboard"}  # tracker -> its folder under the run directory
+TRACKER_DIRS = {"tensorboard": TENSORBOARD_DIRNAME}  # tracker -> its folder under the run directory (run_dir.py)
 
 
 def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,16 +1,19 @@
-// spade-serve page: a label-id canvas (one id per generator pixel), brushes per class, and the
-// generated image beside it. Everything the server sends is shown as text (textContent), never as HTML.
+// spade-serve page: a label-id canvas (one id per generator pixel), brushes per class in the dataset's
+// colours, a style row, and the generated image beside it. Everything the server sends is shown as text
+// (textContent), never as HTML.
 "use strict";
 
 const DONTCARE_ID = 255;
 const UNDO_LIMIT = 50;
 const DEBOUNCE_MS = 200;
 const INFO_POLL_MS = 2000;
+const BACKGROUND_ID = 0;  // the class a new canvas is filled with, and the first brush selected
 
 const $ = (id) => document.getElementById(id);
 const state = {
   info: null, width: 0, height: 0, ids: null, palette: [], selected: 0, tool: "brush", size: 4,
-  undo: [], seed: 0, key: "canvas", styleFile: null, inFlight: false, pending: false, timer: null,
+  undo: [], redo: [], seed: 0, key: "canvas", styleFile: null, styleSample: null, inFlight: false, pending: false,
+  timer: null,
   step: null, drawing: false, last: null, imageUrl: null,
   version: 0,  // bumped on every change of the label map; the image records the version it shows
 };
@@ -53,6 +56,30 @@ function render() {
 function pushUndo() {
   state.undo.push(state.ids.slice());
   if (state.undo.length > UNDO_LIMIT) state.undo.shift();
+  state.redo = [];
+}
+
+// Undo / redo (buttons, Ctrl+Z / Ctrl+Shift+Z): each moves the current map onto the other stack.
+function stepHistory(from, to) {
+  const ids = from.pop();
+  if (!ids) return;
+  to.push(state.ids);
+  if (to.length > UNDO_LIMIT) to.shift();
+  state.ids = ids;
+  render();
+  scheduleGenerate();
+}
+
+function showBrushCursor(event) {
+  const cursor = $("brush-cursor");
+  if (state.tool !== "brush" || !event) { cursor.hidden = true; return; }
+  const rect = $("canvas").getBoundingClientRect();
+  const diameter = Math.max(2, (state.size * rect.width) / state.width);
+  const wrap = $("canvas-wrap").getBoundingClientRect();
+  cursor.style.width = cursor.style.height = `${diameter}px`;
+  cursor.style.left = `${event.clientX - wrap.left}px`;
+  cursor.style.top = `${event.clientY - wrap.top}px`;
+  cursor.hidden = false;
 }
 
 function canvasPoint(event) {
@@ -126,11 +153,12 @@ async function generate() {
   const version = state.version;
   const seed = state.seed;
   const key = state.key;
-  const styleName = state.styleFile ? state.styleFile.name : "";
+  const styleName = state.styleFile ? state.styleFile.name : state.styleSample !== null ? `sample ${state.styleSample}` : "";
   const form = labelsForm();
   form.append("seed", String(seed));
   form.append("key", key);
   if (state.styleFile) form.append("style", state.styleFile, state.styleFile.name);
+  else if (state.styleSample !== null) form.append("style_sample", String(state.styleSample));
   try {
     const response = await fetch("/api/generate", { method: "POST", body: form });
     if (!response.ok) {
@@ -202,6 +230,62 @@ function setTool(tool) {
   state.tool = tool;
   $("tool-brush").classList.toggle("active", tool === "brush");
   $("tool-fill").classList.toggle("active", tool === "fill");
+  if (tool !== "brush") showBrushCursor(null);
+}
+
+function showSeed() {
+  $("seed").textContent = `seed ${state.seed}`;
+}
+
+function markStyle(button) {
+  document.querySelectorAll(".style").forEach((b) => b.classList.toggle("active", b === button));
+}
+
+function styleButton(title, onPick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "style";
+  button.title = title;
+  const img = document.createElement("img");
+  img.alt = title;
+  button.append(img);
+  button.addEventListener("click", () => { markStyle(button); onPick(); scheduleGenerate(); });
+  $("style-row").append(button);
+  return img;
+}
+
+// Thumbnails of fixed seeds: the model's image of the starting canvas for each seed.
+async function seedThumbnail(img, seed) {
+  const form = labelsForm();
+  form.append("seed", String(seed));
+  form.append("key", state.key);  // the key and seed a click on it generates with
+  const response = await fetch("/api/generate", { method: "POST", body: form });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+}
+
+// The style row (GauGAN's row of style images): shard photos through the encoder, or fixed seeds.
+function buildStyles(styles) {
+  $("style-note").textContent = styles.note;
+  $("style-row").replaceChildren();
+  for (const item of styles.items) {
+    if (styles.kind === "photos") {
+      const img = styleButton(item.key, () => {
+        state.styleSample = item.sample;
+        state.styleFile = null;
+        $("upload-style").value = "";
+      });
+      img.src = `/api/samples/${encodeURIComponent(item.sample)}/photo.png`;
+      img.dataset.sample = String(item.sample);
+    } else {
+      const img = styleButton(`seed ${item.seed}`, () => {
+        state.seed = item.seed;
+        state.styleSample = null;
+        showSeed();
+      });
+      img.dataset.seed = String(item.seed);
+      seedThumbnail(img, item.seed);
+    }
+  }
 }
 
 function showModel(info) {
@@ -285,6 +369,7 @@ function wire() {
     render();
   });
   canvas.addEventListener("pointermove", (event) => {
+    showBrushCursor(event);
     if (!state.drawing) return;
     const point = canvasPoint(event);
     paintLine(state.last, point);
@@ -298,20 +383,25 @@ function wire() {
   };
   canvas.addEventListener("pointerup", endStroke);
   canvas.addEventListener("pointercancel", endStroke);
+  canvas.addEventListener("pointerleave", () => showBrushCursor(null));
+  document.addEventListener("keydown", (event) => {
+    if (!(event.ctrlKey || event.metaKey) || event.altKey) return;
+    if (event.target instanceof HTMLInputElement && event.target.type !== "range") return;  // text undo there
+    const key = event.key.toLowerCase();
+    if (key === "z" && !event.shiftKey) stepHistory(state.undo, state.redo);
+    else if ((key === "z" && event.shiftKey) || key === "y") stepHistory(state.redo, state.undo);
+    else return;
+    event.preventDefault();
+  });
 
-  $("brush-size").addEventListener("input", (event) => {
+  $("brush-size").addEventListener("input", (event) => {  // the cursor shows the new size at the next move
     state.size = Number(event.target.value);
     $("brush-size-value").textContent = String(state.size);
   });
   $("tool-brush").addEventListener("click", () => setTool("brush"));
   $("tool-fill").addEventListener("click", () => setTool("fill"));
-  $("undo").addEventListener("click", () => {
-    const previous = state.undo.pop();
-    if (!previous) return;
-    state.ids = previous;
-    render();
-    scheduleGenerate();
-  });
+  $("undo").addEventListener("click", () => stepHistory(state.undo, state.redo));
+  $("redo").addEventListener("click", () => stepHistory(state.redo, state.undo));
   $("clear").addEventListener("click", () => {
     pushUndo();
     state.ids.fill(state.selected);
@@ -338,15 +428,20 @@ function wire() {
   });
   $("new-style").addEventListener("click", () => {
     state.seed = Math.floor(Math.random() * 2147483647);
-    $("seed").textContent = `seed ${state.seed}`;
+    state.styleSample = null;
+    markStyle(null);
+    showSeed();
     scheduleGenerate();
   });
   $("upload-style").addEventListener("change", (event) => {
     state.styleFile = event.target.files[0] || null;
+    if (state.styleFile) { state.styleSample = null; markStyle(null); }
     scheduleGenerate();
   });
   $("clear-style").addEventListener("click", () => {
     state.styleFile = null;
+    state.styleSample = null;
+    markStyle(null);
     $("upload-style").value = "";
     scheduleGenerate();
   });
@@ -362,7 +457,7 @@ async function start() {
   state.width = info.width;
   state.height = info.height;
   state.palette = info.classes.map((c) => c.color);
-  state.ids = new Uint16Array(info.width * info.height);
+  state.ids = new Uint16Array(info.width * info.height).fill(BACKGROUND_ID);
   state.step = info.step;
   const canvas = $("canvas");
   canvas.width = info.width;
@@ -372,10 +467,12 @@ async function start() {
   $("brush-size").value = String(state.size);
   $("brush-size-value").textContent = String(state.size);
   buildBrushes(info.classes);
-  selectClass(info.classes.length > 1 ? 1 : 0);
-  $("seed").textContent = `seed ${state.seed}`;
+  selectClass(BACKGROUND_ID);  // the brush shows the class the canvas is filled with
+  showSeed();
   $("style-box").hidden = !(info.use_vae && info.has_encoder);
   $("new-style").disabled = !info.use_vae;
+  $("new-style").title = info.use_vae ? "a random seed" : info.styles.note;
+  buildStyles(info.styles);
   showModel(info);
   render();
   await loadSamples(info.num_samples);
@@ -385,6 +482,6 @@ async function start() {
 }
 
 // Read-only hooks for the browser tests (tests/test_serve.py).
-window.spadeServe = { ids: () => state.ids.slice(), seed: () => state.seed };
+window.spadeServe = { ids: () => state.ids.slice(), seed: () => state.seed, selected: () => state.selected };
 
 start();

@@ -1,0 +1,61 @@
+"""Reading a weights file (``torch.load(weights_only=True)``) with errors people can act on.
+
+Checkpoints, official ``latest_net_G.pth`` files and VGG weights come from elsewhere: they are read
+with ``weights_only=True`` (tensors and plain containers, never code). When that fails, torch's own
+message is written for developers (it suggests ``weights_only=False``, which would run the file's
+code); :func:`load_weights` says instead what the file is and what was expected, in one line.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Union
+
+import torch
+
+
+class WeightsFileError(ValueError):
+    """A file that is no readable weights file; the message names it and says why."""
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _looks_like_text(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return bool(head) and all(b in b"\t\n\r" or 32 <= b < 127 for b in head)
+
+
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words (no library internals, no advice to
+    unpickle untrusted code)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        found = _GLOBAL.search(text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"holds pickled Python objects{what}, not only tensors: spade-dist reads weights only and never "
+                "runs code from a file")
+    if _looks_like_text(path):
+        return "is a text file (a config?), not PyTorch weights"
+    if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
+        return f"is truncated or corrupt ({path.stat().st_size} bytes): copy it again"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "is not a PyTorch weights file (neither a torch.save archive nor a pickle of tensors)"
+    return f"cannot be read as PyTorch weights ({type(exc).__name__})"
+
+
+def load_weights(path: Union[str, Path], mmap: bool = False) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)``; :class:`WeightsFileError` naming
+    the file and the reason when that fails (FileNotFoundError for a missing file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line about the file
+        raise WeightsFileError(f"{path}: {unreadable_reason(path, exc)}") from exc
