@@ -71,6 +71,7 @@ BAD_PATH: dict[tuple[str, tuple[str, ...]], Optional[list[str]]] = {
     ("spade-eval", ()): None,
     ("spade-eval", ("once",)): ["--checkpoint", MISSING],
     ("spade-eval", ("watch",)): ["--run-dir", "{tmp}", "--config", f"{MISSING}.yaml"],
+    ("spade-eval", ("compare",)): [MISSING],
     ("spade-report", ()): ["--run-dir", MISSING],
     ("spade-data", ()): None,
     ("spade-data", ("shard",)): ["--layout", "custom", "--root", MISSING, "--out", "{tmp}/shards"],
