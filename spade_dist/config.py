@@ -201,8 +201,8 @@ class TrainConfig:
     # statistics, and a compiled one (train.compile), always takes the joint pass).
     g_step_real_pass: Literal["joint", "separate"] = "separate"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
-    # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
-    # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
+    # ({"step", "epoch", "keys", "resumed_from", "world_size"} + "retired" / "repeats" when there are
+    # any), e.g. to prove exactly-once data delivery across preemptions and elastic resizes (docs/ELASTIC.md).
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
     # Fine-tuning: start G (and E when the file has one) from an official latest_net_G.pth (read with
