@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from spade_dist.exit_codes import EXIT_REQUEUE, requeue_code_problem
 from spade_dist.norm_strings import parse_nonspade_norm, parse_spade_norm
 
 
@@ -226,7 +227,7 @@ class CheckpointConfig:
     async_save: bool = True
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
+    requeue_exit_code: int = EXIT_REQUEUE  # 75, EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
     # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
     # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
     # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
@@ -306,9 +307,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "a config is a UTF-8 YAML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     layers: list[tuple[dict, str]] = []
@@ -449,8 +455,10 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         at_least("checkpoint.every_steps", c.every_steps, 0),
         at_least("checkpoint.every_minutes", c.every_minutes, 0),
         at_least("checkpoint.keep_every", c.keep_every, 0),
-        # 0 is success, 1 a generic failure, 2 a usage error; above 125 the shell reserves codes.
-        (3 <= c.requeue_exit_code <= 125, f"checkpoint.requeue_exit_code must be in 3..125, got {c.requeue_exit_code}"),
+        # 0 is success, 1 a generic failure, 2 a usage error, 74 an environment failure; above 125
+        # the shell reserves codes (spade_dist/exit_codes.py).
+        (not requeue_code_problem(c.requeue_exit_code),
+         f"checkpoint.requeue_exit_code {requeue_code_problem(c.requeue_exit_code)}"),
         # 0 is allowed: it freezes the weights (a fine-tuning dry run keeps the initial generator).
         (o.lr >= 0 and math.isfinite(o.lr), f"optim.lr must be a finite number >= 0, got {o.lr}"),
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 / optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}"),
@@ -471,6 +479,9 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
     checks: list[tuple[bool, str]] = [
+        # An unset shell variable (train.run_dir=$RUN_DIR) would otherwise train into the current directory.
+        (cfg.train.run_dir.strip() != "", "train.run_dir is empty (an unset shell variable?): name the run directory"),
+        (cfg.checkpoint.resume.strip() != "", "checkpoint.resume is empty: auto, none or a checkpoint path"),
         (cfg.data.label_nc > 0, f"data.label_nc must be > 0, got {cfg.data.label_nc}"),
         (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
