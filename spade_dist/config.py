@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import signal
 import types
 import typing
@@ -327,6 +328,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
     return layers
 
 
+# A value in a message is abbreviated: YAML aliases can make a small file a huge nested value (a
+# "billion laughs" config), whose full repr would never finish.
+def _shown(value: Any) -> str:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 80, 80
+    return short.repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = get_origin(tp)
@@ -341,7 +350,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             elif value in ("true", "false"):
                 value = "on" if value == "true" else "off"
         if value not in choices:
-            raise ConfigError(f"{source}: {key}: invalid value {value!r}; expected one of {list(choices)}")
+            raise ConfigError(f"{source}: {key}: invalid value {_shown(value)}; expected one of {list(choices)}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -355,27 +364,27 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {_shown(value)}")
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a list, got {_shown(value)}")
         return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected true/false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a number, got {_shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a string, got {_shown(value)}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
 
@@ -412,7 +421,7 @@ def _apply(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
             value = value.raw if string_key else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {value!r}")
+                raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {_shown(value)}")
             _apply(current, value, source, dotted + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))

@@ -23,6 +23,7 @@ just committed; a fresh start into a directory that holds checkpoints refuses un
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -323,7 +324,11 @@ class CheckpointManager:
     def _write(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
         started = time.perf_counter()
         if self.rank == 0:
-            if step_dir.exists():  # a torn earlier attempt at the same step (e.g. before a crash)
+            if step_dir.is_symlink():  # never write (or delete) through a link out of the run directory
+                log.warning("removing the symlink %s (to %s) that stood where this checkpoint goes",
+                            step_dir, os.readlink(step_dir))
+                step_dir.unlink()
+            elif step_dir.exists():  # a torn earlier attempt at the same step (e.g. before a crash)
                 (step_dir / layout.MARKER_NAME).unlink(missing_ok=True)
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
