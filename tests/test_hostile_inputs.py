@@ -18,6 +18,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,3 +298,56 @@ def test_row4_read_only_outputs_exit_74_in_one_line(read_only_dir: Path, tmp_pat
         assert code == EXIT_ENVIRONMENT and "Traceback" not in output, output
         assert "Read-only file system (EROFS)" in output and str(path) in output, output
     assert (step_dir / MARKER_NAME).is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# row 12: Ctrl-C (the real trainer and the accelerate path: tests/test_train_cli.py)
+# ------------------------------------------------------------------------------------------------
+
+def _toy_loop(run_dir: Path, step_seconds: float = 0.05) -> subprocess.Popen:
+    cmd = [PYTHON, str(REPO_ROOT / "tests" / "checkpoint_toy_loop.py"), str(run_dir), "--steps", "400", "--every", "1000",
+           "--sleep", str(step_seconds)]
+    return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_steps(run_dir: Path, steps: int) -> None:
+    from tests.kit import wait_for
+
+    def logged() -> int:
+        path = run_dir / "keys-rank0.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return json.loads(lines[-1])["step"] if lines else 0
+    wait_for(lambda: logged() >= steps, 120, f"{steps} training steps", poll=0.05)
+
+
+def test_row12_ctrl_c_saves_and_exits_like_sigterm_in_one_line(tmp_path: Path) -> None:
+    import signal
+
+    from spade_dist.checkpoint.layout import list_step_dirs
+    from spade_dist.exit_codes import EXIT_REQUEUE
+
+    proc = _toy_loop(tmp_path)
+    _wait_steps(tmp_path, 3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE and "Traceback" not in out, out
+    assert [line for line in out.splitlines() if "Ctrl-C" in line] == [
+        "spade-train: Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again to abort without it)"]
+    committed = [p for p in list_step_dirs(tmp_path / "checkpoints") if (p / MARKER_NAME).is_file()]
+    assert len(committed) == 1 and (tmp_path / "REQUEUE").is_file()
+
+
+def test_row12_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
+    import signal
+
+    from spade_dist.exit_codes import EXIT_INTERRUPTED
+
+    proc = _toy_loop(tmp_path, step_seconds=4.0)  # the second Ctrl-C comes while the first step still runs
+    _wait_steps(tmp_path, 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # at once: a launcher forwarding the same Ctrl-C, ignored
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in out, out
+    assert "aborted by a second Ctrl-C, without a checkpoint" in out

@@ -43,9 +43,12 @@ from spade_dist.checkpoint.store import (
     CheckpointReadError, StepReader, build_flat_state, write_flat_state,
 )
 from spade_dist.config import CheckpointConfig
+from spade_dist.exit_codes import EXIT_INTERRUPTED
 from spade_dist.run_dir import RunDir, RunDirBusy, RunLock
 
 log = logging.getLogger("spade_dist.checkpoint")
+# A second SIGINT sooner than this after the first is the same Ctrl-C, forwarded by a launcher.
+_SAME_CTRL_C_S = 1.0
 
 META_KEY = "__meta__"
 
@@ -142,6 +145,7 @@ class CheckpointManager:
         self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run.stop
         self._stop_file_checked = float("-inf")
         self._old_handlers: dict[int, Any] = {}
+        self._first_interrupt = 0.0  # monotonic time of the first Ctrl-C
         self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
         if install_signal_handlers:
@@ -173,10 +177,34 @@ class CheckpointManager:
             if not isinstance(signum, signal.Signals):
                 raise ValueError(f"checkpoint.signals: unknown signal name {name!r}")
             self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+        # Ctrl-C takes the same save-then-exit path; a second one aborts at once (_on_interrupt).
+        self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only set a flag: the loop reaches a step boundary, all ranks agree, then it saves.
         self._stop_signal = signal.Signals(signum).name
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        """SIGINT (Ctrl-C, which a terminal sends to every rank): the first one stops like a
+        preemption signal (checkpoint, REQUEUE, the requeue exit code); a second one exits at once
+        with :data:`EXIT_INTERRUPTED`, leaving the last committed checkpoint (an uncommitted one in
+        flight is ignored by resume and replaced by the next save of its step). One line each, on
+        stderr, written directly (a signal handler must not take the logging or print locks). A
+        SIGINT within a second of the first is the same Ctrl-C, forwarded by a launcher
+        (torchrun's agent re-sends it to its workers)."""
+        now = time.monotonic()
+        if self._stop_signal is None:
+            self._stop_signal = "SIGINT"
+            self._first_interrupt = now
+            if self.rank == 0:
+                os.write(2, b"spade-train: Ctrl-C: saving a checkpoint after this step, then exiting "
+                            b"(Ctrl-C again to abort without it)\n")
+            return
+        if now - self._first_interrupt < _SAME_CTRL_C_S:  # the launcher forwarding the same Ctrl-C
+            return
+        os.write(2, f"spade-train: rank {self.rank}: aborted by a second Ctrl-C, without a checkpoint; a resume "
+                    "continues from the last committed one\n".encode())
+        os._exit(EXIT_INTERRUPTED)
 
     def request_stop(self, reason: str = "requested") -> None:
         """Same effect as receiving a preemption signal (for schedulers that call in-process)."""
