@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -284,7 +285,7 @@ def read_only_dir(tmp_path: Path):
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_row4_read_only_outputs_exit_74_in_one_line(read_only_dir: Path, tmp_path: Path,
@@ -351,3 +352,62 @@ def test_row12_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in out, out
     assert "aborted by a second Ctrl-C, without a checkpoint" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# rows 3 and 11: the run directory's file system fills up; step directories deleted during a run
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A real 3 MiB file system: a checkpoint bigger than what is left fails with ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_row3_disk_full_is_one_line_the_partial_step_removed_the_committed_one_intact(small_tmpfs: Path) -> None:
+    from spade_dist.checkpoint import CheckpointWriteError, validate_step_dir
+
+    run_dir = small_tmpfs / "run"
+    manager = CheckpointManager(run_dir, CheckpointConfig(keep_last=5, async_save=False), rank=0, world_size=1,
+                                config_yaml="", install_signal_handlers=False)
+    manager.save(1, {"x": {"w": torch.zeros(64 * 1024)}})  # 256 KiB: fits
+    with pytest.raises(CheckpointWriteError) as failure:
+        manager.save(2, {"x": {"w": torch.zeros(1024 * 1024)}})  # 4 MiB: does not
+    manager.close()
+    message = str(failure.value)
+    assert "\n" not in message and str(run_dir) in message and "No space left on device (ENOSPC)" in message
+    needed = int(re.search(r"it needs about (\d+) bytes", message).group(1))
+    assert 4 * 1024 * 1024 <= needed < 5 * 1024 * 1024, message  # the tensors, skeletons and RNG states
+    assert not (run_dir / "checkpoints" / step_dir_name(2)).exists()  # removed, so a rerun archives nothing
+    validate_step_dir(run_dir / "checkpoints" / step_dir_name(1))
+
+
+def test_row11_step_dir_deleted_while_saving_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """``rm -rf RUN/checkpoints/step-*`` during a save, injected between the data and the marker."""
+    import shutil
+
+    from spade_dist.checkpoint import manager as manager_module
+    from spade_dist.checkpoint import validate_step_dir
+
+    real_write = manager_module.write_flat_state
+
+    def write_then_delete(flat, step_dir, group):
+        real_write(flat, step_dir, group)
+        shutil.rmtree(step_dir)
+
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=5, async_save=False), rank=0, world_size=1,
+                                config_yaml="", install_signal_handlers=False)
+    monkeypatch.setattr(manager_module, "write_flat_state", write_then_delete)
+    manager.save(1, {"x": {"w": torch.zeros(4)}})  # no exception: a warning
+    monkeypatch.setattr(manager_module, "write_flat_state", real_write)
+    manager.save(2, {"x": {"w": torch.ones(4)}})  # the next save proceeds
+    manager.close()
+    assert "was deleted while it was written; skipped, the next save proceeds" in caplog.text
+    validate_step_dir(tmp_path / "checkpoints" / step_dir_name(2))

@@ -22,6 +22,7 @@ just committed; a fresh start into a directory that holds checkpoints refuses un
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's per-rank failures
 
 from spade_dist.checkpoint import layout
 from spade_dist.checkpoint.rng import capture_rng_state, restore_rng_state, rng_key, seed_derived_rng
@@ -44,6 +46,7 @@ from spade_dist.checkpoint.store import (
 )
 from spade_dist.config import CheckpointConfig
 from spade_dist.exit_codes import EXIT_INTERRUPTED
+from spade_dist.files import environment_problem, free_bytes, os_error_of
 from spade_dist.run_dir import RunDir, RunDirBusy, RunLock
 
 log = logging.getLogger("spade_dist.checkpoint")
@@ -51,6 +54,11 @@ log = logging.getLogger("spade_dist.checkpoint")
 _SAME_CTRL_C_S = 1.0
 
 META_KEY = "__meta__"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written because of the environment (disk full, read-only or
+    unwritable run directory); the message names the directory, the cause and the space needed."""
 
 
 class GatheredState:
@@ -349,7 +357,41 @@ class CheckpointManager:
         if self.distributed:
             dist.barrier(group=self._io_pg)
 
+    def _io_all_failed(self, failed: bool) -> bool:
+        """Collective on the writer's group (a barrier that also tells whether any rank failed)."""
+        if not self.distributed:
+            return failed
+        flag = torch.tensor([int(failed)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._io_pg)
+        return bool(flag.item())
+
     def _write(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
+        """Collective: write, commit and prune one checkpoint. Two failures of the environment are
+        handled here rather than raised as they come: the step directory deleted underneath (a
+        warning; training goes on, the next save proceeds) and a full / read-only file system (the
+        partial directory is removed, every rank raises :class:`CheckpointWriteError`)."""
+        try:
+            self._write_and_commit(step, step_dir, flat)
+        except (Exception, CheckpointException) as exc:  # classified below; re-raised unless the directory vanished
+            needed = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else len(v)
+                         for v in flat.values() if isinstance(v, (torch.Tensor, bytes)))
+            cause: BaseException = exc
+            if os_error_of(exc) is None and 0 <= free_bytes(self.ckpt_dir) < needed:
+                # torch's zip writer reports a short write as "unexpected pos A vs B", without the errno
+                cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.ckpt_dir))
+            problem = environment_problem(cause, f"checkpoint of step {step} in {self.run.root}")
+            if problem:
+                if self.rank == 0:  # a partial step would be archived (and kept) by the next start
+                    shutil.rmtree(step_dir, ignore_errors=True)
+                raise CheckpointWriteError(f"{problem}; it needs about {needed} bytes; the previous committed "
+                                           "checkpoint is intact, resume continues from it") from exc
+            if not step_dir.exists():
+                log.warning("checkpoint of step %d: %s was deleted while it was written; skipped, the next "
+                            "save proceeds", step, step_dir)
+                return
+            raise
+
+    def _write_and_commit(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
         started = time.perf_counter()
         if self.rank == 0:
             if step_dir.is_symlink():  # never write (or delete) through a link out of the run directory
@@ -376,10 +418,12 @@ class CheckpointManager:
             except BaseException as exc:  # noqa: BLE001 - raised after the barrier, so no rank hangs in it
                 commit_error = exc
         # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
-        # could make the launcher kill rank 0 mid-commit.
-        self._barrier()
+        # could make the launcher kill rank 0 mid-commit. Every rank learns whether the commit failed.
+        commit_failed = self._io_all_failed(commit_error is not None)
         if commit_error is not None:
             raise commit_error
+        if commit_failed:
+            raise CheckpointWriteError(f"checkpoint of step {step}: rank 0 could not commit {step_dir} (its log says why)")
         if self.on_commit is not None:
             self.on_commit(step, step_dir, time.perf_counter() - started)
 
@@ -390,6 +434,8 @@ class CheckpointManager:
             self._thread = None
         if self._thread_error is not None:
             err, self._thread_error = self._thread_error, None
+            if isinstance(err, CheckpointWriteError):
+                raise err
             raise RuntimeError(f"asynchronous checkpoint save failed: {err}") from err
 
     def close(self) -> None:
