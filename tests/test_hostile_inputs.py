@@ -411,3 +411,37 @@ def test_row11_step_dir_deleted_while_saving_is_a_warning(tmp_path: Path, monkey
     manager.close()
     assert "was deleted while it was written; skipped, the next save proceeds" in caplog.text
     validate_step_dir(tmp_path / "checkpoints" / step_dir_name(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# rows 1 and 2 end to end: an odd dataset with a corrupt sample trains to DONE, each good sample once
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_odd_dataset_with_a_corrupt_sample_trains_to_done_each_good_sample_once_per_epoch(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from tests.kit import TOY_LABELS, audited_keys, run_cli, train_cmd
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = [(f"k{i:03d}", make_sample(f"k{i:03d}", 12, 10, seed=i)) for i in range(22)]
+    bad = make_sample("k005x", 12, 10, seed=99)
+    bad["label.png"] = make_sample("rgb", 12, 10, seed=98)["image.png"]  # an RGB label map
+    samples = sorted(samples + [("k005x", bad)])  # 23 samples: odd
+    write_tar(shards / "odd-train-000000.tar", samples)
+    manifest = write_manifest(shards, "odd", {"train": [("odd-train-000000.tar", [k for k, _ in samples])]})
+    run_dir = tmp_path / "run"
+    proc = run_cli(train_cmd("--resume", "none", f"data.shards={manifest}", f"train.run_dir={run_dir}", *TOY_LABELS,
+                             "data.max_corrupt_fraction=0.5", "train.max_steps=22", "train.log_keys=true",
+                             "train.sample_every=100", "checkpoint.every_steps=100", "eval.mode=none"), timeout=600)
+    out = proc.stdout + proc.stderr
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 22 and "Traceback" not in out
+    assert "k005x" in out  # the skip is logged
+    records = [json.loads(line) for line in (run_dir / "logs" / "keys-rank0.jsonl").read_text().splitlines()]
+    by_epoch: dict[int, Counter] = {}
+    for record in records:
+        by_epoch.setdefault(record["epoch"], Counter()).update(audited_keys(record))
+    assert sorted(by_epoch) == [0, 1]
+    for keys in by_epoch.values():  # 22 good samples trained + the corrupt one retired, each once
+        assert sorted(keys) == sorted(k for k, _ in samples) and set(keys.values()) == {1}, keys
