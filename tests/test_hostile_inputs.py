@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI, File, UploadFile
@@ -37,7 +38,8 @@ from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_USAGE
 from spade_dist.models import build_generator
 from spade_dist.models.compat import save_official_generator
 from spade_dist.serve.app import BodyLimit
-from tests.kit import PYTHON, REPO_ROOT, TINY, cli_env, make_sample, tiny_config, write_manifest, write_tar
+from tests.kit import (PYTHON, REPO_ROOT, TINY, cli_env, make_sample, png_bytes, tiny_config, write_manifest,
+                       write_tar)
 
 Command = Union[tuple[Callable[[list[str]], int], list[str]], tuple[str, list[str]]]
 
@@ -291,9 +293,15 @@ def read_only_dir(tmp_path: Path):
 def test_row4_read_only_outputs_exit_74_in_one_line(read_only_dir: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     step_dir = _committed_checkpoint(tmp_path / "run")
+    (tmp_path / "run" / "samples").mkdir()
+    (tmp_path / "run" / "samples" / "step-000000001.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     for command, path in [
         ((_main("export"), ["--checkpoint", str(step_dir), "--out", str(read_only_dir / "G.pt")]), read_only_dir),
         ((_main("run"), ["prepare", str(read_only_dir / "run")]), read_only_dir / "run"),
+        ((_main("report"), ["--run-dir", str(step_dir.parent.parent), "--output", str(read_only_dir / "r.html")]),
+         read_only_dir / "r.html"),
+        (("subprocess", [PYTHON, "-m", "spade_dist.cli.train", "--config", str(TINY), "--resume", "none",
+                         f"train.run_dir={read_only_dir / 'train'}"]), read_only_dir / "train"),
     ]:
         code, output = _run(command, capsys)
         assert code == EXIT_ENVIRONMENT and "Traceback" not in output, output
@@ -445,3 +453,41 @@ def test_odd_dataset_with_a_corrupt_sample_trains_to_done_each_good_sample_once_
     assert sorted(by_epoch) == [0, 1]
     for keys in by_epoch.values():  # 22 good samples trained + the corrupt one retired, each once
         assert sorted(keys) == sorted(k for k, _ in samples) and set(keys.values()) == {1}, keys
+
+
+# ------------------------------------------------------------------------------------------------
+# row 9: a small PNG of many pixels; peak memory of one decode, measured in a fresh process
+# ------------------------------------------------------------------------------------------------
+
+_PEAK_PROBE = """
+import resource, sys
+from pathlib import Path
+from spade_dist.serve.inputs import decode_label_upload
+from spade_dist.visualize import label_palette
+data = Path(sys.argv[1]).read_bytes()
+def rss_kb():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
+before = rss_kb()
+label = decode_label_upload(data, 'big.png', (32, 32), 8, True)
+assert label.shape == (1, 1, 32, 32) and int(label.max()) == 3, label.unique()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_row9_peak_memory_of_a_large_colour_upload_is_bounded(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from spade_dist.serve.inputs import MAX_UPLOAD_PIXELS
+    from spade_dist.visualize import label_palette
+
+    side = 8000  # 64 M pixels: just under the pixel cap, a few hundred kB as a PNG
+    assert side * side <= MAX_UPLOAD_PIXELS
+    colour = tuple(int(c) for c in label_palette(8)[3])
+    Image.new("RGB", (side, side), colour).save(tmp_path / "big.png", compress_level=1)
+    proc = subprocess.run([PYTHON, "-c", _PEAK_PROBE, str(tmp_path / "big.png")], cwd=REPO_ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    # Pillow's decoded image is 4 bytes a pixel, plus its decoder's buffers; the request adds only bands
+    # of rows (the full-size id and colour-code arrays it used to build took several times more).
+    assert peak < 8 * side * side, f"one decode peaked {peak} bytes above the process's start"

@@ -154,6 +154,7 @@ class CheckpointManager:
         self._stop_file_checked = float("-inf")
         self._old_handlers: dict[int, Any] = {}
         self._first_interrupt = 0.0  # monotonic time of the first Ctrl-C
+        self._step_dir_made = False  # the save in progress created its step directory
         self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
         if install_signal_handlers:
@@ -370,6 +371,7 @@ class CheckpointManager:
         handled here rather than raised as they come: the step directory deleted underneath (a
         warning; training goes on, the next save proceeds) and a full / read-only file system (the
         partial directory is removed, every rank raises :class:`CheckpointWriteError`)."""
+        self._step_dir_made = False  # set once every rank knows the directory exists
         try:
             self._write_and_commit(step, step_dir, flat)
         except (Exception, CheckpointException) as exc:  # classified below; re-raised unless the directory vanished
@@ -385,7 +387,7 @@ class CheckpointManager:
                     shutil.rmtree(step_dir, ignore_errors=True)
                 raise CheckpointWriteError(f"{problem}; it needs about {needed} bytes; the previous committed "
                                            "checkpoint is intact, resume continues from it") from exc
-            if not step_dir.exists():
+            if self._step_dir_made and not step_dir.exists():
                 log.warning("checkpoint of step %d: %s was deleted while it was written; skipped, the next "
                             "save proceeds", step, step_dir)
                 return
@@ -403,6 +405,7 @@ class CheckpointManager:
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
         self._barrier()
+        self._step_dir_made = True
         write_flat_state(flat, step_dir, self._io_pg)
         commit_error: Optional[BaseException] = None
         if self.rank == 0:

@@ -18,9 +18,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
+from spade_dist.cli.common import add_overrides, fail, fail_os, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
 from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_INTERRUPTED
+from spade_dist.files import environment_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail("spade-train", exc)
     except CheckpointWriteError as exc:  # disk full / read-only run directory while saving
         return fail("spade-train", exc, EXIT_ENVIRONMENT)
+    except OSError as exc:  # the run directory itself: read-only, full, not writable
+        if not environment_problem(exc):
+            raise
+        return fail_os("spade-train", exc)
     except KeyboardInterrupt:  # Ctrl-C before the checkpoint manager took over SIGINT (startup)
         return fail("spade-train", "interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
     return result.exit_code
