@@ -491,3 +491,44 @@ def test_row9_peak_memory_of_a_large_colour_upload_is_bounded(tmp_path: Path) ->
     # Pillow's decoded image is 4 bytes a pixel, plus its decoder's buffers; the request adds only bands
     # of rows (the full-size id and colour-code arrays it used to build took several times more).
     assert peak < 8 * side * side, f"one decode peaked {peak} bytes above the process's start"
+
+
+# ------------------------------------------------------------------------------------------------
+# row 19: SIGTERM to the local services wrapper stops Prometheus and the Pushgateway
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_row19_sigterm_to_the_services_wrapper_stops_its_children(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    from tests.dist_utils import free_port
+
+    prom_port, gateway_port = free_port(), free_port()
+    (tmp_path / "sd").mkdir()
+    proc = subprocess.Popen([PYTHON, "-m", "spade_dist.monitoring.services", "--sd-dir", str(tmp_path / "sd"),
+                             "--workdir", str(tmp_path / "w"), "--port", str(prom_port), "--pushgateway",
+                             "--pushgateway-port", str(gateway_port)], cwd=REPO_ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # "pushgateway: ..." then "prometheus: ..." once both answer
+        lines.append(line)
+        if line.startswith("prometheus:"):
+            break
+    assert lines and lines[-1].startswith("prometheus:"), "".join(lines)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) == 2
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0 and "Traceback" not in out, out
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+    finally:  # a failing wrapper must not leave its services running
+        for pid in children:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+    for port in (prom_port, gateway_port):  # the ports are free again
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+            sock.bind(("127.0.0.1", port))

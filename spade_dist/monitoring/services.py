@@ -202,8 +202,12 @@ def _ready(service: ServiceT, timeout: float) -> ServiceT:
     return service
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C.")
+    parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C or SIGTERM.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sd-dir", type=Path, help="a run's discovery directory (metrics.sd_dir, default RUN_DIR/metrics)")
     source.add_argument("--config", type=Path, help="a prometheus.yml of your own")
@@ -216,6 +220,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="send alerts to this Alertmanager (default: alerts only on Prometheus' /alerts page)")
     args = parser.parse_args(argv)
     services: list[Service] = []
+    # SIGTERM / SIGHUP (a service manager, a closed terminal, kill) stop the children like Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         gateway = None
         if args.pushgateway:
