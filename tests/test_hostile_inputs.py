@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import pytest
@@ -275,19 +276,30 @@ def test_row14_decompression_bomb_png_is_a_400_not_a_500() -> None:
         decode_label_upload(_png_header_only(30_000, 30_000), "bomb.png", (32, 32), 8, True)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path: Path):
-    """A directory on a read-only tmpfs (root ignores permission bits, not a read-only mount)."""
-    mount = tmp_path / "ro"
+@contextmanager
+def _tmpfs(mount: Path, size: str, read_only_after: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount``; ``read_only_after`` fills it, then it is remounted
+    read-only (root ignores permission bits, not a read-only mount)."""
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
     try:
-        (mount / "run").mkdir()
-        (mount / "run" / "STOP").write_text("")
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        if read_only_after is not None:
+            read_only_after(mount)
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         yield mount
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def _a_run_dir_with_a_stop_file(mount: Path) -> None:
+    (mount / "run").mkdir()
+    (mount / "run" / "STOP").write_text("")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    with _tmpfs(tmp_path / "ro", "4m", _a_run_dir_with_a_stop_file) as mount:
+        yield mount
 
 
 def test_row4_read_only_outputs_exit_74_in_one_line(read_only_dir: Path, tmp_path: Path,
@@ -367,15 +379,10 @@ def test_row12_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 3 MiB file system: a checkpoint bigger than what is left fails with ENOSPC."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    try:
+    with _tmpfs(tmp_path / "small", "3m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_row3_disk_full_is_one_line_the_partial_step_removed_the_committed_one_intact(small_tmpfs: Path) -> None:

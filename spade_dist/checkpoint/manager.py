@@ -358,14 +358,6 @@ class CheckpointManager:
         if self.distributed:
             dist.barrier(group=self._io_pg)
 
-    def _io_all_failed(self, failed: bool) -> bool:
-        """Collective on the writer's group (a barrier that also tells whether any rank failed)."""
-        if not self.distributed:
-            return failed
-        flag = torch.tensor([int(failed)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._io_pg)
-        return bool(flag.item())
-
     def _write(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
         """Collective: write, commit and prune one checkpoint. Two failures of the environment are
         handled here rather than raised as they come: the step directory deleted underneath (a
@@ -422,7 +414,7 @@ class CheckpointManager:
                 commit_error = exc
         # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
         # could make the launcher kill rank 0 mid-commit. Every rank learns whether the commit failed.
-        commit_failed = self._io_all_failed(commit_error is not None)
+        commit_failed = not self._all_ok(commit_error is None, self._io_pg)  # on the writer thread's group
         if commit_error is not None:
             raise commit_error
         if commit_failed:
@@ -462,11 +454,12 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=self._ctrl_pg)
         return box[0]
 
-    def _all_ok(self, ok: bool) -> bool:
+    def _all_ok(self, ok: bool, group: Optional[Any] = None) -> bool:
+        """Collective on ``group`` (default: the control group): True when every rank is ok."""
         if not self.distributed:
             return ok
         flag = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._ctrl_pg)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group or self._ctrl_pg)
         return bool(flag.item())
 
     def _choose(self, candidates: list[Path], explicit: bool, skipped: list[str]) -> tuple[Optional[Path], Optional[str]]:
