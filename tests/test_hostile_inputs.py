@@ -160,6 +160,22 @@ def _nothing_escaped(tmp: Path) -> None:
     assert not list(tmp.rglob("escaped*")), "a shard key was used as a path"
 
 
+# row 2: every label map of the shards is RGB (a shard written without spade-data)
+def _rgb_label_shards(tmp: Path) -> Command:
+    shards = tmp / "shards"
+    shards.mkdir()
+    samples = []
+    for i in range(8):
+        members = make_sample(f"k{i:03d}", 12, 10, seed=i)
+        members["label.png"] = members["image.png"]
+        samples.append((f"k{i:03d}", members))
+    write_tar(shards / "rgb-train-000000.tar", samples)
+    manifest = write_manifest(shards, "rgb", {"train": [("rgb-train-000000.tar", [k for k, _ in samples])]})
+    return "subprocess", [PYTHON, "-m", "spade_dist.cli.train", "--config", str(TINY), "--resume", "none",
+                          f"data.shards={manifest}", f"train.run_dir={tmp / 'run'}", "data.label_nc=8",
+                          "data.contain_dontcare_label=true", "data.no_instance=false", "eval.mode=none"]
+
+
 ROWS: list[Row] = [
     Row("5 non-UTF-8 config", _non_utf8_config, EXIT_USAGE, "g.yaml: not UTF-8 text (byte 0xff at offset 0)"),
     Row("6 junk weights file", _junk_weights, EXIT_USAGE, "junk.pt: cannot read as a PyTorch (weights_only=True)",
@@ -170,15 +186,17 @@ ROWS: list[Row] = [
     Row("13+15 empty train.run_dir, override after --resume", _empty_run_dir, EXIT_USAGE,
         "train.run_dir is empty (an unset shell variable?)"),
     Row("15 requeue exit code 999", _requeue_code_999, EXIT_USAGE, "--requeue-exit-code must be in 3..125, got 999"),
+    Row("2 RGB label maps in every sample", _rgb_label_shards, EXIT_USAGE,
+        "label.png has mode RGB; id maps must be single-channel integers"),
     Row("probe YAML config bomb", _config_bomb, EXIT_USAGE, "data.label_nc"),
     Row("probe path traversal in a shard key", _traversal_key, EXIT_USAGE, "unsafe sample key", _nothing_escaped),
 ]
 
-# Rows that need a training run, a service or a browser, and the tests that hold them.
+# Rows whose tests are not rows of ROWS: the direct tests below (rows 3, 4, 7, 8, 9, 11, 12, 14, 16, 19 and
+# the 23-sample training run for rows 1 and 2), and these.
 ELSEWHERE = {
-    "1 batch of one sample": "tests/test_data_loader.py (full batches, drop_last, refills)",
-    "2 bad label ids / RGB labels in a shard": "tests/test_data_loader.py, tests/test_generate.py::test_generate_from_shards_through_eval_loader",
-    "16 image decoded before its size is checked": "tests/test_data_loader.py (sizes from headers)",
+    "1 batch of one sample": "tests/test_data_loader.py::test_odd_dataset_with_a_corrupt_sample_gives_full_batches_and_each_good_sample_once",
+    "2 bad label ids": "tests/test_generate.py::test_generate_from_shards_through_eval_loader",
 }
 
 
@@ -213,6 +231,24 @@ def test_hostile_input_ends_in_one_line(row: Row, tmp_path: Path, capsys: pytest
 # ------------------------------------------------------------------------------------------------
 # rows that are not a console script: retention, the serve backend, read-only mounts
 # ------------------------------------------------------------------------------------------------
+
+def test_row16_image_size_is_checked_from_its_header_before_decoding(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A 144-megapixel image.png (header only: decoding it would fail differently) next to a 12 x 10 label."""
+    from spade_dist.data import build_train_loader
+    from tests.kit import toy_data_config
+
+    samples = [(f"k{i:03d}", make_sample(f"k{i:03d}", 12, 10, seed=i)) for i in range(4)]
+    huge = make_sample("k004x", 12, 10, seed=9)
+    huge["image.png"] = _png_header_only(12_000, 12_000)
+    samples.append(("k004x", huge))
+    write_tar(tmp_path / "huge-train-000000.tar", samples)
+    write_manifest(tmp_path, "huge", {"train": [("huge-train-000000.tar", [k for k, _ in samples])]})
+    loader = build_train_loader(toy_data_config(str(tmp_path), max_corrupt_fraction=0.5))
+    batches = list(loader)
+    assert sorted(k for b in batches for k in b["key"]) == [f"k{i:03d}" for i in range(4)]
+    assert "image is 12000x12000 but label is 12x10" in caplog.text
+
 
 def test_row7_pruning_never_follows_a_symlinked_step_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     outside = _committed_checkpoint(tmp_path / "other", step=36)
