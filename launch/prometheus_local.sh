@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Watch a run with a local Prometheus (+ Pushgateway) on 127.0.0.1, no systemd, until Ctrl-C.
+# Watch a run with a local Prometheus (+ Pushgateway) on 127.0.0.1, no systemd, until Ctrl-C or SIGTERM
+# (either stops both services).
 #   ./launch/prometheus_local.sh [RUN_DIR]        (default runs/quickstart)
 # Scrapes the run's per-rank exporters through its discovery directory RUN_DIR/metrics (train with
 # metrics.enabled=true), loads configs/monitoring/alerts.yml, and serves the UI on PROM_PORT (9090).

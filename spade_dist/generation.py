@@ -23,7 +23,7 @@ from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.progress import progress_bar, progress_wanted
 from spade_dist.resources import preset_names, preset_path
-from spade_dist.weights_file import WeightsFileError, load_weights
+from spade_dist.weights_file import WeightsFileError
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -70,15 +70,13 @@ def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides
 
 
 def _read_checkpoint(path: Path) -> object:
+    from spade_dist.models.compat import read_weights_file
+
     if not path.is_file():
         raise GenerateError(f"checkpoint not found: {path}")
     try:
         # mmap: for an official checkpoint this read only sniffs the format; compat reads it again.
-        return load_weights(path, mmap=True)
-    except WeightsFileError:  # legacy (non-zip) files cannot be memory-mapped; retry plainly
-        pass
-    try:
-        return load_weights(path)
+        return read_weights_file(path, mmap=True)
     except WeightsFileError as exc:
         raise GenerateError(f"{exc} (expected an official latest_net_G.pth, a spade-export generator file, or a "
                             "checkpoint step directory)") from exc

@@ -20,14 +20,16 @@ PROGRESS_LOGGER = "spade_dist.train"
 PROGRESS_PREFIX = "[spade-train]"
 
 
-class _FlushingStdout(logging.StreamHandler):
-    """A handler on the *current* ``sys.stdout`` (pytest and launchers may replace it)."""
+class _CurrentStream(logging.StreamHandler):
+    """A handler on the *current* ``sys.stdout`` / ``sys.stderr`` (pytest and launchers may replace
+    them; the stream a handler was made with may be closed by the time it writes), flushed per line."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
+    def __init__(self, name: str) -> None:
+        self.stream_name = name
+        super().__init__(getattr(sys, name))
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = getattr(sys, self.stream_name)  # not setStream: it would flush the old one
         super().emit(record)
         self.flush()
 
@@ -44,11 +46,12 @@ def configure_logging(rank: int, level: int = logging.INFO) -> None:
     main = rank == 0
     tag = "" if main else f"rank {rank} "
     logging.basicConfig(level=level if main else max(level, logging.WARNING), force=True,
+                        handlers=[_CurrentStream("stderr")],
                         format=f"%(asctime)s {tag}%(name)s %(levelname)s %(message)s")
     progress = logging.getLogger(PROGRESS_LOGGER)
     for handler in list(progress.handlers):
         progress.removeHandler(handler)
-    handler = _FlushingStdout()
+    handler = _CurrentStream("stdout")
     handler.setFormatter(logging.Formatter(f"{PROGRESS_PREFIX} {tag}%(message)s"))
     progress.addHandler(handler)
     progress.setLevel(level if main else max(level, logging.WARNING))

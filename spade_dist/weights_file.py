@@ -1,12 +1,14 @@
-"""Reading a weights file (``torch.load(weights_only=True)``) with errors people can act on.
+"""Reading a weights file (``torch.load(weights_only=True)`` or safetensors) with errors people can act on.
 
 Checkpoints, official ``latest_net_G.pth`` files and VGG weights come from elsewhere: they are read
-with ``weights_only=True`` (tensors and plain containers, never code). When that fails, torch's own
-message is written for developers (it suggests ``weights_only=False``, which would run the file's
-code); :func:`load_weights` says instead what the file is and what was expected, in one line.
+with ``weights_only=True`` (tensors and plain containers, never code) or as safetensors (tensors and a
+string metadata map). When that fails, torch's own message is written for developers (it suggests
+``weights_only=False``, which would run the file's code); :func:`load_weights` says instead what the
+file is and what was expected, in one line. The one reader of weights files in the package.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -49,13 +51,44 @@ def unreadable_reason(path: Path, exc: BaseException) -> str:
     return f"cannot be read as PyTorch weights ({type(exc).__name__})"
 
 
+def is_safetensors(path: Union[str, Path]) -> bool:
+    """A safetensors file, by its header (8-byte little-endian length, then a JSON object)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+        size = os.fstat(handle.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata map of a safetensors file; :class:`WeightsFileError` naming the file
+    when it is torn or malformed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line about the file
+        detail = " ".join(str(exc).split())[:200]
+        raise WeightsFileError(f"{path}: is a truncated or malformed safetensors file ({detail}): copy it again") from exc
+
+
 def load_weights(path: Union[str, Path], mmap: bool = False) -> object:
-    """``torch.load(path, map_location="cpu", weights_only=True)``; :class:`WeightsFileError` naming
-    the file and the reason when that fails (FileNotFoundError for a missing file)."""
+    """``torch.load(path, map_location="cpu", weights_only=True)`` (``mmap``: memory-mapped where the
+    file's format allows it; legacy non-zip files are read plainly); a safetensors file gives its
+    tensors. :class:`WeightsFileError` naming the file and the reason when that fails
+    (FileNotFoundError for a missing file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if is_safetensors(path):
+        return read_safetensors(path)[0]
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; the plain read decides
+            pass
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line about the file
         raise WeightsFileError(f"{path}: {unreadable_reason(path, exc)}") from exc

@@ -94,3 +94,21 @@ def test_spade_generate_accepts_a_run_directory(tmp_path):
     assert (out / "images" / "a_0.png").is_file()
     assert generate_main(["--labels", str(labels), "--checkpoint", str(tmp_path / "labels"), "--out", str(out),
                           "--device", "cpu"]) == 2  # a directory without checkpoints
+
+
+def test_spade_export_safetensors_is_read_by_every_generator_reader(tmp_path):
+    """``--out G.safetensors``: the same weights and config as G.pt, in a file that holds no pickle."""
+    from spade_dist.cli.convert import main as convert_main
+    from spade_dist.models.compat import is_safetensors
+
+    cfg, state = _checkpointed_run(tmp_path / "run")
+    out = tmp_path / "G.safetensors"
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert is_safetensors(out)
+    G, loaded_cfg = load_generator_file(out)
+    assert loaded_cfg.model.ngf == cfg.model.ngf
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, state.ema_generator.state_dict()[k]), k
+    official = tmp_path / "latest_net_G.pth"
+    assert convert_main(["to-official", "--checkpoint", str(out), "--out", str(official)]) == 0
+    assert torch.load(official, weights_only=True).keys() == state.ema_generator.state_dict().keys()

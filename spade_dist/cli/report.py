@@ -3,7 +3,8 @@
 Plots losses, throughput and FID over steps and embeds the latest sample grids; see
 :mod:`spade_dist.monitoring.report` for what it reads. Prints the report's path; for each part that is
 empty (no training log, no FID results, no samples, live metrics off) a note on stderr says which
-setting turns it on. Exit status 2 on a bad run directory.
+setting turns it on. Exit status 2 on a bad run directory, 74 when the report cannot be written
+(read-only directory, disk full).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_deprecated_option, fail, make_parser
+from spade_dist.cli.common import add_deprecated_option, fail, fail_os, make_parser
 from spade_dist.monitoring.report import ReportError, missing_sections, run_summary, write_report
 
 
@@ -38,6 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = run_summary(args.run_dir) if args.summary else []
     except ReportError as exc:
         return fail("spade-report", exc)
+    except OSError as exc:  # writing the report: read-only run directory, disk full
+        return fail_os("spade-report", exc)
     for note in notes:
         print(f"spade-report: note: {note}", file=sys.stderr)
     print(out)

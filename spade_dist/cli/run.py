@@ -10,7 +10,8 @@
 ``path``, ``prepare`` and ``verdict`` also work before the run directory exists (a first launch, or
 one that failed before training started); ``outcome`` and ``owner`` need a run directory. The run
 directory as the first positional argument (``spade-run outcome R``) is the deprecated spelling.
-Exit status 0, or 2 for bad input (an unknown entry name, a path that is no run directory).
+Exit status 0; 2 for bad input (an unknown entry name, a path that is no run directory, a bad
+argument); 74 when ``prepare`` cannot remove a marker (read-only run directory, docs/FORMATS.md "Exit codes").
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, make_parser, warn_deprecated
+from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, fail_os, make_parser, warn_deprecated
+from spade_dist.exit_codes import requeue_code_problem
 from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirNotFound, launch_verdict
 
 
@@ -78,8 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind, step = run.outcome()
         print(kind if step is None else f"{kind} {step}")
     elif args.command == "prepare":
-        run.clear_launch_markers()
+        try:
+            run.clear_launch_markers()
+        except OSError as exc:
+            return fail_os("spade-run", exc)
     elif args.command == "verdict":
+        problem = requeue_code_problem(args.requeue_exit_code)
+        if problem:
+            return fail("spade-run", f"--requeue-exit-code {problem} (checkpoint.requeue_exit_code)")
         v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
         print(f"{v.action} {v.exit_code} {v.message}")
     else:

@@ -10,10 +10,15 @@ Project format (``save_generator_file`` / ``load_generator_file``), loadable wit
 ``torch.load(weights_only=True)``::
 
     {"format": "spade-dist-generator", "version": 1, "config": Config.to_dict(), "generator": state_dict}
+
+or, for a ``.safetensors`` path, the same as a safetensors file (nothing in it can run code on load):
+tensors ``generator.<name>`` (and ``encoder.<name>``), metadata ``format``, ``version`` and ``config``
+(JSON). Every weights file is read through :func:`read_weights_file`, which never unpickles objects.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from spade_dist.models.fast.seam import ModulationPlan
 from spade_dist.models.generator import SPADEGenerator, latent_size
 from spade_dist.models.norms import parse_spade_norm
 from spade_dist.models.pix2pixhd import Pix2PixHDGenerator
-from spade_dist.weights_file import load_weights
+from spade_dist.weights_file import is_safetensors, load_weights, read_safetensors
 
 PROJECT_FORMAT = "spade-dist-generator"
 PROJECT_FORMAT_VERSION = 1
@@ -40,6 +45,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints written by old PyTorch
 
 PathOrStateDict = Union[str, os.PathLike, Mapping[str, Tensor]]
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointMismatchError(ValueError):
@@ -59,6 +65,33 @@ class CheckpointMismatchError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file as :func:`read_weights_file` returns it: the project payload when its metadata
+    says so, else the plain state dict."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != PROJECT_FORMAT:
+        return tensors
+    payload: dict[str, Any] = {"format": PROJECT_FORMAT, "version": int(meta.get("version", "0")),
+                               "config": json.loads(meta.get("config", "null"))}
+    for part in ("generator", "encoder"):
+        prefix = f"{part}."
+        entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entries or part == "generator":
+            payload[part] = entries
+    return payload
+
+
+def read_weights_file(path: Union[str, os.PathLike], mmap: bool = False) -> Any:
+    """The content of a weights file without running code from it: a safetensors file (the project
+    payload when its metadata says so), or a PyTorch file through :func:`load_weights`
+    (``weights_only=True``; ``mmap``: memory-mapped where the format allows). Anything else (a junk file,
+    pickled objects) raises :class:`WeightsFileError` (a ``ValueError``) naming the file and what it is."""
+    path = Path(path)
+    if is_safetensors(path):
+        return _read_safetensors(path)
+    return load_weights(path, mmap=mmap)
+
+
 def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Tensor], str]:
     """Return (state dict with wrapper prefixes stripped, a name for messages)."""
     if isinstance(path_or_state_dict, Mapping):
@@ -67,7 +100,7 @@ def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Ten
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"generator checkpoint not found: {path}")
-        raw = load_weights(path)
+        raw = read_weights_file(path)
         source = str(path)
         if not isinstance(raw, Mapping):
             raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
@@ -245,9 +278,8 @@ def official_state_dict(G: nn.Module) -> dict[str, Tensor]:
 
 def save_official_generator(G: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``latest_net_G.pth``-style weights the official code can ``load_state_dict``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(official_state_dict(G), path)
+    with atomic_output(path) as handle:  # never a half-written file under the final name
+        torch.save(official_state_dict(G), handle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,25 +299,31 @@ def _check_matches_config(G: nn.Module, cfg: Config) -> None:
 
 
 def save_generator_file(G: nn.Module, cfg: Config, path: Union[str, os.PathLike]) -> None:
-    """Save ``{"format", "version", "config", "generator"}``; the config must rebuild ``G`` exactly."""
+    """Save ``{"format", "version", "config", "generator"}``; the config must rebuild ``G`` exactly.
+    A ``.safetensors`` path gets the safetensors form (module docstring)."""
     G = _unwrap(G)
     _check_matches_config(G, cfg)
-    payload = {
-        "format": PROJECT_FORMAT,
-        "version": PROJECT_FORMAT_VERSION,
-        "config": cfg.to_dict(),
-        "generator": {k: v.detach().cpu().clone() for k, v in G.state_dict().items()},
-    }
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in G.state_dict().items()}
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import save as safetensors_bytes
+
+        data = safetensors_bytes({f"generator.{k}": v for k, v in weights.items()},
+                                 metadata={"format": PROJECT_FORMAT, "version": str(PROJECT_FORMAT_VERSION),
+                                           "config": json.dumps(cfg.to_dict())})
+        with atomic_output(path) as handle:
+            handle.write(data)
+        return
+    payload = {"format": PROJECT_FORMAT, "version": PROJECT_FORMAT_VERSION, "config": cfg.to_dict(), "generator": weights}
     with atomic_output(path) as handle:  # never a half-written file under the final name
         torch.save(payload, handle)
 
 
 def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Config]:
-    """Read a project generator file -> (generator in eval mode, its Config)."""
+    """Read a project generator file (PyTorch or safetensors form) -> (generator in eval mode, its Config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generator file not found: {path}")
-    payload = load_weights(path)
+    payload = read_weights_file(path)
     if not isinstance(payload, Mapping) or payload.get("format") != PROJECT_FORMAT:
         raise ValueError(f"{path}: not a spade-dist generator file (no format '{PROJECT_FORMAT}'); "
                          "for official weights use load_official_generator or 'spade-convert from-official'")
@@ -363,7 +401,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ValueError(f"{path}: sha256 {digest} differs from the expected {expected_sha256}")
-    payload = load_weights(path)
+    payload = read_weights_file(path)
     encoder_state: object = None
     encoder_source = ""
     G = _unwrap(G)
@@ -389,7 +427,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
         sibling = official_encoder_path(path)
         if E is not None and sibling != path and sibling.is_file():
             encoder_source = str(sibling)
-            encoder_state = load_weights(sibling)
+            encoder_state = read_weights_file(sibling)
     if E is not None and encoder_state is not None:
         load_encoder_state(_unwrap(E), encoder_state, encoder_source, cfg)
     else:

@@ -203,6 +203,10 @@ def _ready(service: ServiceT, timeout: float) -> ServiceT:
     return service
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run Prometheus (and a Pushgateway) on 127.0.0.1 until Ctrl-C or SIGTERM.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -217,9 +221,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="send alerts to this Alertmanager (default: alerts only on Prometheus' /alerts page)")
     args = parser.parse_args(argv)
     services: list[Service] = []
-    # SIGTERM (kill, a batch system, a terminal closing) stops the children like Ctrl-C does, instead of
-    # leaving Prometheus and the Pushgateway running without their parent.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM / SIGHUP (a service manager, a closed terminal, kill) stop the children like Ctrl-C does.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         gateway = None
         if args.pushgateway:
@@ -242,7 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         for s in reversed(services):
             s.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -26,6 +26,9 @@ from spade_dist.palettes import label_palette
 # Pixels of an uploaded image, checked from its header before decoding (a 100 kB PNG can expand
 # to gigabytes).
 MAX_UPLOAD_PIXELS = 64 * 1024 * 1024
+# Rows of an uploaded colour image checked at a time: bounds the arrays one request adds to Pillow's
+# decoded image.
+_BAND_ROWS = 256
 # Colours listed in an "unknown colour" message before it abbreviates.
 _MAX_COLOURS_IN_MESSAGE = 8
 
@@ -42,6 +45,8 @@ def _check_header(data: bytes, name: str, expected: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+    except Image.DecompressionBombError as exc:  # Pillow's own cap, above ours: the same answer
+        raise RequestError(f"{name}: more than the {MAX_UPLOAD_PIXELS} pixels this server decodes") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise RequestError(f"{name}: not an image; expected {expected}") from exc
     if width * height > MAX_UPLOAD_PIXELS:
@@ -68,6 +73,27 @@ def _colours_to_ids(rgb: np.ndarray, label_nc: int, dataset: str, name: str) -> 
     return first_ids[pos]
 
 
+def _nearest_indices(source: int, target: int) -> np.ndarray:
+    """The source rows (or columns) Pillow's NEAREST resize picks for ``target`` outputs."""
+    line = Image.fromarray(np.arange(source, dtype=np.int32).reshape(1, source), mode="I")
+    return np.array(line.resize((target, 1), Image.NEAREST), dtype=np.int64)[0]
+
+
+def _palette_image_to_ids(img: Image.Image, name: str, size_hw: tuple[int, int], label_nc: int,
+                          dataset: str) -> torch.Tensor:
+    """An RGB(A) image of palette colours -> int64 1 x 1 x H x W ids at the generation size, as a
+    NEAREST resize of the full-size id map, without ever holding a full-size array beyond Pillow's own
+    decoded image: every colour is checked in bands of rows, only the picked pixels are mapped."""
+    width, height = img.size
+    rgb_img = img.convert("RGB") if img.mode != "RGB" else img
+    for top in range(0, height, _BAND_ROWS):  # every pixel must be a palette colour
+        band = np.asarray(rgb_img.crop((0, top, width, min(height, top + _BAND_ROWS))), dtype=np.uint8)
+        _colours_to_ids(band, label_nc, dataset, name)
+    rows, cols = _nearest_indices(height, size_hw[0]), _nearest_indices(width, size_hw[1])
+    picked = np.stack([np.asarray(rgb_img.crop((0, int(r), width, int(r) + 1)), dtype=np.uint8)[0, cols] for r in rows])
+    return torch.from_numpy(_colours_to_ids(picked, label_nc, dataset, name).astype(np.int64)).view(1, 1, *size_hw)
+
+
 def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_nc: int,
                         contain_dontcare_label: bool, dataset: str = "custom") -> torch.Tensor:
     """An uploaded label PNG -> int64 1 x 1 x H x W at the generation size (nearest neighbour)."""
@@ -77,10 +103,7 @@ def decode_label_upload(data: bytes, name: str, size_hw: tuple[int, int], label_
     try:
         if mode in ("RGB", "RGBA"):
             with Image.open(io.BytesIO(data)) as img:
-                rgb = np.array(img.convert("RGB"), dtype=np.uint8)
-            ids = _colours_to_ids(rgb, label_nc, dataset, name)
-            resized = Image.fromarray(ids.astype(np.int32)).resize((size_hw[1], size_hw[0]), Image.NEAREST)
-            return torch.from_numpy(np.array(resized, dtype=np.int64)).view(1, 1, *size_hw)
+                return _palette_image_to_ids(img, name, size_hw, label_nc, dataset)
         return read_integer_map(io.BytesIO(data), size_hw, "label map",
                                 check_ids=(label_nc, contain_dontcare_label), name=name)
     except GenerateError as exc:
