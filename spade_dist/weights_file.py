@@ -37,7 +37,8 @@ def unreadable_reason(path: Path, exc: BaseException) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, in words (no library internals, no advice to
     unpickle untrusted code)."""
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+    # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked".
+    if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in text.lower():
         found = _GLOBAL.search(text)
         what = f" ({found.group(1)})" if found else ""
         return (f"holds pickled Python objects{what}, not only tensors: spade-dist reads weights only and never "

@@ -252,14 +252,15 @@ def test_row7_pruning_never_follows_a_symlinked_step_dir(tmp_path: Path, caplog:
     outside = _committed_checkpoint(tmp_path / "other", step=36)
     outside_files = sorted(p.name for p in outside.iterdir())
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / step_dir_name(36)).symlink_to(outside, target_is_directory=True)
-    # the link also stands where a later save goes: removed (the link), never written through
-    (run_dir / "checkpoints" / step_dir_name(40)).symlink_to(outside, target_is_directory=True)
     cfg = tiny_config()
     manager = CheckpointManager(run_dir, CheckpointConfig(keep_last=1, async_save=False, existing="delete"), rank=0,
                                 world_size=1, config_yaml=cfg.to_yaml(), install_signal_handlers=False)
     assert manager.restore({"x": {"w": torch.zeros(1)}}, resume="none") is None
+    # Links planted into the running job's checkpoints/ (a fresh start would have cleared them away).
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / step_dir_name(36)).symlink_to(outside, target_is_directory=True)
+    # the link also stands where a later save goes: removed (the link), never written through
+    (run_dir / "checkpoints" / step_dir_name(40)).symlink_to(outside, target_is_directory=True)
     for step in (38, 40, 41):
         manager.save(step, {"x": {"w": torch.full((1,), float(step))}})
     manager.close()
