@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import re
+import reprlib
 import signal
 import types
 import typing
@@ -23,6 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from spade_dist.exit_codes import EXIT_REQUEUE, requeue_code_problem
 from spade_dist.label_layout import LabelLayout
 from spade_dist.norm_strings import parse_nonspade_norm, parse_spade_norm
 
@@ -246,8 +248,8 @@ class TrainConfig:
     num_sample_images: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Audit trail: each rank appends every step's sample keys to <run_dir>/logs/keys-rank{R}.jsonl
-    # ({"step", "epoch", "keys", "resumed_from", "world_size"}), e.g. to prove exactly-once data
-    # delivery across preemptions and elastic resizes (docs/ELASTIC.md).
+    # ({"step", "epoch", "keys", "resumed_from", "world_size"} + "retired" / "repeats" when there are
+    # any), e.g. to prove exactly-once data delivery across preemptions and elastic resizes (docs/ELASTIC.md).
     log_keys: bool = False
     cpu_threads: int = 0  # 0 = torch default
     # Fine-tuning: start G (and E when the file has one) from an official latest_net_G.pth (read with
@@ -271,7 +273,7 @@ class CheckpointConfig:
     async_save: bool = True
     resume: str = "auto"  # auto | none | PATH
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    requeue_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
+    requeue_exit_code: int = EXIT_REQUEUE  # 75, EX_TEMPFAIL (sysexits.h): "temporary failure, retry" = requeue me
     # A fresh start (resume none, or auto finding nothing usable) into a run directory whose
     # checkpoints/ still holds step directories: refuse (exit 2), archive them to <run_dir>/archive/,
     # or delete them. Mixing two runs in one directory would let retention and spade-export pick the
@@ -352,9 +354,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "a config is a UTF-8 YAML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     layers: list[tuple[dict, str]] = []
@@ -365,6 +372,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str
             layers += _read_yaml(path.parent / p, chain + (path,))
     layers.append((data, str(path)))
     return layers
+
+
+# A value in a message is abbreviated: YAML aliases can make a small file a huge nested value (a
+# "billion laughs" config), whose full repr would never finish.
+def _shown(value: Any) -> str:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 80, 80
+    return short.repr(value)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -381,7 +396,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             elif value in ("true", "false"):
                 value = "on" if value == "true" else "off"
         if value not in choices:
-            raise ConfigError(f"{source}: {key}: invalid value {value!r}; expected one of {list(choices)}")
+            raise ConfigError(f"{source}: {key}: invalid value {_shown(value)}; expected one of {list(choices)}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -395,27 +410,27 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {_shown(value)}")
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a list, got {_shown(value)}")
         return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected true/false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a number, got {_shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected a string, got {_shown(value)}")
         return value
     raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
 
@@ -452,7 +467,7 @@ def _apply(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
             value = value.raw if string_key else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {value!r}")
+                raise ConfigError(f"{source}: {dotted}: expected a mapping (a config section), got {_shown(value)}")
             _apply(current, value, source, dotted + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))
@@ -526,8 +541,10 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         at_least("checkpoint.every_steps", c.every_steps, 0),
         at_least("checkpoint.every_minutes", c.every_minutes, 0),
         at_least("checkpoint.keep_every", c.keep_every, 0),
-        # 0 is success, 1 a generic failure, 2 a usage error; above 125 the shell reserves codes.
-        (3 <= c.requeue_exit_code <= 125, f"checkpoint.requeue_exit_code must be in 3..125, got {c.requeue_exit_code}"),
+        # 0 is success, 1 a generic failure, 2 a usage error, 74 an environment failure; above 125
+        # the shell reserves codes (spade_dist/exit_codes.py).
+        (not requeue_code_problem(c.requeue_exit_code),
+         f"checkpoint.requeue_exit_code {requeue_code_problem(c.requeue_exit_code)}"),
         # 0 is allowed: it freezes the weights (a fine-tuning dry run keeps the initial generator).
         (o.lr >= 0 and math.isfinite(o.lr), f"optim.lr must be a finite number >= 0, got {o.lr}"),
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 / optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}"),
@@ -548,6 +565,9 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types cannot express."""
     checks: list[tuple[bool, str]] = [
+        # An unset shell variable (train.run_dir=$RUN_DIR) would otherwise train into the current directory.
+        (cfg.train.run_dir.strip() != "", "train.run_dir is empty (an unset shell variable?): name the run directory"),
+        (cfg.checkpoint.resume.strip() != "", "checkpoint.resume is empty: auto, none or a checkpoint path"),
         (cfg.data.label_nc > 0, f"data.label_nc must be > 0, got {cfg.data.label_nc}"),
         (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),

@@ -1,10 +1,12 @@
 """Small file helpers shared by data_tools, checkpoints, evaluation and the run directory."""
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,3 +146,58 @@ def check_path_component(name: str, what: str) -> str:
             or "\0" in name or ".." in name):
         raise UnsafeNameError(f"{what}: unsafe sample key {name!r} (path separators, '..' and empty keys are not allowed)")
     return name
+
+
+# errno values that mean "the machine failed us", not "the input is wrong", and what to do about them.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free space there or use another directory",
+    errno.EDQUOT: "free space (disk quota exceeded) or use another directory",
+    errno.EROFS: "the file system is read-only: remount it writable or use another directory",
+    errno.EACCES: "make the directory writable for this user or use another one",
+    errno.EPERM: "make the directory writable for this user or use another one",
+    errno.EIO: "the storage reported an I/O error: check the device / file system",
+    errno.ESTALE: "the network file system lost the file: check the mount",
+}
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Union[str, Path]) -> int:
+    """Free bytes for an unprivileged writer on the file system holding ``path`` (or its nearest
+    existing ancestor); -1 when it cannot be asked."""
+    try:
+        return shutil.disk_usage(_existing_ancestor(Path(path).absolute())).free
+    except OSError:
+        return -1
+
+
+def os_error_of(exc: BaseException) -> "OSError | None":
+    """The first environment ``OSError`` (disk full, read-only, permission, I/O) in ``exc`` or its
+    cause / context chain: libraries often wrap it (``RuntimeError: ... from OSError``)."""
+    seen: set[int] = set()
+    current: "BaseException | None" = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _ENVIRONMENT_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def environment_problem(exc: BaseException, what: str = "") -> str:
+    """One line for a failure the machine caused (disk full, read-only or unwritable directory, I/O
+    error) anywhere in ``exc``'s chain, naming the path, the cause and what to do; "" when ``exc`` is
+    something else. ``what`` says what was being written (e.g. "checkpoint of step 12")."""
+    error = os_error_of(exc)
+    if error is None:
+        return ""
+    name = errno.errorcode.get(error.errno or 0, str(error.errno))
+    where = error.filename or ""
+    free = f" ({free_bytes(where)} bytes free there)" if where and error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    subject = f"{what}: " if what else ""
+    return (f"{subject}cannot write {where or 'a file'}: {error.strerror or name} ({name}){free}; "
+            f"{_ENVIRONMENT_ERRNOS[error.errno]}")

@@ -69,17 +69,15 @@ def resolve_config(preset: Optional[str], config_path: Optional[Path], overrides
 
 
 def _read_checkpoint(path: Path) -> object:
+    from spade_dist.models.compat import read_weights_file
+
     if not path.is_file():
         raise GenerateError(f"checkpoint not found: {path}")
     try:
         # mmap: for an official checkpoint this read only sniffs the format; compat reads it again.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; retry plainly
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch file, pickled objects
-        raise GenerateError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+        return read_weights_file(path, mmap=True)
+    except ValueError as exc:  # corrupt file, not a weights file, pickled objects
+        raise GenerateError(str(exc)) from exc
 
 
 def _load_encoder(state: object, cfg: Config, source: str) -> torch.nn.Module:

@@ -117,6 +117,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: flo
         time.sleep(poll)
 
 
+def audited_keys(record: dict) -> list[str]:
+    """The samples one key-audit record (``train.log_keys``) accounts for: its trained keys less the
+    ones repeated to fill a batch, plus the ones retired without training (corrupt, dropped)."""
+    keys = list(record["keys"])
+    for key in record.get("repeats", []):
+        keys.remove(key)
+    return keys + [r["key"] for r in record.get("retired", [])]
+
+
 # ---------------------------------------------------------------------------------------- shards
 
 
@@ -193,9 +202,11 @@ def write_manifest(out: Path, name: str, splits: dict[str, list[tuple[str, list[
 
 def toy_data_config(shards: str, **overrides) -> DataConfig:
     """Loader settings sized for :func:`write_shards`' default 12 x 10 images (resize to 12, crop 8,
-    batch 2, loading in the test's process, a fixed seed) + ``overrides`` (DataConfig fields)."""
+    batch 2, loading in the test's process, a fixed seed, its labels: :data:`TOY_LABELS`) +
+    ``overrides`` (DataConfig fields)."""
     return DataConfig(**{**dict(shards=shards, preprocess_mode="resize_and_crop", load_size=12, crop_size=8,
-                                batch_size=2, num_workers=0, shuffle_buffer=4, seed=3, pin_memory=False),
+                                batch_size=2, num_workers=0, shuffle_buffer=4, seed=3, pin_memory=False,
+                                label_nc=8, contain_dontcare_label=True, no_instance=False),
                          **overrides})
 
 

@@ -1,5 +1,6 @@
-"""Multi-process (gloo) loader guarantees: equal batches per rank, exactly-once per epoch, reshuffled
-epochs, and resume from 2 ranks onto 1 and 3 ranks."""
+"""Multi-process (gloo) loader guarantees: equal counts of full batches per rank, every sample accounted
+exactly once per epoch (trained, or dropped as left over by the full batches), reshuffled epochs, and
+resume from 2 ranks onto 1 and 3 ranks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,8 @@ def _epochs_on_ranks(rank: int, world: int, datasets: list[str], epochs: int) ->
                 sizes.append(batch["image"].shape[0])
                 keys += batch["key"]
                 assert batch["label"].dtype == torch.int64 and batch["image"].dtype == torch.uint8
-            per_epoch.append({"len": expected, "sizes": sizes, "keys": keys})
+            dropped = [r["key"] for r in loader.take_audit()[0]]
+            per_epoch.append({"len": expected, "sizes": sizes, "keys": keys, "dropped": dropped})
         out.append(per_epoch)
     return out
 
@@ -57,9 +59,10 @@ def test_two_ranks_two_workers_equal_batches_exactly_once(tmp_path: Path) -> Non
             per_rank = [results[r][d][epoch] for r in range(2)]
             counts = {len(p["sizes"]) for p in per_rank} | {p["len"] for p in per_rank}
             assert len(counts) == 1, (sizes, epoch, per_rank)
-            assert all(s >= 1 for p in per_rank for s in p["sizes"])
+            assert all(s == 2 for p in per_rank for s in p["sizes"])  # full batches only
             keys = per_rank[0]["keys"] + per_rank[1]["keys"]
-            assert sorted(keys) == all_keys, (sizes, epoch)
+            dropped = per_rank[0]["dropped"] + per_rank[1]["dropped"]
+            assert len(dropped) < 4 and sorted(keys + dropped) == all_keys, (sizes, epoch)
             orders.append(keys)
         assert orders[0] != orders[1], f"epoch 2 repeats epoch 1's order for shards {sizes}"
 
@@ -85,8 +88,9 @@ def _resume(rank: int, world: int, shards: str, position: dict, collective: bool
         if collective:
             dist.all_reduce(torch.ones(1))  # stands in for DDP: unequal batch counts would hang
         rest += batch["key"]
+    rest += [r["key"] for r in loader.take_audit()[0]]  # dropped: accounted, not trained
     loader.set_epoch(position["epoch"] + 1)
-    nxt = [k for batch in loader for k in batch["key"]]
+    nxt = [k for batch in loader for k in batch["key"]] + [r["key"] for r in loader.take_audit()[0]]
     return {"rest": rest, "rest_len": rest_len, "next": nxt}
 
 

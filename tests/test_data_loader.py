@@ -11,28 +11,55 @@ import torch
 from PIL import Image
 
 from spade_dist.data import CorruptRateError, ShardSourceError, build_eval_loader, build_train_loader, merge_positions
-from spade_dist.data.plan import rank_batch_sizes
+from spade_dist.data.plan import rank_batch_sizes, rank_reserves
 from spade_dist.data.stream import ShardError
 from tests.kit import make_sample, png_bytes, toy_data_config, write_manifest, write_shards, write_tar
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("batch", [1, 2, 3, 5])
-def test_rank_batch_sizes_equal_counts_nonempty_exact(world: int, batch: int) -> None:
-    for n in range(world, 60):
+def test_rank_batch_sizes_full_batches_equal_counts_reserve_covers_the_rest(world: int, batch: int) -> None:
+    for n in range(world * batch, 60):
         sizes = rank_batch_sizes(n, world, batch)
-        assert len({len(s) for s in sizes}) == 1, (n, sizes)
-        assert sum(map(sum, sizes)) == n
-        assert all(b >= 1 for s in sizes for b in s)
-        # every batch but the last is the configured size; the last is at most one larger
-        assert all(b == batch for s in sizes for b in s[:-1]), sizes
-        assert all(s[-1] <= batch + 1 for s in sizes)
+        reserves = rank_reserves(n, world, batch)
+        assert len({len(s) for s in sizes}) == 1 and len(sizes[0]) >= 1, (n, sizes)
+        assert all(b == batch for s in sizes for b in s), sizes  # only full batches (drop_last)
+        assert sum(map(sum, sizes)) + sum(reserves) == n  # every sample planned: trained or in reserve
+        assert sum(reserves) < world * batch and max(reserves) - min(reserves) <= 1
 
 
-def test_fewer_samples_than_ranks_is_a_clear_error(tmp_path: Path) -> None:
-    write_shards(tmp_path, [2])
-    with pytest.raises(ValueError, match="has 2 samples, fewer than the 3 ranks"):
+def test_fewer_samples_than_one_global_batch_is_a_clear_error(tmp_path: Path) -> None:
+    write_shards(tmp_path, [5])
+    with pytest.raises(ValueError, match=r"has 5 samples, fewer than one global batch \(3 ranks x data.batch_size 2\)"):
         build_train_loader(toy_data_config(str(tmp_path)), rank=0, world_size=3)
+
+
+def test_odd_dataset_with_a_corrupt_sample_gives_full_batches_and_each_good_sample_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """23 samples, one corrupt, batch 2: the reserve refills the corrupt sample's place, so the 11 full
+    batches hold the 22 good samples once each; no batch of one reaches BatchNorm (issue #27 row 1)."""
+    _corrupt_dataset(tmp_path, 22, ["k005x"])
+    loader = build_train_loader(toy_data_config(str(tmp_path), max_corrupt_fraction=0.5))
+    with caplog.at_level(logging.WARNING, logger="spade_dist.data"):
+        batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert [len(b["key"]) for b in batches] == [2] * 11 == [2] * len(loader)
+    assert sorted(keys) == [f"k{i:03d}" for i in range(22)]
+    assert loader.corrupt_samples == 1 and loader.dropped_samples == 0 and "k005x" in caplog.text
+    assert loader.take_audit() == ([{"key": "k005x", "reason": "corrupt"}], [])
+    assert np.unpackbits(np.frombuffer(loader.state_dict()["delivered"], np.uint8), count=23).all()
+
+
+def test_left_over_samples_are_dropped_counted_and_accounted(tmp_path: Path) -> None:
+    write_shards(tmp_path, [5, 4])
+    loader = build_train_loader(toy_data_config(str(tmp_path), num_workers=2))
+    batches = list(loader)
+    assert [len(b["key"]) for b in batches] == [2, 2, 2, 2]
+    retired, repeats = loader.take_audit()
+    assert loader.dropped_samples == 1 and [r["reason"] for r in retired] == ["dropped"] and not repeats
+    trained = {k for b in batches for k in b["key"]}
+    assert trained | {retired[0]["key"]} == {f"train_{i:05d}" for i in range(9)} and len(trained) == 8
+    assert np.unpackbits(np.frombuffer(loader.state_dict()["delivered"], np.uint8), count=9).all()
 
 
 def _corrupt_dataset(root: Path, n_good: int, corrupt_keys: list[str]) -> None:
@@ -57,15 +84,18 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING, logger="spade_dist.data"):
         batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
-    assert len(batches) == expected_batches == 6  # 11 samples / batch 2: batch count unchanged
-    # 9 good samples in 6 planned batches: the one batch left empty carries a repeat of the
-    # worker's last good sample (not counted in the position), see docs/DATA.md
+    assert len(batches) == expected_batches == 5  # 11 samples / batch 2: 5 full batches + 1 in reserve
+    # 9 good samples in 5 full batches: the reserve refills one corrupt place; the last batch is
+    # completed with a repeat of a good sample (not counted in the position), see docs/DATA.md
     assert sorted(set(keys)) == [f"k{i:03d}" for i in range(9)] and len(keys) == 10
     assert loader.corrupt_samples == 2
+    retired, repeats = loader.take_audit()
+    assert sorted(r["key"] for r in retired) == ["k100x", "k101x"] and len(repeats) == 1
     assert np.unpackbits(np.frombuffer(loader.state_dict()["delivered"], np.uint8), count=11).all()
     assert "k100x" in caplog.text and "cannot be decoded" in caplog.text
-    assert "k101x" in caplog.text and "instance is 12x10 but label is 12x9" in caplog.text
-    assert all(len(b["key"]) >= 1 for b in batches)
+    assert "k101x" in caplog.text and "is 12x10 but label is 12x9" in caplog.text
+    assert "repeats 1 of them" in caplog.text
+    assert all(len(b["key"]) == 2 for b in batches)
 
 
 def test_corrupt_rate_limit_raises_with_rate_and_keys(tmp_path: Path) -> None:
@@ -148,23 +178,25 @@ def test_resample_modes_agree_on_labels_and_jpeg_images(tmp_path: Path) -> None:
     assert (pil["image"].int() - fast["image"].int()).abs().float().mean() < 2.0
 
 
-def test_resume_with_fewer_samples_left_than_ranks_moves_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    write_shards(tmp_path, [4])
-    cfg = toy_data_config(str(tmp_path), batch_size=3)
+def test_resume_with_fewer_samples_left_than_one_global_batch_moves_on(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    write_shards(tmp_path, [8])
+    cfg = toy_data_config(str(tmp_path))
     first = build_train_loader(cfg)
     it = iter(first)
-    delivered = next(it)["key"]  # 3 of 4 delivered
+    delivered = [k for _ in range(3) for k in next(it)["key"]]  # 6 of 8 delivered
     it.close()
     position = first.state_dict()
     on_two = [build_train_loader(cfg, rank=r, world_size=2) for r in range(2)]
     with caplog.at_level(logging.WARNING, logger="spade_dist.data"):
         for loader in on_two:
             loader.load_state_dict(position)
-            expected = len(loader)  # epoch 0's last sample is retired -> epoch 1 in full
+            expected = len(loader)  # epoch 0's last 2 samples are retired (2 ranks x batch 2) -> epoch 1 in full
             batches = list(loader)
-            assert loader.epoch == 1 and len(batches) == expected == 1 and len(batches[0]["key"]) == 2
-    left = ({f"train_{i:05d}" for i in range(4)} - set(delivered)).pop()
-    assert left in caplog.text and "skipped for this epoch" in caplog.text
+            assert loader.epoch == 1 and len(batches) == expected == 2 and all(len(b["key"]) == 2 for b in batches)
+            assert loader.dropped_samples == 2
+    left = sorted({f"train_{i:05d}" for i in range(8)} - set(delivered))
+    assert all(k in caplog.text for k in left) and "skipped for this epoch" in caplog.text
 
 
 @pytest.mark.parametrize("workers", [0, 1])

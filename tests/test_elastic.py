@@ -19,7 +19,7 @@ from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.train.schedule import decay_factor, lr_and_betas
 from spade_dist.config import OptimConfig
 from tests.dist_utils import child_pids, free_port
-from tests.kit import TINY, TOY_LABELS, cli_env, wait_for, write_shards
+from tests.kit import TINY, TOY_LABELS, audited_keys, cli_env, wait_for, write_shards
 
 
 SHARDS = [6, 6, 6, 6]
@@ -117,7 +117,7 @@ def _audit(run_dir: Path, expected_worlds: list[int]) -> list[dict]:
     # Every sample of every epoch exactly once, both epochs complete.
     by_epoch: dict[int, Counter] = {}
     for r in history:
-        by_epoch.setdefault(r["epoch"], Counter()).update(r["keys"])
+        by_epoch.setdefault(r["epoch"], Counter()).update(audited_keys(r))
     assert sorted(by_epoch) == [0, 1], sorted(by_epoch)
     for epoch, keys in by_epoch.items():
         assert len(keys) == NUM_SAMPLES and set(keys.values()) == {1}, (epoch, keys)

@@ -308,6 +308,7 @@ def test_generate_from_shards_through_eval_loader(tmp_path: Path,
     # same channel count (9 classes, no don't care): the checkpoint loads, but 255 is now a bad id
     _expect_error(["--shards", str(manifest), "--checkpoint", str(tmp_path / "G.pth"), "--preset", "tiny",
                    "--out", str(tmp_path / "o"), *options, "data.contain_dontcare_label=false",
-                   "data.label_nc=9"], capsys, "sample 'val_00002'", "label_nc=9", ": 255")
+                   "data.label_nc=9"], capsys, "label.png: label ids out of range for label_nc=9", ": 255",
+                  "do not fit this config")
     _expect_error(["--shards", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "G.pth"), "--preset",
                    "tiny", "--out", str(tmp_path / "o"), *options], capsys, "nowhere")

@@ -102,7 +102,7 @@ def test_bad_files_are_config_errors_naming_the_key(tmp_path: Path, official_fil
     with pytest.raises(ConfigError, match="init_generator_sha256 must be 64 hex digits"):
         _cfg(f"train.init_generator={path}", "train.init_generator_sha256=abc")
     (tmp_path / "pickle.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ConfigError, match=r"cannot read as a PyTorch checkpoint \(weights_only=True\)"):
+    with pytest.raises(ConfigError, match=r"cannot read as a PyTorch \(weights_only=True\) or safetensors weights file"):
         build_train_state(_cfg(f"train.init_generator={tmp_path / 'pickle.pth'}"), torch.device("cpu"), False)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit import TINY, synthetic_shards, tiny_config
+from tests.kit import TINY, audited_keys, synthetic_shards, tiny_config
 from tests.slurm_cluster import REPO_ROOT, SlurmCluster
 
 pytestmark = pytest.mark.e2e
@@ -87,7 +87,7 @@ def _keys_by_epoch(run_dir: Path) -> dict[int, Counter]:
     for path in sorted((run_dir / "logs").glob("keys-rank*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            by_epoch.setdefault(rec["epoch"], Counter()).update(rec["keys"])
+            by_epoch.setdefault(rec["epoch"], Counter()).update(audited_keys(rec))
     return by_epoch
 
 

@@ -13,11 +13,12 @@ from spade_dist.checkpoint.layout import (
 from spade_dist.checkpoint.generator import (
     load_generator_from_checkpoint, read_checkpoint_config, read_generator_state, resolve_step_dir,
 )
-from spade_dist.checkpoint.manager import CheckpointManager, GatheredState, RestoreResult
+from spade_dist.checkpoint.manager import CheckpointManager, CheckpointWriteError, GatheredState, RestoreResult
 from spade_dist.checkpoint.store import CheckpointReadError, StepReader
 
 __all__ = [
     "CheckpointIncompatibleError", "ExistingCheckpointsError", "CheckpointManager", "GatheredState", "RestoreResult", "InvalidCheckpoint", "CheckpointReadError",
+    "CheckpointWriteError",
     "StepReader", "checkpoints_dir", "find_latest", "list_step_dirs", "read_marker", "step_dir_name",
     "step_of", "validate_step_dir", "load_generator_from_checkpoint", "read_generator_state",
     "read_checkpoint_config", "resolve_step_dir",

@@ -9,6 +9,8 @@ race with a writer.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 import time
@@ -21,6 +23,7 @@ from spade_dist.run_dir import RunDir
 MARKER_NAME = "COMMITTED"
 CONFIG_NAME = "config.yaml"
 FORMAT_VERSION = 1
+log = logging.getLogger("spade_dist.checkpoint")
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 
 
@@ -54,10 +57,20 @@ def checkpoints_dir(run_dir: Union[str, Path]) -> Path:
 
 
 def list_step_dirs(ckpt_dir: Path) -> list[Path]:
-    """All ``step-*`` directories (committed or not), oldest first."""
+    """All ``step-*`` directories (committed or not), oldest first. A ``step-*`` symlink is refused
+    (a warning, left alone): resume, retention and archiving act only on real directories inside
+    the run directory, so a link can never make them read or delete something outside it."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(step_of(p), p) for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    found = []
+    for path in ckpt_dir.iterdir():
+        if step_of(path) is None:
+            continue
+        if path.is_symlink():
+            log.warning("ignoring %s: a symlink (to %s), not a step directory; checkpoints must be real "
+                        "directories inside the run directory", path, os.readlink(path))
+        elif path.is_dir():
+            found.append((step_of(path), path))
     return [p for _, p in sorted(found)]
 
 
@@ -94,6 +107,9 @@ def validate_step_dir(step_dir: Path, check_sha256: bool = True) -> dict:
     """Return the marker if every listed file is present with its size (and sha256); else raise
     :class:`InvalidCheckpoint` naming the first bad file."""
     step_dir = Path(step_dir)
+    if step_dir.is_symlink():
+        raise InvalidCheckpoint(f"{step_dir}: a symlink, not a step directory; name the directory it points to "
+                                f"({step_dir.resolve()}) instead")
     marker = read_marker(step_dir)
     for rel, entry in marker["files"].items():
         path = step_dir / rel

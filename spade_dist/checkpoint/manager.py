@@ -22,7 +22,9 @@ just committed; a fresh start into a directory that holds checkpoints refuses un
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -35,6 +37,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's per-rank failures
 
 from spade_dist.checkpoint import layout
 from spade_dist.checkpoint.rng import capture_rng_state, restore_rng_state, rng_key, seed_derived_rng
@@ -42,11 +45,20 @@ from spade_dist.checkpoint.store import (
     CheckpointReadError, StepReader, build_flat_state, write_flat_state,
 )
 from spade_dist.config import CheckpointConfig
+from spade_dist.exit_codes import EXIT_INTERRUPTED
+from spade_dist.files import environment_problem, free_bytes, os_error_of
 from spade_dist.run_dir import RunDir, RunDirBusy, RunLock
 
 log = logging.getLogger("spade_dist.checkpoint")
+# A second SIGINT sooner than this after the first is the same Ctrl-C, forwarded by a launcher.
+_SAME_CTRL_C_S = 1.0
 
 META_KEY = "__meta__"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written because of the environment (disk full, read-only or
+    unwritable run directory); the message names the directory, the cause and the space needed."""
 
 
 class GatheredState:
@@ -141,6 +153,7 @@ class CheckpointManager:
         self.stop_file = Path(cfg.stop_file) if cfg.stop_file else self.run.stop
         self._stop_file_checked = float("-inf")
         self._old_handlers: dict[int, Any] = {}
+        self._first_interrupt = 0.0  # monotonic time of the first Ctrl-C
         self._staging_buffers: dict[str, torch.Tensor] = {}  # reused CPU copies for async saves
         self.last_stall_s = 0.0  # time the training thread spent in the last save() call
         if install_signal_handlers:
@@ -172,10 +185,34 @@ class CheckpointManager:
             if not isinstance(signum, signal.Signals):
                 raise ValueError(f"checkpoint.signals: unknown signal name {name!r}")
             self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+        # Ctrl-C takes the same save-then-exit path; a second one aborts at once (_on_interrupt).
+        self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only set a flag: the loop reaches a step boundary, all ranks agree, then it saves.
         self._stop_signal = signal.Signals(signum).name
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        """SIGINT (Ctrl-C, which a terminal sends to every rank): the first one stops like a
+        preemption signal (checkpoint, REQUEUE, the requeue exit code); a second one exits at once
+        with :data:`EXIT_INTERRUPTED`, leaving the last committed checkpoint (an uncommitted one in
+        flight is ignored by resume and replaced by the next save of its step). One line each, on
+        stderr, written directly (a signal handler must not take the logging or print locks). A
+        SIGINT within a second of the first is the same Ctrl-C, forwarded by a launcher
+        (torchrun's agent re-sends it to its workers)."""
+        now = time.monotonic()
+        if self._stop_signal is None:
+            self._stop_signal = "SIGINT"
+            self._first_interrupt = now
+            if self.rank == 0:
+                os.write(2, b"spade-train: Ctrl-C: saving a checkpoint after this step, then exiting "
+                            b"(Ctrl-C again to abort without it)\n")
+            return
+        if now - self._first_interrupt < _SAME_CTRL_C_S:  # the launcher forwarding the same Ctrl-C
+            return
+        os.write(2, f"spade-train: rank {self.rank}: aborted by a second Ctrl-C, without a checkpoint; a resume "
+                    "continues from the last committed one\n".encode())
+        os._exit(EXIT_INTERRUPTED)
 
     def request_stop(self, reason: str = "requested") -> None:
         """Same effect as receiving a preemption signal (for schedulers that call in-process)."""
@@ -320,10 +357,48 @@ class CheckpointManager:
         if self.distributed:
             dist.barrier(group=self._io_pg)
 
+    def _io_all_failed(self, failed: bool) -> bool:
+        """Collective on the writer's group (a barrier that also tells whether any rank failed)."""
+        if not self.distributed:
+            return failed
+        flag = torch.tensor([int(failed)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._io_pg)
+        return bool(flag.item())
+
     def _write(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
+        """Collective: write, commit and prune one checkpoint. Two failures of the environment are
+        handled here rather than raised as they come: the step directory deleted underneath (a
+        warning; training goes on, the next save proceeds) and a full / read-only file system (the
+        partial directory is removed, every rank raises :class:`CheckpointWriteError`)."""
+        try:
+            self._write_and_commit(step, step_dir, flat)
+        except (Exception, CheckpointException) as exc:  # classified below; re-raised unless the directory vanished
+            needed = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else len(v)
+                         for v in flat.values() if isinstance(v, (torch.Tensor, bytes)))
+            cause: BaseException = exc
+            if os_error_of(exc) is None and 0 <= free_bytes(self.ckpt_dir) < needed:
+                # torch's zip writer reports a short write as "unexpected pos A vs B", without the errno
+                cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.ckpt_dir))
+            problem = environment_problem(cause, f"checkpoint of step {step} in {self.run.root}")
+            if problem:
+                if self.rank == 0:  # a partial step would be archived (and kept) by the next start
+                    shutil.rmtree(step_dir, ignore_errors=True)
+                raise CheckpointWriteError(f"{problem}; it needs about {needed} bytes; the previous committed "
+                                           "checkpoint is intact, resume continues from it") from exc
+            if not step_dir.exists():
+                log.warning("checkpoint of step %d: %s was deleted while it was written; skipped, the next "
+                            "save proceeds", step, step_dir)
+                return
+            raise
+
+    def _write_and_commit(self, step: int, step_dir: Path, flat: dict[str, Any]) -> None:
         started = time.perf_counter()
         if self.rank == 0:
-            if step_dir.exists():  # a torn earlier attempt at the same step (e.g. before a crash)
+            if step_dir.is_symlink():  # never write (or delete) through a link out of the run directory
+                log.warning("removing the symlink %s (to %s) that stood where this checkpoint goes",
+                            step_dir, os.readlink(step_dir))
+                step_dir.unlink()
+            elif step_dir.exists():  # a torn earlier attempt at the same step (e.g. before a crash)
                 (step_dir / layout.MARKER_NAME).unlink(missing_ok=True)
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
@@ -343,10 +418,12 @@ class CheckpointManager:
             except BaseException as exc:  # noqa: BLE001 - raised after the barrier, so no rank hangs in it
                 commit_error = exc
         # Nobody leaves before the marker exists: a rank exiting early (e.g. with the requeue code)
-        # could make the launcher kill rank 0 mid-commit.
-        self._barrier()
+        # could make the launcher kill rank 0 mid-commit. Every rank learns whether the commit failed.
+        commit_failed = self._io_all_failed(commit_error is not None)
         if commit_error is not None:
             raise commit_error
+        if commit_failed:
+            raise CheckpointWriteError(f"checkpoint of step {step}: rank 0 could not commit {step_dir} (its log says why)")
         if self.on_commit is not None:
             self.on_commit(step, step_dir, time.perf_counter() - started)
 
@@ -357,6 +434,8 @@ class CheckpointManager:
             self._thread = None
         if self._thread_error is not None:
             err, self._thread_error = self._thread_error, None
+            if isinstance(err, CheckpointWriteError):
+                raise err
             raise RuntimeError(f"asynchronous checkpoint save failed: {err}") from err
 
     def close(self) -> None:

@@ -12,10 +12,13 @@ top-level entry of the application state into
 Tensors with the same key on every rank (replicated DDP parameters, optimizer state) are written
 once (DCP de-duplicates them across ranks), and any number of processes can later read them, which
 is what makes resuming on a different world size possible. Reading never needs a process group:
-each process reads what it needs directly (``no_dist=True``).
+each process reads what it needs directly (``no_dist=True``). Every pickle in a step directory (DCP's
+``.metadata``, skeletons, RNG states) is read through the allow-list unpickler of
+:mod:`spade_dist.checkpoint.safe_pickle`, so a crafted checkpoint fails with one line and runs nothing.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 from pathlib import Path
@@ -24,7 +27,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from spade_dist.checkpoint.safe_pickle import UnsafePickleError, safe_load, safe_loads
 
 SKELETON_PREFIX = "__skeleton__."
 TENSOR_REF = "__dcp_tensor__:"
@@ -140,13 +147,41 @@ def write_flat_state(flat: dict[str, Any], step_dir: Path, process_group: Option
                  process_group=None if no_dist else process_group, no_dist=no_dist)
 
 
+class _SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader with its ``.metadata`` pickle loaded through the allow-list unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as handle:
+            metadata = safe_load(handle)
+        if not isinstance(metadata, Metadata):
+            raise UnsafePickleError(f"{self.path}/.metadata holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner without its ``torch.load(weights_only=False)`` of bytes items: an item
+    comes back as the bytes it was saved as (our pickles, read by :func:`safe_loads`)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        item = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = item
+
+
 class StepReader:
     """Single-process reader of a step directory: lists keys, reads selected items."""
 
     def __init__(self, step_dir: Path) -> None:
         self.step_dir = Path(step_dir)
         try:
-            self.metadata: Metadata = dcp.FileSystemReader(str(self.step_dir)).read_metadata()
+            self.metadata: Metadata = _SafeFileSystemReader(str(self.step_dir)).read_metadata()
+        except UnsafePickleError as exc:
+            raise CheckpointReadError(f"{self.step_dir}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - any failure means "unreadable"
             raise CheckpointReadError(f"{self.step_dir}: cannot read DCP metadata: {exc}") from exc
 
@@ -174,12 +209,16 @@ class StepReader:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(template, storage_reader=dcp.FileSystemReader(str(self.step_dir)), no_dist=True)
+                dcp.load(template, storage_reader=_SafeFileSystemReader(str(self.step_dir)),
+                         planner=_SafeLoadPlanner(), no_dist=True)
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt files surface here
             raise CheckpointReadError(f"{self.step_dir}: cannot read checkpoint data: {exc}") from exc
         out: dict[str, Any] = {}
         for k, v in template.items():
-            out[k] = pickle.loads(v) if isinstance(v, (bytes, bytearray)) else v
+            try:
+                out[k] = safe_loads(v) if isinstance(v, (bytes, bytearray)) else v
+            except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+                raise CheckpointReadError(f"{self.step_dir}: cannot read item {k!r}: {exc}") from exc
         return out
 
     def read_tree(self, name: str, select: Optional[Callable[[Any], Any]] = None) -> Any:

@@ -5,7 +5,9 @@
 - config overrides are positional ``dotted.key=value`` arguments (``--set KEY=VALUE`` is accepted as an
   alias for scripts that used it);
 - a user error (bad argument, bad value, missing file) prints one line ``PROG: error: ...`` on stderr
-  and exits with :data:`EXIT_USAGE` (2), never a traceback or a usage block.
+  and exits with :data:`EXIT_USAGE` (2), never a traceback or a usage block; a failure of the machine
+  (disk full, read-only directory) likewise with :data:`EXIT_ENVIRONMENT` (74), :func:`fail_os`;
+- overrides may come before and after options (``--config X a=1 --resume none b=2``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import re
 import sys
 from typing import NoReturn, Optional
 
-EXIT_USAGE = 2
+from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_USAGE
+from spade_dist.files import environment_problem
 
 # ``literal`` -> literal; :mod:`x` / :class:`~a.b` -> x / b
 _RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
@@ -36,10 +39,23 @@ def package_version() -> str:
 
 
 class CliParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line and exit 2 (subparsers inherit the class)."""
+    """ArgumentParser whose errors are one line and exit 2 (subparsers inherit the class). Positional
+    arguments (the overrides) may be split by options: argparse's plain parsing consumes a ``*``
+    positional at its first stretch and calls a second stretch "unrecognized arguments"."""
+
+    _intermixing = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._subparsers is not None or self._intermixing:  # intermixed parsing calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def make_parser(prog: str, doc: Optional[str], **kwargs) -> CliParser:
@@ -73,8 +89,18 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + list(args.set_overrides)
 
 
-def fail(prog: str, exc: BaseException | str) -> int:
-    """Report a user error as one line on stderr; returns :data:`EXIT_USAGE` for ``return fail(...)``."""
+def fail(prog: str, exc: BaseException | str, code: int = EXIT_USAGE) -> int:
+    """Report an error as one line on stderr; returns ``code`` (:data:`EXIT_USAGE` by default) for
+    ``return fail(...)``."""
     message = " ".join(str(exc).split()) or type(exc).__name__
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    return code
+
+
+def fail_os(prog: str, exc: OSError) -> int:
+    """An ``OSError`` as one line: the machine's fault (disk full, read-only, I/O error, ...) exits
+    :data:`EXIT_ENVIRONMENT`, anything else (a missing or unreadable input path) :data:`EXIT_USAGE`."""
+    problem = environment_problem(exc)
+    if problem:
+        return fail(prog, problem, EXIT_ENVIRONMENT)
+    return fail(prog, f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc)

@@ -3,7 +3,9 @@
     spade-convert to-official   --checkpoint G.pt  --out latest_net_G.pth
     spade-convert from-official --checkpoint latest_net_G.pth --out G.pt (--preset coco_stuff | --config my.yaml) [model.ngf=32 ...]
 
-The project format is the single file written by ``spade_dist.models.compat.save_generator_file``.
+The project format is the single file written by ``spade_dist.models.compat.save_generator_file``
+(a safetensors file when ``--out`` ends in ``.safetensors``; either form is read). A file that is not a
+weights file (or holds pickled objects) is refused with one line, exit 2.
 An official file carries no options, so ``from-official`` needs the preset or config it was trained
 with; a wrong one fails with the mismatching keys and the option that probably differs.
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, make_parser, overrides
+from spade_dist.cli.common import add_overrides, add_subcommand, add_subparsers, fail, fail_os, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
 from spade_dist.models.compat import (
     CheckpointMismatchError,
@@ -61,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             save_generator_file(G, cfg, args.out)
     except (CheckpointMismatchError, ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         return fail("spade-convert", exc)
+    except OSError as exc:  # the output: read-only directory, disk full
+        return fail_os("spade-convert", exc)
     print(f"spade-convert: wrote {args.out}")
     return 0
 

@@ -5,8 +5,10 @@
 A run directory means its newest committed checkpoint. The default is the EMA generator (what the
 samples and FID use); ``--raw`` takes the trained weights instead. ``--out`` writes the project's
 single-file format (weights + resolved config, ``torch.load(weights_only=True)``-loadable, read by
-``spade-generate`` and ``spade-eval``); ``--official`` additionally writes ``latest_net_G.pth``-style
-weights for the official NVlabs/SPADE code (SPADE generators only).
+``spade-generate`` and ``spade-eval``), as a safetensors file when it ends in ``.safetensors``;
+``--official`` additionally writes ``latest_net_G.pth``-style weights for the official NVlabs/SPADE
+code (SPADE generators only). Exit 2 for a missing / torn / crafted checkpoint, 74 when an output
+cannot be written (read-only or full file system); one line either way.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import fail, make_parser
+from spade_dist.cli.common import fail, fail_os, make_parser
 from spade_dist.checkpoint.layout import InvalidCheckpoint
 from spade_dist.generation import load_model
 
@@ -23,7 +25,7 @@ from spade_dist.generation import load_model
 def build_parser() -> argparse.ArgumentParser:
     ap = make_parser("spade-export", __doc__)
     ap.add_argument("--checkpoint", required=True, help="step directory, or a run directory (newest committed checkpoint)")
-    ap.add_argument("--out", help="project generator file to write (e.g. G.pt)")
+    ap.add_argument("--out", help="project generator file to write (e.g. G.pt, or G.safetensors)")
     ap.add_argument("--raw", action="store_true", help="export the raw generator instead of the EMA one")
     ap.add_argument("--official", help="also write official-format weights (latest_net_G.pth)")
     return ap
@@ -47,6 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"spade-export: wrote official-format weights to {args.official}")
     except (FileNotFoundError, InvalidCheckpoint, KeyError, ValueError, TypeError) as exc:
         return fail("spade-export", exc)
+    except OSError as exc:  # the outputs: read-only directory, disk full
+        return fail_os("spade-export", exc)
     return 0
 
 

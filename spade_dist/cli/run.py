@@ -7,7 +7,8 @@
     spade-run verdict RUN_DIR --rc RC [--preempted] --requeue-exit-code N
                                                  # after it: "finished|requeue|failed EXIT_CODE message"
 
-Exit status 0, or 2 for an unknown entry name.
+Exit status 0; 2 for an unknown entry name or a bad argument; 74 when ``prepare`` cannot remove a
+marker (read-only run directory, docs/FORMATS.md "Exit codes").
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, make_parser
+from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, fail_os, make_parser
+from spade_dist.exit_codes import requeue_code_problem
 from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
 
 
@@ -48,8 +50,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind, step = run.outcome()
         print(kind if step is None else f"{kind} {step}")
     elif args.command == "prepare":
-        run.clear_launch_markers()
+        try:
+            run.clear_launch_markers()
+        except OSError as exc:
+            return fail_os("spade-run", exc)
     elif args.command == "verdict":
+        problem = requeue_code_problem(args.requeue_exit_code)
+        if problem:
+            return fail("spade-run", f"--requeue-exit-code {problem} (checkpoint.requeue_exit_code)")
         v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
         print(f"{v.action} {v.exit_code} {v.message}")
     else:

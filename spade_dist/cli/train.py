@@ -8,7 +8,8 @@ Launch it with any of (see docs/TRAINING.md):
     deepspeed --hostfile H --module spade_dist.cli.train --config X train.backend=deepspeed
 
 Exit codes: 0 finished, 2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
-(75) stopped by a preemption signal or the STOP file after committing a checkpoint; the run's
+(75) stopped by a preemption signal, Ctrl-C or the STOP file after committing a checkpoint; 74 a
+checkpoint could not be written (disk full, read-only run directory); 130 a second Ctrl-C (no checkpoint); the run's
 REQUEUE marker says so too (launchers may translate the exit code). See docs/CHECKPOINTING.md.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 
 from spade_dist.cli.common import add_overrides, fail, make_parser, overrides
 from spade_dist.config import ConfigError, load_config
+from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         die_with_parent()  # no orphan keeps training (and checkpointing) after its launcher is gone
     args = parse_args(argv)
     configure_logging(launch_rank())  # progress lines on rank 0; warnings from every rank
-    from spade_dist.checkpoint import CheckpointIncompatibleError, InvalidCheckpoint
+    from spade_dist.checkpoint import CheckpointIncompatibleError, CheckpointWriteError, InvalidCheckpoint
     from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.losses import MissingVGGWeightsError
@@ -58,6 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             InvalidCheckpoint, CheckpointIncompatibleError, RunDirBusy, MetricsError,
             CorruptRateError) as exc:  # --resume PATH invalid / unusable
         return fail("spade-train", exc)
+    except CheckpointWriteError as exc:  # disk full / read-only run directory while saving
+        return fail("spade-train", exc, EXIT_ENVIRONMENT)
+    except KeyboardInterrupt:  # Ctrl-C before the checkpoint manager took over SIGINT (startup)
+        return fail("spade-train", "interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
     return result.exit_code
 
 

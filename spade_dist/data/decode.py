@@ -20,6 +20,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from spade_dist.labels import DONTCARE_ID, LabelError, check_label_ids
 from spade_dist.data.transforms import (
     PreprocessOptions, sample_geometry, transform_ids, transform_image, transform_image_torch,
 )
@@ -57,6 +58,25 @@ def png_header(data: bytes) -> Optional[tuple[int, int, int, int]]:
         return None
     width, height = struct.unpack(">II", data[16:24])
     return width, height, data[24], data[25]
+
+
+def header_size(data: bytes, key: str, field: str) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone: PNG's IHDR, JPEG's SOF
+    (libjpeg-turbo), else PIL's lazy open (which reads the header only)."""
+    header = png_header(data)
+    if header is not None:
+        return header[0], header[1]
+    if data[:2] == JPEG_SOI:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            pass  # PIL decides below whether it is corrupt
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception as exc:  # PIL raises many types for broken files (and DecompressionBombError)
+        raise CorruptSample(key, f"{field} cannot be decoded: {exc}") from exc
 
 
 def decode_id_map(data: bytes, key: str, field: str) -> np.ndarray:
@@ -183,27 +203,55 @@ def find_image_field(sample: Mapping[str, object], key: str) -> str:
     raise CorruptSample(key, f"no image field (expected one of {list(IMAGE_FIELDS)}; has {sorted(k for k in sample if not k.startswith('__'))})")
 
 
+def check_ids(label: np.ndarray, key: str, label_nc: int, contain_dontcare_label: bool) -> None:
+    """Label ids outside ``0..label_nc-1`` (and 255 where allowed) make the sample corrupt here, with
+    the ids named by :func:`spade_dist.labels.check_label_ids` (the one rule), instead of failing a
+    train step. Costs one min / max per sample; the full check runs only when they are out of range."""
+    low, high = int(label.min(initial=0)), int(label.max(initial=0))
+    if low >= 0 and high < label_nc:
+        return
+    if low >= 0 and contain_dontcare_label and high == DONTCARE_ID \
+            and not ((label >= label_nc) & (label != DONTCARE_ID)).any():
+        return
+    try:
+        check_label_ids(torch.from_numpy(label.astype(np.int64))[None, None], label_nc, contain_dontcare_label)
+    except LabelError as exc:
+        raise CorruptSample(key, f"{LABEL_FIELD}: {exc}") from exc
+
+
 def decode_sample(sample: Mapping[str, object], opts: PreprocessOptions, rng: random.Random,
-                  use_instance: bool, image_resample: str = "exact") -> DecodedSample:
+                  use_instance: bool, image_resample: str = "exact",
+                  label_ids: Optional[tuple[int, bool]] = None) -> DecodedSample:
     """Raw webdataset sample (``__key__`` + field bytes) -> preprocessed arrays.
 
     ``rng`` draws the crop position and flip (seeded per sample by the caller);
-    ``image_resample`` is data.image_resample ("exact" or "fast").
+    ``image_resample`` is data.image_resample ("exact" or "fast"); ``label_ids`` =
+    (label_nc, contain_dontcare_label) checks the label ids (:func:`check_ids`).
     """
     key = str(sample["__key__"])
     if LABEL_FIELD not in sample:
         raise CorruptSample(key, f"no {LABEL_FIELD} field")
+    image_field = find_image_field(sample, key)
+    data = sample[image_field]
+    with_instance = use_instance and INSTANCE_FIELD in sample
+    # Sizes from the headers first: a map that does not fit the others is refused before any of them
+    # is decoded (a small PNG can hold a 100-megapixel map).
+    width, height = header_size(sample[LABEL_FIELD], key, LABEL_FIELD)  # type: ignore[arg-type]
+    for field in (image_field, INSTANCE_FIELD) if with_instance else (image_field,):
+        size = header_size(sample[field], key, field)  # type: ignore[arg-type]
+        if size != (width, height):
+            raise CorruptSample(key, f"{field.split('.')[0]} is {size[0]}x{size[1]} but label is {width}x{height}")
     label = decode_id_map(sample[LABEL_FIELD], key, LABEL_FIELD)  # type: ignore[arg-type]
+    if label_ids is not None:
+        check_ids(label, key, *label_ids)
     height, width = label.shape
     instance: Optional[np.ndarray] = None
-    if use_instance and INSTANCE_FIELD in sample:
+    if with_instance:
         instance = decode_id_map(sample[INSTANCE_FIELD], key, INSTANCE_FIELD)  # type: ignore[arg-type]
         if instance.shape != label.shape:
             raise CorruptSample(key, f"instance is {instance.shape[1]}x{instance.shape[0]} but label is {width}x{height}")
     # Official get_params is called with the label's size; the image must have the same size.
     geo = sample_geometry(opts, width, height, rng)
-    image_field = find_image_field(sample, key)
-    data = sample[image_field]
     if image_resample == "fast":
         pixels = decode_image_fast(data, key, image_field, (width, height), (geo.resized_w, geo.resized_h))  # type: ignore[arg-type]
         # H x W x 3 memory seen as 3 x H x W is already the channels-last layout torch's uint8

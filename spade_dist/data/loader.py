@@ -1,10 +1,11 @@
 """The main-process side: plan the epoch, run the workers, hand batches out, track the position.
 
 Position policy (also in docs/DATA.md): a sample counts as delivered when the batch holding it is
-handed to the caller of ``__iter__``. Samples in shuffle buffers, being decoded, or in batches
-prefetched by DataLoader workers are NOT delivered; after a resume they are planned again, so
-every sample is delivered exactly once per epoch across a stop/resume -- on any world size and
-any number of workers.
+handed to the caller of ``__iter__`` (or the batch reporting it corrupt, or dropped as left over by
+the epoch's full batches). Samples in shuffle buffers, being decoded, or in batches prefetched by
+DataLoader workers are NOT delivered; after a resume they are planned again, so every sample is
+accounted for exactly once per epoch (trained, skipped as corrupt, or dropped) across a stop/resume
+-- on any world size and any number of workers.
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from torch.utils.data import DataLoader
 
 from spade_dist.config import DataConfig
 from spade_dist.data.plan import (
-    EpochPlan, eval_batch_sizes, make_position, plan_fingerprint, rank_batch_sizes, split_ranges, stable_seed,
-    unpack_delivered, worker_batch_sizes,
+    EpochPlan, eval_batch_sizes, make_position, plan_fingerprint, rank_batch_sizes, rank_reserves, split_ranges,
+    stable_seed, unpack_delivered, worker_batch_sizes, worker_reserves,
 )
 from spade_dist.data.sources import (
     ShardSet, ShardSourceError, check_shard_files, eval_spec, resolve_shards,
 )
-from spade_dist.data.stream import CORRUPT_FIELD, INDEX_FIELD, READ_FIELD, ShardStream, StreamSettings, WorkerTask
+from spade_dist.data.stream import (
+    CORRUPT_FIELD, DROPPED_FIELD, EXHAUSTED_FIELD, INDEX_FIELD, READ_FIELD, REPEATS_FIELD, ShardStream, StreamSettings,
+    WorkerTask,
+)
 from spade_dist.data.transforms import PreprocessOptions
 
 log = logging.getLogger(__name__)
@@ -85,12 +89,18 @@ class ShardLoader:
         self._plan = EpochPlan(shard_set.shards, cfg.seed, 0, shuffle=train)
         self._delivered = np.zeros(self._plan.num_samples, dtype=bool)
         self.corrupt_samples = 0
+        self.dropped_samples = 0  # left over by the epochs' full batches (drop_last), never trained in that epoch
         self.samples_read = 0
         self._recent_corrupt: deque[str] = deque(maxlen=RECENT_CORRUPT_KEYS)
-        if self._plan.num_samples < world_size and train:
+        self._last_corrupt = ""  # "key: reason" of the latest corrupt sample
+        # Since the last take_audit(): samples accounted without being trained, and repeated ones.
+        self._retired: list[dict[str, str]] = []
+        self._repeats: list[str] = []
+        if train and self._plan.num_samples < world_size * batch_size:
             raise ValueError(
                 f"{shard_set.manifest_path} split {shard_set.split!r} has {self._plan.num_samples} samples, "
-                f"fewer than the {world_size} ranks: every rank needs at least one batch")
+                f"fewer than one global batch ({world_size} ranks x data.batch_size {batch_size}): every rank "
+                "needs at least one full batch")
 
     # ---------------------------------------------------------------- epoch and position
 
@@ -133,37 +143,44 @@ class ShardLoader:
     def _remaining(self) -> np.ndarray:
         return np.flatnonzero(~self._delivered)
 
-    def _rank_layout(self) -> tuple[list[int], np.ndarray]:
-        """(this rank's batch sizes, its plan indices in order) for what is left of the epoch."""
+    @property
+    def _global_batch(self) -> int:
+        return self.world_size * self.batch_size
+
+    def _rank_layout(self) -> tuple[list[int], int, np.ndarray]:
+        """(this rank's batch sizes, its reserve, its plan indices in order) for what is left of the epoch."""
         remaining = self._remaining()
         if self.train:
-            if 0 < remaining.size < self.world_size:
-                return [], remaining[:0]  # no equal split exists; __iter__ retires them (docs/DATA.md)
+            if remaining.size < self._global_batch:
+                return [], 0, remaining[:0]  # not one full batch per rank: __iter__ retires them (docs/DATA.md)
             sizes = rank_batch_sizes(remaining.size, self.world_size, self.batch_size)
+            reserves = rank_reserves(remaining.size, self.world_size, self.batch_size)
         else:
             sizes = eval_batch_sizes(remaining.size, self.world_size, self.batch_size)
-        ranges = split_ranges(remaining, [sum(s) for s in sizes])
-        return sizes[self.rank], ranges[self.rank]
+            reserves = [0] * self.world_size
+        ranges = split_ranges(remaining, [sum(s) + r for s, r in zip(sizes, reserves)])
+        return sizes[self.rank], reserves[self.rank], ranges[self.rank]
 
     def pending_epoch(self) -> int:
         """The epoch the next iteration runs: the current one, or the next when the current one has
         nothing left for this world size (complete, or only samples ``__iter__`` retires)."""
-        if self.train and self._remaining().size < self.world_size:
+        if self.train and self._remaining().size < self._global_batch:
             return self._epoch + 1
         return self._epoch
 
     def __len__(self) -> int:
         """Batches this rank yields in the next iteration (equal on all ranks when training)."""
-        if self.train and self._remaining().size < self.world_size:
+        if self.train and self._remaining().size < self._global_batch:
             # The current epoch is done (or only has samples __iter__ will retire): the next
             # iteration runs the next epoch in full.
             return len(rank_batch_sizes(self._plan.num_samples, self.world_size, self.batch_size)[self.rank])
         return len(self._rank_layout()[0])
 
     def _settings(self) -> StreamSettings:
-        rank_sizes, rank_indices = self._rank_layout()
+        rank_sizes, reserve, rank_indices = self._rank_layout()
         per_worker = worker_batch_sizes(rank_sizes, self.num_workers)
-        pieces = split_ranges(rank_indices, [sum(s) for s in per_worker])
+        reserves = worker_reserves(reserve, per_worker)
+        pieces = split_ranges(rank_indices, [sum(s) + r for s, r in zip(per_worker, reserves)])
         tasks = []
         for sizes, indices in zip(per_worker, pieces):
             first = int(indices[0]) if indices.size else -1
@@ -172,20 +189,23 @@ class ShardLoader:
                 shuffle_buffer=self.cfg.shuffle_buffer if self.train else 0,
                 shuffle_seed=stable_seed("buffer", self.cfg.seed, self._epoch, first, indices.size)))
         return StreamSettings(self.preprocess, self.cfg.image_resample, self.cfg.seed, self._epoch if self.train else 0,
-                              use_instance=not self.cfg.no_instance, tasks=tasks)
+                              use_instance=not self.cfg.no_instance, tasks=tasks,
+                              label_ids=(self.cfg.label_nc, self.cfg.contain_dontcare_label), full_batches=self.train)
 
     # ---------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.train:
             remaining = self._remaining()
-            if 0 < remaining.size < self.world_size:
-                # Only after a resume onto more ranks than samples left in the epoch: no split
-                # gives every rank a batch, so these few samples are retired for this epoch.
-                log.warning("epoch %d: %d samples left for %d ranks are skipped for this epoch: %s",
-                            self._epoch, remaining.size, self.world_size,
-                            [self._plan.key_of(int(i)) for i in remaining])
+            if 0 < remaining.size < self._global_batch:
+                # Only after a resume onto another layout: fewer samples left in the epoch than one
+                # full batch per rank, so these few samples are retired for this epoch.
+                keys = [self._plan.key_of(int(i)) for i in remaining]
+                log.warning("epoch %d: %d samples left for %d ranks x batch %d are skipped for this epoch: %s",
+                            self._epoch, remaining.size, self.world_size, self.batch_size, keys)
                 self._delivered[remaining] = True
+                self.dropped_samples += remaining.size
+                self._retired += [{"key": k, "reason": "dropped"} for k in keys]
             if self._plan.num_samples and self._delivered.all():
                 self.set_epoch(self._epoch + 1)  # the previous epoch is complete: go on with the next
         stream = ShardStream(self._settings())
@@ -198,11 +218,25 @@ class ShardLoader:
         else:
             batches = iter(stream)
         for batch in batches:
-            indices = batch.pop(INDEX_FIELD)
             self._account(batch.pop(CORRUPT_FIELD), int(batch.pop(READ_FIELD)))
+            if batch.pop(EXHAUSTED_FIELD, False):
+                raise CorruptRateError(
+                    f"every sample of a loader worker's range is corrupt, the last {self._last_corrupt}; the shards of "
+                    f"{self.shard_set.manifest_path} do not fit this config (data.label_nc, "
+                    "data.contain_dontcare_label) or are damaged (spade-data verify)")
+            indices = batch.pop(INDEX_FIELD)
+            self._account_unused(batch.pop(DROPPED_FIELD), int(batch.pop(REPEATS_FIELD)), batch["key"])
             if self.train:  # evaluation passes are always complete: no position to keep
                 self._delivered[indices[indices >= 0]] = True
             yield _to_torch(batch, pin)
+
+    def take_audit(self) -> tuple[list[dict[str, str]], list[str]]:
+        """(samples accounted without training: ``{"key", "reason": "corrupt" | "dropped"}``, keys that
+        filled a batch a second time) since the last call: with the trained keys, what the key audit
+        records per step (``train.log_keys``)."""
+        retired, repeats = self._retired, self._repeats
+        self._retired, self._repeats = [], []
+        return retired, repeats
 
     def _account(self, corrupt: list[tuple[str, str, int]], read: int) -> None:
         self.samples_read += read
@@ -211,6 +245,8 @@ class ShardLoader:
                 self._delivered[index] = True
             self.corrupt_samples += 1
             self._recent_corrupt.append(key)
+            self._last_corrupt = f"{key}: {reason}"
+            self._retired.append({"key": key, "reason": "corrupt"})
             log.warning("skipped corrupt sample %s (%s) in %s", key, reason, self.shard_set.manifest_path)
         limit = self.cfg.max_corrupt_fraction
         if corrupt and self.samples_read >= self.cfg.corrupt_min_samples \
@@ -219,6 +255,21 @@ class ShardLoader:
                 f"{self.corrupt_samples} of {self.samples_read} samples read were corrupt "
                 f"({self.corrupt_samples / self.samples_read:.2%} > data.max_corrupt_fraction {limit:.2%}); "
                 f"last corrupt keys: {list(self._recent_corrupt)} (shards of {self.shard_set.manifest_path})")
+
+    def _account_unused(self, dropped: list[tuple[str, int]], repeats: int, keys: list[str]) -> None:
+        """Reserve samples a worker did not need (dropped for the epoch, as the official drop_last), and
+        repeats that completed a batch after a worker ran out of valid samples."""
+        if dropped:
+            if self.train:
+                self._delivered[[index for _, index in dropped]] = True
+            self.dropped_samples += len(dropped)
+            self._retired += [{"key": key, "reason": "dropped"} for key, _ in dropped]
+            log.info("epoch %d: %d sample(s) left over by full batches are dropped for this epoch: %s",
+                     self._epoch, len(dropped), [key for key, _ in dropped])
+        if repeats and self.train:
+            self._repeats += keys[len(keys) - repeats:]
+            log.warning("epoch %d: a loader worker ran out of valid samples; its batch repeats %d of them: %s",
+                        self._epoch, repeats, keys[len(keys) - repeats:])
 
 
 # -------------------------------------------------------------------- builders

@@ -7,8 +7,9 @@ as "which global indices were delivered" can be resumed on any topology.
 
 Split: the not-yet-delivered indices (in plan order) are cut into one contiguous range per rank,
 and each rank's range into one contiguous range per DataLoader worker, with sizes chosen so that
-EVERY RANK YIELDS THE SAME NUMBER OF BATCHES (see :func:`rank_batch_sizes`). Contiguous ranges
-mean each worker streams only one or two shards, sequentially.
+EVERY RANK YIELDS THE SAME NUMBER OF FULL BATCHES (see :func:`rank_batch_sizes`; the samples left
+over are reserves that refill batches around corrupt samples). Contiguous ranges mean each worker
+streams only one or two shards, sequentially.
 
 Position: a bitmap over the global indices of the current epoch (packed bits: 125 kB for a
 million samples), plus the epoch and a fingerprint of (manifest shards, seed) so a position
@@ -86,32 +87,27 @@ class EpochPlan:
 
 
 def rank_batch_sizes(num_samples: int, world_size: int, batch_size: int) -> list[list[int]]:
-    """Batch sizes per rank so that every rank has the same number of non-empty batches.
+    """Training batch sizes per rank: ``nb = n // (world * B)`` full batches on every rank.
 
-    Rule: ``nb = ceil(n / (world * B))`` batches per rank; all but the last are full (B). The
-    remainder ``R = n - world * (nb - 1) * B`` (1 <= R <= world * B) is spread over the ranks'
-    last batches as evenly as possible. When R < world some ranks would get an empty last batch,
-    so instead the last batch is dropped on every rank and the R samples are folded into the
-    previous batch of the first R ranks (size B + 1). Requires n >= world (else ValueError).
+    Every training batch holds exactly ``B`` samples (the official ``drop_last``): a batch of one
+    sample cannot be normalised by BatchNorm (a 1 x 1 map at the generator's first layer), and one
+    batch size keeps compiled graphs and memory constant. The ``n - nb * world * B`` samples left
+    over are each rank's *reserve* (:func:`rank_reserves`): they refill batches whose samples turn out
+    corrupt, and what a worker does not need of them is dropped for the epoch (counted, logged,
+    marked delivered). Ranks get the same number of batches by construction.
     """
-    if num_samples == 0:
-        return [[] for _ in range(world_size)]
-    if num_samples < world_size:
-        raise ValueError(f"{num_samples} samples cannot give every one of {world_size} ranks a batch")
-    per_step = world_size * batch_size
-    num_batches = -(-num_samples // per_step)
-    remainder = num_samples - world_size * (num_batches - 1) * batch_size
-    sizes = []
-    for rank in range(world_size):
-        if remainder >= world_size:
-            last = remainder // world_size + (1 if rank < remainder % world_size else 0)
-            sizes.append([batch_size] * (num_batches - 1) + [last])
-        else:  # num_batches >= 2 here because n >= world
-            rank_sizes = [batch_size] * (num_batches - 1)
-            if rank < remainder:
-                rank_sizes[-1] += 1
-            sizes.append(rank_sizes)
-    return sizes
+    per_rank = num_samples // (world_size * batch_size)
+    return [[batch_size] * per_rank for _ in range(world_size)]
+
+
+def rank_reserves(num_samples: int, world_size: int, batch_size: int) -> list[int]:
+    """How many of the samples :func:`rank_batch_sizes` leaves over each rank gets as its reserve
+    (spread as evenly as possible; zero for every rank when no rank gets a batch)."""
+    per_rank = num_samples // (world_size * batch_size)
+    if per_rank == 0:
+        return [0] * world_size
+    left = num_samples - per_rank * world_size * batch_size
+    return [left // world_size + (1 if rank < left % world_size else 0) for rank in range(world_size)]
 
 
 def eval_batch_sizes(num_samples: int, world_size: int, batch_size: int) -> list[list[int]]:
@@ -129,6 +125,15 @@ def worker_batch_sizes(rank_sizes: list[int], num_workers: int) -> list[list[int
     """Batch i of a rank comes from worker i % W (the DataLoader's round-robin order)."""
     workers = max(1, num_workers)
     return [rank_sizes[w::workers] for w in range(workers)]
+
+
+def worker_reserves(reserve: int, per_worker: list[list[int]]) -> list[int]:
+    """A rank's reserve spread over its workers that have batches (a worker without any could not use it)."""
+    busy = [w for w, sizes in enumerate(per_worker) if sizes]
+    counts = [0] * len(per_worker)
+    for i, w in enumerate(busy):
+        counts[w] = reserve // len(busy) + (1 if i < reserve % len(busy) else 0)
+    return counts
 
 
 def split_ranges(indices: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:

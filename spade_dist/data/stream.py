@@ -7,10 +7,13 @@ Tar streaming is webdataset's (``url_opener`` / ``tar_file_expander`` / ``group_
 bytes are even read into a sample, and nothing is decoded before it leaves the shuffle buffer.
 
 Corrupt samples: skipped and reported in the batch (``_corrupt``); the worker fills its planned
-batches from its remaining valid samples in order, so only its last batch(es) come out smaller.
-If a planned batch would be empty, it carries one repeat of the worker's last good sample, marked
-with index -1 so the position does not count it -- the batch count per rank stays fixed, which
-is what keeps DDP and SyncBN from hanging.
+batches from its remaining valid samples in order, its reserve included (the samples the epoch's
+full batches leave over, docs/DATA.md). What it does not need of its range is reported as dropped
+(``_dropped``) with its last batch, so the position counts it. Training batches are always full:
+if a worker runs out of valid samples, the batch is completed with repeats of its valid ones
+(index -1, reported in ``_repeats``), so BatchNorm always sees ``B`` samples and the batch count per
+rank stays fixed (what keeps DDP and SyncBN from hanging). A worker without a single valid sample
+sends no batch but ``_exhausted``: the main process raises :class:`CorruptRateError` naming the keys.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ log = logging.getLogger("spade_dist.data")
 INDEX_FIELD = "_index"
 CORRUPT_FIELD = "_corrupt"
 READ_FIELD = "_read"
+DROPPED_FIELD = "_dropped"  # [(key, plan index)]: reserve samples this worker did not need
+REPEATS_FIELD = "_repeats"  # how many trailing samples repeat earlier ones to fill a training batch
+EXHAUSTED_FIELD = "_exhausted"  # no batch: every sample of the worker's range was corrupt
+PRIVATE_FIELDS = (INDEX_FIELD, CORRUPT_FIELD, READ_FIELD, DROPPED_FIELD, REPEATS_FIELD, EXHAUSTED_FIELD)
 
 
 @dataclass
@@ -53,6 +60,11 @@ class StreamSettings:
     epoch: int  # for per-sample crop/flip seeds
     use_instance: bool
     tasks: list[WorkerTask] = field(default_factory=list)
+    # (label_nc, contain_dontcare_label): a label id outside them makes the sample corrupt here, in
+    # the worker, instead of failing the train step; None = not checked.
+    label_ids: Optional[tuple[int, bool]] = None
+    # Training: every batch is completed to its planned size (repeats when a worker runs out).
+    full_batches: bool = False
 
 
 class ShardError(RuntimeError):
@@ -129,7 +141,7 @@ def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) 
 
 
 def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tuple[str, str, int]], read: int,
-            ) -> dict[str, Any]:
+            dropped: Optional[list[tuple[str, int]]] = None, repeats: int = 0) -> dict[str, Any]:
     """Stack decoded samples into the batch dict of docs/FORMATS.md (+ the private fields)."""
     shapes = {s.label.shape for s in samples}
     if len(shapes) != 1:
@@ -156,6 +168,7 @@ def collate(samples: list[DecodedSample], indices: list[int], corrupt: list[tupl
         "image": image, "label": label, "instance": instance,
         "key": [s.key for s in samples],
         INDEX_FIELD: np.asarray(indices, dtype=np.int64), CORRUPT_FIELD: corrupt, READ_FIELD: read,
+        DROPPED_FIELD: dropped or [], REPEATS_FIELD: repeats,
     }
 
 
@@ -190,16 +203,17 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 sample_rng = random.Random(stable_seed("sample", s.seed, s.epoch, key))
-                yield (decode_sample(sample, s.preprocess, sample_rng, s.use_instance, s.image_resample),
-                       sample["__index__"])
+                yield (decode_sample(sample, s.preprocess, sample_rng, s.use_instance, s.image_resample,
+                                     label_ids=s.label_ids), sample["__index__"])
             except CorruptSample as exc:
                 corrupt.append((key, exc.reason, sample["__index__"]))
 
     def _run(self, task: WorkerTask) -> Iterator[dict[str, Any]]:
         corrupt: list[tuple[str, str, int]] = []  # (key, reason, plan index), reported with the next batch
-        last_good: Optional[DecodedSample] = None
+        consumed: set[int] = set()  # plan indices trained or reported corrupt
+        last_good: list[DecodedSample] = []  # the latest valid samples: what a short batch repeats
         source = self._decoded(task, corrupt)
-        for size in task.batch_sizes:
+        for number, size in enumerate(task.batch_sizes, start=1):
             samples: list[DecodedSample] = []
             indices: list[int] = []
             for decoded, index in source:
@@ -207,18 +221,24 @@ class ShardStream(IterableDataset):
                 indices.append(index)
                 if len(samples) == size:
                     break
-            if not samples:
-                if last_good is None:
-                    raise RuntimeError(
-                        f"every sample of this worker's range is corrupt ({len(corrupt)}; last: {corrupt[-5:]})")
-                samples, indices = [last_good], [-1]
-            last_good = samples[-1]
+            consumed.update(indices)
+            consumed.update(i for _, _, i in corrupt)
+            if samples:
+                last_good = samples
+            repeats = 0
+            if len(samples) < size and (self.settings.full_batches or not samples):
+                if not last_good:  # not one valid sample in the whole range so far
+                    yield {EXHAUSTED_FIELD: True, CORRUPT_FIELD: corrupt[:], READ_FIELD: len(corrupt)}
+                    return
+                repeats = size - len(samples) if self.settings.full_batches else 1
+                samples += [last_good[i % len(last_good)] for i in range(repeats)]
+                indices += [-1] * repeats
             reported = corrupt[:]
             corrupt.clear()
+            dropped: list[tuple[str, int]] = []
+            if number == len(task.batch_sizes):  # the last batch: what is left of the range is dropped
+                source.close()
+                dropped = [(key, index) for segment in task.segments for key, index in segment.wanted.items()
+                           if index not in consumed]
             read_now = sum(1 for i in indices if i >= 0) + len(reported)
-            yield collate(samples, indices, reported, read_now)
-        # The planned sizes add up to the worker's whole range, so the loop above consumed it all;
-        # a sample left over means the plan and the shards disagree.
-        for decoded, _ in source:
-            raise RuntimeError(f"worker got more samples than planned (first extra: {decoded.key}); "
-                               "the shards do not match their manifest")
+            yield collate(samples, indices, reported, read_now, dropped, repeats)

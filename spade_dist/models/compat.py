@@ -10,10 +10,15 @@ Project format (``save_generator_file`` / ``load_generator_file``), loadable wit
 ``torch.load(weights_only=True)``::
 
     {"format": "spade-dist-generator", "version": 1, "config": Config.to_dict(), "generator": state_dict}
+
+or, for a ``.safetensors`` path, the same as a safetensors file (nothing in it can run code on load):
+tensors ``generator.<name>`` (and ``encoder.<name>``), metadata ``format``, ``version`` and ``config``
+(JSON). Every weights file is read through :func:`read_weights_file`, which never unpickles objects.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints written by old PyTorch
 
 PathOrStateDict = Union[str, os.PathLike, Mapping[str, Tensor]]
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,6 +64,54 @@ class CheckpointMismatchError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def is_safetensors(path: Union[str, os.PathLike]) -> bool:
+    """A safetensors file, by its header (8-byte little-endian length, then a JSON object)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+        size = os.fstat(handle.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file as :func:`read_weights_file` returns it: the project payload when its metadata
+    says so, else the plain state dict."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        meta = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if meta.get("format") != PROJECT_FORMAT:
+        return tensors
+    payload: dict[str, Any] = {"format": PROJECT_FORMAT, "version": int(meta.get("version", "0")),
+                               "config": json.loads(meta.get("config", "null"))}
+    for part in ("generator", "encoder"):
+        prefix = f"{part}."
+        entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entries or part == "generator":
+            payload[part] = entries
+    return payload
+
+
+def read_weights_file(path: Union[str, os.PathLike], mmap: bool = False) -> Any:
+    """The content of a weights file without running code from it: a safetensors file, or a PyTorch
+    file through ``torch.load(weights_only=True)`` (``mmap``: memory-mapped where the format allows).
+    Anything else (a junk file, pickled objects) raises ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        if is_safetensors(path):
+            return _read_safetensors(path)
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; retry plainly
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt file, not a weights file, pickled objects
+        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        raise ValueError(f"{path}: cannot read as a PyTorch (weights_only=True) or safetensors weights file: "
+                         f"{detail}") from exc
+
+
 def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Tensor], str]:
     """Return (state dict with wrapper prefixes stripped, a name for messages)."""
     if isinstance(path_or_state_dict, Mapping):
@@ -66,10 +120,7 @@ def _read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[dict[str, Ten
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"generator checkpoint not found: {path}")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+        raw = read_weights_file(path)
         source = str(path)
         if not isinstance(raw, Mapping):
             raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
@@ -247,9 +298,8 @@ def official_state_dict(G: nn.Module) -> dict[str, Tensor]:
 
 def save_official_generator(G: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``latest_net_G.pth``-style weights the official code can ``load_state_dict``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(official_state_dict(G), path)
+    with atomic_output(path) as handle:  # never a half-written file under the final name
+        torch.save(official_state_dict(G), handle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,25 +319,31 @@ def _check_matches_config(G: nn.Module, cfg: Config) -> None:
 
 
 def save_generator_file(G: nn.Module, cfg: Config, path: Union[str, os.PathLike]) -> None:
-    """Save ``{"format", "version", "config", "generator"}``; the config must rebuild ``G`` exactly."""
+    """Save ``{"format", "version", "config", "generator"}``; the config must rebuild ``G`` exactly.
+    A ``.safetensors`` path gets the safetensors form (module docstring)."""
     G = _unwrap(G)
     _check_matches_config(G, cfg)
-    payload = {
-        "format": PROJECT_FORMAT,
-        "version": PROJECT_FORMAT_VERSION,
-        "config": cfg.to_dict(),
-        "generator": {k: v.detach().cpu().clone() for k, v in G.state_dict().items()},
-    }
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in G.state_dict().items()}
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import save as safetensors_bytes
+
+        data = safetensors_bytes({f"generator.{k}": v for k, v in weights.items()},
+                                 metadata={"format": PROJECT_FORMAT, "version": str(PROJECT_FORMAT_VERSION),
+                                           "config": json.dumps(cfg.to_dict())})
+        with atomic_output(path) as handle:
+            handle.write(data)
+        return
+    payload = {"format": PROJECT_FORMAT, "version": PROJECT_FORMAT_VERSION, "config": cfg.to_dict(), "generator": weights}
     with atomic_output(path) as handle:  # never a half-written file under the final name
         torch.save(payload, handle)
 
 
 def load_generator_file(path: Union[str, os.PathLike]) -> tuple[nn.Module, Config]:
-    """Read a project generator file -> (generator in eval mode, its Config)."""
+    """Read a project generator file (PyTorch or safetensors form) -> (generator in eval mode, its Config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generator file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_weights_file(path)
     if not isinstance(payload, Mapping) or payload.get("format") != PROJECT_FORMAT:
         raise ValueError(f"{path}: not a spade-dist generator file (no format '{PROJECT_FORMAT}'); "
                          "for official weights use load_official_generator or 'spade-convert from-official'")
@@ -365,10 +421,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ValueError(f"{path}: sha256 {digest} differs from the expected {expected_sha256}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt file, not a torch file, pickled objects
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+    payload = read_weights_file(path)
     encoder_state: object = None
     encoder_source = ""
     G = _unwrap(G)
@@ -394,10 +447,7 @@ def init_generator_from_file(G: nn.Module, E: "nn.Module | None", cfg: Config, p
         sibling = official_encoder_path(path)
         if E is not None and sibling != path and sibling.is_file():
             encoder_source = str(sibling)
-            try:
-                encoder_state = torch.load(sibling, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"{sibling}: cannot read as a PyTorch checkpoint (weights_only=True): {exc}") from exc
+            encoder_state = read_weights_file(sibling)
     if E is not None and encoder_state is not None:
         load_encoder_state(_unwrap(E), encoder_state, encoder_source, cfg)
     else:

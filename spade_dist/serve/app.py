@@ -14,9 +14,10 @@ HTTP API (all errors are JSON ``{"error": message}`` with a 4xx status; the page
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -47,6 +48,69 @@ class Sample:
     label: torch.Tensor  # int64 1 x 1 x H x W at the generation size
 
 
+# Room for multipart headers and the small form fields next to an upload of --max-upload-bytes.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` is answered 413 while it streams, before
+    it is spooled anywhere -- by its Content-Length when it has one, else (chunked transfer) by
+    counting: past the limit the app sees a disconnect, and whatever it answers is replaced by the 413."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.limit:
+            await self._too_large(send, f"request of {length} bytes")
+            return
+        received = 0
+        too_large = False
+
+        async def limited_receive() -> dict:
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        replaced = False
+
+        async def checked_send(message: dict) -> None:
+            nonlocal replaced
+            if not too_large:
+                await send(message)
+            elif not replaced:
+                replaced = True
+                await self._too_large(send, "request body")
+
+        try:
+            await self.app(scope, limited_receive, checked_send)
+        except Exception:  # noqa: BLE001 - the app failed on the cut body: the answer is still the 413
+            if not too_large:
+                raise
+        if too_large and not replaced:  # the app gave up on the disconnect without answering
+            await self._too_large(send, "request body")
+
+    async def _too_large(self, send: Callable, what: str) -> None:
+        upload_limit = self.limit - _MULTIPART_OVERHEAD
+        body = json.dumps({"error": f"{what} is larger than --max-upload-bytes {upload_limit}"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -61,13 +125,8 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
 def create_app(holder: ModelHolder, batcher: Batcher, class_names: list[str], samples: list[Sample],
                max_upload_bytes: int) -> FastAPI:
     app = FastAPI(title="spade-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + _MULTIPART_OVERHEAD)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # refuse before the body is spooled anywhere
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            return _error(413, f"request of {length} bytes is larger than --max-upload-bytes {max_upload_bytes}")
-        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:

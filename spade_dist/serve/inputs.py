@@ -41,6 +41,8 @@ def _check_header(data: bytes, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+    except Image.DecompressionBombError as exc:  # Pillow's own cap, above ours: the same answer
+        raise RequestError(f"{name}: more than the {MAX_UPLOAD_PIXELS} pixels this server decodes") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise RequestError(f"{name}: not an image PIL can read ({exc})") from exc
     if width * height > MAX_UPLOAD_PIXELS:

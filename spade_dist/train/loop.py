@@ -203,7 +203,11 @@ class KeyAuditLog:
 
     Each record also names the (re)start that wrote it: ``resumed_from`` (the checkpoint step it
     resumed from, 0 for a fresh start) and ``world_size``. Steps after the checkpoint the next
-    (re)start resumed from were never committed; an audit drops them (docs/ELASTIC.md).
+    (re)start resumed from were never committed; an audit drops them (docs/ELASTIC.md). Samples the
+    loader accounted for without training them since the previous record (``retired``: corrupt, or
+    dropped as left over by the epoch's full batches) and keys that filled a batch a second time
+    (``repeats``) are recorded when there are any: trained keys minus repeats plus retired ones are
+    every sample of a completed epoch exactly once.
     """
 
     def __init__(self, run: RunDir, rank: int, resumed_from: int, world_size: int) -> None:
@@ -212,8 +216,14 @@ class KeyAuditLog:
         self._file = path.open("a")
         self._start = {"resumed_from": resumed_from, "world_size": world_size}
 
-    def write(self, step: int, epoch: int, keys: list[str]) -> None:
-        self._file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys, **self._start}) + "\n")
+    def write(self, step: int, epoch: int, keys: list[str], retired: list[dict[str, str]],
+              repeats: list[str]) -> None:
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "keys": keys, **self._start}
+        if retired:
+            record["retired"] = retired
+        if repeats:
+            record["repeats"] = repeats
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -288,7 +298,7 @@ class Hooks:
         from spade_dist.monitoring.exporter import TrainingMetrics
 
         info = backend.info
-        self.run, self.device, self.max_steps = run, backend.device, max_steps
+        self.run, self.device, self.max_steps, self.loader = run, backend.device, max_steps, loader
         self.trackers = ExperimentTrackers(cfg, run.root, info.is_main)  # before anything that needs closing
         for name, log_dir in self.trackers.log_dirs.items():
             log.info(f"{name} log dir: {log_dir}   (view: tensorboard --logdir {log_dir})")
@@ -311,8 +321,9 @@ class Hooks:
         self.step_log.before_step(step + 1)
 
     def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any], result: StepResult) -> None:
+        retired, repeats = self.loader.take_audit()  # taken every step: the loader keeps nothing for long
         if self.key_log is not None:
-            self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]])
+            self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]], retired, repeats)
         self.step_log.maybe_log(state.step, result, micro)
         grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
         self.trackers.log_sample_grid(grid, state.step)
