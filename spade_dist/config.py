@@ -212,6 +212,43 @@ class OptimConfig:
     D_steps_per_G: int = 1
 
 
+HealthPolicy = Literal["warn", "stop"]
+
+
+@dataclass
+class HealthConfig:
+    """``train.health``: run-health signals and what each does when it fires (docs/HEALTH.md)."""
+
+    enabled: bool = True
+    # Non-finite streak: this many consecutive steps whose G or D update was skipped.
+    nonfinite_streak: int = 20
+    on_nonfinite: HealthPolicy = "stop"
+    # Loss spike: a term's median over one logging interval above the running median of its last
+    # spike_window per-step values by more than spike_mads robust deviations (1.4826 x MAD).
+    spike_window: int = 200
+    spike_mads: float = 25.0
+    on_spike: HealthPolicy = "warn"
+    # Discriminator saturation: D loss (D_Fake + D_real, mean over ranks) below saturation_d_loss
+    # for saturation_steps consecutive steps.
+    saturation_d_loss: float = 0.05
+    saturation_steps: int = 50
+    on_saturation: HealthPolicy = "warn"
+    # Generator collapse: the EMA generator's output diversity on a fixed label batch below
+    # collapse_ratio x the highest diversity of the run, checked every collapse_every steps
+    # (0 = at train.sample_every).
+    collapse_every: int = 0
+    collapse_ratio: float = 0.1
+    on_collapse: HealthPolicy = "warn"
+    # Cross-rank drift: a checksum of parameters (and replicated buffers) compared across ranks every
+    # consistency_every steps (0 = never).
+    consistency_every: int = 100
+    on_drift: HealthPolicy = "stop"
+    # Test-only fault injection (spade_dist/train/faults.py), from step debug_fault_step on: never set
+    # in a real run.
+    debug_fault: Literal["none", "nan", "lr_jump", "d_saturate", "g_constant", "perturb_rank1"] = "none"
+    debug_fault_step: int = 0
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -262,6 +299,7 @@ class TrainConfig:
     # Experiment trackers through Accelerate's tracker API (rank 0): scalars every log_every steps and
     # the sample grids; "tensorboard" writes <run_dir>/tensorboard (spade_dist/train/trackers.py).
     trackers: list[Literal["tensorboard"]] = field(default_factory=list)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass
@@ -533,6 +571,14 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
     return [
         at_least("train.log_every", t.log_every, 1),
         at_least("train.sample_every", t.sample_every, 1),
+        at_least("train.health.nonfinite_streak", t.health.nonfinite_streak, 1),
+        at_least("train.health.spike_window", t.health.spike_window, 8),
+        (t.health.spike_mads > 0, f"train.health.spike_mads must be > 0, got {t.health.spike_mads}"),
+        at_least("train.health.saturation_steps", t.health.saturation_steps, 1),
+        at_least("train.health.collapse_every", t.health.collapse_every, 0),
+        (0 <= t.health.collapse_ratio < 1, f"train.health.collapse_ratio must be in [0, 1), got {t.health.collapse_ratio}"),
+        at_least("train.health.consistency_every", t.health.consistency_every, 0),
+        at_least("train.health.debug_fault_step", t.health.debug_fault_step, 0),
         at_least("train.num_sample_images", t.num_sample_images, 1),
         at_least("train.max_steps", t.max_steps, 0),
         at_least("train.global_batch_size", t.global_batch_size, 0),

@@ -66,7 +66,7 @@ DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
               "samples", "eval", "metrics", "report", "init_generator",
-              "speed_paths", "deepspeed_hostfile")
+              "speed_paths", "deepspeed_hostfile", "health")
 
 
 class RunDirBusy(RuntimeError):
@@ -167,6 +167,20 @@ class RunDir:
     @property
     def deepspeed_hostfile(self) -> Path:
         return self.root / DEEPSPEED_HOSTFILE_NAME
+
+    @property
+    def health(self) -> Path:
+        return self.root / "health"
+
+    @property
+    def health_events(self) -> Path:
+        """One JSON line per health event (spade_dist/train/health.py, docs/HEALTH.md)."""
+        return self.health / "events.jsonl"
+
+    @property
+    def health_verdict(self) -> Path:
+        """The run's final health verdict (``spade-run health`` prints its line)."""
+        return self.health / "verdict.json"
 
     def key_log(self, rank: int) -> Path:
         """``train.log_keys``: the sample keys rank ``rank`` trained on, one JSON line per step."""

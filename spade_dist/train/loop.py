@@ -22,6 +22,7 @@ import torch
 
 from spade_dist.config import Config
 from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
+from spade_dist.exit_codes import EXIT_UNHEALTHY
 from spade_dist.files import write_json_atomic
 from spade_dist.logs import PROGRESS_LOGGER
 from spade_dist.models.compat import GeneratorInit
@@ -29,6 +30,8 @@ from spade_dist.models.fast.choice import SpeedPathChoice
 from spade_dist.models.sync_bn import attach_syncbn_group
 from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import BACKENDS, TrainBackend
+from spade_dist.train.faults import FaultInjector
+from spade_dist.train.health import HealthEvent, HealthMonitor
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, StepResult, autocast_context, prepare_batch, train_step
@@ -55,6 +58,7 @@ class TrainResult:
     stopped_early: bool  # preemption signal: checkpoint written, exit with the requeue code
     exit_code: int
     nonfinite_skips: int
+    health_stop: Optional[HealthEvent] = None  # the health signal that stopped the run (train.health)
 
 
 def progress_text(step: int, max_steps: int, seconds_per_step: float) -> str:
@@ -290,10 +294,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
 class Hooks:
     """Everything the loop does around a step besides the step and the checkpoint: the log line
     with its metrics and trackers, sample grids, the speed-path choice on the first batch, the key
-    audit and the FID watcher. Each part keeps its own schedule; :meth:`close` ends them all."""
+    audit, the health monitor (and its test-only fault injection) and the FID watcher. Each part keeps
+    its own schedule; :meth:`close` ends them all."""
 
     def __init__(self, cfg: Config, backend: TrainBackend, state: TrainState, run: RunDir, loader: Any,
-                 ckpt: "CheckpointManager", max_steps: int) -> None:
+                 ckpt: "CheckpointManager", max_steps: int, losses: LossSet, syncbn_ranks: int) -> None:
         from spade_dist.eval.launch import start_eval_watcher
         from spade_dist.monitoring.exporter import TrainingMetrics
 
@@ -312,6 +317,9 @@ class Hooks:
                                            lambda: autocast_context(cfg.train.mixed_precision, backend.device),
                                            deterministic=cfg.train.deterministic)
         self.key_log = KeyAuditLog(run, info.rank, state.step, info.world_size) if cfg.train.log_keys else None
+        self.health = HealthMonitor(cfg, state, run, self.metrics, backend.device, info.rank, info.world_size, max_steps,
+                                    vgg=losses.vgg.vgg if losses.vgg is not None else None, syncbn_ranks=syncbn_ranks)
+        self.faults = FaultInjector(cfg.train.health.debug_fault, cfg.train.health.debug_fault_step, state, info.rank)
         # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
         self.evaluator = start_eval_watcher(cfg, run.root) if info.is_main and cfg.eval.mode == "subprocess" else None
 
@@ -319,14 +327,18 @@ class Hooks:
         self.samples.offer(group[0])
         self.speed_paths.once(micro[0].semantics)
         self.step_log.before_step(step + 1)
+        self.faults.before_step(step)
 
-    def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any], result: StepResult) -> None:
+    def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any],
+                   result: StepResult) -> Optional[HealthEvent]:
+        """The hooks of a finished step; returns the health event that stops the run, if one fired."""
         retired, repeats = self.loader.take_audit()  # taken every step: the loader keeps nothing for long
         if self.key_log is not None:
             self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]], retired, repeats)
         self.step_log.maybe_log(state.step, result, micro)
         grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
         self.trackers.log_sample_grid(grid, state.step)
+        return self.health.after_step(state.step, result, micro[0].semantics)
 
     def close(self, stopped_early: bool) -> None:
         from spade_dist.eval.launch import stop_eval_watcher
@@ -381,7 +393,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     elif state.init_from is not None and info.is_main:
         record_init_generator(run, state.init_from)
     max_steps = last_step(cfg, state, loader, steps_per_epoch, grad_accum)
-    hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps)
+    hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps, losses, syncbn_ranks)
     job = elastic_job_id()
     log.info(f"{backend.name} on {info.world_size} x {device} | global batch "
              f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
@@ -390,8 +402,10 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
 
     # --- 6. the loop: step -> EMA -> hooks (each hook keeps its own schedule) ----------------------
     stopped_early = False
+    unhealthy: Optional[HealthEvent] = None
+    loss_hook = hooks.faults.loss_hook if hooks.faults.active else None
     try:
-        while state.step < max_steps and not stopped_early:
+        while state.step < max_steps and not stopped_early and unhealthy is None:
             for group in micro_batches(loader, grad_accum, hooks.step_log.meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
@@ -399,11 +413,13 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                     state.set_epoch(loader.epoch)
                 micro = [prepare_batch(b, cfg, device) for b in group]
                 hooks.before_step(group, micro, state.step)
-                result = train_step(backend, losses, micro, state.step, cfg)
+                result = train_step(backend, losses, micro, state.step, cfg, loss_hook=loss_hook)
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
-                hooks.after_step(state, group, micro, result)
+                unhealthy = hooks.after_step(state, group, micro, result)
+                if unhealthy is not None:
+                    break  # no checkpoint of an unhealthy state
                 ckpt.maybe_save(state.step, app_state)
                 stopped_early = ckpt.should_stop()
                 if stopped_early or state.step >= max_steps:
@@ -412,7 +428,14 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
 
-        # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
+        # --- 7. the end: final save, DONE / REQUEUE (a health stop: the verdict, nothing saved) --------
+        hooks.health.write_verdict(state.step)
+        if unhealthy is not None:
+            if info.is_main:
+                log.error(f"stopped: {unhealthy.line()}; resume from it with --resume PATH after a fix "
+                          f"(docs/HEALTH.md); exit {EXIT_UNHEALTHY}")
+            return TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=False,
+                               exit_code=EXIT_UNHEALTHY, nonfinite_skips=state.nonfinite_skips, health_stop=unhealthy)
         ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
         if stopped_early:
             log.info(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "

@@ -1,0 +1,336 @@
+"""Run health: notice divergence, discriminator saturation, generator collapse and cross-rank drift.
+
+Signals (``train.health``, docs/HEALTH.md):
+
+- ``nonfinite``: a streak of consecutive steps whose G or D update was skipped (non-finite loss or
+  gradient).
+- ``spike``: a loss term's median over one logging interval far above the running median of its
+  recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD).
+- ``saturation``: the discriminator wins: D loss (D_Fake + D_real) below ``saturation_d_loss`` for
+  ``saturation_steps`` consecutive steps (hinge: every real logit > 1 and every fake one < -1).
+- ``collapse``: the EMA generator's output diversity on a fixed label batch (mean pairwise L1
+  distance of VGG features, or of pixels without the VGG loss) below ``collapse_ratio`` x the highest
+  diversity of the run.
+- ``drift``: a checksum of the replicated state differs between ranks.
+
+Host synchronisation: every step only appends device tensors (loss terms, skip flags); on logging
+steps they are stacked, averaged over ranks in one all-reduce and read once, which is the logging
+step's existing sync point. Collapse and drift have their own schedules (``collapse_every``,
+``consistency_every``) with one small collective each. Every rank reaches the same decision from the
+same reduced numbers, so a stop leaves the loop on all ranks at the same step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spade_dist.checkpoint.layout import checkpoints_dir, is_committed, list_step_dirs, step_of
+from spade_dist.config import Config
+from spade_dist.files import write_json_atomic
+from spade_dist.logs import PROGRESS_LOGGER
+from spade_dist.run_dir import RunDir
+from spade_dist.train.step import StepResult, judges_images_independently
+
+log = logging.getLogger(PROGRESS_LOGGER)
+
+SIGNALS = ("nonfinite", "spike", "saturation", "collapse", "drift")
+D_TERMS = ("D_Fake", "D_real")
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
+SPIKE_MIN_HISTORY = 8  # per-step values a band needs before it judges
+
+
+@dataclass
+class HealthEvent:
+    """One signal firing: what, when, the numbers behind it and the policy that acted."""
+
+    step: int
+    signal: str
+    action: str  # warn | stop
+    detail: str
+    last_healthy_checkpoint: Optional[str]
+    time: float
+
+    def line(self) -> str:
+        where = self.last_healthy_checkpoint or "none (no committed checkpoint before it)"
+        return f"health: {self.signal} at step {self.step}: {self.detail}; last healthy checkpoint: {where}"
+
+
+def robust_band(history: list[float], mads: float) -> tuple[float, float]:
+    """(median, upper limit) of ``history``: median + ``mads`` robust standard deviations. The
+    deviation is floored at 1e-3 of the median's size, so a flat history does not make every wiggle
+    a spike."""
+    t = torch.tensor(history, dtype=torch.float64)
+    median = float(t.median())
+    mad = float((t - median).abs().median())
+    scale = max(MAD_TO_SIGMA * mad, 1e-3 * abs(median), 1e-8)
+    return median, median + mads * scale
+
+
+def state_checksum(modules: list[nn.Module], with_buffers: list[bool]) -> torch.Tensor:
+    """Per module: (sum, sum of squares, position-weighted sum) of its parameters and, where asked,
+    its buffers, in float64. Equal replicas give bit-identical values on every rank."""
+    sums = []
+    for module, buffers in zip(modules, with_buffers):
+        tensors = [p.detach() for p in module.parameters()]
+        if buffers:
+            tensors += [b.detach() for b in module.buffers() if b.is_floating_point()]
+        if not tensors:
+            sums.append(torch.zeros(3, dtype=torch.float64))
+            continue
+        flat = torch.cat([t.reshape(-1).double() for t in tensors])
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / flat.numel()
+        sums.append(torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()]).cpu())
+    return torch.cat(sums)
+
+
+def differing_ranks(checksums: list[torch.Tensor]) -> list[int]:
+    """Ranks whose checksum differs from the most common one (ties: rank 0's)."""
+    keys = [tuple(c.tolist()) for c in checksums]
+    counts = {k: keys.count(k) for k in keys}
+    best = max(counts.values())
+    majority = keys[0] if counts[keys[0]] == best else next(k for k in keys if counts[k] == best)
+    return [r for r, k in enumerate(keys) if k != majority]
+
+
+def last_healthy_checkpoint(run_dir: Path, clean_step: int) -> Optional[Path]:
+    """The newest committed checkpoint at or before ``clean_step`` (the last step checked clean)."""
+    for step_dir in reversed(list_step_dirs(checkpoints_dir(run_dir))):
+        step = step_of(step_dir)
+        if step is not None and step <= clean_step and is_committed(step_dir):
+            return step_dir
+    return None
+
+
+class HealthMonitor:
+    """Observes every step (device tensors only), judges on its schedules, records and acts.
+
+    ``after_step`` returns the event that stops the run (policy ``stop``), else None. The state
+    record ``state.health`` (saved in every checkpoint) keeps the last clean step per signal and the
+    highest output diversity, so a resumed run judges against the same history.
+    """
+
+    def __init__(self, cfg: Config, state: Any, run: RunDir, metrics: Any, device: torch.device,
+                 rank: int, world_size: int, max_steps: int, vgg: Optional[nn.Module],
+                 syncbn_ranks: int) -> None:
+        self.cfg, self.hc = cfg, cfg.train.health
+        self.state, self.run, self.metrics, self.device = state, run, metrics, device
+        self.rank, self.world, self.max_steps = rank, world_size, max_steps
+        self.enabled = self.hc.enabled
+        self.vgg = vgg
+        self.is_main = rank == 0
+        self.collapse_every = self.hc.collapse_every or cfg.train.sample_every
+        # Replicated buffers: BN running statistics are equal on every rank only when SyncBN spans
+        # the world; D's are equal when D has no batch statistics of its own (spectral-norm vectors).
+        generator_buffers = syncbn_ranks == world_size
+        self._checked = [state.generator_side, state.discriminator, state.ema.model]
+        self._buffers = [generator_buffers, judges_images_independently(state.discriminator), generator_buffers]
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._history: dict[str, deque] = {}
+        self._nonfinite_run = 0
+        self._saturated_run = 0
+        self._active: set[str] = set()
+        self._fixed_labels: Optional[torch.Tensor] = None
+        record = state.health
+        record.setdefault("clean_at", {s: state.step for s in SIGNALS})
+        record.setdefault("diversity_max", 0.0)
+        record.setdefault("events", 0)
+        self.events_path = run.health_events
+        self.verdict: Optional[HealthEvent] = None
+
+    # -- every step ---------------------------------------------------------------------------
+    def after_step(self, step: int, result: StepResult, semantics: torch.Tensor) -> Optional[HealthEvent]:
+        if not self.enabled:
+            return None
+        if self._fixed_labels is None:
+            self._fixed_labels = semantics[:4].detach().clone()
+        values = {k: v.detach().float() for k, v in result.losses.items()}
+        values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
+        self._pending.append(values)
+        fired: list[HealthEvent] = []
+        if step % self.cfg.train.log_every == 0 or step == self.max_steps:
+            fired += self._judge_interval(step)
+        if step % self.collapse_every == 0 or step == self.max_steps:
+            fired += self._judge_collapse(step)
+        if self.hc.consistency_every and (step % self.hc.consistency_every == 0 or step == self.max_steps):
+            fired += self._judge_drift(step)
+        for event in fired:
+            self._record(event)
+            if event.action == "stop" and self.verdict is None:
+                self.verdict = event
+        return self.verdict
+
+    # -- logging steps: non-finite streak, spikes, saturation ---------------------------------
+    def _judge_interval(self, step: int) -> list[HealthEvent]:
+        names = sorted({k for row in self._pending for k in row})
+        nan = torch.full((), float("nan"), device=self.device)
+        matrix = torch.stack([torch.stack([row.get(k, nan) for k in names]) for row in self._pending])
+        if self.world > 1:
+            dist.all_reduce(matrix)  # one collective per logging step; every rank judges the same numbers
+            matrix = matrix / self.world
+        rows = matrix.double().cpu()  # the logging step's host sync
+        first = step - len(self._pending) + 1
+        self._pending = []
+        column = {k: rows[:, i] for i, k in enumerate(names)}
+        fired = []
+        # Non-finite streak (a skip on any rank skips on all: the reduced flag is 0 or 1).
+        for i, skipped in enumerate(column["__skipped"].tolist()):
+            self._nonfinite_run = self._nonfinite_run + 1 if skipped > 0 else 0
+            if self._nonfinite_run >= self.hc.nonfinite_streak:
+                fired += self._fire("nonfinite", first + i, f"{self._nonfinite_run} consecutive steps skipped as non-finite")
+        if self._nonfinite_run < self.hc.nonfinite_streak:
+            self._clear("nonfinite", step)
+        # Discriminator saturation.
+        if all(k in column for k in D_TERMS):
+            d_loss = column[D_TERMS[0]] + column[D_TERMS[1]]
+            for i, value in enumerate(d_loss.tolist()):
+                self._saturated_run = self._saturated_run + 1 if value < self.hc.saturation_d_loss else 0
+                if self._saturated_run >= self.hc.saturation_steps:
+                    fired += self._fire("saturation", first + i,
+                                        f"D loss {value:.4g} < {self.hc.saturation_d_loss} for {self._saturated_run} steps")
+            if self._saturated_run < self.hc.saturation_steps:
+                self._clear("saturation", step)
+        # Loss spikes against each term's running band.
+        spiking = []
+        for name in names:
+            if name.startswith("__"):
+                continue
+            values = [v for v in column[name].tolist() if math.isfinite(v)]
+            history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
+            if values and len(history) >= SPIKE_MIN_HISTORY:
+                median, limit = robust_band(list(history), self.hc.spike_mads)
+                now = float(torch.tensor(values).median())
+                if now > limit:
+                    spiking.append(f"{name} {now:.4g} > {limit:.4g} (running median {median:.4g})")
+            history.extend(values)
+            if self.metrics is not None:
+                self.metrics.record_health_signal("spike_ratio", name, self._spike_ratio(name, values))
+        if spiking:
+            fired += self._fire("spike", step, "; ".join(spiking))
+        else:
+            self._clear("spike", step)
+        if self.metrics is not None:
+            self.metrics.record_health_signal("nonfinite_streak", "", float(self._nonfinite_run))
+            self.metrics.record_health_signal("saturated_steps", "", float(self._saturated_run))
+        return fired
+
+    def _spike_ratio(self, name: str, values: list[float]) -> float:
+        """The interval median over the band's median (1 = typical), for the dashboard."""
+        history = self._history[name]
+        if not values or not history:
+            return 1.0
+        median = float(torch.tensor(list(history), dtype=torch.float64).median())
+        return float(torch.tensor(values).median()) / median if median else 1.0
+
+    # -- collapse: EMA generator diversity on a fixed label batch ---------------------------------
+    @torch.no_grad()
+    def output_diversity(self, generator: nn.Module) -> float:
+        """Mean pairwise L1 distance between the features of the EMA generator's outputs for the
+        fixed label maps, two noise draws each (the draws differ only for a VAE generator)."""
+        assert self._fixed_labels is not None
+        labels = self._fixed_labels
+        was_training = generator.training
+        generator.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training RNG streams stay untouched
+            torch.manual_seed(self.cfg.train.seed)
+            fakes = torch.cat([generator(labels), generator(labels)]).float()
+        generator.train(was_training)
+        features = self.vgg(fakes)[-1] if self.vgg is not None else fakes
+        flat = features.flatten(1)
+        distances = torch.cdist(flat, flat, p=1) / flat.shape[1]
+        n = flat.shape[0]
+        return float(distances.sum() / (n * (n - 1)))
+
+    def _judge_collapse(self, step: int) -> list[HealthEvent]:
+        diversity = torch.tensor([self.output_diversity(self.state.ema_generator)], dtype=torch.float64)
+        if self.world > 1:
+            diversity = diversity.to(self.device)
+            dist.all_reduce(diversity)
+            diversity = diversity.cpu() / self.world
+        value = float(diversity)
+        record = self.state.health
+        if self.metrics is not None:
+            self.metrics.record_health_signal("diversity", "", value)
+        limit = self.hc.collapse_ratio * record["diversity_max"]
+        if not math.isfinite(value) or value < limit:
+            return self._fire("collapse", step, f"EMA generator output diversity {value:.4g} < {limit:.4g} "
+                                                f"({self.hc.collapse_ratio} x the run's highest, {record['diversity_max']:.4g})")
+        record["diversity_max"] = max(record["diversity_max"], value)
+        self._clear("collapse", step)
+        return []
+
+    # -- drift: replicated state equal on every rank ---------------------------------------------
+    def _judge_drift(self, step: int) -> list[HealthEvent]:
+        if self.world == 1:
+            self._clear("drift", step)
+            return []
+        mine = state_checksum(self._checked, self._buffers).to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        ranks = differing_ranks([g.cpu() for g in gathered])
+        if self.metrics is not None:
+            self.metrics.record_health_signal("drifted_ranks", "", float(len(ranks)))
+        if ranks:
+            return self._fire("drift", step, f"parameters / buffers of rank(s) {', '.join(map(str, ranks))} differ "
+                                             "from the other ranks' (a hardware or communication fault)")
+        self._clear("drift", step)
+        return []
+
+    # -- events ------------------------------------------------------------------------------
+    def _fire(self, signal: str, step: int, detail: str) -> list[HealthEvent]:
+        """An event when ``signal`` starts firing (once per episode: it re-arms after a clean check)."""
+        if signal in self._active:
+            return []
+        self._active.add(signal)
+        action = getattr(self.hc, f"on_{signal}")
+        clean = int(self.state.health["clean_at"].get(signal, 0))
+        healthy = last_healthy_checkpoint(self.run.root, clean)
+        return [HealthEvent(step=step, signal=signal, action=action, detail=detail,
+                            last_healthy_checkpoint=str(healthy) if healthy is not None else None, time=time.time())]
+
+    def _clear(self, signal: str, step: int) -> None:
+        self._active.discard(signal)
+        self.state.health["clean_at"][signal] = step
+
+    def _record(self, event: HealthEvent) -> None:
+        self.state.health["events"] = int(self.state.health["events"]) + 1
+        if self.metrics is not None:
+            self.metrics.record_health_event(event.signal, event.action)
+        if not self.is_main:
+            return
+        if event.action == "warn":
+            log.warning(event.line())
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.events_path.open("a") as handle:
+            handle.write(json.dumps(asdict(event)) + "\n")
+
+    def write_verdict(self, step: int) -> None:
+        """Rank 0, at the end of the run: ``health/verdict.json`` (``spade-run health`` prints it)."""
+        if not self.is_main or not self.enabled:
+            return
+        if self.verdict is not None:
+            payload = {"status": "stopped", "step": self.verdict.step, "signal": self.verdict.signal,
+                       "line": self.verdict.line(), "last_healthy_checkpoint": self.verdict.last_healthy_checkpoint}
+        else:
+            payload = {"status": "healthy", "step": step, "events": int(self.state.health["events"]),
+                       "line": f"health: no stopping signal up to step {step} "
+                               f"({int(self.state.health['events'])} warning event(s) in {self.events_path.name})"}
+        write_json_atomic(self.run.health_verdict, payload, sort_keys=True)
+
+
+def read_verdict(run: RunDir) -> Optional[dict]:
+    """The run's ``health/verdict.json``, or None when it has none (an unreadable one is None too)."""
+    try:
+        return json.loads(Path(run.health_verdict).read_text())
+    except (OSError, ValueError):
+        return None
