@@ -228,11 +228,14 @@ class HealthConfig:
     spike_window: int = 200
     spike_mads: float = 25.0
     on_spike: HealthPolicy = "warn"
-    # Discriminator saturation: D loss (D_Fake + D_real, mean over ranks) below saturation_d_loss
-    # for saturation_steps consecutive steps.
+    # The D loss (D_Fake + D_real, mean over ranks) outside [saturation_d_loss, divergence_d_loss] for
+    # d_loss_steps consecutive steps: below, D wins (saturation); above, training diverged (a healthy
+    # hinge D loss starts near 2 and stays near it). Not judged with loss.gan_mode=w (unbounded).
     saturation_d_loss: float = 0.05
-    saturation_steps: int = 50
+    divergence_d_loss: float = 20.0
+    d_loss_steps: int = 20
     on_saturation: HealthPolicy = "warn"
+    on_divergence: HealthPolicy = "stop"
     # Generator collapse: the EMA generator's output diversity on a fixed label batch below
     # collapse_ratio x the highest diversity of the run, checked every collapse_every steps
     # (0 = at train.sample_every).
@@ -574,7 +577,10 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         at_least("train.health.nonfinite_streak", t.health.nonfinite_streak, 1),
         at_least("train.health.spike_window", t.health.spike_window, 8),
         (t.health.spike_mads > 0, f"train.health.spike_mads must be > 0, got {t.health.spike_mads}"),
-        at_least("train.health.saturation_steps", t.health.saturation_steps, 1),
+        at_least("train.health.d_loss_steps", t.health.d_loss_steps, 1),
+        (0 <= t.health.saturation_d_loss < t.health.divergence_d_loss,
+         "train.health.saturation_d_loss must be >= 0 and below train.health.divergence_d_loss, got "
+         f"{t.health.saturation_d_loss} and {t.health.divergence_d_loss}"),
         at_least("train.health.collapse_every", t.health.collapse_every, 0),
         (0 <= t.health.collapse_ratio < 1, f"train.health.collapse_ratio must be in [0, 1), got {t.health.collapse_ratio}"),
         at_least("train.health.consistency_every", t.health.consistency_every, 0),

@@ -178,6 +178,11 @@ class RunDir:
         return self.health / "events.jsonl"
 
     @property
+    def health_signals(self) -> Path:
+        """One JSON line per health check: the signals' values (what healthy looks like, for tuning)."""
+        return self.health / "signals.jsonl"
+
+    @property
     def health_verdict(self) -> Path:
         """The run's final health verdict (``spade-run health`` prints its line)."""
         return self.health / "verdict.json"
@@ -280,6 +285,12 @@ def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int
         return Verdict("failed", 1, f"training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE{why}")
     at = f" (DONE at step {step})" if kind == "done" else ""
     return Verdict("failed", rc, f"training failed with exit code {rc}{at}{why}")
+
+
+def read_health_verdict(run: RunDir) -> Optional[dict]:
+    """The run's ``health/verdict.json`` (written when a run ends, docs/HEALTH.md), or None when it has
+    none or it cannot be read."""
+    return _read_json(run.health_verdict)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
     spade-run prepare RUN_DIR                    # before a launch: remove stale STOP / REQUEUE markers
     spade-run verdict RUN_DIR --rc RC [--preempted] --requeue-exit-code N
                                                  # after it: "finished|requeue|failed EXIT_CODE message"
+    spade-run health RUN_DIR                     # the run's health verdict line (docs/HEALTH.md), or "none"
 
 Exit status 0; 2 for an unknown entry name or a bad argument; 74 when ``prepare`` cannot remove a
 marker (read-only run directory, docs/FORMATS.md "Exit codes").
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, fail_os, make_parser
 from spade_dist.exit_codes import requeue_code_problem
-from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict
+from spade_dist.run_dir import PATH_NAMES, RunDir, launch_verdict, read_health_verdict
 
 
 def build_parser() -> CliParser:
@@ -28,7 +29,8 @@ def build_parser() -> CliParser:
     p_path.add_argument("run_dir", type=Path)
     p_path.add_argument("names", nargs="+", metavar="NAME", help=f"any of: {', '.join(PATH_NAMES)}")
     for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
-                       ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
+                       ("prepare", "remove stale STOP / REQUEUE markers before a launch"),
+                       ("health", "the run's final health verdict (train.health) or 'none'")):
         add_subcommand(sub, name, help=text).add_argument("run_dir", type=Path)
     p_verdict = add_subcommand(sub, "verdict", help="after a launch: what the batch script should do")
     p_verdict.add_argument("run_dir", type=Path)
@@ -60,6 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return fail("spade-run", f"--requeue-exit-code {problem} (checkpoint.requeue_exit_code)")
         v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
         print(f"{v.action} {v.exit_code} {v.message}")
+    elif args.command == "health":
+        verdict = read_health_verdict(run)
+        print(verdict["line"] if verdict is not None and "line" in verdict else "none")
     else:
         owner = run.read_owner()
         print(owner.describe() if owner is not None else "none")

@@ -154,7 +154,7 @@ class TrainingMetrics:
         self._ckpt_saves = Counter("spade_checkpoint_saves", "Checkpoint saves by result.",
                                    names + ["result"], registry=reg)
         self._health = gauge("spade_health_signal", "Latest value of each run-health signal (docs/HEALTH.md): "
-                             "nonfinite_streak, saturated_steps, spike_ratio per term, diversity, drifted_ranks.",
+                             "nonfinite_streak, saturated_steps, diverged_steps, spike_score per term, diversity, drifted_ranks.",
                              ("signal", "term"))
         self._health_events = Counter("spade_health_events", "Run-health signals that fired, by signal and action.",
                                       names + ["signal", "action"], registry=reg)

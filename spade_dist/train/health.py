@@ -7,7 +7,9 @@ Signals (``train.health``, docs/HEALTH.md):
 - ``spike``: a loss term's median over one logging interval far above the running median of its
   recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD).
 - ``saturation``: the discriminator wins: D loss (D_Fake + D_real) below ``saturation_d_loss`` for
-  ``saturation_steps`` consecutive steps (hinge: every real logit > 1 and every fake one < -1).
+  ``d_loss_steps`` consecutive steps (hinge: every real logit > 1 and every fake one < -1).
+- ``divergence``: D loss above ``divergence_d_loss`` for ``d_loss_steps`` consecutive steps (an absurd
+  learning rate diverges from the first steps, before a spike band has a history to compare with).
 - ``collapse``: the EMA generator's output diversity on a fixed label batch (mean pairwise L1
   distance of VGG features, or of pixels without the VGG loss) below ``collapse_ratio`` x the highest
   diversity of the run.
@@ -43,7 +45,7 @@ from spade_dist.train.step import StepResult, judges_images_independently
 
 log = logging.getLogger(PROGRESS_LOGGER)
 
-SIGNALS = ("nonfinite", "spike", "saturation", "collapse", "drift")
+SIGNALS = ("nonfinite", "spike", "saturation", "divergence", "collapse", "drift")
 D_TERMS = ("D_Fake", "D_real")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 SPIKE_MIN_HISTORY = 8  # per-step values a band needs before it judges
@@ -65,15 +67,13 @@ class HealthEvent:
         return f"health: {self.signal} at step {self.step}: {self.detail}; last healthy checkpoint: {where}"
 
 
-def robust_band(history: list[float], mads: float) -> tuple[float, float]:
-    """(median, upper limit) of ``history``: median + ``mads`` robust standard deviations. The
-    deviation is floored at 1e-3 of the median's size, so a flat history does not make every wiggle
-    a spike."""
+def robust_band(history: list[float]) -> tuple[float, float]:
+    """(median, robust standard deviation = 1.4826 x MAD) of ``history``. The deviation is floored
+    at 1e-3 of the median's size, so a flat history does not make every wiggle a spike."""
     t = torch.tensor(history, dtype=torch.float64)
     median = float(t.median())
     mad = float((t - median).abs().median())
-    scale = max(MAD_TO_SIGMA * mad, 1e-3 * abs(median), 1e-8)
-    return median, median + mads * scale
+    return median, max(MAD_TO_SIGMA * mad, 1e-3 * abs(median), 1e-8)
 
 
 def state_checksum(modules: list[nn.Module], with_buffers: list[bool]) -> torch.Tensor:
@@ -138,13 +138,15 @@ class HealthMonitor:
         self._history: dict[str, deque] = {}
         self._nonfinite_run = 0
         self._saturated_run = 0
+        self._diverged_run = 0
+        self.judge_d_loss = cfg.loss.gan_mode != "w"  # a Wasserstein D loss has no healthy range
         self._active: set[str] = set()
         self._fixed_labels: Optional[torch.Tensor] = None
         record = state.health
         record.setdefault("clean_at", {s: state.step for s in SIGNALS})
         record.setdefault("diversity_max", 0.0)
         record.setdefault("events", 0)
-        self.events_path = run.health_events
+        self._values: dict[str, Any] = {}
         self.verdict: Optional[HealthEvent] = None
 
     # -- every step ---------------------------------------------------------------------------
@@ -157,12 +159,15 @@ class HealthMonitor:
         values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
         self._pending.append(values)
         fired: list[HealthEvent] = []
+        self._values: dict[str, Any] = {}
         if step % self.cfg.train.log_every == 0 or step == self.max_steps:
             fired += self._judge_interval(step)
         if step % self.collapse_every == 0 or step == self.max_steps:
             fired += self._judge_collapse(step)
         if self.hc.consistency_every and (step % self.hc.consistency_every == 0 or step == self.max_steps):
             fired += self._judge_drift(step)
+        if self._values and self.is_main:
+            self._append(self.run.health_signals, {"step": step, **self._values})
         for event in fired:
             self._record(event)
             if event.action == "stop" and self.verdict is None:
@@ -189,16 +194,25 @@ class HealthMonitor:
                 fired += self._fire("nonfinite", first + i, f"{self._nonfinite_run} consecutive steps skipped as non-finite")
         if self._nonfinite_run < self.hc.nonfinite_streak:
             self._clear("nonfinite", step)
-        # Discriminator saturation.
-        if all(k in column for k in D_TERMS):
+        # The D loss out of its healthy range: saturation below, divergence above.
+        if self.judge_d_loss and all(k in column for k in D_TERMS):
             d_loss = column[D_TERMS[0]] + column[D_TERMS[1]]
+            hc = self.hc
             for i, value in enumerate(d_loss.tolist()):
-                self._saturated_run = self._saturated_run + 1 if value < self.hc.saturation_d_loss else 0
-                if self._saturated_run >= self.hc.saturation_steps:
+                self._saturated_run = self._saturated_run + 1 if value < hc.saturation_d_loss else 0
+                self._diverged_run = self._diverged_run + 1 if not value <= hc.divergence_d_loss else 0
+                if self._saturated_run >= hc.d_loss_steps:
                     fired += self._fire("saturation", first + i,
-                                        f"D loss {value:.4g} < {self.hc.saturation_d_loss} for {self._saturated_run} steps")
-            if self._saturated_run < self.hc.saturation_steps:
+                                        f"D loss {value:.4g} < {hc.saturation_d_loss} for {self._saturated_run} steps")
+                if self._diverged_run >= hc.d_loss_steps:
+                    fired += self._fire("divergence", first + i,
+                                        f"D loss {value:.4g} > {hc.divergence_d_loss} for {self._diverged_run} steps")
+            if self._saturated_run < hc.d_loss_steps:
                 self._clear("saturation", step)
+            if self._diverged_run < hc.d_loss_steps:
+                self._clear("divergence", step)
+            self._values["min_d_loss"] = round(float(d_loss.min()), 5)
+            self._values["max_d_loss"] = round(float(d_loss.max()), 5)
         # Loss spikes against each term's running band.
         spiking = []
         for name in names:
@@ -207,29 +221,27 @@ class HealthMonitor:
             values = [v for v in column[name].tolist() if math.isfinite(v)]
             history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
             if values and len(history) >= SPIKE_MIN_HISTORY:
-                median, limit = robust_band(list(history), self.hc.spike_mads)
+                median, scale = robust_band(list(history))
                 now = float(torch.tensor(values).median())
-                if now > limit:
-                    spiking.append(f"{name} {now:.4g} > {limit:.4g} (running median {median:.4g})")
+                score = (now - median) / scale  # robust deviations above the running median
+                if score > self.hc.spike_mads:
+                    spiking.append(f"{name} {now:.4g} is {score:.3g} robust deviations above its running median "
+                                   f"{median:.4g} (train.health.spike_mads {self.hc.spike_mads})")
+                self._values.setdefault("spike_score", {})[name] = round(score, 3)
+                if self.metrics is not None:
+                    self.metrics.record_health_signal("spike_score", name, score)
             history.extend(values)
-            if self.metrics is not None:
-                self.metrics.record_health_signal("spike_ratio", name, self._spike_ratio(name, values))
         if spiking:
             fired += self._fire("spike", step, "; ".join(spiking))
         else:
             self._clear("spike", step)
+        self._values.update(nonfinite_streak=self._nonfinite_run, saturated_steps=self._saturated_run,
+                            diverged_steps=self._diverged_run)
         if self.metrics is not None:
             self.metrics.record_health_signal("nonfinite_streak", "", float(self._nonfinite_run))
             self.metrics.record_health_signal("saturated_steps", "", float(self._saturated_run))
+            self.metrics.record_health_signal("diverged_steps", "", float(self._diverged_run))
         return fired
-
-    def _spike_ratio(self, name: str, values: list[float]) -> float:
-        """The interval median over the band's median (1 = typical), for the dashboard."""
-        history = self._history[name]
-        if not values or not history:
-            return 1.0
-        median = float(torch.tensor(list(history), dtype=torch.float64).median())
-        return float(torch.tensor(values).median()) / median if median else 1.0
 
     # -- collapse: EMA generator diversity on a fixed label batch ---------------------------------
     @torch.no_grad()
@@ -259,6 +271,7 @@ class HealthMonitor:
             diversity = diversity.cpu() / self.world
         value = float(diversity)
         record = self.state.health
+        self._values["diversity"] = value
         if self.metrics is not None:
             self.metrics.record_health_signal("diversity", "", value)
         limit = self.hc.collapse_ratio * record["diversity_max"]
@@ -278,6 +291,7 @@ class HealthMonitor:
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         ranks = differing_ranks([g.cpu() for g in gathered])
+        self._values["drifted_ranks"] = ranks
         if self.metrics is not None:
             self.metrics.record_health_signal("drifted_ranks", "", float(len(ranks)))
         if ranks:
@@ -310,9 +324,13 @@ class HealthMonitor:
             return
         if event.action == "warn":
             log.warning(event.line())
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.events_path.open("a") as handle:
-            handle.write(json.dumps(asdict(event)) + "\n")
+        self._append(self.run.health_events, asdict(event))
+
+    @staticmethod
+    def _append(path: Path, record: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def write_verdict(self, step: int) -> None:
         """Rank 0, at the end of the run: ``health/verdict.json`` (``spade-run health`` prints it)."""
@@ -324,13 +342,6 @@ class HealthMonitor:
         else:
             payload = {"status": "healthy", "step": step, "events": int(self.state.health["events"]),
                        "line": f"health: no stopping signal up to step {step} "
-                               f"({int(self.state.health['events'])} warning event(s) in {self.events_path.name})"}
+                               f"({int(self.state.health['events'])} warning event(s) in {self.run.health_events})"}
         write_json_atomic(self.run.health_verdict, payload, sort_keys=True)
 
-
-def read_verdict(run: RunDir) -> Optional[dict]:
-    """The run's ``health/verdict.json``, or None when it has none (an unreadable one is None too)."""
-    try:
-        return json.loads(Path(run.health_verdict).read_text())
-    except (OSError, ValueError):
-        return None
