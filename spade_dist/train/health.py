@@ -49,6 +49,7 @@ SIGNALS = ("nonfinite", "spike", "saturation", "divergence", "collapse", "drift"
 D_TERMS = ("D_Fake", "D_real")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 SPIKE_MIN_HISTORY = 8  # per-step values a band needs before it judges
+COLLAPSE_LABELS = 4  # fixed label maps of the collapse check
 
 
 @dataclass
@@ -77,20 +78,17 @@ def robust_band(history: list[float]) -> tuple[float, float]:
 
 
 def state_checksum(modules: list[nn.Module], with_buffers: list[bool]) -> torch.Tensor:
-    """Per module: (sum, sum of squares, position-weighted sum) of its parameters and, where asked,
-    its buffers, in float64. Equal replicas give bit-identical values on every rank."""
-    sums = []
+    """Per tensor of each module's parameters (and, where asked, floating-point buffers): its sum and
+    its L2 norm, accumulated in float64. Equal replicas give bit-identical values on every rank; a
+    change of any value changes them (a permutation within one tensor does not)."""
+    stats = []
     for module, buffers in zip(modules, with_buffers):
         tensors = [p.detach() for p in module.parameters()]
         if buffers:
             tensors += [b.detach() for b in module.buffers() if b.is_floating_point()]
-        if not tensors:
-            sums.append(torch.zeros(3, dtype=torch.float64))
-            continue
-        flat = torch.cat([t.reshape(-1).double() for t in tensors])
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / flat.numel()
-        sums.append(torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()]).cpu())
-    return torch.cat(sums)
+        for t in tensors:
+            stats += [t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)]
+    return torch.stack(stats).cpu() if stats else torch.zeros(1, dtype=torch.float64)
 
 
 def differing_ranks(checksums: list[torch.Tensor]) -> list[int]:
@@ -153,15 +151,11 @@ class HealthMonitor:
     def after_step(self, step: int, result: StepResult, semantics: torch.Tensor) -> Optional[HealthEvent]:
         if not self.enabled:
             return None
-        if self._fixed_labels is None:
-            self._fixed_labels = semantics[:4].detach().clone()
-        values = {k: v.detach().float() for k, v in result.losses.items()}
-        values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
-        self._pending.append(values)
+        self.observe(result, semantics)
         fired: list[HealthEvent] = []
-        self._values: dict[str, Any] = {}
+        self._values = {}
         if step % self.cfg.train.log_every == 0 or step == self.max_steps:
-            fired += self._judge_interval(step)
+            fired += self.judge_interval(step)
         if step % self.collapse_every == 0 or step == self.max_steps:
             fired += self._judge_collapse(step)
         if self.hc.consistency_every and (step % self.hc.consistency_every == 0 or step == self.max_steps):
@@ -174,8 +168,20 @@ class HealthMonitor:
                 self.verdict = event
         return self.verdict
 
+    def observe(self, result: StepResult, semantics: torch.Tensor) -> None:
+        """A step's device tensors kept for the next judgement (no host sync); the first label maps
+        this rank trains on (up to :data:`COLLAPSE_LABELS`) become the fixed labels of the collapse check."""
+        held = self._fixed_labels
+        if held is None or held.shape[0] < COLLAPSE_LABELS:
+            more = semantics[:COLLAPSE_LABELS].detach().clone()
+            self._fixed_labels = more if held is None else torch.cat([held, more])[:COLLAPSE_LABELS]
+        values = {k: v.detach().float() for k, v in result.losses.items()}
+        values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
+        self._pending.append(values)
+
     # -- logging steps: non-finite streak, spikes, saturation ---------------------------------
-    def _judge_interval(self, step: int) -> list[HealthEvent]:
+    def judge_interval(self, step: int) -> list[HealthEvent]:
+        """Judge the steps observed since the last logging step (ending at ``step``)."""
         names = sorted({k for row in self._pending for k in row})
         nan = torch.full((), float("nan"), device=self.device)
         matrix = torch.stack([torch.stack([row.get(k, nan) for k in names]) for row in self._pending])
@@ -247,15 +253,17 @@ class HealthMonitor:
     @torch.no_grad()
     def output_diversity(self, generator: nn.Module) -> float:
         """Mean pairwise L1 distance between the features of the EMA generator's outputs for the
-        fixed label maps, two noise draws each (the draws differ only for a VAE generator)."""
+        fixed label maps; with a VAE generator two style draws each (without, a second draw would be
+        the same image)."""
         assert self._fixed_labels is not None
         labels = self._fixed_labels
+        draws = 2 if self.cfg.model.use_vae else 1
         was_training = generator.training
         generator.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training RNG streams stay untouched
             torch.manual_seed(self.cfg.train.seed)
-            fakes = torch.cat([generator(labels), generator(labels)]).float()
+            fakes = torch.cat([generator(labels) for _ in range(draws)]).float()
         generator.train(was_training)
         features = self.vgg(fakes)[-1] if self.vgg is not None else fakes
         flat = features.flatten(1)
@@ -264,6 +272,8 @@ class HealthMonitor:
         return float(distances.sum() / (n * (n - 1)))
 
     def _judge_collapse(self, step: int) -> list[HealthEvent]:
+        if self._fixed_labels is None or (self._fixed_labels.shape[0] < 2 and not self.cfg.model.use_vae):
+            return []  # one label map, one image: no pair to compare yet (same on every rank: same batch size)
         diversity = torch.tensor([self.output_diversity(self.state.ema_generator)], dtype=torch.float64)
         if self.world > 1:
             diversity = diversity.to(self.device)
@@ -283,11 +293,15 @@ class HealthMonitor:
         return []
 
     # -- drift: replicated state equal on every rank ---------------------------------------------
+    def replica_checksum(self) -> torch.Tensor:
+        """This rank's checksum of the state every rank holds the same (G side, D, EMA generator)."""
+        return state_checksum(self._checked, self._buffers)
+
     def _judge_drift(self, step: int) -> list[HealthEvent]:
         if self.world == 1:
             self._clear("drift", step)
             return []
-        mine = state_checksum(self._checked, self._buffers).to(self.device)
+        mine = self.replica_checksum().to(self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         ranks = differing_ranks([g.cpu() for g in gathered])
