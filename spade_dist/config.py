@@ -226,7 +226,7 @@ class HealthConfig:
     # Loss spike: a term's median over one logging interval above the running median of its last
     # spike_window per-step values by more than spike_mads robust deviations (1.4826 x MAD).
     spike_window: int = 200
-    spike_mads: float = 25.0
+    spike_mads: float = 20.0
     on_spike: HealthPolicy = "warn"
     # The D loss (D_Fake + D_real, mean over ranks) outside [saturation_d_loss, divergence_d_loss] for
     # d_loss_steps consecutive steps: below, D wins (saturation); above, training diverged (a healthy

@@ -19,8 +19,8 @@ EXIT_ENVIRONMENT = 74
 # A run committed a checkpoint and stopped because it was asked to (signal, Ctrl-C, STOP file): restart
 # it to continue. The default of checkpoint.requeue_exit_code; sysexits.h EX_TEMPFAIL.
 EXIT_REQUEUE = 75
-# The run-health monitor stopped the run (a signal with policy stop, docs/HEALTH.md): nothing after
-# the last healthy checkpoint is worth keeping; the one line names the signal and that checkpoint.
+# The run-health monitor stopped the run (a signal with policy stop, docs/HEALTH.md): nothing was
+# checkpointed after the signal fired; the one line names the signal and the last healthy checkpoint.
 EXIT_UNHEALTHY = 76
 # The codes checkpoint.requeue_exit_code may take: 0-2, 74 and 76 mean the above; above 125 the shell
 # reserves codes (126/127: not executable / not found, 128+N: killed by signal N).

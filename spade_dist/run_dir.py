@@ -15,6 +15,7 @@
       samples/        step-*.png sample grids and their index.html gallery
       eval/           the FID watcher's state (docs/EVALUATION.md)
       metrics/        Prometheus file_sd target files (unless metrics.sd_dir is set)
+      health/         signals.jsonl, events.jsonl, verdict.json of the run-health monitor (docs/HEALTH.md)
       report.html     spade-report's page
 
 Shell scripts ask for these paths and the run's outcome with ``spade-run`` (``spade_dist.cli.run``)
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from spade_dist.exit_codes import EXIT_UNHEALTHY
 from spade_dist.files import write_atomic
 
 CONFIG_NAME = "config.yaml"
@@ -62,6 +64,7 @@ EVAL_BEST_NAME = "best.json"  # the best-FID line, under eval/
 INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting point (train.init_generator)
 SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/fast/choice.py)
 DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
+HEALTH_DIRNAME = "health"
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
@@ -170,7 +173,7 @@ class RunDir:
 
     @property
     def health(self) -> Path:
-        return self.root / "health"
+        return self.root / HEALTH_DIRNAME
 
     @property
     def health_events(self) -> Path:
@@ -235,9 +238,11 @@ class RunDir:
         self.requeue.unlink(missing_ok=True)
 
     def clear_start_markers(self) -> None:
-        """A (re)started run is neither done nor asking for a requeue until it says so again."""
+        """A (re)started run is neither done nor asking for a requeue, and has no health verdict, until
+        it says so again (the events of earlier launches stay in health/events.jsonl)."""
         self.done.unlink(missing_ok=True)
         self.requeue.unlink(missing_ok=True)
+        self.health_verdict.unlink(missing_ok=True)
 
     def outcome(self) -> tuple[str, Optional[int]]:
         """("done", step) | ("requeue", step) | ("incomplete", None): what the last training job
@@ -277,6 +282,9 @@ def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int
     kind, step = run.outcome()
     if kind == "done" and rc == 0:
         return Verdict("finished", 0, f"training finished at step {step}")
+    health = read_health_verdict(run)
+    if kind != "done" and health is not None and health.get("status") == "stopped":
+        return Verdict("failed", EXIT_UNHEALTHY, f"stopped by the run-health monitor: {health.get('line', '')}")
     if kind == "requeue":
         return Verdict("requeue", requeue_exit_code,
                        f"checkpoint of step {step} committed and the run asked for a requeue (launcher exit code {rc})")
