@@ -212,7 +212,7 @@ class OptimConfig:
     D_steps_per_G: int = 1
 
 
-HealthPolicy = Literal["warn", "stop"]
+HealthPolicy = Literal["warn", "rewind", "stop"]
 
 
 @dataclass
@@ -246,6 +246,13 @@ class HealthConfig:
     # consistency_every steps (0 = never).
     consistency_every: int = 100
     on_drift: HealthPolicy = "stop"
+    # Policy rewind: restore the last healthy checkpoint in the running job and go on, with the
+    # learning rates x these factors from then on; after max_rewinds rewinds within rewind_window
+    # steps the next one stops instead.
+    max_rewinds: int = 2
+    rewind_window: int = 1000
+    rewind_lr_factor_G: float = 1.0
+    rewind_lr_factor_D: float = 1.0
     # Test-only fault injection (spade_dist/train/faults.py), from step debug_fault_step on: never set
     # in a real run.
     debug_fault: Literal["none", "nan", "lr_jump", "d_saturate", "g_constant", "perturb_rank1"] = "none"
@@ -585,6 +592,11 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         (0 <= t.health.collapse_ratio < 1, f"train.health.collapse_ratio must be in [0, 1), got {t.health.collapse_ratio}"),
         at_least("train.health.consistency_every", t.health.consistency_every, 0),
         at_least("train.health.debug_fault_step", t.health.debug_fault_step, 0),
+        at_least("train.health.max_rewinds", t.health.max_rewinds, 0),
+        at_least("train.health.rewind_window", t.health.rewind_window, 1),
+        (0 < t.health.rewind_lr_factor_G <= 1 and 0 < t.health.rewind_lr_factor_D <= 1,
+         "train.health.rewind_lr_factor_G / _D must be in (0, 1], got "
+         f"{t.health.rewind_lr_factor_G}, {t.health.rewind_lr_factor_D}"),
         at_least("train.num_sample_images", t.num_sample_images, 1),
         at_least("train.max_steps", t.max_steps, 0),
         at_least("train.global_batch_size", t.global_batch_size, 0),

@@ -13,7 +13,7 @@ from spade_dist.checkpoint.layout import MARKER_NAME, step_dir_name
 from spade_dist.exit_codes import EXIT_UNHEALTHY, requeue_code_problem
 from spade_dist.run_dir import RunDir
 from spade_dist.train.health import differing_ranks, last_healthy_checkpoint, robust_band, state_checksum
-from tests.kit import PYTHON, accelerate_launcher, run_cli, synthetic_shards, tiny_config, train_cmd
+from tests.kit import PYTHON, accelerate_launcher, audited_keys, run_cli, synthetic_shards, tiny_config, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,8 @@ def test_last_healthy_checkpoint_is_the_newest_committed_one_checked_clean(tmp_p
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.health.on_spike=rewind", "train.health.on_spike"),
+    ("train.health.on_spike=retry", "train.health.on_spike"),
+    ("train.health.rewind_lr_factor_G=0", "train.health.rewind_lr_factor_G"),
     ("train.health.spike_window=2", "train.health.spike_window"),
     ("train.health.collapse_ratio=1.5", "train.health.collapse_ratio"),
     ("train.health.saturation_d_loss=30", "train.health.saturation_d_loss"),
@@ -134,6 +135,32 @@ def test_absurd_learning_rate_ends_with_a_divergence_verdict(tmp_path, manifest)
     proc = _train(run_dir, manifest, "optim.lr=5", "train.health.d_loss_steps=10", expect_rc=EXIT_UNHEALTHY)
     # Diverged from the first steps: no checkpoint is healthy (the one of step 10 is not named).
     _assert_stopped_once(run_dir, proc, "divergence", healthy_step=None)
+
+
+def test_rewind_restores_the_healthy_checkpoint_with_a_lower_lr_and_the_audit_stays_exactly_once(tmp_path, manifest):
+    """A non-finite streak under policy rewind: back to step 10 once, D's lr halved, the run finishes;
+    replaying the steps after 10, the committed history still has every sample of each epoch once."""
+    run_dir = tmp_path / "run"
+    proc = _train(run_dir, manifest, "train.health.debug_fault=nan", "train.health.debug_fault_step=12",
+                  "train.health.nonfinite_streak=4", "train.health.on_nonfinite=rewind",
+                  "train.health.rewind_lr_factor_D=0.5", "train.log_keys=true", "train.max_steps=24")
+    events = _events(run_dir)
+    healthy = str(run_dir / "checkpoints" / step_dir_name(10))
+    assert [(e["signal"], e["action"], e["step"], e["last_healthy_checkpoint"]) for e in events] == [
+        ("nonfinite", "rewind", 16, healthy)], events
+    assert f"rewound to {healthy} (step 10); lr G 1.00e-03 D 2.00e-03" in proc.stdout, proc.stdout[-3000:]
+    assert json.loads(RunDir(run_dir).done.read_text())["step"] == 24
+    assert _health_line(run_dir) == f"health: no stopping signal up to step 24 (1 warning / rewind event(s) in {RunDir(run_dir).health_events})"
+    # The key audit: the last record of each step is the committed one (the rewind replayed 11..16).
+    records = [json.loads(x) for x in (run_dir / "logs" / "keys-rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 17)) + list(range(11, 25))
+    assert {r["resumed_from"] for r in records if r["step"] > 10 and records.index(r) >= 16} == {10}
+    committed = {r["step"]: r for r in records}
+    by_epoch: dict[int, list[str]] = {}
+    for step in sorted(committed):
+        by_epoch.setdefault(committed[step]["epoch"], []).extend(audited_keys(committed[step]))
+    for epoch in (0, 1):  # 16 samples, 8 steps of 2 per epoch; epoch 2 is partial at step 24
+        assert sorted(by_epoch[epoch]) == sorted(set(by_epoch[epoch])) and len(by_epoch[epoch]) == 16, epoch
 
 
 def test_saturated_discriminator_stops(tmp_path, manifest):
@@ -171,7 +198,7 @@ def test_normal_run_fires_nothing(tmp_path, manifest):
     signals = [json.loads(x) for x in RunDir(run_dir).health_signals.read_text().splitlines()]
     # A line per check: 30 logging steps, 6 collapse checks between them (steps 5, 15, ..., 55).
     assert len(signals) == 36 and sum("diversity" in s for s in signals) == 12
-    assert _health_line(run_dir) == f"health: no stopping signal up to step 60 (0 warning event(s) in {RunDir(run_dir).health_events})"
+    assert _health_line(run_dir) == f"health: no stopping signal up to step 60 (0 warning / rewind event(s) in {RunDir(run_dir).health_events})"
 
 
 @pytest.mark.dist

@@ -179,7 +179,7 @@ class TrainingMetrics:
         from spade_dist.train.health import SIGNALS  # lazy: the exporter loads without the training stack
 
         for signal in SIGNALS:
-            for action in ("warn", "stop"):
+            for action in ("warn", "rewind", "stop"):
                 self._health_events.labels(**lab, signal=signal, action=action)
         now = time.time()
         self._start_time.labels(**lab).set(now)
@@ -319,7 +319,7 @@ class TrainingMetrics:
             self._health.labels(**self._labels, signal=signal, term=term).set(value)
 
     def record_health_event(self, signal: str, action: str) -> None:
-        """A health signal fired; ``action`` is its policy (warn / stop)."""
+        """A health signal fired; ``action`` is what its policy did (warn / rewind / stop)."""
         if self.enabled:
             self._health_events.labels(**self._labels, signal=signal, action=action).inc()
 

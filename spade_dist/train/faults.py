@@ -1,7 +1,8 @@
 """Test-only fault injection (``train.health.debug_fault``): the faults the health monitor must notice.
 
 Never set in a real run; the tests (tests/test_health.py) inject each fault into a tiny run from step
-``train.health.debug_fault_step`` on and check that the policy acts once and the run finishes.
+``train.health.debug_fault_step`` on and check that the policy acts once and the run finishes. A
+rewind spends the fault: the replayed steps run without it, as after a transient fault.
 
 - ``nan``: every G and D loss becomes NaN (a non-finite streak).
 - ``lr_jump``: both learning rates x ``LR_JUMP`` (a loss spike or worse).
@@ -44,11 +45,20 @@ class FaultInjector:
     def __init__(self, fault: str, start_step: int, state: Any, rank: int) -> None:
         self.fault, self.start, self.state, self.rank = fault, start_step, state, rank
         self._armed = False
+        self._spent = False  # after a rewind the fault does not come back (a transient fault)
+        self._hooks: list[Any] = []
         self._base_lrs: list[float] = []
 
     @property
     def active(self) -> bool:
         return self.fault != "none"
+
+    def spend(self) -> None:
+        """The run rewound past the fault: remove it for good (restored state keeps its own lrs)."""
+        self._spent, self._armed = True, False
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def loss_hook(self, which: str, loss: torch.Tensor) -> Optional[torch.Tensor]:
         """``train_step``'s loss hook: NaN losses once the ``nan`` fault is armed."""
@@ -58,7 +68,7 @@ class FaultInjector:
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
-        if not self.active or step < self.start:
+        if not self.active or step < self.start or self._spent:
             return
         state = self.state
         if self.fault == "lr_jump":
@@ -72,9 +82,9 @@ class FaultInjector:
             return
         self._armed = True
         if self.fault == "d_saturate":
-            state.discriminator.register_forward_hook(_saturate_predictions)
+            self._hooks.append(state.discriminator.register_forward_hook(_saturate_predictions))
         elif self.fault == "g_constant":
-            state.generator.register_forward_hook(_constant_output)
-            state.ema.model.register_forward_hook(_constant_output)
+            self._hooks += [state.generator.register_forward_hook(_constant_output),
+                            state.ema.model.register_forward_hook(_constant_output)]
         elif self.fault == "perturb_rank1" and self.rank == 1:
             next(state.discriminator.parameters()).view(-1)[0] += PERTURBATION

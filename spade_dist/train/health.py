@@ -58,7 +58,7 @@ class HealthEvent:
 
     step: int
     signal: str
-    action: str  # warn | stop
+    action: str  # warn | rewind | stop
     detail: str
     last_healthy_checkpoint: Optional[str]
     time: float
@@ -144,6 +144,8 @@ class HealthMonitor:
         record.setdefault("clean_at", {s: state.step for s in SIGNALS})
         record.setdefault("diversity_max", 0.0)
         record.setdefault("events", 0)
+        self.rewinds: list[int] = list(record.get("rewinds", []))  # steps at which the run rewound
+        self.events_seen = int(record["events"])
         self._values: dict[str, Any] = {}
         self.verdict: Optional[HealthEvent] = None
 
@@ -162,11 +164,23 @@ class HealthMonitor:
             fired += self._judge_drift(step)
         if self._values and self.is_main:
             self._append(self.run.health_signals, {"step": step, **self._values})
+        acting = None
         for event in fired:
             self._record(event)
             if event.action == "stop" and self.verdict is None:
                 self.verdict = event
-        return self.verdict
+            elif event.action == "rewind" and acting is None:
+                acting = event
+        return self.verdict or acting
+
+    def after_rewind(self, event: HealthEvent) -> None:
+        """The run went back to ``event.last_healthy_checkpoint`` (its state, health record included,
+        restored): forget the abandoned steps' observations, keep the count of rewinds."""
+        self.rewinds.append(event.step)
+        self.state.health["rewinds"] = list(self.rewinds)
+        self.state.health["events"] = self.events_seen
+        self._pending, self._history, self._active = [], {}, set()
+        self._nonfinite_run = self._saturated_run = self._diverged_run = 0
 
     def observe(self, result: StepResult, semantics: torch.Tensor) -> None:
         """A step's device tensors kept for the next judgement (no host sync); the first label maps
@@ -323,6 +337,13 @@ class HealthMonitor:
         action = getattr(self.hc, f"on_{signal}")
         clean = int(self.state.health["clean_at"].get(signal, 0))
         healthy = last_healthy_checkpoint(self.run.root, clean)
+        if action == "rewind":
+            recent = [s for s in self.rewinds if step - s < self.hc.rewind_window]
+            if healthy is None:
+                action, detail = "stop", f"{detail}; no healthy checkpoint to rewind to"
+            elif len(recent) >= self.hc.max_rewinds:
+                action, detail = "stop", (f"{detail}; already {len(recent)} rewind(s) within {self.hc.rewind_window} "
+                                          "steps (train.health.max_rewinds)")
         return [HealthEvent(step=step, signal=signal, action=action, detail=detail,
                             last_healthy_checkpoint=str(healthy) if healthy is not None else None, time=time.time())]
 
@@ -331,13 +352,16 @@ class HealthMonitor:
         self.state.health["clean_at"][signal] = step
 
     def _record(self, event: HealthEvent) -> None:
-        self.state.health["events"] = int(self.state.health["events"]) + 1
+        self.events_seen += 1
+        self.state.health["events"] = self.events_seen
         if self.metrics is not None:
             self.metrics.record_health_event(event.signal, event.action)
         if not self.is_main:
             return
         if event.action == "warn":
             log.warning(event.line())
+        elif event.action == "rewind":
+            log.warning(f"{event.line()}; rewinding to it")
         self._append(self.run.health_events, asdict(event))
 
     @staticmethod
@@ -354,8 +378,8 @@ class HealthMonitor:
             payload = {"status": "stopped", "step": self.verdict.step, "signal": self.verdict.signal,
                        "line": self.verdict.line(), "last_healthy_checkpoint": self.verdict.last_healthy_checkpoint}
         else:
-            payload = {"status": "healthy", "step": step, "events": int(self.state.health["events"]),
+            payload = {"status": "healthy", "step": step, "events": self.events_seen, "rewinds": len(self.rewinds),
                        "line": f"health: no stopping signal up to step {step} "
-                               f"({int(self.state.health['events'])} warning event(s) in {self.run.health_events})"}
+                               f"({self.events_seen} warning / rewind event(s) in {self.run.health_events})"}
         write_json_atomic(self.run.health_verdict, payload, sort_keys=True)
 

@@ -230,6 +230,10 @@ class KeyAuditLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def resumed(self, step: int) -> None:
+        """A health rewind went back to the checkpoint of ``step``: the records from now on say so."""
+        self._start["resumed_from"] = step
+
     def close(self) -> None:
         self._file.close()
 
@@ -316,6 +320,7 @@ class Hooks:
         self.speed_paths = SpeedPathChoice(cfg.speed, [state.generator, state.ema.model], run.speed_paths, info.is_main,
                                            lambda: autocast_context(cfg.train.mixed_precision, backend.device),
                                            deterministic=cfg.train.deterministic)
+        self.cfg = cfg
         self.key_log = KeyAuditLog(run, info.rank, state.step, info.world_size) if cfg.train.log_keys else None
         self.health = HealthMonitor(cfg, state, run, self.metrics, backend.device, info.rank, info.world_size, max_steps,
                                     vgg=losses.vgg.vgg if losses.vgg is not None else None, syncbn_ranks=syncbn_ranks)
@@ -339,6 +344,25 @@ class Hooks:
         grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
         self.trackers.log_sample_grid(grid, state.step)
         return self.health.after_step(state.step, result, micro[0].semantics)
+
+    def rewind(self, event: HealthEvent, ckpt: "CheckpointManager", app_state: dict[str, Any]) -> None:
+        """Health policy rewind (collective): restore the last healthy checkpoint, as a resume does (the
+        later checkpoints move to archive/), scale the learning rates by train.health.rewind_lr_factor_*,
+        and go on. The key audit's records name the rewind's checkpoint as the one they resumed from."""
+        ckpt.wait()
+        restored = ckpt.restore(app_state, event.last_healthy_checkpoint)
+        assert restored is not None  # an explicit step directory: restored or raised
+        state, hc = self.health.state, self.cfg.train.health
+        state.sched_G.base_lr *= hc.rewind_lr_factor_G
+        state.sched_D.base_lr *= hc.rewind_lr_factor_D
+        state.set_epoch(state.epoch)  # applies the scaled rates
+        self.health.after_rewind(event)
+        self.faults.spend()
+        if self.key_log is not None:
+            self.key_log.resumed(restored.step)
+        lr_G, lr_D = state.lrs()
+        log.info(f"rewound to {restored.step_dir} (step {state.step}); lr G {lr_G:.2e} D {lr_D:.2e}; "
+                 f"rewind {len(self.health.rewinds)} of at most {hc.max_rewinds} per {hc.rewind_window} steps")
 
     def close(self, stopped_early: bool) -> None:
         from spade_dist.eval.launch import stop_eval_watcher
@@ -406,6 +430,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
     loss_hook = hooks.faults.loss_hook if hooks.faults.active else None
     try:
         while state.step < max_steps and not stopped_early and unhealthy is None:
+            event: Optional[HealthEvent] = None
             for group in micro_batches(loader, grad_accum, hooks.step_log.meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
@@ -417,8 +442,8 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
-                unhealthy = hooks.after_step(state, group, micro, result)
-                if unhealthy is not None:
+                event = hooks.after_step(state, group, micro, result)
+                if event is not None:
                     break  # no checkpoint of an unhealthy state
                 ckpt.maybe_save(state.step, app_state)
                 stopped_early = ckpt.should_stop()
@@ -427,6 +452,10 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
             else:
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
+            if event is not None and event.action == "rewind":
+                hooks.rewind(event, ckpt, app_state)  # the loader continues from the restored position
+            elif event is not None:
+                unhealthy = event
 
         # --- 7. the end: final save, DONE / REQUEUE (a health stop: the verdict, nothing saved) --------
         hooks.health.write_verdict(state.step)
