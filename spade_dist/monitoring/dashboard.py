@@ -172,7 +172,7 @@ def build_dashboard() -> dict[str, Any]:
     panels += [
         _panel(next(ids), "Health events", "timeseries", (0, 48, 8, 8), "short", [
             (f"sum by (signal, action) (increase(spade_health_events_total{{{s}}}[15m]))", "{{signal}} ({{action}})"),
-        ], "Health signals that fired in the last 15 minutes, by policy (warn / stop)."),
+        ], "Health signals that fired in the last 15 minutes, by what their policy did (warn / rewind / stop)."),
         _panel(next(ids), "Health streaks", "timeseries", (8, 48, 8, 8), "short", [
             (f'max by (signal) (spade_health_signal{{{s}, signal=~"nonfinite_streak|saturated_steps|diverged_steps"}})',
              "{{signal}}"),
