@@ -5,7 +5,8 @@ Signals (``train.health``, docs/HEALTH.md):
 - ``nonfinite``: a streak of consecutive steps whose G or D update was skipped (non-finite loss or
   gradient).
 - ``spike``: a loss term's median over one logging interval far above the running median of its
-  recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD).
+  recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD); the total gradient
+  norm of G and of D (one value per logging step, when the optimizer is not partitioned) the same way.
 - ``saturation``: the discriminator wins: D loss (D_Fake + D_real) below ``saturation_d_loss`` for
   ``d_loss_steps`` consecutive steps (hinge: every real logit > 1 and every fake one < -1).
 - ``divergence``: D loss above ``divergence_d_loss`` for ``d_loss_steps`` consecutive steps (an absurd
@@ -150,10 +151,13 @@ class HealthMonitor:
         self.verdict: Optional[HealthEvent] = None
 
     # -- every step ---------------------------------------------------------------------------
-    def after_step(self, step: int, result: StepResult, semantics: torch.Tensor) -> Optional[HealthEvent]:
+    def after_step(self, step: int, result: StepResult, semantics: torch.Tensor,
+                   grad_norms: Optional[dict[str, float]] = None) -> Optional[HealthEvent]:
+        """Observe the step; on the signals' schedules judge, record and return the event that acts
+        (rewind / stop), else None. ``grad_norms``: the logging step's total gradient norms per network."""
         if not self.enabled:
             return None
-        self.observe(result, semantics)
+        self.observe(result, semantics, grad_norms)
         fired: list[HealthEvent] = []
         self._values = {}
         if step % self.cfg.train.log_every == 0 or step == self.max_steps:
@@ -182,7 +186,7 @@ class HealthMonitor:
         self._pending, self._history, self._active = [], {}, set()
         self._nonfinite_run = self._saturated_run = self._diverged_run = 0
 
-    def observe(self, result: StepResult, semantics: torch.Tensor) -> None:
+    def observe(self, result: StepResult, semantics: torch.Tensor, grad_norms: Optional[dict[str, float]] = None) -> None:
         """A step's device tensors kept for the next judgement (no host sync); the first label maps
         this rank trains on (up to :data:`COLLAPSE_LABELS`) become the fixed labels of the collapse check."""
         held = self._fixed_labels
@@ -191,6 +195,8 @@ class HealthMonitor:
             self._fixed_labels = more if held is None else torch.cat([held, more])[:COLLAPSE_LABELS]
         values = {k: v.detach().float() for k, v in result.losses.items()}
         values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
+        for net, norm in (grad_norms or {}).items():  # host floats already (read on the logging step)
+            values[f"grad_norm_{net}"] = torch.tensor(norm, dtype=torch.float32, device=self.device)
         self._pending.append(values)
 
     # -- logging steps: non-finite streak, spikes, saturation ---------------------------------

@@ -111,6 +111,7 @@ class StepLog:
         self.meter = ProgressMeter()
         self._skips_logged = 0
         self._corrupt_logged = 0
+        self.latest_grad_norms: dict[str, float] = {}
         # Not with a partitioned optimizer (ZeRO 1/2): it holds only this rank's gradient share.
         self.grad_norms = (None if backend.partitioned_optimizer
                            else GradNormTracker({"G": state.opt_G, "D": state.opt_D}))
@@ -137,6 +138,7 @@ class StepLog:
         elapsed = time.perf_counter() - meter.started
         lr_G, lr_D = state.lrs()
         norms = self.grad_norms.collect() if self.grad_norms is not None else {}
+        self.latest_grad_norms = norms  # the health monitor judges them with this step
         self.metrics.record_step(step, state.epoch, images=meter.images, data_seconds=meter.data_s,
                                  compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
                                  lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
@@ -343,7 +345,8 @@ class Hooks:
         self.step_log.maybe_log(state.step, result, micro)
         grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
         self.trackers.log_sample_grid(grid, state.step)
-        return self.health.after_step(state.step, result, micro[0].semantics)
+        norms = self.step_log.latest_grad_norms if self.step_log.due(state.step) else {}
+        return self.health.after_step(state.step, result, micro[0].semantics, norms)
 
     def rewind(self, event: HealthEvent, ckpt: "CheckpointManager", app_state: dict[str, Any]) -> None:
         """Health policy rewind (collective): restore the last healthy checkpoint, as a resume does (the
