@@ -228,6 +228,10 @@ class HealthConfig:
     spike_window: int = 200
     spike_mads: float = 20.0
     on_spike: HealthPolicy = "warn"
+    # Gradient-norm explosion: the total gradient norm of G or D on a logging step above
+    # grad_norm_ratio x the median of its last spike_window logging steps.
+    grad_norm_ratio: float = 100.0
+    on_grad_norm: HealthPolicy = "warn"
     # The D loss (D_Fake + D_real, mean over ranks) outside [saturation_d_loss, divergence_d_loss] for
     # d_loss_steps consecutive steps: below, D wins (saturation); above, training diverged (a healthy
     # hinge D loss starts near 2 and stays near it). Not judged with loss.gan_mode=w (unbounded).
@@ -255,7 +259,7 @@ class HealthConfig:
     rewind_lr_factor_D: float = 1.0
     # Test-only fault injection (spade_dist/train/faults.py), from step debug_fault_step on: never set
     # in a real run.
-    debug_fault: Literal["none", "nan", "lr_jump", "d_saturate", "g_constant", "perturb_rank1"] = "none"
+    debug_fault: Literal["none", "nan", "lr_jump", "grad_scale", "d_saturate", "g_constant", "perturb_rank1"] = "none"
     debug_fault_step: int = 0
 
 
@@ -584,6 +588,7 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
         at_least("train.health.nonfinite_streak", t.health.nonfinite_streak, 1),
         at_least("train.health.spike_window", t.health.spike_window, 8),
         (t.health.spike_mads > 0, f"train.health.spike_mads must be > 0, got {t.health.spike_mads}"),
+        (t.health.grad_norm_ratio > 1, f"train.health.grad_norm_ratio must be > 1, got {t.health.grad_norm_ratio}"),
         at_least("train.health.d_loss_steps", t.health.d_loss_steps, 1),
         (0 <= t.health.saturation_d_loss < t.health.divergence_d_loss,
          "train.health.saturation_d_loss must be >= 0 and below train.health.divergence_d_loss, got "

@@ -180,6 +180,16 @@ def test_learning_rate_jump_is_a_spike_warning_and_the_run_finishes(tmp_path, ma
     assert _health_line(run_dir).startswith("health: no stopping signal up to step 20")
 
 
+def test_exploding_gradients_stop_the_run(tmp_path, manifest):
+    """Losses x 1e4 from step 18 (after 9 logging steps of gradient-norm history): the gradient norms
+    jump 1e4-fold, far past train.health.grad_norm_ratio (100)."""
+    run_dir = tmp_path / "run"
+    proc = _train(run_dir, manifest, "train.health.debug_fault=grad_scale", "train.health.debug_fault_step=18",
+                  "train.max_steps=24", "train.health.on_grad_norm=stop", "checkpoint.every_steps=16",
+                  expect_rc=EXIT_UNHEALTHY)
+    _assert_stopped_once(run_dir, proc, "grad_norm", healthy_step=16)
+
+
 def test_constant_generator_is_a_collapse_warning_once(tmp_path, manifest):
     run_dir = tmp_path / "run"
     _train(run_dir, manifest, "train.health.debug_fault=g_constant", "train.health.debug_fault_step=6",

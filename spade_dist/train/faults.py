@@ -6,6 +6,7 @@ rewind spends the fault: the replayed steps run without it, as after a transient
 
 - ``nan``: every G and D loss becomes NaN (a non-finite streak).
 - ``lr_jump``: both learning rates x ``LR_JUMP`` (a loss spike or worse).
+- ``grad_scale``: every G and D loss x ``GRAD_SCALE`` (gradient norms explode; Adam's steps barely change).
 - ``d_saturate``: D's predictions forced to -5 for fakes and +5 for reals (hinge D loss exactly 0).
 - ``g_constant``: the generator and its EMA copy output zeros (collapse).
 - ``perturb_rank1``: rank 1 adds ``PERTURBATION`` to one discriminator weight once (cross-rank drift).
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 LR_JUMP = 1000.0
+GRAD_SCALE = 1e4
 PERTURBATION = 1e-3
 SATURATED_LOGIT = 5.0
 
@@ -61,9 +63,11 @@ class FaultInjector:
         self._hooks = []
 
     def loss_hook(self, which: str, loss: torch.Tensor) -> Optional[torch.Tensor]:
-        """``train_step``'s loss hook: NaN losses once the ``nan`` fault is armed."""
+        """``train_step``'s loss hook: NaN or scaled losses once the ``nan`` / ``grad_scale`` fault is armed."""
         if self._armed and self.fault == "nan":
             return loss * float("nan")
+        if self._armed and self.fault == "grad_scale":
+            return loss * GRAD_SCALE
         return None
 
     @torch.no_grad()

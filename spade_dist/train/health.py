@@ -5,8 +5,9 @@ Signals (``train.health``, docs/HEALTH.md):
 - ``nonfinite``: a streak of consecutive steps whose G or D update was skipped (non-finite loss or
   gradient).
 - ``spike``: a loss term's median over one logging interval far above the running median of its
-  recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD); the total gradient
-  norm of G and of D (one value per logging step, when the optimizer is not partitioned) the same way.
+  recent per-step values (a robust band: median + ``spike_mads`` x 1.4826 x MAD).
+- ``grad_norm``: the total gradient norm of G or D on a logging step above ``grad_norm_ratio`` x the
+  median of its recent logging steps (one value per interval, heavy-tailed: a ratio, not a band).
 - ``saturation``: the discriminator wins: D loss (D_Fake + D_real) below ``saturation_d_loss`` for
   ``d_loss_steps`` consecutive steps (hinge: every real logit > 1 and every fake one < -1).
 - ``divergence``: D loss above ``divergence_d_loss`` for ``d_loss_steps`` consecutive steps (an absurd
@@ -46,7 +47,8 @@ from spade_dist.train.step import StepResult, judges_images_independently
 
 log = logging.getLogger(PROGRESS_LOGGER)
 
-SIGNALS = ("nonfinite", "spike", "saturation", "divergence", "collapse", "drift")
+SIGNALS = ("nonfinite", "spike", "grad_norm", "saturation", "divergence", "collapse", "drift")
+GRAD_NORM_PREFIX = "grad_norm_"
 D_TERMS = ("D_Fake", "D_real")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
 SPIKE_MIN_HISTORY = 8  # per-step values a band needs before it judges
@@ -196,7 +198,7 @@ class HealthMonitor:
         values = {k: v.detach().float() for k, v in result.losses.items()}
         values["__skipped"] = torch.maximum(result.skipped_G, result.skipped_D).float()
         for net, norm in (grad_norms or {}).items():  # host floats already (read on the logging step)
-            values[f"grad_norm_{net}"] = torch.tensor(norm, dtype=torch.float32, device=self.device)
+            values[f"{GRAD_NORM_PREFIX}{net}"] = torch.tensor(norm, dtype=torch.float32, device=self.device)
         self._pending.append(values)
 
     # -- logging steps: non-finite streak, spikes, saturation ---------------------------------
@@ -240,9 +242,10 @@ class HealthMonitor:
             self._values["min_d_loss"] = round(float(d_loss.min()), 5)
             self._values["max_d_loss"] = round(float(d_loss.max()), 5)
         # Loss spikes against each term's running band.
+        fired += self._judge_grad_norms(step, {k: v for k, v in column.items() if k.startswith(GRAD_NORM_PREFIX)})
         spiking = []
         for name in names:
-            if name.startswith("__"):
+            if name.startswith("__") or name.startswith(GRAD_NORM_PREFIX):
                 continue
             values = [v for v in column[name].tolist() if math.isfinite(v)]
             history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
@@ -268,6 +271,26 @@ class HealthMonitor:
             self.metrics.record_health_signal("saturated_steps", "", float(self._saturated_run))
             self.metrics.record_health_signal("diverged_steps", "", float(self._diverged_run))
         return fired
+
+    def _judge_grad_norms(self, step: int, columns: dict[str, torch.Tensor]) -> list[HealthEvent]:
+        exploding = []
+        for name, column in columns.items():
+            values = [v for v in column.tolist() if math.isfinite(v)]
+            history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
+            if values and len(history) >= SPIKE_MIN_HISTORY:
+                median = float(torch.tensor(list(history), dtype=torch.float64).median())
+                ratio = values[-1] / median if median > 0 else 1.0
+                self._values.setdefault("grad_norm_ratio", {})[name] = round(ratio, 3)
+                if self.metrics is not None:
+                    self.metrics.record_health_signal("grad_norm_ratio", name, ratio)
+                if ratio > self.hc.grad_norm_ratio:
+                    exploding.append(f"{name} {values[-1]:.4g} is {ratio:.3g} x its running median {median:.4g} "
+                                     f"(train.health.grad_norm_ratio {self.hc.grad_norm_ratio})")
+            history.extend(values)
+        if exploding:
+            return self._fire("grad_norm", step, "; ".join(exploding))
+        self._clear("grad_norm", step)
+        return []
 
     # -- collapse: EMA generator diversity on a fixed label batch ---------------------------------
     @torch.no_grad()
