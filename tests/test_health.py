@@ -223,3 +223,17 @@ def test_perturbed_rank_is_named_and_the_run_stops(tmp_path, manifest):
     assert events[0]["last_healthy_checkpoint"] == str(run_dir / "checkpoints" / step_dir_name(4))
     assert _health_line(run_dir).startswith("health: drift at step 8")
     assert "spade-train: error: stopped by the run-health monitor: health: drift at step 8" in proc.stderr
+
+
+def test_batch_script_verdict_names_a_health_stop_whatever_the_launcher_reports(tmp_path):
+    from spade_dist.run_dir import launch_verdict
+
+    run = RunDir(tmp_path)
+    run.health.mkdir()
+    line = "health: drift at step 8: ...; last healthy checkpoint: X"
+    run.health_verdict.write_text(json.dumps({"status": "stopped", "line": line}))
+    for rc in (1, EXIT_UNHEALTHY):  # accelerate launch reports 1 for a worker's 76
+        v = launch_verdict(run, rc, False, 75)
+        assert (v.action, v.exit_code, v.message) == ("failed", EXIT_UNHEALTHY, f"stopped by the run-health monitor: {line}")
+    run.clear_start_markers()  # a restart has no verdict until it ends
+    assert _health_line(tmp_path) == "none"
