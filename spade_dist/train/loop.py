@@ -3,10 +3,11 @@
 Reads top to bottom in :func:`train`. Every rank runs the same code; what a rank does beyond the
 step (write files, print, start the evaluator) follows from ``rank == 0``. Collectives happen at the
 same points on every rank: the step itself, ``ckpt.maybe_save`` / ``ckpt.should_stop`` after each
-step, and the final save.
+step, the health monitor's checks on their schedules (and a health rewind's restore), and the final save.
 
-Host synchronisation: loss values stay device tensors and are read only on logging steps; the
-stop-flag all-reduce of the checkpoint manager is one tiny gloo collective per step.
+Host synchronisation: loss values stay device tensors and are read only on logging steps (the health
+monitor reads its signals there too); the stop-flag all-reduce of the checkpoint manager is one tiny
+gloo collective per step.
 """
 from __future__ import annotations
 
@@ -338,7 +339,7 @@ class Hooks:
 
     def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any],
                    result: StepResult) -> Optional[HealthEvent]:
-        """The hooks of a finished step; returns the health event that stops the run, if one fired."""
+        """The hooks of a finished step; returns the health event whose policy acts (rewind / stop), if one fired."""
         retired, repeats = self.loader.take_audit()  # taken every step: the loader keeps nothing for long
         if self.key_log is not None:
             self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]], retired, repeats)
