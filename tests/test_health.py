@@ -133,8 +133,13 @@ def test_nonfinite_streak_stops_naming_the_checkpoint_before_it(tmp_path, manife
 def test_absurd_learning_rate_ends_with_a_divergence_verdict(tmp_path, manifest):
     run_dir = tmp_path / "run"
     proc = _train(run_dir, manifest, "optim.lr=5", "train.health.d_loss_steps=10", expect_rc=EXIT_UNHEALTHY)
-    # Diverged from the first steps: no checkpoint is healthy (the one of step 10 is not named).
-    _assert_stopped_once(run_dir, proc, "divergence", healthy_step=None)
+    # Diverged within the first steps. How fast depends on the speed paths timed on this machine
+    # (lr=5 amplifies their rounding): the D loss may dip below 20 once before step 10, and then the
+    # checkpoint of step 10 counts as healthy; otherwise none does.
+    (event,) = _events(run_dir)
+    healthy = event["last_healthy_checkpoint"]
+    assert healthy in (None, str(run_dir / "checkpoints" / step_dir_name(10))), healthy
+    _assert_stopped_once(run_dir, proc, "divergence", healthy_step=None if healthy is None else 10)
 
 
 def test_rewind_restores_the_healthy_checkpoint_with_a_lower_lr_and_the_audit_stays_exactly_once(tmp_path, manifest):
