@@ -204,6 +204,7 @@ def test_constant_generator_is_a_collapse_warning_once(tmp_path, manifest):
     assert RunDir(run_dir).done.exists()
 
 
+@pytest.mark.slow
 def test_normal_run_fires_nothing(tmp_path, manifest):
     """False positives: the tiny preset for 60 steps (3x its CI length), every check at its most frequent
     (judged every 2 steps, collapse every 5), the default thresholds."""
