@@ -215,6 +215,57 @@ class OptimConfig:
     D_steps_per_G: int = 1
 
 
+HealthPolicy = Literal["warn", "rewind", "stop"]
+
+
+@dataclass
+class HealthConfig:
+    """``train.health``: run-health signals and what each does when it fires (docs/HEALTH.md)."""
+
+    enabled: bool = True
+    # Non-finite streak: this many consecutive steps whose G or D update was skipped.
+    nonfinite_streak: int = 20
+    on_nonfinite: HealthPolicy = "stop"
+    # Loss spike: a term's median over one logging interval above the running median of its last
+    # spike_window per-step values by more than spike_mads robust deviations (1.4826 x MAD).
+    spike_window: int = 200
+    spike_mads: float = 20.0
+    on_spike: HealthPolicy = "warn"
+    # Gradient-norm explosion: the total gradient norm of G or D on a logging step above
+    # grad_norm_ratio x the median of its last spike_window logging steps.
+    grad_norm_ratio: float = 100.0
+    on_grad_norm: HealthPolicy = "warn"
+    # The D loss (D_Fake + D_real, mean over ranks) outside [saturation_d_loss, divergence_d_loss] for
+    # d_loss_steps consecutive steps: below, D wins (saturation); above, training diverged (a healthy
+    # hinge D loss starts near 2 and stays near it). Not judged with loss.gan_mode=w (unbounded).
+    saturation_d_loss: float = 0.05
+    divergence_d_loss: float = 20.0
+    d_loss_steps: int = 20
+    on_saturation: HealthPolicy = "warn"
+    on_divergence: HealthPolicy = "stop"
+    # Generator collapse: the EMA generator's output diversity on a fixed label batch below
+    # collapse_ratio x the highest diversity of the run, checked every collapse_every steps
+    # (0 = at train.sample_every).
+    collapse_every: int = 0
+    collapse_ratio: float = 0.1
+    on_collapse: HealthPolicy = "warn"
+    # Cross-rank drift: a checksum of parameters (and replicated buffers) compared across ranks every
+    # consistency_every steps (0 = never).
+    consistency_every: int = 100
+    on_drift: HealthPolicy = "stop"
+    # Policy rewind: restore the last healthy checkpoint in the running job and go on, with the
+    # learning rates x these factors from then on; after max_rewinds rewinds within rewind_window
+    # steps the next one stops instead.
+    max_rewinds: int = 2
+    rewind_window: int = 1000
+    rewind_lr_factor_G: float = 1.0
+    rewind_lr_factor_D: float = 1.0
+    # Test-only fault injection (spade_dist/train/faults.py), from step debug_fault_step on: never set
+    # in a real run.
+    debug_fault: Literal["none", "nan", "lr_jump", "grad_scale", "d_saturate", "g_constant", "perturb_rank1"] = "none"
+    debug_fault_step: int = 0
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -265,6 +316,7 @@ class TrainConfig:
     # Experiment trackers through Accelerate's tracker API (rank 0): scalars every log_every steps and
     # the sample grids; "tensorboard" writes <run_dir>/tensorboard (spade_dist/train/trackers.py).
     trackers: list[Literal["tensorboard"]] = field(default_factory=list)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass
@@ -589,6 +641,23 @@ def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
     return [
         at_least("train.log_every", t.log_every, 1),
         at_least("train.sample_every", t.sample_every, 1),
+        at_least("train.health.nonfinite_streak", t.health.nonfinite_streak, 1),
+        at_least("train.health.spike_window", t.health.spike_window, 8),
+        (t.health.spike_mads > 0, f"train.health.spike_mads must be > 0, got {t.health.spike_mads}"),
+        (t.health.grad_norm_ratio > 1, f"train.health.grad_norm_ratio must be > 1, got {t.health.grad_norm_ratio}"),
+        at_least("train.health.d_loss_steps", t.health.d_loss_steps, 1),
+        (0 <= t.health.saturation_d_loss < t.health.divergence_d_loss,
+         "train.health.saturation_d_loss must be >= 0 and below train.health.divergence_d_loss, got "
+         f"{t.health.saturation_d_loss} and {t.health.divergence_d_loss}"),
+        at_least("train.health.collapse_every", t.health.collapse_every, 0),
+        (0 <= t.health.collapse_ratio < 1, f"train.health.collapse_ratio must be in [0, 1), got {t.health.collapse_ratio}"),
+        at_least("train.health.consistency_every", t.health.consistency_every, 0),
+        at_least("train.health.debug_fault_step", t.health.debug_fault_step, 0),
+        at_least("train.health.max_rewinds", t.health.max_rewinds, 0),
+        at_least("train.health.rewind_window", t.health.rewind_window, 1),
+        (0 < t.health.rewind_lr_factor_G <= 1 and 0 < t.health.rewind_lr_factor_D <= 1,
+         "train.health.rewind_lr_factor_G / _D must be in (0, 1], got "
+         f"{t.health.rewind_lr_factor_G}, {t.health.rewind_lr_factor_D}"),
         at_least("train.num_sample_images", t.num_sample_images, 1),
         at_least("train.max_steps", t.max_steps, 0),
         at_least("train.global_batch_size", t.global_batch_size, 0),

@@ -19,7 +19,10 @@ EXIT_ENVIRONMENT = 74
 # A run committed a checkpoint and stopped because it was asked to (signal, Ctrl-C, STOP file): restart
 # it to continue. The default of checkpoint.requeue_exit_code; sysexits.h EX_TEMPFAIL.
 EXIT_REQUEUE = 75
-# The codes checkpoint.requeue_exit_code may take: 0-2 and 74 mean the above; above 125 the shell
+# The run-health monitor stopped the run (a signal with policy stop, docs/HEALTH.md): nothing was
+# checkpointed after the signal fired; the one line names the signal and the last healthy checkpoint.
+EXIT_UNHEALTHY = 76
+# The codes checkpoint.requeue_exit_code may take: 0-2, 74 and 76 mean the above; above 125 the shell
 # reserves codes (126/127: not executable / not found, 128+N: killed by signal N).
 REQUEUE_EXIT_RANGE = (3, 125)
 # A second Ctrl-C: aborted at once, without a checkpoint (128 + SIGINT, what a shell reports).
@@ -33,4 +36,6 @@ def requeue_code_problem(code: int) -> str:
         return f"must be in {low}..{high}, got {code}"
     if code == EXIT_ENVIRONMENT:
         return f"{code} means an environment failure (disk full, read-only directory); choose another"
+    if code == EXIT_UNHEALTHY:
+        return f"{code} means the run-health monitor stopped the run; choose another"
     return ""

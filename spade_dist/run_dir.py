@@ -18,6 +18,7 @@
       tensorboard/    train.trackers=[tensorboard] event files
       eval/           the FID watcher's state (docs/EVALUATION.md)
       metrics/        Prometheus file_sd target files (unless metrics.sd_dir is set)
+      health/         signals.jsonl, events.jsonl, verdict.json of the run-health monitor (docs/HEALTH.md)
       report.html     spade-report's page
 
 Shell scripts ask for these paths and the run's outcome with ``spade-run`` (``spade_dist.cli.run``)
@@ -45,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from spade_dist.exit_codes import EXIT_UNHEALTHY
 from spade_dist.files import human_bytes, tree_bytes, write_atomic
 
 CONFIG_NAME = "config.yaml"
@@ -67,18 +69,19 @@ EVAL_BEST_NAME = "best.json"  # the best-FID line, under eval/
 INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting point (train.init_generator)
 SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/fast/choice.py)
 DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
+HEALTH_DIRNAME = "health"
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
               "samples", "tensorboard", "eval", "metrics", "report", "init_generator",
-              "speed_paths", "deepspeed_hostfile")
+              "speed_paths", "deepspeed_hostfile", "health")
 # What one run writes into its directory. A fresh run in a directory that holds these moves them aside
 # together (checkpoint.existing), so that two runs never mix: not their checkpoints, not their logs,
 # samples, TensorBoard events, FID results or report. Not listed: the owner lock and OWNER (the new
 # run holds them), metrics/ (live discovery files), archive/ itself, and what a launcher puts there for
 # the coming start (STOP, deepspeed_hostfile).
 RUN_OUTPUT_NAMES = ("checkpoints", "logs", "samples", "tensorboard", "eval", "report", "config", "done", "requeue",
-                    "init_generator", "speed_paths")
+                    "init_generator", "speed_paths", "health")
 
 
 class RunDirBusy(RuntimeError):
@@ -189,6 +192,25 @@ class RunDir:
     def deepspeed_hostfile(self) -> Path:
         return self.root / DEEPSPEED_HOSTFILE_NAME
 
+    @property
+    def health(self) -> Path:
+        return self.root / HEALTH_DIRNAME
+
+    @property
+    def health_events(self) -> Path:
+        """One JSON line per health event (spade_dist/train/health.py, docs/HEALTH.md)."""
+        return self.health / "events.jsonl"
+
+    @property
+    def health_signals(self) -> Path:
+        """One JSON line per health check: the signals' values (what healthy looks like, for tuning)."""
+        return self.health / "signals.jsonl"
+
+    @property
+    def health_verdict(self) -> Path:
+        """The run's final health verdict (``spade-run health`` prints its line)."""
+        return self.health / "verdict.json"
+
     def key_log(self, rank: int) -> Path:
         """``train.log_keys``: the sample keys rank ``rank`` trained on, one JSON line per step."""
         return self.logs / f"keys-rank{rank}.jsonl"
@@ -286,9 +308,11 @@ class RunDir:
         self.requeue.unlink(missing_ok=True)
 
     def clear_start_markers(self) -> None:
-        """A (re)started run is neither done nor asking for a requeue until it says so again."""
+        """A (re)started run is neither done nor asking for a requeue, and has no health verdict, until
+        it says so again (the events of earlier launches stay in health/events.jsonl)."""
         self.done.unlink(missing_ok=True)
         self.requeue.unlink(missing_ok=True)
+        self.health_verdict.unlink(missing_ok=True)
 
     def outcome(self) -> tuple[str, Optional[int]]:
         """("done", step) | ("requeue", step) | ("incomplete", None): what the last training job
@@ -345,6 +369,9 @@ def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int
     kind, step = run.outcome()
     if kind == "done" and rc == 0:
         return Verdict("finished", 0, f"training finished at step {step}")
+    health = read_health_verdict(run)
+    if kind != "done" and health is not None and health.get("status") == "stopped":
+        return Verdict("failed", EXIT_UNHEALTHY, f"stopped by the run-health monitor: {health.get('line', '')}")
     if kind == "requeue":
         return Verdict("requeue", requeue_exit_code,
                        f"checkpoint of step {step} committed and the run asked for a requeue (launcher exit code {rc})")
@@ -353,6 +380,12 @@ def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int
         return Verdict("failed", 1, f"training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE{why}")
     at = f" (DONE at step {step})" if kind == "done" else ""
     return Verdict("failed", rc, f"training failed with exit code {rc}{at}{why}")
+
+
+def read_health_verdict(run: RunDir) -> Optional[dict]:
+    """The run's ``health/verdict.json`` (written when a run ends, docs/HEALTH.md), or None when it has
+    none or it cannot be read."""
+    return _read_json(run.health_verdict)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ BAD_PATH: dict[tuple[str, tuple[str, ...]], Optional[list[str]]] = {
     ("spade-run", ("owner",)): ["--run-dir", MISSING],
     ("spade-run", ("prepare",)): None,
     ("spade-run", ("verdict",)): None,
+    ("spade-run", ("health",)): ["--run-dir", MISSING],
 }
 # Sub-commands whose --run-dir may name a run that does not exist yet (docs/CLI.md says why).
 RUN_DIR_MAY_NOT_EXIST = {
@@ -106,6 +107,7 @@ RUN_DIR_CASES: dict[tuple[str, tuple[str, ...]], list[str]] = {
     ("spade-report", ()): [],
     ("spade-run", ("outcome",)): [],
     ("spade-run", ("owner",)): [],
+    ("spade-run", ("health",)): [],
     ("spade-serve", ()): ["--port", "0"],
 }
 # The one vocabulary: these names, and no other spelling of the same thing (docs/CLI.md).

@@ -15,10 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spade_dist.config import MetricsConfig
 from spade_dist.monitoring import MetricsError
+from spade_dist.monitoring.dashboard import (
+    TRAIN_SCRAPE_JOB,
+    build_dashboard,
+    dashboard_json,
+    panel_expressions,
+    variable_selectors,
+)
 from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.monitoring.pushgateway import delete_job_metrics, push_job_metrics
-from spade_dist.monitoring.dashboard import (TRAIN_SCRAPE_JOB, build_dashboard, dashboard_json, panel_expressions,
-                                             variable_selectors)
 from spade_dist.monitoring.services import render_prometheus_config, start_pushgateway
 
 
@@ -53,7 +58,8 @@ def test_every_alert_has_a_unit_test(repo_root: Path) -> None:
     quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
     assert alerts == {"SpadeTrainingStalled", "SpadeRankTargetDown", "SpadeNonFiniteStepsRising",
                       "SpadeFIDRegressed", "SpadeMIoURegressed", "SpadeCheckpointTooOld", "SpadeCorruptSampleRate",
-                      "SpadeRunShrank"}
+                      "SpadeRunShrank",
+                      "SpadeHealthSignalFired"}
     assert alerts == firing == quiet
 
 
@@ -121,7 +127,8 @@ def test_dashboard_structure() -> None:
     assert d["templating"]["list"][0]["current"]["value"] == "${DS_PROMETHEUS}"
     titles = {p["title"] for p in d["panels"]}
     for needed in ("Throughput", "Step time breakdown", "Data-wait share", "Losses", "Learning rate", "FID", "KID", "Semantic fidelity", "Checkpoint age",
-                   "Checkpoint save time", "Checkpoint size", "Rank targets up", "Heartbeat age", "Device memory"):
+                   "Checkpoint save time", "Checkpoint size", "Rank targets up", "Heartbeat age", "Device memory",
+                   "Health events", "Health streaks", "Loss spike score", "Generator output diversity", "Ranks drifted"):
         assert needed in titles
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from spade_dist.config import MetricsConfig
-from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.monitoring.dashboard import TRAIN_SCRAPE_JOB, panel_expressions, variable_selectors
+from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.monitoring.report import write_report
 from spade_dist.monitoring.services import Prometheus, render_prometheus_config, start_prometheus
 from tests.dist_utils import free_port
@@ -77,6 +77,7 @@ def start_training(tmp_path: Path, manifest: Path, run_dir: Path, sd_dir: Path) 
     overrides = [
         f"data.shards={manifest}", "data.val_shards=", f"train.run_dir={run_dir}", "train.max_steps=100000",
         "train.log_every=1", "train.sample_every=1000000", "checkpoint.every_steps=3",
+        "train.health.collapse_every=3", "train.health.consistency_every=3",  # every health panel gets data
         "checkpoint.async_save=false", "metrics.enabled=true", "metrics.port_base=0", "metrics.bind=127.0.0.1",
         f"metrics.sd_dir={sd_dir}", f"metrics.job_id='{JOB_ID}'",  # quoted: YAML would read 4242 as an int
     ]

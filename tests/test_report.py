@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spade_dist.charts import nice_ticks
 from spade_dist.cli.report import main as report_main
 from spade_dist.config import MetricsConfig
-from spade_dist.monitoring.exporter import TrainingMetrics
-from spade_dist.charts import nice_ticks
 from spade_dist.files import read_jsonl
+from spade_dist.monitoring.exporter import TrainingMetrics
 from spade_dist.monitoring.report import ReportError, build_report, run_summary
 from spade_dist.monitoring.train_log import current_run
 
@@ -210,3 +210,24 @@ def test_report_reads_only_the_current_run(tmp_path: Path) -> None:
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = dict(run_summary(run_dir))
     assert summary["Last logged step"] == "125 (epoch 0)" and summary["Last losses"] == "GAN 125"
+
+
+def test_health_events_are_marked_on_the_loss_curve_and_the_verdict_summarised(tmp_path: Path) -> None:
+    from spade_dist.run_dir import RunDir
+
+    run_dir = tmp_path / "run"
+    make_finished_run(run_dir)
+    run = RunDir(run_dir)
+    run.health.mkdir()
+    events = [{"step": 40, "signal": "spike", "action": "warn", "detail": "GAN 9 is 30 robust deviations above"},
+              {"step": 60, "signal": "nonfinite", "action": "rewind", "detail": "4 consecutive steps skipped"}]
+    run.health_events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    run.health_verdict.write_text(json.dumps({"status": "healthy", "line": "health: no stopping signal up to step 100"}))
+    page = build_report(run_dir)
+    ns = "{http://www.w3.org/2000/svg}"
+    dots = [(c.get("fill"), c.find(f"{ns}title").text) for c in svgs(page)["Losses"].iter(f"{ns}circle")
+            if c.find(f"{ns}title") is not None]
+    assert dots == [("#e69f00", "warn: spike at step 40: GAN 9 is 30 robust deviations above"),
+                    ("#6a3d9a", "rewind: nonfinite at step 60: 4 consecutive steps skipped")]
+    assert "health: no stopping signal up to step 100" in page
+    assert not [c for c in svgs(page)["Throughput"].iter(f"{ns}circle") if c.find(f"{ns}title") is not None]

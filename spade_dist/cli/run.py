@@ -6,6 +6,7 @@
     spade-run prepare --run-dir R                     # before a launch: remove stale STOP / REQUEUE markers
     spade-run verdict --run-dir R --rc RC [--preempted] --requeue-exit-code N
                                                       # after it: "finished|requeue|failed EXIT_CODE message"
+    spade-run health  --run-dir R                     # the run's health verdict line (docs/HEALTH.md), or "none"
 
 ``path``, ``prepare`` and ``verdict`` also work before the run directory exists (a first launch, or
 one that failed before training started); ``outcome`` and ``owner`` need a run directory. The run
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 
 from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, fail_os, make_parser, warn_deprecated
 from spade_dist.exit_codes import requeue_code_problem
-from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirNotFound, launch_verdict
+from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirNotFound, launch_verdict, read_health_verdict
 
 
 def _run_dir_options(parser: argparse.ArgumentParser, legacy_positional: bool = True) -> None:
@@ -40,7 +41,8 @@ def build_parser() -> CliParser:
     p_path.add_argument("names", nargs="+", metavar="NAME",
                         help=f"any of: {', '.join(PATH_NAMES)} (deprecated: the run directory first)")
     for name, text in (("outcome", "done STEP | requeue STEP | incomplete"), ("owner", "the lock holder or 'none'"),
-                       ("prepare", "remove stale STOP / REQUEUE markers before a launch")):
+                       ("prepare", "remove stale STOP / REQUEUE markers before a launch"),
+                       ("health", "the run's final health verdict (train.health) or 'none'")):
         _run_dir_options(add_subcommand(sub, name, help=text))
     p_verdict = add_subcommand(sub, "verdict", help="after a launch: what the batch script should do")
     _run_dir_options(p_verdict)
@@ -67,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run = _run_dir(args)
-        if args.command in ("outcome", "owner"):
+        if args.command in ("outcome", "owner", "health"):
             run.require()  # a typo must not read as an incomplete (resumable) run
     except RunDirNotFound as exc:
         return fail("spade-run", exc)
@@ -90,6 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return fail("spade-run", f"--requeue-exit-code {problem} (checkpoint.requeue_exit_code)")
         v = launch_verdict(run, args.rc, args.preempted, args.requeue_exit_code)
         print(f"{v.action} {v.exit_code} {v.message}")
+    elif args.command == "health":
+        verdict = read_health_verdict(run)
+        print(verdict["line"] if verdict is not None and "line" in verdict else "none")
     else:
         owner = run.read_owner()
         print(owner.describe() if owner is not None else "none")

@@ -11,8 +11,10 @@ Launch it with any of (see docs/TRAINING.md):
 Exit codes: 0 finished, 1 the training itself failed (an uncaught error, with its traceback),
 2 bad configuration / launch / input, ``checkpoint.requeue_exit_code``
 (75) stopped by a preemption signal, Ctrl-C or the STOP file after committing a checkpoint; 74 a
-checkpoint could not be written (disk full, read-only run directory); 130 a second Ctrl-C (no checkpoint); the run's
-REQUEUE marker says so too (launchers may translate the exit code). See docs/CHECKPOINTING.md.
+checkpoint could not be written (disk full, read-only run directory); 76 stopped by the run-health monitor
+(train.health, docs/HEALTH.md: one line names the signal and the last healthy checkpoint); 130 a second
+Ctrl-C (no checkpoint); the run's REQUEUE marker says so too (launchers may translate the exit code).
+See docs/CHECKPOINTING.md.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail_os("spade-train", exc)
     except KeyboardInterrupt:  # Ctrl-C before the checkpoint manager took over SIGINT (startup)
         return fail("spade-train", "interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
+    if result.health_stop is not None and launch_rank() == 0:  # every rank stopped; one line says why
+        return fail("spade-train", f"stopped by the run-health monitor: {result.health_stop.line()}", result.exit_code)
     return result.exit_code
 
 

@@ -197,6 +197,27 @@ def build_dashboard(provisioned: bool = False) -> dict[str, Any]:
             (f"spade_device_memory_bytes{{{rs}}}", "rank {{rank}}"),
         ]),
     ]
+    # Run health (docs/HEALTH.md): every rank judges the same rank-averaged numbers, so max over ranks
+    # is the job's value.
+    panels.append(_row(next(ids), "Run health", 55))
+    panels += [
+        _panel(next(ids), "Health events", "timeseries", (0, 56, 8, 8), "short", [
+            (f"sum by (signal, action) (increase(spade_health_events_total{{{s}}}[15m]))", "{{signal}} ({{action}})"),
+        ], "Health signals that fired in the last 15 minutes, by what their policy did (warn / rewind / stop)."),
+        _panel(next(ids), "Health streaks", "timeseries", (8, 56, 8, 8), "short", [
+            (f'max by (signal) (spade_health_signal{{{s}, signal=~"nonfinite_streak|saturated_steps|diverged_steps"}})',
+             "{{signal}}"),
+        ], "Consecutive steps skipped as non-finite, with D loss below / above its healthy range."),
+        _panel(next(ids), "Loss spike score", "timeseries", (16, 56, 8, 8), "short", [
+            (f'max by (term) (spade_health_signal{{{s}, signal="spike_score"}})', "{{term}}"),
+        ], "Robust deviations of each loss term above its running median (fires above train.health.spike_mads)."),
+        _panel(next(ids), "Generator output diversity", "timeseries", (0, 64, 12, 8), "short", [
+            (f'max(spade_health_signal{{{s}, signal="diversity"}})', "EMA generator diversity"),
+        ], "Mean pairwise feature distance of the EMA generator's outputs on a fixed label batch."),
+        _panel(next(ids), "Ranks drifted", "timeseries", (12, 64, 12, 8), "short", [
+            (f'max(spade_health_signal{{{s}, signal="drifted_ranks"}})', "ranks differing"),
+        ], "Ranks whose parameter checksum differs from the others' at the last consistency check."),
+    ]
     if provisioned:
         source = provisioned_datasource()
         current = {"text": source["name"], "value": source["uid"]}

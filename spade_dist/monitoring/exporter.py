@@ -32,7 +32,13 @@ from spade_dist.config import MetricsConfig
 from spade_dist.eval.scores import METRICS, metric_value
 from spade_dist.files import tree_bytes, write_json_atomic
 from spade_dist.monitoring import MetricsError
-from spade_dist.monitoring.discovery import DiscoveryFile, advertised_host, resolve_run_labels, resolve_sd_dir, sd_file_name
+from spade_dist.monitoring.discovery import (
+    DiscoveryFile,
+    advertised_host,
+    resolve_run_labels,
+    resolve_sd_dir,
+    sd_file_name,
+)
 from spade_dist.monitoring.pushgateway import delete_job_metrics, push_job_metrics
 from spade_dist.monitoring.train_log import TrainingLog
 
@@ -146,6 +152,11 @@ class TrainingMetrics:
                                 "Unix time of the last successful checkpoint save (0 = none yet).")
         self._ckpt_saves = Counter("spade_checkpoint_saves", "Checkpoint saves by result.",
                                    names + ["result"], registry=reg)
+        self._health = gauge("spade_health_signal", "Latest value of each run-health signal (docs/HEALTH.md): "
+                             "nonfinite_streak, saturated_steps, diverged_steps, spike_score per term, diversity, drifted_ranks.",
+                             ("signal", "term"))
+        self._health_events = Counter("spade_health_events", "Run-health signals that fired, by signal and action.",
+                                      names + ["signal", "action"], registry=reg)
         self._heartbeat = gauge("spade_heartbeat_timestamp_seconds", "Unix time the training loop last reported.")
         self._start_time = gauge("spade_start_time_seconds", "Unix time this training process started.")
         self._world = gauge("spade_world_size", "Number of ranks of the job (this (re)start's; elastic jobs change it).")
@@ -164,6 +175,11 @@ class TrainingMetrics:
             self._step_seconds.labels(**lab, phase=phase)
         for result in ("success", "failure"):
             self._ckpt_saves.labels(**lab, result=result)
+        from spade_dist.train.health import SIGNALS  # lazy: the exporter loads without the training stack
+
+        for signal in SIGNALS:
+            for action in ("warn", "rewind", "stop"):
+                self._health_events.labels(**lab, signal=signal, action=action)
         now = time.time()
         self._start_time.labels(**lab).set(now)
         self._heartbeat.labels(**lab).set(now)
@@ -295,6 +311,16 @@ class TrainingMetrics:
             self._ckpt_bytes.labels(**lab).set(bytes)
             self._ckpt_last.labels(**lab).set(time.time())
         self._beat()
+
+    def record_health_signal(self, signal: str, term: str, value: float) -> None:
+        """The latest value of one health signal (``term``: the loss term of a spike ratio, else "")."""
+        if self.enabled:
+            self._health.labels(**self._labels, signal=signal, term=term).set(value)
+
+    def record_health_event(self, signal: str, action: str) -> None:
+        """A health signal fired; ``action`` is what its policy did (warn / rewind / stop)."""
+        if self.enabled:
+            self._health_events.labels(**self._labels, signal=signal, action=action).inc()
 
     def record_checkpoint_commit(self, step: int, step_dir: Union[str, Path], seconds: float) -> None:
         """``CheckpointManager(on_commit=...)`` hook: a committed step directory, measured on disk."""

@@ -25,17 +25,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from spade_dist.charts import Chart, Point, fmt_number, svg_line_chart
+from spade_dist.config import Config, ConfigError, load_config
 from spade_dist.eval.report import metric_charts
 from spade_dist.eval.scores import METRICS, best_record, metric_value
 from spade_dist.files import read_jsonl, write_atomic
 from spade_dist.monitoring.train_log import current_run
-from spade_dist.run_dir import RunDir
-from spade_dist.config import Config, ConfigError, load_config
+from spade_dist.run_dir import RunDir, read_health_verdict
 from spade_dist.visualize import enlarged_width
 
 # Where the report's data lives, relative to the run directory (for messages).
 TRAIN_LOG_RELPATH = RunDir("").train_metrics_log
 EVAL_LOG_RELPATH = RunDir("").eval_metrics_log
+HEALTH_EVENTS_RELPATH = RunDir("").health_events
+# Health events on the loss curve (docs/HEALTH.md), by what their policy did.
+HEALTH_MARK_COLOURS = {"warn": "#e69f00", "rewind": "#6a3d9a", "stop": "#d62728"}
 SAMPLE_PATTERN = re.compile(r"^step-(\d+)\.png$")
 REPORT_SAMPLE_PX = 768  # sample grids are enlarged by an integer factor up to this display width
 
@@ -83,6 +86,17 @@ def training_charts(train: Sequence[dict[str, Any]]) -> list[Chart]:
         Chart("Data-wait share", "step", "fraction of step time", {"data wait": _series(train, "data_wait_share")}),
         Chart("Learning rate", "step", "lr", {n: _series(train, "lr", n) for n in nets}),
     ]
+
+
+def health_marks(events: Sequence[dict[str, Any]], chart: Chart) -> list[tuple[Point, str, str]]:
+    """A dot per health event at its step along the top of ``chart`` (the tooltip says what fired)."""
+    values = [p[1] for pts in chart.series.values() for p in pts]
+    if not values:
+        return []
+    top = max(values)
+    return [((float(ev["step"]), top), f"{ev.get('action', '?')}: {ev.get('signal', '?')} at step {ev['step']}: "
+             f"{ev.get('detail', '')}", HEALTH_MARK_COLOURS.get(ev.get("action", ""), "#000000"))
+            for ev in events if _number(ev.get("step")) is not None]
 
 
 def eval_charts(evals: Sequence[dict[str, Any]]) -> list[Chart]:
@@ -173,14 +187,19 @@ def _summary_rows(run_dir: Path, train: list[dict], evals: list[dict], hints: di
         value = metric_value(best, metric) if metric in METRICS else None
         rows.append((f"Best {METRICS[metric].label if metric in METRICS else metric}",
                      f"{fmt_number(value) if value is not None else 'nan'} at step {best.get('step', '?')}"))
+    verdict = read_health_verdict(RunDir(run_dir))
+    if verdict is not None and "line" in verdict:
+        rows.append(("Health", str(verdict["line"])))
     if hints["live"]:
         rows.append(("Live metrics", hints["live"]))
     return rows
 
 
-def _charts_html(charts: Sequence[Chart]) -> str:
+def _charts_html(charts: Sequence[Chart], marks: Optional[dict[str, list[tuple[Point, str, str]]]] = None) -> str:
     shown = [c for c in charts if c.has_data()]
-    return '<div class="charts">' + "".join(f"<div>{svg_line_chart(c)}</div>" for c in shown) + "</div>"
+    marks = marks or {}
+    return '<div class="charts">' + "".join(f"<div>{svg_line_chart(c, marks=marks.get(c.title, ()))}</div>"
+                                            for c in shown) + "</div>"
 
 
 def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
@@ -190,6 +209,7 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
         raise ReportError(f"run directory not found: {run_dir}")
     train = latest_per_step(current_run(read_jsonl(run_dir / TRAIN_LOG_RELPATH, ReportError)))
     evals = latest_per_step(read_jsonl(run_dir / EVAL_LOG_RELPATH, ReportError))
+    events = read_jsonl(run_dir / HEALTH_EVENTS_RELPATH, ReportError)
     samples = latest_samples(run_dir, num_samples)
     hints = missing_hints(_run_config(run_dir))
     if not train and not evals and not samples:
@@ -209,7 +229,11 @@ def build_report(run_dir: Union[str, Path], num_samples: int = 4) -> str:
     parts.append("</table>")
 
     parts.append("<h2>Training</h2>")
-    parts.append(_charts_html(training_charts(train)) if train else
+    charts = training_charts(train)
+    if events:
+        parts.append("<p>Health events on the loss curve (docs/HEALTH.md): warn orange, rewind purple, stop red; "
+                     "hover a dot for what fired.</p>")
+    parts.append(_charts_html(charts, {"Losses": health_marks(events, charts[0])}) if train else
                  f"<p>No training log ({e(str(TRAIN_LOG_RELPATH))}) yet: {e(hints['train'])}</p>")
     parts.append("<h2>Evaluation</h2>")
     parts.append(_charts_html(eval_charts(evals)) if evals else

@@ -3,10 +3,11 @@
 Reads top to bottom in :func:`train`. Every rank runs the same code; what a rank does beyond the
 step (write files, print, start the evaluator) follows from ``rank == 0``. Collectives happen at the
 same points on every rank: the step itself, ``ckpt.maybe_save`` / ``ckpt.should_stop`` after each
-step, and the final save.
+step, the health monitor's checks on their schedules (and a health rewind's restore), and the final save.
 
-Host synchronisation: loss values stay device tensors and are read only on logging steps; the
-stop-flag all-reduce of the checkpoint manager is one tiny gloo collective per step.
+Host synchronisation: loss values stay device tensors and are read only on logging steps (the health
+monitor reads its signals there too); the stop-flag all-reduce of the checkpoint manager is one tiny
+gloo collective per step.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from spade_dist.config import Config
 from spade_dist.distributed import batch_geometry, collective_timeout, elastic_job_id
+from spade_dist.exit_codes import EXIT_UNHEALTHY
 from spade_dist.files import write_json_atomic
 from spade_dist.logs import PROGRESS_LOGGER
 from spade_dist.models.compat import GeneratorInit
@@ -29,6 +31,8 @@ from spade_dist.models.fast.choice import SpeedPathChoice
 from spade_dist.models.sync_bn import attach_syncbn_group
 from spade_dist.run_dir import RunDir
 from spade_dist.train.backends import BACKENDS, TrainBackend
+from spade_dist.train.faults import FaultInjector
+from spade_dist.train.health import HealthEvent, HealthMonitor
 from spade_dist.train.samples import SampleWriter
 from spade_dist.train.state import TrainState, build_train_state
 from spade_dist.train.step import LossSet, StepResult, autocast_context, prepare_batch, train_step
@@ -55,6 +59,7 @@ class TrainResult:
     stopped_early: bool  # preemption signal: checkpoint written, exit with the requeue code
     exit_code: int
     nonfinite_skips: int
+    health_stop: Optional[HealthEvent] = None  # the health signal that stopped the run (train.health)
 
 
 def progress_text(step: int, max_steps: int, seconds_per_step: float) -> str:
@@ -107,6 +112,7 @@ class StepLog:
         self.meter = ProgressMeter()
         self._skips_logged = 0
         self._corrupt_logged = 0
+        self.latest_grad_norms: dict[str, float] = {}
         # Not with a partitioned optimizer (ZeRO 1/2): it holds only this rank's gradient share.
         self.grad_norms = (None if backend.partitioned_optimizer
                            else GradNormTracker({"G": state.opt_G, "D": state.opt_D}))
@@ -133,6 +139,7 @@ class StepLog:
         elapsed = time.perf_counter() - meter.started
         lr_G, lr_D = state.lrs()
         norms = self.grad_norms.collect() if self.grad_norms is not None else {}
+        self.latest_grad_norms = norms  # the health monitor judges them with this step
         self.metrics.record_step(step, state.epoch, images=meter.images, data_seconds=meter.data_s,
                                  compute_seconds=max(0.0, elapsed - meter.data_s), losses=loss_values,
                                  lrs={"G": lr_G, "D": lr_D}, steps=meter.steps, grad_norms=norms)
@@ -226,6 +233,10 @@ class KeyAuditLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def resumed(self, step: int) -> None:
+        """A health rewind went back to the checkpoint of ``step``: the records from now on say so."""
+        self._start["resumed_from"] = step
+
     def close(self) -> None:
         self._file.close()
 
@@ -290,10 +301,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
 class Hooks:
     """Everything the loop does around a step besides the step and the checkpoint: the log line
     with its metrics and trackers, sample grids, the speed-path choice on the first batch, the key
-    audit and the FID watcher. Each part keeps its own schedule; :meth:`close` ends them all."""
+    audit, the health monitor (and its test-only fault injection) and the FID watcher. Each part keeps
+    its own schedule; :meth:`close` ends them all."""
 
     def __init__(self, cfg: Config, backend: TrainBackend, state: TrainState, run: RunDir, loader: Any,
-                 ckpt: "CheckpointManager", max_steps: int) -> None:
+                 ckpt: "CheckpointManager", max_steps: int, losses: LossSet, syncbn_ranks: int) -> None:
         from spade_dist.eval.launch import start_eval_watcher
         from spade_dist.monitoring.exporter import TrainingMetrics
 
@@ -312,7 +324,11 @@ class Hooks:
         self.speed_paths = SpeedPathChoice(cfg.speed, [state.generator, state.ema.model], run.speed_paths, info.is_main,
                                            lambda: autocast_context(cfg.train.mixed_precision, backend.device),
                                            deterministic=cfg.train.deterministic)
+        self.cfg = cfg
         self.key_log = KeyAuditLog(run, info.rank, state.step, info.world_size) if cfg.train.log_keys else None
+        self.health = HealthMonitor(cfg, state, run, self.metrics, backend.device, info.rank, info.world_size, max_steps,
+                                    vgg=losses.vgg.vgg if losses.vgg is not None else None, syncbn_ranks=syncbn_ranks)
+        self.faults = FaultInjector(cfg.train.health.debug_fault, cfg.train.health.debug_fault_step, state, info.rank)
         # eval.mode=subprocess: the FID watcher follows the checkpoints in its own process (eval/launch.py).
         self.evaluator = start_eval_watcher(cfg, run.root) if info.is_main and cfg.eval.mode == "subprocess" else None
 
@@ -320,14 +336,38 @@ class Hooks:
         self.samples.offer(group[0])
         self.speed_paths.once(micro[0].semantics)
         self.step_log.before_step(step + 1)
+        self.faults.before_step(step)
 
-    def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any], result: StepResult) -> None:
+    def after_step(self, state: TrainState, group: list[dict[str, Any]], micro: list[Any],
+                   result: StepResult) -> Optional[HealthEvent]:
+        """The hooks of a finished step; returns the health event whose policy acts (rewind / stop), if one fired."""
         retired, repeats = self.loader.take_audit()  # taken every step: the loader keeps nothing for long
         if self.key_log is not None:
             self.key_log.write(state.step, state.epoch, [k for b in group for k in b["key"]], retired, repeats)
         self.step_log.maybe_log(state.step, result, micro)
         grid = self.samples.maybe_write(state.step, state.step == self.max_steps, state.ema_generator, self.device)
         self.trackers.log_sample_grid(grid, state.step)
+        norms = self.step_log.latest_grad_norms if self.step_log.due(state.step) else {}
+        return self.health.after_step(state.step, result, micro[0].semantics, norms)
+
+    def rewind(self, event: HealthEvent, ckpt: "CheckpointManager", app_state: dict[str, Any]) -> None:
+        """Health policy rewind (collective): restore the last healthy checkpoint, as a resume does (the
+        later checkpoints move to archive/), scale the learning rates by train.health.rewind_lr_factor_*,
+        and go on. The key audit's records name the rewind's checkpoint as the one they resumed from."""
+        ckpt.wait()
+        restored = ckpt.restore(app_state, event.last_healthy_checkpoint)
+        assert restored is not None  # an explicit step directory: restored or raised
+        state, hc = self.health.state, self.cfg.train.health
+        state.sched_G.base_lr *= hc.rewind_lr_factor_G
+        state.sched_D.base_lr *= hc.rewind_lr_factor_D
+        state.set_epoch(state.epoch)  # applies the scaled rates
+        self.health.after_rewind(event)
+        self.faults.spend()
+        if self.key_log is not None:
+            self.key_log.resumed(restored.step)
+        lr_G, lr_D = state.lrs()
+        log.info(f"rewound to {restored.step_dir} (step {state.step}); lr G {lr_G:.2e} D {lr_D:.2e}; "
+                 f"rewind {len(self.health.rewinds)} of at most {hc.max_rewinds} per {hc.rewind_window} steps")
 
     def close(self, stopped_early: bool) -> None:
         from spade_dist.eval.launch import stop_eval_watcher
@@ -392,7 +432,7 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
         log.warning(f"warning: {ckpt.stop_file} exists (left by an earlier stop?): this run will checkpoint and stop "
                     f"after its first step with exit {ckpt.requeue_exit_code}; remove it (spade-run prepare "
                     f"--run-dir {run.root}) to train on")
-    hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps)
+    hooks = Hooks(cfg, backend, state, run, loader, ckpt, max_steps, losses, syncbn_ranks)
     job = elastic_job_id()
     log.info(f"{backend.name} on {info.world_size} x {device} | global batch "
              f"{per_rank * info.world_size * grad_accum} ({per_rank} per rank x {grad_accum} accumulation) | "
@@ -401,8 +441,11 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
 
     # --- 6. the loop: step -> EMA -> hooks (each hook keeps its own schedule) ----------------------
     stopped_early = False
+    unhealthy: Optional[HealthEvent] = None
+    loss_hook = hooks.faults.loss_hook if hooks.faults.active else None
     try:
-        while state.step < max_steps and not stopped_early:
+        while state.step < max_steps and not stopped_early and unhealthy is None:
+            event: Optional[HealthEvent] = None
             for group in micro_batches(loader, grad_accum, hooks.step_log.meter):
                 if loader.epoch != state.epoch:
                     # Resumed from a checkpoint taken after the last batch of an epoch: the loader
@@ -410,11 +453,13 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
                     state.set_epoch(loader.epoch)
                 micro = [prepare_batch(b, cfg, device) for b in group]
                 hooks.before_step(group, micro, state.step)
-                result = train_step(backend, losses, micro, state.step, cfg)
+                result = train_step(backend, losses, micro, state.step, cfg, loss_hook=loss_hook)
                 state.nonfinite_skips_t += result.skipped_G + result.skipped_D
                 state.step += 1
                 state.ema.update(state.generator, state.step)
-                hooks.after_step(state, group, micro, result)
+                event = hooks.after_step(state, group, micro, result)
+                if event is not None:
+                    break  # no checkpoint of an unhealthy state
                 ckpt.maybe_save(state.step, app_state)
                 stopped_early = ckpt.should_stop()
                 if stopped_early or state.step >= max_steps:
@@ -422,8 +467,19 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
             else:
                 state.set_epoch(state.epoch + 1)  # the epoch was consumed completely
                 loader.set_epoch(state.epoch)
+            if event is not None and event.action == "rewind":
+                hooks.rewind(event, ckpt, app_state)  # the loader continues from the restored position
+            elif event is not None:
+                unhealthy = event
 
-        # --- 7. the end: final save, DONE / REQUEUE -----------------------------------------------
+        # --- 7. the end: final save, DONE / REQUEUE (a health stop: the verdict, nothing saved) --------
+        hooks.health.write_verdict(state.step)
+        if unhealthy is not None:
+            if info.is_main:
+                log.error(f"stopped: {unhealthy.line()}; resume from it with --resume PATH after a fix "
+                          f"(docs/HEALTH.md); exit {EXIT_UNHEALTHY}")
+            return TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=False,
+                               exit_code=EXIT_UNHEALTHY, nonfinite_skips=state.nonfinite_skips, health_stop=unhealthy)
         ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
         if stopped_early:
             log.info(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "

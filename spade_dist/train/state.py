@@ -67,6 +67,9 @@ class TrainState:
     restarts: int = 0
     # Device tensor so counting a skip never forces a host sync; read it with `nonfinite_skips`.
     nonfinite_skips_t: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    # The health monitor's record (spade_dist/train/health.py): per signal the last step it was checked
+    # clean, the highest output diversity so far, the count of events. Saved in every checkpoint.
+    health: dict[str, Any] = field(default_factory=dict)
     # train.init_generator: where G started (None = official init); not part of the saved state.
     init_from: Optional[GeneratorInit] = None
 
@@ -118,6 +121,7 @@ class TrainState:
             "epoch": self.epoch,
             "nonfinite_skips": self.nonfinite_skips,
             "restarts": self.restarts,
+            "health": dict(self.health),
         }
         if self.encoder is not None:
             out["encoder"] = self.encoder.state_dict()
@@ -145,6 +149,7 @@ class TrainState:
         self.step = int(state["step"])
         self.nonfinite_skips_t.fill_(int(state.get("nonfinite_skips", 0)))
         self.restarts = int(state.get("restarts", 0))  # absent in checkpoints of older versions
+        self.health = dict(state.get("health", {}))  # absent in checkpoints of older versions
         self.set_epoch(int(state["epoch"]))
         if "sched_G" in state:
             self.sched_G.load_state_dict(state["sched_G"])
