@@ -42,7 +42,7 @@ def test_promtool_check_config(repo_root: Path) -> None:
 def test_promtool_check_rules(repo_root: Path) -> None:
     res = promtool("check", "rules", str(repo_root / "configs/monitoring/alerts.yml"))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "8 rules found" in res.stdout
+    assert "9 rules found" in res.stdout
 
 
 def test_promtool_test_rules(repo_root: Path) -> None:
