@@ -37,7 +37,7 @@ def _train(run_dir: Path, manifest: Path, *overrides: str, launcher=None, expect
 
 
 def _health_line(run_dir: Path) -> str:
-    return run_cli([PYTHON, "-m", "spade_dist.cli.run", "health", str(run_dir)]).stdout.strip()
+    return run_cli([PYTHON, "-m", "spade_dist.cli.run", "health", "--run-dir", str(run_dir)]).stdout.strip()
 
 
 def _assert_stopped_once(run_dir: Path, proc, signal: str, healthy_step) -> None:
@@ -236,6 +236,7 @@ def test_batch_script_verdict_names_a_health_stop_whatever_the_launcher_reports(
 
     run = RunDir(tmp_path)
     run.health.mkdir()
+    run.checkpoints.mkdir()  # a run directory (spade-run health refuses a path that is none)
     line = "health: drift at step 8: ...; last healthy checkpoint: X"
     run.health_verdict.write_text(json.dumps({"status": "stopped", "line": line}))
     for rc in (1, EXIT_UNHEALTHY):  # accelerate launch reports 1 for a worker's 76
