@@ -149,6 +149,10 @@ class SpeedConfig:
     # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Memory for compute: generator = each SPADE residual block of G keeps only its input and is
+    # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
+    # iteration; models/fast/checkpointing.py). off = autograd keeps every activation.
+    activation_checkpointing: Literal["off", "generator"] = "off"
 
     @property
     def spade_paths(self) -> tuple[str, ...]:
@@ -582,6 +586,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
          "train.init_generator_sha256 is set but train.init_generator is empty"),
         (not cfg.train.init_generator or cfg.model.netG == "spade",
          f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
+        (cfg.speed.activation_checkpointing == "off" or cfg.model.netG == "spade",
+         f"speed.activation_checkpointing=generator needs model.netG=spade (the SPADE residual blocks), "
+         f"got {cfg.model.netG}"),
         *_range_checks(cfg),
         *speed_checks(cfg.speed),
     ]
