@@ -1,0 +1,221 @@
+"""Peak training memory of one full GauGAN iteration, by exact accounting of live tensor bytes.
+
+One training iteration of the project's real step code (``train/step.train_step``: G step with GAN
++ feature matching + VGG and its Adam update, then the D step with a fresh no-grad fake and its
+update) runs under :class:`LiveBytes`, a ``TorchDispatchMode`` that sees every tensor an operator
+returns and follows its storage until it is freed (a weak reference on the storage): the peak of
+the sum of live storage bytes is the iteration's peak training memory, and what is live at that
+moment is split into the persistent state (parameters, buffers, optimizer state, the VGG weights
+and the batch: live before the iteration starts) and the rest (activations kept for the backward,
+gradients, temporaries). Nothing is sampled, so the number does not depend on the allocator or on
+machine load. One untracked iteration runs first, so Adam's state exists (the steady state of a run).
+
+Modes (``--modes``):
+
+- ``reference``: the official computation (``bench/train_step.py``'s ``REFERENCE_OVERRIDES``);
+- ``fast``: the config as given (the project's speed paths, ``speed.activation_checkpointing`` as
+  the config says, default off);
+- ``fast+savings``: ``fast`` with ``speed.activation_checkpointing=generator``.
+
+Accounting (``--accounting``):
+
+- ``real``: tensors are computed (needs the memory; run it under a limit such as ``prlimit --as``);
+  the step time of the mode is then measured too (``--time-iters`` untracked iterations, best of);
+- ``fake``: the iteration runs under ``FakeTensorMode`` (shapes, dtypes and storage sizes, no data,
+  no memory): exact for the reference computation, whose shapes do not depend on the label map's
+  content. The speed paths' shapes do (classes present, label regions), so they need ``real``.
+
+Per batch (``--batch``, at least two for the linear model) and mode the JSON run holds the peak,
+its split and, with ``real``, the step time; the summary fits ``peak = fixed + per_sample * batch``
+through the two smallest batches of each mode and gives the ratios of per-sample memory against
+``reference`` and of step time of ``fast+savings`` against ``fast``. The last output line is the
+whole result.
+
+    prlimit --as=$((20 * 2**30)) python bench/memory.py --config configs/tiny.yaml --batch 1 2
+    python bench/memory.py --config configs/coco_stuff_512.yaml --batch 1 2 --modes reference --accounting fake
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.train_step import REFERENCE_OVERRIDES, machine_info, synthetic_batch  # noqa: E402
+from spade_dist.config import load_config  # noqa: E402
+from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
+from spade_dist.train.backends import DDPBackend  # noqa: E402
+from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
+from spade_dist.train.step import LossSet, prepare_batch, train_step  # noqa: E402
+
+MODES = {
+    "reference": REFERENCE_OVERRIDES,
+    "fast": [],
+    "fast+savings": ["speed.activation_checkpointing=generator"],
+}
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+
+
+def _storages(t: torch.Tensor) -> Iterable[torch.UntypedStorage]:
+    if t.layout == torch.strided:
+        yield t.untyped_storage()
+    elif t.layout == torch.sparse_coo:
+        yield from (s for part in (t._indices(), t._values()) for s in _storages(part))
+    elif t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        compressed, plain = (t.crow_indices(), t.col_indices()) if t.layout in (torch.sparse_csr, torch.sparse_bsr) \
+            else (t.ccol_indices(), t.row_indices())
+        yield from (s for part in (compressed, plain, t.values()) for s in _storages(part))
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of every storage alive, followed from the operator that made it until it is freed;
+    the peak of their sum and, at that peak, the share of storages marked persistent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[int, bool, weakref.ref]] = {}  # storage address -> bytes, persistent, ref
+        self.total = 0
+        self.peak = 0
+        self.peak_persistent = 0
+
+    def track(self, tensors: Iterable[torch.Tensor], persistent: bool) -> None:
+        for t in tensors:
+            for storage in _storages(t):
+                key = storage._cdata
+                if key in self._live:
+                    continue
+                ref = weakref.ref(storage, lambda _r, key=key: self._free(key))
+                self._live[key] = (storage.nbytes(), persistent, ref)
+                self.total += storage.nbytes()
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_persistent = sum(b for b, p, _ in self._live.values() if p)
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.total -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        self.track((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), persistent=False)
+        return out
+
+
+def _state_tensors(state: TrainState, vgg: Optional[torch.nn.Module]) -> list[torch.Tensor]:
+    nets = [state.generator_side, state.discriminator] + ([vgg] if vgg is not None else [])
+    tensors = [t for net in nets for t in (*net.parameters(), *net.buffers())]
+    tensors += [p.grad for net in nets for p in net.parameters() if p.grad is not None]
+    for opt in (state.opt_G, state.opt_D):
+        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[str], fake: bool,
+            time_iters: int) -> dict[str, Any]:
+    """One mode at one batch size: the tracked iteration's peak and split (and step time when real)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = load_config(config, [f"data.batch_size={batch}", *overrides])
+    torch.manual_seed(0)
+    backend = DDPBackend.setup(cfg)
+    loader_batch = synthetic_batch(cfg, batch)
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        state = build_train_state(cfg, backend.device, fused_adam=True)
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
+        vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(vgg_path).to(backend.device)
+        losses = LossSet.from_config(cfg, vgg)
+        micro = [prepare_batch(loader_batch, cfg, backend.device)]
+        train_step(backend, losses, micro, 0, cfg)  # Adam's state, as in every later step
+        tracker = LiveBytes()
+        tracker.track(_state_tensors(state, vgg) + [micro[0].semantics, micro[0].real], persistent=True)
+        start_bytes = tracker.total
+        with tracker:
+            train_step(backend, losses, micro, 1, cfg)
+        seconds = []
+        for step in range(2, 2 + (0 if fake else time_iters)):
+            t0 = time.perf_counter()
+            train_step(backend, losses, micro, step, cfg)
+            seconds.append(time.perf_counter() - t0)
+    return {"batch": batch, "peak_bytes": tracker.peak, "persistent_bytes_at_peak": tracker.peak_persistent,
+            "other_bytes_at_peak": tracker.peak - tracker.peak_persistent, "persistent_bytes_at_start": start_bytes,
+            "step_s": min(seconds) if seconds else None}
+
+
+def fit(points: list[dict[str, Any]]) -> dict[str, float]:
+    """``peak = fixed + per_sample * batch`` through the two smallest batches."""
+    a, b = sorted(points, key=lambda r: r["batch"])[:2]
+    per_sample = (b["peak_bytes"] - a["peak_bytes"]) / (b["batch"] - a["batch"])
+    return {"fixed_bytes": a["peak_bytes"] - per_sample * a["batch"], "per_sample_bytes": per_sample}
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "coco_stuff.yaml"))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="per-GPU batch sizes (>= 2 of them for the fit)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32"],
+                   help="bf16: autocast (not for the reference mode, which is fp32 by definition)")
+    p.add_argument("--accounting", choices=("real", "fake"), default="real")
+    p.add_argument("--time-iters", type=int, default=2, help="untracked iterations timed per run (real accounting)")
+    p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
+    args = p.parse_args(argv)
+    if len(set(args.batch)) < 2:
+        p.error("--batch needs two different sizes to fit memory = fixed + per_sample * batch")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        vgg_path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
+        for mode in args.modes:
+            for precision in args.precision:
+                if mode == "reference" and precision != "fp32":
+                    continue
+                for batch in args.batch:
+                    overrides = [*args.overrides, *MODES[mode], f"train.mixed_precision={PRECISIONS[precision]}"]
+                    run = {"mode": mode, "precision": precision, "accounting": args.accounting,
+                           **measure(args.config, overrides, batch, vgg_path, args.accounting == "fake", args.time_iters)}
+                    runs.append(run)
+                    print(json.dumps({"run": run}), flush=True)
+    models = {}
+    for run in runs:
+        models.setdefault(f"{run['mode']}/{run['precision']}", []).append(run)
+    fitted = {key: fit(points) for key, points in models.items()}
+    ratios: dict[str, Any] = {}
+    reference = fitted.get("reference/fp32")
+    for key, model in fitted.items():
+        if reference is not None and key != "reference/fp32":
+            ratios[f"{key} per_sample / reference"] = round(model["per_sample_bytes"] / reference["per_sample_bytes"], 4)
+    for precision in args.precision:
+        fast, saved = models.get(f"fast/{precision}"), models.get(f"fast+savings/{precision}")
+        if fast and saved and all(r["step_s"] for r in fast + saved):
+            ratios[f"fast+savings/{precision} step_s / fast"] = round(
+                sum(r["step_s"] for r in saved) / sum(r["step_s"] for r in fast), 4)
+    cfg = load_config(args.config, list(args.overrides))
+    out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides,
+           "crop_size": cfg.data.crop_size, "aspect_ratio": cfg.data.aspect_ratio, "accounting": args.accounting,
+           "runs": runs, "linear_model": fitted, "ratios": ratios,
+           "machine": machine_info(torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu"))}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
