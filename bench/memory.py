@@ -5,8 +5,8 @@ One training iteration of the project's real step code (``train/step.train_step`
 update) runs under :class:`LiveBytes`, a ``TorchDispatchMode`` that sees every tensor an operator
 returns and follows its storage until it is freed (a weak reference on the storage): the peak of
 the sum of live storage bytes is the iteration's peak training memory, and what is live at that
-moment is split into the persistent state (parameters, buffers, optimizer state, the VGG weights
-and the batch: live before the iteration starts) and the rest (activations kept for the backward,
+moment is split into the persistent state (parameters, buffers, gradients and optimizer state,
+the EMA generator, the VGG weights and the batch: live before the iteration starts) and the rest (activations kept for the backward,
 gradients, temporaries). Nothing is sampled, so the number does not depend on the allocator or on
 machine load. One untracked iteration runs first, so Adam's state exists (the steady state of a run).
 
@@ -59,7 +59,7 @@ from spade_dist.config import load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
-from spade_dist.train.step import LossSet, prepare_batch, train_step  # noqa: E402
+from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
 
 MODES = {
     "reference": REFERENCE_OVERRIDES,
@@ -117,28 +117,57 @@ class LiveBytes(TorchDispatchMode):
 
 def _state_tensors(state: TrainState, vgg: Optional[torch.nn.Module]) -> list[torch.Tensor]:
     nets = [state.generator_side, state.discriminator] + ([vgg] if vgg is not None else [])
-    tensors = [t for net in nets for t in (*net.parameters(), *net.buffers())]
+    tensors = [t for net in [*nets, state.ema.model] for t in (*net.parameters(), *net.buffers())]
     tensors += [p.grad for net in nets for p in net.parameters() if p.grad is not None]
     for opt in (state.opt_G, state.opt_D):
         tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return tensors
 
 
+def _make_fake(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], mode: Any) -> None:
+    """Replace every parameter and buffer of ``nets`` by a fake tensor of ``mode`` (same shape,
+    dtype, device; no data), and point ``optimizers`` at the new parameters. Done on the built
+    modules: torch cannot build them under the fake mode (``Module.to`` and the EMA's deepcopy
+    refuse fake parameters)."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for net in nets:
+        for module in net.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    if id(p) not in new:
+                        new[id(p)] = torch.nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+                    module._parameters[name] = new[id(p)]
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = mode.from_tensor(b)
+    for opt in optimizers:
+        if opt.state:
+            raise ValueError("bench: optimizer state exists before the fake conversion")
+        for group in opt.param_groups:
+            group["params"] = [new[id(p)] for p in group["params"]]
+
+
 def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[str], fake: bool,
             time_iters: int) -> dict[str, Any]:
     """One mode at one batch size: the tracked iteration's peak and split (and step time when real)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     cfg = load_config(config, [f"data.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     backend = DDPBackend.setup(cfg)
     loader_batch = synthetic_batch(cfg, batch)
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        state = build_train_state(cfg, backend.device, fused_adam=True)
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
-        vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(vgg_path).to(backend.device)
-        losses = LossSet.from_config(cfg, vgg)
-        micro = [prepare_batch(loader_batch, cfg, backend.device)]
+    state = build_train_state(cfg, backend.device, fused_adam=True)
+    backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
+    vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(vgg_path).to(backend.device)
+    losses = LossSet.from_config(cfg, vgg)
+    micro = [prepare_batch(loader_batch, cfg, backend.device)]
+    mode: Any = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+        _make_fake([state.generator_side, state.discriminator] + ([vgg] if vgg is not None else []),
+                   [state.opt_G, state.opt_D], mode)
+        micro = [MicroBatch(mode.from_tensor(micro[0].semantics), mode.from_tensor(micro[0].real))]
+    with mode:
         train_step(backend, losses, micro, 0, cfg)  # Adam's state, as in every later step
         tracker = LiveBytes()
         tracker.track(_state_tensors(state, vgg) + [micro[0].semantics, micro[0].real], persistent=True)
