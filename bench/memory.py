@@ -13,6 +13,7 @@ machine load. One untracked iteration runs first, so Adam's state exists (the st
 Modes (``--modes``):
 
 - ``reference``: the official computation (``bench/train_step.py``'s ``REFERENCE_OVERRIDES``);
+- ``reference+savings``: ``reference`` with ``speed.activation_checkpointing=generator``;
 - ``fast``: the config as given (the project's speed paths, ``speed.activation_checkpointing`` as
   the config says, default off);
 - ``fast+savings``: ``fast`` with ``speed.activation_checkpointing=generator``.
@@ -23,13 +24,16 @@ Accounting (``--accounting``):
   the step time of the mode is then measured too (``--time-iters`` untracked iterations, best of);
 - ``fake``: the iteration runs under ``FakeTensorMode`` (shapes, dtypes and storage sizes, no data,
   no memory): exact for the reference computation, whose shapes do not depend on the label map's
-  content. The speed paths' shapes do (classes present, label regions), so they need ``real``.
+  content (``reference``, ``reference+savings``). The speed paths' shapes do (classes present, label
+  regions), so ``fast`` and ``fast+savings`` need ``real``; ``tests/test_bench_memory.py`` checks
+  that both accountings give the same bytes where both run.
 
 Per batch (``--batch``, at least two for the linear model) and mode the JSON run holds the peak,
 its split and, with ``real``, the step time; the summary fits ``peak = fixed + per_sample * batch``
 through the two smallest batches of each mode and gives the ratios of per-sample memory against
-``reference`` and of step time of ``fast+savings`` against ``fast``. The last output line is the
-whole result.
+``reference`` and of step time with savings against without; ``table_row`` is the planner's row
+(``spade_dist/memory_table.py``) when both reference modes ran. The last output line is the whole
+result.
 
     prlimit --as=$((20 * 2**30)) python bench/memory.py --config configs/tiny.yaml --batch 1 2
     python bench/memory.py --config configs/coco_stuff_512.yaml --batch 1 2 --modes reference --accounting fake
@@ -57,12 +61,14 @@ if str(REPO_ROOT) not in sys.path:
 from bench.train_step import REFERENCE_OVERRIDES, machine_info, synthetic_batch  # noqa: E402
 from spade_dist.config import load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
+from spade_dist.memory_plan import architecture_key  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
 
 MODES = {
     "reference": REFERENCE_OVERRIDES,
+    "reference+savings": [*REFERENCE_OVERRIDES, "speed.activation_checkpointing=generator"],
     "fast": [],
     "fast+savings": ["speed.activation_checkpointing=generator"],
 }
@@ -215,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         vgg_path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
         for mode in args.modes:
             for precision in args.precision:
-                if mode == "reference" and precision != "fp32":
+                if mode.startswith("reference") and precision != "fp32":
                     continue
                 for batch in args.batch:
                     overrides = [*args.overrides, *MODES[mode], f"train.mixed_precision={PRECISIONS[precision]}"]
@@ -233,14 +239,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if reference is not None and key != "reference/fp32":
             ratios[f"{key} per_sample / reference"] = round(model["per_sample_bytes"] / reference["per_sample_bytes"], 4)
     for precision in args.precision:
-        fast, saved = models.get(f"fast/{precision}"), models.get(f"fast+savings/{precision}")
-        if fast and saved and all(r["step_s"] for r in fast + saved):
-            ratios[f"fast+savings/{precision} step_s / fast"] = round(
-                sum(r["step_s"] for r in saved) / sum(r["step_s"] for r in fast), 4)
+        for base in ("reference", "fast"):
+            plain, saved = models.get(f"{base}/{precision}"), models.get(f"{base}+savings/{precision}")
+            if plain and saved and all(r["step_s"] for r in plain + saved):
+                ratios[f"{base}+savings/{precision} step_s / {base}"] = round(
+                    sum(r["step_s"] for r in saved) / sum(r["step_s"] for r in plain), 4)
     cfg = load_config(args.config, list(args.overrides))
+    table_row = None
+    if {"reference/fp32", "reference+savings/fp32"} <= fitted.keys():
+        # A row of spade_dist/memory_table.py (the planner's table): the reference computation's model.
+        table_row = {"key": list(architecture_key(cfg)),
+                     **{setting: [fitted[mode]["fixed_bytes"], fitted[mode]["per_sample_bytes"]]
+                        for setting, mode in (("off", "reference/fp32"), ("generator", "reference+savings/fp32"))}}
     out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides,
            "crop_size": cfg.data.crop_size, "aspect_ratio": cfg.data.aspect_ratio, "accounting": args.accounting,
-           "runs": runs, "linear_model": fitted, "ratios": ratios,
+           "runs": runs, "linear_model": fitted, "ratios": ratios, "table_row": table_row,
            "machine": machine_info(torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu"))}
     print(json.dumps(out))
     return out

@@ -1,0 +1,24 @@
+"""The planner's table (``spade_dist/memory_plan.py``): peak bytes of one training iteration =
+fixed + per_sample * per-GPU batch, per architecture, for ``speed.activation_checkpointing`` off
+and generator.
+
+Each row is ``bench/memory.py``'s ``table_row`` (reference computation, fp32, fake-tensor
+accounting: exact bytes, no device), fitted from batch 1 and 2; regenerate with, per preset,
+
+    python bench/memory.py --config configs/PRESET.yaml --batch 1 2 --modes reference reference+savings --accounting fake
+
+Key: (crop_size, aspect_ratio, num_upsampling_layers, semantic_nc, ngf, ndf, n_layers_D, num_D,
+use_vae, netG, no_vgg_loss), as ``memory_plan.architecture_key``.
+"""
+from __future__ import annotations
+
+TABLE_SOURCE = "bench/memory.py --accounting fake, 2026-12-07"
+
+MEASURED: dict[tuple, dict[str, tuple[int, int]]] = {
+    # coco_stuff
+    (256, 1.0, 'normal', 184, 64, 64, 4, 2, False, 'spade', False): {"off": (1972661569, 1331574272), "generator": (1972952849, 600881152)},
+    # ade20k
+    (256, 1.0, 'normal', 151, 64, 64, 4, 2, False, 'spade', False): {"off": (1956035905, 1292620544), "generator": (1956327185, 592221952)},
+    # coco_stuff_512
+    (512, 1.0, 'more', 184, 64, 64, 4, 2, False, 'spade', False): {"off": (1972661569, 5274695168), "generator": (1972952849, 2399451136)},
+}
