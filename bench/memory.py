@@ -28,6 +28,11 @@ Accounting (``--accounting``):
   regions), so ``fast`` and ``fast+savings`` need ``real``; ``tests/test_bench_memory.py`` checks
   that both accountings give the same bytes where both run.
 
+On a CUDA device (override ``train.device=cuda``, real accounting) each run also records
+``torch.cuda.max_memory_allocated`` over the tracked iteration and its ratio to the tracked peak:
+what the device adds (cuBLAS / cuDNN workspaces, the allocator's 512-byte rounding) measured
+against the prediction; ``bench/gpu_check.sh`` runs that (section ``memory``).
+
 Per batch (``--batch``, at least two for the linear model) and mode the JSON run holds the peak,
 its split and, with ``real``, the step time; the summary fits ``peak = fixed + per_sample * batch``
 through the two smallest batches of each mode and gives the ratios of per-sample memory against
@@ -94,6 +99,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self._live: dict[int, tuple[int, bool, weakref.ref]] = {}  # storage address -> bytes, persistent, ref
         self.total = 0
+        self.persistent = 0
         self.peak = 0
         self.peak_persistent = 0
 
@@ -106,14 +112,15 @@ class LiveBytes(TorchDispatchMode):
                 ref = weakref.ref(storage, lambda _r, key=key: self._free(key))
                 self._live[key] = (storage.nbytes(), persistent, ref)
                 self.total += storage.nbytes()
+                self.persistent += storage.nbytes() if persistent else 0
         if self.total > self.peak:
-            self.peak = self.total
-            self.peak_persistent = sum(b for b, p, _ in self._live.values() if p)
+            self.peak, self.peak_persistent = self.total, self.persistent
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
         if entry is not None:
             self.total -= entry[0]
+            self.persistent -= entry[0] if entry[1] else 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         out = func(*args, **(kwargs or {}))
@@ -178,8 +185,15 @@ def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[st
         tracker = LiveBytes()
         tracker.track(_state_tensors(state, vgg) + [micro[0].semantics, micro[0].real], persistent=True)
         start_bytes = tracker.total
+        cuda = backend.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+            torch.cuda.reset_peak_memory_stats(backend.device)
         with tracker:
             train_step(backend, losses, micro, 1, cfg)
+        # What the CUDA caching allocator handed out at its peak, for the same iteration: the
+        # prediction's check (kernels' workspaces included; the allocator's reserved cache is not).
+        device_peak = torch.cuda.max_memory_allocated(backend.device) if cuda else None
         seconds = []
         for step in range(2, 2 + (0 if fake else time_iters)):
             t0 = time.perf_counter()
@@ -187,7 +201,8 @@ def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[st
             seconds.append(time.perf_counter() - t0)
     return {"batch": batch, "peak_bytes": tracker.peak, "persistent_bytes_at_peak": tracker.peak_persistent,
             "other_bytes_at_peak": tracker.peak - tracker.peak_persistent, "persistent_bytes_at_start": start_bytes,
-            "step_s": min(seconds) if seconds else None}
+            "step_s": min(seconds) if seconds else None, "cuda_max_memory_allocated_bytes": device_peak,
+            "cuda_over_tracked": round(device_peak / tracker.peak, 4) if device_peak else None}
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, float]:

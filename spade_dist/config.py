@@ -183,6 +183,9 @@ def speed_checks(speed: SpeedConfig) -> list[tuple[bool, str]]:
         (speed.fused_modulation or "on" not in (speed.onehot_gather, speed.region_modulation),
          "speed.onehot_gather=on / speed.region_modulation=on need speed.fused_modulation=true (the gather and "
          "region paths read the label map the fused layout resizes once per resolution)"),
+        (not (speed.compile and speed.activation_checkpointing != "off"),
+         "speed.activation_checkpointing=generator with speed.compile=true is not supported (the exact "
+         "recomputation restores eager module state; a compiled graph would recompute without it): choose one"),
     ]
 
 
