@@ -13,7 +13,7 @@ import torch
 
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights
 from tests.dist_utils import run_distributed
-from tests.test_train_step import B, _deepspeed_float64_backend, global_batch, tiny_config
+from tests.test_train_step import B, float64_rank_state, global_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +23,11 @@ def vgg_file(tmp_path_factory):
 
 def _iteration(vgg_path: str, backend_name: str, rank: int, world: int, *extra: str) -> dict:
     """One iteration (+ EMA update) of the 2B global batch, this rank's share; what it produced."""
-    from spade_dist.train.backends import DDPBackend
-    from spade_dist.train.state import build_train_state
     from spade_dist.train.step import LossSet, prepare_batch, train_step
 
     zero_stage = 2 if backend_name == "deepspeed" else 0  # test_train_step's float64 DeepSpeed setting
-    cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}",
-                      *extra)
     per = 2 * B // world
-    torch.manual_seed(0)
-    backend = (_deepspeed_float64_backend() if backend_name == "deepspeed" else DDPBackend).setup(cfg)
-    state = build_train_state(cfg, backend.device, fused_adam=backend_name == "ddp", dtype=torch.float64)
-    if backend_name == "deepspeed":
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per)
-    else:
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
+    cfg, backend, state = float64_rank_state(backend_name, zero_stage, vgg_path, per, *extra)
     calls = [0]
     state.generator.up_1.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     losses = LossSet.from_config(cfg, VGGLoss.from_file(vgg_path).double())

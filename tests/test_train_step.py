@@ -123,20 +123,28 @@ def _deepspeed_float64_backend() -> type:
     return Float64DeepSpeedBackend
 
 
-def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_stage: int) -> dict:
+def float64_rank_state(backend_name: str, zero_stage: int, vgg_path: str, per_rank: int, *extra: str):
+    """(cfg, backend, state) of this rank for the float64 step comparisons: seed 0, wrapped."""
     from spade_dist.train.backends import DDPBackend
     from spade_dist.train.state import build_train_state
-    from spade_dist.train.step import LossSet, prepare_batch, train_step
 
-    cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}")
-    per = 2 * B // world
+    cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}",
+                      *extra)
     torch.manual_seed(0)
     backend = (_deepspeed_float64_backend() if backend_name == "deepspeed" else DDPBackend).setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=backend_name == "ddp", dtype=torch.float64)
     if backend_name == "deepspeed":
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per)
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
     else:
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
+    return cfg, backend, state
+
+
+def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_stage: int) -> dict:
+    from spade_dist.train.step import LossSet, prepare_batch, train_step
+
+    per = 2 * B // world
+    cfg, backend, state = float64_rank_state(backend_name, zero_stage, vgg_path, per)
     vgg = VGGLoss.from_file(vgg_path).double()
     losses = LossSet.from_config(cfg, vgg)
     full = global_batch(2 * B)
