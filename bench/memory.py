@@ -224,6 +224,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
     args = p.parse_args(argv)
+    if args.accounting == "fake" and any(m.startswith("fast") for m in args.modes):
+        p.error("--accounting fake runs the reference modes only (the speed paths' shapes depend on the label "
+                "map's content); measure fast and fast+savings with --accounting real")
     if len(set(args.batch)) < 2:
         p.error("--batch needs two different sizes to fit memory = fixed + per_sample * batch")
     return args

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 TINY_64 = ["data.crop_size=64", "data.load_size=64", "loss.no_vgg_loss=true"]  # 2x2 latent: BN defined at batch 1
@@ -45,3 +46,11 @@ def test_memory_bench_fake_accounting_equals_real_and_savings_lower_the_per_samp
     for run in real["runs"]:  # batch 1 -> 2 adds the batch itself to the persistent bytes, never removes any
         assert run["peak_bytes"] == run["persistent_bytes_at_peak"] + run["other_bytes_at_peak"]
         assert run["persistent_bytes_at_peak"] == run["persistent_bytes_at_start"]
+
+
+def test_memory_bench_refuses_fake_accounting_of_the_speed_paths(capsys) -> None:
+    from bench.memory import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "configs/tiny.yaml", "--modes", "fast", "--accounting", "fake"])
+    assert exc.value.code == 2 and "--accounting real" in capsys.readouterr().err
