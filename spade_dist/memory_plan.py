@@ -3,9 +3,11 @@
 Peak training memory is linear in the per-GPU batch, ``fixed + per_sample * batch``, measured per
 architecture by ``bench/memory.py`` (exact live-tensor accounting of one full iteration) and kept in
 :data:`MEASURED` (``spade_dist/memory_table.py``). The rows are the reference computation's (fp32,
-the official layers), device-independent bytes; the speed paths keep no more (docs/PERFORMANCE.md),
-so a plan from them is on the safe side. A CUDA run adds the allocator's rounding and cache, cuDNN
-workspaces and the CUDA context: :data:`DEFAULT_MARGIN` of the GPU's memory is kept free for them.
+the official layers): exact, device-independent bytes, the same for every label map. The speed
+paths keep fewer bytes per sample and a few more fixed ones (the fused layouts keep the
+concatenated gamma/beta weights for the backward; docs/PERFORMANCE.md section 7). A CUDA run adds
+the allocator's rounding and cache, cuDNN workspaces and the CUDA context: :data:`DEFAULT_MARGIN` of
+the GPU's memory is kept free for them.
 
 Imports no torch: ``spade-config`` runs at every Slurm start.
 """
