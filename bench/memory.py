@@ -13,10 +13,11 @@ machine load. One untracked iteration runs first, so Adam's state exists (the st
 Modes (``--modes``):
 
 - ``reference``: the official computation (``bench/train_step.py``'s ``REFERENCE_OVERRIDES``);
-- ``reference+savings``: ``reference`` with ``speed.activation_checkpointing=generator``;
+- ``reference+savings``: ``reference`` with ``speed.activation_checkpointing`` = ``--savings``
+  (``generator_spade`` by default, or ``generator``);
 - ``fast``: the config as given (the project's speed paths, ``speed.activation_checkpointing`` as
   the config says, default off);
-- ``fast+savings``: ``fast`` with ``speed.activation_checkpointing=generator``.
+- ``fast+savings``: ``fast`` with the same savings.
 
 Accounting (``--accounting``):
 
@@ -71,12 +72,8 @@ from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
 
-MODES = {
-    "reference": REFERENCE_OVERRIDES,
-    "reference+savings": [*REFERENCE_OVERRIDES, "speed.activation_checkpointing=generator"],
-    "fast": [],
-    "fast+savings": ["speed.activation_checkpointing=generator"],
-}
+MODES = {"reference": REFERENCE_OVERRIDES, "reference+savings": REFERENCE_OVERRIDES, "fast": [], "fast+savings": []}
+SAVINGS = ("generator", "generator_spade")  # speed.activation_checkpointing of the +savings modes (--savings)
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 
 
@@ -220,6 +217,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32"],
                    help="bf16: autocast (not for the reference mode, which is fp32 by definition)")
     p.add_argument("--accounting", choices=("real", "fake"), default="real")
+    p.add_argument("--savings", choices=SAVINGS, default="generator_spade",
+                   help="speed.activation_checkpointing of the +savings modes")
     p.add_argument("--time-iters", type=int, default=2, help="untracked iterations timed per run (real accounting)")
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
@@ -242,7 +241,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if mode.startswith("reference") and precision != "fp32":
                     continue
                 for batch in args.batch:
-                    overrides = [*args.overrides, *MODES[mode], f"train.mixed_precision={PRECISIONS[precision]}"]
+                    savings = [f"speed.activation_checkpointing={args.savings}"] if mode.endswith("+savings") else []
+                    overrides = [*args.overrides, *MODES[mode], *savings, f"train.mixed_precision={PRECISIONS[precision]}"]
                     run = {"mode": mode, "precision": precision, "accounting": args.accounting,
                            **measure(args.config, overrides, batch, vgg_path, args.accounting == "fake", args.time_iters)}
                     runs.append(run)
@@ -268,8 +268,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         # A row of spade_dist/memory_table.py (the planner's table): the reference computation's model.
         table_row = {"key": list(architecture_key(cfg)),
                      **{setting: [fitted[mode]["fixed_bytes"], fitted[mode]["per_sample_bytes"]]
-                        for setting, mode in (("off", "reference/fp32"), ("generator", "reference+savings/fp32"))}}
-    out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides,
+                        for setting, mode in (("off", "reference/fp32"), (args.savings, "reference+savings/fp32"))}}
+    out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides, "savings": args.savings,
            "crop_size": cfg.data.crop_size, "aspect_ratio": cfg.data.aspect_ratio, "accounting": args.accounting,
            "runs": runs, "linear_model": fitted, "ratios": ratios, "table_row": table_row,
            "machine": machine_info(torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu"))}

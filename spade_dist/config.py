@@ -151,8 +151,10 @@ class SpeedConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Memory for compute: generator = each SPADE residual block of G keeps only its input and is
     # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
-    # iteration; models/fast/checkpointing.py). off = autograd keeps every activation.
-    activation_checkpointing: Literal["off", "generator"] = "off"
+    # iteration; models/fast/checkpointing.py); generator_spade = also each SPADE layer inside a
+    # recomputed block (a third forward of the SPADE layers, less memory). off = autograd keeps
+    # every activation.
+    activation_checkpointing: Literal["off", "generator", "generator_spade"] = "off"
 
     @property
     def spade_paths(self) -> tuple[str, ...]:
@@ -184,7 +186,7 @@ def speed_checks(speed: SpeedConfig) -> list[tuple[bool, str]]:
          "speed.onehot_gather=on / speed.region_modulation=on need speed.fused_modulation=true (the gather and "
          "region paths read the label map the fused layout resizes once per resolution)"),
         (not (speed.compile and speed.activation_checkpointing != "off"),
-         "speed.activation_checkpointing=generator with speed.compile=true is not supported (the exact "
+         f"speed.activation_checkpointing={speed.activation_checkpointing} with speed.compile=true is not supported (the exact "
          "recomputation restores eager module state; a compiled graph would recompute without it): choose one"),
     ]
 
@@ -590,8 +592,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         (not cfg.train.init_generator or cfg.model.netG == "spade",
          f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
         (cfg.speed.activation_checkpointing == "off" or cfg.model.netG == "spade",
-         f"speed.activation_checkpointing=generator needs model.netG=spade (the SPADE residual blocks), "
-         f"got {cfg.model.netG}"),
+         f"speed.activation_checkpointing={cfg.speed.activation_checkpointing} needs model.netG=spade (the SPADE "
+         f"residual blocks), got {cfg.model.netG}"),
         *_range_checks(cfg),
         *speed_checks(cfg.speed),
     ]

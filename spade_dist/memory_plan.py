@@ -45,16 +45,19 @@ def architecture_key(cfg: Config) -> tuple:
             m.n_layers_D, m.num_D, m.use_vae, m.netG, cfg.loss.no_vgg_loss)
 
 
+SETTINGS = ("off", "generator", "generator_spade")  # speed.activation_checkpointing, least memory saved first
+
+
 def memory_models(cfg: Config) -> dict[str, MemoryModel]:
-    """The measured models of ``cfg``'s architecture: ``off`` and ``generator`` (the values of
-    ``speed.activation_checkpointing``). ConfigError when this architecture was not measured."""
+    """The measured models of ``cfg``'s architecture, by ``speed.activation_checkpointing`` value
+    (those measured, in :data:`SETTINGS` order). ConfigError when this architecture was not measured."""
     row = MEASURED.get(architecture_key(cfg))
     if row is None:
         raise ConfigError(
             f"no memory measurement for this architecture (crop {cfg.data.crop_size}, "
             f"{cfg.model.num_upsampling_layers}, semantic_nc {cfg.data.label_layout.semantic_nc}, "
             f"ngf {cfg.model.ngf}); measure it with bench/memory.py (docs/PERFORMANCE.md) and plan from its linear_model")
-    return {setting: MemoryModel(*values) for setting, values in row.items()}
+    return {setting: MemoryModel(*row[setting]) for setting in SETTINGS if setting in row}
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def plan(cfg: Config, gpu_memory_gib: float, gpus: int, global_batch: int = PAPE
          margin: float = DEFAULT_MARGIN) -> Optional[Plan]:
     """The setting that runs ``global_batch`` on ``gpus`` GPUs of ``gpu_memory_gib`` each, keeping
     ``margin`` free: the largest per-GPU micro-batch first (BN statistics over as many samples as
-    possible), savings off before on (they cost step time). None when not even a batch of 1 fits."""
+    possible), then the least checkpointing that fits (each level costs step time). None when not
+    even a batch of 1 fits."""
     if gpus < 1 or gpu_memory_gib <= 0 or global_batch < 1 or not 0 <= margin < 1:
         raise ConfigError(f"plan: need gpus >= 1, gpu memory > 0, global batch >= 1 and 0 <= margin < 1 "
                           f"(got {gpus}, {gpu_memory_gib}, {global_batch}, {margin})")
@@ -84,8 +88,7 @@ def plan(cfg: Config, gpu_memory_gib: float, gpus: int, global_batch: int = PAPE
     for micro in range(share, 0, -1):
         if share % micro:
             continue
-        for setting in ("off", "generator"):
-            model = models[setting]
+        for setting, model in models.items():
             if model.peak(micro) <= budget:
                 return Plan(micro, share // micro, setting, model.peak(micro), budget)
     return None
@@ -107,7 +110,11 @@ def describe(cfg: Config, gpu_memory_gib: float, gpus: int, global_batch: int = 
         lines.append("  plan: not even a batch of 1 fits; use more memory per GPU")
     else:
         lines.append(f"  plan: {best.overrides()} (peak {best.peak_bytes / GIB:.1f} GiB)")
-    configured = models[cfg.speed.activation_checkpointing].peak(cfg.data.batch_size)
+    configured_model = models.get(cfg.speed.activation_checkpointing)
+    if configured_model is None:
+        lines.append(f"  configured: speed.activation_checkpointing={cfg.speed.activation_checkpointing} was not measured")
+        return "\n".join(lines), True
+    configured = configured_model.peak(cfg.data.batch_size)
     fits = configured <= budget
     lines.append(f"  configured: data.batch_size={cfg.data.batch_size} "
                  f"speed.activation_checkpointing={cfg.speed.activation_checkpointing}: "

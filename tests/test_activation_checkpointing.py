@@ -28,8 +28,8 @@ def _iteration(vgg_path: str, backend_name: str, rank: int, world: int, *extra: 
     zero_stage = 2 if backend_name == "deepspeed" else 0  # test_train_step's float64 DeepSpeed setting
     per = 2 * B // world
     cfg, backend, state = float64_rank_state(backend_name, zero_stage, vgg_path, per, *extra)
-    calls = [0]
-    state.generator.up_1.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls = [0]  # forwards of one SPADE layer's norm: the G step's, its recomputations, the D step's
+    state.generator.up_1.norm_0.param_free_norm.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     losses = LossSet.from_config(cfg, VGGLoss.from_file(vgg_path).double())
     full = global_batch(2 * B)
     mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
@@ -39,10 +39,13 @@ def _iteration(vgg_path: str, backend_name: str, rank: int, world: int, *extra: 
     clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
     return {"losses": {k: v.detach().clone() for k, v in result.losses.items()},
             "G": clone(state.generator.state_dict()), "D": clone(state.discriminator.state_dict()),
-            "EMA": clone(state.ema.model.state_dict()), "block_calls": calls[0]}
+            "EMA": clone(state.ema.model.state_dict()), "norm_calls": calls[0]}
 
 
-def _assert_equal_steps(off: dict, on: dict) -> None:
+RECOMPUTED = {"generator": 1, "generator_spade": 2}  # extra forwards of a SPADE layer in the G step
+
+
+def _assert_equal_steps(off: dict, on: dict, setting: str) -> None:
     assert off["losses"].keys() == on["losses"].keys() == {"GAN", "GAN_Feat", "VGG", "D_Fake", "D_real"}
     for name, value in off["losses"].items():
         assert abs(value.item() - on["losses"][name].item()) <= 1e-10, name
@@ -54,31 +57,33 @@ def _assert_equal_steps(off: dict, on: dict) -> None:
                 continue
             diff = (value - on[part][key]).abs().max().item()
             assert diff <= 1e-10, f"{part}.{key} differs by {diff}"
-    # G step forward (+ its recomputation when on) and the D step's no-grad fake.
-    assert off["block_calls"] == 2 and on["block_calls"] == 3
+    # G step forward (+ its recomputations when on) and the D step's no-grad fake.
+    assert off["norm_calls"] == 2 and on["norm_calls"] == 2 + RECOMPUTED[setting]
 
 
+@pytest.mark.parametrize("setting", ["generator", "generator_spade"])
 @pytest.mark.parametrize("paths", ["speed.fused_modulation=false", "speed.region_modulation=on"],
                          ids=["reference", "fast"])
-def test_checkpointed_iteration_equals_the_plain_one(vgg_file, paths):
+def test_checkpointed_iteration_equals_the_plain_one(vgg_file, paths, setting):
     off = _iteration(str(vgg_file), "ddp", 0, 1, paths)
-    on = _iteration(str(vgg_file), "ddp", 0, 1, paths, "speed.activation_checkpointing=generator")
-    _assert_equal_steps(off, on)
+    on = _iteration(str(vgg_file), "ddp", 0, 1, paths, f"speed.activation_checkpointing={setting}")
+    _assert_equal_steps(off, on, setting)
     assert any(k.endswith("running_mean") for k in on["G"])  # the BN statistics were compared
 
 
 def _both_rank(rank: int, world: int, backend_name: str, vgg_path: str) -> tuple[dict, dict]:
     off = _iteration(vgg_path, backend_name, rank, world)
-    on = _iteration(vgg_path, backend_name, rank, world, "speed.activation_checkpointing=generator")
+    on = _iteration(vgg_path, backend_name, rank, world, "speed.activation_checkpointing=generator_spade")
     return off, on
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("backend_name", ["ddp", "deepspeed"])
 def test_checkpointed_iteration_on_two_ranks_with_sync_bn(vgg_file, backend_name):
-    """2 gloo ranks, synchronized BN in G: the recomputation's all-gathers line up on both ranks."""
+    """2 gloo ranks, synchronized BN in G: the recomputations' all-gathers line up on both ranks
+    (generator_spade: the blocks' and, nested, the SPADE layers' recomputations)."""
     for off, on in run_distributed(_both_rank, 2, (backend_name, str(vgg_file))):
-        _assert_equal_steps(off, on)
+        _assert_equal_steps(off, on, "generator_spade")
 
 
 def test_checkpointing_needs_the_spade_generator_and_eager_mode():

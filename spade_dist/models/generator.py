@@ -7,9 +7,10 @@ x2 upsampling. Without the VAE the network starts deterministically from the lab
 
 How the SPADE layers compute their modulation is the generator's :class:`ModulationPlan`
 (``models/fast/seam.py``; None = the official layers): a speed setting, not part of the
-architecture (not in ``build_kwargs``, not in the state dict); so is ``checkpoint_blocks``
-(``speed.activation_checkpointing: generator``): each residual block recomputed in the backward
-instead of keeping its activations, with the same results (``models/fast/checkpointing.py``).
+architecture (not in ``build_kwargs``, not in the state dict); so is ``activation_checkpointing``
+(``speed.activation_checkpointing``: ``generator`` recomputes each residual block in the backward
+instead of keeping its activations, ``generator_spade`` also each SPADE layer inside a recomputed
+block; the same results, ``models/fast/checkpointing.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from spade_dist.config import Config
 
 UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
+ACTIVATION_CHECKPOINTING = ("off", "generator", "generator_spade")  # speed.activation_checkpointing
 
 
 def latent_size(crop_size: int, aspect_ratio: float, num_upsampling_layers: str) -> tuple[int, int]:
@@ -59,7 +61,7 @@ class SPADEGenerator(nn.Module):
         z_dim: int = 256,
         norm_G: str = "spectralspadesyncbatch3x3",
         modulation: Optional[ModulationPlan] = None,
-        checkpoint_blocks: bool = False,
+        activation_checkpointing: str = "off",
     ) -> None:
         super().__init__()
         self.semantic_nc = semantic_nc
@@ -70,7 +72,10 @@ class SPADEGenerator(nn.Module):
         self.use_vae = use_vae
         self.z_dim = z_dim
         self.norm_G = norm_G
-        self.checkpoint_blocks = checkpoint_blocks
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing '{activation_checkpointing}' not recognised "
+                             f"(known: {', '.join(ACTIVATION_CHECKPOINTING)})")
+        self.activation_checkpointing = activation_checkpointing
         self.use_modulation(modulation)
         self.sh, self.sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
         nf = ngf
@@ -108,7 +113,7 @@ class SPADEGenerator(nn.Module):
             z_dim=m.z_dim,
             norm_G=m.norm_G,
             modulation=modulation,
-            checkpoint_blocks=cfg.speed.activation_checkpointing == "generator",
+            activation_checkpointing=cfg.speed.activation_checkpointing,
         )
 
     @property
@@ -156,10 +161,11 @@ class SPADEGenerator(nn.Module):
 
         # Recompute each block in the backward instead of keeping its activations (only where a
         # backward will come: the D step's and the EMA copy's no-grad forwards run plainly).
-        checkpointed = self.checkpoint_blocks and torch.is_grad_enabled()
+        checkpointed = self.activation_checkpointing != "off" and torch.is_grad_enabled()
+        spade_layers = self.activation_checkpointing == "generator_spade"
 
         def block(module: SPADEResnetBlock, x: Tensor) -> Tensor:
-            return run_checkpointed(module, x, seg) if checkpointed else module(x, seg)
+            return run_checkpointed(module, x, seg, spade_layers=spade_layers) if checkpointed else module(x, seg)
 
         x = block(self.head_0, x)
         x = self._up(x)

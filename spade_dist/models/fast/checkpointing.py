@@ -21,7 +21,8 @@ ranks, DDP and DeepSpeed).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ def _has_spectral_norm(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _recomputing(block: nn.Module) -> Iterator[None]:
+def _recomputing(block: "nn.Module | _Call") -> Iterator[None]:
     """The recomputation's context: no second power iteration, BN buffers as the first forward left them."""
     spectral = [m for m in block.modules() if m.training and _has_spectral_norm(m)]
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -52,16 +53,57 @@ def _recomputing(block: nn.Module) -> Iterator[None]:
                     live.copy_(kept)
 
 
-def run_checkpointed(block: nn.Module, x: Tensor, *args: object) -> Tensor:
-    """``block(x, *args)`` with its activations recomputed in the backward (module docstring)."""
+def _spade_layers(block: nn.Module) -> list[nn.Module]:
+    # SPADE layers by their parts (importing models/spade.py here would be circular: it imports the seam).
+    return [m for m in block.modules() if hasattr(m, "param_free_norm") and hasattr(m, "mlp_shared")]
+
+
+@contextlib.contextmanager
+def _spade_layers_checkpointed(block: nn.Module) -> Iterator[None]:
+    """For the duration, each SPADE layer of ``block`` runs through :func:`run_checkpointed` itself:
+    the block then keeps each layer's input and output, not its intermediates, and when the block
+    is recomputed in the backward, each of its SPADE layers is recomputed once more, one at a time."""
+    layers = _spade_layers(block)
+    for layer in layers:
+        plain = type(layer).forward.__get__(layer)
+        layer.forward = functools.partial(run_checkpointed, _Call(layer, plain))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class _Call:
+    """``module``'s plain forward as a callable that :func:`run_checkpointed` can recompute (its
+    modules are ``module``'s: the recomputation context finds the BN buffers there)."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Tensor]) -> None:
+        self.module = module
+        self.forward = forward
+
+    def __call__(self, *args: object) -> Tensor:
+        return self.forward(*args)
+
+    def modules(self) -> Iterator[nn.Module]:
+        return self.module.modules()
+
+
+def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False) -> Tensor:
+    """``block(x, *args)`` with its activations recomputed in the backward (module docstring);
+    ``spade_layers``: inside the recomputation, each SPADE layer is checkpointed again."""
     first_call = True
 
     def forward(inp: Tensor) -> Tensor:
         nonlocal first_call
+        # The SPADE layers are checkpointed in the first forward too: the recomputation must save
+        # the same tensors as the forward it replays (torch.utils.checkpoint checks their number).
+        layers = _spade_layers_checkpointed(block) if spade_layers else contextlib.nullcontext()
         if first_call:
             first_call = False
-            return block(inp, *args)
-        with _recomputing(block):
+            with layers:
+                return block(inp, *args)
+        with _recomputing(block), layers:
             return block(inp, *args)
 
     return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=True)
