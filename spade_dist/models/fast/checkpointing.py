@@ -15,8 +15,16 @@ hook then uses the u / v the first forward left, i.e. the same normalised weight
 every BatchNorm buffer back afterwards (the batch statistics, which the forward uses, are the same
 since the input is). A synchronized BN issues its all-gather again inside the recomputation; every
 rank recomputes the same blocks in the same backward order, so the ranks' sequences of collectives
-stay the same. Tests: ``tests/test_activation_checkpointing.py`` (float64, 1 process and 2 gloo
-ranks, DDP and DeepSpeed).
+stay the same.
+
+With ``spade_layers`` (``speed.activation_checkpointing: generator_spade``) each SPADE layer inside
+the block is checkpointed as well, the same way: a recomputed block then holds one SPADE layer's
+intermediates at a time instead of all of them. The block (a plain network, laid out as the
+official code) calls its layers itself, so for the duration of the block's forward each layer's
+``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
+
+Tests: ``tests/test_activation_checkpointing.py`` (float64, 1 process and 2 gloo ranks, DDP and
+DeepSpeed).
 """
 from __future__ import annotations
 
@@ -91,7 +99,7 @@ class _Call:
 
 def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False) -> Tensor:
     """``block(x, *args)`` with its activations recomputed in the backward (module docstring);
-    ``spade_layers``: inside the recomputation, each SPADE layer is checkpointed again."""
+    ``spade_layers``: each SPADE layer inside the block checkpointed as well (nested)."""
     first_call = True
 
     def forward(inp: Tensor) -> Tensor:
