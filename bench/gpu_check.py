@@ -9,6 +9,9 @@ Sections, in this order (each checks the remaining time budget first and is reco
   (``configs/coco_stuff.yaml``, VGG loss with random weights: same cost) for per-GPU batch 1, 4, 16;
   FLOPs counted with ``FlopCounterMode``, model FLOPs utilisation = counted FLOPs per second /
   the device's dense bf16 peak (``PEAK_BF16_FLOPS``), peak memory (``max_memory_allocated``);
+- ``memory``: ``bench/memory.py`` with real accounting on the device, per-GPU batch 1 and 2
+  (``--memory-batches``), reference / fast / fast + savings in fp32: the tracked peak (the
+  prediction, device-independent) next to ``torch.cuda.max_memory_allocated`` of the same iteration;
 - ``speed_paths``: off (dense) vs on (gather + region) vs auto (measured per layer), batch 4 bf16;
 - ``channels_last``: off vs on, batch 4 bf16;
 - ``compile``: eager vs ``speed.compile=true``, batch 4 bf16 (compilation time in
@@ -129,8 +132,19 @@ def fid_throughput(device: str, size: int, images: int, batch: int) -> dict[str,
     return {"images_per_s": images / seconds, "images": images, "size": size, "batch_size": batch}
 
 
+def memory_table(config: str, common: list[str], batches: list[int]) -> dict[str, Any]:
+    from bench.memory import main as memory_main
+
+    result = memory_main(["--config", config, "--batch", *map(str, batches), "--modes", "reference", "fast",
+                          "fast+savings", "--accounting", "real", "--time-iters", "1", "--", *common])
+    keep = ("mode", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s")
+    return {"runs": [{k: r[k] for k in keep} for r in result["runs"]], "linear_model": result["linear_model"],
+            "ratios": result["ratios"]}
+
+
 def run_checks(device: str, config: str, common: list[str], batches: list[int], compare_batch: int, iters: int,
-               budget_s: float, fid_images: int, fid_size: int, sections: tuple[str, ...]) -> dict[str, Any]:
+               budget_s: float, fid_images: int, fid_size: int, sections: tuple[str, ...],
+               memory_batches: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     budget = Budget(budget_s)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     peak = peak_bf16_flops(name) if device == "cuda" else None
@@ -145,6 +159,7 @@ def run_checks(device: str, config: str, common: list[str], batches: list[int], 
 
     plan: list[tuple[str, float, Callable[[], Any]]] = [
         ("train_step_bf16", 60, lambda: train_step_table(config, common, batches, iters, peak)),
+        ("memory", 40, lambda: memory_table(config, common, list(memory_batches))),
         ("speed_paths", 30, compare([("off", [bf16, "speed.onehot_gather=off", "speed.region_modulation=off"]),
                                      ("on", [bf16, "speed.onehot_gather=on", "speed.region_modulation=on"]),
                                      ("auto", [bf16])])),
@@ -173,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--fid-images", type=int, default=512)
     p.add_argument("--fid-size", type=int, default=256)
-    p.add_argument("--sections", default="train_step_bf16,speed_paths,channels_last,fid,compile")
+    p.add_argument("--memory-batches", default="1,2", help="per-GPU batches of the memory section (two, for the fit)")
+    p.add_argument("--sections", default="train_step_bf16,memory,speed_paths,channels_last,fid,compile")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. a smaller model for a test)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -192,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["torch"] = torch.__version__
     result.update(run_checks(args.device, args.config, list(args.overrides), [int(b) for b in args.batches.split(",")],
                              args.compare_batch, args.iters, args.budget_s, args.fid_images, args.fid_size,
-                             tuple(args.sections.split(","))))
+                             tuple(args.sections.split(",")), tuple(int(b) for b in args.memory_batches.split(","))))
     result["load_avg_after"] = os.getloadavg()[0]
     result["wall_s"] = round(time.time() - started, 1)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

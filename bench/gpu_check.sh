@@ -6,7 +6,8 @@
 # Runs unattended on a bare GPU machine with this repository and access to the pip registry: it
 # creates .venv itself (launch/setup_env.sh; not counted in the time budget), then
 #   1. pytest -m cuda tests/test_cuda.py        (<= CUDA_TESTS_S, default 100 s) -> OUT_DIR/cuda_tests.xml
-#   2. bench/gpu_check.py                       (<= BENCH_S, default 130 s of sections) -> OUT_DIR/gpu_check.json
+#   2. bench/gpu_check.py                       (<= BENCH_S, default 130 s of sections, among them the
+#      memory prediction vs torch.cuda.max_memory_allocated) -> OUT_DIR/gpu_check.json
 # so tests + benchmarks stay within 4 minutes on one H100/H200.
 #
 # Exit codes: 0 all tests passed and every section ran; 1 a test or a section failed (the JSON says

@@ -19,6 +19,9 @@
 #   PYTHONFAULTHANDLER  Python tracebacks on fatal signals / hangs (default 1)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  what a failed / timed-out NCCL collective does (default 1: tear the
 #                 process down, so srun --kill-on-bad-exit ends the step instead of hanging)
+#   GPU_MEMORY_GIB  memory of one GPU for the start-up memory plan (default: nvidia-smi's, GPU mode only);
+#                 the plan (spade-config --plan, docs/PERFORMANCE.md) is printed, with a warning when the
+#                 configured data.batch_size will not fit
 #   SPADE_EXTRA_ENV  more environment for the training processes: space-separated NAME=VALUE pairs
 #                 (e.g. "NCCL_IB_HCA=mlx5 NCCL_SOCKET_IFNAME=ib0"); exported on every node
 #
@@ -116,6 +119,14 @@ python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR" || { log "cannot prepa
 log "job ${SLURM_JOB_ID:-?} restart=$RESTART_COUNT nodes=$NNODES ($SLURM_JOB_NODELIST) head=$HEAD_NODE/$HEAD_ADDR:$MASTER_PORT"
 log "launcher=$LAUNCHER device=$DEVICE procs/node=$NPROC_PER_NODE world=$WORLD_SIZE run_dir=$RUN_DIR config=$CONFIG"
 log "env: NCCL_DEBUG=$NCCL_DEBUG PYTHONFAULTHANDLER=$PYTHONFAULTHANDLER TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING SPADE_EXTRA_ENV='${SPADE_EXTRA_ENV:-}'"
+# Memory plan for this allocation (informational: an unmeasured architecture only logs that).
+if [ -z "${GPU_MEMORY_GIB:-}" ] && [ "$DEVICE" = gpu ] && command -v nvidia-smi >/dev/null; then
+  GPU_MEMORY_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 | awk '{printf "%.1f", $1 / 1024}')
+fi
+if [ -n "${GPU_MEMORY_GIB:-}" ]; then
+  python -m spade_dist.cli.show_config --config "$CONFIG" --plan --gpu-memory "$GPU_MEMORY_GIB" --gpus "$WORLD_SIZE" \
+    -- $OVERRIDES || log "no memory plan for this config (see above)"
+fi
 
 # The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
 SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}

@@ -154,6 +154,12 @@ class SpeedConfig:
     # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Memory for compute: generator = each SPADE residual block of G keeps only its input and is
+    # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
+    # iteration; models/fast/checkpointing.py); generator_spade = also each SPADE layer inside a
+    # recomputed block (a third forward of the SPADE layers, less memory). off = autograd keeps
+    # every activation.
+    activation_checkpointing: Literal["off", "generator", "generator_spade"] = "off"
 
     @property
     def spade_paths(self) -> tuple[str, ...]:
@@ -184,6 +190,9 @@ def speed_checks(speed: SpeedConfig) -> list[tuple[bool, str]]:
         (speed.fused_modulation or "on" not in (speed.onehot_gather, speed.region_modulation),
          "speed.onehot_gather=on / speed.region_modulation=on need speed.fused_modulation=true (the gather and "
          "region paths read the label map the fused layout resizes once per resolution)"),
+        (not (speed.compile and speed.activation_checkpointing != "off"),
+         f"speed.activation_checkpointing={speed.activation_checkpointing} with speed.compile=true is not supported (the exact "
+         "recomputation restores eager module state; a compiled graph would recompute without it): choose one"),
     ]
 
 
@@ -757,6 +766,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
          "train.init_generator_sha256 is set but train.init_generator is empty"),
         (not cfg.train.init_generator or cfg.model.netG == "spade",
          f"train.init_generator needs model.netG=spade (official and exported generators), got {cfg.model.netG}"),
+        (cfg.speed.activation_checkpointing == "off" or cfg.model.netG == "spade",
+         f"speed.activation_checkpointing={cfg.speed.activation_checkpointing} needs model.netG=spade (the SPADE "
+         f"residual blocks), got {cfg.model.netG}"),
         *_range_checks(cfg),
         *speed_checks(cfg.speed),
     ]

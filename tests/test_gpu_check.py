@@ -45,7 +45,7 @@ def test_gpu_check_json_structure_on_a_tiny_cpu_run(tmp_path):
         [PYTHON, "bench/gpu_check.py", "--device", "cpu", "--out", str(out), "--junit", str(junit),
          "--tests-rc", str(tests.returncode), "--config", str(TINY), "--batches", "2",
          "--compare-batch", "2", "--iters", "1", "--fid-images", "4", "--fid-size", "32", "--budget-s", "900",
-         "--sections", "train_step_bf16,speed_paths,channels_last,fid"],
+         "--memory-batches", "2,4", "--sections", "train_step_bf16,memory,speed_paths,channels_last,fid"],
         cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -56,6 +56,11 @@ def test_gpu_check_json_structure_on_a_tiny_cpu_run(tmp_path):
     row = result["train_step_bf16"]["2"]
     assert row["images_per_s"] > 0 and row["flops_per_image"] > 0 and row["peak_memory_bytes"] > 0
     assert row["mfu"] is None  # no datasheet peak for a CPU
+    memory = result["memory"]
+    assert [(r["mode"], r["batch"]) for r in memory["runs"]] == [
+        (mode, b) for mode in ("reference", "fast", "fast+savings") for b in (2, 4)]
+    assert all(r["peak_bytes"] > 0 and r["cuda_max_memory_allocated_bytes"] is None for r in memory["runs"])
+    assert "fast+savings/fp32 per_sample / reference" in memory["ratios"]
     paths = result["speed_paths"]["variants"]
     assert set(paths) == {"off", "on", "auto"} and paths["off"]["ratio"] == 1.0
     assert paths["auto"]["speed_paths"]["source"] == "measured" and paths["on"]["speed_paths"]["summary"].endswith("x region")

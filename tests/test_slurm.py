@@ -107,6 +107,7 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     make_test_inception_weights(weights, torch.cat([b["image"] for b in build_eval_loader(cfg.data, split="val")]), seed=0)
     env = _train_env(train_shards, run_dir, 6, "")
     env["OVERRIDES"] = env["OVERRIDES"].replace("data.val_shards= ", "") + " " + eval_overrides
+    env["GPU_MEMORY_GIB"] = "0.08"  # the start-up memory plan, for a GPU too small for tiny's batch of 2
     job = _submit_training(cluster, env, tmp_path / "train.out")
     state = cluster.wait(job, timeout=400)
     log = (tmp_path / "train.out").read_text()
@@ -122,6 +123,9 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     assert scored == [3, 6], records
     assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (3, 6)
     assert "nodes=2" in log and "world=2" in log and "training finished" in log
+    assert "memory plan: 2 x 0.08 GiB, global batch 32" in log
+    assert "data.batch_size=2 speed.activation_checkpointing=off: 0.1 GiB, WILL NOT FIT" in log
+    assert "warning: the configured data.batch_size will not fit" in log
     assert json.loads((run_dir / "DONE").read_text())["step"] == 6
     assert {p.name for p in (run_dir / "checkpoints").glob("step-*")} >= {"step-000000006"}
     assert (run_dir / "samples" / "index.html").exists() and list((run_dir / "samples").glob("step-*.png"))

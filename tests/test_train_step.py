@@ -123,20 +123,28 @@ def _deepspeed_float64_backend() -> type:
     return Float64DeepSpeedBackend
 
 
-def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_stage: int) -> dict:
+def float64_rank_state(backend_name: str, zero_stage: int, vgg_path: str, per_rank: int, *extra: str):
+    """(cfg, backend, state) of this rank for the float64 step comparisons: seed 0, wrapped."""
     from spade_dist.train.backends import DDPBackend
     from spade_dist.train.state import build_train_state
-    from spade_dist.train.step import LossSet, prepare_batch, train_step
 
-    cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}")
-    per = 2 * B // world
+    cfg = tiny_config(f"train.backend={backend_name}", f"train.zero_stage={zero_stage}", f"loss.vgg_weights={vgg_path}",
+                      *extra)
     torch.manual_seed(0)
     backend = (_deepspeed_float64_backend() if backend_name == "deepspeed" else DDPBackend).setup(cfg)
     state = build_train_state(cfg, backend.device, fused_adam=backend_name == "ddp", dtype=torch.float64)
     if backend_name == "deepspeed":
-        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per)
+        backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, per_rank)
     else:
         backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, None, None)
+    return cfg, backend, state
+
+
+def _step_rank(rank: int, world: int, backend_name: str, vgg_path: str, zero_stage: int) -> dict:
+    from spade_dist.train.step import LossSet, prepare_batch, train_step
+
+    per = 2 * B // world
+    cfg, backend, state = float64_rank_state(backend_name, zero_stage, vgg_path, per)
     vgg = VGGLoss.from_file(vgg_path).double()
     losses = LossSet.from_config(cfg, vgg)
     full = global_batch(2 * B)
@@ -256,16 +264,15 @@ def test_d_steps_per_g_skips_generator_on_off_steps():
     assert all(torch.equal(a, b) for a, b in zip(before, state.generator_side.parameters()))
 
 
-def test_grad_accumulation_equals_big_batch():
-    """2 micro-batches of B == 1 batch of 2B. Batch-coupled pieces are switched off for this check:
-    instance norm instead of BN (it needs a 2x2 latent map, so 64 px) and no spectral norm (each
-    forward call runs one power iteration, so 2 micro-batches iterate twice)."""
+def _accumulated_vs_big_batch(*extra: str) -> float:
+    """Largest difference of any parameter or buffer after one step of 2 micro-batches of B and one
+    of a single batch of 2B (float64, 64 px: a 2x2 latent map)."""
     from spade_dist.train.step import prepare_batch, train_step
 
     results = []
     for accum in (1, 2):
-        cfg, backend, state, losses = _single_backend("model.norm_G=spadeinstance3x3", "model.norm_D=instance", f"train.grad_accum={accum}",
-                                                      "data.crop_size=64", "data.load_size=64")
+        cfg, backend, state, losses = _single_backend(*extra, f"train.grad_accum={accum}", "data.crop_size=64",
+                                                      "data.load_size=64")
         state.generator_side.double()
         state.discriminator.double()
         full = global_batch(2 * B, crop=64)
@@ -274,8 +281,26 @@ def test_grad_accumulation_equals_big_batch():
         else:
             micro = [prepare_batch({k: v[i * B:(i + 1) * B] for k, v in full.items()}, cfg, backend.device, torch.float64) for i in range(2)]
         train_step(backend, losses, micro, 0, cfg)
-        results.append([p.detach().clone() for p in state.generator_side.parameters()] + [p.detach().clone() for p in state.discriminator.parameters()])
-    assert max((a - b).abs().max().item() for a, b in zip(*results)) <= 1e-8
+        results.append([t.detach().clone() for net in (state.generator_side, state.discriminator)
+                        for t in (*net.parameters(), *(b for b in net.buffers() if torch.is_floating_point(b)))])
+    return max((a - b).abs().max().item() for a, b in zip(*results))
+
+
+def test_grad_accumulation_equals_big_batch():
+    """2 micro-batches of B == 1 batch of 2B where nothing couples the samples of a forward:
+    instance norm instead of BN and no spectral norm."""
+    assert _accumulated_vs_big_batch("model.norm_G=spadeinstance3x3", "model.norm_D=instance") <= 1e-8
+
+
+@pytest.mark.parametrize("coupling", [("model.norm_G=spadesyncbatch3x3", "model.norm_D=instance"),
+                                      ("model.norm_G=spectralspadeinstance3x3", "model.norm_D=spectralinstance")],
+                         ids=["batch-norm", "spectral-norm"])
+def test_grad_accumulation_differs_from_big_batch_where_docs_say(coupling):
+    """docs/TRAINING.md ("Gradient accumulation"): BN statistics come from each micro-batch (B
+    samples, not 2B, and running statistics move once per micro-batch), and every forward runs one
+    spectral-norm power iteration (2 per update instead of 1). 2 gloo ranks x B equal 1 x 2B even
+    with synchronized BN (test_distributed_step_equals_global_batch_step); accumulation does not."""
+    assert _accumulated_vs_big_batch(*coupling) > 1e-6
 
 
 # ---------------------------------------------------------------------------- G step's real pass

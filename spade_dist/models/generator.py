@@ -7,7 +7,10 @@ x2 upsampling. Without the VAE the network starts deterministically from the lab
 
 How the SPADE layers compute their modulation is the generator's :class:`ModulationPlan`
 (``models/fast/seam.py``; None = the official layers): a speed setting, not part of the
-architecture (not in ``build_kwargs``, not in the state dict).
+architecture (not in ``build_kwargs``, not in the state dict); so is ``activation_checkpointing``
+(``speed.activation_checkpointing``: ``generator`` recomputes each residual block in the backward
+instead of keeping its activations, ``generator_spade`` also each SPADE layer inside a recomputed
+block; the same results, ``models/fast/checkpointing.py``).
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spade_dist.models.blocks import LEAKY_SLOPE, SPADEResnetBlock
-from spade_dist.models.fast.seam import LabelMaps, ModulationPlan, SegmapInput, in_place
+from spade_dist.models.fast.seam import LabelMaps, ModulationPlan, SegmapInput, in_place, run_checkpointed
 from spade_dist.models.spade import resize_nearest
 
 if TYPE_CHECKING:
     from spade_dist.config import Config
 
 UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
+ACTIVATION_CHECKPOINTING = ("off", "generator", "generator_spade")  # speed.activation_checkpointing
 
 
 def latent_size(crop_size: int, aspect_ratio: float, num_upsampling_layers: str) -> tuple[int, int]:
@@ -57,6 +61,7 @@ class SPADEGenerator(nn.Module):
         z_dim: int = 256,
         norm_G: str = "spectralspadesyncbatch3x3",
         modulation: Optional[ModulationPlan] = None,
+        activation_checkpointing: str = "off",
     ) -> None:
         super().__init__()
         self.semantic_nc = semantic_nc
@@ -67,6 +72,10 @@ class SPADEGenerator(nn.Module):
         self.use_vae = use_vae
         self.z_dim = z_dim
         self.norm_G = norm_G
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing '{activation_checkpointing}' not recognised "
+                             f"(known: {', '.join(ACTIVATION_CHECKPOINTING)})")
+        self.activation_checkpointing = activation_checkpointing
         self.use_modulation(modulation)
         self.sh, self.sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
         nf = ngf
@@ -104,6 +113,7 @@ class SPADEGenerator(nn.Module):
             z_dim=m.z_dim,
             norm_G=m.norm_G,
             modulation=modulation,
+            activation_checkpointing=cfg.speed.activation_checkpointing,
         )
 
     @property
@@ -149,15 +159,23 @@ class SPADEGenerator(nn.Module):
                      else resize_nearest(semantics, (self.sh, self.sw)))
             x = self.fc(start)
 
-        x = self.head_0(x, seg)
+        # Recompute each block in the backward instead of keeping its activations (only where a
+        # backward will come: the D step's and the EMA copy's no-grad forwards run plainly).
+        checkpointed = self.activation_checkpointing != "off" and torch.is_grad_enabled()
+        spade_layers = self.activation_checkpointing == "generator_spade"
+
+        def block(module: SPADEResnetBlock, x: Tensor) -> Tensor:
+            return run_checkpointed(module, x, seg, spade_layers=spade_layers) if checkpointed else module(x, seg)
+
+        x = block(self.head_0, x)
         x = self._up(x)
-        x = self.G_middle_0(x, seg)
+        x = block(self.G_middle_0, x)
         if self.num_upsampling_layers in ("more", "most"):
             x = self._up(x)
-        x = self.G_middle_1(x, seg)
+        x = block(self.G_middle_1, x)
         for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.num_upsampling_layers == "most" else ()):
             x = self._up(x)
-            x = getattr(self, name)(x, seg)
+            x = block(getattr(self, name), x)
         # The last block's output (a fresh sum) is read by nothing else: in place where the plan allows.
         x = self.conv_img(F.leaky_relu_(x, LEAKY_SLOPE) if in_place(seg) else F.leaky_relu(x, LEAKY_SLOPE))
         return torch.tanh(x)

@@ -8,6 +8,10 @@
   it where the official code passes the label map, and a SPADE layer given one calls
   ``labels.modulate(self, normalized)`` instead of its own convolutions. Nothing else is set on the
   layers, so a block can be run (or recomputed) on its own with the same ``LabelMaps``;
+- a generator built with ``activation_checkpointing`` (``generator`` / ``generator_spade``) runs
+  each residual block through :func:`run_checkpointed` (``checkpointing.py``) while gradients are
+  on: the block (and its SPADE layers) recomputed in the backward, exactly (no second
+  BN-statistics update or power iteration);
 - a discriminator holds a :class:`DiscriminatorLabels` (None: the official input) and asks it for
   its full-resolution input and how each scale's first convolution reads that input.
 
@@ -22,10 +26,12 @@ from typing import Union
 
 from torch import Tensor
 
+from spade_dist.models.fast.checkpointing import run_checkpointed
 from spade_dist.models.fast.discriminator_labels import DiscriminatorLabels, FirstConv
 from spade_dist.models.fast.label_maps import LabelMaps, ModulationPlan
 
-__all__ = ["DiscriminatorLabels", "FirstConv", "LabelMaps", "ModulationPlan", "SegmapInput", "in_place"]
+__all__ = ["DiscriminatorLabels", "FirstConv", "LabelMaps", "ModulationPlan", "SegmapInput", "in_place",
+           "run_checkpointed"]
 
 # What the residual blocks and SPADE layers receive as their label map.
 SegmapInput = Union[Tensor, LabelMaps]

@@ -1,0 +1,117 @@
+"""Activation checkpointing of the generator's residual blocks, exact.
+
+``run_checkpointed(block, x, seg)`` is ``block(x, seg)`` whose inner activations are not kept for
+the backward: autograd keeps the block's input and runs the block's forward again when the
+gradient reaches it (``torch.utils.checkpoint``, non-reentrant, RNG state restored). A plain
+recomputation would not be the same step:
+
+- a BatchNorm (and the gloo / NCCL synchronized one) in training mode updates its running
+  statistics on every forward, so the recomputation would update them a second time;
+- a spectral-normed convolution in training mode runs one power iteration per forward, so the
+  recomputation would advance u / v again and normalise by a different sigma.
+
+The recomputation therefore runs with the block's spectral-normed modules in eval mode (torch's
+hook then uses the u / v the first forward left, i.e. the same normalised weight, bitwise) and puts
+every BatchNorm buffer back afterwards (the batch statistics, which the forward uses, are the same
+since the input is). A synchronized BN issues its all-gather again inside the recomputation; every
+rank recomputes the same blocks in the same backward order, so the ranks' sequences of collectives
+stay the same.
+
+With ``spade_layers`` (``speed.activation_checkpointing: generator_spade``) each SPADE layer inside
+the block is checkpointed as well, the same way: a recomputed block then holds one SPADE layer's
+intermediates at a time instead of all of them. The block (a plain network, laid out as the
+official code) calls its layers itself, so for the duration of the block's forward each layer's
+``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
+
+Tests: ``tests/test_activation_checkpointing.py`` (float64, 1 process and 2 gloo ranks, DDP and
+DeepSpeed).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.utils.checkpoint import checkpoint
+
+
+def _has_spectral_norm(module: nn.Module) -> bool:
+    return any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values())
+
+
+@contextlib.contextmanager
+def _recomputing(block: "nn.Module | _Call") -> Iterator[None]:
+    """The recomputation's context: no second power iteration, BN buffers as the first forward left them."""
+    spectral = [m for m in block.modules() if m.training and _has_spectral_norm(m)]
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    for m in spectral:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in spectral:
+            m.training = True
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for live, kept in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers):
+                    live.copy_(kept)
+
+
+def _spade_layers(block: nn.Module) -> list[nn.Module]:
+    # SPADE layers by their parts (importing models/spade.py here would be circular: it imports the seam).
+    return [m for m in block.modules() if hasattr(m, "param_free_norm") and hasattr(m, "mlp_shared")]
+
+
+@contextlib.contextmanager
+def _spade_layers_checkpointed(block: nn.Module) -> Iterator[None]:
+    """For the duration, each SPADE layer of ``block`` runs through :func:`run_checkpointed` itself:
+    the block then keeps each layer's input and output, not its intermediates, and when the block
+    is recomputed in the backward, each of its SPADE layers is recomputed once more, one at a time."""
+    layers = _spade_layers(block)
+    for layer in layers:
+        plain = type(layer).forward.__get__(layer)
+        layer.forward = functools.partial(run_checkpointed, _Call(layer, plain))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class _Call:
+    """``module``'s plain forward as a callable that :func:`run_checkpointed` can recompute (its
+    modules are ``module``'s: the recomputation context finds the BN buffers there)."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Tensor]) -> None:
+        self.module = module
+        self.forward = forward
+
+    def __call__(self, *args: object) -> Tensor:
+        return self.forward(*args)
+
+    def modules(self) -> Iterator[nn.Module]:
+        return self.module.modules()
+
+
+def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False) -> Tensor:
+    """``block(x, *args)`` with its activations recomputed in the backward (module docstring);
+    ``spade_layers``: each SPADE layer inside the block checkpointed as well (nested)."""
+    first_call = True
+
+    def forward(inp: Tensor) -> Tensor:
+        nonlocal first_call
+        # The SPADE layers are checkpointed in the first forward too: the recomputation must save
+        # the same tensors as the forward it replays (torch.utils.checkpoint checks their number).
+        layers = _spade_layers_checkpointed(block) if spade_layers else contextlib.nullcontext()
+        if first_call:
+            first_call = False
+            with layers:
+                return block(inp, *args)
+        with _recomputing(block), layers:
+            return block(inp, *args)
+
+    return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=True)

@@ -1,0 +1,56 @@
+"""bench/memory.py: exact live-tensor accounting, the same bytes with real and fake tensors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_64 = ["data.crop_size=64", "data.load_size=64", "loss.no_vgg_loss=true"]  # 2x2 latent: BN defined at batch 1
+
+
+def test_live_bytes_follows_storages_until_they_are_freed() -> None:
+    from bench.memory import LiveBytes
+
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view: no new storage
+        c = torch.ones(250)  # 1000 bytes; peak 5000
+        del a, b
+        d = torch.ones(500)  # a's storage is gone: 3000 live
+        sparse = torch.eye(3).to_sparse()  # its int64 indices and float values count
+    assert tracker.peak == 5000
+    assert tracker.total == 1000 + 2000 + 2 * 3 * 8 + 3 * 4
+    del c, d, sparse
+    assert tracker.total == 0
+
+
+def test_memory_bench_fake_accounting_equals_real_and_savings_lower_the_per_sample_memory(capsys) -> None:
+    from bench.memory import main
+
+    args = ["--config", "configs/tiny.yaml", "--batch", "1", "2", "--modes", "reference", "reference+savings",
+            "--time-iters", "1", "--", *TINY_64]
+    real = main(["--accounting", "real", *args])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(real))  # the last line is the whole result
+    fake = main(["--accounting", "fake", *args])
+    keys = ("mode", "batch", "peak_bytes", "persistent_bytes_at_peak", "other_bytes_at_peak")
+    assert [{k: r[k] for k in keys} for r in real["runs"]] == [{k: r[k] for k in keys} for r in fake["runs"]]
+    assert all(r["step_s"] > 0 for r in real["runs"]) and all(r["step_s"] is None for r in fake["runs"])
+    ref, saved = real["linear_model"]["reference/fp32"], real["linear_model"]["reference+savings/fp32"]
+    assert 0 < saved["per_sample_bytes"] < ref["per_sample_bytes"]
+    assert real["ratios"]["reference+savings/fp32 per_sample / reference"] == round(
+        saved["per_sample_bytes"] / ref["per_sample_bytes"], 4)
+    assert "reference+savings/fp32 step_s / reference" in real["ratios"]
+    for run in real["runs"]:  # batch 1 -> 2 adds the batch itself to the persistent bytes, never removes any
+        assert run["peak_bytes"] == run["persistent_bytes_at_peak"] + run["other_bytes_at_peak"]
+        assert run["persistent_bytes_at_peak"] == run["persistent_bytes_at_start"]
+
+
+def test_memory_bench_refuses_fake_accounting_of_the_speed_paths(capsys) -> None:
+    from bench.memory import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "configs/tiny.yaml", "--modes", "fast", "--accounting", "fake"])
+    assert exc.value.code == 2 and "--accounting real" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""The memory planner (spade_dist/memory_plan.py, spade-config --plan): batch, accumulation and
+activation checkpointing chosen from the measured linear model, with the margin kept free."""
+from __future__ import annotations
+
+import pytest
+
+from spade_dist import memory_plan
+from spade_dist.config import ConfigError
+from spade_dist.memory_plan import GIB, architecture_key, plan
+from tests import kit
+
+
+@pytest.fixture
+def measured_tiny(monkeypatch):
+    """The tiny preset with a known model: off = 1 GiB + 2 GiB per sample, generator = 1 GiB + 1 GiB per sample."""
+    cfg = kit.tiny_config()
+    monkeypatch.setattr(memory_plan, "MEASURED",
+                        {architecture_key(cfg): {"off": (1 * GIB, 2 * GIB), "generator": (1 * GIB, 1 * GIB)}})
+    return cfg
+
+
+def test_plan_prefers_the_largest_micro_batch_then_savings_off(measured_tiny):
+    cfg = measured_tiny
+    # 32 on 8 GPUs = 4 per GPU: off needs 9 GiB, generator 5 GiB (margin 0 to make the edges exact).
+    assert plan(cfg, 9, 8, margin=0) == memory_plan.Plan(4, 1, "off", 9 * GIB, 9 * GIB)
+    assert plan(cfg, 8.9, 8, margin=0) == memory_plan.Plan(4, 1, "generator", 5 * GIB, 8.9 * GIB)
+    # 32 on 2 GPUs = 16 per GPU in 4 GiB: micro-batches divide 16; 4 needs 5 GiB even with savings, 2 needs
+    # 5 GiB off and 3 GiB with savings -> 8 micro-batches of 2.
+    assert plan(cfg, 4, 2, margin=0) == memory_plan.Plan(2, 8, "generator", 3 * GIB, 4 * GIB)
+    assert plan(cfg, 1.5, 2, margin=0) is None  # not even one sample
+    # The margin is kept free: 10 GiB with 15% free is 8.5 GiB usable, so batch 4 needs savings.
+    assert plan(cfg, 10, 8).activation_checkpointing == "generator"
+
+
+def test_describe_says_whether_the_configured_batch_fits(measured_tiny):
+    text, fits = memory_plan.describe(kit.tiny_config("data.batch_size=4"), 9, 8, margin=0)
+    assert fits and "plan: data.batch_size=4 train.grad_accum=1 speed.activation_checkpointing=off" in text
+    text, fits = memory_plan.describe(kit.tiny_config("data.batch_size=8"), 9, 8, margin=0)
+    assert not fits and "WILL NOT FIT" in text
+
+
+def test_unmeasured_architecture_and_bad_values_are_config_errors(measured_tiny):
+    with pytest.raises(ConfigError, match="no memory measurement.*bench/memory.py"):
+        plan(kit.tiny_config("model.ngf=16"), 40, 8)
+    with pytest.raises(ConfigError, match="gpus >= 1"):
+        plan(measured_tiny, 40, 0)
+
+
+def test_shipped_table_plans_the_paper_batch_for_each_measured_preset():
+    """Every row of the shipped table belongs to a preset and plans 32 on 8 x 80 GB without accumulation."""
+    from spade_dist.config import load_config
+    from spade_dist.resources import preset_names, preset_path
+
+    keys = {architecture_key(load_config(preset_path(name))): name for name in preset_names()}
+    assert memory_plan.MEASURED and set(memory_plan.MEASURED) <= set(keys)
+    for key in memory_plan.MEASURED:
+        p = plan(load_config(preset_path(keys[key])), 80, 8)
+        assert p is not None and p.per_gpu_batch == 4 and p.grad_accum == 1, keys[key]
+
+
+def test_spade_config_plan_cli(capsys):
+    from spade_dist.cli.show_config import main
+
+    assert main(["--preset", "coco_stuff", "--plan", "--gpu-memory", "40", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: data.batch_size=4 train.grad_accum=1" in out and "configured:" in out
+    assert main(["--preset", "coco_stuff", "--plan", "--gpu-memory", "4", "data.batch_size=16"]) == 0
+    assert "warning: the configured data.batch_size will not fit" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--plan", "--gpu-memory", "40", "model.ngf=16"]) == 2  # not measured
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no memory measurement" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "coco_stuff", "--plan"])
+    assert exc.value.code == 2
