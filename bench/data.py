@@ -43,9 +43,9 @@ from torchvision import transforms
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from data_tools.synth import generate_synthetic  # noqa: E402
 from spade_dist.config import DataConfig  # noqa: E402
 from spade_dist.data import build_train_loader  # noqa: E402
-from data_tools.synth import generate_synthetic  # noqa: E402
 
 COCO_SAMPLE = REPO_ROOT.parent / "shared" / "datasets" / "coco_stuff_sample"
 LOAD_SIZE, CROP_SIZE, LABEL_NC = 286, 256, 182

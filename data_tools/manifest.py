@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from data_tools.layouts import DONTCARE, DataToolsError, DatasetSpec, PlannedShard
+from data_tools.layouts import DONTCARE, DatasetSpec, DataToolsError, PlannedShard
 from spade_dist.files import write_json_atomic
-
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -31,8 +31,15 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import manifest as manifest_lib
-from data_tools.layouts import (DataToolsError, DatasetSpec, Discovery, LayoutOptions, PlannedShard, SourceSample,
-                                discover)
+from data_tools.layouts import (
+    DatasetSpec,
+    DataToolsError,
+    Discovery,
+    LayoutOptions,
+    PlannedShard,
+    SourceSample,
+    discover,
+)
 from data_tools.records import BadSample, EncodeOptions, SampleRecord, encode_sample, encode_sample_task
 from data_tools.tario import TAR_BLOCK, TAR_RECORD, member_tar_bytes, write_tar_atomic
 from spade_dist.files import UnsafeNameError, check_path_component, remove_stale_temps, sha256_file

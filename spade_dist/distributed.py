@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 
-
 class DistributedSetupError(RuntimeError):
     """The launch environment and the process group disagree (message says how to fix it)."""
 

@@ -23,8 +23,8 @@ from spade_dist.files import UnsafeNameError, check_path_component
 from spade_dist.labels import LabelError, check_label_ids, encode_semantics
 from spade_dist.progress import progress_bar, progress_wanted
 from spade_dist.resources import preset_names, preset_path
-from spade_dist.weights_file import WeightsFileError
 from spade_dist.visualize import GalleryRow, colorize_labels, save_image, to_uint8_image, write_gallery
+from spade_dist.weights_file import WeightsFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # PIL modes that hold one integer per pixel (P: palette indices are the ids).

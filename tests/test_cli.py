@@ -11,8 +11,8 @@ below fails until each of its sub-commands has a bad-path case."""
 from __future__ import annotations
 
 import argparse
-import io
 import importlib
+import io
 import re
 import sys
 import tomllib

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
+from data_tools.layouts import DataToolsError
 from data_tools.manifest import merge_manifest
 from data_tools.shard import ShardSlice, shard_dataset
 from data_tools.stats import compute_stats
 from data_tools.tario import read_tar_samples
 from data_tools.verify import verify_shards
-from data_tools.layouts import DataToolsError
 
 
 def _shard_coco(coco_sample: Path, out: Path, **kwargs) -> dict:
@@ -125,6 +125,7 @@ def test_verify_deep_passes_and_a_flipped_byte_fails_naming_the_shard(
 def test_verify_deep_lists_bad_samples_by_key(coco_shards: Path, tmp_path: Path) -> None:
     """A shard whose sha256 was 'fixed' after corrupting a label is still caught by --deep, by key."""
     import hashlib
+
     from data_tools.tario import write_tar_atomic
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -9,8 +9,14 @@ import torch
 from PIL import Image
 
 from spade_dist.data.decode import CorruptSample, decode_id_map, decode_sample
-from spade_dist.data.transforms import (PREPROCESS_MODES, PreprocessOptions, sample_geometry, transform_ids, transform_image,
-                                         transform_image_torch)
+from spade_dist.data.transforms import (
+    PREPROCESS_MODES,
+    PreprocessOptions,
+    sample_geometry,
+    transform_ids,
+    transform_image,
+    transform_image_torch,
+)
 from tests.kit import png_bytes
 
 LOAD, CROP, ASPECT = 40, 32, 2.0

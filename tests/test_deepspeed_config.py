@@ -6,8 +6,8 @@ import json
 import pytest
 
 from spade_dist.config import Config, ConfigError, load_config
-from spade_dist.train.backends import DeepSpeedBackend, merge_deepspeed_config
 from spade_dist.distributed import DistInfo
+from spade_dist.train.backends import DeepSpeedBackend, merge_deepspeed_config
 
 
 def _backend(tmp_path, user: dict | str) -> DeepSpeedBackend:

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from spade_dist.checkpoint import find_latest, read_marker
-from spade_dist.train.schedule import decay_factor, lr_and_betas
 from spade_dist.config import OptimConfig
+from spade_dist.train.schedule import decay_factor, lr_and_betas
 from tests.dist_utils import child_pids, free_port
 from tests.kit import TINY, TOY_LABELS, audited_keys, cli_env, wait_for, write_shards
-
 
 SHARDS = [6, 6, 6, 6]
 NUM_SAMPLES = sum(SHARDS)  # 24: 6 steps per epoch on 2 ranks, 12 on 1 (batch 2 per rank)

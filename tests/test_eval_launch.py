@@ -67,8 +67,8 @@ def test_spade_eval_once_missing_checkpoint_is_a_one_line_error(tmp_path: Path, 
 def test_eval_device_auto_is_the_default_and_resolves_to_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from spade_dist.eval.commands import init_distributed
     from spade_dist.config import ConfigError
+    from spade_dist.eval.commands import init_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert load_config(None).eval.device == "auto"

@@ -27,8 +27,8 @@ from spade_dist.eval.evaluate import Evaluator
 from spade_dist.eval.inception import make_test_inception_weights
 from spade_dist.eval.watcher import EvalWatcher, WatcherBusy, committed_checkpoints, read_records
 from spade_dist.models.compat import load_generator_file, save_generator_file
-from spade_dist.monitoring.exporter import EvalMetrics
 from spade_dist.models.factory import build_generator
+from spade_dist.monitoring.exporter import EvalMetrics
 from tests.kit import SHRINK, tiny_config
 
 

@@ -24,8 +24,8 @@ from spade_dist.eval.inception import (
     sha256_file,
 )
 from spade_dist.eval.reference_stats import (
-    dataset_fingerprint,
     ReferenceStats,
+    dataset_fingerprint,
     evaluation_resolution,
     load_reference,
     reference_cache_name,

@@ -4,8 +4,15 @@ import stat
 
 import pytest
 
-from spade_dist.files import (TEMP_INFIX, append_jsonl, atomic_output, read_jsonl, remove_stale_temps, write_atomic,
-                              write_json_atomic)
+from spade_dist.files import (
+    TEMP_INFIX,
+    append_jsonl,
+    atomic_output,
+    read_jsonl,
+    remove_stale_temps,
+    write_atomic,
+    write_json_atomic,
+)
 
 
 def test_write_atomic_replaces_whole_file_and_is_0644(tmp_path):

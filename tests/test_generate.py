@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-
 import os
 import shutil
 import subprocess
@@ -27,7 +26,6 @@ from spade_dist.visualize import (
     write_gallery,
 )
 from tests.kit import SHRINK, tiny_config, write_shards
-
 
 # ------------------------------------------------------------------------------------------------
 # visualize
@@ -270,7 +268,8 @@ def test_num_per_label_needs_a_vae(coco_sample: Path, official_checkpoint: Path,
 
 def test_style_image_through_official_encoder(coco_sample: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
-    from tests.model_fixtures import OFFICIAL_VAE_OPTIONS as options, write_official_vae
+    from tests.model_fixtures import OFFICIAL_VAE_OPTIONS as options
+    from tests.model_fixtures import write_official_vae
 
     write_official_vae(tmp_path, seed=2)
     cfg = tiny_config(*options)

@@ -37,8 +37,7 @@ from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_USAGE
 from spade_dist.models import build_generator
 from spade_dist.models.compat import save_official_generator
 from spade_dist.serve.app import BodyLimit
-from tests.kit import (PYTHON, REPO_ROOT, TINY, cli_env, make_sample, png_bytes, tiny_config, write_manifest,
-                       write_tar)
+from tests.kit import PYTHON, REPO_ROOT, TINY, cli_env, make_sample, png_bytes, tiny_config, write_manifest, write_tar
 
 Command = Union[tuple[Callable[[list[str]], int], list[str]], tuple[str, list[str]]]
 
@@ -82,7 +81,7 @@ def _committed_checkpoint(run_dir: Path, step: int = 1) -> Path:
 
 
 def _main(module: str) -> Callable[[list[str]], int]:
-    return getattr(__import__(f"spade_dist.cli.{module}", fromlist=["main"]), "main")
+    return __import__(f"spade_dist.cli.{module}", fromlist=["main"]).main
 
 
 def _png_header_only(width: int, height: int) -> bytes:

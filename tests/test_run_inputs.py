@@ -19,8 +19,17 @@ from spade_dist.checkpoint.layout import InvalidCheckpoint
 from spade_dist.config import ConfigError
 from spade_dist.data import ShardSourceError, build_train_loader, resolve_shards
 from spade_dist.files import UnsafeNameError, check_path_component
-from tests.kit import (PYTHON, REPO_ROOT, cli_env, make_sample, synthetic_shards, tiny_config, train_cmd, write_shards,
-                       write_tar)
+from tests.kit import (
+    PYTHON,
+    REPO_ROOT,
+    cli_env,
+    make_sample,
+    synthetic_shards,
+    tiny_config,
+    train_cmd,
+    write_shards,
+    write_tar,
+)
 
 TRAIN = train_cmd("--resume", "none")
 

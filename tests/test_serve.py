@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from spade_dist.checkpoint import CheckpointManager
-from spade_dist.generation import LoadedModel
 from spade_dist.cli.generate import main as generate_main
 from spade_dist.config import CheckpointConfig, Config
+from spade_dist.generation import LoadedModel
 from spade_dist.models import build_generator
 from spade_dist.palettes import label_palette
 from spade_dist.serve.app import Sample, style_row

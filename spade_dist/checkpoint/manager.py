@@ -42,7 +42,10 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from spade_dist.checkpoint import layout
 from spade_dist.checkpoint.rng import capture_rng_state, restore_rng_state, rng_key, seed_derived_rng
 from spade_dist.checkpoint.store import (
-    CheckpointReadError, StepReader, build_flat_state, write_flat_state,
+    CheckpointReadError,
+    StepReader,
+    build_flat_state,
+    write_flat_state,
 )
 from spade_dist.config import CheckpointConfig
 from spade_dist.exit_codes import EXIT_INTERRUPTED

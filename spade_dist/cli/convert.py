@@ -15,8 +15,17 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import (add_config_options, add_overrides, add_subcommand, add_subparsers, config_source,
-                                   fail, fail_os, make_parser, overrides)
+from spade_dist.cli.common import (
+    add_config_options,
+    add_overrides,
+    add_subcommand,
+    add_subparsers,
+    config_source,
+    fail,
+    fail_os,
+    make_parser,
+    overrides,
+)
 from spade_dist.config import ConfigError, load_config
 from spade_dist.models.compat import (
     CheckpointMismatchError,
@@ -25,7 +34,6 @@ from spade_dist.models.compat import (
     save_generator_file,
     save_official_generator,
 )
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,16 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from spade_dist.cli.common import (add_config_options, add_model_source, add_overrides, add_subcommand, add_subparsers,
-                                   fail, make_parser, model_source)
+from spade_dist.cli.common import (
+    add_config_options,
+    add_model_source,
+    add_overrides,
+    add_subcommand,
+    add_subparsers,
+    fail,
+    make_parser,
+    model_source,
+)
 from spade_dist.config import ConfigError
 from spade_dist.eval.commands import run_compare, run_once, run_watch
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_model_source, fail, fail_os, make_parser, model_source
 from spade_dist.checkpoint.layout import InvalidCheckpoint
+from spade_dist.cli.common import add_model_source, fail, fail_os, make_parser, model_source
 from spade_dist.generation import load_model
 
 

@@ -29,7 +29,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_config_options, add_model_source, add_overrides, fail, make_parser, model_source, overrides
+from spade_dist.cli.common import (
+    add_config_options,
+    add_model_source,
+    add_overrides,
+    fail,
+    make_parser,
+    model_source,
+    overrides,
+)
 from spade_dist.generation import run
 
 

@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import (CliParser, add_config_options, add_model_source, add_overrides, fail, make_parser,
-                                   model_source, overrides)
+from spade_dist.cli.common import (
+    CliParser,
+    add_config_options,
+    add_model_source,
+    add_overrides,
+    fail,
+    make_parser,
+    model_source,
+    overrides,
+)
 
 
 def build_parser() -> CliParser:

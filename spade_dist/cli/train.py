@@ -22,7 +22,15 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from spade_dist.cli.common import add_config_options, add_overrides, config_source, fail, fail_os, make_parser, overrides
+from spade_dist.cli.common import (
+    add_config_options,
+    add_overrides,
+    config_source,
+    fail,
+    fail_os,
+    make_parser,
+    overrides,
+)
 from spade_dist.config import ConfigError, load_config
 from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_INTERRUPTED
 from spade_dist.files import environment_problem

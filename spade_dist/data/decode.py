@@ -20,10 +20,14 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from spade_dist.labels import DONTCARE_ID, LabelError, check_label_ids
 from spade_dist.data.transforms import (
-    PreprocessOptions, sample_geometry, transform_ids, transform_image, transform_image_torch,
+    PreprocessOptions,
+    sample_geometry,
+    transform_ids,
+    transform_image,
+    transform_image_torch,
 )
+from spade_dist.labels import DONTCARE_ID, LabelError, check_label_ids
 
 IMAGE_FIELDS = ("image.jpg", "image.jpeg", "image.png", "image.webp", "image.bmp", "image.tif", "image.tiff")
 LABEL_FIELD = "label.png"

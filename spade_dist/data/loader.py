@@ -20,14 +20,34 @@ from torch.utils.data import DataLoader
 
 from spade_dist.config import DataConfig
 from spade_dist.data.plan import (
-    EpochPlan, eval_batch_sizes, make_position, plan_fingerprint, rank_batch_sizes, rank_reserves, split_ranges,
-    stable_seed, unpack_delivered, worker_batch_sizes, worker_reserves,
+    EpochPlan,
+    eval_batch_sizes,
+    make_position,
+    plan_fingerprint,
+    rank_batch_sizes,
+    rank_reserves,
+    split_ranges,
+    stable_seed,
+    unpack_delivered,
+    worker_batch_sizes,
+    worker_reserves,
 )
 from spade_dist.data.sources import (
-    ShardSet, ShardSourceError, check_shard_files, eval_spec, resolve_shards,
+    ShardSet,
+    ShardSourceError,
+    check_shard_files,
+    eval_spec,
+    resolve_shards,
 )
 from spade_dist.data.stream import (
-    CORRUPT_FIELD, DROPPED_FIELD, EXHAUSTED_FIELD, INDEX_FIELD, READ_FIELD, REPEATS_FIELD, ShardStream, StreamSettings,
+    CORRUPT_FIELD,
+    DROPPED_FIELD,
+    EXHAUSTED_FIELD,
+    INDEX_FIELD,
+    READ_FIELD,
+    REPEATS_FIELD,
+    ShardStream,
+    StreamSettings,
     WorkerTask,
 )
 from spade_dist.data.transforms import PreprocessOptions

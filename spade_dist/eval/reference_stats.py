@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from spade_dist.config import DataConfig
-from spade_dist.files import atomic_output
 from spade_dist.eval.fid import FeatureStatistics
+from spade_dist.files import atomic_output
 
 CACHE_ENV = "SPADE_FID_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/spade-dist/fid-reference")

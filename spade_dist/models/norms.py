@@ -12,8 +12,13 @@ from typing import Callable
 from torch import nn
 
 from spade_dist.models.sync_bn import SyncBatchNorm2d
-from spade_dist.norm_strings import (NONSPADE_NORMS, PARAM_FREE_NORMS, SpadeNormSpec, parse_nonspade_norm,
-                                     parse_spade_norm)
+from spade_dist.norm_strings import (
+    NONSPADE_NORMS,
+    PARAM_FREE_NORMS,
+    SpadeNormSpec,
+    parse_nonspade_norm,
+    parse_spade_norm,
+)
 
 __all__ = ["NONSPADE_NORMS", "PARAM_FREE_NORMS", "SpadeNormSpec", "parse_nonspade_norm", "parse_spade_norm",
            "make_param_free_norm", "make_nonspade_norm_layer"]

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_single_autograd
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from spade_dist.distributed import DistInfo, syncbn_group
 

@@ -28,11 +28,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from spade_dist.generation import sample_key
-from spade_dist.serve.batcher import Batcher, GenerationRequest
-from spade_dist.serve.inputs import (RequestError, decode_canvas, decode_label_upload, decode_style_upload,
-                                     ids_payload, image_png, label_png)
-from spade_dist.serve.model import ModelHolder
 from spade_dist.palettes import label_palette
+from spade_dist.serve.batcher import Batcher, GenerationRequest
+from spade_dist.serve.inputs import (
+    RequestError,
+    decode_canvas,
+    decode_label_upload,
+    decode_style_upload,
+    ids_payload,
+    image_png,
+    label_png,
+)
+from spade_dist.serve.model import ModelHolder
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Longest a request waits for its image; a tiny CPU model takes well under a second, a large one on a

@@ -11,9 +11,9 @@ from typing import Callable, Optional
 
 import torch.nn.functional as F
 
-from spade_dist.generation import shard_inputs
-from spade_dist.distributed import resolve_device
 from spade_dist.config import Config
+from spade_dist.distributed import resolve_device
+from spade_dist.generation import shard_inputs
 from spade_dist.serve.app import Sample, create_app
 from spade_dist.serve.batcher import Batcher
 from spade_dist.serve.model import Follower, ModelHolder, ModelSpec, class_names, load_served_model
