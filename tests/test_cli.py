@@ -11,8 +11,8 @@ below fails until each of its sub-commands has a bad-path case."""
 from __future__ import annotations
 
 import argparse
-import io
 import importlib
+import io
 import re
 import sys
 import tomllib
@@ -90,6 +90,7 @@ BAD_PATH: dict[tuple[str, tuple[str, ...]], Optional[list[str]]] = {
     ("spade-run", ("owner",)): ["--run-dir", MISSING],
     ("spade-run", ("prepare",)): None,
     ("spade-run", ("verdict",)): None,
+    ("spade-run", ("rendezvous",)): None,  # reads nothing: hosts a store on --port
 }
 # Sub-commands whose --run-dir may name a run that does not exist yet (docs/CLI.md says why).
 RUN_DIR_MAY_NOT_EXIST = {
