@@ -122,8 +122,8 @@ MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
 # Run directory entries come from the project (spade-run), never spelled out here. `prepare` removes
 # a STOP / REQUEUE left by the previous start of this job.
-{ read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE; } < <(
-  python -m spade_dist.cli.run path --run-dir "$RUN_DIR" stop eval deepspeed_hostfile) || {
+{ read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE && read -r EVAL_JOB_FILE; } < <(
+  python -m spade_dist.cli.run path --run-dir "$RUN_DIR" stop eval deepspeed_hostfile eval_job) || {
   log "cannot resolve the run directory layout of $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 
@@ -133,7 +133,7 @@ log "env: NCCL_DEBUG=$NCCL_DEBUG PYTHONFAULTHANDLER=$PYTHONFAULTHANDLER TORCH_NC
 
 # The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
 SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}
-if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_DIR/slurm_job_id" ]; then
+if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_JOB_FILE" ]; then
   mkdir -p "$EVAL_DIR"
   # The watcher reads the run's resolved RUN_DIR/config.yaml (overrides included): CONFIG is cleared
   # so that this script's own CONFIG (the unresolved preset) does not leak into its environment.
@@ -142,7 +142,7 @@ if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_DIR/slu
   [ "$DEVICE" = cpu ] && EVAL_EXTRA+=(--gpus-per-node=0 --cpus-per-task="${EVAL_CPUS:-1}")
   eval_job=$(RUN_DIR="$RUN_DIR" sbatch --parsable --dependency="after:${SLURM_JOB_ID}" \
     --output="$EVAL_DIR/slurm-%j.out" "${EVAL_EXTRA[@]}" --export=ALL,RUN_DIR="$RUN_DIR",CONFIG=,SPADE_ENV="$SPADE_ENV" \
-    slurm/eval_fid.sh) && echo "$eval_job" > "$EVAL_DIR/slurm_job_id" && log "submitted FID watcher job $eval_job"
+    slurm/eval_fid.sh) && echo "$eval_job" > "$EVAL_JOB_FILE" && log "submitted FID watcher job $eval_job"
 fi
 
 # Preemption / time limit: Slurm signals this batch shell (--signal=B:USR1@...). The training processes

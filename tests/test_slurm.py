@@ -116,7 +116,7 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     # exit barrier, docs/SLURM.md).
     assert "Traceback" not in log and "exit barrier" not in log, log[-6000:]
     # The FID watcher was submitted once, with a dependency on the training job, and scored its checkpoints.
-    eval_job = (run_dir / "eval" / "slurm_job_id").read_text().strip()
+    eval_job = (run_dir / "eval_job").read_text().strip()
     assert f"submitted FID watcher job {eval_job}" in log
     eval_state = cluster.wait(eval_job, timeout=400)
     eval_log = "\n".join(p.read_text() for p in (run_dir / "eval").glob("slurm-*.out"))
