@@ -241,3 +241,12 @@ def test_bad_extra_env_is_refused_before_launch(tmp_path):
                           timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "SPADE_EXTRA_ENV: 'not-a-pair' is not NAME=VALUE" in proc.stdout
+
+
+def test_unknown_launcher_is_refused_before_launch(tmp_path):
+    """LAUNCHER=accelerate (the value before torchrun hosted its store outside the launchers) is one line, exit 2."""
+    env = {**os.environ, "CONFIG": str(TINY), "RUN_DIR": str(tmp_path / "run"), "LAUNCHER": "accelerate"}
+    proc = subprocess.run(["bash", "slurm/train_gaugan.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "LAUNCHER: 'accelerate' is not torchrun, deepspeed or auto" in proc.stdout and "Traceback" not in proc.stderr
