@@ -176,7 +176,7 @@ def _assert_preempted_mid_epoch_and_exactly_once(log: str, run_dir: Path, max_st
     """DONE at the last step, the stop landed inside epoch 0, and every sample of each epoch was used
     exactly once across the two job runs (key audit)."""
     assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
-    preempt_step = int(re.search(r"stopped by (?:SIGTERM|stop-file: \S+) at step (\d+);", log).group(1))
+    preempt_step = int(re.search(r"stopped by (?:SIGTERM|stop-file:\s*\S+) at step (\d+);", log).group(1))
     assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
     keys = _keys_by_epoch(run_dir)
     assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
