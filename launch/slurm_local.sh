@@ -99,7 +99,9 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
-KillWait=10
+# Slurm's default: between TERM and KILL the training processes of a job that Slurm requeues or
+# cancels checkpoint and the batch shell logs its verdict (docs/SLURM.md).
+KillWait=30
 # Requeue must work for preemption tests.
 JobRequeue=1
 NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$n1_port CPUs=$cpus RealMemory=4000 State=UNKNOWN

@@ -8,10 +8,12 @@
 #                 arguments after the script name are appended to them. Live metrics are on by default
 #                 (metrics.enabled=true metrics.bind=0.0.0.0 metrics.port_base=0, docs/MONITORING.md);
 #                 OVERRIDES come after and win, e.g. metrics.enabled=false or metrics.port_base=9400
-#   LAUNCHER      accelerate | deepspeed | auto (default auto: deepspeed when train.backend is deepspeed)
+#   LAUNCHER      torchrun | deepspeed | auto (default auto: deepspeed when train.backend is deepspeed,
+#                 else torchrun, whose workers run the Accelerate backend)
 #   NPROC_PER_NODE processes per node (default: GPUs per node, or 1 in CPU mode)
 #   SPADE_DEVICE  gpu | cpu | auto (auto: cpu when the job has no GPUs, e.g. sbatch --gpus-per-node=0)
-#   MASTER_PORT   rendezvous port on the head node (default 29500 + job id % 1000)
+#   MASTER_PORT   rendezvous port on the head node (default 29500 + job id % 1000); with torchrun the
+#                 batch shell itself hosts the rendezvous store there (spade-run rendezvous)
 #   SPADE_ENV     a file to source first (e.g. a venv's bin/activate); default: .venv/bin/activate
 #   SUBMIT_EVAL   1 to submit slurm/eval_fid.sh on first start (default: when eval.mode is slurm)
 #   EVAL_CPUS     CPUs of the FID watcher job in CPU mode (default 1)
@@ -32,10 +34,11 @@
 #   0   training finished (the run's DONE marker exists and the launcher exited 0)
 #   checkpoint.requeue_exit_code (75 by default): the run committed a checkpoint and asked to be
 #       restarted (its REQUEUE marker exists), and the job was requeued
-#   2   bad settings (missing config, malformed SPADE_EXTRA_ENV, ...), as every spade-dist command
+#   2   bad settings (missing config, malformed SPADE_EXTRA_ENV, unknown LAUNCHER, MASTER_PORT in use,
+#       ...), as every spade-dist command
 #   other: training failed with that code (1 when the launcher exited 0 without DONE or REQUEUE)
 # The requeue decision reads the REQUEUE marker (spade-run verdict), not the exit code: launchers
-# translate exit codes (accelerate launch reports 1 for a worker's 75). See docs/SLURM.md.
+# translate exit codes (torchrun reports 1 for a worker's 75). See docs/SLURM.md.
 #
 #SBATCH --job-name=gaugan
 #SBATCH --nodes=2
@@ -101,18 +104,29 @@ else
   DEVICE_OVERRIDE="train.device=cuda"
 fi
 LAUNCHER=${LAUNCHER:-auto}
-[ "$LAUNCHER" = auto ] && { [ "$BACKEND" = deepspeed ] && LAUNCHER=deepspeed || LAUNCHER=accelerate; }
+[ "$LAUNCHER" = auto ] && { [ "$BACKEND" = deepspeed ] && LAUNCHER=deepspeed || LAUNCHER=torchrun; }
+case "$LAUNCHER" in
+  torchrun|deepspeed) ;;
+  *) log "LAUNCHER: '$LAUNCHER' is not torchrun, deepspeed or auto"; exit $EXIT_BAD_SETTINGS ;;
+esac
 
-# Head node: the first host of the allocation; its address as Slurm knows it (NodeAddr).
+# A node's address as Slurm knows it (NodeAddr), so that node names need not resolve; exported for
+# the launch command, which runs on every node.
+node_addr() {
+  local addr
+  addr=$(scontrol show node "$1" -o | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  echo "${addr:-$1}"
+}
+export -f node_addr
+# Head node: the first host of the allocation, where this batch shell runs.
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
-HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}
+HEAD_ADDR=$(node_addr "$HEAD_NODE")
 MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
 # Run directory entries come from the project (spade-run), never spelled out here. `prepare` removes
 # a STOP / REQUEUE left by the previous start of this job.
-{ read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE; } < <(
-  python -m spade_dist.cli.run path --run-dir "$RUN_DIR" stop eval deepspeed_hostfile) || {
+{ read -r STOP_FILE && read -r EVAL_DIR && read -r HOSTFILE && read -r EVAL_JOB_FILE; } < <(
+  python -m spade_dist.cli.run path --run-dir "$RUN_DIR" stop eval deepspeed_hostfile eval_job) || {
   log "cannot resolve the run directory layout of $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR" || { log "cannot prepare $RUN_DIR"; exit $EXIT_BAD_SETTINGS; }
 
@@ -130,7 +144,7 @@ fi
 
 # The FID watcher follows the checkpoints as its own job; submit it once, on the first start.
 SUBMIT_EVAL=${SUBMIT_EVAL:-$([ "$EVAL_MODE" = slurm ] && echo 1 || echo 0)}
-if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_DIR/slurm_job_id" ]; then
+if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_JOB_FILE" ]; then
   mkdir -p "$EVAL_DIR"
   # The watcher reads the run's resolved RUN_DIR/config.yaml (overrides included): CONFIG is cleared
   # so that this script's own CONFIG (the unresolved preset) does not leak into its environment.
@@ -139,7 +153,7 @@ if [ "$SUBMIT_EVAL" = 1 ] && [ "$RESTART_COUNT" -eq 0 ] && [ ! -f "$EVAL_DIR/slu
   [ "$DEVICE" = cpu ] && EVAL_EXTRA+=(--gpus-per-node=0 --cpus-per-task="${EVAL_CPUS:-1}")
   eval_job=$(RUN_DIR="$RUN_DIR" sbatch --parsable --dependency="after:${SLURM_JOB_ID}" \
     --output="$EVAL_DIR/slurm-%j.out" "${EVAL_EXTRA[@]}" --export=ALL,RUN_DIR="$RUN_DIR",CONFIG=,SPADE_ENV="$SPADE_ENV" \
-    slurm/eval_fid.sh) && echo "$eval_job" > "$EVAL_DIR/slurm_job_id" && log "submitted FID watcher job $eval_job"
+    slurm/eval_fid.sh) && echo "$eval_job" > "$EVAL_JOB_FILE" && log "submitted FID watcher job $eval_job"
 fi
 
 # Preemption / time limit: Slurm signals this batch shell (--signal=B:USR1@...). The training processes
@@ -161,11 +175,20 @@ if [ "$LAUNCHER" = deepspeed ]; then
   LAUNCH='deepspeed --hostfile='"$HOSTFILE"' --no_ssh --node_rank=$SLURM_NODEID \
     --master_addr='"$HEAD_ADDR"' --master_port='"$MASTER_PORT"' --module spade_dist.cli.train'
 else
-  MULTI=""
-  [ "$WORLD_SIZE" -gt 1 ] && MULTI="--multi_gpu"
-  LAUNCH='accelerate launch '"$MULTI"' --num_machines='"$NNODES"' --machine_rank=$SLURM_NODEID \
-    --num_processes='"$WORLD_SIZE"' --main_process_ip='"$HEAD_ADDR"' --main_process_port='"$MASTER_PORT"' \
-    --same_network -m spade_dist.cli.train'
+  # torchrun's c10d rendezvous in a store that this shell hosts for the whole step (is_host=false on
+  # every node): an agent hosting it would leave with it while the others still wait in torchrun's
+  # exit barrier, which ends a successful run with a traceback (spade_dist/rendezvous_store.py).
+  STORE_READY=$(mktemp -u "${TMPDIR:-/tmp}/spade-rdzv-${SLURM_JOB_ID:-0}.XXXXXX")
+  python -m spade_dist.cli.run rendezvous --port "$MASTER_PORT" --ready-file "$STORE_READY" &
+  STORE_PID=$!
+  until [ -e "$STORE_READY" ]; do
+    kill -0 $STORE_PID 2>/dev/null || { log "no rendezvous store on port $MASTER_PORT: set MASTER_PORT to a free port"; exit $EXIT_BAD_SETTINGS; }
+    sleep 0.2
+  done
+  rm -f "$STORE_READY"
+  LAUNCH='torchrun --nnodes='"$NNODES"' --nproc-per-node='"$NPROC_PER_NODE"' --rdzv-backend=c10d \
+    --rdzv-endpoint='"$HEAD_ADDR:$MASTER_PORT"' --rdzv-id='"${SLURM_JOB_ID:-0}-$RESTART_COUNT"' \
+    --rdzv-conf=is_host=false --local-addr="$(node_addr "$SLURMD_NODENAME")" -m spade_dist.cli.train'
 fi
 # One launcher per node; each starts NPROC_PER_NODE processes. Run srun in the background so the
 # trap can fire while we wait.
@@ -179,6 +202,8 @@ while true; do
   if kill -0 $SRUN_PID 2>/dev/null; then continue; fi
   break
 done
+# Every node's launcher has exited: the rendezvous store is no longer needed.
+[ -n "${STORE_PID:-}" ] && { kill -HUP $STORE_PID 2>/dev/null; wait $STORE_PID 2>/dev/null; }
 
 # What to do follows from the run's DONE / REQUEUE markers (spade-run verdict), not from $rc alone.
 PREEMPTED_FLAG=()
@@ -187,11 +212,23 @@ read -r ACTION JOB_RC VERDICT < <(python -m spade_dist.cli.run verdict --run-dir
     --requeue-exit-code "$REQUEUE_RC") || { ACTION=failed; JOB_RC=1; VERDICT="cannot read the outcome of $RUN_DIR"; }
 log "$VERDICT"
 python -m spade_dist.cli.run prepare --run-dir "$RUN_DIR"  # STOP / REQUEUE have been read: the next start begins clean
+# Slurm counts every requeue in the job's Restarts; more than this start's SLURM_RESTART_COUNT means the
+# job is already requeued (an external `scontrol requeue` or a preemption with PreemptMode=REQUEUE,
+# which signal this shell with TERM): then a second requeue would only fail ("Job is pending execution").
+requeued_by_slurm() {
+  local restarts
+  restarts=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^Restarts=//p')
+  [ "${restarts:-0}" -gt "$RESTART_COUNT" ] 2>/dev/null
+}
 if [ "$ACTION" = requeue ]; then
-  log "requeueing job $SLURM_JOB_ID"
-  if ! scontrol requeue "$SLURM_JOB_ID"; then
-    log "scontrol requeue failed: resubmit this script with the same RUN_DIR to continue"
-    exit 1
+  if requeued_by_slurm; then
+    log "Slurm has already requeued job $SLURM_JOB_ID: it will continue from the run's last checkpoint"
+  else
+    log "requeueing job $SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID" && ! requeued_by_slurm; then
+      log "scontrol requeue failed: resubmit this script with the same RUN_DIR to continue"
+      exit 1
+    fi
   fi
 fi
 exit "$JOB_RC"

@@ -6,6 +6,7 @@
       REQUEUE         {"step", "reason", "exit_code", "time"}: the run committed a checkpoint and
                       stopped because it was asked to (signal / STOP file); it wants to be restarted
       STOP            created by a batch script or a user: checkpoint and stop at the next step
+      eval_job        the Slurm job id of the FID watcher that slurm/train_gaugan.sh submitted for this run
       lock            the owner lock (a POSIX record lock held by the owning job's rank 0)
       OWNER           {"host", "pid", "slurm_job_id", "elastic_run_id", "time"} of the lock holder
       checkpoints/    step-XXXXXXXXX/ directories (docs/CHECKPOINTING.md)
@@ -70,16 +71,17 @@ INIT_GENERATOR_NAME = "init_generator.json"  # a fine-tuning run's starting poin
 SPEED_PATHS_NAME = "speed_paths.json"  # the SPADE speed-path plan chosen at the first start (models/fast/choice.py)
 DEEPSPEED_HOSTFILE_NAME = "deepspeed_hostfile"  # written by slurm/train_gaugan.sh from the allocation
 HEALTH_DIRNAME = "health"
+EVAL_JOB_NAME = "eval_job"  # slurm/train_gaugan.sh: the FID watcher job it submitted (submitted once per run)
 
 # Names `spade-run path` answers for (the attribute of RunDir with the same name).
 PATH_NAMES = ("config", "done", "requeue", "stop", "lock", "owner", "checkpoints", "archive", "logs",
               "samples", "tensorboard", "eval", "metrics", "report", "init_generator",
-              "speed_paths", "deepspeed_hostfile", "health")
+              "speed_paths", "deepspeed_hostfile", "health", "eval_job")
 # What one run writes into its directory. A fresh run in a directory that holds these moves them aside
 # together (checkpoint.existing), so that two runs never mix: not their checkpoints, not their logs,
 # samples, TensorBoard events, FID results or report. Not listed: the owner lock and OWNER (the new
 # run holds them), metrics/ (live discovery files), archive/ itself, and what a launcher puts there for
-# the coming start (STOP, deepspeed_hostfile).
+# the coming start (STOP, deepspeed_hostfile, eval_job: the watcher it submitted follows the new run).
 RUN_OUTPUT_NAMES = ("checkpoints", "logs", "samples", "tensorboard", "eval", "report", "config", "done", "requeue",
                     "init_generator", "speed_paths", "health")
 
@@ -210,6 +212,10 @@ class RunDir:
     def health_verdict(self) -> Path:
         """The run's final health verdict (``spade-run health`` prints its line)."""
         return self.health / "verdict.json"
+
+    @property
+    def eval_job(self) -> Path:
+        return self.root / EVAL_JOB_NAME
 
     def key_log(self, rank: int) -> Path:
         """``train.log_keys``: the sample keys rank ``rank`` trained on, one JSON line per step."""

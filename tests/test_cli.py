@@ -91,6 +91,7 @@ BAD_PATH: dict[tuple[str, tuple[str, ...]], Optional[list[str]]] = {
     ("spade-run", ("prepare",)): None,
     ("spade-run", ("verdict",)): None,
     ("spade-run", ("health",)): ["--run-dir", MISSING],
+    ("spade-run", ("rendezvous",)): None,  # reads nothing: hosts a store on --port
 }
 # Sub-commands whose --run-dir may name a run that does not exist yet (docs/CLI.md says why).
 RUN_DIR_MAY_NOT_EXIST = {

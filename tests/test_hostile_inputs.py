@@ -194,6 +194,10 @@ ROWS: list[Row] = [
 ELSEWHERE = {
     "1 batch of one sample": "tests/test_data_loader.py::test_odd_dataset_with_a_corrupt_sample_gives_full_batches_and_each_good_sample_once",
     "2 bad label ids": "tests/test_generate.py::test_generate_from_shards_through_eval_loader",
+    "17 external scontrol requeue": "tests/test_slurm.py::test_external_requeue_checkpoints_and_resumes",
+    "18 exit-barrier traceback after a successful 2-node run":
+        "tests/test_slurm.py::test_train_two_nodes_to_completion_with_fid_job (and the resumed run of row 17)",
+    "rendezvous store port in use": "tests/test_rendezvous_store.py::test_busy_port_is_one_line_and_exit_2",
 }
 
 

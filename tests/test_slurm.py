@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -112,8 +113,11 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     state = cluster.wait(job, timeout=400)
     log = (tmp_path / "train.out").read_text()
     assert state == "COMPLETED", log[-4000:]
+    # Both nodes' launchers log into this file: a successful run ends without a traceback (torchrun's
+    # exit barrier, docs/SLURM.md).
+    assert "Traceback" not in log and "exit barrier" not in log, log[-6000:]
     # The FID watcher was submitted once, with a dependency on the training job, and scored its checkpoints.
-    eval_job = (run_dir / "eval" / "slurm_job_id").read_text().strip()
+    eval_job = (run_dir / "eval_job").read_text().strip()
     assert f"submitted FID watcher job {eval_job}" in log
     eval_state = cluster.wait(eval_job, timeout=400)
     eval_log = "\n".join(p.read_text() for p in (run_dir / "eval").glob("slurm-*.out"))
@@ -137,13 +141,16 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     assert not list((run_dir / "metrics").glob("*.json"))
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_path):
+def test_external_requeue_checkpoints_and_resumes(cluster, train_shards, tmp_path):
+    """An operator's (or a PreemptMode=REQUEUE preemption's) `scontrol requeue` mid-epoch: Slurm requeues the
+    job itself and TERMs the batch shell, which has the run checkpoint and stop; the script does not requeue
+    a second time, says so in one line, and the restarted job resumes and finishes without a traceback.
+    (USR1 before the time limit, where the script requeues itself: the DeepSpeed test below.)"""
     run_dir = tmp_path / "run"
     max_steps = STEPS_PER_EPOCH + 4  # the interruption falls in epoch 0, the run ends in epoch 1
     out = tmp_path / "train.out"
     job = _submit_training(cluster, _train_env(train_shards, run_dir, max_steps, "checkpoint.every_steps=100"), out)
-    # Wait until training is under way (a few steps logged), then signal the batch shell as Slurm does
-    # before the time limit (--signal=B:USR1@...).
+    # Wait until training is under way (a few steps logged), then requeue the job from outside.
     deadline = time.monotonic() + 300
     metrics_log = run_dir / "logs" / "train_metrics.jsonl"
     while time.monotonic() < deadline:
@@ -153,12 +160,15 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, train_shards, tmp_
         time.sleep(0.5)
     else:
         raise AssertionError(f"training did not start: {out.read_text()[-3000:]}")
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    cluster.run("scontrol", "requeue", job)
     # The job is requeued (SLURM_RESTART_COUNT=1), resumes from the preemption checkpoint and finishes.
     log = _wait_requeued_and_completed(cluster, job, out, timeout=600)
     assert "restart=0" in log and "restart=1" in log, log[-4000:]
-    assert "requeueing job" in log and "stopped by stop-file" in log, log[-4000:]
-    # The requeue came from the run's REQUEUE marker, although accelerate launch reported its own exit
+    assert f"Slurm has already requeued job {job}: it will continue from the run's last checkpoint" in log, log[-4000:]
+    assert "requeueing job" not in log and "resubmit" not in log and "Job is pending execution" not in log, log[-4000:]
+    resumed = log[log.index("restart=1"):]
+    assert "Traceback" not in resumed and "exit barrier" not in resumed, resumed[-6000:]
+    # The requeue came from the run's REQUEUE marker, although torchrun reported its own exit
     # code rather than the workers' 75; the job ended with the documented code before being requeued.
     assert "the run asked for a requeue (launcher exit code" in log, log[-4000:]
     assert not (run_dir / "REQUEUE").exists() and not (run_dir / "STOP").exists()
@@ -170,7 +180,7 @@ def _assert_preempted_mid_epoch_and_exactly_once(log: str, run_dir: Path, max_st
     """DONE at the last step, the stop landed inside epoch 0, and every sample of each epoch was used
     exactly once across the two job runs (key audit)."""
     assert json.loads((run_dir / "DONE").read_text())["step"] == max_steps
-    preempt_step = int(log.split("stopped by stop-file:")[1].split(" at step ")[1].split(";")[0])
+    preempt_step = int(re.search(r"stopped by (?:SIGTERM|stop-file:\s*\S+) at step (\d+);", log).group(1))
     assert 0 < preempt_step < STEPS_PER_EPOCH, preempt_step
     keys = _keys_by_epoch(run_dir)
     assert len(keys[0]) == 32 and set(keys[0].values()) == {1}, keys[0]
@@ -235,3 +245,12 @@ def test_bad_extra_env_is_refused_before_launch(tmp_path):
                           timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "SPADE_EXTRA_ENV: 'not-a-pair' is not NAME=VALUE" in proc.stdout
+
+
+def test_unknown_launcher_is_refused_before_launch(tmp_path):
+    """LAUNCHER=accelerate (the value before torchrun hosted its store outside the launchers) is one line, exit 2."""
+    env = {**os.environ, "CONFIG": str(TINY), "RUN_DIR": str(tmp_path / "run"), "LAUNCHER": "accelerate"}
+    proc = subprocess.run(["bash", "slurm/train_gaugan.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "LAUNCHER: 'accelerate' is not torchrun, deepspeed or auto" in proc.stdout and "Traceback" not in proc.stderr

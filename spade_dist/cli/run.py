@@ -7,12 +7,14 @@
     spade-run verdict --run-dir R --rc RC [--preempted] --requeue-exit-code N
                                                       # after it: "finished|requeue|failed EXIT_CODE message"
     spade-run health  --run-dir R                     # the run's health verdict line (docs/HEALTH.md), or "none"
+    spade-run rendezvous --port P [--ready-file F]    # host the launchers' rendezvous store until SIGHUP
 
 ``path``, ``prepare`` and ``verdict`` also work before the run directory exists (a first launch, or
-one that failed before training started); ``outcome`` and ``owner`` need a run directory. The run
+one that failed before training started); ``outcome``, ``owner`` and ``health`` need a run directory; ``rendezvous``
+takes none (docs/SLURM.md: why the batch shell, not a launcher, hosts the store). The run
 directory as the first positional argument (``spade-run outcome R``) is the deprecated spelling.
 Exit status 0; 2 for bad input (an unknown entry name, a path that is no run directory, a bad
-argument); 74 when ``prepare`` cannot remove a marker (read-only run directory, docs/FORMATS.md "Exit codes").
+argument, a ``rendezvous`` port already in use); 74 when ``prepare`` cannot remove a marker (read-only run directory, docs/FORMATS.md "Exit codes").
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 
 from spade_dist.cli.common import CliParser, add_subcommand, add_subparsers, fail, fail_os, make_parser, warn_deprecated
 from spade_dist.exit_codes import requeue_code_problem
+from spade_dist.rendezvous_store import StorePortBusy, serve_rendezvous_store
 from spade_dist.run_dir import PATH_NAMES, RunDir, RunDirNotFound, launch_verdict, read_health_verdict
 
 
@@ -49,6 +52,9 @@ def build_parser() -> CliParser:
     p_verdict.add_argument("--rc", type=int, required=True, help="the launcher's exit code")
     p_verdict.add_argument("--preempted", action="store_true", help="the batch script received a preemption signal")
     p_verdict.add_argument("--requeue-exit-code", type=int, required=True, help="checkpoint.requeue_exit_code")
+    p_store = add_subcommand(sub, "rendezvous", help="host the launchers' rendezvous store until SIGHUP / SIGINT (SIGTERM is ignored)")
+    p_store.add_argument("--port", type=int, required=True, help="TCP port to listen on (every interface)")
+    p_store.add_argument("--ready-file", type=Path, help="written (the port) once the store listens")
     return ap
 
 
@@ -67,6 +73,14 @@ def _run_dir(args: argparse.Namespace) -> RunDir:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "rendezvous":
+        try:
+            serve_rendezvous_store(args.port, args.ready_file)
+        except StorePortBusy as exc:
+            return fail("spade-run", exc)
+        except OSError as exc:
+            return fail_os("spade-run", exc)
+        return 0
     try:
         run = _run_dir(args)
         if args.command in ("outcome", "owner", "health"):
