@@ -155,12 +155,14 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
 
 
 def make_sample(key: str, width: int, height: int, seed: int, label_nc: int = 8, instance: bool = True,
-                jpeg: bool = False) -> dict[str, bytes]:
-    """One sample's members: a random RGB image, a label map with ids < label_nc plus some 255."""
+                jpeg: bool = False, dontcare: bool = True) -> dict[str, bytes]:
+    """One sample's members: a random RGB image, a label map with ids < label_nc plus (``dontcare``)
+    some 255."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     label = rng.integers(0, label_nc, (height, width), dtype=np.uint8)
-    label[: max(1, height // 8)] = 255
+    if dontcare:
+        label[: max(1, height // 8)] = 255
     members = {
         "image.jpg" if jpeg else "image.png": jpeg_bytes(image) if jpeg else png_bytes(image),
         "label.png": png_bytes(label),
@@ -216,8 +218,9 @@ TOY_LABELS = ("data.label_nc=8", "data.contain_dontcare_label=true", "data.no_in
 
 def write_shards(out: Path, shard_sizes: Sequence[int], split: str = "train", name: str = "toy",
                  size: tuple[int, int] = (12, 10), extra_splits: Optional[dict[str, Sequence[int]]] = None,
-                 instance: bool = True, label_nc: int = 8) -> Path:
-    """Toy shards with the given sample counts (keys unique across splits); returns the manifest path."""
+                 instance: bool = True, label_nc: int = 8, dontcare: bool = True) -> Path:
+    """Toy shards with the given sample counts (keys unique across splits); returns the manifest path.
+    ``dontcare=False``: no 255 in the label maps (for a model without a don't-care channel)."""
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[tuple[str, list[str]]]] = {}
     counter = 0
@@ -228,7 +231,7 @@ def write_shards(out: Path, shard_sizes: Sequence[int], split: str = "train", na
             keys = [f"{split_name}_{counter + i:05d}" for i in range(count)]
             counter += count
             write_tar(out / file, [(k, make_sample(k, size[0], size[1], seed=counter - count + i,
-                                                    label_nc=label_nc, instance=instance))
+                                                    label_nc=label_nc, instance=instance, dontcare=dontcare))
                                    for i, k in enumerate(keys)])
             entries.append((file, keys))
         splits[split_name] = entries

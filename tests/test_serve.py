@@ -527,7 +527,7 @@ def test_official_checkpoint_with_encoder_and_style_image(browser, coco_sample: 
 
     generator, encoder = write_official_vae(tmp_path, seed=5)
     manifest = write_shards(tmp_path / "shards", [2], extra_splits={"val": [3]}, size=(40, 36), label_nc=4,
-                            instance=False)
+                            instance=False, dontcare=False)  # the official options: no don't-care channel
     scene = tmp_path / "scene.png"
     Image.fromarray(_scene(64, 256)).save(scene)
     style = coco_sample / "val_img" / "000000000785.jpg"
