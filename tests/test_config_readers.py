@@ -101,7 +101,8 @@ def unread_keys(fields: list[tuple[str, str]]) -> list[str]:
         sections_of[name] = sections_of.get(name, 0) + 1
     unread = []
     for dotted, name in fields:
-        wanted = dotted if sections_of[name] > 1 else name
+        # qualified by the innermost section: train.health.enabled is read as health.enabled
+        wanted = ".".join(dotted.split(".")[-2:]) if sections_of[name] > 1 else name
         if wanted not in names and dotted not in script:
             unread.append(dotted)
     return unread

@@ -123,13 +123,18 @@ class HealthMonitor:
     def __init__(self, cfg: Config, state: Any, run: RunDir, metrics: Any, device: torch.device,
                  rank: int, world_size: int, max_steps: int, vgg: Optional[nn.Module],
                  syncbn_ranks: int) -> None:
-        self.cfg, self.hc = cfg, cfg.train.health
+        self.cfg, self.health = cfg, cfg.train.health
         self.state, self.run, self.metrics, self.device = state, run, metrics, device
         self.rank, self.world, self.max_steps = rank, world_size, max_steps
-        self.enabled = self.hc.enabled
+        self.enabled = self.health.enabled
+        health = self.health
+        # What each signal's policy does (warn / rewind / stop), by signal name.
+        self.actions = {"nonfinite": health.on_nonfinite, "spike": health.on_spike, "grad_norm": health.on_grad_norm,
+                        "saturation": health.on_saturation, "divergence": health.on_divergence,
+                        "collapse": health.on_collapse, "drift": health.on_drift}
         self.vgg = vgg
         self.is_main = rank == 0
-        self.collapse_every = self.hc.collapse_every or cfg.train.sample_every
+        self.collapse_every = self.health.collapse_every or cfg.train.sample_every
         # Replicated buffers: BN running statistics are equal on every rank only when SyncBN spans
         # the world; D's are equal when D has no batch statistics of its own (spectral-norm vectors).
         generator_buffers = syncbn_ranks == world_size
@@ -166,7 +171,7 @@ class HealthMonitor:
             fired += self.judge_interval(step)
         if step % self.collapse_every == 0 or step == self.max_steps:
             fired += self._judge_collapse(step)
-        if self.hc.consistency_every and (step % self.hc.consistency_every == 0 or step == self.max_steps):
+        if self.health.consistency_every and (step % self.health.consistency_every == 0 or step == self.max_steps):
             fired += self._judge_drift(step)
         if self._values and self.is_main:
             self._append(self.run.health_signals, {"step": step, **self._values})
@@ -218,26 +223,26 @@ class HealthMonitor:
         # Non-finite streak (a skip on any rank skips on all: the reduced flag is 0 or 1).
         for i, skipped in enumerate(column["__skipped"].tolist()):
             self._nonfinite_run = self._nonfinite_run + 1 if skipped > 0 else 0
-            if self._nonfinite_run >= self.hc.nonfinite_streak:
+            if self._nonfinite_run >= self.health.nonfinite_streak:
                 fired += self._fire("nonfinite", first + i, f"{self._nonfinite_run} consecutive steps skipped as non-finite")
-        if self._nonfinite_run < self.hc.nonfinite_streak:
+        if self._nonfinite_run < self.health.nonfinite_streak:
             self._clear("nonfinite", step)
         # The D loss out of its healthy range: saturation below, divergence above.
         if self.judge_d_loss and all(k in column for k in D_TERMS):
             d_loss = column[D_TERMS[0]] + column[D_TERMS[1]]
-            hc = self.hc
+            health = self.health
             for i, value in enumerate(d_loss.tolist()):
-                self._saturated_run = self._saturated_run + 1 if value < hc.saturation_d_loss else 0
-                self._diverged_run = self._diverged_run + 1 if not value <= hc.divergence_d_loss else 0
-                if self._saturated_run >= hc.d_loss_steps:
+                self._saturated_run = self._saturated_run + 1 if value < health.saturation_d_loss else 0
+                self._diverged_run = self._diverged_run + 1 if not value <= health.divergence_d_loss else 0
+                if self._saturated_run >= health.d_loss_steps:
                     fired += self._fire("saturation", first + i,
-                                        f"D loss {value:.4g} < {hc.saturation_d_loss} for {self._saturated_run} steps")
-                if self._diverged_run >= hc.d_loss_steps:
+                                        f"D loss {value:.4g} < {health.saturation_d_loss} for {self._saturated_run} steps")
+                if self._diverged_run >= health.d_loss_steps:
                     fired += self._fire("divergence", first + i,
-                                        f"D loss {value:.4g} > {hc.divergence_d_loss} for {self._diverged_run} steps")
-            if self._saturated_run < hc.d_loss_steps:
+                                        f"D loss {value:.4g} > {health.divergence_d_loss} for {self._diverged_run} steps")
+            if self._saturated_run < health.d_loss_steps:
                 self._clear("saturation", step)
-            if self._diverged_run < hc.d_loss_steps:
+            if self._diverged_run < health.d_loss_steps:
                 self._clear("divergence", step)
             self._values["min_d_loss"] = round(float(d_loss.min()), 5)
             self._values["max_d_loss"] = round(float(d_loss.max()), 5)
@@ -248,14 +253,14 @@ class HealthMonitor:
             if name.startswith("__") or name.startswith(GRAD_NORM_PREFIX):
                 continue
             values = [v for v in column[name].tolist() if math.isfinite(v)]
-            history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
+            history = self._history.setdefault(name, deque(maxlen=self.health.spike_window))
             if values and len(history) >= SPIKE_MIN_HISTORY:
                 median, scale = robust_band(list(history))
                 now = float(torch.tensor(values).median())
                 score = (now - median) / scale  # robust deviations above the running median
-                if score > self.hc.spike_mads:
+                if score > self.health.spike_mads:
                     spiking.append(f"{name} {now:.4g} is {score:.3g} robust deviations above its running median "
-                                   f"{median:.4g} (train.health.spike_mads {self.hc.spike_mads})")
+                                   f"{median:.4g} (train.health.spike_mads {self.health.spike_mads})")
                 self._values.setdefault("spike_score", {})[name] = round(score, 3)
                 if self.metrics is not None:
                     self.metrics.record_health_signal("spike_score", name, score)
@@ -276,16 +281,16 @@ class HealthMonitor:
         exploding = []
         for name, column in columns.items():
             values = [v for v in column.tolist() if math.isfinite(v)]
-            history = self._history.setdefault(name, deque(maxlen=self.hc.spike_window))
+            history = self._history.setdefault(name, deque(maxlen=self.health.spike_window))
             if values and len(history) >= SPIKE_MIN_HISTORY:
                 median = float(torch.tensor(list(history), dtype=torch.float64).median())
                 ratio = values[-1] / median if median > 0 else 1.0
                 self._values.setdefault("grad_norm_ratio", {})[name] = round(ratio, 3)
                 if self.metrics is not None:
                     self.metrics.record_health_signal("grad_norm_ratio", name, ratio)
-                if ratio > self.hc.grad_norm_ratio:
+                if ratio > self.health.grad_norm_ratio:
                     exploding.append(f"{name} {values[-1]:.4g} is {ratio:.3g} x its running median {median:.4g} "
-                                     f"(train.health.grad_norm_ratio {self.hc.grad_norm_ratio})")
+                                     f"(train.health.grad_norm_ratio {self.health.grad_norm_ratio})")
             history.extend(values)
         if exploding:
             return self._fire("grad_norm", step, "; ".join(exploding))
@@ -327,10 +332,10 @@ class HealthMonitor:
         self._values["diversity"] = value
         if self.metrics is not None:
             self.metrics.record_health_signal("diversity", "", value)
-        limit = self.hc.collapse_ratio * record["diversity_max"]
+        limit = self.health.collapse_ratio * record["diversity_max"]
         if not math.isfinite(value) or value < limit:
             return self._fire("collapse", step, f"EMA generator output diversity {value:.4g} < {limit:.4g} "
-                                                f"({self.hc.collapse_ratio} x the run's highest, {record['diversity_max']:.4g})")
+                                                f"({self.health.collapse_ratio} x the run's highest, {record['diversity_max']:.4g})")
         record["diversity_max"] = max(record["diversity_max"], value)
         self._clear("collapse", step)
         return []
@@ -363,15 +368,15 @@ class HealthMonitor:
         if signal in self._active:
             return []
         self._active.add(signal)
-        action = getattr(self.hc, f"on_{signal}")
+        action = self.actions[signal]
         clean = int(self.state.health["clean_at"].get(signal, 0))
         healthy = last_healthy_checkpoint(self.run.root, clean)
         if action == "rewind":
-            recent = [s for s in self.rewinds if step - s < self.hc.rewind_window]
+            recent = [s for s in self.rewinds if step - s < self.health.rewind_window]
             if healthy is None:
                 action, detail = "stop", f"{detail}; no healthy checkpoint to rewind to"
-            elif len(recent) >= self.hc.max_rewinds:
-                action, detail = "stop", (f"{detail}; already {len(recent)} rewind(s) within {self.hc.rewind_window} "
+            elif len(recent) >= self.health.max_rewinds:
+                action, detail = "stop", (f"{detail}; already {len(recent)} rewind(s) within {self.health.rewind_window} "
                                           "steps (train.health.max_rewinds)")
         return [HealthEvent(step=step, signal=signal, action=action, detail=detail,
                             last_healthy_checkpoint=str(healthy) if healthy is not None else None, time=time.time())]
