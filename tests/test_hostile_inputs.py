@@ -509,6 +509,25 @@ def test_row12_ctrl_c_with_two_processes_checkpoints_exits_75_in_one_line_and_re
 
 @pytest.mark.dist
 @pytest.mark.e2e
+def test_row12_sigterm_to_the_launcher_is_a_preemption_of_both_ranks(tmp_path: Path) -> None:
+    from spade_dist.exit_codes import EXIT_REQUEUE
+
+    log, run_dir = tmp_path / "train.log", tmp_path / "run"
+    with _launched(_two_ranks(tmp_path, max_steps=1000), log) as proc:
+        _wait_for_step(log, 1, proc)
+        proc.send_signal(signal.SIGTERM)  # a scheduler signals the launcher's pid, not a process group
+        rc = proc.wait(timeout=180)
+    text = log.read_text()
+    assert rc == EXIT_REQUEUE, text[-4000:]
+    _no_launcher_noise(text)
+    requeue = json.loads((run_dir / "REQUEUE").read_text())
+    assert requeue["reason"] == "SIGTERM"
+    assert text.splitlines()[-1].startswith(f"spade-train: stopped by SIGTERM: checkpoint of step {requeue['step']} "
+                                            "committed"), text[-4000:]
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
 def test_row12_second_ctrl_c_with_two_processes_aborts_at_once_and_leaves_no_worker(tmp_path: Path) -> None:
     from spade_dist.exit_codes import EXIT_INTERRUPTED
 
