@@ -478,20 +478,28 @@ def _no_launcher_noise(text: str) -> None:
         assert noise not in text, text[-4000:]
 
 
-@pytest.mark.dist
-@pytest.mark.e2e
-def test_row12_ctrl_c_with_two_processes_checkpoints_exits_75_in_one_line_and_resumes(tmp_path: Path) -> None:
-    from spade_dist.checkpoint import find_latest, read_marker
+def _stopped_two_ranks(tmp_path: Path, step: int, stop: Callable[[subprocess.Popen], None]) -> str:
+    """Two ranks started, ``stop(launcher)`` after ``step`` steps: exit 75 and no noise; their output."""
     from spade_dist.exit_codes import EXIT_REQUEUE
 
-    log, run_dir = tmp_path / "train.log", tmp_path / "run"
+    log = tmp_path / "train.log"
     with _launched(_two_ranks(tmp_path, max_steps=1000), log) as proc:
-        _wait_for_step(log, 2, proc)
-        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for_step(log, step, proc)
+        stop(proc)
         rc = proc.wait(timeout=180)
     text = log.read_text()
     assert rc == EXIT_REQUEUE, text[-4000:]
     _no_launcher_noise(text)
+    return text
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_row12_ctrl_c_with_two_processes_checkpoints_exits_75_in_one_line_and_resumes(tmp_path: Path) -> None:
+    from spade_dist.checkpoint import find_latest, read_marker
+
+    run_dir = tmp_path / "run"
+    text = _stopped_two_ranks(tmp_path, 2, lambda launcher: os.killpg(launcher.pid, signal.SIGINT))  # a terminal
     stop_dir = find_latest(run_dir)
     stop_step = read_marker(stop_dir)["step"]
     assert json.loads((run_dir / "REQUEUE").read_text())["step"] == stop_step >= 2
@@ -510,17 +518,9 @@ def test_row12_ctrl_c_with_two_processes_checkpoints_exits_75_in_one_line_and_re
 @pytest.mark.dist
 @pytest.mark.e2e
 def test_row12_sigterm_to_the_launcher_is_a_preemption_of_both_ranks(tmp_path: Path) -> None:
-    from spade_dist.exit_codes import EXIT_REQUEUE
-
-    log, run_dir = tmp_path / "train.log", tmp_path / "run"
-    with _launched(_two_ranks(tmp_path, max_steps=1000), log) as proc:
-        _wait_for_step(log, 1, proc)
-        proc.send_signal(signal.SIGTERM)  # a scheduler signals the launcher's pid, not a process group
-        rc = proc.wait(timeout=180)
-    text = log.read_text()
-    assert rc == EXIT_REQUEUE, text[-4000:]
-    _no_launcher_noise(text)
-    requeue = json.loads((run_dir / "REQUEUE").read_text())
+    # A scheduler signals the launcher's pid, not its process group.
+    text = _stopped_two_ranks(tmp_path, 1, lambda launcher: launcher.send_signal(signal.SIGTERM))
+    requeue = json.loads((tmp_path / "run" / "REQUEUE").read_text())
     assert requeue["reason"] == "SIGTERM"
     assert text.splitlines()[-1].startswith(f"spade-train: stopped by SIGTERM: checkpoint of step {requeue['step']} "
                                             "committed"), text[-4000:]
