@@ -562,6 +562,14 @@ def test_row12_workers_bad_input_exits_2_in_one_launcher_line(tmp_path: Path) ->
                      r"what to fix$", text, re.MULTILINE), text[-4000:]
 
 
+def test_row12_nproc_per_node_inside_another_launcher_is_refused_in_one_line() -> None:
+    proc = run_cli(train_cmd("--nproc-per-node", "2"), env=cli_env(TORCHELASTIC_RUN_ID="job-7"), check=False, timeout=120)
+    assert proc.returncode == EXIT_USAGE and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == ["spade-train: error: --nproc-per-node: already started by a launcher "
+                                        "(TORCHELASTIC_RUN_ID is set): drop --nproc-per-node, or run spade-train "
+                                        "without the other launcher"]
+
+
 # ------------------------------------------------------------------------------------------------
 # rows 3 and 11: the run directory's file system fills up; step directories deleted during a run
 # ------------------------------------------------------------------------------------------------
