@@ -18,7 +18,11 @@ workers, and adds what a single process already does:
   while no worker runs (starting or ending) makes the agent stop whatever it started.
 - **Exit codes.** The launcher exits with the first failing worker's own code, checked against the
   run's markers (:func:`spade_dist.run_dir.launch_verdict`), and prints one line saying what
-  happened: the committed step and how to continue, or where the failing rank's message is.
+  happened: the committed step and how to continue, or where the failing rank's message is. Once
+  one worker has exited, the agent sends the others SIGTERM and kills them after 30 s (torch's fixed
+  timeout); after a stop the others have passed the REQUEUE barrier by then, so nothing committed
+  is at stake. The agent's own shutdown timeout (``LaunchConfig.shutdown_timeout``) applies only to
+  SIGHUP / SIGQUIT and to a signal while no worker runs, never to a save.
 - **Quiet.** The agent's own log records (every start, signal and failure) are dropped: the terminal
   shows the workers' lines and the launcher's one line.
 """
@@ -163,10 +167,13 @@ def launch(cfg: Config, nproc_per_node: int, train_args: Sequence[str]) -> Launc
             sig = signal.Signals(exc.sigval)
             return LaunchOutcome(128 + sig, f"stopped by {sig.name}: the workers were stopped without a new "
                                             "checkpoint; a resume continues from the last committed one", True)
-    return _outcome(cfg, failed, relay)
+    return launch_outcome(cfg, failed, relay)
 
 
-def _outcome(cfg: Config, failed: Optional[tuple[int, int]], relay: StopRelay) -> LaunchOutcome:
+def launch_outcome(cfg: Config, failed: Optional[tuple[int, int]], relay: StopRelay) -> LaunchOutcome:
+    """The exit code and line of a launch that ended: ``failed`` is the first failing worker (global rank,
+    exit code; -N killed by signal N) or None when every worker exited 0; ``relay`` what the launcher
+    received. A worker's own failure code wins over the run's markers (they may be an earlier launch's)."""
     if relay.aborted:
         return LaunchOutcome(EXIT_INTERRUPTED, "aborted by a second Ctrl-C: the workers were stopped without a "
                                                "checkpoint; a resume continues from the last committed one", True)
@@ -176,7 +183,7 @@ def _outcome(cfg: Config, failed: Optional[tuple[int, int]], relay: StopRelay) -
         killer = signal.Signals(-rc)
         return LaunchOutcome(128 + killer, f"rank {rank} was killed by {killer.name}; a resume continues from the "
                                            "last committed checkpoint", True)
-    if rc in WORKER_FAILURES:  # decided by the worker's code: the markers may be an earlier launch's
+    if rc in WORKER_FAILURES:
         return LaunchOutcome(rc, f"rank {rank} failed with exit code {rc}: {WORKER_FAILURES[rc]}", True)
     verdict = launch_verdict(run, rc, relay.first is not None, requeue_code, rc_of="worker")
     if verdict.action == "finished":
