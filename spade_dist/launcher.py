@@ -179,6 +179,8 @@ def launch_outcome(cfg: Config, failed: Optional[tuple[int, int]], relay: StopRe
                                                "checkpoint; a resume continues from the last committed one", True)
     run, requeue_code = RunDir(cfg.train.run_dir), cfg.checkpoint.requeue_exit_code
     rank, rc = failed if failed is not None else (None, 0)
+    if rc == -signal.SIGINT:  # Python's own exit for a Ctrl-C it did not catch: the worker was still starting
+        rc = EXIT_INTERRUPTED
     if rc < 0:
         killer = signal.Signals(-rc)
         return LaunchOutcome(128 + killer, f"rank {rank} was killed by {killer.name}; a resume continues from the "

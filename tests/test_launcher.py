@@ -44,6 +44,8 @@ CASES = [  # (first failing worker, markers, signal the launcher got, aborted) -
     ((0, EXIT_UNHEALTHY), STOPPED_UNHEALTHY, None, False, EXIT_UNHEALTHY, True,
      "rank 0: stopped by the run-health monitor: health: nonfinite at step 5"),
     ((1, -9), {}, None, False, 137, True, "rank 1 was killed by SIGKILL"),
+    ((1, -2), {}, signal.SIGINT, False, EXIT_INTERRUPTED, True, "rank 1 failed with exit code 130: interrupted before "
+     "training started"),
     ((0, -9), {}, signal.SIGINT, True, EXIT_INTERRUPTED, True, "aborted by a second Ctrl-C"),
 ]
 

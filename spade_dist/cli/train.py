@@ -76,10 +76,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail("spade-train", f"--nproc-per-node: already started by a launcher ({launcher_variable()} is set): "
                     "drop --nproc-per-node, or run spade-train without the other launcher")
     configure_logging(launch_rank())  # progress lines on rank 0; warnings from every rank
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C while importing or starting, before the checkpoint manager took over SIGINT
+        return fail("spade-train", "interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or, with ``--nproc-per-node N``, launch N workers that train); the exit code."""
     from spade_dist.checkpoint import CheckpointIncompatibleError, CheckpointWriteError, InvalidCheckpoint
     from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError
     from spade_dist.launcher import launch
+    from spade_dist.logs import launch_rank
     from spade_dist.losses import MissingVGGWeightsError
     from spade_dist.monitoring import MetricsError
     from spade_dist.run_dir import RunDirBusy
@@ -105,8 +114,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not environment_problem(exc):
             raise
         return fail_os("spade-train", exc)
-    except KeyboardInterrupt:  # Ctrl-C before the checkpoint manager took over SIGINT (startup)
-        return fail("spade-train", "interrupted (Ctrl-C) before training started; nothing was saved", EXIT_INTERRUPTED)
     if result.health_stop is not None and launch_rank() == 0:  # every rank stopped; one line says why
         return fail("spade-train", f"stopped by the run-health monitor: {result.health_stop.line()}", result.exit_code)
     return result.exit_code
