@@ -20,16 +20,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data_tools.layouts import LAYOUTS, DataToolsError
-from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser
+from spade_dist.cli.common import add_subcommand, add_subparsers, fail, make_parser, positive_int
 from spade_dist.monitoring import MetricsError
 from spade_dist.progress import progress_wanted
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _byte_size(text: str) -> int:
@@ -54,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--out", required=True, help="output folder (shared by all splits of the dataset)")
     shard.add_argument("--split", default="train", help="split name (default train)")
     shard.add_argument("--name", default=None, help="shard file prefix (default: the layout name)")
-    shard.add_argument("--max-count", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    shard.add_argument("--max-count", type=positive_int, default=1000, help="samples per shard (default 1000)")
     shard.add_argument("--max-size", type=_byte_size, default=None, help="bytes per shard, e.g. 1G")
     shard.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="decode processes (output does not depend on it)")
-    shard.add_argument("--max-side", type=_positive_int, default=None,
+    shard.add_argument("--max-side", type=positive_int, default=None,
                        help="downscale so the longer side is at most PX (re-encodes; labels nearest)")
     shard.add_argument("--skip-bad", action="store_true", help="skip bad samples, list them in the manifest")
-    shard.add_argument("--label-nc", type=_positive_int, default=None, help="number of classes (custom layout)")
+    shard.add_argument("--label-nc", type=positive_int, default=None, help="number of classes (custom layout)")
     dontcare = shard.add_mutually_exclusive_group()
     dontcare.add_argument("--contain-dontcare-label", dest="dontcare", action="store_true", default=None,
                           help="255 is a valid 'don't care' id")
@@ -89,15 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = add_subcommand(sub, "stats", help="class frequencies and image sizes from manifest.json")
     stats.add_argument("dir", help="shard directory (holding manifest.json)")
-    stats.add_argument("--top", type=_positive_int, default=10, help="classes listed per split")
+    stats.add_argument("--top", type=positive_int, default=10, help="classes listed per split")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
     synth = add_subcommand(sub, "synth", help="generate the procedural landscape dataset (custom layout)")
     synth.add_argument("--out", required=True, help="dataset folder to create (the custom layout)")
-    synth.add_argument("--count", type=_positive_int, required=True, help="training samples")
+    synth.add_argument("--count", type=positive_int, required=True, help="training samples")
     synth.add_argument("--val-count", type=int, default=0, help="validation samples")
     synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files (default 0)")
-    synth.add_argument("--size", type=_positive_int, default=128, help="square image side in px")
+    synth.add_argument("--size", type=positive_int, default=128, help="square image side in px")
 
     prepare = add_subcommand(sub, "prepare", help="arrange a downloaded dataset into its shard layout "
                              "(COCO-Stuff: instance maps from the annotation JSON)")
@@ -107,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--labels", required=True, help="label folder, e.g. stuffthingmaps_trainval2017/train2017/")
     prepare.add_argument("--root", required=True, help="dataset root to create ({split}_img, _label, _inst)")
     prepare.add_argument("--split", default="train", help="split name (default train)")
-    prepare.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+    prepare.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                          help="processes writing instance maps")
-    prepare.add_argument("--limit", type=_positive_int, default=None,
+    prepare.add_argument("--limit", type=positive_int, default=None,
                          help="only the first N images of the annotation file")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
 

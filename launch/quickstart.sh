@@ -2,7 +2,7 @@
 # Quickstart: the main training job on this machine, CPU only, in a few minutes.
 #   1. sets up .venv (launch/setup_env.sh)
 #   2. generates the synthetic landscape dataset and shards it (spade-data synth / shard)
-#   3. trains a tiny GauGAN with 2 processes (accelerate launch, gloo, synchronized BN), with live
+#   3. trains a tiny GauGAN with 2 processes (spade-train --nproc-per-node 2, gloo, synchronized BN), with live
 #      metrics, TensorBoard logs and - when Inception weights are available - the FID watcher
 #   4. prints the run's summary (losses, throughput, FID) and where everything is
 # Environment: QUICKSTART_DIR (default work_data/quickstart), QUICKSTART_COUNT (train images, 300),
@@ -48,9 +48,10 @@ else
 fi
 if [ -n "${QUICKSTART_STEPS:-}" ]; then overrides+=("train.max_steps=$QUICKSTART_STEPS"); fi
 
-echo "[quickstart] training: 2 CPU processes (accelerate launch, gloo, synchronized BN)"
-OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file launch/accelerate_cpu_2proc.yaml \
-  -m spade_dist.cli.train --config configs/quickstart.yaml --resume none checkpoint.existing=archive "${overrides[@]}" "$@"
+# spade-train is the launcher of its 2 workers: Ctrl-C checkpoints on both ranks and ends in one line (exit 75).
+echo "[quickstart] training: 2 CPU processes (spade-train --nproc-per-node 2, gloo, synchronized BN)"
+OMP_NUM_THREADS=1 .venv/bin/spade-train --nproc-per-node 2 \
+  --config configs/quickstart.yaml --resume none checkpoint.existing=archive "${overrides[@]}" "$@"
 
 echo
 echo "[quickstart] finished. Metrics of the run:"

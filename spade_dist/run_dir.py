@@ -368,10 +368,12 @@ class Verdict:
     message: str
 
 
-def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int) -> Verdict:
+def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int, rc_of: str = "launcher") -> Verdict:
     """Decide from the run's markers, never from ``rc`` alone: launchers translate exit codes
     (``accelerate launch`` reports 1 for a worker's 75), and a launcher can exit 0 without the run
-    having finished. Requeue only when the run itself asked for it (REQUEUE marker)."""
+    having finished. Requeue only when the run itself asked for it (REQUEUE marker). ``rc_of``: whose
+    exit code ``rc`` is, for the message (a batch script passes its launcher's, spade-train's own
+    launcher its worker's)."""
     kind, step = run.outcome()
     if kind == "done" and rc == 0:
         return Verdict("finished", 0, f"training finished at step {step}")
@@ -380,7 +382,7 @@ def launch_verdict(run: RunDir, rc: int, preempted: bool, requeue_exit_code: int
         return Verdict("failed", EXIT_UNHEALTHY, f"stopped by the run-health monitor: {health.get('line', '')}")
     if kind == "requeue":
         return Verdict("requeue", requeue_exit_code,
-                       f"checkpoint of step {step} committed and the run asked for a requeue (launcher exit code {rc})")
+                       f"checkpoint of step {step} committed and the run asked for a requeue ({rc_of} exit code {rc})")
     why = "; a preemption signal was received, but the run committed no stop checkpoint: not requeueing" if preempted else ""
     if rc == 0:
         return Verdict("failed", 1, f"training failed: the launcher exited 0 but the run wrote neither DONE nor REQUEUE{why}")

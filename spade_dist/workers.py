@@ -16,6 +16,8 @@ import ctypes.util
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Optional
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -23,8 +25,13 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_STEP_ID")
 
 
+def launcher_variable() -> Optional[str]:
+    """The first of :data:`LAUNCHER_ENV` that is set, or None outside a launcher."""
+    return next((name for name in LAUNCHER_ENV if name in os.environ), None)
+
+
 def launched_by_a_launcher() -> bool:
-    return any(name in os.environ for name in LAUNCHER_ENV)
+    return launcher_variable() is not None
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
@@ -41,3 +48,16 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent:  # the launcher died between the two calls: we are an orphan already
         os._exit(128 + int(sig))
     return True
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a launcher's workers: torch's elastic agent starts each in its own
+    session, so a terminal's Ctrl-C reaches only the launcher). Linux's ``/proc/PID/task/TID/children``;
+    a thread that ends while it is read has no children left to list."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found

@@ -21,14 +21,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (e.g. torchrun's workers, which it starts in their own sessions)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

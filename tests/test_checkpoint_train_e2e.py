@@ -14,7 +14,8 @@ import torch
 
 from spade_dist.checkpoint import CheckpointManager, GatheredState, find_latest, read_marker
 from spade_dist.config import CheckpointConfig
-from tests.dist_utils import child_pids, run_distributed
+from spade_dist.workers import child_pids
+from tests.dist_utils import run_distributed
 from tests.kit import TOY_LABELS, cli_env, run_cli, toy_data_config, train_cmd, wait_for, write_shards
 
 NUM_SAMPLES = 24  # 4 shards x 6

@@ -18,7 +18,8 @@ import pytest
 from spade_dist.checkpoint import find_latest, read_marker
 from spade_dist.config import OptimConfig
 from spade_dist.train.schedule import decay_factor, lr_and_betas
-from tests.dist_utils import child_pids, free_port
+from spade_dist.workers import child_pids
+from tests.dist_utils import free_port
 from tests.kit import TINY, TOY_LABELS, audited_keys, cli_env, wait_for, write_shards
 
 SHARDS = [6, 6, 6, 6]

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import struct
 import subprocess
 import time
@@ -37,7 +38,23 @@ from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_USAGE
 from spade_dist.models import build_generator
 from spade_dist.models.compat import save_official_generator
 from spade_dist.serve.app import BodyLimit
-from tests.kit import PYTHON, REPO_ROOT, TINY, cli_env, make_sample, png_bytes, tiny_config, write_manifest, write_tar
+from spade_dist.workers import child_pids
+from tests.kit import (
+    PYTHON,
+    REPO_ROOT,
+    TINY,
+    TOY_LABELS,
+    cli_env,
+    make_sample,
+    png_bytes,
+    run_cli,
+    tiny_config,
+    train_cmd,
+    wait_for,
+    write_manifest,
+    write_shards,
+    write_tar,
+)
 
 Command = Union[tuple[Callable[[list[str]], int], list[str]], tuple[str, list[str]]]
 
@@ -173,6 +190,12 @@ def _rgb_label_shards(tmp: Path) -> Command:
                           "data.contain_dontcare_label=true", "data.no_instance=false", "eval.mode=none"]
 
 
+# row 12: the launcher (spade-train --nproc-per-node) checks the config before it starts any worker
+def _launcher_bad_config(tmp: Path) -> Command:
+    return _main("train"), ["--config", str(TINY), "--nproc-per-node", "2", "model.ngf=-1",
+                            f"train.run_dir={tmp / 'run'}"]
+
+
 ROWS: list[Row] = [
     Row("5 non-UTF-8 config", _non_utf8_config, EXIT_USAGE, "g.yaml: not UTF-8 text (byte 0xff at offset 0)"),
     Row("6 junk weights file", _junk_weights, EXIT_USAGE, "junk.pt: is a text file (a config?), not PyTorch weights",
@@ -187,6 +210,10 @@ ROWS: list[Row] = [
         "label.png has mode RGB; id maps must be single-channel integers"),
     Row("probe YAML config bomb", _config_bomb, EXIT_USAGE, "data.label_nc"),
     Row("probe path traversal in a shard key", _traversal_key, EXIT_USAGE, "unsafe sample key", _nothing_escaped),
+    Row("12 --nproc-per-node 0", lambda tmp: (_main("train"), ["--config", str(TINY), "--nproc-per-node", "0"]),
+        EXIT_USAGE, "argument --nproc-per-node: must be an integer >= 1, got '0'"),
+    Row("12 --nproc-per-node with a bad config value: no worker starts", _launcher_bad_config, EXIT_USAGE,
+        "model.ngf"),
 ]
 
 # Rows whose tests are not rows of ROWS: the direct tests below (rows 3, 4, 7, 8, 9, 11, 12, 14, 16, 19 and
@@ -410,6 +437,137 @@ def test_row12_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in out, out
     assert "aborted by a second Ctrl-C, without a checkpoint" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# row 12 with several processes: spade-train --nproc-per-node 2 is the launcher (spade_dist/launcher.py)
+# ------------------------------------------------------------------------------------------------
+
+def _two_ranks(tmp_path: Path, max_steps: int, *extra: str) -> list[str]:
+    """spade-train --nproc-per-node 2 on toy shards (made once per test) into tmp_path/run."""
+    shards = tmp_path / "shards"
+    manifest = shards / "manifest.json" if shards.is_dir() else write_shards(shards, [6, 6], size=(32, 32))
+    return train_cmd("--nproc-per-node", "2", f"data.shards={manifest}", *TOY_LABELS, "model.num_D=1",
+                     "train.log_every=1", "train.sample_every=100000", "checkpoint.every_steps=100000",
+                     f"train.run_dir={tmp_path / 'run'}", f"train.max_steps={max_steps}", *extra)
+
+
+@contextmanager
+def _launched(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """The launcher in its own process group, as a terminal starts a job: a terminal's Ctrl-C is a
+    SIGINT to that group (torch's agent puts the workers in sessions of their own)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:  # a failed assertion: the workers die with their launcher
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_for_step(log: Path, step: int, proc: subprocess.Popen) -> None:
+    wait_for(lambda: f"step {step} epoch" in log.read_text(errors="replace"), 240, f"step {step} in {log}",
+             poll=0.2, procs=[proc], log=lambda: log.read_text(errors="replace")[-3000:])
+
+
+def _no_launcher_noise(text: str) -> None:
+    """No traceback, no ChildFailedError report, none of the agent's own log lines."""
+    for noise in ("Traceback", "ChildFailedError", "torch.distributed.elastic", "Sending process", "SignalException"):
+        assert noise not in text, text[-4000:]
+
+
+def _stopped_two_ranks(tmp_path: Path, step: int, stop: Callable[[subprocess.Popen], None]) -> str:
+    """Two ranks started, ``stop(launcher)`` after ``step`` steps: exit 75 and no noise; their output."""
+    from spade_dist.exit_codes import EXIT_REQUEUE
+
+    log = tmp_path / "train.log"
+    with _launched(_two_ranks(tmp_path, max_steps=1000), log) as proc:
+        _wait_for_step(log, step, proc)
+        stop(proc)
+        rc = proc.wait(timeout=180)
+    text = log.read_text()
+    assert rc == EXIT_REQUEUE, text[-4000:]
+    _no_launcher_noise(text)
+    return text
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_row12_ctrl_c_with_two_processes_checkpoints_exits_75_in_one_line_and_resumes(tmp_path: Path) -> None:
+    from spade_dist.checkpoint import find_latest, read_marker
+
+    run_dir = tmp_path / "run"
+    text = _stopped_two_ranks(tmp_path, 2, lambda launcher: os.killpg(launcher.pid, signal.SIGINT))  # a terminal
+    stop_dir = find_latest(run_dir)
+    stop_step = read_marker(stop_dir)["step"]
+    assert json.loads((run_dir / "REQUEUE").read_text())["step"] == stop_step >= 2
+    ctrl_c = [line for line in text.splitlines() if "Ctrl-C" in line]
+    assert ctrl_c == [
+        "spade-train: Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again to abort without it)",
+        f"spade-train: stopped by Ctrl-C: checkpoint of step {stop_step} committed and the run asked for a requeue "
+        "(worker exit code 75); run the same command again (checkpoint.resume auto) to continue"], text[-4000:]
+
+    resumed = run_cli(_two_ranks(tmp_path, stop_step + 2), timeout=300)
+    assert f"resumed from {stop_dir} (step {stop_step}" in resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "DONE").read_text())["step"] == stop_step + 2
+    _no_launcher_noise(resumed.stdout + resumed.stderr)
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_row12_sigterm_to_the_launcher_is_a_preemption_of_both_ranks(tmp_path: Path) -> None:
+    # A scheduler signals the launcher's pid, not its process group.
+    text = _stopped_two_ranks(tmp_path, 1, lambda launcher: launcher.send_signal(signal.SIGTERM))
+    requeue = json.loads((tmp_path / "run" / "REQUEUE").read_text())
+    assert requeue["reason"] == "SIGTERM"
+    assert text.splitlines()[-1].startswith(f"spade-train: stopped by SIGTERM: checkpoint of step {requeue['step']} "
+                                            "committed"), text[-4000:]
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_row12_second_ctrl_c_with_two_processes_aborts_at_once_and_leaves_no_worker(tmp_path: Path) -> None:
+    from spade_dist.exit_codes import EXIT_INTERRUPTED
+
+    log = tmp_path / "train.log"
+    with _launched(_two_ranks(tmp_path, max_steps=1000), log) as proc:
+        _wait_for_step(log, 1, proc)
+        workers = child_pids(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:  # busy workers: the forwarded Ctrl-C waits, as during a long checkpoint save
+            os.kill(pid, signal.SIGSTOP)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.5)  # a second Ctrl-C, not the same one forwarded twice
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    text = log.read_text()
+    assert rc == EXIT_INTERRUPTED, text[-4000:]
+    _no_launcher_noise(text)
+    assert text.splitlines()[-1] == ("spade-train: error: aborted by a second Ctrl-C: the workers were stopped "
+                                     "without a checkpoint; a resume continues from the last committed one")
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its launcher"
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_row12_workers_bad_input_exits_2_in_one_launcher_line(tmp_path: Path) -> None:
+    proc = run_cli(_two_ranks(tmp_path, 2, "--resume", str(tmp_path / "missing")), check=False, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_USAGE, text[-4000:]
+    _no_launcher_noise(text)
+    assert str(tmp_path / "missing") in text  # the workers' own line
+    assert re.search(r"^spade-train: error: rank [01] failed with exit code 2: bad input; its error line above says "
+                     r"what to fix$", text, re.MULTILINE), text[-4000:]
+
+
+def test_row12_nproc_per_node_inside_another_launcher_is_refused_in_one_line() -> None:
+    proc = run_cli(train_cmd("--nproc-per-node", "2"), env=cli_env(TORCHELASTIC_RUN_ID="job-7"), check=False, timeout=120)
+    assert proc.returncode == EXIT_USAGE and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == ["spade-train: error: --nproc-per-node: already started by a launcher "
+                                        "(TORCHELASTIC_RUN_ID is set): drop --nproc-per-node, or run spade-train "
+                                        "without the other launcher"]
 
 
 # ------------------------------------------------------------------------------------------------

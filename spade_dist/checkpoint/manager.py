@@ -53,8 +53,9 @@ from spade_dist.files import environment_problem, free_bytes, os_error_of
 from spade_dist.run_dir import RunDir, RunDirBusy, RunLock
 
 log = logging.getLogger("spade_dist.checkpoint")
-# A second SIGINT sooner than this after the first is the same Ctrl-C, forwarded by a launcher.
-_SAME_CTRL_C_S = 1.0
+# A second SIGINT sooner than this after the first is the same Ctrl-C, forwarded by a launcher
+# (spade-train's own launcher, spade_dist/launcher.py, counts a second Ctrl-C the same way).
+SAME_CTRL_C_S = 1.0
 
 META_KEY = "__meta__"
 
@@ -214,7 +215,7 @@ class CheckpointManager:
                 os.write(2, b"spade-train: Ctrl-C: saving a checkpoint after this step, then exiting "
                             b"(Ctrl-C again to abort without it)\n")
             return
-        if now - self._first_interrupt < _SAME_CTRL_C_S:  # the launcher forwarding the same Ctrl-C
+        if now - self._first_interrupt < SAME_CTRL_C_S:  # the launcher forwarding the same Ctrl-C
             return
         os.write(2, f"spade-train: rank {self.rank}: aborted by a second Ctrl-C, without a checkpoint; a resume "
                     "continues from the last committed one\n".encode())

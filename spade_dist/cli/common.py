@@ -149,6 +149,17 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + list(args.set_overrides)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (anything else is the one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def fail(prog: str, exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     """Report an error as one line on stderr; returns ``code`` (:data:`EXIT_USAGE` by default) for
     ``return fail(...)``."""
