@@ -478,18 +478,28 @@ def _train_owned(cfg: Config, backend: TrainBackend, ckpt: "CheckpointManager", 
             if info.is_main:
                 log.error(f"stopped: {unhealthy.line()}; resume from it with --resume PATH after a fix "
                           f"(docs/HEALTH.md); exit {EXIT_UNHEALTHY}")
-            return TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=False,
-                               exit_code=EXIT_UNHEALTHY, nonfinite_skips=state.nonfinite_skips, health_stop=unhealthy)
-        ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
-        if stopped_early:
-            log.info(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
-                     f"exit {ckpt.requeue_exit_code} (requeue)")
-            ckpt.request_requeue(state.step)  # collective: every rank waits for the marker
-        elif info.is_main:
-            run.mark_done(state.step)
-            log.info(f"done at step {state.step}; samples: {run.samples / 'index.html'}; checkpoints: {run.checkpoints}")
+            result = TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=False,
+                                 exit_code=EXIT_UNHEALTHY, nonfinite_skips=state.nonfinite_skips, health_stop=unhealthy)
+        else:
+            ckpt.maybe_save(state.step, app_state, last_step=True)  # committed before DONE
+            if stopped_early:
+                log.info(f"stopped by {ckpt.stop_reason} at step {state.step}; checkpoint saved; "
+                         f"exit {ckpt.requeue_exit_code} (requeue)")
+                ckpt.request_requeue(state.step)  # collective: every rank waits for the marker
+            elif info.is_main:
+                run.mark_done(state.step)
+                log.info(f"done at step {state.step}; samples: {run.samples / 'index.html'}; "
+                         f"checkpoints: {run.checkpoints}")
+            result = TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=stopped_early,
+                                 exit_code=ckpt.requeue_exit_code if stopped_early else 0,
+                                 nonfinite_skips=state.nonfinite_skips)
     finally:
         ckpt.close()
         hooks.close(stopped_early)
-    return TrainResult(step=state.step, epoch=state.epoch, run_dir=run.root, stopped_early=stopped_early,
-                       exit_code=ckpt.requeue_exit_code if stopped_early else 0, nonfinite_skips=state.nonfinite_skips)
+    if result.exit_code != 0 and info.world_size > 1:
+        # A launcher (torchrun's agent, accelerate, spade-train --nproc-per-node) kills the other workers
+        # as soon as one exits non-zero: without this barrier the first rank to leave would cut the others'
+        # clean-up short (rank 0's last TensorBoard / metrics flush, the eval watcher's stop). Every rank
+        # reaches it: a requeue and a health stop are decided collectively.
+        torch.distributed.barrier()
+    return result
