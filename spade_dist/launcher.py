@@ -148,6 +148,24 @@ def quiet_agent() -> Iterator[None]:
             logger.propagate, logger.handlers = propagate, handlers
 
 
+def process_count_problem(cfg: Config, nproc_per_node: int) -> str:
+    """Why this machine cannot run ``nproc_per_node`` training processes of ``cfg``, or "" when it can.
+    One process per GPU (two NCCL ranks cannot share one), or per CPU core for gloo ranks on the CPU
+    (each process is a whole trainer: a typo such as 80 for 8 would otherwise start 80 of them)."""
+    import torch
+
+    device = cfg.train.device
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        available, what = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "visible GPUs"
+    else:
+        available, what = len(os.sched_getaffinity(0)), "CPU cores"
+    if nproc_per_node <= available:
+        return ""
+    return (f"this machine has {available} {what} for train.device {device}: start at most {available} processes "
+            "(one each); more ranks need more machines (docs/ELASTIC.md, docs/SLURM.md)")
+
+
 def launch(cfg: Config, nproc_per_node: int, train_args: Sequence[str]) -> LaunchOutcome:
     """Run ``python -m spade_dist.cli.train TRAIN_ARGS`` in ``nproc_per_node`` processes on this
     machine (``cfg``: the config those arguments resolve to) and say how it ended."""

@@ -68,6 +68,10 @@ class Row:
     invariant: Optional[Callable[[Path], None]] = None
 
 
+def _no_run_dir(tmp: Path) -> None:
+    assert not (tmp / "run").exists(), "a refused launch must not create the run directory"
+
+
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
@@ -214,6 +218,10 @@ ROWS: list[Row] = [
         EXIT_USAGE, "argument --nproc-per-node: must be an integer >= 1, got '0'"),
     Row("12 --nproc-per-node with a bad config value: no worker starts", _launcher_bad_config, EXIT_USAGE,
         "model.ngf"),
+    Row("--nproc-per-node beyond the machine (a typo: 1000 for 2): no worker starts",
+        lambda tmp: (_main("train"), ["--config", str(TINY), "--nproc-per-node", "1000",
+                                      f"train.run_dir={tmp / 'run'}"]),
+        EXIT_USAGE, "--nproc-per-node 1000: this machine has", _no_run_dir),
 ]
 
 # Rows whose tests are not rows of ROWS: the direct tests below (rows 3, 4, 7, 8, 9, 11, 12, 14, 16, 19 and

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from spade_dist.checkpoint import CheckpointIncompatibleError, CheckpointWriteError, InvalidCheckpoint
     from spade_dist.data import CorruptRateError, ShardSourceError
     from spade_dist.distributed import DistributedSetupError
-    from spade_dist.launcher import launch
+    from spade_dist.launcher import launch, process_count_problem
     from spade_dist.logs import launch_rank
     from spade_dist.losses import MissingVGGWeightsError
     from spade_dist.monitoring import MetricsError
@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(config_source(args), overrides(args))
         if args.nproc_per_node is not None and args.nproc_per_node > 1:
+            problem = process_count_problem(cfg, args.nproc_per_node)
+            if problem:
+                return fail("spade-train", f"--nproc-per-node {args.nproc_per_node}: {problem}")
             outcome = launch(cfg, args.nproc_per_node, worker_args(args))
             if outcome.error:
                 return fail("spade-train", outcome.line, outcome.exit_code)
