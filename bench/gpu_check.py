@@ -10,8 +10,9 @@ Sections, in this order (each checks the remaining time budget first and is reco
   FLOPs counted with ``FlopCounterMode``, model FLOPs utilisation = counted FLOPs per second /
   the device's dense bf16 peak (``PEAK_BF16_FLOPS``), peak memory (``max_memory_allocated``);
 - ``memory``: ``bench/memory.py`` with real accounting on the device, per-GPU batch 1 and 2
-  (``--memory-batches``), reference / fast / fast + savings in fp32: the tracked peak (the
-  prediction, device-independent) next to ``torch.cuda.max_memory_allocated`` of the same iteration;
+  (``--memory-batches``), reference / fast / fast + savings in fp32 and bf16: the tracked peak (the
+  prediction: device-independent in fp32; in bf16 the CUDA autocast's bytes, against the planner's
+  CPU-autocast bf16 rows) next to ``torch.cuda.max_memory_allocated`` of the same iteration;
 - ``speed_paths``: off (dense) vs on (gather + region) vs auto (measured per layer), batch 4 bf16;
 - ``channels_last``: off vs on, batch 4 bf16;
 - ``compile``: eager vs ``speed.compile=true``, batch 4 bf16 (compilation time in
@@ -136,8 +137,9 @@ def memory_table(config: str, common: list[str], batches: list[int]) -> dict[str
     from bench.memory import main as memory_main
 
     result = memory_main(["--config", config, "--batch", *map(str, batches), "--modes", "reference", "fast",
-                          "fast+savings", "--accounting", "real", "--time-iters", "1", "--", *common])
-    keep = ("mode", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s")
+                          "fast+savings", "--precision", "fp32", "bf16", "--accounting", "real", "--time-iters", "1",
+                          "--", *common])
+    keep = ("mode", "precision", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s")
     return {"runs": [{k: r[k] for k in keep} for r in result["runs"]], "linear_model": result["linear_model"],
             "ratios": result["ratios"]}
 
@@ -159,7 +161,7 @@ def run_checks(device: str, config: str, common: list[str], batches: list[int], 
 
     plan: list[tuple[str, float, Callable[[], Any]]] = [
         ("train_step_bf16", 60, lambda: train_step_table(config, common, batches, iters, peak)),
-        ("memory", 40, lambda: memory_table(config, common, list(memory_batches))),
+        ("memory", 60, lambda: memory_table(config, common, list(memory_batches))),
         ("speed_paths", 30, compare([("off", [bf16, "speed.onehot_gather=off", "speed.region_modulation=off"]),
                                      ("on", [bf16, "speed.onehot_gather=on", "speed.region_modulation=on"]),
                                      ("auto", [bf16])])),

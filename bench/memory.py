@@ -29,6 +29,13 @@ Accounting (``--accounting``):
   regions), so ``fast`` and ``fast+savings`` need ``real``; ``tests/test_bench_memory.py`` checks
   that both accountings give the same bytes where both run.
 
+Precision (``--precision``): ``fp32``, or ``bf16``: the training step's own autocast
+(``train.mixed_precision=bf16``, ``train/step.autocast_context``) on the run's device, every mode,
+both accountings. Autocast's op lists are the device's: on a CPU (the accounting machine) the
+upsampling, ``sum``, ``exp`` / ``rsqrt`` / ``pow`` keep bf16 inputs in bf16, which CUDA's autocast
+runs in fp32 (docs/PERFORMANCE.md section 7), so a CPU ``bf16`` run predicts the CPU's bytes; the
+CUDA bytes are measured by ``bench/gpu_check.sh`` (section ``memory``, both precisions).
+
 On a CUDA device (override ``train.device=cuda``, real accounting) each run also records
 ``torch.cuda.max_memory_allocated`` over the tracked iteration and its ratio to the tracked peak:
 what the device adds (cuBLAS / cuDNN workspaces, the allocator's 512-byte rounding) measured
@@ -37,9 +44,9 @@ against the prediction; ``bench/gpu_check.sh`` runs that (section ``memory``).
 Per batch (``--batch``, at least two for the linear model) and mode the JSON run holds the peak,
 its split and, with ``real``, the step time; the summary fits ``peak = fixed + per_sample * batch``
 through the two smallest batches of each mode and gives the ratios of per-sample memory against
-``reference`` and of step time with savings against without; ``table_row`` is the planner's row
-(``spade_dist/memory_table.py``) when both reference modes ran. The last output line is the whole
-result.
+``reference`` (fp32) and of step time with savings against without; ``table_rows`` holds, per
+precision, the planner's row (``spade_dist/memory_table.py``, written by ``bench/memory_table.py``)
+of the reference modes that ran. The last output line is the whole result.
 
     prlimit --as=$((20 * 2**30)) python bench/memory.py --config configs/tiny.yaml --batch 1 2
     python bench/memory.py --config configs/coco_stuff_512.yaml --batch 1 2 --modes reference --accounting fake
@@ -88,6 +95,13 @@ def _storages(t: torch.Tensor) -> Iterable[torch.UntypedStorage]:
         yield from (s for part in (compressed, plain, t.values()) for s in _storages(part))
 
 
+# Batch norm's saved mean / inverse std (outputs 1 and 2): the CPU and CUDA kernels keep them in
+# fp32 for a bf16 / fp16 input, the meta kernels fake tensors run give them the input's dtype.
+_STATS_IN_FP32 = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+                  torch.ops.aten._native_batch_norm_legit.no_stats,
+                  torch.ops.aten._native_batch_norm_legit_functional.default}
+
+
 class LiveBytes(TorchDispatchMode):
     """The bytes of every storage alive, followed from the operator that made it until it is freed;
     the peak of their sum and, at that peak, the share of storages marked persistent."""
@@ -100,16 +114,19 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.peak_persistent = 0
 
-    def track(self, tensors: Iterable[torch.Tensor], persistent: bool) -> None:
+    def track(self, tensors: Iterable[torch.Tensor], persistent: bool, as_fp32: Iterable[torch.Tensor] = ()) -> None:
+        """Follow ``tensors``' storages (``as_fp32``: those of them a device kernel makes fp32)."""
+        widened = {id(t) for t in as_fp32 if t.dtype in (torch.bfloat16, torch.float16)}
         for t in tensors:
             for storage in _storages(t):
                 key = storage._cdata
                 if key in self._live:
                     continue
+                nbytes = storage.nbytes() * (2 if id(t) in widened else 1)
                 ref = weakref.ref(storage, lambda _r, key=key: self._free(key))
-                self._live[key] = (storage.nbytes(), persistent, ref)
-                self.total += storage.nbytes()
-                self.persistent += storage.nbytes() if persistent else 0
+                self._live[key] = (nbytes, persistent, ref)
+                self.total += nbytes
+                self.persistent += nbytes if persistent else 0
         if self.total > self.peak:
             self.peak, self.peak_persistent = self.total, self.persistent
 
@@ -121,7 +138,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         out = func(*args, **(kwargs or {}))
-        self.track((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), persistent=False)
+        stats = out[1:3] if func in _STATS_IN_FP32 else ()
+        self.track((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), persistent=False, as_fp32=stats)
         return out
 
 
@@ -215,7 +233,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="per-GPU batch sizes (>= 2 of them for the fit)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32"],
-                   help="bf16: autocast (not for the reference mode, which is fp32 by definition)")
+                   help="bf16: the training step's autocast (train.mixed_precision=bf16) on the run's device; "
+                        "ratios stay against reference/fp32")
     p.add_argument("--accounting", choices=("real", "fake"), default="real")
     p.add_argument("--savings", choices=SAVINGS, default="generator_spade",
                    help="speed.activation_checkpointing of the +savings modes")
@@ -238,8 +257,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         vgg_path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
         for mode in args.modes:
             for precision in args.precision:
-                if mode.startswith("reference") and precision != "fp32":
-                    continue
                 for batch in args.batch:
                     savings = [f"speed.activation_checkpointing={args.savings}"] if mode.endswith("+savings") else []
                     overrides = [*args.overrides, *MODES[mode], *savings, f"train.mixed_precision={PRECISIONS[precision]}"]
@@ -263,15 +280,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 ratios[f"{base}+savings/{precision} step_s / {base}"] = round(
                     sum(r["step_s"] for r in saved) / sum(r["step_s"] for r in plain), 4)
     cfg = load_config(args.config, list(args.overrides))
-    table_row = None
-    if {"reference/fp32", "reference+savings/fp32"} <= fitted.keys():
-        # A row of spade_dist/memory_table.py (the planner's table): the reference computation's model.
-        table_row = {"key": list(architecture_key(cfg)),
-                     **{setting: [fitted[mode]["fixed_bytes"], fitted[mode]["per_sample_bytes"]]
-                        for setting, mode in (("off", "reference/fp32"), (args.savings, "reference+savings/fp32"))}}
+    # Rows of spade_dist/memory_table.py (the planner's tables, one per precision): the reference
+    # computation's model, by speed.activation_checkpointing value (bench/memory_table.py merges them).
+    table_rows = {}
+    for precision in args.precision:
+        settings = {setting: [round(fitted[key]["fixed_bytes"]), round(fitted[key]["per_sample_bytes"])]
+                    for setting, key in (("off", f"reference/{precision}"), (args.savings, f"reference+savings/{precision}"))
+                    if key in fitted}
+        if settings:
+            table_rows[precision] = {"key": list(architecture_key(cfg)), **settings}
     out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides, "savings": args.savings,
            "crop_size": cfg.data.crop_size, "aspect_ratio": cfg.data.aspect_ratio, "accounting": args.accounting,
-           "runs": runs, "linear_model": fitted, "ratios": ratios, "table_row": table_row,
+           "runs": runs, "linear_model": fitted, "ratios": ratios, "table_rows": table_rows,
            "machine": machine_info(torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu"))}
     print(json.dumps(out))
     return out

@@ -158,7 +158,8 @@ class SpeedConfig:
     # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
     # iteration; models/fast/checkpointing.py); generator_spade = also each SPADE layer inside a
     # recomputed block (a third forward of the SPADE layers, less memory). off = autograd keeps
-    # every activation.
+    # every activation. With compile the checkpointed blocks run eagerly between compiled graphs
+    # (the exact recomputation is eager; docs/TRAINING.md, speed.compile).
     activation_checkpointing: Literal["off", "generator", "generator_spade"] = "off"
 
     @property
@@ -190,9 +191,6 @@ def speed_checks(speed: SpeedConfig) -> list[tuple[bool, str]]:
         (speed.fused_modulation or "on" not in (speed.onehot_gather, speed.region_modulation),
          "speed.onehot_gather=on / speed.region_modulation=on need speed.fused_modulation=true (the gather and "
          "region paths read the label map the fused layout resizes once per resolution)"),
-        (not (speed.compile and speed.activation_checkpointing != "off"),
-         f"speed.activation_checkpointing={speed.activation_checkpointing} with speed.compile=true is not supported (the exact "
-         "recomputation restores eager module state; a compiled graph would recompute without it): choose one"),
     ]
 
 

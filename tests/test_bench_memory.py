@@ -27,22 +27,37 @@ def test_live_bytes_follows_storages_until_they_are_freed() -> None:
 
 
 def test_memory_bench_fake_accounting_equals_real_and_savings_lower_the_per_sample_memory(capsys) -> None:
+    """fp32 and the step's bf16 autocast (CPU autocast here), run by run the same bytes with both accountings."""
     from bench.memory import main
 
     args = ["--config", "configs/tiny.yaml", "--batch", "1", "2", "--modes", "reference", "reference+savings",
-            "--time-iters", "1", "--", *TINY_64]
+            "--precision", "fp32", "bf16", "--time-iters", "1", "--", *TINY_64]
     real = main(["--accounting", "real", *args])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == json.loads(json.dumps(real))  # the last line is the whole result
     fake = main(["--accounting", "fake", *args])
-    keys = ("mode", "batch", "peak_bytes", "persistent_bytes_at_peak", "other_bytes_at_peak")
+    keys = ("mode", "precision", "batch", "peak_bytes", "persistent_bytes_at_peak", "other_bytes_at_peak")
     assert [{k: r[k] for k in keys} for r in real["runs"]] == [{k: r[k] for k in keys} for r in fake["runs"]]
+    assert {(r["mode"], r["precision"]) for r in real["runs"]} == {
+        (m, p) for m in ("reference", "reference+savings") for p in ("fp32", "bf16")}
     assert all(r["step_s"] > 0 for r in real["runs"]) and all(r["step_s"] is None for r in fake["runs"])
     ref, saved = real["linear_model"]["reference/fp32"], real["linear_model"]["reference+savings/fp32"]
     assert 0 < saved["per_sample_bytes"] < ref["per_sample_bytes"]
     assert real["ratios"]["reference+savings/fp32 per_sample / reference"] == round(
         saved["per_sample_bytes"] / ref["per_sample_bytes"], 4)
     assert "reference+savings/fp32 step_s / reference" in real["ratios"]
+    # bf16 autocast keeps 2-byte activations: fewer bytes per sample at each level, the ratio against fp32's reference.
+    for mode in ("reference", "reference+savings"):
+        assert 0 < real["linear_model"][f"{mode}/bf16"]["per_sample_bytes"] < real["linear_model"][f"{mode}/fp32"][
+            "per_sample_bytes"]
+    assert real["ratios"]["reference/bf16 per_sample / reference"] < 1
+    # The planner's rows (bench/memory_table.py), one per precision, whole bytes.
+    rows = fake["table_rows"]
+    assert set(rows) == {"fp32", "bf16"} and rows["fp32"]["key"] == rows["bf16"]["key"]
+    for precision, row in rows.items():
+        model = fake["linear_model"][f"reference/{precision}"]
+        assert row["off"] == [round(model["fixed_bytes"]), round(model["per_sample_bytes"])]
+        assert set(row) == {"key", "off", "generator_spade"}
     for run in real["runs"]:  # batch 1 -> 2 adds the batch itself to the persistent bytes, never removes any
         assert run["peak_bytes"] == run["persistent_bytes_at_peak"] + run["other_bytes_at_peak"]
         assert run["persistent_bytes_at_peak"] == run["persistent_bytes_at_start"]
@@ -54,3 +69,22 @@ def test_memory_bench_refuses_fake_accounting_of_the_speed_paths(capsys) -> None
     with pytest.raises(SystemExit) as exc:
         main(["--config", "configs/tiny.yaml", "--modes", "fast", "--accounting", "fake"])
     assert exc.value.code == 2 and "--accounting real" in capsys.readouterr().err
+
+
+def test_memory_table_script_writes_the_planners_module(tmp_path) -> None:
+    """bench/memory_table.py: the rows it measures land in a module that imports, other rows kept."""
+    import importlib.util
+
+    from bench.memory_table import main
+    from spade_dist import memory_table
+
+    out = tmp_path / "memory_table.py"
+    main(["--precision", "bf16", "--presets", "tiny", "--out", str(out)])
+    spec = importlib.util.spec_from_file_location("written_memory_table", out)
+    written = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(written)
+    assert written.MEASURED == memory_table.MEASURED  # fp32 not re-measured: kept as shipped
+    (key, row), = ((k, v) for k, v in written.MEASURED_BF16.items() if k[4] == 8)  # tiny: ngf 8
+    assert set(row) == {"off", "generator", "generator_spade"}
+    assert all(0 < per_sample < memory_table.MEASURED[key][setting][1] for setting, (_, per_sample) in row.items())
+    assert "bench/memory_table.py" in written.TABLE_SOURCE and "# tiny" in out.read_text()

@@ -10,6 +10,9 @@ about lr * sign(g), so a gradient that is zero up to rounding may flip sign and 
 by 2 lr the other way; the test allows that where the gradient is below 1e-3 of the network's
 largest and requires equality to 1e-6 everywhere else. A wrong graph (a lost spectral-norm update, D trained in the G step) breaks these bounds
 by orders of magnitude.
+
+With ``speed.activation_checkpointing`` the compiled step is compared in float64 instead (the
+checkpointed blocks run eagerly; everything else compiled): 1e-10 against the eager steps.
 """
 from __future__ import annotations
 
@@ -97,3 +100,56 @@ def test_compiled_step_equals_eager_and_checkpoint_format_is_unchanged():
     # And the step moved the weights (equality of two no-ops would prove nothing).
     moved = max((ref["generator"][k] - v).abs().max().item() for k, v in initial.items() if torch.is_floating_point(v))
     assert moved > 1e-5
+
+
+def _float64_iteration(compile_: bool, setting: str) -> dict:
+    """One float64 iteration (+ EMA) of the compile test's tiny GAN: losses, G / D / EMA state, and
+    how often one SPADE layer's norm ran (G step forward, its recomputations, the D step)."""
+    from spade_dist.train.step import LossSet, prepare_batch, train_step
+    from tests.test_train_step import float64_rank_state
+
+    cfg, backend, state = float64_rank_state(
+        "ddp", 0, "", 2 * B, "loss.no_vgg_loss=true", "model.num_D=1", "speed.onehot_gather=off",
+        "speed.region_modulation=off", f"speed.compile={str(compile_).lower()}", f"speed.activation_checkpointing={setting}")
+    calls = [0]
+    state.generator.up_1.norm_0.param_free_norm.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    if compile_:
+        state.compile(cfg.speed.compile_mode)
+        assert state.generator_side._compiled_call_impl is not None
+    batch = prepare_batch(global_batch(2 * B), cfg, backend.device, torch.float64)
+    result = train_step(backend, LossSet.from_config(cfg, None), [batch], 0, cfg)
+    state.ema.update(state.generator, 1)
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+    return {"losses": {k: v.item() for k, v in result.losses.items()}, "G": clone(state.generator.state_dict()),
+            "D": clone(state.discriminator.state_dict()), "EMA": clone(state.ema.model.state_dict()),
+            "norm_calls": calls[0]}
+
+
+def test_compiled_step_with_activation_checkpointing_equals_the_eager_steps():
+    """speed.compile with speed.activation_checkpointing=generator_spade, float64: the same iteration
+    (losses, every parameter and buffer of G and D after the update, EMA) as eager with and without
+    checkpointing, to 1e-10 (compiled vs eager float64 differ by ~1e-11: inductor reorders
+    reductions), integer buffers (BN's num_batches_tracked) equal. The checkpointed blocks run outside
+    the compiled graphs (models/fast/checkpointing.py), each recomputed in the backward. One compiled
+    run only (a second, compiled without checkpointing, would double the test's minutes); the test
+    above compares the compiled and the eager step without checkpointing (fp32)."""
+    from tests.test_activation_checkpointing import RECOMPUTED
+
+    on = _float64_iteration(True, "generator_spade")
+    references = {"eager, off": _float64_iteration(False, "off"),
+                  "eager, generator_spade": _float64_iteration(False, "generator_spade")}
+    # G step forward + 2 recomputations (the block, then the SPADE layer inside it) + the D step's no-grad G.
+    assert on["norm_calls"] == references["eager, generator_spade"]["norm_calls"] == 2 + RECOMPUTED["generator_spade"]
+    for name, off in references.items():
+        assert off["losses"].keys() == on["losses"].keys()
+        for loss, value in off["losses"].items():
+            assert abs(value - on["losses"][loss]) <= 1e-10, (name, loss)
+        for part in ("G", "D", "EMA"):
+            assert off[part].keys() == on[part].keys()
+            for key, value in off[part].items():
+                if not torch.is_floating_point(value):
+                    assert torch.equal(value, on[part][key]), (name, part, key)
+                else:
+                    diff = (value - on[part][key]).abs().max().item()
+                    assert diff <= 1e-10, f"{name}: {part}.{key} differs by {diff}"
+    assert any(k.endswith("running_mean") for k in on["G"])  # the BN statistics were compared

@@ -57,10 +57,11 @@ def test_gpu_check_json_structure_on_a_tiny_cpu_run(tmp_path):
     assert row["images_per_s"] > 0 and row["flops_per_image"] > 0 and row["peak_memory_bytes"] > 0
     assert row["mfu"] is None  # no datasheet peak for a CPU
     memory = result["memory"]
-    assert [(r["mode"], r["batch"]) for r in memory["runs"]] == [
-        (mode, b) for mode in ("reference", "fast", "fast+savings") for b in (2, 4)]
+    assert [(r["mode"], r["precision"], r["batch"]) for r in memory["runs"]] == [
+        (mode, precision, b) for mode in ("reference", "fast", "fast+savings") for precision in ("fp32", "bf16")
+        for b in (2, 4)]
     assert all(r["peak_bytes"] > 0 and r["cuda_max_memory_allocated_bytes"] is None for r in memory["runs"])
-    assert "fast+savings/fp32 per_sample / reference" in memory["ratios"]
+    assert {"fast+savings/fp32 per_sample / reference", "fast+savings/bf16 per_sample / reference"} <= set(memory["ratios"])
     paths = result["speed_paths"]["variants"]
     assert set(paths) == {"off", "on", "auto"} and paths["off"]["ratio"] == 1.0
     assert paths["auto"]["speed_paths"]["source"] == "measured" and paths["on"]["speed_paths"]["summary"].endswith("x region")

@@ -4,7 +4,7 @@
     spade-config --config X --get train.backend eval.mode               # "ddp none" (one line)
     spade-config --preset coco_stuff --get data.label_nc                 # a shipped preset by name
     spade-config --config tiny                                          # the same, when no file ./tiny exists
-    spade-config --preset coco_stuff_512 --plan --gpu-memory 40 --gpus 8 # batch / accumulation / savings that fit
+    spade-config --preset coco_stuff_512 --plan --gpu-memory 40 --gpus 8 # batch / accumulation / savings / precision
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(parser, "the config to print", required=True)
     parser.add_argument("--get", nargs="+", metavar="KEY", help="print only these dotted keys, space separated")
     parser.add_argument("--plan", action="store_true",
-                        help="print the per-GPU batch, accumulation and activation checkpointing that fit "
+                        help="print the per-GPU batch, accumulation, activation checkpointing and precision that fit "
                              "(docs/PERFORMANCE.md, memory) and whether the configured batch fits")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="--plan: memory of one GPU in GiB")
     parser.add_argument("--gpus", type=int, default=8, help="--plan: number of GPUs (default 8)")

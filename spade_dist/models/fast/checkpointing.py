@@ -23,8 +23,20 @@ intermediates at a time instead of all of them. The block (a plain network, laid
 official code) calls its layers itself, so for the duration of the block's forward each layer's
 ``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
 
+Under ``torch.compile`` (``speed.compile``) :func:`run_checkpointed` is excluded from compilation
+(``torch.compiler.disable``): dynamo breaks the generator's graph at each checkpointed block, runs
+the block and its recomputation eagerly as above, and compiles the rest of the generator (and the
+discriminator). Tracing the checkpoint instead (dynamo's ``tag_activation_checkpoint`` region,
+functionalized, whose recomputation would be pure) does not happen with these blocks: the
+spectral-norm power iteration (``F.normalize(..., out=u)``) breaks dynamo's graph inside the region,
+and dynamo then runs ``torch.utils.checkpoint`` eagerly around separately compiled frames, without
+this module's recomputation context: BN statistics updated twice, and with ``spade_layers`` a
+compiled first forward whose saved tensors the eager recomputation does not match (checkpoint's
+metadata check fails). The eager region is exact by the same argument as without compile.
+
 Tests: ``tests/test_activation_checkpointing.py`` (float64, 1 process and 2 gloo ranks, DDP and
-DeepSpeed).
+DeepSpeed); with ``speed.compile``: ``tests/test_compile.py`` (float64, against the compiled and
+the eager step without checkpointing).
 """
 from __future__ import annotations
 
@@ -97,6 +109,7 @@ class _Call:
         return self.module.modules()
 
 
+@torch.compiler.disable  # eager under speed.compile: the recomputation context is eager-only (module docstring)
 def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False) -> Tensor:
     """``block(x, *args)`` with its activations recomputed in the backward (module docstring);
     ``spade_layers``: each SPADE layer inside the block checkpointed as well (nested)."""
