@@ -45,7 +45,7 @@ def architecture_key(cfg: Config) -> tuple:
             m.n_layers_D, m.num_D, m.use_vae, m.netG, cfg.loss.no_vgg_loss)
 
 
-SETTINGS = ("off", "generator", "generator_spade")  # speed.activation_checkpointing, least memory saved first
+SETTINGS = ("off", "generator", "generator_spade", "all")  # speed.activation_checkpointing, least memory saved first
 
 
 def memory_models(cfg: Config) -> dict[str, MemoryModel]:

@@ -7,6 +7,7 @@ accounting: exact bytes, no device), fitted from batch 1 and 2 (tiny: 2 and 4, i
 
     python bench/memory.py --config configs/PRESET.yaml --batch 1 2 --modes reference reference+savings --accounting fake --savings generator
     python bench/memory.py --config configs/PRESET.yaml --batch 1 2 --modes reference+savings --accounting fake --savings generator_spade
+    python bench/memory.py --config configs/PRESET.yaml --batch 1 2 --modes reference+savings --accounting fake --savings all
 
 Key: (crop_size, aspect_ratio, num_upsampling_layers, semantic_nc, ngf, ndf, n_layers_D, num_D,
 use_vae, netG, no_vgg_loss), as ``memory_plan.architecture_key``.
