@@ -32,6 +32,16 @@ def test_plan_prefers_the_largest_micro_batch_then_savings_off(measured_tiny):
     assert plan(cfg, 10, 8).activation_checkpointing == "generator"
 
 
+def test_plan_takes_all_when_less_checkpointing_does_not_fit(measured_tiny, monkeypatch):
+    key = architecture_key(measured_tiny)
+    monkeypatch.setitem(memory_plan.MEASURED, key, {**memory_plan.MEASURED[key], "all": (1 * GIB, GIB // 2)})
+    # Batch 4: off 9 GiB, generator 5 GiB, all 3 GiB.
+    assert plan(measured_tiny, 4, 8, margin=0) == memory_plan.Plan(4, 1, "all", 3 * GIB, 4 * GIB)
+    assert plan(measured_tiny, 5, 8, margin=0).activation_checkpointing == "generator"
+    text, _ = memory_plan.describe(measured_tiny, 4, 8, margin=0)
+    assert "activation_checkpointing=all: 1.00 GiB + 0.50 GiB per sample" in text
+
+
 def test_describe_says_whether_the_configured_batch_fits(measured_tiny):
     text, fits = memory_plan.describe(kit.tiny_config("data.batch_size=4"), 9, 8, margin=0)
     assert fits and "plan: data.batch_size=4 train.grad_accum=1 speed.activation_checkpointing=off" in text
