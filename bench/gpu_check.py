@@ -10,7 +10,7 @@ Sections, in this order (each checks the remaining time budget first and is reco
   FLOPs counted with ``FlopCounterMode``, model FLOPs utilisation = counted FLOPs per second /
   the device's dense bf16 peak (``PEAK_BF16_FLOPS``), peak memory (``max_memory_allocated``);
 - ``memory``: ``bench/memory.py`` with real accounting on the device, per-GPU batch 1 and 2
-  (``--memory-batches``), reference / fast / fast + savings in fp32 and bf16: the tracked peak (the
+  (``--memory-batches``), reference / fast / fast + savings (``all``) in fp32 and bf16: the tracked peak (the
   prediction: device-independent in fp32; in bf16 the CUDA autocast's bytes, against the planner's
   CPU-autocast bf16 rows) next to ``torch.cuda.max_memory_allocated`` of the same iteration;
 - ``speed_paths``: off (dense) vs on (gather + region) vs auto (measured per layer), batch 4 bf16;
@@ -137,8 +137,8 @@ def memory_table(config: str, common: list[str], batches: list[int]) -> dict[str
     from bench.memory import main as memory_main
 
     result = memory_main(["--config", config, "--batch", *map(str, batches), "--modes", "reference", "fast",
-                          "fast+savings", "--precision", "fp32", "bf16", "--accounting", "real", "--time-iters", "1",
-                          "--", *common])
+                          "fast+savings", "--savings", "all", "--precision", "fp32", "bf16", "--accounting", "real",
+                          "--time-iters", "1", "--", *common])
     keep = ("mode", "precision", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s")
     return {"runs": [{k: r[k] for k in keep} for r in result["runs"]], "linear_model": result["linear_model"],
             "ratios": result["ratios"]}

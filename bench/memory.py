@@ -14,7 +14,7 @@ Modes (``--modes``):
 
 - ``reference``: the official computation (``bench/train_step.py``'s ``REFERENCE_OVERRIDES``);
 - ``reference+savings``: ``reference`` with ``speed.activation_checkpointing`` = ``--savings``
-  (``generator_spade`` by default, or ``generator``);
+  (``generator_spade`` by default, ``generator`` or ``all``);
 - ``fast``: the config as given (the project's speed paths, ``speed.activation_checkpointing`` as
   the config says, default off);
 - ``fast+savings``: ``fast`` with the same savings.
@@ -59,7 +59,9 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -80,7 +82,7 @@ from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
 from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
 
 MODES = {"reference": REFERENCE_OVERRIDES, "reference+savings": REFERENCE_OVERRIDES, "fast": [], "fast+savings": []}
-SAVINGS = ("generator", "generator_spade")  # speed.activation_checkpointing of the +savings modes (--savings)
+SAVINGS = ("generator", "generator_spade", "all")  # speed.activation_checkpointing of the +savings modes (--savings)
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 
 
@@ -102,21 +104,40 @@ _STATS_IN_FP32 = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._nati
                   torch.ops.aten._native_batch_norm_legit_functional.default}
 
 
+def _code_site(op: str) -> str:
+    """Where the running code is: the innermost two frames of the project's code (bench excluded)
+    and the operator, e.g. ``spade_dist/losses.py:234 forward < spade_dist/losses.py:254 forward: aten.relu_``."""
+    frames = [f for f in reversed(traceback.extract_stack()) if f.filename.startswith(str(REPO_ROOT))
+              and not any(part in f.filename for part in ("/bench/", "/site-packages/"))][:2]
+    where = " < ".join(f"{Path(f.filename).relative_to(REPO_ROOT)}:{f.lineno} {f.name}" for f in frames)
+    return f"{where or '(torch)'}: {op}"
+
+
 class LiveBytes(TorchDispatchMode):
     """The bytes of every storage alive, followed from the operator that made it until it is freed;
-    the peak of their sum and, at that peak, the share of storages marked persistent."""
+    the peak of their sum and, at that peak, the share of storages marked persistent.
 
-    def __init__(self) -> None:
+    ``sites``: also note where each non-persistent storage was made (:func:`_code_site`); at the
+    peak, :attr:`peak_sites` sums the live bytes by that site and :attr:`peak_op` is the operator
+    (and code) that reached it: where the peak is and what it is made of."""
+
+    def __init__(self, sites: bool = False) -> None:
         super().__init__()
         self._live: dict[int, tuple[int, bool, weakref.ref]] = {}  # storage address -> bytes, persistent, ref
+        self._sites: Optional[dict[int, str]] = {} if sites else None
         self.total = 0
         self.persistent = 0
         self.peak = 0
         self.peak_persistent = 0
+        self.peak_sites: Counter[str] = Counter()
+        self.peak_op = ""
 
-    def track(self, tensors: Iterable[torch.Tensor], persistent: bool, as_fp32: Iterable[torch.Tensor] = ()) -> None:
-        """Follow ``tensors``' storages (``as_fp32``: those of them a device kernel makes fp32)."""
+    def track(self, tensors: Iterable[torch.Tensor], persistent: bool, as_fp32: Iterable[torch.Tensor] = (),
+              op: str = "") -> None:
+        """Follow ``tensors``' storages (``as_fp32``: those of them a device kernel makes fp32; ``op``: the
+        operator that returned them, for --peak-sites)."""
         widened = {id(t) for t in as_fp32 if t.dtype in (torch.bfloat16, torch.float16)}
+        site = None
         for t in tensors:
             for storage in _storages(t):
                 key = storage._cdata
@@ -127,11 +148,22 @@ class LiveBytes(TorchDispatchMode):
                 self._live[key] = (nbytes, persistent, ref)
                 self.total += nbytes
                 self.persistent += nbytes if persistent else 0
+                if self._sites is not None and not persistent:
+                    site = site or _code_site(op)
+                    self._sites[key] = site
         if self.total > self.peak:
             self.peak, self.peak_persistent = self.total, self.persistent
+            if self._sites is not None and site is not None:
+                self.peak_op = site
+                self.peak_sites = Counter()
+                for key, (nbytes, _persistent, _ref) in self._live.items():
+                    if key in self._sites:
+                        self.peak_sites[self._sites[key]] += nbytes
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
+        if self._sites is not None:
+            self._sites.pop(key, None)
         if entry is not None:
             self.total -= entry[0]
             self.persistent -= entry[0] if entry[1] else 0
@@ -139,7 +171,8 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         out = func(*args, **(kwargs or {}))
         stats = out[1:3] if func in _STATS_IN_FP32 else ()
-        self.track((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), persistent=False, as_fp32=stats)
+        self.track((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), persistent=False, as_fp32=stats,
+                   op=str(func))
         return out
 
 
@@ -176,8 +209,9 @@ def _make_fake(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimiz
 
 
 def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[str], fake: bool,
-            time_iters: int) -> dict[str, Any]:
-    """One mode at one batch size: the tracked iteration's peak and split (and step time when real)."""
+            time_iters: int, peak_sites: int = 0) -> dict[str, Any]:
+    """One mode at one batch size: the tracked iteration's peak and split (and step time when real);
+    ``peak_sites`` > 0: that many of the largest sites of the bytes live at the peak (:class:`LiveBytes`)."""
     cfg = load_config(config, [f"data.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     backend = DDPBackend.setup(cfg)
@@ -197,7 +231,7 @@ def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[st
         micro = [MicroBatch(mode.from_tensor(micro[0].semantics), mode.from_tensor(micro[0].real))]
     with mode:
         train_step(backend, losses, micro, 0, cfg)  # Adam's state, as in every later step
-        tracker = LiveBytes()
+        tracker = LiveBytes(sites=peak_sites > 0)
         tracker.track(_state_tensors(state, vgg) + [micro[0].semantics, micro[0].real], persistent=True)
         start_bytes = tracker.total
         cuda = backend.device.type == "cuda"
@@ -214,10 +248,11 @@ def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[st
             t0 = time.perf_counter()
             train_step(backend, losses, micro, step, cfg)
             seconds.append(time.perf_counter() - t0)
+    sites = {"peak_op": tracker.peak_op, "peak_sites": tracker.peak_sites.most_common(peak_sites)} if peak_sites else {}
     return {"batch": batch, "peak_bytes": tracker.peak, "persistent_bytes_at_peak": tracker.peak_persistent,
             "other_bytes_at_peak": tracker.peak - tracker.peak_persistent, "persistent_bytes_at_start": start_bytes,
             "step_s": min(seconds) if seconds else None, "cuda_max_memory_allocated_bytes": device_peak,
-            "cuda_over_tracked": round(device_peak / tracker.peak, 4) if device_peak else None}
+            "cuda_over_tracked": round(device_peak / tracker.peak, 4) if device_peak else None, **sites}
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, float]:
@@ -239,6 +274,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--savings", choices=SAVINGS, default="generator_spade",
                    help="speed.activation_checkpointing of the +savings modes")
     p.add_argument("--time-iters", type=int, default=2, help="untracked iterations timed per run (real accounting)")
+    p.add_argument("--peak-sites", type=int, default=0, metavar="N",
+                   help="per run, the N largest sites (code and operator) of the bytes live at the peak")
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
     args = p.parse_args(argv)
@@ -261,7 +298,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     savings = [f"speed.activation_checkpointing={args.savings}"] if mode.endswith("+savings") else []
                     overrides = [*args.overrides, *MODES[mode], *savings, f"train.mixed_precision={PRECISIONS[precision]}"]
                     run = {"mode": mode, "precision": precision, "accounting": args.accounting,
-                           **measure(args.config, overrides, batch, vgg_path, args.accounting == "fake", args.time_iters)}
+                           **measure(args.config, overrides, batch, vgg_path, args.accounting == "fake", args.time_iters,
+                                    args.peak_sites)}
                     runs.append(run)
                     print(json.dumps({"run": run}), flush=True)
     models = {}

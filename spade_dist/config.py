@@ -157,10 +157,11 @@ class SpeedConfig:
     # Memory for compute: generator = each SPADE residual block of G keeps only its input and is
     # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
     # iteration; models/fast/checkpointing.py); generator_spade = also each SPADE layer inside a
-    # recomputed block (a third forward of the SPADE layers, less memory). off = autograd keeps
-    # every activation. With compile the checkpointed blocks run eagerly between compiled graphs
-    # (the exact recomputation is eager; docs/TRAINING.md, speed.compile).
-    activation_checkpointing: Literal["off", "generator", "generator_spade"] = "off"
+    # recomputed block (a third forward of the SPADE layers, less memory); all = generator_spade
+    # and, in the G step, VGG19's slices and D on the fake recomputed too (train/step.py). off =
+    # autograd keeps every activation. With compile the checkpointed parts run eagerly between
+    # compiled graphs (the exact recomputation is eager; docs/TRAINING.md, speed.compile).
+    activation_checkpointing: Literal["off", "generator", "generator_spade", "all"] = "off"
 
     @property
     def spade_paths(self) -> tuple[str, ...]:

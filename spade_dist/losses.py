@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spade_dist.config import GAN_MODES
+from spade_dist.models.fast.checkpointing import run_checkpointed
 from spade_dist.weights_file import load_weights
 
 if TYPE_CHECKING:
@@ -229,10 +230,12 @@ class VGG19(nn.Module):
         model.load_torchvision_state_dict(state, str(resolved))
         return model
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> list[torch.Tensor]:
+        """``checkpointed`` (with gradients on): each slice recomputed in the backward, so autograd
+        keeps the slices' inputs and outputs (the loss keeps the outputs anyway), not their insides."""
         outputs = []
         for block in self.slices:
-            x = block(x)
+            x = run_checkpointed(block, x) if checkpointed and torch.is_grad_enabled() else block(x)
             outputs.append(x)
         return outputs
 
@@ -250,8 +253,9 @@ class VGGLoss(nn.Module):
     def from_file(cls, path: Optional[Union[str, Path]] = None) -> "VGGLoss":
         return cls(VGG19.from_file(path))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_features = self.vgg(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """``checkpointed``: ``x``'s VGG slices recomputed in the backward (:meth:`VGG19.forward`)."""
+        x_features = self.vgg(x, checkpointed)
         with torch.no_grad():
             y_features = self.vgg(y)
         total = None

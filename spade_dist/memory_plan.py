@@ -49,7 +49,7 @@ def architecture_key(cfg: Config) -> tuple:
             m.n_layers_D, m.num_D, m.use_vae, m.netG, cfg.loss.no_vgg_loss)
 
 
-SETTINGS = ("off", "generator", "generator_spade")  # speed.activation_checkpointing, least memory saved first
+SETTINGS = ("off", "generator", "generator_spade", "all")  # speed.activation_checkpointing, least memory saved first
 # train.mixed_precision -> the table that measured it. fp16 autocast casts to a 2-byte type by the
 # same op lists as bf16 (its GradScaler adds a few scalars): planned from the bf16 rows.
 TABLE_OF = {"no": "fp32", "bf16": "bf16", "fp16": "bf16"}

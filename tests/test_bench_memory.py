@@ -26,6 +26,23 @@ def test_live_bytes_follows_storages_until_they_are_freed() -> None:
     assert tracker.total == 0
 
 
+def test_live_bytes_names_where_the_bytes_at_the_peak_were_made() -> None:
+    from bench.memory import LiveBytes
+
+    tracker = LiveBytes(sites=True)
+    with tracker:
+        a = torch.ones(1000)  # 4000 bytes
+        b = torch.ones(250)  # 1000 bytes: the peak, made here
+        del a
+        c = torch.zeros(100)  # below the peak: not in it
+    assert tracker.peak == 5000 and sum(tracker.peak_sites.values()) == 5000
+    assert [nbytes for _, nbytes in tracker.peak_sites.most_common()] == [4000, 1000]
+    assert all(site.startswith("tests/test_bench_memory.py:") and site.endswith("aten.ones.default")
+               for site in tracker.peak_sites)
+    assert tracker.peak_op == tracker.peak_sites.most_common()[1][0]
+    del b, c
+
+
 def test_memory_bench_fake_accounting_equals_real_and_savings_lower_the_per_sample_memory(capsys) -> None:
     """fp32 and the step's bf16 autocast (CPU autocast here), run by run the same bytes with both accountings."""
     from bench.memory import main

@@ -64,6 +64,16 @@ def test_plan_keeps_the_configured_precision_and_says_when_bf16_is_needed(measur
     assert "fp16: planned from the bf16 rows" in text and "train.mixed_precision=fp16" in text
 
 
+def test_plan_takes_all_when_less_checkpointing_does_not_fit(measured_tiny, monkeypatch):
+    key = architecture_key(measured_tiny)
+    monkeypatch.setitem(memory_plan.MEASURED, key, {**memory_plan.MEASURED[key], "all": (1 * GIB, GIB // 2)})
+    # Batch 4: off 9 GiB, generator 5 GiB, all 3 GiB.
+    assert plan(measured_tiny, 4, 8, margin=0) == memory_plan.Plan(4, 1, "all", "no", 3 * GIB, 4 * GIB)
+    assert plan(measured_tiny, 5, 8, margin=0).activation_checkpointing == "generator"
+    text, _ = memory_plan.describe(measured_tiny, 4, 8, margin=0)
+    assert "activation_checkpointing=all: 1.00 GiB + 0.50 GiB per sample" in text
+
+
 def test_describe_says_whether_the_configured_batch_fits(measured_tiny):
     text, fits = memory_plan.describe(kit.tiny_config("data.batch_size=4"), 9, 8, margin=0)
     assert fits and "plan: data.batch_size=4 train.grad_accum=1 speed.activation_checkpointing=off" in text

@@ -9,8 +9,8 @@ How the SPADE layers compute their modulation is the generator's :class:`Modulat
 (``models/fast/seam.py``; None = the official layers): a speed setting, not part of the
 architecture (not in ``build_kwargs``, not in the state dict); so is ``activation_checkpointing``
 (``speed.activation_checkpointing``: ``generator`` recomputes each residual block in the backward
-instead of keeping its activations, ``generator_spade`` also each SPADE layer inside a recomputed
-block; the same results, ``models/fast/checkpointing.py``).
+instead of keeping its activations, ``generator_spade`` and ``all`` also each SPADE layer inside a
+recomputed block; the same results, ``models/fast/checkpointing.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from spade_dist.config import Config
 
 UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
-ACTIVATION_CHECKPOINTING = ("off", "generator", "generator_spade")  # speed.activation_checkpointing
+ACTIVATION_CHECKPOINTING = ("off", "generator", "generator_spade", "all")  # speed.activation_checkpointing
 
 
 def latent_size(crop_size: int, aspect_ratio: float, num_upsampling_layers: str) -> tuple[int, int]:
@@ -162,7 +162,7 @@ class SPADEGenerator(nn.Module):
         # Recompute each block in the backward instead of keeping its activations (only where a
         # backward will come: the D step's and the EMA copy's no-grad forwards run plainly).
         checkpointed = self.activation_checkpointing != "off" and torch.is_grad_enabled()
-        spade_layers = self.activation_checkpointing == "generator_spade"
+        spade_layers = self.activation_checkpointing in ("generator_spade", "all")  # all: + the losses' nets (train/step.py)
 
         def block(module: SPADEResnetBlock, x: Tensor) -> Tensor:
             return run_checkpointed(module, x, seg, spade_layers=spade_layers) if checkpointed else module(x, seg)

@@ -19,6 +19,9 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
   the same normalized weights as in the joint pass. Without feature matching the real images are
   not judged at all. A D with batch statistics always takes the joint pass, and so does a compiled
   one (``SpeedConfig.separate_real_pass``).
+- ``speed.activation_checkpointing: all`` (``LossSet.checkpointed``): the G step's graph-carrying
+  loss networks (VGG19 on the fake, D on the fake or on cat(fake, real)) are recomputed in the
+  backward instead of keeping their activations, exactly (``models/fast/checkpointing.py``).
 - Every loss is a mean over the per-rank batch, so DDP's gradient average over ranks equals the
   gradient of the global-batch mean (the distributed-step test checks this to 1e-8). KLD is the
   official per-batch sum (as with the official DataParallel, its scale is per-rank).
@@ -28,6 +31,7 @@ the (just updated) generator - exactly as ``Pix2PixModel.compute_discriminator_l
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
@@ -37,6 +41,7 @@ from torch import nn
 from spade_dist.config import Config
 from spade_dist.labels import encode_semantics
 from spade_dist.losses import GANLoss, VGGLoss, feature_matching_loss, kld_loss
+from spade_dist.models.fast.checkpointing import run_discriminator_checkpointed
 from spade_dist.train.backends import TrainBackend, frozen
 
 
@@ -50,6 +55,8 @@ class LossSet:
     lambda_vgg: float
     lambda_kld: float
     feature_matching: bool
+    # speed.activation_checkpointing=all: the G step's VGG slices and D recomputed in the backward.
+    checkpointed: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, vgg: Optional[VGGLoss]) -> "LossSet":
@@ -62,6 +69,7 @@ class LossSet:
             lambda_vgg=cfg.loss.lambda_vgg,
             lambda_kld=cfg.loss.lambda_kld,
             feature_matching=not cfg.loss.no_ganFeat_loss,
+            checkpointed=cfg.speed.activation_checkpointing == "all",
         )
 
 
@@ -148,10 +156,15 @@ def _graph_free_eval(module: nn.Module):
             m.training = training
 
 
+def _judge(d: nn.Module, checkpointed: bool) -> Callable[..., Any]:
+    """D as the G step calls it for a graph; ``checkpointed``: recomputed in the backward."""
+    return functools.partial(run_discriminator_checkpointed, d) if checkpointed else d
+
+
 def _discriminate_separately(d: nn.Module, semantics: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
-                             need_real: bool):
+                             need_real: bool, checkpointed: bool = False):
     # The G step's D pass without the real half's graph (speed.g_step_real_pass = separate).
-    pred_fake = d(semantics, fake)
+    pred_fake = _judge(d, checkpointed)(semantics, fake)
     if not need_real:
         return pred_fake, None
     with _graph_free_eval(d):  # the fake pass ran the power iteration; this one reuses its u, v
@@ -176,9 +189,10 @@ def generator_losses(backend: TrainBackend, losses: LossSet, mb: MicroBatch,
     fake, mu, logvar = backend.generator(mb.semantics, mb.real if mu_needed(backend) else None)
     if separate_real_pass:
         pred_fake, pred_real = _discriminate_separately(backend.discriminator_module, mb.semantics, fake, mb.real,
-                                                        need_real=losses.feature_matching)
+                                                        need_real=losses.feature_matching, checkpointed=losses.checkpointed)
     else:
-        pred_fake, pred_real = _discriminate(backend.discriminator_module, mb.semantics, fake, mb.real)
+        pred_fake, pred_real = _discriminate(_judge(backend.discriminator_module, losses.checkpointed), mb.semantics,
+                                             fake, mb.real)
     terms: dict[str, torch.Tensor] = {}
     if mu is not None:
         terms["KLD"] = kld_loss(mu.float(), logvar.float()) * losses.lambda_kld
@@ -187,7 +201,7 @@ def generator_losses(backend: TrainBackend, losses: LossSet, mb: MicroBatch,
         assert pred_real is not None
         terms["GAN_Feat"] = feature_matching_loss(pred_fake, pred_real, losses.lambda_feat)
     if losses.vgg is not None:
-        terms["VGG"] = losses.vgg(fake, mb.real) * losses.lambda_vgg
+        terms["VGG"] = losses.vgg(fake, mb.real, losses.checkpointed) * losses.lambda_vgg
     return terms
 
 

@@ -23,6 +23,11 @@ intermediates at a time instead of all of them. The block (a plain network, laid
 official code) calls its layers itself, so for the duration of the block's forward each layer's
 ``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
 
+With ``all`` the G step's loss networks are checkpointed too (``train/step.py``): each VGG19 slice
+(``run_checkpointed``; no norm, nothing random) and the discriminator on the fake images
+(:func:`run_discriminator_checkpointed`: its spectral-normed convolutions and any BN handled as
+above, its stages nested like the SPADE layers).
+
 Under ``torch.compile`` (``speed.compile``) :func:`run_checkpointed` is excluded from compilation
 (``torch.compiler.disable``): dynamo breaks the generator's graph at each checkpointed block, runs
 the block and its recomputation eagerly as above, and compiles the rest of the generator (and the
@@ -33,6 +38,8 @@ and dynamo then runs ``torch.utils.checkpoint`` eagerly around separately compil
 this module's recomputation context: BN statistics updated twice, and with ``spade_layers`` a
 compiled first forward whose saved tensors the eager recomputation does not match (checkpoint's
 metadata check fails). The eager region is exact by the same argument as without compile.
+With ``all`` the G step's VGG19 slices and its discriminator on the fake take the same eager path
+(they go through :func:`run_checkpointed`), so compile then speeds up only what lies outside them.
 
 Tests: ``tests/test_activation_checkpointing.py`` (float64, 1 process and 2 gloo ranks, DDP and
 DeepSpeed); with ``speed.compile``: ``tests/test_compile.py`` (float64, against the compiled and
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,11 +86,11 @@ def _spade_layers(block: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _spade_layers_checkpointed(block: nn.Module) -> Iterator[None]:
-    """For the duration, each SPADE layer of ``block`` runs through :func:`run_checkpointed` itself:
-    the block then keeps each layer's input and output, not its intermediates, and when the block
-    is recomputed in the backward, each of its SPADE layers is recomputed once more, one at a time."""
-    layers = _spade_layers(block)
+def _layers_checkpointed(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """For the duration, each of ``layers`` (modules inside a checkpointed block, called through their
+    ``forward``) runs through :func:`run_checkpointed` itself: the block then keeps each layer's
+    input and output, not its intermediates, and when the block is recomputed in the backward, each
+    of those layers is recomputed once more, one at a time."""
     for layer in layers:
         plain = type(layer).forward.__get__(layer)
         layer.forward = functools.partial(run_checkpointed, _Call(layer, plain))
@@ -110,16 +117,19 @@ class _Call:
 
 
 @torch.compiler.disable  # eager under speed.compile: the recomputation context is eager-only (module docstring)
-def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False) -> Tensor:
+def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_layers: bool = False,
+                     inner: Sequence[nn.Module] = ()) -> Any:
     """``block(x, *args)`` with its activations recomputed in the backward (module docstring);
-    ``spade_layers``: each SPADE layer inside the block checkpointed as well (nested)."""
+    ``spade_layers``: each SPADE layer inside the block checkpointed as well (nested); ``inner``:
+    these modules inside the block as well (the discriminator's stages, :func:`run_discriminator_checkpointed`)."""
     first_call = True
+    nested = [*(_spade_layers(block) if spade_layers else ()), *inner]
 
-    def forward(inp: Tensor) -> Tensor:
+    def forward(inp: Tensor) -> Any:
         nonlocal first_call
-        # The SPADE layers are checkpointed in the first forward too: the recomputation must save
+        # The inner layers are checkpointed in the first forward too: the recomputation must save
         # the same tensors as the forward it replays (torch.utils.checkpoint checks their number).
-        layers = _spade_layers_checkpointed(block) if spade_layers else contextlib.nullcontext()
+        layers = _layers_checkpointed(nested) if nested else contextlib.nullcontext()
         if first_call:
             first_call = False
             with layers:
@@ -128,3 +138,15 @@ def run_checkpointed(block: nn.Module | _Call, x: Tensor, *args: object, spade_l
             return block(inp, *args)
 
     return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=True)
+
+
+def run_discriminator_checkpointed(discriminator: nn.Module, semantics: Tensor, image: Tensor) -> Any:
+    """``discriminator(semantics, image)`` with its activations recomputed in the backward: autograd
+    keeps ``image`` (and the label map, alive anyway) instead of D's input (the label channels
+    joined to the image at full resolution and at every scale) and its intermediates. Each stage of
+    each scale (``model0``, ``model1``, ...) is checkpointed inside it as well, so the recomputation
+    holds one stage's intermediates at a time next to the stages' outputs (which feature matching
+    keeps anyway). The spectral-normed convolutions run their power iteration in the first forward
+    only (:func:`_recomputing`)."""
+    stages = [stage for scale in discriminator.children() for stage in scale.children()]
+    return run_checkpointed(_Call(discriminator, lambda img: discriminator(semantics, img)), image, inner=stages)

@@ -228,7 +228,11 @@ class _RegionGammaBeta(torch.autograd.Function):
             torch.gather(code_gb_t, 1, layout.code[pixels].expand(c2, -1), out=out[i])
         if layout.boundary.numel():
             products = source @ gb_weight.permute(1, 2, 3, 0).reshape(hidden, k * k * c2)  # T: rows x (o, 2C)
-            boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum") + gb_bias
+            boundary_gb = F.embedding_bag(layout.table_index, products.view(-1, c2), mode="sum")
+            # In place and T freed before the copies below: at full resolution these boundary x 2C
+            # tensors can set the training iteration's peak (docs/PERFORMANCE.md section 7); same values.
+            boundary_gb += gb_bias
+            del products
             boundary_gb[:, :plus_one] += 1.0
             for i, (_, rows, positions) in enumerate(layout.per_image):
                 out[i].index_copy_(1, positions, boundary_gb[rows].t().contiguous())  # a strided source is slower

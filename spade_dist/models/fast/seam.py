@@ -8,7 +8,7 @@
   it where the official code passes the label map, and a SPADE layer given one calls
   ``labels.modulate(self, normalized)`` instead of its own convolutions. Nothing else is set on the
   layers, so a block can be run (or recomputed) on its own with the same ``LabelMaps``;
-- a generator built with ``activation_checkpointing`` (``generator`` / ``generator_spade``) runs
+- a generator built with ``activation_checkpointing`` (``generator`` / ``generator_spade`` / ``all``) runs
   each residual block through :func:`run_checkpointed` (``checkpointing.py``) while gradients are
   on: the block (and its SPADE layers) recomputed in the backward, exactly (no second
   BN-statistics update or power iteration);
