@@ -92,6 +92,7 @@ def test_memory_table_script_writes_the_planners_module(tmp_path) -> None:
     """bench/memory_table.py: the rows it measures land in a module that imports, other rows kept."""
     import importlib.util
 
+    from bench.memory import SAVINGS
     from bench.memory_table import main
     from spade_dist import memory_table
 
@@ -102,6 +103,6 @@ def test_memory_table_script_writes_the_planners_module(tmp_path) -> None:
     spec.loader.exec_module(written)
     assert written.MEASURED == memory_table.MEASURED  # fp32 not re-measured: kept as shipped
     (key, row), = ((k, v) for k, v in written.MEASURED_BF16.items() if k[4] == 8)  # tiny: ngf 8
-    assert set(row) == {"off", "generator", "generator_spade"}
+    assert set(row) == {"off", *SAVINGS}
     assert all(0 < per_sample < memory_table.MEASURED[key][setting][1] for setting, (_, per_sample) in row.items())
     assert "bench/memory_table.py" in written.TABLE_SOURCE and "# tiny" in out.read_text()
