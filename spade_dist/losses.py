@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spade_dist.config import GAN_MODES
-from spade_dist.models.fast.checkpointing import run_checkpointed
+from spade_dist.models.fast.seam import run_checkpointed
 from spade_dist.weights_file import load_weights
 
 if TYPE_CHECKING:

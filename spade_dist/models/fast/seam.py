@@ -1,6 +1,6 @@
 """The one seam between the plain GauGAN networks and their speed paths.
 
-``models/{generator,blocks,spade,discriminator}.py`` import this module and nothing else of
+``models/{generator,blocks,spade,discriminator}.py`` and ``losses.py`` import this module and nothing else of
 ``models/fast``. What crosses it:
 
 - a generator holds a :class:`ModulationPlan` (None: the official layer, as the NVlabs code runs)
