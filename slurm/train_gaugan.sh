@@ -38,7 +38,7 @@
 #       ...), as every spade-dist command
 #   other: training failed with that code (1 when the launcher exited 0 without DONE or REQUEUE)
 # The requeue decision reads the REQUEUE marker (spade-run verdict), not the exit code: launchers
-# translate exit codes (torchrun reports 1 for a worker's 75). See docs/SLURM.md.
+# translate exit codes (DeepSpeed's launcher reports 1 for a worker's 75; srun one node's). See docs/SLURM.md.
 #
 #SBATCH --job-name=gaugan
 #SBATCH --nodes=2
@@ -186,7 +186,10 @@ else
     sleep 0.2
   done
   rm -f "$STORE_READY"
-  LAUNCH='torchrun --nnodes='"$NNODES"' --nproc-per-node='"$NPROC_PER_NODE"' --rdzv-backend=c10d \
+  # torchrun's agent through spade_dist/launcher.py: a scancel / requeue SIGTERM is forwarded to the
+  # workers (checkpoint, REQUEUE) and the agent ends in one line with the workers' exit code, not in
+  # torch's SignalException traceback.
+  LAUNCH='python -m spade_dist.launcher --nnodes='"$NNODES"' --nproc-per-node='"$NPROC_PER_NODE"' --rdzv-backend=c10d \
     --rdzv-endpoint='"$HEAD_ADDR:$MASTER_PORT"' --rdzv-id='"${SLURM_JOB_ID:-0}-$RESTART_COUNT"' \
     --rdzv-conf=is_host=false --local-addr="$(node_addr "$SLURMD_NODENAME")" -m spade_dist.cli.train'
 fi

@@ -214,3 +214,52 @@ def launch_outcome(cfg: Config, failed: Optional[tuple[int, int]], relay: StopRe
         return LaunchOutcome(verdict.exit_code, f"stopped by {cause}: {verdict.message}; run the same command "
                                                 "again (checkpoint.resume auto) to continue", False)
     return LaunchOutcome(verdict.exit_code, verdict.message if rank is None else f"rank {rank}: {verdict.message}", True)
+
+
+def node_agent(argv: Sequence[str]) -> int:
+    """``python -m spade_dist.launcher TORCHRUN_ARGS``: torchrun (the same arguments) for one node of a
+    multi-node job (``slurm/train_gaugan.sh``), with this module's signal handling and exit codes.
+
+    A scheduler stopping the job (``scancel``, ``scontrol requeue``, preemption) sends SIGTERM to
+    every process of the step: torchrun's agent would take it itself, forward it, and end in its own
+    ``SignalException`` traceback with exit 1. Here the agent keeps only SIGHUP / SIGQUIT; SIGINT and
+    SIGTERM go through :class:`StopRelay` (forwarded to the workers, which checkpoint and exit with the
+    requeue code; waited for however long the save takes), and the agent ends with one line and the
+    first failing worker's own exit code (128+N for a worker killed by signal N). The batch script
+    still decides on the run's markers (``spade-run verdict``)."""
+    import dataclasses
+    import socket
+
+    from torch.distributed.run import config_from_args, parse_args
+
+    args = parse_args(list(argv))
+    if args.master_port is None:  # as torchrun's own run(): only the static rendezvous reads it
+        args.master_port = 29500
+    config, entrypoint, entry_args = config_from_args(args)
+    config = dataclasses.replace(config, signals_to_handle=AGENT_SIGNALS)
+    relay = StopRelay()
+    prefix = f"spade-train node agent on {socket.gethostname()}"
+    with relay.installed():
+        try:
+            elastic_launch(config, entrypoint)(*entry_args)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            rc = failure.exitcode
+            stopped = f"stopped by {relay.first.name}, forwarded to the workers; " if relay.first else ""
+            if rc < 0:
+                killer = signal.Signals(-rc)
+                print(f"{prefix}: {stopped}rank {rank} was killed by {killer.name}", file=sys.stderr, flush=True)
+                return 128 + killer
+            why = f": {WORKER_FAILURES[rc]}" if rc in WORKER_FAILURES else " (the run's markers say what it means)"
+            print(f"{prefix}: {stopped}rank {rank} exited with code {rc}{why}", file=sys.stderr, flush=True)
+            return rc
+        except SignalException as exc:  # SIGHUP / SIGQUIT, or SIGINT / SIGTERM while no worker ran
+            sig = signal.Signals(exc.sigval)
+            print(f"{prefix}: stopped by {sig.name}: the workers were stopped without a new checkpoint",
+                  file=sys.stderr, flush=True)
+            return 128 + sig
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(node_agent(sys.argv[1:]))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +15,7 @@ import pytest
 from spade_dist.exit_codes import EXIT_ENVIRONMENT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_UNHEALTHY, EXIT_USAGE
 from spade_dist.launcher import LaunchOutcome, StopRelay, launch_outcome
 from spade_dist.run_dir import RunDir
-from tests.kit import tiny_config
+from tests.kit import cli_env, tiny_config
 
 
 def _outcome(tmp_path: Path, failed: Optional[tuple[int, int]], markers: dict[str, dict],
@@ -56,3 +59,35 @@ def test_outcome_keeps_the_workers_code_and_says_what_happened(tmp_path: Path, f
     outcome = _outcome(tmp_path, failed, markers, first, aborted)
     assert (outcome.exit_code, outcome.error) == (code, error)
     assert line in outcome.line and "\n" not in outcome.line
+
+
+# The node agent (python -m spade_dist.launcher TORCHRUN_ARGS, slurm/train_gaugan.sh): a stand-in worker
+# that waits for SIGTERM and exits with the requeue code, as a training worker does after its checkpoint.
+_WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+open(os.path.join(sys.argv[1], "ready-" + os.environ["RANK"]), "w").close()
+time.sleep(120)
+"""
+
+
+@pytest.mark.dist
+def test_node_agent_forwards_sigterm_and_ends_in_one_line_with_the_workers_code(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM to torchrun's agent would end in its SignalException traceback and exit 1; the
+    node agent forwards it to the workers, waits for them and exits with their code in one line."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    agent = subprocess.Popen([sys.executable, "-m", "spade_dist.launcher", "--standalone", "--nproc-per-node", "2",
+                              str(worker), str(tmp_path)], env=cli_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2:
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0]
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGTERM)
+    out, _ = agent.communicate(timeout=60)
+    assert agent.returncode == 75, out
+    assert "Traceback" not in out and "SignalException" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("spade-train node agent on ")]
+    assert len(lines) == 1 and "stopped by SIGTERM, forwarded to the workers; rank" in lines[0] \
+        and "exited with code 75" in lines[0], out
