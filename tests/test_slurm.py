@@ -128,7 +128,7 @@ def test_train_two_nodes_to_completion_with_fid_job(cluster, train_shards, tmp_p
     assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (3, 6)
     assert "nodes=2" in log and "world=2" in log and "training finished" in log
     assert "memory plan: 2 x 0.08 GiB, global batch 32" in log
-    assert "data.batch_size=2 speed.activation_checkpointing=off: 0.1 GiB, WILL NOT FIT" in log
+    assert "data.batch_size=2 speed.activation_checkpointing=off train.mixed_precision=no: 0.1 GiB, WILL NOT FIT" in log
     assert "warning: the configured data.batch_size will not fit" in log
     assert json.loads((run_dir / "DONE").read_text())["step"] == 6
     assert {p.name for p in (run_dir / "checkpoints").glob("step-*")} >= {"step-000000006"}
