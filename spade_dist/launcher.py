@@ -38,7 +38,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -166,6 +166,17 @@ def process_count_problem(cfg: Config, nproc_per_node: int) -> str:
             "(one each); more ranks need more machines (docs/ELASTIC.md, docs/SLURM.md)")
 
 
+def _run_workers(config: LaunchConfig, entrypoint: "str | Callable[..., Any]", *args: str) -> Optional[tuple[int, int]]:
+    """Run the agent until its workers end: the first failing worker (global rank, exit code; -N killed
+    by signal N), or None when every worker exited 0. A SignalException of the agent passes through."""
+    try:
+        elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        return rank, failure.exitcode
+    return None
+
+
 def launch(cfg: Config, nproc_per_node: int, train_args: Sequence[str]) -> LaunchOutcome:
     """Run ``python -m spade_dist.cli.train TRAIN_ARGS`` in ``nproc_per_node`` processes on this
     machine (``cfg``: the config those arguments resolve to) and say how it ended."""
@@ -177,10 +188,7 @@ def launch(cfg: Config, nproc_per_node: int, train_args: Sequence[str]) -> Launc
             rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
             logs_specs=DefaultLogsSpecs(log_dir=agent_dir), signals_to_handle=AGENT_SIGNALS)
         try:
-            elastic_launch(config, sys.executable)("-u", "-m", TRAIN_MODULE, *train_args)
-        except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()
-            failed = (rank, failure.exitcode)
+            failed = _run_workers(config, sys.executable, "-u", "-m", TRAIN_MODULE, *train_args)
         except SignalException as exc:  # SIGHUP / SIGQUIT, or SIGINT / SIGTERM while no worker ran
             sig = signal.Signals(exc.sigval)
             return LaunchOutcome(128 + sig, f"stopped by {sig.name}: the workers were stopped without a new "
@@ -241,10 +249,14 @@ def node_agent(argv: Sequence[str]) -> int:
     prefix = f"spade-train node agent on {socket.gethostname()}"
     with relay.installed():
         try:
-            elastic_launch(config, entrypoint)(*entry_args)
-        except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()
-            rc = failure.exitcode
+            failed = _run_workers(config, entrypoint, *entry_args)
+        except SignalException as exc:  # SIGHUP / SIGQUIT, or SIGINT / SIGTERM while no worker ran
+            sig = signal.Signals(exc.sigval)
+            print(f"{prefix}: stopped by {sig.name}: the workers were stopped without a new checkpoint",
+                  file=sys.stderr, flush=True)
+            return 128 + sig
+        if failed is not None:
+            rank, rc = failed
             stopped = f"stopped by {relay.first.name}, forwarded to the workers; " if relay.first else ""
             if rc < 0:
                 killer = signal.Signals(-rc)
@@ -253,11 +265,6 @@ def node_agent(argv: Sequence[str]) -> int:
             why = f": {WORKER_FAILURES[rc]}" if rc in WORKER_FAILURES else " (the run's markers say what it means)"
             print(f"{prefix}: {stopped}rank {rank} exited with code {rc}{why}", file=sys.stderr, flush=True)
             return rc
-        except SignalException as exc:  # SIGHUP / SIGQUIT, or SIGINT / SIGTERM while no worker ran
-            sig = signal.Signals(exc.sigval)
-            print(f"{prefix}: stopped by {sig.name}: the workers were stopped without a new checkpoint",
-                  file=sys.stderr, flush=True)
-            return 128 + sig
     return 0
 
 
