@@ -73,13 +73,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.train_step import REFERENCE_OVERRIDES, machine_info, synthetic_batch  # noqa: E402
+from bench.train_step import (  # noqa: E402
+    COCO_SAMPLE,
+    LABEL_CHOICES,
+    LABELS_HELP,
+    REFERENCE_OVERRIDES,
+    label_batch,
+    machine_info,
+    resolve_labels,
+)
 from spade_dist.config import load_config  # noqa: E402
 from spade_dist.losses import VGGLoss, save_random_vgg19_weights  # noqa: E402
 from spade_dist.memory_plan import architecture_key  # noqa: E402
+from spade_dist.models.fast.choice import choose_speed_paths  # noqa: E402
 from spade_dist.train.backends import DDPBackend  # noqa: E402
 from spade_dist.train.state import TrainState, build_train_state  # noqa: E402
-from spade_dist.train.step import LossSet, MicroBatch, prepare_batch, train_step  # noqa: E402
+from spade_dist.train.step import LossSet, MicroBatch, autocast_context, prepare_batch, train_step  # noqa: E402
 
 MODES = {"reference": REFERENCE_OVERRIDES, "reference+savings": REFERENCE_OVERRIDES, "fast": [], "fast+savings": []}
 SAVINGS = ("generator", "generator_spade", "all")  # speed.activation_checkpointing of the +savings modes (--savings)
@@ -209,18 +218,31 @@ def _make_fake(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimiz
 
 
 def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[str], fake: bool,
-            time_iters: int, peak_sites: int = 0) -> dict[str, Any]:
+            time_iters: int, peak_sites: int = 0, labels: str = "blocks", labels_dir: Path = COCO_SAMPLE,
+            plan_path: Optional[Path] = None) -> dict[str, Any]:
     """One mode at one batch size: the tracked iteration's peak and split (and step time when real);
-    ``peak_sites`` > 0: that many of the largest sites of the bytes live at the peak (:class:`LiveBytes`)."""
+    ``peak_sites`` > 0: that many of the largest sites of the bytes live at the peak (:class:`LiveBytes`);
+    ``labels``: ``coco-sample`` or ``blocks`` (``bench/train_step.py``'s label maps).
+
+    With real accounting the speed paths are chosen first as a training run chooses them on its
+    first batch (``choose_speed_paths``: per SPADE layer shape the fastest allowed path, timed),
+    so the bytes and step time are those of the paths a run would take; the plan is in the result.
+    ``plan_path``: where the choice is recorded, and read back by a later run (as a resumed run
+    does), so that the modes compared at one batch size run the same paths."""
     cfg = load_config(config, [f"data.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     backend = DDPBackend.setup(cfg)
-    loader_batch = synthetic_batch(cfg, batch)
+    loader_batch = label_batch(cfg, batch, labels, labels_dir)
     state = build_train_state(cfg, backend.device, fused_adam=True)
     backend.wrap(state.generator_side, state.discriminator, state.opt_G, state.opt_D, state.scaler_G, state.scaler_D)
     vgg = None if cfg.loss.no_vgg_loss else VGGLoss.from_file(vgg_path).to(backend.device)
     losses = LossSet.from_config(cfg, vgg)
     micro = [prepare_batch(loader_batch, cfg, backend.device)]
+    plan = None
+    if not fake:  # as the loop's SpeedPathChoice (a generator running the official layer keeps no plan)
+        with autocast_context(cfg.train.mixed_precision, backend.device):
+            plan = choose_speed_paths([state.generator, state.ema.model], micro[0].semantics, cfg.speed, plan_path,
+                                      True, deterministic=cfg.train.deterministic)[0].summary()
     mode: Any = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -249,7 +271,7 @@ def measure(config: str, overrides: list[str], batch: int, vgg_path: Optional[st
             train_step(backend, losses, micro, step, cfg)
             seconds.append(time.perf_counter() - t0)
     sites = {"peak_op": tracker.peak_op, "peak_sites": tracker.peak_sites.most_common(peak_sites)} if peak_sites else {}
-    return {"batch": batch, "peak_bytes": tracker.peak, "persistent_bytes_at_peak": tracker.peak_persistent,
+    return {"batch": batch, "speed_paths": plan, "peak_bytes": tracker.peak, "persistent_bytes_at_peak": tracker.peak_persistent,
             "other_bytes_at_peak": tracker.peak - tracker.peak_persistent, "persistent_bytes_at_start": start_bytes,
             "step_s": min(seconds) if seconds else None, "cuda_max_memory_allocated_bytes": device_peak,
             "cuda_over_tracked": round(device_peak / tracker.peak, 4) if device_peak else None, **sites}
@@ -277,6 +299,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--peak-sites", type=int, default=0, metavar="N",
                    help="per run, the N largest sites (code and operator) of the bytes live at the peak")
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
+    p.add_argument("--labels", choices=LABEL_CHOICES, default="auto", help=LABELS_HELP)
+    p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
     args = p.parse_args(argv)
     if args.accounting == "fake" and any(m.startswith("fast") for m in args.modes):
@@ -290,6 +314,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     runs: list[dict[str, Any]] = []
+    labels = resolve_labels(load_config(args.config, list(args.overrides)), args.labels, Path(args.labels_dir))
     with tempfile.TemporaryDirectory() as tmp:
         vgg_path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
         for mode in args.modes:
@@ -297,9 +322,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 for batch in args.batch:
                     savings = [f"speed.activation_checkpointing={args.savings}"] if mode.endswith("+savings") else []
                     overrides = [*args.overrides, *MODES[mode], *savings, f"train.mixed_precision={PRECISIONS[precision]}"]
+                    # fast and fast+savings at one batch size and precision take the same speed paths
+                    plan_path = Path(tmp) / f"speed_paths_{batch}_{precision}.json" if mode.startswith("fast") else None
                     run = {"mode": mode, "precision": precision, "accounting": args.accounting,
                            **measure(args.config, overrides, batch, vgg_path, args.accounting == "fake", args.time_iters,
-                                    args.peak_sites)}
+                                    args.peak_sites, labels, Path(args.labels_dir), plan_path)}
                     runs.append(run)
                     print(json.dumps({"run": run}), flush=True)
     models = {}
@@ -328,6 +355,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if settings:
             table_rows[precision] = {"key": list(architecture_key(cfg)), **settings}
     out = {"benchmark": "memory", "config": str(args.config), "overrides": args.overrides, "savings": args.savings,
+           "labels": labels,
            "crop_size": cfg.data.crop_size, "aspect_ratio": cfg.data.aspect_ratio, "accounting": args.accounting,
            "runs": runs, "linear_model": fitted, "ratios": ratios, "table_rows": table_rows,
            "machine": machine_info(torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu"))}

@@ -152,6 +152,24 @@ def coco_sample_batch(cfg: Config, batch: int, root: Path) -> dict[str, torch.Te
             "instance": torch.stack(instance_maps).unsqueeze(1)}
 
 
+LABEL_CHOICES = ("auto", "coco-sample", "blocks")
+LABELS_HELP = ("label maps: the real COCO-Stuff sample (--labels-dir; 'auto' = when present and the config has COCO's "
+               "182 labels) or random 16-px blocks (a pessimistic case for the region path)")
+
+
+def resolve_labels(cfg: Config, labels: str, labels_dir: Path) -> str:
+    """``--labels`` as run: ``auto`` is the COCO-Stuff sample where it applies, random blocks elsewhere."""
+    if labels != "auto":
+        return labels
+    coco_like = cfg.data.label_nc == 182 and not cfg.data.no_instance
+    return "coco-sample" if coco_like and labels_dir.is_dir() else "blocks"
+
+
+def label_batch(cfg: Config, batch: int, labels: str, labels_dir: Path) -> dict[str, torch.Tensor]:
+    """The loader-format batch of a resolved ``labels`` choice."""
+    return coco_sample_batch(cfg, batch, labels_dir) if labels == "coco-sample" else synthetic_batch(cfg, batch)
+
+
 class Mode:
     """One variant: its config, networks, optimizers and backend (world size 1)."""
 
@@ -221,9 +239,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights, same cost)")
     p.add_argument("--fast-override", action="append", default=[], help="dotted override for the fast mode only")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--labels", choices=("auto", "coco-sample", "blocks"), default="auto",
-                   help="label maps: the real COCO-Stuff sample (--labels-dir; 'auto' = when present and the config "
-                        "has COCO's 182 labels) or random 16-px blocks (a pessimistic case for the region path)")
+    p.add_argument("--labels", choices=LABEL_CHOICES, default="auto", help=LABELS_HELP)
     p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both modes, e.g. model.ngf=32")
     args = p.parse_args(argv)
@@ -244,8 +260,7 @@ def run_one(args: argparse.Namespace, batch: int, threads: int, labels: str, vgg
     device = modes[0].backend.device
     if vgg is not None:
         vgg.to(device)  # in place; the same module serves every run
-    raw = (coco_sample_batch(ref_cfg, batch, Path(args.labels_dir)) if labels == "coco-sample"
-           else synthetic_batch(ref_cfg, batch))
+    raw = label_batch(ref_cfg, batch, labels, Path(args.labels_dir))
     batches = {m.name: prepare_batch(raw, m.cfg, device) for m in modes}
     # The speed paths as a training run picks them on its first batch (speed.onehot_gather /
     # region_modulation: auto times dense / gather / region per SPADE layer shape; the reference has none).
@@ -310,10 +325,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     probe = load_config(args.config, [f"data.batch_size={args.batch[0]}"] + list(args.overrides) + list(args.fast_override))
     if probe.train.mixed_precision != "no" and probe.train.device == "cpu":
         raise SystemExit("bench: mixed precision on CPU is not a fast path here (no bf16 hardware); leave it 'no'")
-    labels = args.labels
-    if labels == "auto":
-        coco_like = probe.data.label_nc == 182 and not probe.data.no_instance
-        labels = "coco-sample" if coco_like and Path(args.labels_dir).is_dir() else "blocks"
+    labels = resolve_labels(probe, args.labels, Path(args.labels_dir))
     thread_counts = [t or (os.cpu_count() or 1) for t in args.threads]
     initial_threads = torch.get_num_threads()
 
