@@ -139,9 +139,10 @@ def memory_table(config: str, common: list[str], batches: list[int]) -> dict[str
     result = memory_main(["--config", config, "--batch", *map(str, batches), "--modes", "reference", "fast",
                           "fast+savings", "--savings", "all", "--precision", "fp32", "bf16", "--accounting", "real",
                           "--time-iters", "1", "--", *common])
-    keep = ("mode", "precision", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s")
-    return {"runs": [{k: r[k] for k in keep} for r in result["runs"]], "linear_model": result["linear_model"],
-            "ratios": result["ratios"]}
+    keep = ("mode", "precision", "batch", "peak_bytes", "cuda_max_memory_allocated_bytes", "cuda_over_tracked", "step_s",
+            "speed_paths")
+    return {"labels": result["labels"], "runs": [{k: r[k] for k in keep} for r in result["runs"]],
+            "linear_model": result["linear_model"], "ratios": result["ratios"]}
 
 
 def run_checks(device: str, config: str, common: list[str], batches: list[int], compare_batch: int, iters: int,

@@ -106,3 +106,22 @@ def test_memory_table_script_writes_the_planners_module(tmp_path) -> None:
     assert set(row) == {"off", *SAVINGS}
     assert all(0 < per_sample < memory_table.MEASURED[key][setting][1] for setting, (_, per_sample) in row.items())
     assert "bench/memory_table.py" in written.TABLE_SOURCE and "# tiny" in out.read_text()
+
+
+def test_memory_bench_runs_the_speed_paths_a_run_chooses_on_real_label_maps(capsys) -> None:
+    """The speed modes on the COCO-Stuff sample's label maps (../shared, the CI has it), their speed
+    paths chosen as a training run chooses them, and the same paths for fast and fast+savings."""
+    from bench.memory import main
+
+    out = main(["--config", "configs/coco_stuff.yaml", "--batch", "1", "2", "--modes", "fast", "fast+savings",
+                "--savings", "all", "--time-iters", "1", "--", "data.crop_size=64", "data.load_size=72",
+                "model.ngf=8", "model.ndf=8", "loss.no_vgg_loss=true"])
+    assert out["labels"] == "coco-sample"  # auto: COCO's 182 labels and the sample present
+    paths = {(r["mode"], r["batch"]): r["speed_paths"] for r in out["runs"]}
+    assert all(paths.values()) and all(" x " in p for p in paths.values())  # e.g. "9 x dense, 9 x region"
+    for batch in (1, 2):
+        assert paths[("fast", batch)] == paths[("fast+savings", batch)]
+    assert out["ratios"]["fast+savings/fp32 step_s / fast"] > 0
+    blocks = main(["--config", "configs/tiny.yaml", "--batch", "1", "2", "--modes", "fast", "--time-iters", "0",
+                   "--labels", "blocks", "--", *TINY_64])
+    assert blocks["labels"] == "blocks" and all(r["speed_paths"] for r in blocks["runs"])
