@@ -8,9 +8,10 @@ x2 upsampling. Without the VAE the network starts deterministically from the lab
 How the SPADE layers compute their modulation is the generator's :class:`ModulationPlan`
 (``models/fast/seam.py``; None = the official layers): a speed setting, not part of the
 architecture (not in ``build_kwargs``, not in the state dict); so is ``activation_checkpointing``
-(``speed.activation_checkpointing``: ``generator`` recomputes each residual block in the backward
-instead of keeping its activations, ``generator_spade`` and ``all`` also each SPADE layer inside a
-recomputed block; the same results, ``models/fast/checkpointing.py``).
+(``speed.activation_checkpointing``: ``generator`` recomputes the residual blocks at >= 1/8 of the
+output resolution in the backward instead of keeping their activations, ``generator_spade`` also
+each SPADE layer inside the full-resolution block, ``all`` every block, with those SPADE layers;
+the same results, ``models/fast/checkpointing.py``).
 """
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
 
 UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
 ACTIVATION_CHECKPOINTING = ("off", "generator", "generator_spade", "all")  # speed.activation_checkpointing
+# generator / generator_spade recompute the residual blocks whose input is at least 1/8 of the
+# output's width (all: every block). A block's activation bytes scale with its pixels times its
+# channels: from one resolution to the next the pixels quadruple and the channels halve, so the
+# blocks below 1/8 (head_0 and the middle blocks, 1024 channels at ngf 64) hold a few percent of the
+# bytes but, with their wide convolutions, a large share of the generator's forward FLOPs, which a
+# recomputation would repeat (docs/PERFORMANCE.md section 7 has the measurements).
+RECOMPUTED_FROM_FRACTION = 8
 
 
 def latent_size(crop_size: int, aspect_ratio: float, num_upsampling_layers: str) -> tuple[int, int]:
@@ -78,6 +86,7 @@ class SPADEGenerator(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.use_modulation(modulation)
         self.sh, self.sw = latent_size(crop_size, aspect_ratio, num_upsampling_layers)
+        self.output_width = self.sw * 2 ** UPSAMPLING_LAYERS[num_upsampling_layers]
         nf = ngf
 
         def block(fin: int, fout: int) -> SPADEResnetBlock:
@@ -159,13 +168,22 @@ class SPADEGenerator(nn.Module):
                      else resize_nearest(semantics, (self.sh, self.sw)))
             x = self.fc(start)
 
-        # Recompute each block in the backward instead of keeping its activations (only where a
-        # backward will come: the D step's and the EMA copy's no-grad forwards run plainly).
-        checkpointed = self.activation_checkpointing != "off" and torch.is_grad_enabled()
-        spade_layers = self.activation_checkpointing in ("generator_spade", "all")  # all: + the losses' nets (train/step.py)
+        # Recompute blocks in the backward instead of keeping their activations (only where a
+        # backward will come: the D step's and the EMA copy's no-grad forwards run plainly): those at
+        # >= 1/8 of the output width, with all every block. generator_spade / all nest the SPADE
+        # layers of the full-resolution block (all: + the losses' nets, train/step.py): the G step's
+        # peak is in that block's recomputation; a lower block's recomputation, after it, holds a
+        # quarter of its pixels or less and stays below that peak without nesting.
+        setting = self.activation_checkpointing
+        checkpointed = setting != "off" and torch.is_grad_enabled()
+        every_block = setting == "all"
+        nested = setting in ("generator_spade", "all")
 
         def block(module: SPADEResnetBlock, x: Tensor) -> Tensor:
-            return run_checkpointed(module, x, seg, spade_layers=spade_layers) if checkpointed else module(x, seg)
+            width = x.shape[3]
+            if not checkpointed or (not every_block and width * RECOMPUTED_FROM_FRACTION < self.output_width):
+                return module(x, seg)
+            return run_checkpointed(module, x, seg, spade_layers=nested and width >= self.output_width)
 
         x = block(self.head_0, x)
         x = self._up(x)
