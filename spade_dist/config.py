@@ -154,12 +154,13 @@ class SpeedConfig:
     # backward) in place: state-dict keys and checkpoints stay as in eager mode. The EMA copy runs eager.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # Memory for compute: generator = each SPADE residual block of G keeps only its input and is
-    # recomputed in the backward (exact: BN statistics updated once, no second spectral-norm power
-    # iteration; models/fast/checkpointing.py); generator_spade = also each SPADE layer inside a
-    # recomputed block (a third forward of the SPADE layers, less memory); all = generator_spade
-    # and, in the G step, VGG19's slices and D on the fake recomputed too (train/step.py). off =
-    # autograd keeps every activation. With compile the checkpointed parts run eagerly between
+    # Memory for compute: generator = each SPADE residual block of G at >= 1/8 of the output width
+    # keeps only its input and is recomputed in the backward (exact: BN statistics updated once, no
+    # second spectral-norm power iteration; models/fast/checkpointing.py); generator_spade = also
+    # each SPADE layer inside the full-resolution block (a third forward of those layers, less
+    # memory); all = every block, the full-resolution block's SPADE layers nested, and, in the G
+    # step, VGG19's slices and D on the fake recomputed too (train/step.py). off = autograd keeps
+    # every activation. With compile the checkpointed parts run eagerly between
     # compiled graphs (the exact recomputation is eager; docs/TRAINING.md, speed.compile).
     activation_checkpointing: Literal["off", "generator", "generator_spade", "all"] = "off"
 

@@ -32,12 +32,15 @@ def _iteration(vgg_path: str, backend_name: str, rank: int, world: int, *extra: 
     cfg, backend, state = float64_rank_state(backend_name, zero_stage, vgg_path, per, *extra)
     # Forwards of one SPADE layer's norm (the G step's, its recomputations, the D step's), of a VGG
     # slice and of the convolution of a D stage with instance norm.
-    calls = {"norm": 0, "vgg": 0, "D": 0}
+    calls = {"norm": 0, "top": 0, "head": 0, "vgg": 0, "D": 0}
 
     def count(name: str):
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
     vgg = VGGLoss.from_file(vgg_path).double()
+    # up_1: a block at >= 1/8 of the output width (8 of 32 px); up_3: the full-resolution block; head_0: below 1/8.
     state.generator.up_1.norm_0.param_free_norm.register_forward_pre_hook(count("norm"))
+    state.generator.up_3.norm_0.param_free_norm.register_forward_pre_hook(count("top"))
+    state.generator.head_0.norm_0.param_free_norm.register_forward_pre_hook(count("head"))
     vgg.vgg.slices[1].register_forward_pre_hook(count("vgg"))
     state.discriminator.discriminator_0.model1[0].register_forward_pre_hook(count("D"))
     losses = LossSet.from_config(cfg, vgg)
@@ -52,10 +55,13 @@ def _iteration(vgg_path: str, backend_name: str, rank: int, world: int, *extra: 
             "EMA": clone(state.ema.model.state_dict()), "calls": calls}
 
 
-# Extra forwards in the G step: of a SPADE layer, of a VGG slice, of a D stage (all: D recomputed,
+# Extra forwards in the G step: of a SPADE layer in a block at >= 1/8 of the output width (recomputed
+# with its block), in the full-resolution block (generator_spade / all: recomputed once more, nested)
+# and in head_0 (below 1/8: recomputed with all only), of a VGG slice, of a D stage (all: D recomputed,
 # and each of its stages once more inside the recomputation).
-RECOMPUTED = {"generator": {"norm": 1, "vgg": 0, "D": 0}, "generator_spade": {"norm": 2, "vgg": 0, "D": 0},
-              "all": {"norm": 2, "vgg": 1, "D": 2}}
+RECOMPUTED = {"generator": {"norm": 1, "top": 1, "head": 0, "vgg": 0, "D": 0},
+              "generator_spade": {"norm": 1, "top": 2, "head": 0, "vgg": 0, "D": 0},
+              "all": {"norm": 1, "top": 2, "head": 1, "vgg": 1, "D": 2}}
 
 
 def _assert_equal_steps(off: dict, on: dict, setting: str) -> None:
@@ -72,7 +78,8 @@ def _assert_equal_steps(off: dict, on: dict, setting: str) -> None:
             assert diff <= 1e-10, f"{part}.{key} differs by {diff}"
     # G step forward (+ its recomputations when on) and the D step's no-grad fake; VGG on fake and
     # real; D in the G step (one joint pass, or the fake and then the real images) and the D step.
-    assert off["calls"]["norm"] == 2 and off["calls"]["vgg"] == 2 and off["calls"]["D"] in (2, 3)
+    assert off["calls"]["norm"] == off["calls"]["top"] == off["calls"]["head"] == 2
+    assert off["calls"]["vgg"] == 2 and off["calls"]["D"] in (2, 3)
     assert on["calls"] == {k: off["calls"][k] + extra for k, extra in RECOMPUTED[setting].items()}
 
 

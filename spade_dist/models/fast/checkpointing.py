@@ -17,9 +17,10 @@ since the input is). A synchronized BN issues its all-gather again inside the re
 rank recomputes the same blocks in the same backward order, so the ranks' sequences of collectives
 stay the same.
 
-With ``spade_layers`` (``speed.activation_checkpointing: generator_spade``) each SPADE layer inside
-the block is checkpointed as well, the same way: a recomputed block then holds one SPADE layer's
-intermediates at a time instead of all of them. The block (a plain network, laid out as the
+With ``spade_layers`` (``speed.activation_checkpointing: generator_spade``, given by the generator
+for its full-resolution block) each SPADE layer inside the block is checkpointed as well, the same
+way: a recomputed block then holds one SPADE layer's intermediates at a time instead of all of them.
+Which blocks are checkpointed, and which nested, is the generator's choice (``models/generator.py``). The block (a plain network, laid out as the
 official code) calls its layers itself, so for the duration of the block's forward each layer's
 ``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
 
