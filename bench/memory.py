@@ -75,9 +75,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.train_step import (  # noqa: E402
     COCO_SAMPLE,
-    LABEL_CHOICES,
-    LABELS_HELP,
     REFERENCE_OVERRIDES,
+    add_label_arguments,
     label_batch,
     machine_info,
     resolve_labels,
@@ -299,8 +298,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--peak-sites", type=int, default=0, metavar="N",
                    help="per run, the N largest sites (code and operator) of the bytes live at the peak")
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights of the right shapes)")
-    p.add_argument("--labels", choices=LABEL_CHOICES, default="auto", help=LABELS_HELP)
-    p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
+    add_label_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. train.device=cuda)")
     args = p.parse_args(argv)
     if args.accounting == "fake" and any(m.startswith("fast") for m in args.modes):
@@ -314,7 +312,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     runs: list[dict[str, Any]] = []
-    labels = resolve_labels(load_config(args.config, list(args.overrides)), args.labels, Path(args.labels_dir))
+    cfg = load_config(args.config, list(args.overrides))
+    labels = resolve_labels(cfg, args.labels, Path(args.labels_dir))
     with tempfile.TemporaryDirectory() as tmp:
         vgg_path = args.vgg_weights or str(save_random_vgg19_weights(Path(tmp) / "vgg19.pth", seed=0))
         for mode in args.modes:
@@ -344,7 +343,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if plain and saved and all(r["step_s"] for r in plain + saved):
                 ratios[f"{base}+savings/{precision} step_s / {base}"] = round(
                     sum(r["step_s"] for r in saved) / sum(r["step_s"] for r in plain), 4)
-    cfg = load_config(args.config, list(args.overrides))
     # Rows of spade_dist/memory_table.py (the planner's tables, one per precision): the reference
     # computation's model, by speed.activation_checkpointing value (bench/memory_table.py merges them).
     table_rows = {}

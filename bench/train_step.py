@@ -152,9 +152,12 @@ def coco_sample_batch(cfg: Config, batch: int, root: Path) -> dict[str, torch.Te
             "instance": torch.stack(instance_maps).unsqueeze(1)}
 
 
-LABEL_CHOICES = ("auto", "coco-sample", "blocks")
-LABELS_HELP = ("label maps: the real COCO-Stuff sample (--labels-dir; 'auto' = when present and the config has COCO's "
-               "182 labels) or random 16-px blocks (a pessimistic case for the region path)")
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """``--labels`` / ``--labels-dir``, as this bench and ``bench/memory.py`` take them."""
+    p.add_argument("--labels", choices=("auto", "coco-sample", "blocks"), default="auto",
+                   help="label maps: the real COCO-Stuff sample (--labels-dir; 'auto' = when present and the config "
+                        "has COCO's 182 labels) or random 16-px blocks (a pessimistic case for the region path)")
+    p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
 
 
 def resolve_labels(cfg: Config, labels: str, labels_dir: Path) -> str:
@@ -239,8 +242,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vgg-weights", default="", help="VGG19 weights file (default: random weights, same cost)")
     p.add_argument("--fast-override", action="append", default=[], help="dotted override for the fast mode only")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--labels", choices=LABEL_CHOICES, default="auto", help=LABELS_HELP)
-    p.add_argument("--labels-dir", default=str(COCO_SAMPLE), help="COCO-Stuff sample (train_img/_label/_inst)")
+    add_label_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both modes, e.g. model.ngf=32")
     args = p.parse_args(argv)
     if min(args.batch) < 1 or args.iters < 1 or args.warmup < 0 or min(args.threads) < 0:

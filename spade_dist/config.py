@@ -160,8 +160,8 @@ class SpeedConfig:
     # each SPADE layer inside the full-resolution block (a third forward of those layers, less
     # memory); all = every block, the full-resolution block's SPADE layers nested, and, in the G
     # step, VGG19's slices and D on the fake recomputed too (train/step.py). off = autograd keeps
-    # every activation. With compile the checkpointed parts run eagerly between
-    # compiled graphs (the exact recomputation is eager; docs/TRAINING.md, speed.compile).
+    # every activation. With compile the checkpointed parts run eagerly between compiled graphs (the
+    # exact recomputation is eager; docs/TRAINING.md, speed.compile).
     activation_checkpointing: Literal["off", "generator", "generator_spade", "all"] = "off"
 
     @property

@@ -20,9 +20,10 @@ stay the same.
 With ``spade_layers`` (``speed.activation_checkpointing: generator_spade``, given by the generator
 for its full-resolution block) each SPADE layer inside the block is checkpointed as well, the same
 way: a recomputed block then holds one SPADE layer's intermediates at a time instead of all of them.
-Which blocks are checkpointed, and which nested, is the generator's choice (``models/generator.py``). The block (a plain network, laid out as the
-official code) calls its layers itself, so for the duration of the block's forward each layer's
-``forward`` is replaced on that instance by the checkpointed call and put back afterwards.
+The block (a plain network, laid out as the official code) calls its layers itself, so for the
+duration of the block's forward each layer's ``forward`` is replaced on that instance by the
+checkpointed call and put back afterwards. Which blocks are checkpointed, and which nested, is the
+generator's choice (``models/generator.py``).
 
 With ``all`` the G step's loss networks are checkpointed too (``train/step.py``): each VGG19 slice
 (``run_checkpointed``; no norm, nothing random) and the discriminator on the fake images
